@@ -1,0 +1,198 @@
+"""Block-size configurations for the attention kernels: the one place they live.
+
+Each pass has one small frozen config (block sizes, warps, pipelining stages).
+``default_config`` picks one per shape and GPU: a table tuned on the H100 with
+``python -m benchmarks.attention --tune`` and a heuristic for everything else.
+A user-tuned table (``python -m pallas_flash.tune``) in the user cache
+directory takes precedence; tuning only ever happens in that explicit command,
+never inside a user's ``jit``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import pathlib
+from typing import Any
+
+import jax
+
+__all__ = [
+    "ForwardConfig",
+    "BackwardConfig",
+    "FlashConfig",
+    "default_config",
+    "user_cache_path",
+]
+
+
+def _is_pow2(x: int) -> bool:
+    return x > 0 and (x & (x - 1)) == 0
+
+
+def _check_blocks(**blocks: int) -> None:
+    for name, value in blocks.items():
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{name}={value!r} must be an int")
+        if not _is_pow2(value) or value < 16:
+            raise ValueError(f"{name}={value} must be a power of two >= 16")
+
+
+def _check_launch(num_warps: int, num_stages: int) -> None:
+    if num_warps not in (1, 2, 4, 8, 16):
+        raise ValueError(f"num_warps={num_warps} must be one of 1, 2, 4, 8, 16")
+    if not 1 <= num_stages <= 8:
+        raise ValueError(f"num_stages={num_stages} must be in [1, 8]")
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardConfig:
+    """Forward pass: one program per (query block, batch, head)."""
+
+    block_q: int = 128
+    block_k: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self):
+        _check_blocks(block_q=self.block_q, block_k=self.block_k)
+        _check_launch(self.num_warps, self.num_stages)
+
+
+@dataclasses.dataclass(frozen=True)
+class BackwardConfig:
+    """Backward pass.
+
+    The dK/dV kernel runs one program per (key block of ``block_k_dkv`` rows,
+    batch, KV head) and loops over query blocks of ``block_q_dkv``; the dQ
+    kernel runs one program per (query block of ``block_q_dq``, batch, head)
+    and loops over key blocks of ``block_k_dq``.
+    """
+
+    block_q_dkv: int = 64
+    block_k_dkv: int = 128
+    block_q_dq: int = 128
+    block_k_dq: int = 64
+    num_warps_dkv: int = 8
+    num_stages_dkv: int = 2
+    num_warps_dq: int = 8
+    num_stages_dq: int = 2
+
+    def __post_init__(self):
+        _check_blocks(
+            block_q_dkv=self.block_q_dkv,
+            block_k_dkv=self.block_k_dkv,
+            block_q_dq=self.block_q_dq,
+            block_k_dq=self.block_k_dq,
+        )
+        _check_launch(self.num_warps_dkv, self.num_stages_dkv)
+        _check_launch(self.num_warps_dq, self.num_stages_dq)
+
+
+@dataclasses.dataclass(frozen=True)
+class FlashConfig:
+    """Forward and backward configs together, as ``flash_attention`` takes them."""
+
+    fwd: ForwardConfig = ForwardConfig()
+    bwd: BackwardConfig = BackwardConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"fwd": dataclasses.asdict(self.fwd), "bwd": dataclasses.asdict(self.bwd)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "FlashConfig":
+        return cls(fwd=ForwardConfig(**d["fwd"]), bwd=BackwardConfig(**d["bwd"]))
+
+
+def seq_bucket(n: int) -> int:
+    """Sequence-length bucket used as a lookup key: the next power of two, 512 to 32768."""
+    b = 512
+    while b < n and b < 32768:
+        b *= 2
+    return b
+
+
+def _pad_pow2(d: int) -> int:
+    p = 16
+    while p < d:
+        p *= 2
+    return p
+
+
+# Tuned on one NVIDIA H100 80GB HBM3 (jax 0.11.2), see benchmarks/NOTES.md.
+# Key: (head_dim_padded, causal). Values are FlashConfig dicts.
+_H100_TABLE: dict[tuple[int, bool], dict[str, Any]] = {}
+
+
+def _heuristic(head_dim: int, dtype: Any, causal: bool, seq_q: int, seq_k: int) -> FlashConfig:
+    d = _pad_pow2(head_dim)
+    itemsize = jax.numpy.dtype(dtype).itemsize
+    if itemsize >= 4:
+        # fp32 operands double the shared memory of every tile.
+        fwd = ForwardConfig(block_q=64, block_k=32, num_warps=4, num_stages=2)
+        bwd = BackwardConfig(32, 64, 64, 32, 4, 2, 4, 2)
+    elif d <= 64:
+        fwd = ForwardConfig(block_q=128, block_k=64, num_warps=4, num_stages=3)
+        bwd = BackwardConfig(64, 128, 128, 64, 8, 2, 8, 2)
+    elif d <= 128:
+        fwd = ForwardConfig(block_q=128, block_k=64, num_warps=8, num_stages=3)
+        bwd = BackwardConfig(64, 128, 128, 64, 8, 2, 8, 2)
+    else:
+        fwd = ForwardConfig(block_q=64, block_k=32, num_warps=4, num_stages=2)
+        bwd = BackwardConfig(32, 64, 64, 32, 4, 2, 4, 2)
+    return FlashConfig(fwd, bwd)
+
+
+def user_cache_path() -> pathlib.Path:
+    """Where ``python -m pallas_flash.tune`` stores configs tuned on this machine."""
+    root = os.environ.get("PALLAS_FLASH_CACHE_DIR")
+    if root:
+        return pathlib.Path(root) / "tuned.json"
+    xdg = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
+    return pathlib.Path(xdg) / "pallas_flash" / "tuned.json"
+
+
+def config_key(gpu: str, head_dim: int, dtype: Any, causal: bool, seq_q: int) -> str:
+    return f"{gpu}|d{_pad_pow2(head_dim)}|{jax.numpy.dtype(dtype).name}|causal={bool(causal)}|n{seq_bucket(seq_q)}"
+
+
+@functools.cache
+def _user_table() -> dict[str, dict[str, Any]]:
+    path = user_cache_path()
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def gpu_name() -> str:
+    """The name of the first GPU (``""`` when there is none)."""
+    try:
+        devs = jax.devices("gpu")
+    except RuntimeError:
+        return ""
+    return devs[0].device_kind if devs else ""
+
+
+def default_config(
+    *, head_dim: int, dtype: Any, causal: bool, seq_q: int, seq_k: int, gpu: str | None = None
+) -> FlashConfig:
+    """The block config used when the caller passes none.
+
+    Order: the user's tuned cache for this GPU and shape bucket, then the
+    shipped H100 table, then a heuristic by head dim and dtype.
+    """
+    gpu = gpu_name() if gpu is None else gpu
+    key = config_key(gpu, head_dim, dtype, causal, seq_q)
+    user = _user_table().get(key)
+    if user is not None:
+        return FlashConfig.from_dict(user)
+    if "H100" in gpu and jax.numpy.dtype(dtype).itemsize == 2:
+        entry = _H100_TABLE.get((_pad_pow2(head_dim), bool(causal)))
+        if entry is not None:
+            return FlashConfig.from_dict(entry)
+    return _heuristic(head_dim, dtype, causal, seq_q, seq_k)

@@ -1,0 +1,240 @@
+"""Pieces shared by the Triton-lowered forward and backward kernels.
+
+Conventions inside the kernels:
+- logits live in the log2 domain: ``s = (q . k) * scale * log2(e)``, so the
+  softmax uses ``exp2``;
+- the backward kernels read ``lse2``: the log-sum-exp in the log2 domain with
+  ``+inf`` for rows that see no key, so that ``exp2(s - lse2)`` is exactly 0
+  there without any per-element mask;
+- block ranges are split in three: masked blocks before, unmasked blocks,
+  masked blocks after. Blocks outside the range are never loaded.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_flash.spec import AttentionSpec
+
+
+def cdiv(a, b: int):
+    """Ceiling division of a non-negative (possibly traced) int by a static int."""
+    if isinstance(a, int):
+        return -(-a // b)
+    return lax.div(a + (b - 1), b)
+
+
+def fdiv(a, b: int):
+    """Floor division of a non-negative (possibly traced) int by a static int."""
+    if isinstance(a, int):
+        return a // b
+    return lax.div(a, b)
+
+
+def _max(a, b):
+    if isinstance(a, int) and isinstance(b, int):
+        return max(a, b)
+    return jnp.maximum(a, b)
+
+
+def _min(a, b):
+    if isinstance(a, int) and isinstance(b, int):
+        return min(a, b)
+    return jnp.minimum(a, b)
+
+
+def _clip(x, lo, hi):
+    return _min(_max(x, lo), hi)
+
+
+def pad_pow2(d: int) -> int:
+    return max(16, pl.next_power_of_2(d))
+
+
+def col_mask(head_dim: int, head_dim_padded: int):
+    """``[1, Dp]`` mask of the real head-dim columns, or None when none are padding."""
+    if head_dim == head_dim_padded:
+        return None
+    return lax.broadcasted_iota(jnp.int32, (1, head_dim_padded), 1) < head_dim
+
+
+def load_tile(ref, start, size: int, *, limit: int | None, dmask, head=None):
+    """Rows ``[start, start + size)`` of a ``[T, Dp]`` (or ``[T, G, Dp]``) ref.
+
+    Rows at or past the static ``limit`` and padded columns read as zero.
+    """
+    rows = pl.ds(start, size)
+    view = ref.at[rows, :] if head is None else ref.at[rows, head, :]
+    mask = dmask
+    if limit is not None:
+        in_rows = (start + lax.broadcasted_iota(jnp.int32, (size, 1), 0)) < limit
+        mask = in_rows if mask is None else (in_rows & mask)
+    if mask is None:
+        return view[...]
+    return plgpu.load(view, mask=mask, other=0.0)
+
+
+def load_row_stat(ref, start, size: int, *, limit: int | None, other: float, head=None):
+    """A ``[size]`` slice of a per-row statistic (lse, delta); rows past ``limit`` read ``other``."""
+    rows = pl.ds(start, size)
+    view = ref.at[rows] if head is None else ref.at[head, rows]
+    if limit is None:
+        return view[...]
+    in_rows = (start + lax.broadcasted_iota(jnp.int32, (size,), 0)) < limit
+    return plgpu.load(view, mask=in_rows, other=other)
+
+
+def load_ids(ref, start, size: int, *, limit: int | None):
+    rows = pl.ds(start, size)
+    if limit is None:
+        return ref[rows]
+    in_rows = (start + lax.broadcasted_iota(jnp.int32, (size,), 0)) < limit
+    return plgpu.load(ref.at[rows], mask=in_rows, other=-1)
+
+
+def store_tile(ref, value, start, size: int, *, limit: int | None, dmask):
+    mask = dmask
+    if limit is not None:
+        in_rows = (start + lax.broadcasted_iota(jnp.int32, (size, 1), 0)) < limit
+        mask = in_rows if mask is None else (in_rows & mask)
+    if mask is None:
+        ref[...] = value
+    else:
+        plgpu.store(ref, value, mask=mask)
+
+
+def store_row_stat(ref, value, start, size: int, *, limit: int | None):
+    if limit is None:
+        ref[...] = value
+    else:
+        in_rows = (start + lax.broadcasted_iota(jnp.int32, (size,), 0)) < limit
+        plgpu.store(ref, value, mask=in_rows)
+
+
+def kv_block_range(
+    q0,
+    *,
+    spec: AttentionSpec,
+    block_q: int,
+    block_k: int,
+    seq_k: int,
+    kv_len=None,
+    q_len=None,
+    seg_range=None,
+):
+    """Key blocks seen by the query block starting at ``q0`` (forward and dQ).
+
+    Returns ``(lo, flo, fhi, hi)``: blocks ``[lo, flo)`` and ``[fhi, hi)`` need
+    the element mask, ``[flo, fhi)`` are fully visible; blocks outside
+    ``[lo, hi)`` are skipped. Python ints where everything is static.
+    """
+    left, right = spec.left, spec.right
+    q1 = q0 + (block_q - 1)
+    kv_valid = seq_k if kv_len is None else _min(seq_k, kv_len)
+    lo = 0 if left is None else fdiv(_max(q0 - left, 0), block_k)
+    kmax = kv_valid if right is None else _min(kv_valid, q1 + right + 1)
+    hi = cdiv(_max(kmax, 0), block_k)
+    flo = 0 if left is None else cdiv(_max(q1 - left, 0), block_k)
+    fhi = fdiv(kv_valid, block_k)
+    if right is not None:
+        fhi = _min(fhi, fdiv(_max(q0 + right + 1, 0), block_k))
+    if seg_range is not None:
+        lo = _max(lo, seg_range[0])
+        hi = _min(hi, seg_range[1])
+        flo = fhi = lo
+    if q_len is not None:
+        hi = jnp.where(q0 < q_len, hi, lo)
+    hi = _max(hi, lo)
+    flo = _clip(flo, lo, hi)
+    fhi = _clip(fhi, flo, hi)
+    return lo, flo, fhi, hi
+
+
+def q_block_range(
+    k0,
+    *,
+    spec: AttentionSpec,
+    block_q: int,
+    block_k: int,
+    seq_q: int,
+    q_len=None,
+    kv_len=None,
+    seg_range=None,
+):
+    """Query blocks that see the key block starting at ``k0`` (dK/dV).
+
+    Same contract as ``kv_block_range``. Query tails and padded query rows need
+    no mask here: their ``lse2`` is ``+inf``, so their probabilities are 0.
+    """
+    left, right = spec.left, spec.right
+    k1 = k0 + (block_k - 1)
+    q_valid = seq_q if q_len is None else _min(seq_q, q_len)
+    lo = 0 if right is None else fdiv(_max(k0 - right, 0), block_q)
+    qmax = q_valid if left is None else _min(q_valid, k1 + left + 1)
+    hi = cdiv(_max(qmax, 0), block_q)
+    flo = 0 if right is None else cdiv(_max(k1 - right, 0), block_q)
+    fhi = _min(hi, seq_q // block_q)  # a ragged last query block loads under a row mask
+    if left is not None:
+        fhi = _min(fhi, fdiv(k0 + left + 1, block_q))
+    if seg_range is not None:
+        lo = _max(lo, seg_range[0])
+        hi = _min(hi, seg_range[1])
+        flo = fhi = lo
+    if kv_len is not None:
+        hi = jnp.where(k0 < kv_len, hi, lo)
+    hi = _max(hi, lo)
+    flo = _clip(flo, lo, hi)
+    fhi = _clip(fhi, flo, hi)
+    return lo, flo, fhi, hi
+
+
+def visible(q_pos, k_pos, *, spec: AttentionSpec, kv_limit=None, q_seg=None, k_seg=None):
+    """Element mask from broadcastable query and key positions (and segment ids)."""
+    mask = None
+
+    def _and(m, x):
+        return x if m is None else (m & x)
+
+    if kv_limit is not None:
+        mask = _and(mask, k_pos < kv_limit)
+    if spec.left is not None:
+        mask = _and(mask, k_pos >= q_pos - spec.left)
+    if spec.right is not None:
+        mask = _and(mask, k_pos <= q_pos + spec.right)
+    if q_seg is not None:
+        mask = _and(mask, q_seg == k_seg)
+    return mask
+
+
+def segment_block_ranges(q_seg: jax.Array, kv_seg: jax.Array, block_q: int, block_k: int, *, over: str):
+    """Per-block ranges of blocks whose segment-id intervals overlap (computed in XLA, O(T)).
+
+    ``over="kv"``: for each query block, the ``[lo, hi)`` key blocks; ``over="q"``:
+    for each key block, the query blocks. Exact for sorted (packed) ids and
+    conservative, still correct, for any others: the kernels mask elements.
+    """
+
+    def block_min_max(ids, block):
+        b, t = ids.shape
+        n = -(-t // block)
+        pad = n * block - t
+        ids = jnp.pad(ids, ((0, 0), (0, pad)), mode="edge").reshape(b, n, block)
+        return ids.min(-1), ids.max(-1)
+
+    qmin, qmax = block_min_max(q_seg, block_q)
+    kmin, kmax = block_min_max(kv_seg, block_k)
+    if over == "kv":
+        overlap = (qmin[:, :, None] <= kmax[:, None, :]) & (kmin[:, None, :] <= qmax[:, :, None])
+    else:
+        overlap = (kmin[:, :, None] <= qmax[:, None, :]) & (qmin[:, None, :] <= kmax[:, :, None])
+    n_other = overlap.shape[-1]
+    any_ = overlap.any(-1)
+    lo = jnp.argmax(overlap, axis=-1)
+    hi = n_other - jnp.argmax(overlap[..., ::-1], axis=-1)
+    lo = jnp.where(any_, lo, 0).astype(jnp.int32)
+    hi = jnp.where(any_, hi, 0).astype(jnp.int32)
+    return lo, hi

@@ -1,0 +1,217 @@
+"""FlashAttention forward: Pallas kernel lowered through Triton.
+
+One program per (query block, batch, query head). It keeps the query block,
+the running max ``m``, the running sum ``l`` and the float32 accumulator on
+chip, streams key/value blocks, and writes the output and the log-sum-exp.
+Key blocks are visited in three loops: masked blocks before the fully visible
+ones (window left edge), the fully visible ones without any mask, and masked
+blocks after (diagonal, window right edge, ragged tail, padded keys).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_flash.config import ForwardConfig
+from pallas_flash.spec import LOG2E, AttentionInputs, AttentionSpec
+from pallas_flash.triton import common
+
+
+def _fwd_kernel(
+    q_ref,
+    k_ref,
+    v_ref,
+    *refs,
+    spec: AttentionSpec,
+    block_q: int,
+    block_k: int,
+    seq_q: int,
+    seq_k: int,
+    head_dim: int,
+    num_q_blocks: int,
+):
+    refs = list(refs)
+    q_len_ref = refs.pop(0) if spec.has_q_lengths else None
+    kv_len_ref = refs.pop(0) if spec.has_kv_lengths else None
+    if spec.has_segments:
+        q_seg_ref, kv_seg_ref, seg_lo_ref, seg_hi_ref = refs[:4]
+        refs = refs[4:]
+    o_ref, lse_ref = refs
+
+    qi = pl.program_id(0)
+    if spec.causal:  # heaviest query blocks first: better tail balance
+        qi = num_q_blocks - 1 - qi
+    b = pl.program_id(1)
+    q0 = qi * block_q
+    dp = q_ref.shape[-1]
+    dmask = common.col_mask(head_dim, dp)
+    q_tail = seq_q if seq_q % block_q else None
+    k_tail = seq_k if seq_k % block_k else None
+
+    q_len = q_len_ref[b] if q_len_ref is not None else None
+    kv_len = kv_len_ref[b] if kv_len_ref is not None else None
+    seg_range = None
+    q_seg = None
+    if spec.has_segments:
+        seg_range = (seg_lo_ref[qi], seg_hi_ref[qi])
+        q_seg = common.load_ids(q_seg_ref, q0, block_q, limit=q_tail)[:, None]
+
+    q = common.load_tile(q_ref, q0, block_q, limit=q_tail, dmask=dmask)
+    c = spec.scale * LOG2E
+    q_pos = q0 + lax.broadcasted_iota(jnp.int32, (block_q, 1), 0)
+    kv_limit = kv_len if kv_len is not None else (k_tail)
+    if kv_len is not None and k_tail is not None:
+        kv_limit = jnp.minimum(kv_len, seq_k)
+
+    def body(kb, carry, *, masked: bool):
+        acc, m, l = carry
+        k0 = kb * block_k
+        limit = k_tail if masked else None
+        k = common.load_tile(k_ref, k0, block_k, limit=limit, dmask=dmask)
+        v = common.load_tile(v_ref, k0, block_k, limit=limit, dmask=dmask)
+        s = pl.dot(q, k, trans_b=True) * c
+        if masked:
+            k_pos = k0 + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
+            k_seg = None
+            if q_seg is not None:
+                k_seg = common.load_ids(kv_seg_ref, k0, block_k, limit=k_tail)[None, :]
+            vis = common.visible(q_pos, k_pos, spec=spec, kv_limit=kv_limit, q_seg=q_seg, k_seg=k_seg)
+            if vis is not None:
+                s = jnp.where(vis, s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
+        alpha = jnp.exp2(m - m_use)
+        p = jnp.exp2(s - m_use[:, None])
+        l = l * alpha + jnp.sum(p, axis=1)
+        acc = acc * alpha[:, None] + pl.dot(p.astype(v.dtype), v)
+        return acc, m_new, l
+
+    lo, flo, fhi, hi = common.kv_block_range(
+        q0,
+        spec=spec,
+        block_q=block_q,
+        block_k=block_k,
+        seq_k=seq_k,
+        kv_len=kv_len,
+        q_len=q_len,
+        seg_range=seg_range,
+    )
+    carry = (
+        jnp.zeros((block_q, dp), jnp.float32),
+        jnp.full((block_q,), -jnp.inf, jnp.float32),
+        jnp.zeros((block_q,), jnp.float32),
+    )
+    masked_body = functools.partial(body, masked=True)
+    if not (isinstance(lo, int) and isinstance(flo, int) and lo == flo):
+        carry = lax.fori_loop(lo, flo, masked_body, carry)
+    if not (isinstance(flo, int) and isinstance(fhi, int) and flo == fhi):
+        carry = lax.fori_loop(flo, fhi, functools.partial(body, masked=False), carry)
+    if not (isinstance(fhi, int) and isinstance(hi, int) and fhi == hi):
+        carry = lax.fori_loop(fhi, hi, masked_body, carry)
+    acc, m, l = carry
+
+    seen = l > 0.0
+    if q_len is not None:
+        seen = seen & (q_pos[:, 0] < q_len)
+    l_safe = jnp.where(seen, l, 1.0)
+    out = acc * (1.0 / l_safe)[:, None]
+    out = jnp.where(seen[:, None], out, 0.0)
+    lse = jnp.where(seen, (m + jnp.log2(l_safe)) * (1.0 / LOG2E), -jnp.inf)
+    common.store_tile(o_ref, out.astype(o_ref.dtype), q0, block_q, limit=q_tail, dmask=dmask)
+    common.store_row_stat(lse_ref, lse, q0, block_q, limit=q_tail)
+
+
+def flash_forward(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    inputs: AttentionInputs,
+    *,
+    spec: AttentionSpec,
+    config: ForwardConfig,
+    interpret: bool,
+) -> tuple[jax.Array, jax.Array]:
+    """Output ``[B, Tq, N, H]`` and natural log-sum-exp ``[B, N, Tq]`` (float32)."""
+    batch, seq_q, num_heads, head_dim = q.shape
+    _, seq_k, num_kv_heads, _ = k.shape
+    group = num_heads // num_kv_heads
+    dp = common.pad_pow2(head_dim)
+    block_q = min(config.block_q, max(16, pl.next_power_of_2(seq_q)))
+    block_k = min(config.block_k, max(16, pl.next_power_of_2(seq_k)))
+    nq = pl.cdiv(seq_q, block_q)
+    causal = spec.causal
+
+    def q_index(i, b, h):
+        return (b, (nq - 1 - i) if causal else i, h, 0)
+
+    def kv_index(i, b, h):
+        return (b, 0, h // group, 0)
+
+    def lse_index(i, b, h):
+        return (b, h, (nq - 1 - i) if causal else i)
+
+    def whole(ndim):
+        return lambda i, b, h: (0,) * ndim
+
+    def per_batch(i, b, h):
+        return (b, 0)
+
+    in_specs = [
+        pl.BlockSpec((None, block_q, None, dp), q_index),
+        pl.BlockSpec((None, seq_k, None, dp), kv_index),
+        pl.BlockSpec((None, seq_k, None, dp), kv_index),
+    ]
+    args = [q, k, v]
+    if spec.has_q_lengths:
+        in_specs.append(pl.BlockSpec((batch,), whole(1)))
+        args.append(inputs.q_lengths)
+    if spec.has_kv_lengths:
+        in_specs.append(pl.BlockSpec((batch,), whole(1)))
+        args.append(inputs.kv_lengths)
+    if spec.has_segments:
+        lo, hi = common.segment_block_ranges(
+            inputs.q_segment_ids, inputs.kv_segment_ids, block_q, block_k, over="kv"
+        )
+        for a in (inputs.q_segment_ids, inputs.kv_segment_ids, lo, hi):
+            in_specs.append(pl.BlockSpec((None, a.shape[1]), per_batch))
+            args.append(a)
+
+    kernel = functools.partial(
+        _fwd_kernel,
+        spec=spec,
+        block_q=block_q,
+        block_k=block_k,
+        seq_q=seq_q,
+        seq_k=seq_k,
+        head_dim=head_dim,
+        num_q_blocks=nq,
+    )
+    out, lse = pl.pallas_call(
+        kernel,
+        grid=(nq, batch, num_heads),
+        in_specs=in_specs,
+        out_specs=[
+            pl.BlockSpec((None, block_q, None, dp), q_index),
+            pl.BlockSpec((None, None, block_q), lse_index),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct((batch, num_heads, seq_q), jnp.float32),
+        ],
+        compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
+        interpret=interpret,
+        name="pallas_flash_fwd",
+        cost_estimate=pl.CostEstimate(
+            flops=4 * batch * num_heads * seq_q * seq_k * head_dim // (2 if causal else 1),
+            transcendentals=batch * num_heads * seq_q * seq_k // (2 if causal else 1),
+            bytes_accessed=(q.size + k.size * group + v.size * group + q.size) * q.dtype.itemsize,
+        ),
+    )(*args)
+    return out, lse
+
