@@ -1,0 +1,1 @@
+"""Model definitions built on pallas_flash (GPT-2 in ``models.gpt2``)."""

@@ -1,0 +1,312 @@
+"""GPT-2 in Flax NNX, in one readable file (in the spirit of nanoGPT).
+
+Pre-LayerNorm transformer with learned position embeddings and a language-model
+head tied to the token embedding. Initialisation follows GPT-2: every weight
+~ normal(0.02), biases zero, and the two projections that write into the
+residual stream (attention output, MLP output) ~ normal(0.02 / sqrt(2 * n_layer)).
+
+Attention is :class:`pallas_flash.nnx.FlashMultiHeadAttention` with
+``is_causal=True``; ``GPTConfig.attention`` picks the backend (``"pallas"``,
+``"xla"``, ``"cudnn"``, or ``None`` for the library's automatic choice).
+Computation runs in ``GPTConfig.dtype`` (bfloat16 by default) with float32
+parameters and a float32 residual stream; logits come out in float32.
+
+Presets (``PRESETS`` / :func:`get_config`):
+
+* ``tiny``: 2 layers, 4 heads, width 128, block 128, vocab 256 (bytes); for
+  CPU runs and tests, a fraction of a second per step.
+* ``gpt2``: the 124M model (12 layers, 12 heads, width 768, block 1024) with
+  the GPT-2 BPE vocabulary padded to 50304 (a multiple of 64). Trained on
+  byte-level data the training script swaps in ``vocab_size=256``, keeping
+  the 124M body (about 85M non-embedding parameters).
+* ``gpt2-medium``: 350M (24 layers, 16 heads, width 1024).
+
+Shape legend in the comments: B batch, T sequence, D width (n_embd), N heads,
+H head dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pallas_flash.nnx import FlashMultiHeadAttention
+
+__all__ = [
+    "GPT",
+    "GPTConfig",
+    "PRESETS",
+    "flops_per_token",
+    "generate",
+    "get_config",
+    "param_count",
+]
+
+ATTENTION_CHOICES = ("pallas", "xla", "cudnn")
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    """Model hyper-parameters (all plain values, so it serialises to JSON)."""
+
+    vocab_size: int = 50304
+    block_size: int = 1024  # longest sequence (learned position table size)
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0  # embedding and residual dropout (not attention probs)
+    attention: str | tuple[str, ...] | None = None  # backend, see module docstring
+    dtype: str = "bfloat16"  # computation dtype
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        choices = (self.attention,) if isinstance(self.attention, str) else self.attention
+        if isinstance(self.attention, list):  # from JSON: keep the dataclass hashable
+            object.__setattr__(self, "attention", tuple(self.attention))
+        if choices is not None and (
+            not choices or any(c not in ATTENTION_CHOICES for c in choices)
+        ):
+            raise ValueError(
+                f"GPTConfig.attention must be None, one of {ATTENTION_CHOICES} or a "
+                f"sequence of them, got {self.attention!r}"
+            )
+        for name in ("dtype", "param_dtype"):
+            try:
+                jnp.dtype(getattr(self, name))
+            except TypeError:
+                raise ValueError(
+                    f"GPTConfig.{name} must name a dtype, got {getattr(self, name)!r}"
+                ) from None
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+PRESETS: dict[str, GPTConfig] = {
+    "tiny": GPTConfig(vocab_size=256, block_size=128, n_layer=2, n_head=4, n_embd=128),
+    "gpt2": GPTConfig(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": GPTConfig(
+        vocab_size=50304, block_size=1024, n_layer=24, n_head=16, n_embd=1024
+    ),
+}
+
+
+def get_config(name: str, **overrides) -> GPTConfig:
+    """A preset by name, with fields replaced by ``overrides``."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model config {name!r}; choose one of {sorted(PRESETS)}")
+    return dataclasses.replace(PRESETS[name], **overrides)
+
+
+def _dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+    """Inverted dropout; a no-op when ``rng`` is None (evaluation)."""
+    if rng is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class MLP(nnx.Module):
+    """D -> 4D -> GELU (tanh approximation, as GPT-2) -> D."""
+
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+        dense = dict(
+            dtype=jnp.dtype(cfg.dtype),
+            param_dtype=jnp.dtype(cfg.param_dtype),
+            bias_init=nnx.initializers.zeros_init(),
+            rngs=rngs,
+        )
+        self.c_fc = nnx.Linear(
+            cfg.n_embd, 4 * cfg.n_embd, kernel_init=_init(0.02), **dense
+        )
+        self.c_proj = nnx.Linear(
+            4 * cfg.n_embd, cfg.n_embd, kernel_init=_init(_residual_std(cfg)), **dense
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = jax.nn.gelu(self.c_fc(x), approximate=True)  # [B, T, 4D]
+        return self.c_proj(h)  # [B, T, D]
+
+
+class Block(nnx.Module):
+    """x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        compute, params = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        ln = dict(epsilon=1e-5, dtype=compute, param_dtype=params, rngs=rngs)
+        self.ln_1 = nnx.LayerNorm(cfg.n_embd, **ln)
+        self.attn = FlashMultiHeadAttention(
+            num_heads=cfg.n_head,
+            in_features=cfg.n_embd,
+            is_causal=True,
+            implementation=cfg.attention,
+            dtype=compute,
+            param_dtype=params,
+            kernel_init=_init(0.02),
+            out_kernel_init=_init(_residual_std(cfg)),
+            rngs=rngs,
+        )
+        self.ln_2 = nnx.LayerNorm(cfg.n_embd, **ln)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x: jax.Array, rngs: Sequence[jax.Array | None]) -> jax.Array:
+        # x: [B, T, D] float32 residual stream; sublayers compute in cfg.dtype.
+        x = x + _dropout(self.attn(self.ln_1(x)), self.cfg.dropout, rngs[0])
+        x = x + _dropout(self.mlp(self.ln_2(x)), self.cfg.dropout, rngs[1])
+        return x
+
+
+class GPT(nnx.Module):
+    """GPT-2 language model: token ids ``[B, T]`` -> logits ``[B, T, V]``."""
+
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        params = jnp.dtype(cfg.param_dtype)
+        embed = dict(param_dtype=params, dtype=params, embedding_init=_init(0.02), rngs=rngs)
+        self.wte = nnx.Embed(cfg.vocab_size, cfg.n_embd, **embed)  # tied with the head
+        self.wpe = nnx.Embed(cfg.block_size, cfg.n_embd, **embed)
+        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layer)])
+        self.ln_f = nnx.LayerNorm(
+            cfg.n_embd, epsilon=1e-5, dtype=jnp.dtype(cfg.dtype), param_dtype=params, rngs=rngs
+        )
+
+    def __call__(self, idx: jax.Array, *, dropout_rng: jax.Array | None = None) -> jax.Array:
+        """Logits for every position.
+
+        Args:
+          idx: int token ids ``[B, T]`` with ``T <= block_size``.
+          dropout_rng: a PRNG key to enable dropout (training); ``None`` runs
+            deterministically. Ignored when ``config.dropout == 0``.
+
+        Returns:
+          float32 logits ``[B, T, vocab_size]``.
+        """
+        cfg = self.config
+        if idx.ndim != 2:
+            raise ValueError(f"idx must be token ids of shape [batch, seq], got {idx.shape}")
+        B, T = idx.shape
+        if T > cfg.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {cfg.block_size}")
+        keys: list[jax.Array | None] = [None] * (2 * cfg.n_layer + 1)
+        if dropout_rng is not None and cfg.dropout > 0:
+            keys = list(jax.random.split(dropout_rng, 2 * cfg.n_layer + 1))
+
+        pos = jnp.arange(T)  # [T]
+        x = self.wte(idx) + self.wpe(pos)[None]  # [B, T, D] float32
+        x = _dropout(x, cfg.dropout, keys[-1])
+        for i, block in enumerate(self.blocks):
+            x = block(x, keys[2 * i : 2 * i + 2])  # [B, T, D]
+        x = self.ln_f(x)  # [B, T, D] in cfg.dtype
+        # Tied head: logits = x @ wte^T, inputs in the compute dtype, f32 out.
+        compute = jnp.dtype(cfg.dtype)
+        wte = self.wte.embedding[...].astype(compute)  # [V, D]
+        return jnp.einsum(
+            "btd,vd->btv", x.astype(compute), wte, preferred_element_type=jnp.float32
+        )  # [B, T, V]
+
+
+def _init(std: float):
+    return nnx.initializers.normal(stddev=std)
+
+
+def _residual_std(cfg: GPTConfig) -> float:
+    return 0.02 / math.sqrt(2 * cfg.n_layer)
+
+
+def param_count(cfg: GPTConfig, *, include_position: bool = True) -> int:
+    """Number of parameters, from shapes only (nothing is allocated).
+
+    The token embedding is counted once (it is tied with the head). With
+    ``include_position=False`` the position table is left out, which is the
+    ``N`` of the usual ``6 N`` FLOPs-per-token estimate (nanoGPT's convention).
+    """
+    abstract = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
+    leaves = jax.tree.leaves(nnx.state(abstract, nnx.Param))
+    n = sum(math.prod(p.shape) for p in leaves)
+    if not include_position:
+        n -= cfg.block_size * cfg.n_embd
+    return int(n)
+
+
+def flops_per_token(cfg: GPTConfig, seq_len: int, n_params: int | None = None) -> float:
+    """Training FLOPs per token: ``6 N + 12 L T D`` (PaLM appendix B).
+
+    ``N`` is the non-position parameter count; the second term is attention's
+    ``QK^T`` and ``AV`` matmuls (forward + backward, no causal discount).
+    """
+    if n_params is None:
+        n_params = param_count(cfg, include_position=False)
+    return 6.0 * n_params + 12.0 * cfg.n_layer * seq_len * cfg.n_embd
+
+
+def generate(
+    model: GPT,
+    prompt: jax.Array,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.8,
+    top_k: int | None = 40,
+    rng: jax.Array | None = None,
+) -> jax.Array:
+    """Sample ``max_new_tokens`` after ``prompt`` (int ``[P]``); returns ``[P + new]``.
+
+    ``temperature=0`` is greedy decoding. There is no KV cache: every step
+    runs the model over a fixed ``block_size`` window (the last ``block_size``
+    tokens once the text is longer), which keeps it one compiled loop.
+    """
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    prompt = jnp.asarray(prompt, jnp.int32)
+    if prompt.ndim != 1 or prompt.shape[0] == 0:
+        raise ValueError(f"prompt must be a non-empty 1-D array of token ids, got {prompt.shape}")
+    if rng is None:
+        rng = jax.random.key(0)
+    window = model.config.block_size
+    P = prompt.shape[0]
+    total = P + max_new_tokens
+    buf = jnp.zeros((max(total, window),), jnp.int32).at[:P].set(prompt)  # [L]
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(state, buf, rng):
+        m = nnx.merge(graphdef, state)
+
+        def step(t, carry):  # write token t from the tokens before it
+            buf, rng = carry
+            start = jnp.maximum(t - window, 0)
+            ctx = jax.lax.dynamic_slice(buf, (start,), (window,))  # [W]
+            logits = m(ctx[None])[0, t - 1 - start]  # [V]
+            rng, sub = jax.random.split(rng)
+            if temperature == 0:
+                nxt = jnp.argmax(logits)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][-1]
+                    logits = jnp.where(logits < kth, -jnp.inf, logits)
+                nxt = jax.random.categorical(sub, logits)
+            return buf.at[t].set(nxt.astype(jnp.int32)), rng
+
+        buf, _ = jax.lax.fori_loop(P, total, step, (buf, rng))
+        return buf
+
+    return run(state, buf, rng)[:total]

@@ -1,0 +1,416 @@
+"""Flax NNX layers on top of :func:`pallas_flash.dot_product_attention`.
+
+Two ways in:
+
+* :class:`FlashMultiHeadAttention`: a self-contained multi-head attention
+  layer (query/key/value/output projections, grouped-query attention, causal
+  masking, dropout, masks and segment ids passed straight to the kernel). Its
+  parameters are laid out exactly like ``flax.nnx.MultiHeadAttention``'s
+  (``query``, ``key``, ``value``, ``out``, each a ``LinearGeneral``), so a
+  state can be moved between the two with ``nnx.update``.
+* :func:`make_attention_fn` / :data:`flash_attention_fn`: an ``attention_fn``
+  for ``flax.nnx.MultiHeadAttention``, so an existing Flax model switches to
+  the flash kernel with one argument::
+
+      attn = nnx.MultiHeadAttention(
+          num_heads=8, in_features=512,
+          attention_fn=pallas_flash.nnx.make_attention_fn(is_causal=True),
+          decode=False, rngs=nnx.Rngs(0))
+
+Differences from Flax's default attention, all because the kernel never
+materialises the ``[B, N, Tq, Tk]`` attention weights:
+
+* ``sow_weights=True`` (Flax passes ``module=``) raises ``ValueError``.
+* ``precision`` is ignored: the kernel accumulates in float32.
+* ``broadcast_dropout`` is ignored: the dropout pattern is whatever the chosen
+  backend draws. Dropout arguments are only forwarded to
+  :func:`pallas_flash.dot_product_attention` when dropout is actually on
+  (``dropout_rate > 0`` and not ``deterministic``); backends without
+  attention dropout (the Pallas kernels for now) reject such calls, so train
+  without attention-probability dropout or pick a backend that has it.
+* A query row that can see no key at all outputs zeros (Flax averages all
+  values uniformly).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.nnx.nn import dtypes as _flax_dtypes
+
+import pallas_flash
+
+__all__ = [
+    "FlashMultiHeadAttention",
+    "flash_attention_fn",
+    "make_attention_fn",
+]
+
+Implementation = str | Sequence[str] | None
+
+_default_kernel_init = nnx.initializers.lecun_normal()
+_default_bias_init = nnx.initializers.zeros_init()
+
+
+def _check_dropout_rate(dropout_rate: float, name: str = "dropout_rate") -> None:
+    if not 0.0 <= dropout_rate < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {dropout_rate!r}")
+
+
+def _dropout_kwargs(dropout_rate, dropout_rng, deterministic) -> dict[str, Any]:
+    """Dropout arguments for the kernel: none at all whenever dropout is off.
+
+    They are only passed when dropout is on, so that the common no-dropout call
+    works with every backend (and every version of the API).
+    """
+    _check_dropout_rate(dropout_rate)
+    if deterministic or dropout_rate == 0.0:
+        return {}
+    if dropout_rng is None:
+        raise ValueError(
+            "dropout_rng is required when dropout_rate > 0 and deterministic=False"
+        )
+    return {"dropout_rate": float(dropout_rate), "dropout_rng": dropout_rng}
+
+
+def _as_4d(x: jax.Array | None, batch_shape: tuple[int, ...], name: str):
+    """Bring a ``[batch..., N or 1, Tq, Tk]`` mask/bias to one batch axis."""
+    if x is None:
+        return None
+    rank = len(batch_shape) + 3
+    if x.ndim > rank:
+        raise ValueError(
+            f"{name} has shape {x.shape}, which has more axes than "
+            f"[batch..., heads, q_length, kv_length] (rank {rank})"
+        )
+    x = x.reshape((1,) * (rank - x.ndim) + x.shape)
+    if len(batch_shape) == 1:
+        return x
+    x = jnp.broadcast_to(x, batch_shape + x.shape[-3:])
+    return x.reshape((math.prod(batch_shape),) + x.shape[-3:])
+
+
+def make_attention_fn(
+    implementation: Implementation = None,
+    *,
+    is_causal: bool = False,
+    scale: float | None = None,
+    local_window_size: int | tuple[int, int] | None = None,
+) -> Callable[..., jax.Array]:
+    """Return an ``attention_fn`` for ``flax.nnx.MultiHeadAttention``.
+
+    Args:
+      implementation: forwarded to :func:`pallas_flash.dot_product_attention`:
+        ``None`` (auto), ``"pallas"``, ``"xla"``, ``"cudnn"`` or a sequence
+        tried in order.
+      is_causal: always apply a causal mask, in addition to the ``is_causal``
+        that Flax passes per call (they are OR-ed).
+      scale: logit scale; ``None`` means ``1/sqrt(head_dim)`` like Flax.
+      local_window_size: sliding window, forwarded to the kernel.
+
+    The returned function takes Flax's calling convention: ``query, key,
+    value`` of shape ``[batch..., length, heads, head_dim]`` (key/value may have
+    fewer heads), then ``bias``, ``mask`` (broadcastable to ``[batch...,
+    heads, q_length, kv_length]``; True = attend), ``broadcast_dropout``,
+    ``dropout_rng``, ``dropout_rate``, ``deterministic``, ``dtype``,
+    ``precision``, ``module``, ``promote_dtype`` and ``is_causal``.
+    """
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
+    default_causal = is_causal
+
+    def attention_fn(
+        query: jax.Array,
+        key: jax.Array,
+        value: jax.Array,
+        bias: jax.Array | None = None,
+        mask: jax.Array | None = None,
+        broadcast_dropout: bool = True,
+        dropout_rng: jax.Array | None = None,
+        dropout_rate: float = 0.0,
+        deterministic: bool = False,
+        dtype: Any = None,
+        precision: Any = None,
+        module: nnx.Module | None = None,
+        promote_dtype: Callable[..., Any] = _flax_dtypes.promote_dtype,
+        is_causal: bool = False,
+    ) -> jax.Array:
+        del broadcast_dropout, precision  # see the module docstring
+        if module is not None:
+            raise ValueError(
+                "sow_weights=True is not supported by the flash attention_fn: "
+                "the kernel never materialises the attention weights"
+            )
+        query, key, value = promote_dtype((query, key, value), dtype=dtype)
+        if query.ndim < 3:
+            raise ValueError(
+                f"query must be [batch..., length, heads, head_dim], got shape "
+                f"{query.shape}"
+            )
+        if key.ndim != query.ndim or value.ndim != query.ndim:
+            raise ValueError(
+                f"query, key and value must have the same rank, got shapes "
+                f"{query.shape}, {key.shape}, {value.shape}"
+            )
+        dropout = _dropout_kwargs(dropout_rate, dropout_rng, deterministic)
+
+        out_shape = query.shape[:-1] + value.shape[-1:]
+        batch_shape = query.shape[:-3] or (1,)
+        flat_b = math.prod(batch_shape)
+
+        def to_4d(x):
+            return x.reshape((flat_b,) + x.shape[-3:])
+
+        if mask is not None:
+            mask = mask.astype(jnp.bool_)
+        out = pallas_flash.dot_product_attention(
+            to_4d(query),
+            to_4d(key),
+            to_4d(value),
+            bias=_as_4d(bias, batch_shape, "bias"),
+            mask=_as_4d(mask, batch_shape, "mask"),
+            scale=scale,
+            is_causal=bool(default_causal or is_causal),
+            local_window_size=local_window_size,
+            implementation=implementation,
+            **dropout,
+        )
+        return out.reshape(out_shape)
+
+    attention_fn.__name__ = "flash_attention_fn"
+    attention_fn.__qualname__ = "flash_attention_fn"
+    return attention_fn
+
+
+#: ``make_attention_fn()`` with automatic backend choice, ready to pass as
+#: ``attention_fn=pallas_flash.nnx.flash_attention_fn``.
+flash_attention_fn = make_attention_fn()
+
+
+class FlashMultiHeadAttention(nnx.Module):
+    """Multi-head (and grouped-query) attention backed by the flash kernel.
+
+    Input ``[B, T, features]``; output ``[B, Tq, out_features]``. Parameters
+    match ``flax.nnx.MultiHeadAttention`` with the same arguments (modules
+    ``query``/``key``/``value`` with kernel ``[in, heads, head_dim]`` and
+    ``out`` with kernel ``[heads, head_dim, out]``).
+
+    Args:
+      num_heads: query heads.
+      in_features: features of ``inputs_q``.
+      qkv_features: total query width (``num_heads * head_dim``); defaults to
+        ``in_features``.
+      out_features: output width; defaults to ``in_features``.
+      num_kv_heads: key/value heads (grouped-query attention when smaller than
+        ``num_heads``; must divide it). Defaults to ``num_heads``.
+      in_kv_features: features of ``inputs_k``/``inputs_v``; defaults to
+        ``in_features``.
+      is_causal: apply a causal mask by default (a call may override).
+      dropout_rate: attention-probability dropout (needs a backend that
+        supports it: not the Pallas path yet).
+      deterministic: default for the call's ``deterministic``.
+      implementation: forwarded to :func:`pallas_flash.dot_product_attention`.
+      local_window_size: sliding-window attention, forwarded to the kernel.
+      scale: logit scale; ``None`` means ``1/sqrt(head_dim)``.
+      dtype: computation dtype (e.g. ``jnp.bfloat16``); ``None`` infers it.
+      param_dtype: parameter dtype.
+      use_bias: biases in the four projections.
+      kernel_init, bias_init: initialisers for the projections.
+      out_kernel_init, out_bias_init: for the output projection when it
+        should differ (e.g. GPT-2's scaled residual init).
+      rngs: ``nnx.Rngs`` for initialisation (and, with dropout, a ``dropout``
+        stream that is kept for calls without ``rngs``).
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        in_features: int,
+        qkv_features: int | None = None,
+        out_features: int | None = None,
+        num_kv_heads: int | None = None,
+        in_kv_features: int | None = None,
+        *,
+        is_causal: bool = False,
+        dropout_rate: float = 0.0,
+        deterministic: bool | None = None,
+        implementation: Implementation = None,
+        local_window_size: int | tuple[int, int] | None = None,
+        scale: float | None = None,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        use_bias: bool = True,
+        kernel_init: nnx.Initializer = _default_kernel_init,
+        bias_init: nnx.Initializer = _default_bias_init,
+        out_kernel_init: nnx.Initializer | None = None,
+        out_bias_init: nnx.Initializer | None = None,
+        rngs: nnx.Rngs,
+    ):
+        for name, value in (("num_heads", num_heads), ("in_features", in_features)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        qkv_features = in_features if qkv_features is None else qkv_features
+        out_features = in_features if out_features is None else out_features
+        in_kv_features = in_features if in_kv_features is None else in_kv_features
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if not isinstance(num_kv_heads, int) or num_kv_heads <= 0:
+            raise ValueError(f"num_kv_heads must be a positive int, got {num_kv_heads!r}")
+        if num_heads % num_kv_heads:
+            raise ValueError(
+                f"num_heads ({num_heads}) must be divisible by num_kv_heads "
+                f"({num_kv_heads})"
+            )
+        if qkv_features % num_heads:
+            raise ValueError(
+                f"qkv_features ({qkv_features}) must be divisible by num_heads "
+                f"({num_heads})"
+            )
+        _check_dropout_rate(dropout_rate)
+        if not isinstance(is_causal, bool):
+            raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
+
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.in_features = in_features
+        self.in_kv_features = in_kv_features
+        self.qkv_features = qkv_features
+        self.out_features = out_features
+        self.head_dim = qkv_features // num_heads
+        self.is_causal = is_causal
+        self.dropout_rate = dropout_rate
+        self.deterministic = deterministic
+        self.implementation = implementation
+        self.local_window_size = local_window_size
+        self.scale = scale
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+
+        def proj(in_f, heads):
+            return nnx.LinearGeneral(
+                in_f,
+                (heads, self.head_dim),
+                use_bias=use_bias,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                kernel_init=kernel_init,
+                bias_init=bias_init,
+                rngs=rngs,
+            )
+
+        # [B, T, in] -> [B, T, heads, head_dim]
+        self.query = proj(in_features, num_heads)
+        self.key = proj(in_kv_features, num_kv_heads)
+        self.value = proj(in_kv_features, num_kv_heads)
+        # [B, T, heads, head_dim] -> [B, T, out]
+        self.out = nnx.LinearGeneral(
+            (num_heads, self.head_dim),
+            out_features,
+            axis=(-2, -1),
+            use_bias=use_bias,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            kernel_init=out_kernel_init or kernel_init,
+            bias_init=out_bias_init or bias_init,
+            rngs=rngs,
+        )
+        self.rngs = rngs.dropout.fork() if dropout_rate > 0 else None
+
+    def __call__(
+        self,
+        inputs_q: jax.Array,
+        inputs_k: jax.Array | None = None,
+        inputs_v: jax.Array | None = None,
+        *,
+        mask: jax.Array | None = None,
+        bias: jax.Array | None = None,
+        is_causal: bool | None = None,
+        q_segment_ids: jax.Array | None = None,
+        kv_segment_ids: jax.Array | None = None,
+        query_seq_lengths: jax.Array | None = None,
+        key_value_seq_lengths: jax.Array | None = None,
+        deterministic: bool | None = None,
+        rngs: nnx.Rngs | nnx.RngStream | None = None,
+    ) -> jax.Array:
+        """Attend from ``inputs_q`` to ``inputs_k``/``inputs_v``.
+
+        Args:
+          inputs_q: ``[B, Tq, in_features]``.
+          inputs_k: ``[B, Tk, in_kv_features]``; defaults to ``inputs_q``.
+          inputs_v: defaults to ``inputs_k``.
+          mask: boolean, broadcastable to ``[B, num_heads, Tq, Tk]`` (True =
+            attend), passed to the kernel.
+          bias: additive logit bias, broadcastable to ``[B, num_heads, Tq, Tk]``.
+          is_causal: overrides the constructor's ``is_causal``.
+          q_segment_ids, kv_segment_ids: int ``[B, Tq]`` / ``[B, Tk]``; a query
+            only sees keys of its own segment (packed sequences).
+          query_seq_lengths, key_value_seq_lengths: int ``[B]`` valid lengths.
+          deterministic: disable dropout; overrides the constructor's.
+          rngs: dropout randomness; defaults to the stream kept at init.
+
+        Returns:
+          ``[B, Tq, out_features]``.
+        """
+        if inputs_k is None:
+            if inputs_v is not None:
+                raise ValueError("inputs_k must be given when inputs_v is given")
+            inputs_k = inputs_q
+        if inputs_v is None:
+            inputs_v = inputs_k
+        for name, x, feat in (
+            ("inputs_q", inputs_q, self.in_features),
+            ("inputs_k", inputs_k, self.in_kv_features),
+            ("inputs_v", inputs_v, self.in_kv_features),
+        ):
+            if x.ndim != 3 or x.shape[-1] != feat:
+                raise ValueError(
+                    f"{name} must have shape [batch, length, {feat}], got {x.shape}"
+                )
+        if (q_segment_ids is None) != (kv_segment_ids is None):
+            raise ValueError("pass both q_segment_ids and kv_segment_ids, or neither")
+
+        query = self.query(inputs_q)  # [B, Tq, N, H]
+        key = self.key(inputs_k)  # [B, Tk, K, H]
+        value = self.value(inputs_v)  # [B, Tk, K, H]
+
+        if deterministic is None:
+            deterministic = self.deterministic
+        dropout_rng = None
+        if self.dropout_rate > 0.0 and not deterministic:
+            if deterministic is None:
+                raise ValueError(
+                    "deterministic must be given (to __call__ or the constructor) "
+                    "when dropout_rate > 0"
+                )
+            stream = rngs if rngs is not None else self.rngs
+            if isinstance(stream, nnx.Rngs):
+                stream = stream.dropout
+            dropout_rng = stream()
+        dropout = _dropout_kwargs(self.dropout_rate, dropout_rng, deterministic)
+
+        if mask is not None:
+            mask = mask.astype(jnp.bool_)
+            mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+        if bias is not None:
+            bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
+        x = pallas_flash.dot_product_attention(
+            query,
+            key,
+            value,
+            bias=bias,
+            mask=mask,
+            scale=self.scale,
+            is_causal=self.is_causal if is_causal is None else bool(is_causal),
+            query_seq_lengths=query_seq_lengths,
+            key_value_seq_lengths=key_value_seq_lengths,
+            local_window_size=self.local_window_size,
+            implementation=self.implementation,
+            q_segment_ids=q_segment_ids,
+            kv_segment_ids=kv_segment_ids,
+            **dropout,
+        )  # [B, Tq, N, H]
+        return self.out(x)  # [B, Tq, out_features]
