@@ -12,6 +12,8 @@ Conventions inside the kernels:
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -25,14 +27,16 @@ def cdiv(a, b: int):
     """Ceiling division of a non-negative (possibly traced) int by a static int."""
     if isinstance(a, int):
         return -(-a // b)
-    return lax.div(a + (b - 1), b)
+    a = jnp.asarray(a)
+    return lax.div(a + jnp.asarray(b - 1, a.dtype), jnp.asarray(b, a.dtype))
 
 
 def fdiv(a, b: int):
     """Floor division of a non-negative (possibly traced) int by a static int."""
     if isinstance(a, int):
         return a // b
-    return lax.div(a, b)
+    a = jnp.asarray(a)
+    return lax.div(a, jnp.asarray(b, a.dtype))
 
 
 def _max(a, b):
@@ -113,6 +117,23 @@ def store_row_stat(ref, value, start, size: int, *, limit: int | None):
     else:
         in_rows = (start + lax.broadcasted_iota(jnp.int32, (size,), 0)) < limit
         plgpu.store(ref, value, mask=in_rows)
+
+
+def split_loops(ranges, body, carry, *, any_full: bool):
+    """Run ``body(i, carry, masked=...)`` over the three ranges of ``kv_block_range``.
+
+    ``[lo, flo)`` and ``[fhi, hi)`` with the element mask, ``[flo, fhi)``
+    without. ``any_full=False`` (the sequence is shorter than one block, so no
+    block is ever fully inside it) runs one masked loop over ``[lo, hi)``.
+    Loops whose bounds are static and empty are not emitted.
+    """
+    lo, flo, fhi, hi = ranges
+    loops = ((lo, flo, True), (flo, fhi, False), (fhi, hi, True)) if any_full else ((lo, hi, True),)
+    for a, b, masked in loops:
+        if isinstance(a, int) and isinstance(b, int) and a >= b:
+            continue
+        carry = lax.fori_loop(a, b, functools.partial(body, masked=masked), carry)
+    return carry
 
 
 def kv_block_range(

@@ -75,7 +75,7 @@ def _fwd_kernel(
         limit = k_tail if masked else None
         k = common.load_tile(k_ref, k0, block_k, limit=limit, dmask=dmask)
         v = common.load_tile(v_ref, k0, block_k, limit=limit, dmask=dmask)
-        s = pl.dot(q, k, trans_b=True) * c
+        s = plgpu.dot(q, k, trans_b=True) * c
         if masked:
             k_pos = k0 + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
             k_seg = None
@@ -89,7 +89,7 @@ def _fwd_kernel(
         alpha = jnp.exp2(m - m_use)
         p = jnp.exp2(s - m_use[:, None])
         l = l * alpha + jnp.sum(p, axis=1)
-        acc = acc * alpha[:, None] + pl.dot(p.astype(v.dtype), v)
+        acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v)
         return acc, m_new, l
 
     lo, flo, fhi, hi = common.kv_block_range(
@@ -107,13 +107,7 @@ def _fwd_kernel(
         jnp.full((block_q,), -jnp.inf, jnp.float32),
         jnp.zeros((block_q,), jnp.float32),
     )
-    masked_body = functools.partial(body, masked=True)
-    if not (isinstance(lo, int) and isinstance(flo, int) and lo == flo):
-        carry = lax.fori_loop(lo, flo, masked_body, carry)
-    if not (isinstance(flo, int) and isinstance(fhi, int) and flo == fhi):
-        carry = lax.fori_loop(flo, fhi, functools.partial(body, masked=False), carry)
-    if not (isinstance(fhi, int) and isinstance(hi, int) and fhi == hi):
-        carry = lax.fori_loop(fhi, hi, masked_body, carry)
+    carry = common.split_loops((lo, flo, fhi, hi), body, carry, any_full=seq_k >= block_k)
     acc, m, l = carry
 
     seen = l > 0.0

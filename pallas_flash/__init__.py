@@ -1,0 +1,32 @@
+"""pallas_flash: exact FlashAttention for JAX, as Pallas kernels for NVIDIA GPUs.
+
+Public API:
+- ``dot_product_attention``: a drop-in for ``jax.nn.dot_product_attention``.
+- ``flash_attention``: the kernel entry point with explicit block configs.
+- ``FlashConfig``, ``ForwardConfig``, ``BackwardConfig``, ``default_config``.
+- ``attention_reference``: the plain-jnp reference used by the tests.
+"""
+
+import warnings as _warnings
+
+# JAX 0.11 marks its Pallas Triton backend deprecated and warns at every
+# lowering; the backend is our implementation detail, so users should not see
+# that warning once per compiled kernel. Only that exact message is silenced.
+_warnings.filterwarnings("ignore", message=r"The Pallas Triton backend is deprecated", category=DeprecationWarning)
+
+from pallas_flash.api import dot_product_attention  # noqa: E402
+from pallas_flash.attention import flash_attention  # noqa: E402
+from pallas_flash.config import BackwardConfig, FlashConfig, ForwardConfig, default_config  # noqa: E402
+from pallas_flash.reference import attention_reference  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "dot_product_attention",
+    "flash_attention",
+    "FlashConfig",
+    "ForwardConfig",
+    "BackwardConfig",
+    "default_config",
+    "attention_reference",
+]
