@@ -1,0 +1,1 @@
+"""Training GPT-2 with pallas_flash attention: ``python -m train --help``."""

@@ -1,0 +1,238 @@
+"""Token streams and a deterministic, resumable batch sampler.
+
+Sources (:func:`load_data`):
+
+* ``None`` (default): the Python standard library's own ``*.py`` files, which
+  exist on every machine that runs this code and need no network. Files under
+  ``sysconfig.get_paths()["stdlib"]`` are taken in sorted path order (test
+  suites, ``site-packages`` and caches skipped) until about 4 MiB, as bytes
+  (vocabulary 256). The same Python version gives the same bytes everywhere.
+* a text file: its bytes, memory-mapped (vocabulary 256).
+* a folder with ``train.bin`` (and optionally ``val.bin``): nanoGPT-style
+  ``uint16`` token files, memory-mapped (vocabulary 50304 unless given).
+* a ``.bin`` file: ``uint16`` tokens, memory-mapped.
+* any other folder: all its files' bytes, in sorted path order.
+
+Unless the source has its own ``val.bin``, the last 5% of the stream is the
+validation split.
+
+:class:`BatchSampler` draws random windows, but the windows of step ``s``
+depend only on ``(seed, s)``: the sampler's whole state is the step counter,
+so resuming a run reproduces exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import sysconfig
+
+import numpy as np
+
+__all__ = [
+    "BYTE_VOCAB",
+    "BatchSampler",
+    "GPT2_VOCAB",
+    "TokenData",
+    "eval_batches",
+    "load_data",
+    "stdlib_bytes",
+]
+
+BYTE_VOCAB = 256
+GPT2_VOCAB = 50304  # GPT-2's 50257 BPE tokens padded to a multiple of 64
+DEFAULT_STDLIB_BYTES = 4 * 2**20
+VAL_FRACTION = 0.05
+_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
+_VAL_SEED = 0x5EED  # validation windows do not depend on the training seed
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenData:
+    """A train and a validation token stream (1-D integer arrays or memmaps)."""
+
+    train: np.ndarray
+    val: np.ndarray
+    vocab_size: int
+    kind: str  # "bytes" or "tokens"
+    description: str
+
+    def decode(self, tokens) -> str:
+        """Text for byte tokens; the ids themselves for other tokenisations."""
+        tokens = np.asarray(tokens)
+        if self.kind == "bytes":
+            return bytes(tokens.astype(np.uint8).tolist()).decode("utf-8", errors="replace")
+        return " ".join(str(int(t)) for t in tokens)
+
+
+def stdlib_bytes(max_bytes: int = DEFAULT_STDLIB_BYTES) -> tuple[bytes, int]:
+    """The standard library's ``*.py`` sources, sorted by path, up to ``max_bytes``.
+
+    Whole files are taken until the next one would pass the cap. Returns the
+    bytes and the number of files.
+    """
+    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    if not root.is_dir():
+        raise FileNotFoundError(f"the standard library folder {root} does not exist")
+    files = sorted(
+        p
+        for p in root.rglob("*.py")
+        if not _SKIP_DIRS.intersection(p.relative_to(root).parts) and p.is_file()
+    )
+    chunks, total = [], 0
+    for p in files:
+        data = p.read_bytes()
+        if chunks and total + len(data) > max_bytes:
+            break
+        chunks.append(data)
+        total += len(data)
+    if not chunks:
+        raise FileNotFoundError(f"no *.py files found under {root}")
+    return b"".join(chunks), len(chunks)
+
+
+def _split(tokens: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    n_val = max(int(len(tokens) * val_fraction), 1)
+    return tokens[:-n_val], tokens[-n_val:]
+
+
+def _tokens_memmap(path: pathlib.Path) -> np.ndarray:
+    if path.stat().st_size == 0:
+        raise ValueError(f"--data file {path} is empty")
+    return np.memmap(path, dtype=np.uint16, mode="r")
+
+
+def load_data(
+    path: str | pathlib.Path | None = None,
+    *,
+    vocab_size: int | None = None,
+    val_fraction: float = VAL_FRACTION,
+    max_stdlib_bytes: int = DEFAULT_STDLIB_BYTES,
+) -> TokenData:
+    """Load a token source (see the module docstring for the formats).
+
+    Args:
+      path: ``None`` for the standard-library default, else a file or folder.
+      vocab_size: vocabulary of ``.bin`` token files (default 50304); byte
+        sources always have 256.
+      val_fraction: share of the stream held out when there is no ``val.bin``.
+      max_stdlib_bytes: cap for the default source.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+    if path is None:
+        data, n_files = stdlib_bytes(max_stdlib_bytes)
+        train, val = _split(np.frombuffer(data, dtype=np.uint8), val_fraction)
+        return TokenData(
+            train, val, BYTE_VOCAB, "bytes",
+            f"Python stdlib sources ({n_files} files, {len(data) / 2**20:.1f} MiB, bytes)",
+        )
+
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"--data {path} does not exist")
+    if vocab_size is not None and (not isinstance(vocab_size, int) or vocab_size <= 0):
+        raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
+
+    if path.is_dir() and (path / "train.bin").is_file():
+        train = _tokens_memmap(path / "train.bin")
+        if (path / "val.bin").is_file():
+            val = _tokens_memmap(path / "val.bin")
+        else:
+            train, val = _split(train, val_fraction)
+        return TokenData(
+            train, val, vocab_size or GPT2_VOCAB, "tokens",
+            f"{path}/train.bin ({len(train):,} uint16 tokens)",
+        )
+    if path.is_file() and path.suffix == ".bin":
+        train, val = _split(_tokens_memmap(path), val_fraction)
+        return TokenData(
+            train, val, vocab_size or GPT2_VOCAB, "tokens",
+            f"{path} ({len(train) + len(val):,} uint16 tokens)",
+        )
+    if path.is_file():
+        if path.stat().st_size == 0:
+            raise ValueError(f"--data file {path} is empty")
+        tokens = np.memmap(path, dtype=np.uint8, mode="r")
+        desc = f"{path} ({len(tokens) / 2**20:.1f} MiB, bytes)"
+    else:
+        files = sorted(
+            p for p in path.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
+        data = b"".join(p.read_bytes() for p in files)
+        if not data:
+            raise ValueError(f"--data folder {path} has no non-empty files")
+        tokens = np.frombuffer(data, dtype=np.uint8)
+        desc = f"{path} ({len(files)} files, {len(data) / 2**20:.1f} MiB, bytes)"
+    train, val = _split(tokens, val_fraction)
+    return TokenData(train, val, BYTE_VOCAB, "bytes", desc)
+
+
+class BatchSampler:
+    """Random windows ``(x, y = x shifted by one)`` that depend only on (seed, step).
+
+    ``batch(step)`` returns int32 arrays ``[grad_accum, batch_size, seq_len]``.
+    Iterating yields ``batch(position)`` and advances ``position``; saving
+    ``position`` (the number of batches consumed) is all it takes to resume.
+    """
+
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        *,
+        seq_len: int,
+        batch_size: int,
+        grad_accum: int = 1,
+        seed: int = 0,
+        position: int = 0,
+    ):
+        for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("grad_accum", grad_accum)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        if len(tokens) < seq_len + 1:
+            raise ValueError(
+                f"the token stream ({len(tokens)} tokens) is shorter than seq_len + 1 "
+                f"({seq_len + 1}); use a smaller --seq-len or more data"
+            )
+        self.tokens = tokens
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.grad_accum = grad_accum
+        self.seed = seed
+        self.position = position
+
+    def batch(self, step: int, rows: slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
+        """The batch of ``step``; ``rows`` selects part of the batch axis (one host's share)."""
+        rng = np.random.default_rng([self.seed, step])
+        n = self.grad_accum * self.batch_size
+        starts = rng.integers(0, len(self.tokens) - self.seq_len, size=n)
+        starts = starts.reshape(self.grad_accum, self.batch_size)[:, rows]
+        window = starts[..., None] + np.arange(self.seq_len + 1)  # [A, b, T + 1]
+        chunk = np.asarray(self.tokens[window], dtype=np.int32)
+        return chunk[..., :-1], chunk[..., 1:]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[np.ndarray, np.ndarray]:
+        out = self.batch(self.position)
+        self.position += 1
+        return out
+
+
+def eval_batches(
+    tokens: np.ndarray, *, seq_len: int, batch_size: int, n_batches: int, rows: slice = slice(None)
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """A fixed list of validation batches ``[batch_size, seq_len]`` (seed-independent).
+
+    ``rows`` selects this host's share of each batch, as in :meth:`BatchSampler.batch`.
+    """
+    sampler = BatchSampler(tokens, seq_len=seq_len, batch_size=batch_size, seed=_VAL_SEED)
+    out = []
+    for i in range(n_batches):
+        x, y = sampler.batch(i, rows)
+        out.append((x[0], y[0]))
+    return out
