@@ -404,6 +404,7 @@ class Options:
     plots: bool
     seed: int
     compile_cache: str | None
+    jobs: int
     report_from: tuple[str, ...]
     profile: str  # "full", "quick" or "cpu": which defaults filled the unset options
     argv: tuple[str, ...] = ()
@@ -424,8 +425,83 @@ def _shape_fields(shape: Shape, dtype_name: str, gqa: int) -> dict:
     )
 
 
-def bench_impl(impl: Impl, shape: Shape, dtype_name: str, gqa: int, sets: list, ref: Reference, opts: Options) -> list[dict]:
-    """Check then time ``impl`` on ``shape`` for each requested pass; one record per pass.
+@dataclasses.dataclass
+class Prepared:
+    """The jitted functions of one implementation on one shape (or why there are none)."""
+
+    impl: Impl
+    error: Exception | None = None
+    fwd: Callable | None = None  # (q, k, v) -> out
+    fwd_bwd: Callable | None = None  # (q, k, v, g) -> (out, (dq, dk, dv))
+    make_pullback: Callable | None = None  # (q, k, v) -> pullback (a pytree holding the residuals)
+    pullback: Callable | None = None  # (pullback, g) -> (dq, dk, dv)
+
+
+def prepare(impl: Impl, shape: Shape) -> Prepared:
+    import jax
+
+    try:
+        f = impl.build(shape)
+    except Exception as e:  # noqa: BLE001 - unsupported or unavailable implementation
+        return Prepared(impl, error=e)
+    return Prepared(
+        impl,
+        fwd=jax.jit(f),
+        fwd_bwd=jax.jit(fwd_bwd_fn(f)),
+        make_pullback=jax.jit(lambda q, k, v: jax.vjp(f, q, k, v)[1]),
+        pullback=jax.jit(lambda pb, g: pb(g)),
+    )
+
+
+def precompile(prepared: Sequence[Prepared], example, passes: Sequence[str], threads: int) -> float:
+    """Compile every function the passes will call, ``threads`` XLA compilations at a time.
+
+    Lowering (Python) runs here in turn; ``compile()`` (C++, releases the GIL)
+    runs in a thread pool. A compiled ``Lowered`` fills the same cache that the
+    later calls hit. Any error is ignored here: the call in ``bench_impl``
+    repeats it and records it. Returns the wall seconds spent.
+    """
+    import concurrent.futures
+
+    import jax
+
+    t0 = time.perf_counter()
+    q, k, v, g = (jax.ShapeDtypeStruct(x.shape, x.dtype) for x in example)
+    lowered = []
+    for p in prepared:
+        if p.error is not None:
+            continue
+        todo = []
+        if "fwd" in passes:
+            todo.append(lambda p=p: p.fwd.lower(q, k, v))
+        if "fwd_bwd" in passes:
+            todo.append(lambda p=p: p.fwd_bwd.lower(q, k, v, g))
+        if "bwd" in passes:
+            todo.append(lambda p=p: p.make_pullback.lower(q, k, v))
+            todo.append(lambda p=p: p.pullback.lower(jax.eval_shape(p.make_pullback, q, k, v), g))
+        for lower in todo:
+            try:
+                lowered.append(lower())
+            except Exception:  # noqa: BLE001 - recorded when the function is called
+                pass
+
+    def compile_one(low):
+        try:
+            low.compile()
+        except Exception:  # noqa: BLE001 - recorded when the function is called
+            pass
+
+    if threads > 1 and len(lowered) > 1:
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+            list(pool.map(compile_one, lowered))
+    else:
+        for low in lowered:
+            compile_one(low)
+    return time.perf_counter() - t0
+
+
+def bench_impl(prep: Prepared, shape: Shape, dtype_name: str, gqa: int, sets: list, ref: Reference, opts: Options) -> list[dict]:
+    """Check then time one implementation on ``shape`` for each requested pass; one record per pass.
 
     ``sets`` are input tuples ``(q, k, v, g)``; the first is the one checked.
     """
@@ -433,44 +509,36 @@ def bench_impl(impl: Impl, shape: Shape, dtype_name: str, gqa: int, sets: list, 
 
     from benchmarks.timing import classify_exception, short_message, time_fn
 
-    base = dict(kind="speed", impl=impl.name, **_shape_fields(shape, dtype_name, gqa))
+    base = dict(kind="speed", impl=prep.impl.name, **_shape_fields(shape, dtype_name, gqa))
     tol = TOLERANCE[dtype_name]
+    if prep.error is not None:
+        status, message = classify_exception(prep.error), short_message(prep.error)
+        return [dict(base, **{"pass": p}, status=status, message=message) for p in opts.passes]
+
     records = []
-    try:
-        f = impl.build(shape)
-    except Exception as e:  # noqa: BLE001 - unsupported or unavailable implementation
-        return [dict(base, **{"pass": p}, status=classify_exception(e), message=short_message(e)) for p in opts.passes]
-
-    fwd = jax.jit(f)
-    fwd_bwd = jax.jit(fwd_bwd_fn(f))
-    make_pullback = jax.jit(lambda q, k, v: jax.vjp(f, q, k, v)[1])
-    pullback = jax.jit(lambda pb, g: pb(g))
-
     for pass_ in opts.passes:
         rec = dict(base, **{"pass": pass_}, tol=tol, flops=shape.flops(pass_))
-        fn = args = first = None
+        fn = args = first = named = None
         try:
             t0 = time.perf_counter()
             if pass_ == "fwd":
-                fn, args = fwd, [s[:3] for s in sets]
+                fn, args = prep.fwd, [s[:3] for s in sets]
                 first = fn(*args[0])
                 named = {"out": first}
             elif pass_ == "fwd_bwd":
-                fn, args = fwd_bwd, [tuple(s) for s in sets]
+                fn, args = prep.fwd_bwd, [tuple(s) for s in sets]
                 first = fn(*args[0])
                 named = {"out": first[0], **dict(zip(("dq", "dk", "dv"), first[1]))}
             else:  # bwd: the pullback alone, its residuals computed beforehand
-                fn = pullback
-                args = [(make_pullback(*s[:3]), s[3]) for s in sets]
+                fn = prep.pullback
+                args = [(prep.make_pullback(*s[:3]), s[3]) for s in sets]
                 first = fn(*args[0])
                 named = dict(zip(("dq", "dk", "dv"), first))
             jax.block_until_ready(first)
-            rec["compile_s"] = round(time.perf_counter() - t0, 3)
+            rec["first_call_s"] = round(time.perf_counter() - t0, 3)
 
-            errs = check_outputs(named, ref) if ref.source not in (None, impl.name) else {}
-            rec["errs"] = errs
-            rec["checked"] = bool(errs)
-            rec["ref"] = ref.source if errs else None
+            errs = check_outputs(named, ref) if ref.source not in (None, prep.impl.name) else {}
+            rec.update(errs=errs, checked=bool(errs), ref=ref.source if errs else None)
             if ref.note:
                 rec["message"] = ref.note
             if errs:
@@ -508,13 +576,16 @@ def bench_shape(shape: Shape, dtype_name: str, gqa: int, opts: Options, key, on_
     inputs = make_inputs(shape, dtype, key)
     n_sets = num_input_sets(tree_nbytes(inputs))
     sets = [inputs] + [make_inputs(shape, dtype, k) for k in jax.random.split(jax.random.fold_in(key, 1), n_sets - 1)]
+    prepared = [prepare(IMPL_REGISTRY[name], shape) for name in opts.impls]
+    compile_s = precompile(prepared, inputs, opts.passes, opts.jobs)
     need_grads = any(p != "fwd" for p in opts.passes)
     ref = compute_reference(shape, inputs, need_grads, opts.ref, int(opts.ref_budget_gb * 2**30))
-    for name in opts.impls:
-        for rec in bench_impl(IMPL_REGISTRY[name], shape, dtype_name, gqa, sets, ref, opts):
+    for prep in prepared:
+        for rec in bench_impl(prep, shape, dtype_name, gqa, sets, ref, opts):
+            rec["shape_compile_s"] = round(compile_s, 2)
             on_record(rec)
         gc.collect()
-    del sets, inputs, ref
+    del sets, inputs, ref, prepared
     gc.collect()
 
 
@@ -714,6 +785,7 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--ref-budget-gb", type=float, default=8.0, help="GiB the chunked float32 reference may materialise at once")
     how.add_argument("--time-budget", type=float, metavar="SECONDS", help="start no new shape after this many seconds; write the report with what was measured")
     how.add_argument("--seed", type=int, default=0)
+    how.add_argument("--jobs", type=int, default=4, help="XLA compilations run in parallel per shape (1: one at a time)")
     how.add_argument("--compile-cache", metavar="DIR", help="JAX persistent compilation cache directory (speeds up re-runs)")
     how.add_argument("--allow-cpu", action="store_true", help="run without a GPU (smoke test; tiny default shapes)")
     out = p.add_argument_group("output")
@@ -761,8 +833,8 @@ def parse_args(argv: Sequence[str], on_cpu: bool = False) -> Options:
                     if (hidden // dim) % g:
                         raise ValueError(f"--gqa {g} does not divide the {hidden // dim} heads of D={dim}")
         min_time = a.min_time if a.min_time is not None else d["min_time"]
-        if min_time <= 0 or a.warmup < 0 or a.ref_budget_gb <= 0:
-            raise ValueError("--min-time and --ref-budget-gb must be positive, --warmup non-negative")
+        if min_time <= 0 or a.warmup < 0 or a.ref_budget_gb <= 0 or a.jobs < 1:
+            raise ValueError("--min-time, --ref-budget-gb and --jobs must be positive, --warmup non-negative")
         if a.time_budget is not None and a.time_budget <= 0:
             raise ValueError("--time-budget must be positive")
         if a.tag is not None and (not a.tag or any(c in a.tag for c in "/\\ ")):
@@ -795,6 +867,7 @@ def parse_args(argv: Sequence[str], on_cpu: bool = False) -> Options:
         plots=a.plots,
         seed=a.seed,
         compile_cache=a.compile_cache,
+        jobs=a.jobs,
         report_from=tuple(a.report_from or ()),
         profile=profile,
         argv=tuple(argv),

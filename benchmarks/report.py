@@ -304,6 +304,16 @@ def _pyplot():
     return plt
 
 
+def _seq_ticks(ax, seqs: Sequence[int]) -> None:
+    """Log2 x axis labelled with the sequence lengths themselves (512, 1k, 4k...)."""
+    ax.set_xscale("log", base=2)
+    if seqs:
+        ax.set_xticks(list(seqs), [seq_label(n) for n in seqs])
+        ax.minorticks_off()
+        if len(seqs) == 1:
+            ax.set_xlim(seqs[0] / 2, seqs[0] * 2)
+
+
 def plot_speed(records: Sequence[dict], stem: pathlib.Path, impls: Sequence[str] = ()) -> list[pathlib.Path]:
     """One PNG per (dtype, GQA, pass): a grid of D (rows) x causal (columns), TFLOP/s vs N, a line per impl."""
     speed = [r for r in records if r.get("kind") == "speed"]
@@ -327,7 +337,7 @@ def plot_speed(records: Sequence[dict], stem: pathlib.Path, impls: Sequence[str]
                     )
                     if pts:
                         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
-                ax.set_xscale("log", base=2)
+                _seq_ticks(ax, sorted({k[2] for k in rows}))
                 ax.set_title(f"D={d}, {'causal' if causal else 'not causal'}")
                 ax.set_xlabel("sequence length N")
                 ax.set_ylabel("TFLOP/s")
@@ -351,6 +361,7 @@ def plot_memory(records: Sequence[dict], stem: pathlib.Path, impls: Sequence[str
         return []
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    notes: list[str] = []
     for impl in impl_order(mem, impls):
         rs = sorted((r for r in mem if r["impl"] == impl), key=lambda r: r["seq_q"])
         measured = [(r["seq_q"], r["peak_bytes"] / GIB) for r in rs if r.get("peak_bytes") is not None and r["status"] == "ok"]
@@ -361,16 +372,19 @@ def plot_memory(records: Sequence[dict], stem: pathlib.Path, impls: Sequence[str
                 ax.plot(*zip(*analysis), ls="--", marker=".", color=line.get_color(), alpha=0.6, label=f"{impl} (compiled analysis)")
         elif analysis:
             ax.plot(*zip(*analysis), marker="o", label=f"{impl} (compiled analysis)")
-        failed = [r["seq_q"] for r in rs if r["status"] != "ok"]
-        for n in failed:
-            ax.annotate(f"{impl}: {next(r['status'] for r in rs if r['seq_q'] == n)}", (n, 1), fontsize=7, rotation=90, alpha=0.7)
+        failed = [f"{seq_label(r['seq_q'])} {r['status']}" for r in rs if r["status"] != "ok"]
+        if failed:
+            notes.append(f"{impl}: " + ", ".join(failed))
     io = sorted({(r["seq_q"], r["io_bytes"] / GIB) for r in mem if r.get("io_bytes")})
     if io:
         ax.plot(*zip(*io), color="gray", ls=":", label="inputs + outputs")
     if limit_bytes:
         ax.axhline(limit_bytes / GIB, color="red", ls="--", lw=1, label="device memory limit")
-    ax.set_xscale("log", base=2)
+    _seq_ticks(ax, sorted({r["seq_q"] for r in mem}))
     ax.set_yscale("log")
+    if notes:  # points that did not run, so that they are not silently missing
+        ax.text(0.99, 0.02, "\n".join(notes), transform=ax.transAxes, ha="right", va="bottom", fontsize=7,
+                bbox=dict(boxstyle="round", facecolor="white", alpha=0.8))
     ax.set_xlabel("sequence length N")
     ax.set_ylabel("GiB")
     first = mem[0]
@@ -378,7 +392,7 @@ def plot_memory(records: Sequence[dict], stem: pathlib.Path, impls: Sequence[str
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = stem.with_name(f"{stem.name}-memory.png")
+    path = stem.with_name(f"{stem.name}.png" if stem.name.endswith("memory") else f"{stem.name}-memory.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return [path]
