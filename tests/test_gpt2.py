@@ -1,0 +1,136 @@
+"""models.gpt2: sizes, shapes, tied embeddings, initialisation, causality."""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from models import gpt2
+
+ON_GPU = jax.default_backend() == "gpu"
+
+
+def _tiny(**kw):
+    return gpt2.get_config("tiny", attention="xla", **kw)
+
+
+def test_gpt2_preset_is_124m_without_allocating():
+    cfg = gpt2.get_config("gpt2")
+    n = gpt2.param_count(cfg)  # jax.eval_shape inside: no memory is used
+    assert n == 124_475_904  # nanoGPT's GPT-2 124M with vocab 50304
+    # By hand: embeddings + 12 blocks (attn 4 D^2 + 4 D, MLP 8 D^2 + 5 D, 2 LN) + final LN.
+    D, L, V, Tmax = 768, 12, 50304, 1024
+    per_block = (4 * D * D + 4 * D) + (8 * D * D + 5 * D) + 4 * D
+    assert n == V * D + Tmax * D + L * per_block + 2 * D
+    assert gpt2.param_count(cfg, include_position=False) == n - Tmax * D
+    assert 350e6 < gpt2.param_count(gpt2.get_config("gpt2-medium")) < 360e6
+    # The byte-level body keeps the 124M transformer.
+    assert gpt2.param_count(dataclasses.replace(cfg, vocab_size=256)) == n - (V - 256) * D
+
+
+def test_flops_per_token():
+    cfg = gpt2.get_config("gpt2")
+    n = gpt2.param_count(cfg, include_position=False)
+    assert gpt2.flops_per_token(cfg, 1024) == 6 * n + 12 * 12 * 1024 * 768
+
+
+def test_forward_shapes_and_dtypes():
+    cfg = _tiny()
+    model = gpt2.GPT(cfg, rngs=nnx.Rngs(0))
+    idx = jnp.zeros((3, 40), jnp.int32)
+    logits = model(idx)
+    assert logits.shape == (3, 40, 256) and logits.dtype == jnp.float32
+    params = jax.tree.leaves(nnx.state(model, nnx.Param))
+    assert {p.dtype for p in params} == {jnp.dtype(jnp.float32)}
+    assert cfg.dtype == "bfloat16"
+    with pytest.raises(ValueError, match="block_size"):
+        model(jnp.zeros((1, cfg.block_size + 1), jnp.int32))
+    with pytest.raises(ValueError, match="idx"):
+        model(jnp.zeros((4,), jnp.int32))
+
+
+def test_tied_embeddings():
+    model = gpt2.GPT(_tiny(dtype="float32"), rngs=nnx.Rngs(0))
+    names = {
+        jax.tree_util.keystr(path)
+        for path, _ in jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))
+    }
+    assert any("wte" in n for n in names)
+    assert not any("head" in n for n in names)  # no separate output matrix
+    idx = jnp.zeros((1, 8), jnp.int32)  # token 5 never appears in the input
+    before = model(idx)
+    model.wte.embedding[...] = model.wte.embedding[...].at[5].add(1.0)
+    after = model(idx)
+    changed = np.abs(np.asarray(after - before)).max(axis=(0, 1)) > 0
+    assert changed[5] and changed.sum() == 1  # only the head's column for token 5 moved
+
+
+def test_gpt2_initialisation():
+    cfg = _tiny(n_layer=4, n_embd=256)
+    model = gpt2.GPT(cfg, rngs=nnx.Rngs(0))
+    block = model.blocks[0]
+    resid = 0.02 / math.sqrt(2 * cfg.n_layer)
+    for w, std in [
+        (model.wte.embedding, 0.02),
+        (model.wpe.embedding, 0.02),
+        (block.mlp.c_fc.kernel, 0.02),
+        (block.attn.query.kernel, 0.02),
+        (block.mlp.c_proj.kernel, resid),
+        (block.attn.out.kernel, resid),
+    ]:
+        assert np.std(np.asarray(w[...])) == pytest.approx(std, rel=0.05)
+    assert np.all(np.asarray(block.mlp.c_fc.bias[...]) == 0)
+    assert np.all(np.asarray(block.ln_1.scale[...]) == 1)
+
+
+def test_causal():
+    model = gpt2.GPT(_tiny(dtype="float32"), rngs=nnx.Rngs(0))
+    idx = jax.random.randint(jax.random.key(0), (2, 16), 0, 256)
+    a = model(idx)
+    b = model(idx.at[:, 10].set((idx[:, 10] + 1) % 256))
+    np.testing.assert_allclose(a[:, :10], b[:, :10], rtol=1e-6, atol=1e-6)
+    assert not np.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_dropout_only_with_a_key():
+    model = gpt2.GPT(_tiny(dtype="float32", dropout=0.2), rngs=nnx.Rngs(0))
+    idx = jnp.zeros((1, 8), jnp.int32)
+    np.testing.assert_array_equal(model(idx), model(idx))
+    assert not np.allclose(model(idx, dropout_rng=jax.random.key(1)), model(idx))
+
+
+def test_generate():
+    model = gpt2.GPT(_tiny(), rngs=nnx.Rngs(0))
+    prompt = jnp.array([100, 101, 102], jnp.int32)
+    greedy = gpt2.generate(model, prompt, 10, temperature=0.0)
+    assert greedy.shape == (13,) and np.array_equal(greedy[:3], prompt)
+    np.testing.assert_array_equal(greedy, gpt2.generate(model, prompt, 10, temperature=0.0))
+    sampled = gpt2.generate(model, prompt, 140, rng=jax.random.key(3))  # past block_size
+    assert sampled.shape == (143,) and int(sampled.max()) < 256
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="unknown model config"):
+        gpt2.get_config("gpt5")
+    with pytest.raises(ValueError, match="n_embd"):
+        gpt2.GPTConfig(n_embd=100, n_head=3)
+    with pytest.raises(ValueError, match="attention"):
+        gpt2.GPTConfig(attention="flash")
+    with pytest.raises(ValueError, match="dtype"):
+        gpt2.GPTConfig(dtype="float99")
+    with pytest.raises(ValueError, match="n_layer"):
+        gpt2.GPTConfig(n_layer=0)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU: compares the compiled Pallas kernels with XLA")
+def test_pallas_matches_xla_on_gpu():
+    cfg = gpt2.get_config("gpt2", n_layer=2, block_size=512)
+    idx = jax.random.randint(jax.random.key(0), (2, 512), 0, cfg.vocab_size)
+    model = gpt2.GPT(dataclasses.replace(cfg, attention="xla"), rngs=nnx.Rngs(0))
+    flash = gpt2.GPT(dataclasses.replace(cfg, attention="pallas"), rngs=nnx.Rngs(0))
+    ref, out = model(idx), flash(idx)
+    np.testing.assert_allclose(out, ref, atol=5e-2, rtol=5e-2)  # bf16 compute
