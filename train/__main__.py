@@ -416,7 +416,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             grads = jax.tree.map(lambda g: g / cfg.grad_accum, grads)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return params, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     train_step = jax.jit(
         train_step, donate_argnums=(0, 1), out_shardings=(replicated, replicated, replicated)

@@ -1,0 +1,242 @@
+"""python -m train: a tiny run end to end, resuming, data, data parallelism."""
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from train import data as data_lib
+from train.__main__ import build_parser, main, make_config, peak_flops, resolve_attention
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# Small enough that each run is a few seconds on a CPU (most of it compiling).
+TINY_ARGS = [
+    "--config", "tiny", "--attention", "xla", "--steps", "20", "--batch-size", "4",
+    "--seq-len", "32", "--warmup", "2", "--log-every", "2", "--eval-every", "10",
+    "--eval-batches", "2", "--checkpoint-every", "10", "--sample-tokens", "0",
+]
+
+
+def _records(out):
+    lines = (pathlib.Path(out) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def _train_losses(records):
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "tiny"
+    summary = main(TINY_ARGS + ["--out", str(out), "--sample-tokens", "12"])
+    return out, summary
+
+
+def test_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--config", "--attention", "--seq-len", "--batch-size", "--grad-accum", "--steps",
+                 "--lr", "--warmup", "--data", "--out", "--resume", "--eval-every", "--seed",
+                 "--checkpoint-every"):
+        assert flag in text
+
+
+def test_defaults_follow_the_platform():
+    cpu = make_config({}, has_gpu=False)
+    assert (cpu.config, cpu.seq_len, cpu.out) == ("tiny", 128, "out/tiny")
+    gpu = make_config({}, has_gpu=True)
+    assert (gpu.config, gpu.seq_len, gpu.batch_size) == ("gpt2", 1024, 16)
+    assert make_config({"steps": 30}, has_gpu=False).warmup == 3  # warm-up shrinks with short runs
+    with pytest.raises(ValueError, match="--warmup"):
+        make_config({"steps": 30, "warmup": 30}, has_gpu=False)
+    assert resolve_attention("auto", "cpu")[0] == "xla"
+    assert resolve_attention("auto", "gpu")[0] == "pallas"
+    assert resolve_attention("cudnn", "cpu")[0] == "cudnn"
+
+
+def test_peak_flops_table():
+    class Dev:
+        def __init__(self, platform, kind):
+            self.platform, self.device_kind = platform, kind
+
+    assert peak_flops(Dev("gpu", "NVIDIA H100 80GB HBM3")) == 989e12
+    assert peak_flops(Dev("gpu", "NVIDIA H200")) == 989e12
+    assert peak_flops(Dev("gpu", "NVIDIA A100-SXM4-80GB")) == 312e12
+    assert peak_flops(Dev("cpu", "cpu")) is None
+    assert peak_flops(Dev("gpu", "Tesla T4")) is None
+
+
+def test_tiny_run_learns_and_logs(tiny_run):
+    out, summary = tiny_run
+    assert summary["attention"] == "xla" and summary["step"] == 20
+    records = _records(out)
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in train] == list(range(2, 21, 2))
+    assert [r["step"] for r in evals] == [10, 20]
+    for r in train:
+        assert set(r) >= {"step", "loss", "lr", "tokens_per_s", "mfu"}
+        assert r["mfu"] is None  # CPU: no peak FLOP/s
+        assert 0 < r["lr"] <= 2e-3
+    assert all(r["tokens_per_s"] > 0 for r in train[1:])
+    losses = [r["loss"] for r in train]
+    assert losses[0] > 5.0  # ~ln(256) at the start
+    assert np.mean(losses[-3:]) < losses[0] - 1.0
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] + 0.5
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == ["10", "20"]
+    assert isinstance(summary["sample"], str) and summary["sample"].startswith("def ")
+    assert json.loads((out / "config.json").read_text())["batch_size"] == 4
+
+
+def test_resume_after_a_kill_is_exact(tiny_run, tmp_path):
+    original, _ = tiny_run
+    out = tmp_path / "run"
+    shutil.copytree(original, out)
+    # Simulate a run killed after step 20 was logged but before its checkpoint
+    # was written: only the step-10 checkpoint survives.
+    shutil.rmtree(out / "checkpoints" / "20")
+    summary = main(["--resume", "--out", str(out), "--sample-tokens", "0"])
+    assert summary["resumed_from"] == 10
+    want, got = _train_losses(_records(original)), _train_losses(_records(out))
+    assert sorted(got) == sorted(want)  # the re-run steps replaced, not duplicated
+    for step in want:
+        np.testing.assert_allclose(got[step], want[step], rtol=1e-5, err_msg=f"step {step}")
+
+    # Train longer: continues at step 20 and appends.
+    summary = main(["--resume", "--out", str(out), "--steps", "24", "--sample-tokens", "0"])
+    assert summary["resumed_from"] == 20 and summary["step"] == 24
+    steps = [r["step"] for r in _records(out) if "loss" in r]
+    assert steps == list(range(2, 25, 2))
+
+
+def test_refuses_to_mix_runs(tiny_run, tmp_path):
+    out, _ = tiny_run
+    with pytest.raises(ValueError, match="--resume"):
+        main(TINY_ARGS + ["--out", str(out)])
+    with pytest.raises(ValueError, match="--lr"):
+        main(["--resume", "--out", str(out), "--lr", "0.1"])
+    with pytest.raises(ValueError, match="no checkpoint"):
+        main(["--resume", "--out", str(tmp_path / "empty")])
+
+
+def test_data_parallel_on_two_cpu_devices(tiny_run, tmp_path):
+    """Same run sharded over 2 fake CPU devices: same losses; a bad batch fails clearly."""
+    original, _ = tiny_run
+    out = tmp_path / "dp"
+    script = textwrap.dedent(f"""
+        import jax
+        from train.__main__ import main
+        assert jax.device_count() == 2, jax.devices()
+        try:
+            main({TINY_ARGS!r} + ["--batch-size", "3", "--out", {str(tmp_path / "bad")!r}])
+        except ValueError as e:
+            print("BAD-BATCH:", e)
+        else:
+            raise SystemExit("a batch of 3 on 2 devices should have failed")
+        main({TINY_ARGS!r} + ["--out", {str(out)!r}])
+    """)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "BAD-BATCH: --batch-size 3 must be divisible by the number of devices (2)" in proc.stdout
+    assert "on 2 cpu device(s)" in proc.stdout
+    want, got = _train_losses(_records(original)), _train_losses(_records(out))
+    assert sorted(got) == sorted(want)
+    for step in (2, 4, 6):
+        np.testing.assert_allclose(got[step], want[step], rtol=1e-4)
+    np.testing.assert_allclose(got[20], want[20], rtol=2e-2)
+
+
+# ---------------------------------------------------------------- data
+
+
+def test_default_data_is_the_stdlib():
+    data = data_lib.load_data(max_stdlib_bytes=300_000)
+    assert data.kind == "bytes" and data.vocab_size == 256
+    n = len(data.train) + len(data.val)
+    assert 100_000 < n <= 300_000
+    assert len(data.val) == int(n * 0.05)
+    assert b"import" in bytes(data.train[:200_000])
+    again = data_lib.load_data(max_stdlib_bytes=300_000)
+    np.testing.assert_array_equal(again.train, data.train)
+
+
+def test_sampler_is_deterministic_and_resumable():
+    tokens = np.arange(10_000, dtype=np.uint16)
+    kw = dict(seq_len=16, batch_size=4, grad_accum=2)
+    a = data_lib.BatchSampler(tokens, seed=1, **kw)
+    first = [next(a) for _ in range(5)]
+    x, y = first[0]
+    assert x.shape == y.shape == (2, 4, 16) and x.dtype == np.int32
+    np.testing.assert_array_equal(x[..., 1:], y[..., :-1])  # targets are shifted inputs
+    np.testing.assert_array_equal(y, x + 1)
+    # A fresh sampler resumed at position 3 continues with the same batches.
+    b = data_lib.BatchSampler(tokens, seed=1, position=3, **kw)
+    for want in first[3:]:
+        got = next(b)
+        np.testing.assert_array_equal(got[0], want[0])
+    assert b.position == 5
+    # The seed changes the order; rows select a host's share of the same batch.
+    c = data_lib.BatchSampler(tokens, seed=2, **kw)
+    assert not np.array_equal(c.batch(0)[0], first[0][0])
+    np.testing.assert_array_equal(a.batch(0, slice(2, 4))[0], first[0][0][:, 2:4])
+
+
+def test_sampler_bad_arguments():
+    with pytest.raises(ValueError, match="seq_len"):
+        data_lib.BatchSampler(np.zeros(100, np.uint8), seq_len=0, batch_size=1)
+    with pytest.raises(ValueError, match="shorter than seq_len"):
+        data_lib.BatchSampler(np.zeros(10, np.uint8), seq_len=16, batch_size=1)
+
+
+def test_data_formats(tmp_path):
+    text = tmp_path / "input.txt"
+    text.write_bytes(b"hello world\n" * 1000)
+    d = data_lib.load_data(text)
+    assert d.kind == "bytes" and isinstance(d.train, np.memmap)
+    assert d.decode(d.train[:5]) == "hello"
+    assert len(d.train) + len(d.val) == 12_000
+
+    folder = tmp_path / "owt"
+    folder.mkdir()
+    np.arange(5000, dtype=np.uint16).tofile(folder / "train.bin")
+    np.arange(300, dtype=np.uint16).tofile(folder / "val.bin")
+    d = data_lib.load_data(folder)
+    assert d.kind == "tokens" and d.vocab_size == 50304
+    assert len(d.train) == 5000 and len(d.val) == 300 and int(d.train[4999]) == 4999
+    assert data_lib.load_data(folder, vocab_size=512).vocab_size == 512
+    d = data_lib.load_data(folder / "train.bin")
+    assert len(d.train) == 4750 and len(d.val) == 250
+
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "b.txt").write_bytes(b"B" * 100)
+    (texts / "a.txt").write_bytes(b"A" * 100)
+    d = data_lib.load_data(texts)
+    assert d.decode(d.train[:3]) == "AAA" and len(d.train) == 190
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        data_lib.load_data(tmp_path / "missing")
+    (tmp_path / "empty.txt").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty"):
+        data_lib.load_data(tmp_path / "empty.txt")
+
+
+def test_train_on_a_text_file(tmp_path):
+    text = tmp_path / "input.txt"
+    text.write_bytes(b"the quick brown fox jumps over the lazy dog. " * 400)
+    summary = main(TINY_ARGS + ["--data", str(text), "--steps", "4", "--out", str(tmp_path / "o"),
+                                "--grad-accum", "2", "--eval-every", "0", "--checkpoint-every", "0"])
+    assert summary["step"] == 4 and np.isfinite(summary["loss"])
