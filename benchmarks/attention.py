@@ -237,7 +237,7 @@ def _chunk_plan(batch: int, kv_heads: int, groups: int, seq_q: int, seq_k: int, 
 
     per_row = groups * seq_k * 4 * factor
     rows = seq_q
-    while rows * per_row > budget and rows % 2 == 0 and rows > 64:
+    while rows * per_row > budget and rows % 2 == 0 and rows > 8:
         rows //= 2
     if rows * per_row > budget:
         raise MemoryError(f"reference chunk of {rows} query rows needs {rows * per_row / 2**30:.1f} GiB")
@@ -980,7 +980,10 @@ def _report_from(opts: Options) -> int:
     if not records:
         print("no records in " + ", ".join(opts.report_from), file=sys.stderr)
         return 1
-    meta = dict(metas[0]) if metas else {"device": "?", "device_slug": "unknown"}
+    meta = dict(metas[-1]) if metas else {"device": "?", "device_slug": "unknown"}
+    commands = list(dict.fromkeys(m["command"] for m in metas if m.get("command")))
+    if len(commands) > 1:
+        meta["command"] = "` ; `".join(commands)
     meta["impls"] = report.impl_order(records, [i for m in metas for i in m.get("impls", [])])
     meta["status"] = "merged from " + ", ".join(pathlib.Path(p).name for p in opts.report_from)
     if opts.out or opts.tag:

@@ -104,7 +104,8 @@ def ratio_cell(rec: dict | None, base: dict | None) -> str:
 def impl_order(records: Sequence[dict], preferred: Sequence[str] = ()) -> list[str]:
     """``preferred`` first (those present), then the others in order of appearance."""
     seen = list(dict.fromkeys(r["impl"] for r in records))
-    return [i for i in preferred if i in seen] + [i for i in seen if i not in preferred]
+    first = [i for i in dict.fromkeys(preferred) if i in seen]
+    return first + [i for i in seen if i not in first]
 
 
 def _row_key(r: dict) -> tuple:
@@ -112,7 +113,7 @@ def _row_key(r: dict) -> tuple:
 
 
 def speed_groups(records: Sequence[dict]) -> dict[tuple, dict[tuple, dict[str, dict]]]:
-    """{(dtype, gqa, pass): {row key: {impl: record}}}, both levels sorted."""
+    """{(dtype, gqa, pass): {row key: {impl: record}}}, both levels sorted; a later duplicate wins."""
     groups: dict = collections.defaultdict(dict)
     for r in records:
         if r.get("kind") != "speed":
