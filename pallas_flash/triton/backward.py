@@ -32,18 +32,6 @@ from pallas_flash.spec import LOG2E, AttentionInputs, AttentionSpec
 from pallas_flash.triton import common
 
 
-def _unpack_extras(refs, spec: AttentionSpec):
-    """Split the optional per-batch refs off the front of ``refs``."""
-    refs = list(refs)
-    q_len_ref = refs.pop(0) if spec.has_q_lengths else None
-    kv_len_ref = refs.pop(0) if spec.has_kv_lengths else None
-    seg = None
-    if spec.has_segments:
-        seg = refs[:4]  # q ids, kv ids, block lo, block hi
-        refs = refs[4:]
-    return q_len_ref, kv_len_ref, seg, refs
-
-
 def _dkdv_kernel(
     q_ref,
     k_ref,
@@ -60,7 +48,7 @@ def _dkdv_kernel(
     head_dim: int,
     group: int,
 ):
-    q_len_ref, kv_len_ref, seg, (dk_ref, dv_ref) = _unpack_extras(refs, spec)
+    q_len_ref, kv_len_ref, seg, (dk_ref, dv_ref) = common.unpack_extras(refs, spec)
     kb = pl.program_id(0)
     b = pl.program_id(1)
     k0 = kb * block_k
@@ -107,7 +95,7 @@ def _dkdv_kernel(
         do = common.load_tile(do_ref, q0, block_q, limit=limit, dmask=dmask, head=head)
         lse2 = common.load_row_stat(lse2_ref, q0, block_q, limit=limit, other=jnp.inf, head=head)
         delta = common.load_row_stat(delta_ref, q0, block_q, limit=limit, other=0.0, head=head)
-        s_t = plgpu.dot(k, q, trans_b=True) * c  # [bk, bq]
+        s_t = common.dot(k, q, trans_b=True) * c  # [bk, bq]
         p_t = jnp.exp2(s_t - lse2[None, :])
         if masked:
             q_pos = q0 + lax.broadcasted_iota(jnp.int32, (1, block_q), 1)
@@ -117,10 +105,10 @@ def _dkdv_kernel(
             vis = common.visible(q_pos, k_pos, spec=spec, kv_limit=kv_limit, q_seg=q_seg, k_seg=k_seg)
             if vis is not None:
                 p_t = jnp.where(vis, p_t, 0.0)
-        dv = dv + plgpu.dot(p_t.astype(do.dtype), do)  # [bk, dp]
-        dp_t = plgpu.dot(v, do, trans_b=True)  # [bk, bq]
+        dv = dv + common.dot(p_t.astype(do.dtype), do)  # [bk, dp]
+        dp_t = common.dot(v, do, trans_b=True)  # [bk, bq]
         ds_t = p_t * (dp_t - delta[None, :])
-        dk = dk + plgpu.dot(ds_t.astype(q.dtype), q)  # [bk, dp]
+        dk = dk + common.dot(ds_t.astype(q.dtype), q)  # [bk, dp]
         return dk, dv
 
     carry = (jnp.zeros((block_k, dp), jnp.float32), jnp.zeros((block_k, dp), jnp.float32))
@@ -154,7 +142,7 @@ def _dq_kernel(
     head_dim: int,
     num_q_blocks: int,
 ):
-    q_len_ref, kv_len_ref, seg, (dq_ref,) = _unpack_extras(refs, spec)
+    q_len_ref, kv_len_ref, seg, (dq_ref,) = common.unpack_extras(refs, spec)
     qi = pl.program_id(0)
     if spec.causal:  # heaviest query blocks first, as in the forward
         qi = num_q_blocks - 1 - qi
@@ -189,7 +177,7 @@ def _dq_kernel(
         limit = k_tail if masked else None
         k = common.load_tile(k_ref, k0, block_k, limit=limit, dmask=dmask)
         v = common.load_tile(v_ref, k0, block_k, limit=limit, dmask=dmask)
-        s = plgpu.dot(q, k, trans_b=True) * c  # [bq, bk]
+        s = common.dot(q, k, trans_b=True) * c  # [bq, bk]
         p = jnp.exp2(s - lse2[:, None])
         if masked:
             k_pos = k0 + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
@@ -199,9 +187,9 @@ def _dq_kernel(
             vis = common.visible(q_pos, k_pos, spec=spec, kv_limit=kv_limit, q_seg=q_seg, k_seg=k_seg)
             if vis is not None:
                 p = jnp.where(vis, p, 0.0)
-        dp_ = plgpu.dot(do, v, trans_b=True)  # [bq, bk]
+        dp_ = common.dot(do, v, trans_b=True)  # [bq, bk]
         ds = p * (dp_ - delta[:, None])
-        return dq + plgpu.dot(ds.astype(k.dtype), k)  # [bq, dp]
+        return dq + common.dot(ds.astype(k.dtype), k)  # [bq, dp]
 
     lo, flo, fhi, hi = common.kv_block_range(
         q0,
@@ -216,33 +204,6 @@ def _dq_kernel(
     dq = common.split_loops((lo, flo, fhi, hi), body, jnp.zeros((block_q, dp), jnp.float32), any_full=seq_k >= block_k)
     dq = dq * spec.scale
     common.store_tile(dq_ref, dq.astype(dq_ref.dtype), q0, block_q, limit=q_tail, dmask=dmask)
-
-
-def _extra_args(inputs: AttentionInputs, spec: AttentionSpec, block_rows: int, block_cols: int, over: str):
-    """BlockSpecs and arrays for the optional per-batch inputs, in kernel order."""
-    batch_axis = 1  # every grid is (block, batch, head)
-
-    def whole(ndim):
-        return lambda *idx: (0,) * ndim
-
-    def per_batch(*idx):
-        return (idx[batch_axis], 0)
-
-    specs, args = [], []
-    if spec.has_q_lengths:
-        specs.append(pl.BlockSpec(inputs.q_lengths.shape, whole(1)))
-        args.append(inputs.q_lengths)
-    if spec.has_kv_lengths:
-        specs.append(pl.BlockSpec(inputs.kv_lengths.shape, whole(1)))
-        args.append(inputs.kv_lengths)
-    if spec.has_segments:
-        lo, hi = common.segment_block_ranges(
-            inputs.q_segment_ids, inputs.kv_segment_ids, block_rows, block_cols, over=over
-        )
-        for a in (inputs.q_segment_ids, inputs.kv_segment_ids, lo, hi):
-            specs.append(pl.BlockSpec((None, a.shape[1]), per_batch))
-            args.append(a)
-    return specs, args
 
 
 def flash_backward(
@@ -273,12 +234,13 @@ def flash_backward(
     bq = min(config.block_q_dkv, max(16, pl.next_power_of_2(seq_q)))
     bk = min(config.block_k_dkv, max(16, pl.next_power_of_2(seq_k)))
     nk = pl.cdiv(seq_k, bk)
-    kv_block = pl.BlockSpec((None, bk, None, dp), lambda i, b, h: (b, i, h, 0))
+    # Whole-sequence blocks everywhere: kernels slice rows at absolute offsets.
+    kv_block = pl.BlockSpec((None, seq_k, None, dp), lambda i, b, h: (b, 0, h, 0))
     # A KV head's whole query group: [Tq, G, Dp] (G squeezed away when 1).
     g_dim = None if group == 1 else group
     q_group = pl.BlockSpec((None, seq_q, g_dim, dp), lambda i, b, h: (b, 0, h, 0))
     stat_group = pl.BlockSpec((None, g_dim, seq_q), lambda i, b, h: (b, h, 0))
-    extra_specs, extra_args = _extra_args(inputs, spec, bq, bk, "q")
+    extra_specs, extra_args = common.extra_inputs(inputs, spec, bq, bk, over="q")
     dk, dv = pl.pallas_call(
         functools.partial(
             _dkdv_kernel,
@@ -304,16 +266,10 @@ def flash_backward(
     bk = min(config.block_k_dq, max(16, pl.next_power_of_2(seq_k)))
     nq = pl.cdiv(seq_q, bq)
 
-    def q_index(i, b, h):
-        return (b, (nq - 1 - i) if causal else i, h, 0)
-
-    def stat_index(i, b, h):
-        return (b, h, (nq - 1 - i) if causal else i)
-
-    q_block = pl.BlockSpec((None, bq, None, dp), q_index)
+    q_block = pl.BlockSpec((None, seq_q, None, dp), lambda i, b, h: (b, 0, h, 0))
     kv_whole = pl.BlockSpec((None, seq_k, None, dp), lambda i, b, h: (b, 0, h // group, 0))
-    stat_block = pl.BlockSpec((None, None, bq), stat_index)
-    extra_specs, extra_args = _extra_args(inputs, spec, bq, bk, "kv")
+    stat_block = pl.BlockSpec((None, None, seq_q), lambda i, b, h: (b, h, 0))
+    extra_specs, extra_args = common.extra_inputs(inputs, spec, bq, bk, over="kv")
     dq = pl.pallas_call(
         functools.partial(
             _dq_kernel,

@@ -20,7 +20,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_flash.spec import AttentionSpec
+from pallas_flash.spec import AttentionInputs, AttentionSpec
 
 
 def cdiv(a, b: int):
@@ -53,6 +53,17 @@ def _min(a, b):
 
 def _clip(x, lo, hi):
     return _min(_max(x, lo), hi)
+
+
+def dot(a, b, *, trans_a: bool = False, trans_b: bool = False):
+    """Matrix product with float32 accumulation.
+
+    float32 operands multiply in full float32 (Triton's "ieee"), not TF32:
+    a caller who feeds float32 asks for float32 accuracy; bf16/fp16 operands
+    use the tensor cores as they are.
+    """
+    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 and b.dtype == jnp.float32 else None
+    return plgpu.dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=precision)
 
 
 def pad_pow2(d: int) -> int:
@@ -101,22 +112,26 @@ def load_ids(ref, start, size: int, *, limit: int | None):
 
 
 def store_tile(ref, value, start, size: int, *, limit: int | None, dmask):
+    """Write ``value`` to rows ``[start, start + size)`` of a ``[T, Dp]`` ref, skipping rows past ``limit`` and padded columns."""
+    view = ref.at[pl.ds(start, size), :]
     mask = dmask
     if limit is not None:
         in_rows = (start + lax.broadcasted_iota(jnp.int32, (size, 1), 0)) < limit
         mask = in_rows if mask is None else (in_rows & mask)
     if mask is None:
-        ref[...] = value
+        view[...] = value
     else:
-        plgpu.store(ref, value, mask=mask)
+        plgpu.store(view, value, mask=mask)
 
 
 def store_row_stat(ref, value, start, size: int, *, limit: int | None):
+    """Write a ``[size]`` per-row statistic at rows ``[start, start + size)``, skipping rows past ``limit``."""
+    view = ref.at[pl.ds(start, size)]
     if limit is None:
-        ref[...] = value
+        view[...] = value
     else:
         in_rows = (start + lax.broadcasted_iota(jnp.int32, (size,), 0)) < limit
-        plgpu.store(ref, value, mask=in_rows)
+        plgpu.store(view, value, mask=in_rows)
 
 
 def split_loops(ranges, body, carry, *, any_full: bool):
@@ -259,3 +274,47 @@ def segment_block_ranges(q_seg: jax.Array, kv_seg: jax.Array, block_q: int, bloc
     lo = jnp.where(any_, lo, 0).astype(jnp.int32)
     hi = jnp.where(any_, hi, 0).astype(jnp.int32)
     return lo, hi
+
+
+def extra_inputs(inputs: AttentionInputs, spec: AttentionSpec, block_rows: int, block_cols: int, *, over: str):
+    """BlockSpecs and arrays for the optional per-batch inputs, in the order kernels unpack them.
+
+    Every grid here is ``(block, batch, head)``. Lengths travel whole; segment
+    ids and the per-block ranges of ``segment_block_ranges`` travel per batch.
+    """
+
+    def whole(*idx):
+        return (0,)
+
+    def per_batch(i, b, h):
+        return (b, 0)
+
+    specs, args = [], []
+    if spec.has_q_lengths:
+        specs.append(pl.BlockSpec(inputs.q_lengths.shape, whole))
+        args.append(inputs.q_lengths)
+    if spec.has_kv_lengths:
+        specs.append(pl.BlockSpec(inputs.kv_lengths.shape, whole))
+        args.append(inputs.kv_lengths)
+    if spec.has_segments:
+        lo, hi = segment_block_ranges(inputs.q_segment_ids, inputs.kv_segment_ids, block_rows, block_cols, over=over)
+        for a in (inputs.q_segment_ids, inputs.kv_segment_ids, lo, hi):
+            specs.append(pl.BlockSpec((None, a.shape[1]), per_batch))
+            args.append(a)
+    return specs, args
+
+
+def unpack_extras(refs, spec: AttentionSpec):
+    """Split the refs of ``extra_inputs`` off the front of a kernel's ``refs``.
+
+    Returns ``(q_len_ref, kv_len_ref, segment_refs, rest)``; ``segment_refs``
+    is ``(q_ids, kv_ids, block_lo, block_hi)`` or None.
+    """
+    refs = list(refs)
+    q_len_ref = refs.pop(0) if spec.has_q_lengths else None
+    kv_len_ref = refs.pop(0) if spec.has_kv_lengths else None
+    seg = None
+    if spec.has_segments:
+        seg = tuple(refs[:4])
+        refs = refs[4:]
+    return q_len_ref, kv_len_ref, seg, refs

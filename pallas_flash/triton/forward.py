@@ -36,13 +36,9 @@ def _fwd_kernel(
     head_dim: int,
     num_q_blocks: int,
 ):
-    refs = list(refs)
-    q_len_ref = refs.pop(0) if spec.has_q_lengths else None
-    kv_len_ref = refs.pop(0) if spec.has_kv_lengths else None
-    if spec.has_segments:
-        q_seg_ref, kv_seg_ref, seg_lo_ref, seg_hi_ref = refs[:4]
-        refs = refs[4:]
-    o_ref, lse_ref = refs
+    q_len_ref, kv_len_ref, seg, (o_ref, lse_ref) = common.unpack_extras(refs, spec)
+    if seg is not None:
+        q_seg_ref, kv_seg_ref, seg_lo_ref, seg_hi_ref = seg
 
     qi = pl.program_id(0)
     if spec.causal:  # heaviest query blocks first: better tail balance
@@ -75,7 +71,7 @@ def _fwd_kernel(
         limit = k_tail if masked else None
         k = common.load_tile(k_ref, k0, block_k, limit=limit, dmask=dmask)
         v = common.load_tile(v_ref, k0, block_k, limit=limit, dmask=dmask)
-        s = plgpu.dot(q, k, trans_b=True) * c
+        s = common.dot(q, k, trans_b=True) * c
         if masked:
             k_pos = k0 + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
             k_seg = None
@@ -89,7 +85,7 @@ def _fwd_kernel(
         alpha = jnp.exp2(m - m_use)
         p = jnp.exp2(s - m_use[:, None])
         l = l * alpha + jnp.sum(p, axis=1)
-        acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v)
+        acc = acc * alpha[:, None] + common.dot(p.astype(v.dtype), v)
         return acc, m_new, l
 
     lo, flo, fhi, hi = common.kv_block_range(
@@ -141,40 +137,24 @@ def flash_forward(
     nq = pl.cdiv(seq_q, block_q)
     causal = spec.causal
 
-    def q_index(i, b, h):
-        return (b, (nq - 1 - i) if causal else i, h, 0)
+    # Whole-sequence blocks: the kernel slices its own rows at absolute offsets
+    # (the heaviest causal blocks first), masking ragged tails itself.
+    def seq_index(i, b, h):
+        return (b, 0, h, 0)
 
     def kv_index(i, b, h):
         return (b, 0, h // group, 0)
 
-    def lse_index(i, b, h):
-        return (b, h, (nq - 1 - i) if causal else i)
-
-    def whole(ndim):
-        return lambda i, b, h: (0,) * ndim
-
-    def per_batch(i, b, h):
-        return (b, 0)
-
+    q_spec = pl.BlockSpec((None, seq_q, None, dp), seq_index)
     in_specs = [
-        pl.BlockSpec((None, block_q, None, dp), q_index),
+        q_spec,
         pl.BlockSpec((None, seq_k, None, dp), kv_index),
         pl.BlockSpec((None, seq_k, None, dp), kv_index),
     ]
     args = [q, k, v]
-    if spec.has_q_lengths:
-        in_specs.append(pl.BlockSpec((batch,), whole(1)))
-        args.append(inputs.q_lengths)
-    if spec.has_kv_lengths:
-        in_specs.append(pl.BlockSpec((batch,), whole(1)))
-        args.append(inputs.kv_lengths)
-    if spec.has_segments:
-        lo, hi = common.segment_block_ranges(
-            inputs.q_segment_ids, inputs.kv_segment_ids, block_q, block_k, over="kv"
-        )
-        for a in (inputs.q_segment_ids, inputs.kv_segment_ids, lo, hi):
-            in_specs.append(pl.BlockSpec((None, a.shape[1]), per_batch))
-            args.append(a)
+    extra_specs, extra_args = common.extra_inputs(inputs, spec, block_q, block_k, over="kv")
+    in_specs += extra_specs
+    args += extra_args
 
     kernel = functools.partial(
         _fwd_kernel,
@@ -190,10 +170,7 @@ def flash_forward(
         kernel,
         grid=(nq, batch, num_heads),
         in_specs=in_specs,
-        out_specs=[
-            pl.BlockSpec((None, block_q, None, dp), q_index),
-            pl.BlockSpec((None, None, block_q), lse_index),
-        ],
+        out_specs=[q_spec, pl.BlockSpec((None, None, seq_q), lambda i, b, h: (b, h, 0))],
         out_shape=[
             jax.ShapeDtypeStruct(q.shape, q.dtype),
             jax.ShapeDtypeStruct((batch, num_heads, seq_q), jnp.float32),

@@ -1,0 +1,60 @@
+"""Shared test setup: the platform, fresh random inputs, the one tolerance table.
+
+Kernel tests run everywhere: on a CPU the Pallas kernels run in interpret mode
+(the real kernel logic, small shapes from ``benchmarks.shapes.CPU_CASES``); on
+a GPU the same tests run the compiled kernels on ``GPU_CASES``. Tests marked
+``gpu`` need a GPU and are skipped elsewhere with that reason.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+ON_GPU = jax.default_backend() == "gpu"
+
+# Relative error ||x - ref|| / ||ref|| against the float64 reference computed
+# on the same (rounded) inputs, for outputs and for dq, dk, dv alike.
+# float32 runs in full float32 (no TF32); bf16/fp16 carry the rounding of P
+# and of the outputs (bf16 has 8 bits of mantissa, fp16 11).
+TOLERANCE = {
+    jnp.dtype(jnp.float32): 1e-4,
+    jnp.dtype(jnp.bfloat16): 2e-2,
+    jnp.dtype(jnp.float16): 4e-3,
+}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs an NVIDIA GPU (skipped on CPU)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if ON_GPU:
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU; on CPU the kernels are covered in Pallas interpret mode")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def seed(request) -> int:
+    """A fresh seed per test (printed on failure); PALLAS_FLASH_SEED pins it to reproduce one."""
+    value = int(os.environ.get("PALLAS_FLASH_SEED") or secrets.randbits(31))
+    request.node.user_properties.append(("seed", value))
+    print(f"seed={value}")
+    return value
+
+
+def rel_err(x, ref) -> float:
+    x = np.asarray(x, np.float64)
+    ref = np.asarray(ref, np.float64)
+    if not np.all(np.isfinite(x)):
+        return float("inf")  # NaN or inf never passes
+    denom = np.linalg.norm(ref)
+    return float(np.linalg.norm(x - ref) / (denom if denom > 0 else 1.0))

@@ -1,0 +1,114 @@
+"""Bad input gets a clear error that names the argument; unsupported calls raise NotImplementedError."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_flash as pf
+from tests.conftest import rel_err
+
+
+def qkv(b=1, tq=8, tk=8, n=2, k=2, h=16, dtype=jnp.float32):
+    rng = np.random.default_rng(0)
+    return (
+        jnp.asarray(rng.standard_normal((b, tq, n, h)), dtype),
+        jnp.asarray(rng.standard_normal((b, tk, k, h)), dtype),
+        jnp.asarray(rng.standard_normal((b, tk, k, h)), dtype),
+    )
+
+
+ENTRY_POINTS = {
+    "flash_attention": lambda q, k, v: pf.flash_attention(q, k, v),
+    "dot_product_attention": lambda q, k, v: pf.dot_product_attention(q, k, v, implementation="pallas"),
+}
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS.values(), ids=ENTRY_POINTS.keys())
+@pytest.mark.parametrize(
+    "make, error, words",
+    [
+        (lambda: (qkv()[0][0], *qkv()[1:]), ValueError, ["query", "rank 4", "(8, 2, 16)"]),
+        (lambda: (qkv()[0], qkv(h=32)[1], qkv(h=32)[2]), ValueError, ["head_dim", "(1, 8, 2, 16)", "(1, 8, 2, 32)"]),
+        (lambda: (qkv(n=3)[0], *qkv(k=2)[1:]), ValueError, ["multiple", "(1, 8, 3, 16)", "(1, 8, 2, 16)"]),
+        (lambda: (qkv(b=2)[0], *qkv(b=1)[1:]), ValueError, ["batch", "(2, 8, 2, 16)", "(1, 8, 2, 16)"]),
+        (lambda: (qkv()[0], qkv()[1], qkv(tk=9)[2]), ValueError, ["value", "(1, 8, 2, 16)", "(1, 9, 2, 16)"]),
+        (lambda: (qkv()[0], *qkv(dtype=jnp.bfloat16)[1:]), TypeError, ["dtype", "float32", "bfloat16"]),
+        (lambda: tuple(x.astype(jnp.int32) for x in qkv()), TypeError, ["query", "floating", "int32"]),
+        (lambda: ([[1.0]], *qkv()[1:]), TypeError, ["query", "array"]),
+    ],
+    ids=["rank", "head_dim", "heads_not_divisible", "batch", "kv_shape", "dtype_mismatch", "int_dtype", "not_array"],
+)
+def test_bad_input_raises_named_error(entry, make, error, words):
+    with pytest.raises(error) as info:
+        entry(*make())
+    for w in words:
+        assert w in str(info.value), f"{w!r} not in {info.value}"
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, word",
+    [
+        (dict(implementation="triton"), ValueError, "implementation"),
+        (dict(implementation=[]), TypeError, "implementation"),
+        (dict(local_window_size=(1, 2, 3)), TypeError, "local_window_size"),
+        (dict(local_window_size=-1), ValueError, "local_window_size"),
+        (dict(query_seq_lengths=jnp.array([1, 2])), ValueError, "query_seq_lengths"),
+        (dict(key_value_seq_lengths=jnp.array([1.0])), TypeError, "key_value_seq_lengths"),
+        (dict(q_segment_ids=jnp.zeros((1, 8), jnp.int32)), ValueError, "kv_segment_ids"),
+        (dict(scale=float("nan")), ValueError, "scale"),
+        (dict(scale="big"), TypeError, "scale"),
+        (dict(config="fast"), TypeError, "config"),
+    ],
+)
+def test_bad_keyword_raises_named_error(kwargs, error, word):
+    q, k, v = qkv()
+    kwargs.setdefault("implementation", "pallas")
+    with pytest.raises(error, match=word):
+        pf.dot_product_attention(q, k, v, **kwargs)
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ValueError, match="block_q=24"):
+        pf.ForwardConfig(block_q=24)
+    with pytest.raises(ValueError, match="num_warps=3"):
+        pf.BackwardConfig(num_warps_dq=3)
+
+
+@pytest.mark.parametrize(
+    "make, kwargs",
+    [
+        (lambda: qkv(h=8), {}),
+        (lambda: qkv(h=512), {}),
+        (lambda: qkv(dtype=jnp.float64) if jax.config.jax_enable_x64 else None, {}),
+        (qkv, dict(bias=jnp.zeros((1, 2, 8, 8)))),
+        (qkv, dict(mask=jnp.ones((1, 2, 8, 8), bool))),
+    ],
+    ids=["head_dim_8", "head_dim_512", "float64", "bias", "mask"],
+)
+def test_unsupported_raises_not_implemented_and_falls_back(make, kwargs):
+    args = make()
+    if args is None:
+        pytest.skip("float64 inputs need jax_enable_x64")
+    with pytest.raises(NotImplementedError):
+        pf.dot_product_attention(*args, implementation="pallas", **kwargs)
+    got = pf.dot_product_attention(*args, implementation=("pallas", "xla"), **kwargs)
+    want = jax.nn.dot_product_attention(*args, implementation="xla", **kwargs)
+    assert rel_err(got, want) < 1e-6
+    with pytest.warns(UserWarning, match="falling back"):
+        pf.dot_product_attention(*args, **kwargs)
+
+
+def test_cudnn_without_gpu_is_not_implemented():
+    if jax.default_backend() == "gpu":
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(NotImplementedError, match="cudnn"):
+        pf.dot_product_attention(*qkv(), implementation="cudnn")
+
+
+def test_traced_scale_is_a_type_error():
+    q, k, v = qkv()
+    with pytest.raises(TypeError, match="scale"):
+        jax.jit(lambda s: pf.flash_attention(q, k, v, scale=s))(0.5)

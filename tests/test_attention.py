@@ -1,0 +1,148 @@
+"""The kernels against the float64 reference: values and dq/dk/dv, odd shapes.
+
+On a CPU these run the Pallas kernels in interpret mode on ``CPU_CASES``; on a
+GPU the compiled kernels on ``GPU_CASES``. Every test draws fresh inputs and a
+random output cotangent.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_flash as pf
+from benchmarks.shapes import CPU_CASES, GPU_CASES, Shape
+from pallas_flash.reference import attention_reference
+from tests.conftest import ON_GPU, TOLERANCE, rel_err
+
+CASES = GPU_CASES if ON_GPU else CPU_CASES
+DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+
+# On a CPU the cases are small, so the interpret-mode suite forces 16-row
+# blocks: every case then crosses several query and key blocks, ragged tails,
+# diagonal and fully visible blocks. On a GPU the shipped defaults run.
+SMALL_BLOCKS = pf.FlashConfig(
+    pf.ForwardConfig(block_q=16, block_k=16, num_warps=4, num_stages=1),
+    pf.BackwardConfig(16, 16, 16, 16, 4, 1, 4, 1),
+)
+CONFIG = None if ON_GPU else SMALL_BLOCKS
+
+
+def random_inputs(shape: Shape, dtype, seed: int):
+    """q, k, v and an output cotangent, standard normal, in ``dtype``."""
+    rng = np.random.default_rng(seed)
+
+    def draw(s):
+        return jnp.asarray(rng.standard_normal(s, dtype=np.float32), dtype)
+
+    return draw(shape.q_shape), draw(shape.kv_shape), draw(shape.kv_shape), draw(shape.q_shape)
+
+
+def reference_vjp(q, k, v, ct, **kwargs):
+    """Output and (dq, dk, dv) of the float64 reference on the same rounded inputs."""
+    with jax.enable_x64(True):
+        args = [jnp.asarray(np.asarray(x, np.float64)) for x in (q, k, v)]
+        out, vjp = jax.vjp(lambda q, k, v: attention_reference(q, k, v, **kwargs), *args)
+        grads = vjp(jnp.asarray(np.asarray(ct, np.float64)))
+        return np.asarray(out), [np.asarray(g) for g in grads]
+
+
+def assert_close(name: str, got, want, dtype, seed: int):
+    tol = TOLERANCE[jnp.dtype(dtype)]
+    err = rel_err(got, want)
+    assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.0e} ({jnp.dtype(dtype).name}, seed={seed})"
+
+
+def check_fn_against_reference(fn, shape: Shape, dtype, seed: int, **ref_kwargs):
+    q, k, v, ct = random_inputs(shape, dtype, seed)
+    out, vjp = jax.vjp(fn, q, k, v)
+    grads = vjp(ct)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    for g, x in zip(grads, (q, k, v)):
+        assert g.dtype == x.dtype and g.shape == x.shape
+    ref_out, ref_grads = reference_vjp(q, k, v, ct, **ref_kwargs)
+    assert_close("out", out, ref_out, dtype, seed)
+    for name, g, rg in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert_close(name, g, rg, dtype, seed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", CASES, ids=str)
+def test_flash_attention_matches_reference(shape, causal, dtype, seed):
+    def fn(q, k, v):
+        return pf.flash_attention(q, k, v, causal=causal, config=CONFIG)
+
+    check_fn_against_reference(fn, shape, dtype, seed, is_causal=causal)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_drop_in_api_matches_reference(causal, seed):
+    shape = CASES[2]  # Tq != Tk, GQA: causal stays top-left aligned like jax.nn
+
+    def fn(q, k, v):
+        return pf.dot_product_attention(q, k, v, is_causal=causal, scale=0.3, implementation="pallas")
+
+    check_fn_against_reference(fn, shape, jnp.float32, seed, is_causal=causal, scale=0.3)
+
+
+def test_matches_jax_nn_xla(seed):
+    """Same semantics as jax.nn.dot_product_attention (causal with Tq > Tk, GQA)."""
+    shape = Shape("tq_gt_tk", 2, 40, 24, 4, 2, 32)
+    q, k, v, _ = random_inputs(shape, jnp.float32, seed)
+    ours = pf.dot_product_attention(q, k, v, is_causal=True, implementation="pallas")
+    theirs = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+    assert rel_err(ours, theirs) < 1e-4
+
+
+def test_default_config_crosses_blocks(seed):
+    """The shipped default blocks (not the forced small ones) over several blocks and ragged tails."""
+    shape = Shape("default_blocks", 1, 300, 200, 2, 1, 64)
+    for causal in (False, True):
+
+        def fn(q, k, v):
+            return pf.flash_attention(q, k, v, causal=causal)
+
+        check_fn_against_reference(fn, shape, jnp.float32, seed, is_causal=causal)
+
+
+def test_transformations_jit_vmap_grad(seed):
+    shape = Shape("small", 1, 24, 20, 2, 1, 16)
+    q, k, v, ct = random_inputs(shape, jnp.float32, seed)
+
+    def loss(q, k, v):
+        return jnp.vdot(pf.flash_attention(q, k, v, causal=True), ct)
+
+    def ref_loss(q, k, v):
+        return jnp.vdot(attention_reference(q, k, v, is_causal=True), ct)
+
+    want = jax.grad(ref_loss, argnums=(0, 1, 2))(q, k, v)
+    for got in (jax.grad(loss, argnums=(0, 1, 2))(q, k, v), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)):
+        for g, w in zip(got, want):
+            assert rel_err(g, w) < 1e-4
+
+    # vmap over an extra leading axis of 3 independent problems.
+    xs = [jnp.stack([x, 2 * x, -x]) for x in (q, k, v)]
+    got = jax.jit(jax.vmap(lambda q, k, v: pf.flash_attention(q, k, v, causal=True)))(*xs)
+    for i in range(3):
+        want_i = attention_reference(xs[0][i], xs[1][i], xs[2][i], is_causal=True)
+        assert rel_err(got[i], want_i) < 1e-4
+
+
+@pytest.mark.gpu
+def test_long_sequence_no_quadratic_memory():
+    """B=1, N=64k, 16 heads, D=128 forward+backward fits (the N x N logits alone would be 256 GiB)."""
+    shape = Shape("64k", 1, 65536, 65536, 16, 16, 128, causal=True)
+    key = jax.random.key(0)
+    q, k, v = (jax.random.normal(kk, shape.q_shape, jnp.bfloat16) for kk in jax.random.split(key, 3))
+
+    @jax.jit
+    def step(q, k, v):
+        out, vjp = jax.vjp(lambda q, k, v: pf.flash_attention(q, k, v, causal=True), q, k, v)
+        return out, vjp(out)
+
+    out, grads = step(q, k, v)
+    for x in (out, *grads):
+        assert bool(jnp.isfinite(x.astype(jnp.float32)).all())
