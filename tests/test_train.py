@@ -240,3 +240,27 @@ def test_train_on_a_text_file(tmp_path):
     summary = main(TINY_ARGS + ["--data", str(text), "--steps", "4", "--out", str(tmp_path / "o"),
                                 "--grad-accum", "2", "--eval-every", "0", "--checkpoint-every", "0"])
     assert summary["step"] == 4 and np.isfinite(summary["loss"])
+
+
+def test_grad_accumulation_matches_one_big_batch():
+    import jax
+    import optax
+    from flax import nnx
+
+    from models import gpt2
+    from train.__main__ import make_train_step
+
+    cfg = gpt2.get_config("tiny", attention="xla", dtype="float32", n_layer=1)
+    model = gpt2.GPT(cfg, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    tx = optax.sgd(0.1)
+    x = np.random.default_rng(0).integers(0, 256, (4, 16)).astype(np.int32)
+    y = np.roll(x, -1, axis=1)
+    key = jax.random.key(0)
+    one, _ = make_train_step(graphdef, tx, 1)
+    two, _ = make_train_step(graphdef, tx, 2)
+    p1, _, m1 = jax.jit(one)(params, tx.init(params), x[None], y[None], 0, key)
+    p2, _, m2 = jax.jit(two)(params, tx.init(params), x.reshape(2, 2, 16), y.reshape(2, 2, 16), 0, key)
+    np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -261,6 +261,48 @@ def make_optimizer(cfg: TrainConfig) -> tuple[optax.GradientTransformation, opta
     return tx, schedule
 
 
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, grad_accum: int):
+    """``(train_step, loss_fn)``, pure functions of the parameter state, to be jitted.
+
+    ``loss_fn(params, x, y, dropout_rng)``: mean next-token cross-entropy of
+    ``x, y [B, T]``. ``train_step(params, opt_state, x, y, step, base_key)``
+    takes ``x, y [grad_accum, B, T]``, averages the gradient over the
+    micro-batches (a ``lax.scan``, so one compiled step does the whole
+    accumulation) and applies one optimizer update; it returns the new
+    ``params, opt_state`` and ``{"loss", "grad_norm"}``.
+    """
+
+    def loss_fn(params, x, y, dropout_rng):
+        model = nnx.merge(graphdef, params)
+        logits = model(x, dropout_rng=dropout_rng)  # [B, T, V] float32
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    grad_fn = jax.value_and_grad(loss_fn)
+
+    def train_step(params, opt_state, x, y, step, base_key):
+        key = jax.random.fold_in(base_key, step)  # dropout randomness of this step
+        if grad_accum == 1:
+            loss, grads = grad_fn(params, x[0], y[0], key)
+        else:
+            def micro(carry, inputs):
+                loss_sum, grad_sum = carry
+                xi, yi, i = inputs  # [B, T], [B, T], micro-step index
+                loss, grads = grad_fn(params, xi, yi, jax.random.fold_in(key, i))
+                return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            (loss, grads), _ = jax.lax.scan(
+                micro, (jnp.zeros((), jnp.float32), zeros), (x, y, jnp.arange(grad_accum))
+            )
+            loss = loss / grad_accum
+            grads = jax.tree.map(lambda g: g / grad_accum, grads)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+    return train_step, loss_fn
+
+
 class MetricsLog:
     """``metrics.jsonl``: appended across resumes, rewound to the resumed step."""
 
@@ -390,34 +432,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return params, tx.init(params)
 
     # ---- the jitted steps ----
-    def loss_fn(params, x, y, dropout_rng):
-        model = nnx.merge(graphdef, params)
-        logits = model(x, dropout_rng=dropout_rng)  # [B, T, V] float32
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-    def train_step(params, opt_state, x, y, step, base_key):
-        # x, y: [A, B, T]; the gradient is the mean over the A micro-batches.
-        key = jax.random.fold_in(base_key, step)
-        grad_fn = jax.value_and_grad(loss_fn)
-        if cfg.grad_accum == 1:
-            loss, grads = grad_fn(params, x[0], y[0], key)
-        else:
-            def micro(carry, inputs):
-                loss_sum, grad_sum = carry
-                xi, yi, i = inputs
-                loss, grads = grad_fn(params, xi, yi, jax.random.fold_in(key, i))
-                return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
-
-            zeros = jax.tree.map(jnp.zeros_like, params)
-            (loss, grads), _ = jax.lax.scan(
-                micro, (jnp.zeros((), jnp.float32), zeros), (x, y, jnp.arange(cfg.grad_accum))
-            )
-            loss = loss / cfg.grad_accum
-            grads = jax.tree.map(lambda g: g / cfg.grad_accum, grads)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-
+    train_step, loss_fn = make_train_step(graphdef, tx, cfg.grad_accum)
     train_step = jax.jit(
         train_step, donate_argnums=(0, 1), out_shardings=(replicated, replicated, replicated)
     )
