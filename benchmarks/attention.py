@@ -631,8 +631,11 @@ def memory_point(impl_name: str, seq: int, dtype_name: str, measure: bool, head_
             )
             rec["analysis"] = parts
             rec["analysis_bytes"] = parts["argument"] + parts["output"] + parts["temp"] - parts["alias"]
-        limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+        stats = jax.devices()[0].memory_stats()
+        limit = (stats or {}).get("bytes_limit")
         rec["limit_bytes"] = limit
+        if measure and not stats:
+            raise NotImplementedError(f"measured peak memory needs a GPU: memory_stats() is empty on {jax.devices()[0].platform}")
         if measure:
             inputs = make_inputs(shape, dtype, jax.random.key(0))
             jax.block_until_ready(inputs)
@@ -689,7 +692,7 @@ def run_memory(opts: Options, on_record: Callable[[dict], None], progress) -> No
         for impl in opts.impls:
             progress.set_postfix_str(f"memory {impl} N={seq}", refresh=False)
             if opts.memory_method == "measured":
-                rec = _memory_subprocess(impl, seq, dtype_name, timeout=300)
+                rec = _memory_subprocess(impl, seq, dtype_name, timeout=180)
             else:
                 rec = memory_point(impl, seq, dtype_name, measure=False)
                 gc.collect()

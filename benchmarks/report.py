@@ -87,8 +87,12 @@ def err_cell(rec: dict | None) -> str:
         return "—"
     err = rec.get("err")
     if err is None:
-        return rec["status"] if rec["status"] in ("OOM", "n/a", "ERR") else "unchecked"
+        if rec["status"] in ("OOM", "n/a", "ERR"):
+            return rec["status"]
+        return "unchecked: ref too large" if "ref too large" in (rec.get("message") or "") else "unchecked"
     text = "nan" if err != err else f"{err:.1e}"
+    if rec.get("ref") and rec["ref"] != "f32-xla":
+        text += f" (vs {rec['ref']})"
     return f"FAIL {text}" if rec["status"] == "FAIL" else text
 
 
@@ -158,7 +162,7 @@ def speed_markdown(records: Sequence[dict], impls: Sequence[str] = ()) -> str:
                 + [speed_cell(by_impl.get(i)) for i in impls]
                 + [ratio_cell(by_impl.get(i), by_impl.get(BASELINE)) for i in ratio_impls]
             )
-        parts.append("TFLOP/s (higher is better)\n")
+        parts.append("TFLOP/s (higher is better; `*` = not checked against a reference, see the error table)\n")
         parts.append(md_table(heads, body, "r" * len(heads)) + "\n")
         parts.append("Median time per call (ms)\n")
         body = [_row_cells(k) + [time_cell(b.get(i)) for i in impls] for k, b in rows.items()]

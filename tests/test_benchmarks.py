@@ -196,6 +196,8 @@ def test_cells():
     assert report.err_cell(dict(status="FAIL", err=0.5)) == "FAIL 5.0e-01"
     assert report.err_cell(dict(status="FAIL", err=float("nan"))) == "FAIL nan"
     assert report.err_cell(dict(status="n/a")) == "n/a"
+    assert report.err_cell(dict(ok, err=None, message="ref too large; cuDNN ref OOM")) == "unchecked: ref too large"
+    assert report.err_cell(dict(ok, ref="cudnn")) == "3.0e-03 (vs cudnn)"
     assert report.ratio_cell(ok, dict(ok, tflops=156.22)) == "2.00×"
     assert report.ratio_cell(ok, dict(status="ERR")) == "—"
     assert report.seq_label(512) == "512" and report.seq_label(16384) == "16k"
@@ -366,6 +368,15 @@ def test_memory_analysis_point():
     assert rec["analysis_bytes"] >= rec["io_bytes"]
     if ON_CPU:
         assert bench.memory_point("cudnn", 128, "bf16", measure=False)["status"] == "n/a"
+
+
+@pytest.mark.skipif(not ON_CPU, reason="checks the CPU answer of the subprocess path")
+def test_memory_subprocess_plumbing():
+    """The measured method runs each point in a fresh process and reads back its record."""
+    rec = bench._memory_subprocess("xla", 128, "bf16", timeout=120)
+    assert rec["kind"] == "memory" and rec["method"] == "measured" and rec["impl"] == "xla"
+    assert rec["status"] == "n/a" and "needs a GPU" in rec["message"]
+    assert rec["analysis_bytes"] >= rec["io_bytes"]
 
 
 def test_memory_report_and_plot(tmp_path):
