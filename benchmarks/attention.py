@@ -987,6 +987,9 @@ def _report_from(opts: Options) -> int:
     commands = list(dict.fromkeys(m["command"] for m in metas if m.get("command")))
     if len(commands) > 1:
         meta["command"] = "` ; `".join(commands)
+    methods = list(dict.fromkeys(m["method"] for m in metas if m.get("method")))
+    if len(methods) > 1:  # runs with different settings: keep each one's description
+        meta["method"] = "\n".join(f"Run {i}:\n\n{text}" for i, text in enumerate(methods, 1))
     meta["impls"] = report.impl_order(records, [i for m in metas for i in m.get("impls", [])])
     meta["status"] = "merged from " + ", ".join(pathlib.Path(p).name for p in opts.report_from)
     if opts.out or opts.tag:
