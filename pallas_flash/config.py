@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import pathlib
 from typing import Any
@@ -121,9 +122,10 @@ def _pad_pow2(d: int) -> int:
     return p
 
 
-# Tuned on one NVIDIA H100 80GB HBM3 (jax 0.11.2), see benchmarks/NOTES.md.
-# Key: (head_dim_padded, causal). Values are FlashConfig dicts.
-_H100_TABLE: dict[tuple[int, bool], dict[str, Any]] = {}
+# Shipped tables, tuned with ``python -m pallas_flash.tune --print-json``: the
+# first whose name occurs in the GPU's device_kind applies. Keys: ``config_key``.
+_SHIPPED_TABLES = {"H100": "h100.json", "H200": "h100.json"}  # same SM and shared memory
+_CONFIG_DIR = pathlib.Path(__file__).parent / "configs"
 
 
 def _heuristic(head_dim: int, dtype: Any, causal: bool, seq_q: int, seq_k: int) -> FlashConfig:
@@ -154,19 +156,47 @@ def user_cache_path() -> pathlib.Path:
     return pathlib.Path(xdg) / "pallas_flash" / "tuned.json"
 
 
-def config_key(gpu: str, head_dim: int, dtype: Any, causal: bool, seq_q: int) -> str:
-    return f"{gpu}|d{_pad_pow2(head_dim)}|{jax.numpy.dtype(dtype).name}|causal={bool(causal)}|n{seq_bucket(seq_q)}"
+def config_key(head_dim: int, dtype: Any, causal: bool, seq_q: int) -> str:
+    """The lookup key of one tuned config: padded head dim, dtype, causal, sequence bucket."""
+    return f"d{_pad_pow2(head_dim)}|{jax.numpy.dtype(dtype).name}|causal={bool(causal)}|n{seq_bucket(seq_q)}"
 
 
 @functools.cache
-def _user_table() -> dict[str, dict[str, Any]]:
+def _user_table(gpu: str) -> dict[str, dict[str, Any]]:
     path = user_cache_path()
     if not path.exists():
         return {}
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        return json.loads(path.read_text()).get(gpu, {})
+    except (OSError, ValueError, AttributeError):
         return {}
+
+
+@functools.cache
+def _shipped_table(gpu: str) -> dict[str, dict[str, Any]]:
+    for name, file in _SHIPPED_TABLES.items():
+        if name in gpu:
+            path = _CONFIG_DIR / file
+            return json.loads(path.read_text()) if path.exists() else {}
+    return {}
+
+
+def _lookup(table: dict[str, dict[str, Any]], head_dim: int, dtype: Any, causal: bool, seq_q: int):
+    """Exact key, else the nearest sequence bucket; fp16 uses bf16's entries (same tile bytes)."""
+    dtypes = [jax.numpy.dtype(dtype).name]
+    if dtypes[0] == "float16":
+        dtypes.append("bfloat16")
+    for dt in dtypes:
+        entry = table.get(config_key(head_dim, dt, causal, seq_q))
+        if entry is not None:
+            return entry
+        prefix = config_key(head_dim, dt, causal, seq_q).rsplit("|", 1)[0] + "|n"
+        near = sorted(
+            (abs(math.log2(int(k[len(prefix):]) / seq_bucket(seq_q))), k) for k in table if k.startswith(prefix)
+        )
+        if near:
+            return table[near[0][1]]
+    return None
 
 
 def gpu_name() -> str:
@@ -183,16 +213,14 @@ def default_config(
 ) -> FlashConfig:
     """The block config used when the caller passes none.
 
-    Order: the user's tuned cache for this GPU and shape bucket, then the
-    shipped H100 table, then a heuristic by head dim and dtype.
+    Order: the user's tuned cache for this GPU (``python -m pallas_flash.tune``),
+    then the shipped table for this GPU, then a heuristic by head dim and dtype.
+    Tables are read once per process; nothing is tuned here.
     """
     gpu = gpu_name() if gpu is None else gpu
-    key = config_key(gpu, head_dim, dtype, causal, seq_q)
-    user = _user_table().get(key)
-    if user is not None:
-        return FlashConfig.from_dict(user)
-    if "H100" in gpu and jax.numpy.dtype(dtype).itemsize == 2:
-        entry = _H100_TABLE.get((_pad_pow2(head_dim), bool(causal)))
-        if entry is not None:
-            return FlashConfig.from_dict(entry)
+    if gpu:
+        for table in (_user_table(gpu), _shipped_table(gpu)):
+            entry = _lookup(table, head_dim, dtype, causal, seq_q)
+            if entry is not None:
+                return FlashConfig.from_dict(entry)
     return _heuristic(head_dim, dtype, causal, seq_q, seq_k)

@@ -117,6 +117,7 @@ def _dkdv_kernel(
     else:
 
         def per_head(g, carry):
+            g = lax.convert_element_type(g, jnp.int32)
             return common.split_loops((lo, flo, fhi, hi), functools.partial(body, head=g), carry, any_full=seq_q >= block_q)
 
         carry = lax.fori_loop(0, group, per_head, carry)

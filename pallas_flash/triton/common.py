@@ -113,7 +113,10 @@ def load_ids(ref, start, size: int, *, limit: int | None):
 
 def store_tile(ref, value, start, size: int, *, limit: int | None, dmask):
     """Write ``value`` to rows ``[start, start + size)`` of a ``[T, Dp]`` ref, skipping rows past ``limit`` and padded columns."""
-    view = ref.at[pl.ds(start, size), :]
+    # The column slice's start shares the row start's dtype: interpret mode's
+    # store needs one index dtype, and under jax_enable_x64 a bare ``:`` is int64.
+    zero = 0 if isinstance(start, int) else jnp.zeros_like(start)
+    view = ref.at[pl.ds(start, size), pl.ds(zero, ref.shape[-1])]
     mask = dmask
     if limit is not None:
         in_rows = (start + lax.broadcasted_iota(jnp.int32, (size, 1), 0)) < limit
@@ -147,8 +150,14 @@ def split_loops(ranges, body, carry, *, any_full: bool):
     for a, b, masked in loops:
         if isinstance(a, int) and isinstance(b, int) and a >= b:
             continue
-        carry = lax.fori_loop(a, b, functools.partial(body, masked=masked), carry)
+        carry = lax.fori_loop(a, b, functools.partial(_int32_index, body, masked=masked), carry)
     return carry
+
+
+def _int32_index(body, i, carry, **kwargs):
+    # Static Python bounds give an int64 loop index under jax_enable_x64; the
+    # kernels index in int32 throughout.
+    return body(lax.convert_element_type(i, jnp.int32), carry, **kwargs)
 
 
 def kv_block_range(

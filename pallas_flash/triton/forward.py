@@ -71,7 +71,7 @@ def _fwd_kernel(
         limit = k_tail if masked else None
         k = common.load_tile(k_ref, k0, block_k, limit=limit, dmask=dmask)
         v = common.load_tile(v_ref, k0, block_k, limit=limit, dmask=dmask)
-        s = common.dot(q, k, trans_b=True) * c
+        s = common.dot(q, k, trans_b=True)  # raw logits; the scale folds into the exp2's FMA
         if masked:
             k_pos = k0 + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
             k_seg = None
@@ -80,10 +80,11 @@ def _fwd_kernel(
             vis = common.visible(q_pos, k_pos, spec=spec, kv_limit=kv_limit, q_seg=q_seg, k_seg=k_seg)
             if vis is not None:
                 s = jnp.where(vis, s, -jnp.inf)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        # m is the running max in the scaled log2 domain (c > 0 commutes with max).
+        m_new = jnp.maximum(m, jnp.max(s, axis=1) * c)
         m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
         alpha = jnp.exp2(m - m_use)
-        p = jnp.exp2(s - m_use[:, None])
+        p = jnp.exp2(s * c - m_use[:, None])
         l = l * alpha + jnp.sum(p, axis=1)
         acc = acc * alpha[:, None] + common.dot(p.astype(v.dtype), v)
         return acc, m_new, l
