@@ -134,3 +134,29 @@ def test_pallas_matches_xla_on_gpu():
     flash = gpt2.GPT(dataclasses.replace(cfg, attention="pallas"), rngs=nnx.Rngs(0))
     ref, out = model(idx), flash(idx)
     np.testing.assert_allclose(out, ref, atol=5e-2, rtol=5e-2)  # bf16 compute
+
+
+def test_benchmark_report_helpers(tmp_path):
+    """benchmarks.gpt2 without running anything: plan, slug, table and plot."""
+    from benchmarks import gpt2 as bench
+
+    assert bench.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    specs = bench._plan(quick=False, on_gpu=True, impls=("pallas", "xla", "cudnn"))
+    assert [(s.seq_len, s.batch_size, s.attention) for s in specs] == [
+        (1024, 16, "pallas"), (1024, 16, "xla"), (1024, 16, "cudnn"),
+        (4096, 4, "pallas"), (4096, 4, "xla"), (4096, 4, "cudnn"),
+    ]
+    assert [s.loss_steps for s in specs] == [300, 300, 0, 0, 0, 0]
+    assert all(s.timed_steps == 30 and s.model == "gpt2" for s in specs)
+
+    def ok(tps, losses):
+        return {"ok": True, "params": 124e6, "tokens_per_s": tps, "mfu": 0.4, "step_s_median": 0.1,
+                "peak_bytes": 2**30, "compile_s": 30.0, "losses": losses}
+
+    results = [ok(200e3, [5.0, 4.0]), ok(100e3, [5.0, 4.1]), {"ok": False, "error": "OOM"}] * 2
+    info = {"device_kind": "NVIDIA H100", "platform": "gpu", "jax": "0"}
+    md = bench.render_markdown(info, specs, results, "x.png", quick=False)
+    assert "| 1024 | 16 | pallas | 200,000 | 40.0% | 100.0 | 1.00 | 30.0 | 2.00x |" in md
+    assert "failed: OOM" in md and "max |pallas - xla|" in md
+    assert bench.plot_losses(specs, results, tmp_path / "x.png")
+    assert (tmp_path / "x.png").stat().st_size > 0
