@@ -1041,12 +1041,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     records: list[dict] = []
     report.append_jsonl(jsonl, _meta(opts, dev, "running"))
 
+    pending: list[str] = []  # problem lines, written in one go per shape (one bar redraw)
+
     def on_record(rec: dict) -> None:
         records.append(rec)
         report.append_jsonl(jsonl, rec)
         if rec.get("status") != "ok":
             where = f"{rec['dtype']} D={rec['head_dim']} N={rec['seq_q']}{' causal' if rec['causal'] else ''}"
-            progress.write(f"  {rec['impl']} {rec.get('pass', 'memory')} {where}: {rec['status']} {rec.get('message', '')[:160]}")
+            pending.append(f"  {rec['impl']} {rec.get('pass', 'memory')} {where}: {rec['status']} {(rec.get('message') or '')[:160]}")
+
+    def flush_problems() -> None:
+        if pending:
+            progress.write("\n".join(pending))
+            pending.clear()
 
     configs = [] if opts.memory else plan(opts)
     total = len(opts.seq_lens) * len(opts.impls) if opts.memory else len(configs)
@@ -1066,8 +1073,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if _deadline_passed(opts):
                     status = f"partial: time budget of {opts.time_budget:g} s reached, {len(configs) - i} of {len(configs)} shapes not run"
                     break
-                progress.set_postfix_str(f"{dtype_name} {shape.name}", refresh=False)
+                label = f"{dtype_name} D={shape.head_dim} N={report.seq_label(shape.seq_q)}{' causal' if shape.causal else ''}{f' gqa{g}' if g > 1 else ''}"
+                progress.set_postfix_str(label, refresh=False)
                 bench_shape(shape, dtype_name, g, opts, jax.random.fold_in(key, i), on_record)
+                flush_problems()
                 progress.update(1)
                 jax.clear_caches()
         if opts.memory and _deadline_passed(opts) and len(records) < total:
@@ -1075,6 +1084,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (KeyboardInterrupt, _Terminated) as e:
         status = f"partial: interrupted ({type(e).__name__} {e}) after {len(records)} records"
     finally:
+        flush_problems()
         progress.close()
         signal.signal(signal.SIGTERM, previous)
 
