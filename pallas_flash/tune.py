@@ -38,35 +38,28 @@ from pallas_flash.config import (
 )
 
 # Candidates: (block_q, block_k, num_warps, num_stages).
+# Candidates, (block_q, block_k, num_warps, num_stages) each: the ones that
+# won somewhere on an H100 plus their neighbours (see benchmarks/NOTES.md).
 FWD_SPACE = [
-    (128, 64, 4, 3),
-    (128, 64, 8, 3),
-    (128, 64, 8, 4),
-    (128, 128, 8, 2),
     (128, 128, 8, 3),
-    (64, 64, 4, 3),
-    (64, 128, 4, 3),
-    (128, 32, 4, 3),
-]
-DKDV_SPACE = [  # the dK/dV kernel's (block_q, block_k, num_warps, num_stages)
-    (32, 128, 4, 2),
-    (32, 128, 8, 3),
-    (64, 128, 8, 2),
-    (64, 128, 8, 3),
-    (64, 64, 4, 3),
-    (32, 64, 4, 3),
-    (16, 128, 4, 3),
     (128, 128, 8, 2),
-]
-DQ_SPACE = [  # the dQ kernel's (block_q, block_k, num_warps, num_stages)
-    (128, 32, 4, 3),
-    (128, 64, 8, 2),
     (128, 64, 8, 3),
+    (128, 64, 4, 3),
+    (64, 128, 4, 3),
+]
+DKDV_SPACE = [  # the dK/dV kernel's
+    (32, 64, 4, 3),
+    (64, 128, 8, 3),
+    (32, 128, 4, 3),
     (64, 64, 4, 3),
-    (64, 32, 4, 3),
+    (64, 128, 8, 2),
+]
+DQ_SPACE = [  # the dQ kernel's
+    (128, 64, 8, 3),
+    (128, 32, 4, 3),
+    (64, 64, 4, 3),
     (128, 128, 8, 2),
-    (64, 128, 4, 2),
-    (128, 32, 8, 3),
+    (64, 32, 4, 3),
 ]
 
 
@@ -111,7 +104,9 @@ def _fwd_time(p: Problem, cfg: FlashConfig, xs) -> float:
 def _bwd_time(p: Problem, cfg: FlashConfig, xs) -> float:
     q, k, v, do = xs
     _, pullback = jax.vjp(lambda q, k, v: flash_attention(q, k, v, causal=p.causal, config=cfg), q, k, v)
-    return time_call(jax.jit(pullback), (do,))
+    # The pullback is a pytree of residuals: passed as an argument, not closed
+    # over, so that XLA cannot fold any of the backward into constants.
+    return time_call(jax.jit(lambda pullback, do: pullback(do)), (pullback, do))
 
 
 def _best(candidates: Iterable[FlashConfig], timer: Callable[[FlashConfig], float], log) -> tuple[FlashConfig, float]:

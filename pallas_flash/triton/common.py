@@ -113,10 +113,11 @@ def load_ids(ref, start, size: int, *, limit: int | None):
 
 def store_tile(ref, value, start, size: int, *, limit: int | None, dmask):
     """Write ``value`` to rows ``[start, start + size)`` of a ``[T, Dp]`` ref, skipping rows past ``limit`` and padded columns."""
-    # The column slice's start shares the row start's dtype: interpret mode's
-    # store needs one index dtype, and under jax_enable_x64 a bare ``:`` is int64.
-    zero = 0 if isinstance(start, int) else jnp.zeros_like(start)
-    view = ref.at[pl.ds(start, size), pl.ds(zero, ref.shape[-1])]
+    if not isinstance(start, int):
+        # Interpret mode's store wants one index dtype, and the bare ``:`` below
+        # takes the default int (int64 under jax_enable_x64; a no-op otherwise).
+        start = lax.convert_element_type(start, jax.dtypes.canonicalize_dtype(jnp.int64))
+    view = ref.at[pl.ds(start, size), :]
     mask = dmask
     if limit is not None:
         in_rows = (start + lax.broadcasted_iota(jnp.int32, (size, 1), 0)) < limit
