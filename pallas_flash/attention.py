@@ -11,10 +11,12 @@ two functions ``forward(...) -> (out, lse)`` and ``backward(...) -> (dq, dk, dv)
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero, custom_vjp_primal_tree_values
 
 from pallas_flash import _validate
 from pallas_flash.config import FlashConfig, default_config
@@ -30,6 +32,14 @@ def _default_interpret() -> bool:
     return jax.default_backend() != "gpu"
 
 
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """A static value carried in the residuals' tree structure (no array leaf)."""
+
+    value: tuple
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def _flash(q, k, v, inputs: AttentionInputs, spec: AttentionSpec, config: FlashConfig, interpret: bool):
     out, _ = _triton_fwd.flash_forward(q, k, v, inputs, spec=spec, config=config.fwd, interpret=interpret)
@@ -37,20 +47,42 @@ def _flash(q, k, v, inputs: AttentionInputs, spec: AttentionSpec, config: FlashC
 
 
 def _flash_fwd(q, k, v, inputs, spec, config, interpret):
+    # symbolic_zeros: every array leaf arrives as CustomVJPPrimal(value, perturbed);
+    # the bias gradient (a Tq x Tk write) and the ALiBi slopes' gradient are
+    # only computed when that input is being differentiated.
+    want_dbias = inputs.bias is not None and bool(inputs.bias.perturbed)
+    want_dslopes = inputs.alibi_slopes is not None and bool(inputs.alibi_slopes.perturbed)
+    q, k, v, inputs = custom_vjp_primal_tree_values((q, k, v, inputs))
     out, lse = _triton_fwd.flash_forward(q, k, v, inputs, spec=spec, config=config.fwd, interpret=interpret)
-    return out, (q, k, v, inputs, out, lse)
+    return out, (q, k, v, inputs, out, lse, _Static((want_dbias, want_dslopes)))
 
 
 def _flash_bwd(spec, config, interpret, residuals, do):
-    q, k, v, inputs, out, lse = residuals
-    dq, dk, dv = _triton_bwd.flash_backward(
-        q, k, v, out, lse, do, inputs, spec=spec, config=config.bwd, interpret=interpret
+    q, k, v, inputs, out, lse, wants = residuals
+    want_dbias, want_dslopes = wants.value
+    if isinstance(do, SymbolicZero):
+        do = jnp.zeros(do.shape, do.dtype)
+    dq, dk, dv, dbias, dslopes = _triton_bwd.flash_backward(
+        q,
+        k,
+        v,
+        out,
+        lse,
+        do,
+        inputs,
+        spec=spec,
+        config=config.bwd,
+        interpret=interpret,
+        want_dbias=want_dbias,
+        want_dslopes=want_dslopes,
     )
-    # Integer side inputs (lengths, segment ids) get no cotangent.
-    return dq, dk, dv, jax.tree.map(lambda _: None, inputs)
+    # Integer side inputs (lengths, segment ids, mask, seed) get no cotangent,
+    # nor do a bias or slopes that are not being differentiated.
+    d_inputs = jax.tree.map(lambda _: None, inputs)._replace(bias=dbias, alibi_slopes=dslopes)
+    return dq, dk, dv, d_inputs
 
 
-_flash.defvjp(_flash_fwd, _flash_bwd)
+_flash.defvjp(_flash_fwd, _flash_bwd, symbolic_zeros=True)
 
 
 def flash_attention_op(

@@ -2,8 +2,12 @@
 
 ``AttentionSpec`` holds everything a kernel is specialised on (compiled per
 value): scale, causal and window shape, which optional per-batch inputs are
-present. The dynamic inputs (lengths, segment ids) travel as arrays in
+present, the soft-cap and the dropout rate. The dynamic inputs (lengths,
+segment ids, mask, bias, ALiBi slopes, dropout seed) travel as arrays in
 ``AttentionInputs``. Backends read both; the public API builds them.
+
+Every optional feature is a static field, so a kernel compiled without it
+contains no trace of it: the plain path is the same code as before.
 """
 
 from __future__ import annotations
@@ -27,6 +31,33 @@ class AttentionSpec:
     has_q_lengths: bool = False
     has_kv_lengths: bool = False
     has_segments: bool = False
+    # Dense mask / bias: the 4-D shape of the array as passed to the kernels,
+    # each dim either 1 (broadcast) or the full [B, N, Tq, Tk] size.
+    mask_shape: tuple[int, int, int, int] | None = None
+    bias_shape: tuple[int, int, int, int] | None = None
+    # ALiBi: logits += slope[b, h] * (j - i); the slopes are float32 [1 or B, N].
+    has_alibi: bool = False
+    # logits = cap * tanh(logits / cap), applied to the scaled q.k before bias/ALiBi.
+    soft_cap: float | None = None
+    # Probability of dropping an attention weight; 0 means no dropout at all.
+    dropout_rate: float = 0.0
+
+    @property
+    def has_mask(self) -> bool:
+        return self.mask_shape is not None
+
+    @property
+    def has_bias(self) -> bool:
+        return self.bias_shape is not None
+
+    @property
+    def has_dropout(self) -> bool:
+        return self.dropout_rate > 0.0
+
+    @property
+    def plain_logits(self) -> bool:
+        """Logits are just ``scale * q.k`` (no soft-cap, bias or ALiBi)."""
+        return self.soft_cap is None and not self.has_bias and not self.has_alibi
 
     @property
     def right(self) -> int | None:
@@ -43,10 +74,6 @@ class AttentionSpec:
         """The largest i - j that is visible, or None when unbounded."""
         return None if self.window is None else self.window[0]
 
-    @property
-    def needs_block_ranges(self) -> bool:
-        return self.has_segments
-
 
 class AttentionInputs(NamedTuple):
     """Per-call arrays beside q, k, v (each may be None)."""
@@ -55,3 +82,7 @@ class AttentionInputs(NamedTuple):
     kv_lengths: jax.Array | None = None  # int32 [B]
     q_segment_ids: jax.Array | None = None  # int32 [B, Tq]
     kv_segment_ids: jax.Array | None = None  # int32 [B, Tk]
+    mask: jax.Array | None = None  # bool, spec.mask_shape
+    bias: jax.Array | None = None  # float, spec.bias_shape
+    alibi_slopes: jax.Array | None = None  # float32 [1 or B, N]
+    dropout_seed: jax.Array | None = None  # uint32 [2]

@@ -46,24 +46,27 @@ def _dkdv_kernel(
     seq_q: int,
     seq_k: int,
     head_dim: int,
+    num_heads: int,
     group: int,
 ):
-    q_len_ref, kv_len_ref, seg, (dk_ref, dv_ref) = common.unpack_extras(refs, spec)
+    ex, (dk_ref, dv_ref) = common.unpack_extras(refs, spec)
     kb = pl.program_id(0)
     b = pl.program_id(1)
+    kvh = pl.program_id(2)
     k0 = kb * block_k
     dp = k_ref.shape[-1]
     dmask = common.col_mask(head_dim, dp)
     q_tail = seq_q if seq_q % block_q else None
     k_tail = seq_k if seq_k % block_k else None
     c = spec.scale * LOG2E
+    inv_keep = 1.0 / (1.0 - spec.dropout_rate)
 
-    q_len = q_len_ref[b] if q_len_ref is not None else None
-    kv_len = kv_len_ref[b] if kv_len_ref is not None else None
+    q_len = ex.q_len[b] if ex.q_len is not None else None
+    kv_len = ex.kv_len[b] if ex.kv_len is not None else None
     seg_range = None
     k_seg = None
-    if seg is not None:
-        q_seg_ref, kv_seg_ref, seg_lo_ref, seg_hi_ref = seg
+    if ex.segments is not None:
+        q_seg_ref, kv_seg_ref, seg_lo_ref, seg_hi_ref = ex.segments
         seg_range = (seg_lo_ref[kb], seg_hi_ref[kb])
         k_seg = common.load_ids(kv_seg_ref, k0, block_k, limit=k_tail)[:, None]
 
@@ -87,40 +90,68 @@ def _dkdv_kernel(
         flo = jnp.where(straddles, lo, flo)
         fhi = jnp.where(straddles, lo, fhi)
 
-    def body(qb, carry, *, head, masked: bool):
+    def dense_tile(ref, q0, q_limit, other, g):
+        # [block_q, block_k] tile of the (b, query head) plane, transposed to [bk, bq].
+        head = g if ref.ndim == 3 else None
+        tile = common.load_qk_tile(ref, q0, k0, block_q, block_k, q_limit=q_limit, k_limit=k_tail, other=other, head=head)
+        return tile.T
+
+    def body(qb, carry, *, g, slope, drop_key, masked: bool):
         dk, dv = carry
         q0 = qb * block_q
         limit = q_tail if masked else None
-        q = common.load_tile(q_ref, q0, block_q, limit=limit, dmask=dmask, head=head)
-        do = common.load_tile(do_ref, q0, block_q, limit=limit, dmask=dmask, head=head)
-        lse2 = common.load_row_stat(lse2_ref, q0, block_q, limit=limit, other=jnp.inf, head=head)
-        delta = common.load_row_stat(delta_ref, q0, block_q, limit=limit, other=0.0, head=head)
-        s_t = common.dot(k, q, trans_b=True) * c  # [bk, bq]
+        q = common.load_tile(q_ref, q0, block_q, limit=limit, dmask=dmask, head=g)
+        do = common.load_tile(do_ref, q0, block_q, limit=limit, dmask=dmask, head=g)
+        lse2 = common.load_row_stat(lse2_ref, q0, block_q, limit=limit, other=jnp.inf, head=g)
+        delta = common.load_row_stat(delta_ref, q0, block_q, limit=limit, other=0.0, head=g)
+        q_pos = q0 + lax.broadcasted_iota(jnp.int32, (1, block_q), 1)
+        s_t = common.dot(k, q, trans_b=True)  # [bk, bq]
+        t_t = None
+        if spec.plain_logits:
+            s_t = s_t * c
+        else:
+            bias = dense_tile(ex.bias, q0, limit, 0.0, g) if ex.bias is not None else None
+            s_t, t_t = common.log2_logits(s_t, spec=spec, q_pos=q_pos, k_pos=k_pos, bias=bias, slope=slope)
         p_t = jnp.exp2(s_t - lse2[None, :])
+        vis = None
         if masked:
-            q_pos = q0 + lax.broadcasted_iota(jnp.int32, (1, block_q), 1)
             q_seg = None
             if k_seg is not None:
                 q_seg = common.load_ids(q_seg_ref, q0, block_q, limit=q_tail)[None, :]
             vis = common.visible(q_pos, k_pos, spec=spec, kv_limit=kv_limit, q_seg=q_seg, k_seg=k_seg)
-            if vis is not None:
-                p_t = jnp.where(vis, p_t, 0.0)
-        dv = dv + common.dot(p_t.astype(do.dtype), do)  # [bk, dp]
+        if ex.mask is not None:
+            tile = dense_tile(ex.mask, q0, limit, False, g)
+            vis = tile if vis is None else (vis & tile)
+        if vis is not None:
+            p_t = jnp.where(vis, p_t, 0.0)
         dp_t = common.dot(v, do, trans_b=True)  # [bk, bq]
+        if drop_key is not None:  # dV sees the dropped P; dP flows only through kept weights
+            keep_t = common.dropout_keep(drop_key, q_pos, k_pos, spec=spec)
+            dv = dv + common.dot((jnp.where(keep_t, p_t, 0.0) * inv_keep).astype(do.dtype), do)
+            dp_t = jnp.where(keep_t, dp_t, 0.0) * inv_keep
+        else:
+            dv = dv + common.dot(p_t.astype(do.dtype), do)  # [bk, dp]
         ds_t = p_t * (dp_t - delta[None, :])
+        if t_t is not None:  # through the soft-cap: d(cap*tanh(x/cap))/dx = 1 - tanh^2
+            ds_t = ds_t * (1.0 - t_t * t_t)
         dk = dk + common.dot(ds_t.astype(q.dtype), q)  # [bk, dp]
         return dk, dv
 
+    def head_loops(g, carry):
+        hq = kvh * group + (0 if g is None else g)
+        fn = functools.partial(
+            body,
+            g=g,
+            slope=common.alibi_slope(ex, b, hq),
+            drop_key=common.dropout_key(ex, b, hq, num_heads),
+        )
+        return common.split_loops((lo, flo, fhi, hi), fn, carry, any_full=seq_q >= block_q)
+
     carry = (jnp.zeros((block_k, dp), jnp.float32), jnp.zeros((block_k, dp), jnp.float32))
     if group == 1:
-        carry = common.split_loops((lo, flo, fhi, hi), functools.partial(body, head=None), carry, any_full=seq_q >= block_q)
+        carry = head_loops(None, carry)
     else:
-
-        def per_head(g, carry):
-            g = lax.convert_element_type(g, jnp.int32)
-            return common.split_loops((lo, flo, fhi, hi), functools.partial(body, head=g), carry, any_full=seq_q >= block_q)
-
-        carry = lax.fori_loop(0, group, per_head, carry)
+        carry = lax.fori_loop(0, group, lambda g, c_: head_loops(lax.convert_element_type(g, jnp.int32), c_), carry)
     dk, dv = carry
     dk = dk * spec.scale
     common.store_tile(dk_ref, dk.astype(dk_ref.dtype), k0, block_k, limit=k_tail, dmask=dmask)
@@ -141,28 +172,43 @@ def _dq_kernel(
     seq_q: int,
     seq_k: int,
     head_dim: int,
+    num_heads: int,
     num_q_blocks: int,
+    want_dbias: bool,
+    want_dslopes: bool,
 ):
-    q_len_ref, kv_len_ref, seg, (dq_ref,) = common.unpack_extras(refs, spec)
+    ex, rest = common.unpack_extras(refs, spec)
+    ds_ref = dslope_ref = None
+    if want_dbias:
+        rest.pop(0)  # the zeros that ds_ref aliases
+    dq_ref = rest.pop(0)
+    if want_dslopes:
+        dslope_ref = rest.pop(0)
+    if want_dbias:
+        ds_ref = rest.pop(0)
     qi = pl.program_id(0)
     if spec.causal:  # heaviest query blocks first, as in the forward
         qi = num_q_blocks - 1 - qi
     b = pl.program_id(1)
+    h = pl.program_id(2)
     q0 = qi * block_q
     dp = q_ref.shape[-1]
     dmask = common.col_mask(head_dim, dp)
     q_tail = seq_q if seq_q % block_q else None
     k_tail = seq_k if seq_k % block_k else None
     c = spec.scale * LOG2E
+    inv_keep = 1.0 / (1.0 - spec.dropout_rate)
 
-    q_len = q_len_ref[b] if q_len_ref is not None else None
-    kv_len = kv_len_ref[b] if kv_len_ref is not None else None
+    q_len = ex.q_len[b] if ex.q_len is not None else None
+    kv_len = ex.kv_len[b] if ex.kv_len is not None else None
     seg_range = None
     q_seg = None
-    if seg is not None:
-        q_seg_ref, kv_seg_ref, seg_lo_ref, seg_hi_ref = seg
+    if ex.segments is not None:
+        q_seg_ref, kv_seg_ref, seg_lo_ref, seg_hi_ref = ex.segments
         seg_range = (seg_lo_ref[qi], seg_hi_ref[qi])
         q_seg = common.load_ids(q_seg_ref, q0, block_q, limit=q_tail)[:, None]
+    slope = common.alibi_slope(ex, b, h)
+    drop_key = common.dropout_key(ex, b, h, num_heads)
 
     q = common.load_tile(q_ref, q0, block_q, limit=q_tail, dmask=dmask)
     do = common.load_tile(do_ref, q0, block_q, limit=q_tail, dmask=dmask)
@@ -173,24 +219,46 @@ def _dq_kernel(
     if kv_len is not None:
         kv_limit = kv_len if k_tail is None else jnp.minimum(kv_len, seq_k)
 
-    def body(kb, dq, *, masked: bool):
+    def body(kb, carry, *, masked: bool):
+        dq, dslope = carry
         k0 = kb * block_k
         limit = k_tail if masked else None
         k = common.load_tile(k_ref, k0, block_k, limit=limit, dmask=dmask)
         v = common.load_tile(v_ref, k0, block_k, limit=limit, dmask=dmask)
-        s = common.dot(q, k, trans_b=True) * c  # [bq, bk]
+        k_pos = k0 + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
+        s = common.dot(q, k, trans_b=True)  # [bq, bk]
+        t = None
+        if spec.plain_logits:
+            s = s * c
+        else:
+            bias = None
+            if ex.bias is not None:
+                bias = common.load_qk_tile(ex.bias, q0, k0, block_q, block_k, q_limit=q_tail, k_limit=limit, other=0.0)
+            s, t = common.log2_logits(s, spec=spec, q_pos=q_pos, k_pos=k_pos, bias=bias, slope=slope)
         p = jnp.exp2(s - lse2[:, None])
+        vis = None
         if masked:
-            k_pos = k0 + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
             k_seg = None
             if q_seg is not None:
                 k_seg = common.load_ids(kv_seg_ref, k0, block_k, limit=k_tail)[None, :]
             vis = common.visible(q_pos, k_pos, spec=spec, kv_limit=kv_limit, q_seg=q_seg, k_seg=k_seg)
-            if vis is not None:
-                p = jnp.where(vis, p, 0.0)
+        if ex.mask is not None:
+            tile = common.load_qk_tile(ex.mask, q0, k0, block_q, block_k, q_limit=q_tail, k_limit=limit, other=False)
+            vis = tile if vis is None else (vis & tile)
+        if vis is not None:
+            p = jnp.where(vis, p, 0.0)
         dp_ = common.dot(do, v, trans_b=True)  # [bq, bk]
-        ds = p * (dp_ - delta[:, None])
-        return dq + common.dot(ds.astype(k.dtype), k)  # [bq, dp]
+        if drop_key is not None:
+            keep = common.dropout_keep(drop_key, q_pos, k_pos, spec=spec)
+            dp_ = jnp.where(keep, dp_, 0.0) * inv_keep
+        ds = p * (dp_ - delta[:, None])  # d loss / d logits (natural units)
+        if ds_ref is not None:  # the bias gradient is dS itself
+            common.store_qk_tile(ds_ref, ds.astype(ds_ref.dtype), q0, k0, q_limit=q_tail, k_limit=limit)
+        if dslope_ref is not None:  # d/d slope of slope * (j - i)
+            dslope = dslope + jnp.sum(ds * (k_pos - q_pos).astype(jnp.float32), axis=1)
+        if t is not None:
+            ds = ds * (1.0 - t * t)
+        return dq + common.dot(ds.astype(k.dtype), k), dslope  # [bq, dp]
 
     lo, flo, fhi, hi = common.kv_block_range(
         q0,
@@ -202,7 +270,11 @@ def _dq_kernel(
         q_len=q_len,
         seg_range=seg_range,
     )
-    dq = common.split_loops((lo, flo, fhi, hi), body, jnp.zeros((block_q, dp), jnp.float32), any_full=seq_k >= block_k)
+    dslope0 = jnp.zeros((block_q,), jnp.float32) if dslope_ref is not None else None
+    carry = (jnp.zeros((block_q, dp), jnp.float32), dslope0)
+    dq, dslope = common.split_loops((lo, flo, fhi, hi), body, carry, any_full=seq_k >= block_k)
+    if dslope_ref is not None:
+        common.store_row_stat(dslope_ref, dslope, q0, block_q, limit=q_tail)
     dq = dq * spec.scale
     common.store_tile(dq_ref, dq.astype(dq_ref.dtype), q0, block_q, limit=q_tail, dmask=dmask)
 
@@ -219,8 +291,17 @@ def flash_backward(
     spec: AttentionSpec,
     config: BackwardConfig,
     interpret: bool,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Gradients ``(dq, dk, dv)`` from the forward's residuals and the output cotangent."""
+    want_dbias: bool = False,
+    want_dslopes: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None, jax.Array | None]:
+    """Gradients ``(dq, dk, dv, dbias, dslopes)`` from the forward's residuals and the output cotangent.
+
+    ``dbias`` (``None`` unless ``want_dbias``) has the bias's own shape and
+    dtype: the dQ kernel writes dS ``[B, N, Tq, Tk]`` (float32; fully skipped
+    blocks stay zero) and XLA sums it over the bias's broadcast dims.
+    ``dslopes`` (``None`` unless ``want_dslopes``) has the ALiBi slopes' shape:
+    the dQ kernel writes per-row sums of ``dS * (j - i)``, XLA sums the rows.
+    """
     batch, seq_q, num_heads, head_dim = q.shape
     _, seq_k, num_kv_heads, _ = k.shape
     group = num_heads // num_kv_heads
@@ -241,7 +322,7 @@ def flash_backward(
     g_dim = None if group == 1 else group
     q_group = pl.BlockSpec((None, seq_q, g_dim, dp), lambda i, b, h: (b, 0, h, 0))
     stat_group = pl.BlockSpec((None, g_dim, seq_q), lambda i, b, h: (b, h, 0))
-    extra_specs, extra_args = common.extra_inputs(inputs, spec, bq, bk, over="q")
+    extra_specs, extra_args = common.extra_inputs(inputs, spec, bq, bk, over="q", group=group)
     dk, dv = pl.pallas_call(
         functools.partial(
             _dkdv_kernel,
@@ -251,6 +332,7 @@ def flash_backward(
             seq_q=seq_q,
             seq_k=seq_k,
             head_dim=head_dim,
+            num_heads=num_heads,
             group=group,
         ),
         grid=(nk, batch, num_kv_heads),
@@ -271,7 +353,22 @@ def flash_backward(
     kv_whole = pl.BlockSpec((None, seq_k, None, dp), lambda i, b, h: (b, 0, h // group, 0))
     stat_block = pl.BlockSpec((None, None, seq_q), lambda i, b, h: (b, h, 0))
     extra_specs, extra_args = common.extra_inputs(inputs, spec, bq, bk, over="kv")
-    dq = pl.pallas_call(
+    in_specs = [q_block, kv_whole, kv_whole, q_block, stat_block, stat_block, *extra_specs]
+    args = [q, k, v, do, lse2, delta, *extra_args]
+    out_specs = [q_block]
+    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+    aliases = {}
+    if want_dslopes:
+        out_specs.append(stat_block)
+        out_shape.append(jax.ShapeDtypeStruct((batch, num_heads, seq_q), jnp.float32))
+    if want_dbias:
+        ds_block = pl.BlockSpec((None, None, seq_q, seq_k), lambda i, b, h: (b, h, 0, 0))
+        aliases = {len(args): len(out_specs)}  # the kernel writes dS into these zeros
+        in_specs.append(ds_block)
+        args.append(jnp.zeros((batch, num_heads, seq_q, seq_k), jnp.float32))
+        out_specs.append(ds_block)
+        out_shape.append(jax.ShapeDtypeStruct((batch, num_heads, seq_q, seq_k), jnp.float32))
+    outs = pl.pallas_call(
         functools.partial(
             _dq_kernel,
             spec=spec,
@@ -280,14 +377,33 @@ def flash_backward(
             seq_q=seq_q,
             seq_k=seq_k,
             head_dim=head_dim,
+            num_heads=num_heads,
             num_q_blocks=nq,
+            want_dbias=want_dbias,
+            want_dslopes=want_dslopes,
         ),
         grid=(nq, batch, num_heads),
-        in_specs=[q_block, kv_whole, kv_whole, q_block, stat_block, stat_block, *extra_specs],
-        out_specs=q_block,
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=config.num_warps_dq, num_stages=config.num_stages_dq),
         interpret=interpret,
         name="pallas_flash_bwd_dq",
-    )(q, k, v, do, lse2, delta, *extra_args)
-    return dq, dk, dv
+    )(*args)
+    outs = list(outs)
+    dq = outs.pop(0)
+    dslopes = None
+    if want_dslopes:
+        rows = outs.pop(0).sum(axis=-1)  # [B, N]
+        if inputs.alibi_slopes.shape[0] == 1:
+            rows = rows.sum(axis=0, keepdims=True)
+        dslopes = rows.astype(inputs.alibi_slopes.dtype)
+    dbias = None
+    if want_dbias:
+        ds = outs.pop(0)
+        axes = tuple(i for i, n in enumerate(spec.bias_shape) if n == 1 and ds.shape[i] != 1)
+        if axes:
+            ds = ds.sum(axis=axes, keepdims=True)
+        dbias = ds.astype(inputs.bias.dtype)
+    return dq, dk, dv, dbias, dslopes

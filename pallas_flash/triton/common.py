@@ -12,6 +12,7 @@ Conventions inside the kernels:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -20,7 +21,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_flash.spec import AttentionInputs, AttentionSpec
+from pallas_flash import dropout
+from pallas_flash.spec import LOG2E, AttentionInputs, AttentionSpec
 
 
 def cdiv(a, b: int):
@@ -286,45 +288,192 @@ def segment_block_ranges(q_seg: jax.Array, kv_seg: jax.Array, block_q: int, bloc
     return lo, hi
 
 
-def extra_inputs(inputs: AttentionInputs, spec: AttentionSpec, block_rows: int, block_cols: int, *, over: str):
-    """BlockSpecs and arrays for the optional per-batch inputs, in the order kernels unpack them.
+def extra_inputs(
+    inputs: AttentionInputs,
+    spec: AttentionSpec,
+    block_rows: int,
+    block_cols: int,
+    *,
+    over: str,
+    group: int = 1,
+):
+    """BlockSpecs and arrays for the optional inputs, in the order ``unpack_extras`` takes them.
 
-    Every grid here is ``(block, batch, head)``. Lengths travel whole; segment
-    ids and the per-block ranges of ``segment_block_ranges`` travel per batch.
+    Every grid here is ``(block, batch, head)``: per query head for
+    ``over="kv"`` (forward, dQ), per KV head for ``over="q"`` (dK/dV, whose
+    program loops over the ``group`` query heads of its KV head). Lengths,
+    ALiBi slopes and the dropout seed travel whole; segment ids and the
+    per-block ranges of ``segment_block_ranges`` per batch; a dense mask or
+    bias as the whole ``[Tq or 1, Tk or 1]`` plane of its (batch, head), with
+    broadcast (size-1) batch and head dims mapped to index 0. The kernels load
+    ``[block_q, block_k]`` tiles of it themselves.
     """
 
-    def whole(*idx):
-        return (0,)
+    def whole_spec(a):
+        nd = a.ndim
+        return pl.BlockSpec(a.shape, lambda i, b, h: (0,) * nd)
 
     def per_batch(i, b, h):
         return (b, 0)
 
+    def dense_spec(shape):
+        nb, nh, tq, tk = shape
+        head_block = None
+        if over == "q" and nh > 1 and group > 1:
+            head_block = group  # the KV head's whole query group; the kernel indexes it
+
+        def index(i, b, h):
+            return (b if nb > 1 else 0, h if nh > 1 else 0, 0, 0)
+
+        return pl.BlockSpec((None, head_block, tq, tk), index)
+
     specs, args = [], []
     if spec.has_q_lengths:
-        specs.append(pl.BlockSpec(inputs.q_lengths.shape, whole))
+        specs.append(whole_spec(inputs.q_lengths))
         args.append(inputs.q_lengths)
     if spec.has_kv_lengths:
-        specs.append(pl.BlockSpec(inputs.kv_lengths.shape, whole))
+        specs.append(whole_spec(inputs.kv_lengths))
         args.append(inputs.kv_lengths)
     if spec.has_segments:
         lo, hi = segment_block_ranges(inputs.q_segment_ids, inputs.kv_segment_ids, block_rows, block_cols, over=over)
         for a in (inputs.q_segment_ids, inputs.kv_segment_ids, lo, hi):
             specs.append(pl.BlockSpec((None, a.shape[1]), per_batch))
             args.append(a)
+    if spec.has_mask:
+        specs.append(dense_spec(spec.mask_shape))
+        args.append(inputs.mask)
+    if spec.has_bias:
+        specs.append(dense_spec(spec.bias_shape))
+        args.append(inputs.bias)
+    if spec.has_alibi:
+        specs.append(whole_spec(inputs.alibi_slopes))
+        args.append(inputs.alibi_slopes)
+    if spec.has_dropout:
+        specs.append(whole_spec(inputs.dropout_seed))
+        args.append(inputs.dropout_seed)
     return specs, args
 
 
-def unpack_extras(refs, spec: AttentionSpec):
-    """Split the refs of ``extra_inputs`` off the front of a kernel's ``refs``.
+@dataclasses.dataclass(frozen=True)
+class Extras:
+    """The refs of ``extra_inputs`` inside a kernel (None where the feature is off)."""
 
-    Returns ``(q_len_ref, kv_len_ref, segment_refs, rest)``; ``segment_refs``
-    is ``(q_ids, kv_ids, block_lo, block_hi)`` or None.
-    """
+    q_len: object = None
+    kv_len: object = None
+    segments: tuple | None = None  # (q_ids, kv_ids, block_lo, block_hi)
+    mask: object = None
+    bias: object = None
+    slopes: object = None
+    seed: object = None
+
+
+def unpack_extras(refs, spec: AttentionSpec):
+    """Split the refs of ``extra_inputs`` off the front of a kernel's ``refs``: ``(Extras, rest)``."""
     refs = list(refs)
-    q_len_ref = refs.pop(0) if spec.has_q_lengths else None
-    kv_len_ref = refs.pop(0) if spec.has_kv_lengths else None
-    seg = None
-    if spec.has_segments:
-        seg = tuple(refs[:4])
-        refs = refs[4:]
-    return q_len_ref, kv_len_ref, seg, refs
+
+    def take(on: bool, n: int = 1):
+        nonlocal refs
+        if not on:
+            return None
+        got, refs = refs[:n], refs[n:]
+        return tuple(got) if n > 1 else got[0]
+
+    ex = Extras(
+        q_len=take(spec.has_q_lengths),
+        kv_len=take(spec.has_kv_lengths),
+        segments=take(spec.has_segments, 4),
+        mask=take(spec.has_mask),
+        bias=take(spec.has_bias),
+        slopes=take(spec.has_alibi),
+        seed=take(spec.has_dropout),
+    )
+    return ex, refs
+
+
+def load_qk_tile(ref, q0, k0, block_q: int, block_k: int, *, q_limit, k_limit, other, head=None):
+    """The ``[block_q, block_k]`` tile at ``(q0, k0)`` of a ``[Tq or 1, Tk or 1]`` mask/bias ref.
+
+    A broadcast (size-1) dim stays size 1 in the tile. Rows at or past
+    ``q_limit`` and columns at or past ``k_limit`` (static or traced; None for
+    none) read ``other``. ``head`` indexes a leading query-group dim.
+    """
+    tq, tk = ref.shape[-2:]
+    if tq == 1:
+        rows, nr, q_limit = pl.ds(0, 1), 1, None
+    else:
+        rows, nr = pl.ds(q0, block_q), block_q
+    if tk == 1:
+        cols, nc, k_limit = pl.ds(0, 1), 1, None
+    else:
+        cols, nc = pl.ds(k0, block_k), block_k
+    view = ref.at[rows, cols] if head is None else ref.at[head, rows, cols]
+    mask = None
+    if q_limit is not None:
+        mask = (q0 + lax.broadcasted_iota(jnp.int32, (nr, 1), 0)) < q_limit
+    if k_limit is not None:
+        in_cols = (k0 + lax.broadcasted_iota(jnp.int32, (1, nc), 1)) < k_limit
+        mask = in_cols if mask is None else (mask & in_cols)
+    if mask is None:
+        return view[...]
+    mask = jnp.broadcast_to(mask, (nr, nc))
+    return plgpu.load(view, mask=mask, other=other)
+
+
+def store_qk_tile(ref, value, q0, k0, *, q_limit, k_limit):
+    """Write a ``[block_q, block_k]`` tile at ``(q0, k0)`` of a ``[Tq, Tk]`` ref, skipping rows/cols past the limits."""
+    nr, nc = value.shape
+    if not isinstance(q0, int):
+        q0 = lax.convert_element_type(q0, jax.dtypes.canonicalize_dtype(jnp.int64))
+    if not isinstance(k0, int):
+        k0 = lax.convert_element_type(k0, jax.dtypes.canonicalize_dtype(jnp.int64))
+    view = ref.at[pl.ds(q0, nr), pl.ds(k0, nc)]
+    mask = None
+    if q_limit is not None:
+        mask = (q0 + lax.broadcasted_iota(jnp.int32, (nr, 1), 0)) < q_limit
+    if k_limit is not None:
+        in_cols = (k0 + lax.broadcasted_iota(jnp.int32, (1, nc), 1)) < k_limit
+        mask = in_cols if mask is None else (mask & in_cols)
+    if mask is None:
+        view[...] = value
+    else:
+        plgpu.store(view, value, mask=jnp.broadcast_to(mask, (nr, nc)))
+
+
+def log2_logits(s, *, spec: AttentionSpec, q_pos, k_pos, bias=None, slope=None):
+    """Log2-domain logits from the raw ``q . k`` tile ``s``, and the soft-cap's tanh (or None).
+
+    ``logits = cap * tanh(scale * s / cap)`` (or ``scale * s``), plus the bias
+    tile and ``slope * (k_pos - q_pos)``, all times ``log2(e)``. Positions and
+    the bias tile broadcast against ``s`` in either orientation (``[bq, bk]``
+    or the transposed ``[bk, bq]``).
+    """
+    t = None
+    if spec.soft_cap is not None:
+        t = jnp.tanh(s * (spec.scale / spec.soft_cap))
+        s2 = t * (spec.soft_cap * LOG2E)
+    else:
+        s2 = s * (spec.scale * LOG2E)
+    if bias is not None:
+        s2 = s2 + bias.astype(jnp.float32) * LOG2E
+    if slope is not None:
+        s2 = s2 + (slope * LOG2E) * (k_pos - q_pos).astype(jnp.float32)
+    return s2, t
+
+
+def alibi_slope(ex: Extras, b, head):
+    """The float32 ALiBi slope of (batch ``b``, query head ``head``), or None."""
+    if ex.slopes is None:
+        return None
+    nb = ex.slopes.shape[0]
+    return ex.slopes[b if nb > 1 else 0, head]
+
+
+def dropout_key(ex: Extras, b, head, num_heads: int):
+    """The per-(batch, head) dropout hash key, or None without dropout."""
+    if ex.seed is None:
+        return None
+    return dropout.head_key(ex.seed[0], ex.seed[1], b, head, num_heads)
+
+
+def dropout_keep(key, q_pos, k_pos, *, spec: AttentionSpec):
+    return dropout.keep_mask(key, q_pos, k_pos, rate=spec.dropout_rate)

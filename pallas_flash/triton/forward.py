@@ -34,29 +34,33 @@ def _fwd_kernel(
     seq_q: int,
     seq_k: int,
     head_dim: int,
+    num_heads: int,
     num_q_blocks: int,
 ):
-    q_len_ref, kv_len_ref, seg, (o_ref, lse_ref) = common.unpack_extras(refs, spec)
-    if seg is not None:
-        q_seg_ref, kv_seg_ref, seg_lo_ref, seg_hi_ref = seg
+    ex, (o_ref, lse_ref) = common.unpack_extras(refs, spec)
+    if ex.segments is not None:
+        q_seg_ref, kv_seg_ref, seg_lo_ref, seg_hi_ref = ex.segments
 
     qi = pl.program_id(0)
     if spec.causal:  # heaviest query blocks first: better tail balance
         qi = num_q_blocks - 1 - qi
     b = pl.program_id(1)
+    h = pl.program_id(2)
     q0 = qi * block_q
     dp = q_ref.shape[-1]
     dmask = common.col_mask(head_dim, dp)
     q_tail = seq_q if seq_q % block_q else None
     k_tail = seq_k if seq_k % block_k else None
 
-    q_len = q_len_ref[b] if q_len_ref is not None else None
-    kv_len = kv_len_ref[b] if kv_len_ref is not None else None
+    q_len = ex.q_len[b] if ex.q_len is not None else None
+    kv_len = ex.kv_len[b] if ex.kv_len is not None else None
     seg_range = None
     q_seg = None
-    if spec.has_segments:
+    if ex.segments is not None:
         seg_range = (seg_lo_ref[qi], seg_hi_ref[qi])
         q_seg = common.load_ids(q_seg_ref, q0, block_q, limit=q_tail)[:, None]
+    slope = common.alibi_slope(ex, b, h)
+    drop_key = common.dropout_key(ex, b, h, num_heads)
 
     q = common.load_tile(q_ref, q0, block_q, limit=q_tail, dmask=dmask)
     c = spec.scale * LOG2E
@@ -71,21 +75,40 @@ def _fwd_kernel(
         limit = k_tail if masked else None
         k = common.load_tile(k_ref, k0, block_k, limit=limit, dmask=dmask)
         v = common.load_tile(v_ref, k0, block_k, limit=limit, dmask=dmask)
-        s = common.dot(q, k, trans_b=True)  # raw logits; the scale folds into the exp2's FMA
+        s = common.dot(q, k, trans_b=True)  # raw logits
+        k_pos = k0 + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
+        if spec.plain_logits:
+            s_scale = c  # the scale folds into the exp2's FMA
+        else:
+            bias = None
+            if ex.bias is not None:
+                bias = common.load_qk_tile(ex.bias, q0, k0, block_q, block_k, q_limit=q_tail, k_limit=limit, other=0.0)
+            s, _ = common.log2_logits(s, spec=spec, q_pos=q_pos, k_pos=k_pos, bias=bias, slope=slope)
+            s_scale = None
+        vis = None
         if masked:
-            k_pos = k0 + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
             k_seg = None
             if q_seg is not None:
                 k_seg = common.load_ids(kv_seg_ref, k0, block_k, limit=k_tail)[None, :]
             vis = common.visible(q_pos, k_pos, spec=spec, kv_limit=kv_limit, q_seg=q_seg, k_seg=k_seg)
-            if vis is not None:
-                s = jnp.where(vis, s, -jnp.inf)
-        # m is the running max in the scaled log2 domain (c > 0 commutes with max).
-        m_new = jnp.maximum(m, jnp.max(s, axis=1) * c)
-        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
+        if ex.mask is not None:
+            tile = common.load_qk_tile(ex.mask, q0, k0, block_q, block_k, q_limit=q_tail, k_limit=limit, other=False)
+            vis = tile if vis is None else (vis & tile)
+        if vis is not None:
+            s = jnp.where(vis, s, -jnp.inf)
+        # m is the running max in the log2 domain (c > 0 commutes with max).
+        s_max = jnp.max(s, axis=1)
+        m_new = jnp.maximum(m, s_max if s_scale is None else s_max * s_scale)
+        # A row can be all -inf in a masked block, or anywhere under a dense mask or bias.
+        if masked or spec.has_mask or spec.has_bias:
+            m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        else:
+            m_use = m_new
         alpha = jnp.exp2(m - m_use)
-        p = jnp.exp2(s * c - m_use[:, None])
+        p = jnp.exp2((s if s_scale is None else s * s_scale) - m_use[:, None])
         l = l * alpha + jnp.sum(p, axis=1)
+        if drop_key is not None:  # l keeps the undropped weights; only P.V is dropped
+            p = jnp.where(common.dropout_keep(drop_key, q_pos, k_pos, spec=spec), p, 0.0)
         acc = acc * alpha[:, None] + common.dot(p.astype(v.dtype), v)
         return acc, m_new, l
 
@@ -111,7 +134,10 @@ def _fwd_kernel(
     if q_len is not None:
         seen = seen & (q_pos[:, 0] < q_len)
     l_safe = jnp.where(seen, l, 1.0)
-    out = acc * (1.0 / l_safe)[:, None]
+    inv = 1.0 / l_safe
+    if spec.has_dropout:
+        inv = inv * (1.0 / (1.0 - spec.dropout_rate))
+    out = acc * inv[:, None]
     out = jnp.where(seen[:, None], out, 0.0)
     lse = jnp.where(seen, (m + jnp.log2(l_safe)) * (1.0 / LOG2E), -jnp.inf)
     common.store_tile(o_ref, out.astype(o_ref.dtype), q0, block_q, limit=q_tail, dmask=dmask)
@@ -165,6 +191,7 @@ def flash_forward(
         seq_q=seq_q,
         seq_k=seq_k,
         head_dim=head_dim,
+        num_heads=num_heads,
         num_q_blocks=nq,
     )
     out, lse = pl.pallas_call(
