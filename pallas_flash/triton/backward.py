@@ -84,6 +84,7 @@ def _dkdv_kernel(
         q_len=q_len,
         kv_len=kv_len,
         seg_range=seg_range,
+        seq_k=seq_k,
     )
     if kv_len is not None:  # the block straddling kv_len needs the element mask everywhere
         straddles = (k0 + block_k) > kv_len
@@ -269,6 +270,7 @@ def _dq_kernel(
         kv_len=kv_len,
         q_len=q_len,
         seg_range=seg_range,
+        seq_q=seq_q,
     )
     dslope0 = jnp.zeros((block_q,), jnp.float32) if dslope_ref is not None else None
     carry = (jnp.zeros((block_q, dp), jnp.float32), dslope0)

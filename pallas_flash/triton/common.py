@@ -53,6 +53,12 @@ def _min(a, b):
     return jnp.minimum(a, b)
 
 
+def _where(cond, a, b):
+    if isinstance(cond, bool):
+        return a if cond else b
+    return jnp.where(cond, a, b)
+
+
 def _clip(x, lo, hi):
     return _min(_max(x, lo), hi)
 
@@ -173,19 +179,27 @@ def kv_block_range(
     kv_len=None,
     q_len=None,
     seg_range=None,
+    seq_q: int | None = None,
 ):
     """Key blocks seen by the query block starting at ``q0`` (forward and dQ).
 
     Returns ``(lo, flo, fhi, hi)``: blocks ``[lo, flo)`` and ``[fhi, hi)`` need
     the element mask, ``[flo, fhi)`` are fully visible; blocks outside
     ``[lo, hi)`` are skipped. Python ints where everything is static.
+    ``seq_q`` and ``q_len`` trim the block's last row (a ragged tail, padded
+    rows): rows past them are never stored, so they need not be exact.
     """
     left, right = spec.left, spec.right
-    q1 = q0 + (block_q - 1)
+    q1 = q0 + (block_q - 1)  # the block's last row that matters
+    if seq_q is not None:
+        q1 = _min(q1, seq_q - 1)
+    if q_len is not None:
+        q1 = _min(q1, q_len - 1)
     kv_valid = seq_k if kv_len is None else _min(seq_k, kv_len)
-    lo = 0 if left is None else fdiv(_max(q0 - left, 0), block_k)
+    kmin = 0 if left is None else _max(q0 - left, 0)  # visible keys of the block: [kmin, kmax)
     kmax = kv_valid if right is None else _min(kv_valid, q1 + right + 1)
-    hi = cdiv(_max(kmax, 0), block_k)
+    lo = fdiv(kmin, block_k)
+    hi = _where(kmax > kmin, cdiv(_max(kmax, 0), block_k), lo)
     flo = 0 if left is None else cdiv(_max(q1 - left, 0), block_k)
     fhi = fdiv(kv_valid, block_k)
     if right is not None:
@@ -212,18 +226,26 @@ def q_block_range(
     q_len=None,
     kv_len=None,
     seg_range=None,
+    seq_k: int | None = None,
 ):
     """Query blocks that see the key block starting at ``k0`` (dK/dV).
 
     Same contract as ``kv_block_range``. Query tails and padded query rows need
     no mask here: their ``lse2`` is ``+inf``, so their probabilities are 0.
+    ``seq_k`` and ``kv_len`` trim the block's last key (the kernel masks a
+    block that straddles ``kv_len`` everywhere).
     """
     left, right = spec.left, spec.right
-    k1 = k0 + (block_k - 1)
+    k1 = k0 + (block_k - 1)  # the block's last key that matters
+    if seq_k is not None:
+        k1 = _min(k1, seq_k - 1)
+    if kv_len is not None:
+        k1 = _min(k1, kv_len - 1)
     q_valid = seq_q if q_len is None else _min(seq_q, q_len)
-    lo = 0 if right is None else fdiv(_max(k0 - right, 0), block_q)
+    qmin = 0 if right is None else _max(k0 - right, 0)  # queries that see the block: [qmin, qmax)
     qmax = q_valid if left is None else _min(q_valid, k1 + left + 1)
-    hi = cdiv(_max(qmax, 0), block_q)
+    lo = fdiv(qmin, block_q)
+    hi = _where(qmax > qmin, cdiv(_max(qmax, 0), block_q), lo)
     flo = 0 if right is None else cdiv(_max(k1 - right, 0), block_q)
     fhi = _min(hi, seq_q // block_q)  # a ragged last query block loads under a row mask
     if left is not None:

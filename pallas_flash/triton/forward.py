@@ -121,6 +121,7 @@ def _fwd_kernel(
         kv_len=kv_len,
         q_len=q_len,
         seg_range=seg_range,
+        seq_q=seq_q,
     )
     carry = (
         jnp.zeros((block_q, dp), jnp.float32),
