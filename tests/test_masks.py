@@ -54,7 +54,7 @@ class Case:
     q_lengths: bool = False
     kv_lengths: bool = False
     segments: str | None = None  # "packed" (sorted, shared by q and kv when Tq == Tk) or "random"
-    mask: tuple[int, int, int, int] | None = None  # 1 = full dim, 0 = broadcast
+    mask: tuple[int, int, int, int] | str | None = None  # 1 = full dim, 0 = broadcast; or "late"
     bias: tuple[int, int, int, int] | None = None
     bias_grad: bool = True
     alibi: str | None = None  # "n" or "bn"
@@ -103,7 +103,10 @@ def build(case: Case, shape: Shape, seed: int):
         both["q_segment_ids"] = jnp.asarray(rng.integers(0, 3, (B, Tq)), jnp.int32)
         both["kv_segment_ids"] = jnp.asarray(rng.integers(0, 3, (B, Tk)), jnp.int32)
     full = (B, N, Tq, Tk)
-    if case.mask is not None:
+    if case.mask == "late":  # each row sees keys j >= start_i only: leading blocks fully masked
+        start = rng.integers(0, Tk, size=(B, 1, Tq, 1))
+        both["mask"] = jnp.asarray(np.arange(Tk)[None, None, None, :] >= start)
+    elif case.mask is not None:
         mshape = tuple(n if on else 1 for n, on in zip(full, case.mask))
         m = rng.random(mshape) > 0.25
         both["mask"] = jnp.asarray(m)
@@ -192,6 +195,8 @@ ALONE = {
     "mask_b1qk_causal": Case(causal=True, mask=(1, 0, 1, 1)),
     "mask_1n1k": Case(mask=(0, 1, 0, 1)),
     "mask_11q1": Case(mask=(0, 0, 1, 0)),
+    "mask_late_start": Case(mask="late"),
+    "mask_late_start_bias": Case(mask="late", bias=(1, 1, 1, 1)),
     "bias_full": Case(bias=(1, 1, 1, 1)),
     "bias_1n1k_causal": Case(causal=True, bias=(0, 1, 0, 1)),
     "bias_b1qk_const": Case(bias=(1, 0, 1, 1), bias_grad=False),
@@ -211,6 +216,7 @@ ON_CROSS = (
     "segments_packed_causal",
     "window_left_right",
     "mask_1n1k",
+    "mask_late_start",
     "bias_1n1k_causal",
     "alibi_bn",
     "soft_cap",
