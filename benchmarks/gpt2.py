@@ -105,11 +105,11 @@ def _worker(spec: RunSpec) -> dict[str, Any]:
     tx, _ = make_optimizer(tcfg)
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: gpt2.GPT(mcfg, rngs=nnx.Rngs(0))))
 
-    def init():
-        params = nnx.state(gpt2.GPT(mcfg, rngs=nnx.Rngs(spec.seed)), nnx.Param)
+    def init(key):  # the key as an argument: no constant-folded initialisation
+        params = nnx.state(gpt2.GPT(mcfg, rngs=nnx.Rngs(key)), nnx.Param)
         return params, tx.init(params)
 
-    params, opt_state = jax.jit(init)()
+    params, opt_state = jax.jit(init)(jax.random.key(spec.seed))
     step_fn, _ = make_train_step(graphdef, tx, 1)
     step_fn = jax.jit(step_fn, donate_argnums=(0, 1))
     data = data_lib.load_data(None)

@@ -427,8 +427,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tx, schedule = make_optimizer(cfg)
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: gpt2.GPT(mcfg, rngs=nnx.Rngs(0))))
 
-    def init_state():
-        model = gpt2.GPT(mcfg, rngs=nnx.Rngs(cfg.seed))
+    def init_state(key):
+        # The key is an argument, not a constant: with no inputs XLA would try to
+        # constant-fold the whole random initialisation (minutes of compile at 124M).
+        model = gpt2.GPT(mcfg, rngs=nnx.Rngs(key))
         params = nnx.state(model, nnx.Param)
         return params, tx.init(params)
 
@@ -453,7 +455,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if resume_step is not None:
         abstract = jax.tree.map(
             lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
-            jax.eval_shape(init_state),
+            jax.eval_shape(init_state, jax.random.key(cfg.seed)),
         )
         (params, opt_state), meta = ckpt.restore(abstract, resume_step)
         start = int(meta["step"])
@@ -461,7 +463,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         base_key = jax.random.wrap_key_data(np.asarray(meta["rng_key"], dtype=np.uint32))
         say(f"resumed from {out / 'checkpoints'} at step {start}")
     else:
-        params, opt_state = jax.jit(init_state, out_shardings=replicated)()
+        params, opt_state = jax.jit(init_state, out_shardings=replicated)(jax.random.key(cfg.seed))
         start = 0
         base_key = jax.random.key(cfg.seed)
     base_key = jax.device_put(base_key, replicated)
