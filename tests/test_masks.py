@@ -53,7 +53,7 @@ class Case:
     window: tuple[int, int] | None = None
     q_lengths: bool = False
     kv_lengths: bool = False
-    segments: str | None = None  # "packed" (sorted, shared by q and kv when Tq == Tk) or "random"
+    segments: str | None = None  # "packed" (sorted, shared by q and kv when Tq == Tk), "long" or "random"
     mask: tuple[int, int, int, int] | str | None = None  # 1 = full dim, 0 = broadcast; or "late"
     bias: tuple[int, int, int, int] | None = None
     bias_grad: bool = True
@@ -91,11 +91,16 @@ def build(case: Case, shape: Shape, seed: int):
         both["query_seq_lengths"] = jnp.asarray(lens, jnp.int32)
     if case.kv_lengths:
         lens = rng.integers(1, Tk + 1, size=B)
+        lens[0] = max(lens[0], Tk // 2)  # (one visible key makes dq exactly 0: no relative error)
         if B > 1:
             lens[-1] = 0  # a batch whose queries see no key at all
         both["key_value_seq_lengths"] = jnp.asarray(lens, jnp.int32)
+    if case.segments == "long":  # two documents: whole blocks inside one run unmasked
+        q_ids = (np.arange(Tq)[None, :] >= (4 * Tq) // 5).astype(np.int32).repeat(B, 0)
+        kv_ids = (np.arange(Tk)[None, :] >= (4 * Tk) // 5).astype(np.int32).repeat(B, 0)
+        both["q_segment_ids"], both["kv_segment_ids"] = jnp.asarray(q_ids), jnp.asarray(kv_ids)
     if case.segments == "packed":
-        max_doc = max(3, Tq // 4)
+        max_doc = max(3, (2 * Tq) // 3)
         q_ids = _packed_ids(rng, B, Tq, max_doc)
         kv_ids = q_ids if Tq == Tk else _packed_ids(rng, B, Tk, max_doc)
         both["q_segment_ids"], both["kv_segment_ids"] = jnp.asarray(q_ids), jnp.asarray(kv_ids)
@@ -187,6 +192,8 @@ ALONE = {
     "lengths_causal": Case(causal=True, q_lengths=True, kv_lengths=True),
     "segments_packed_causal": Case(causal=True, segments="packed"),
     "segments_random": Case(segments="random"),
+    "segments_long_docs": Case(segments="long"),
+    "segments_long_docs_causal_lengths": Case(causal=True, segments="long", kv_lengths=True),
     "window_sym": Case(window=(5, 5)),
     "window_left_right": Case(window=(9, 2)),
     "window_causal": Case(causal=True, window=(6, 0)),
@@ -214,6 +221,7 @@ ALONE = {
 ON_CROSS = (
     "lengths_causal",
     "segments_packed_causal",
+    "segments_long_docs",
     "window_left_right",
     "mask_1n1k",
     "mask_late_start",
@@ -583,24 +591,39 @@ def _check_q_ranges(spec, vis, structural, bq, bk, q_len, kv_len):
                 assert structural[r0:r1, k0:c1].all(), (k0, qb)
 
 
-def test_segment_block_ranges_skip_other_documents():
-    """Packed documents: query blocks only loop over key blocks of their own documents (and vice versa)."""
+@pytest.mark.parametrize("kind", ["packed", "random"])
+def test_segment_block_ranges_skip_other_documents(kind):
+    """Query blocks loop only over key blocks of their own documents (and vice versa); blocks
+    inside one document on both sides run without the segment mask."""
     rng = np.random.default_rng(0)
-    ids = _packed_ids(rng, 2, 200, 40)
-    q_ids = jnp.asarray(ids)
+    t = 200
+    ids = _packed_ids(rng, 2, t, 40) if kind == "packed" else rng.integers(0, 3, (2, t)).astype(np.int32)
+    jids = jnp.asarray(ids)
     for bq, bk in ((16, 16), (32, 16), (16, 64)):
-        lo, hi = (np.asarray(x) for x in common.segment_block_ranges(q_ids, q_ids, bq, bk, over="kv"))
-        for b in range(2):
-            same = ids[b][:, None] == ids[b][None, :]
-            for qb in range(lo.shape[1]):
-                blocks = [kb for kb in range(-(-200 // bk)) if same[qb * bq : (qb + 1) * bq, kb * bk : (kb + 1) * bk].any()]
-                assert lo[b, qb] == blocks[0] and hi[b, qb] == blocks[-1] + 1
-        lo, hi = (np.asarray(x) for x in common.segment_block_ranges(q_ids, q_ids, bq, bk, over="q"))
-        for b in range(2):
-            same = ids[b][:, None] == ids[b][None, :]
-            for kb in range(lo.shape[1]):
-                blocks = [qb for qb in range(-(-200 // bq)) if same[qb * bq : (qb + 1) * bq, kb * bk : (kb + 1) * bk].any()]
-                assert lo[b, kb] == blocks[0] and hi[b, kb] == blocks[-1] + 1
+        for over, (b_self, b_other) in (("kv", (bq, bk)), ("q", (bk, bq))):
+            lo, hi, flo, fhi = (np.asarray(x) for x in common.segment_block_ranges(jids, jids, bq, bk, over=over))
+            n_other = -(-t // b_other)
+            for b in range(2):
+                same = ids[b][:, None] == ids[b][None, :]
+                for i in range(lo.shape[1]):
+                    rows = slice(i * b_self, (i + 1) * b_self)
+
+                    def tile(j):
+                        cols = slice(j * b_other, (j + 1) * b_other)
+                        return same[rows, cols] if over == "kv" else same[cols, rows]
+
+                    shared = [j for j in range(n_other) if tile(j).any()]
+                    for j in range(n_other):
+                        if not lo[b, i] <= j < hi[b, i]:
+                            assert not tile(j).any()
+                    if kind == "packed":
+                        assert lo[b, i] == shared[0] and hi[b, i] == shared[-1] + 1
+                    assert lo[b, i] <= flo[b, i] <= fhi[b, i] <= hi[b, i]
+                    for j in range(flo[b, i], fhi[b, i]):
+                        assert tile(j).all(), (over, b, i, j)
+                    if kind == "packed":  # every block wholly inside the block's own document is unmasked
+                        full = [j for j in range(n_other) if tile(j).all() and len(set(ids[b][rows])) == 1]
+                        assert list(range(flo[b, i], fhi[b, i])) == full
 
 
 # ------------------------------------------------------------ errors

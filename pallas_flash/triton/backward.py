@@ -66,8 +66,8 @@ def _dkdv_kernel(
     seg_range = None
     k_seg = None
     if ex.segments is not None:
-        q_seg_ref, kv_seg_ref, seg_lo_ref, seg_hi_ref = ex.segments
-        seg_range = (seg_lo_ref[kb], seg_hi_ref[kb])
+        q_seg_ref, kv_seg_ref, *seg_refs = ex.segments
+        seg_range = tuple(r[kb] for r in seg_refs)
         k_seg = common.load_ids(kv_seg_ref, k0, block_k, limit=k_tail)[:, None]
 
     k = common.load_tile(k_ref, k0, block_k, limit=k_tail, dmask=dmask)
@@ -205,8 +205,8 @@ def _dq_kernel(
     seg_range = None
     q_seg = None
     if ex.segments is not None:
-        q_seg_ref, kv_seg_ref, seg_lo_ref, seg_hi_ref = ex.segments
-        seg_range = (seg_lo_ref[qi], seg_hi_ref[qi])
+        q_seg_ref, kv_seg_ref, *seg_refs = ex.segments
+        seg_range = tuple(r[qi] for r in seg_refs)
         q_seg = common.load_ids(q_seg_ref, q0, block_q, limit=q_tail)[:, None]
     slope = common.alibi_slope(ex, b, h)
     drop_key = common.dropout_key(ex, b, h, num_heads)

@@ -204,10 +204,11 @@ def kv_block_range(
     fhi = fdiv(kv_valid, block_k)
     if right is not None:
         fhi = _min(fhi, fdiv(_max(q0 + right + 1, 0), block_k))
-    if seg_range is not None:
+    if seg_range is not None:  # (lo, hi, flo, fhi) of segment_block_ranges
         lo = _max(lo, seg_range[0])
         hi = _min(hi, seg_range[1])
-        flo = fhi = lo
+        flo = _max(flo, seg_range[2])
+        fhi = _min(fhi, seg_range[3])
     if q_len is not None:
         hi = jnp.where(q0 < q_len, hi, lo)
     hi = _max(hi, lo)
@@ -250,10 +251,11 @@ def q_block_range(
     fhi = _min(hi, seq_q // block_q)  # a ragged last query block loads under a row mask
     if left is not None:
         fhi = _min(fhi, fdiv(k0 + left + 1, block_q))
-    if seg_range is not None:
+    if seg_range is not None:  # (lo, hi, flo, fhi) of segment_block_ranges
         lo = _max(lo, seg_range[0])
         hi = _min(hi, seg_range[1])
-        flo = fhi = lo
+        flo = _max(flo, seg_range[2])
+        fhi = _min(fhi, seg_range[3])
     if kv_len is not None:
         hi = jnp.where(k0 < kv_len, hi, lo)
     hi = _max(hi, lo)
@@ -281,11 +283,16 @@ def visible(q_pos, k_pos, *, spec: AttentionSpec, kv_limit=None, q_seg=None, k_s
 
 
 def segment_block_ranges(q_seg: jax.Array, kv_seg: jax.Array, block_q: int, block_k: int, *, over: str):
-    """Per-block ranges of blocks whose segment-id intervals overlap (computed in XLA, O(T)).
+    """Per-block ranges of blocks that share segment ids (computed in XLA, O(T^2 / block^2)).
 
-    ``over="kv"``: for each query block, the ``[lo, hi)`` key blocks; ``over="q"``:
-    for each key block, the query blocks. Exact for sorted (packed) ids and
-    conservative, still correct, for any others: the kernels mask elements.
+    ``over="kv"``: for each query block, key blocks; ``over="q"``: for each
+    key block, query blocks. Returns int32 ``[B, n]`` arrays ``(lo, hi, flo,
+    fhi)``: blocks outside ``[lo, hi)`` share no id with the block (their id
+    intervals do not overlap: exact for sorted, packed ids and conservative,
+    still correct, for any others, since the kernels mask elements);
+    ``[flo, fhi)`` are blocks whose ids all equal the block's own single id
+    (no segment mask needed there), or an empty range when those are not one
+    contiguous run (then every block in ``[lo, hi)`` is masked).
     """
 
     def block_min_max(ids, block):
@@ -298,16 +305,25 @@ def segment_block_ranges(q_seg: jax.Array, kv_seg: jax.Array, block_q: int, bloc
     qmin, qmax = block_min_max(q_seg, block_q)
     kmin, kmax = block_min_max(kv_seg, block_k)
     if over == "kv":
-        overlap = (qmin[:, :, None] <= kmax[:, None, :]) & (kmin[:, None, :] <= qmax[:, :, None])
+        (amin, amax), (omin, omax) = (qmin, qmax), (kmin, kmax)
     else:
-        overlap = (kmin[:, :, None] <= qmax[:, None, :]) & (qmin[:, None, :] <= kmax[:, :, None])
-    n_other = overlap.shape[-1]
-    any_ = overlap.any(-1)
-    lo = jnp.argmax(overlap, axis=-1)
-    hi = n_other - jnp.argmax(overlap[..., ::-1], axis=-1)
-    lo = jnp.where(any_, lo, 0).astype(jnp.int32)
-    hi = jnp.where(any_, hi, 0).astype(jnp.int32)
-    return lo, hi
+        (amin, amax), (omin, omax) = (kmin, kmax), (qmin, qmax)
+    overlap = (amin[:, :, None] <= omax[:, None, :]) & (omin[:, None, :] <= amax[:, :, None])
+    same = (amin == amax)[:, :, None] & (omin == omax)[:, None, :] & (amin[:, :, None] == omin[:, None, :])
+
+    def first_last(m):
+        n_other = m.shape[-1]
+        any_ = m.any(-1)
+        first = jnp.argmax(m, axis=-1)
+        last = n_other - jnp.argmax(m[..., ::-1], axis=-1)
+        return any_, jnp.where(any_, first, 0).astype(jnp.int32), jnp.where(any_, last, 0).astype(jnp.int32)
+
+    _, lo, hi = first_last(overlap)
+    any_same, flo, fhi = first_last(same)
+    contiguous = any_same & (same.sum(-1) == fhi - flo)
+    flo = jnp.where(contiguous, flo, lo)
+    fhi = jnp.where(contiguous, fhi, lo)
+    return lo, hi, flo, fhi
 
 
 def extra_inputs(
@@ -357,8 +373,8 @@ def extra_inputs(
         specs.append(whole_spec(inputs.kv_lengths))
         args.append(inputs.kv_lengths)
     if spec.has_segments:
-        lo, hi = segment_block_ranges(inputs.q_segment_ids, inputs.kv_segment_ids, block_rows, block_cols, over=over)
-        for a in (inputs.q_segment_ids, inputs.kv_segment_ids, lo, hi):
+        ranges = segment_block_ranges(inputs.q_segment_ids, inputs.kv_segment_ids, block_rows, block_cols, over=over)
+        for a in (inputs.q_segment_ids, inputs.kv_segment_ids, *ranges):
             specs.append(pl.BlockSpec((None, a.shape[1]), per_batch))
             args.append(a)
     if spec.has_mask:
@@ -382,7 +398,7 @@ class Extras:
 
     q_len: object = None
     kv_len: object = None
-    segments: tuple | None = None  # (q_ids, kv_ids, block_lo, block_hi)
+    segments: tuple | None = None  # (q_ids, kv_ids, block_lo, block_hi, block_flo, block_fhi)
     mask: object = None
     bias: object = None
     slopes: object = None
@@ -403,7 +419,7 @@ def unpack_extras(refs, spec: AttentionSpec):
     ex = Extras(
         q_len=take(spec.has_q_lengths),
         kv_len=take(spec.has_kv_lengths),
-        segments=take(spec.has_segments, 4),
+        segments=take(spec.has_segments, 6),
         mask=take(spec.has_mask),
         bias=take(spec.has_bias),
         slopes=take(spec.has_alibi),

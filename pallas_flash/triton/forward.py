@@ -39,7 +39,7 @@ def _fwd_kernel(
 ):
     ex, (o_ref, lse_ref) = common.unpack_extras(refs, spec)
     if ex.segments is not None:
-        q_seg_ref, kv_seg_ref, seg_lo_ref, seg_hi_ref = ex.segments
+        q_seg_ref, kv_seg_ref, *seg_refs = ex.segments
 
     qi = pl.program_id(0)
     if spec.causal:  # heaviest query blocks first: better tail balance
@@ -57,7 +57,7 @@ def _fwd_kernel(
     seg_range = None
     q_seg = None
     if ex.segments is not None:
-        seg_range = (seg_lo_ref[qi], seg_hi_ref[qi])
+        seg_range = tuple(r[qi] for r in seg_refs)
         q_seg = common.load_ids(q_seg_ref, q0, block_q, limit=q_tail)[:, None]
     slope = common.alibi_slope(ex, b, h)
     drop_key = common.dropout_key(ex, b, h, num_heads)
