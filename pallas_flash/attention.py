@@ -1,8 +1,11 @@
 """The differentiable FlashAttention op: ``flash_attention`` and its ``custom_vjp``.
 
 The forward saves only ``q, k, v, o`` and the per-row log-sum-exp as
-residuals; the backward recomputes the attention probabilities blockwise.
-Nothing of size ``Tq x Tk`` is ever stored, forward or backward.
+residuals (plus the side inputs: lengths, segment ids, the caller's own mask
+or bias, ALiBi slopes, the dropout seed); the backward recomputes the
+attention probabilities blockwise. Nothing of size ``Tq x Tk`` is ever
+created, forward or backward, except the bias gradient itself when the
+caller differentiates a dense bias.
 
 The kernels themselves live behind a backend (today ``pallas_flash.triton``,
 Pallas lowered through Triton); this module and the public API only see its

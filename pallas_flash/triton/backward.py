@@ -15,6 +15,16 @@ Three steps, none of which materialises an N x N tensor:
 Both kernels recompute ``P = exp2(S - lse2)`` blockwise and visit blocks in
 the same three loops as the forward: masked blocks before the fully visible
 ones, the fully visible ones with no mask at all, masked blocks after.
+
+With the optional features: the logits are rebuilt exactly as in the forward
+(bias tiles, ALiBi, soft-cap); dropout regenerates the forward's keep bits, so
+dV uses the dropped ``P * keep / (1 - rate)`` and ``dP`` flows only through
+kept weights (``delta = rowsum(dO * O)`` is unchanged); the soft-cap scales dS
+by ``1 - tanh^2``. The bias gradient is dS itself: the dQ kernel, which holds
+``[block_q, block_k]`` dS tiles, writes them into a zero-initialised
+``[B, N, Tq, Tk]`` buffer (only when the bias is being differentiated) and XLA
+sums it over the bias's broadcast dims; the ALiBi slopes' gradient is the dQ
+kernel's per-row sum of ``dS * (j - i)``.
 """
 
 from __future__ import annotations

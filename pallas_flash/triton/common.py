@@ -7,7 +7,9 @@ Conventions inside the kernels:
   ``+inf`` for rows that see no key, so that ``exp2(s - lse2)`` is exactly 0
   there without any per-element mask;
 - block ranges are split in three: masked blocks before, unmasked blocks,
-  masked blocks after. Blocks outside the range are never loaded.
+  masked blocks after. Blocks outside the range are never loaded. Causal,
+  window, lengths and segment ids (packed documents) all narrow the range;
+  a dense mask or bias does not (it is applied in every block it reaches).
 """
 
 from __future__ import annotations

@@ -6,6 +6,14 @@ chip, streams key/value blocks, and writes the output and the log-sum-exp.
 Key blocks are visited in three loops: masked blocks before the fully visible
 ones (window left edge), the fully visible ones without any mask, and masked
 blocks after (diagonal, window right edge, ragged tail, padded keys).
+
+Optional features are compiled in only when the spec has them: a dense mask
+or bias is read as ``[block_q, block_k]`` tiles of the caller's array (in
+every block: it carries no structure to skip on); ALiBi adds
+``slope * (j - i)`` from positions; the soft-cap maps ``scale * q.k`` to
+``cap * tanh(scale * q.k / cap)``; dropout zeroes the weights whose hashed
+keep bit (``pallas_flash.dropout``) is off in the P.V product only (the
+softmax denominator keeps every weight) and rescales by ``1 / (1 - rate)``.
 """
 
 from __future__ import annotations
