@@ -19,8 +19,12 @@ implementation ``"pallas"``) and ``jax.nn.dot_product_attention`` with
 ``implementation="xla"`` and ``"cudnn"`` given the equivalent arguments where
 jax.nn has them: segment ids become a dense ``[B, 1, T, T]`` boolean mask
 (built once, outside the timed function, as a user of jax.nn would), windows
-are ``local_window_size``; jax.nn has no soft-cap (n/a). Out-of-memory shows
-as OOM, unsupported as n/a.
+are ``local_window_size``; jax.nn has no soft-cap (n/a). For packed documents
+only, ``cudnn_packed`` is cuDNN's own packed layout (per-document sequence
+lengths and offsets, causal within each), which jax.nn does not expose: it is
+called through JAX's internal ``jax._src.cudnn.fused_attention_stablehlo``
+(a private API: ERR if it changed). Out-of-memory shows as OOM, unsupported
+as n/a.
 
 Every output is first checked against a float32 reference
 (``pallas_flash.reference.attention_reference``, one head at a time) and must
@@ -50,7 +54,7 @@ import numpy as np
 
 from benchmarks.report import md_table
 
-IMPLS = ("pallas_flash", "cudnn", "xla")
+IMPLS = ("pallas_flash", "cudnn", "xla", "cudnn_packed")
 PASSES = ("fwd", "fwd_bwd")
 TOL = 2e-2  # bf16
 
@@ -114,21 +118,21 @@ def problems(smoke: bool = False) -> list[Problem]:
     if smoke:  # tiny sizes for a CPU smoke run (interpret mode)
         t, n, d = 256, 2, 32
         return [
-            Problem("packed_docs", 1, t, n, d, doc_lens=packed_doc_lengths(t, 16, 64)),
+            Problem("causal", 1, t, n, d),
             Problem("window16", 1, t, n, d, window=16),
             Problem("window64", 1, t, n, d, window=64),
-            Problem("causal", 1, t, n, d),
             Problem("softcap50", 1, t, n, d, soft_cap=50.0),
-            Problem("causal_b", 1, t, n, d),
+            Problem("packed_docs", 1, t, n, d, doc_lens=packed_doc_lengths(t, 16, 64)),
         ]
     t = 16384
     return [
-        Problem("packed_docs_16k", 1, t, 16, 128, doc_lens=packed_doc_lengths(t, 1024, 4096)),
+        Problem("causal_16k", 1, t, 16, 128),
         Problem("window256_16k", 1, t, 16, 128, window=256),
         Problem("window4k_16k", 1, t, 16, 128, window=4096),
-        Problem("causal_16k", 1, t, 16, 128),
         Problem("softcap50_4k", 4, 4096, 16, 128, soft_cap=50.0),
         Problem("causal_4k", 4, 4096, 16, 128),
+        # Last: its cudnn_packed row goes through a private JAX API.
+        Problem("packed_docs_16k", 1, t, 16, 128, doc_lens=packed_doc_lengths(t, 1024, 4096)),
     ]
 
 
@@ -146,10 +150,53 @@ def extra_args(p: Problem, impl: str) -> dict:
 
     if p.doc_lens is None:
         return {}
+    if impl == "cudnn_packed":
+        seqlen, offsets = packed_lengths_offsets(p)
+        return {"seqlen": seqlen, "offsets": offsets}
     ids = jnp.asarray(segment_ids(p))
     if impl == "pallas_flash":
         return {"q_segment_ids": ids, "kv_segment_ids": ids}
     return {"mask": ids[:, None, :, None] == ids[:, None, None, :]}  # jax.nn has no segment ids
+
+
+def packed_lengths_offsets(p: Problem):
+    """cuDNN's packed layout: per-document lengths ``[B, M]`` and offsets ``[B, M + 1]`` (int32)."""
+    import jax.numpy as jnp
+
+    lens = np.asarray(p.doc_lens, np.int32)
+    offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    return (
+        jnp.asarray(np.broadcast_to(lens, (p.batch, lens.size))),
+        jnp.asarray(np.broadcast_to(offsets, (p.batch, offsets.size))),
+    )
+
+
+def _build_cudnn_packed(p: Problem) -> Callable:
+    import jax
+
+    if jax.default_backend() != "gpu":
+        raise NotImplementedError("cuDNN attention needs an NVIDIA GPU")
+    if p.doc_lens is None or p.soft_cap is not None or p.window is not None:
+        raise NotImplementedError("cudnn_packed is run for packed documents only")
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa
+
+    scale = 1.0 / float(np.sqrt(p.head_dim))
+
+    def f(q, k, v, extras):
+        seqlen, offsets = extras["seqlen"], extras["offsets"]
+        return cudnn_fa.dot_product_attention(
+            q,
+            k,
+            v,
+            q_seqlen=seqlen,
+            kv_seqlen=seqlen,
+            q_offsets=offsets,
+            kv_offsets=offsets,
+            scale=scale,
+            mask_type=cudnn_fa.MaskType.PADDING_CAUSAL,
+        )
+
+    return f
 
 
 def build(p: Problem, impl: str, interpret: bool | None) -> Callable:
@@ -159,6 +206,8 @@ def build(p: Problem, impl: str, interpret: bool | None) -> Callable:
     import pallas_flash
 
     window = None if p.window is None else (p.window, 0)
+    if impl == "cudnn_packed":
+        return _build_cudnn_packed(p)
     if impl == "pallas_flash":
 
         def f(q, k, v, extras):
@@ -253,6 +302,8 @@ def run_problem(p: Problem, impls: Sequence[str], opts, on_record: Callable[[dic
             f = build(p, impl, opts.interpret)
             extras = extra_args(p, impl)
         except Exception as e:  # noqa: BLE001 - every failure is a table cell
+            if impl == "cudnn_packed" and p.doc_lens is None:
+                continue  # only meant for packed documents: no row elsewhere
             for pass_ in opts.passes:
                 on_record(dict(base, **{"pass": pass_}, status=classify_exception(e), message=short_message(e)))
             continue
@@ -312,7 +363,9 @@ def table(records: list[dict], probs: Sequence[Problem], impls: Sequence[str]) -
             return "—"
         if r["status"] != "ok":
             return r["status"]
-        return f"{r['time_s'] * 1e3:.2f}" if what == "ms" else f"{r['tflops']:.1f}"
+        if what == "ms":
+            return f"{r['time_s'] * 1e3:.2f}"
+        return f"{r['tflops']:.1f}" if r["tflops"] >= 10 else f"{r['tflops']:.3g}"
 
     rows = []
     for p in probs:
@@ -348,6 +401,48 @@ def speedup_line(records: list[dict], window: str, causal: str) -> str | None:
         f"pallas_flash forward+backward, {window} vs {causal}: {w['time_s'] * 1e3:.2f} ms vs "
         f"{c['time_s'] * 1e3:.2f} ms = **{ratio:.1f}x faster** (target >= 8x)"
     )
+
+
+def report_text(records, probs, impls, dev, opts, skipped, *, done: bool) -> str:
+    lines = [
+        f"# Masked attention: {dev.name}",
+        "",
+        f"jax {dev.jax_version}; bf16; "
+        + ("tiny smoke shapes, interpret mode" if opts.smoke else "heads 16, D 128")
+        + ("" if done else " (partial: run in progress)"),
+        "",
+        "TFLOP/s count only visible (unmasked) (query, key) pairs: 4·B·N·D per pair forward, "
+        "3.5x forward+backward. err: output vs a float32 reference (FAIL above 2e-2; "
+        "gradients must be finite). OOM / n/a / ERR: out of memory / no equivalent argument / other error.",
+        "",
+        table(records, probs, impls),
+    ]
+    names = [p.name for p in probs]
+    for w, c in (("window256_16k", "causal_16k"), ("window16", "causal")):
+        if w in names and c in names:
+            line = speedup_line(records, w, c)
+            if line:
+                lines += ["", line]
+    if skipped:
+        lines += ["", f"Skipped (time budget {opts.time_budget:.0f} s): {', '.join(skipped)}"]
+    notes = {}
+    for r in records:  # one line per (problem, impl, message)
+        if r["status"] != "ok" and r.get("message"):
+            notes.setdefault((r["problem"], r["impl"], r["message"]), []).append(r["pass"])
+    if notes:
+        lines += ["", "Not run / failed:", ""]
+        lines += [f"- {prob} {impl} ({', '.join(passes)}): {msg}" for (prob, impl, msg), passes in notes.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write(out: pathlib.Path | None, text: str, records: list[dict]) -> None:
+    if out is None:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "masks.md").write_text(text)
+    with open(out / "masks.jsonl", "w") as fh:
+        for r in records:
+            fh.write(json.dumps(r, default=str) + "\n")
 
 
 def parse_args(argv):
@@ -402,47 +497,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     start = time.perf_counter()
     skipped = []
+    text = ""
     for p in probs:
         if time.perf_counter() - start > opts.time_budget:
             skipped.append(p.name)
             continue
         print(f"== {p.name}: {p.describe()}, visible {100 * p.dense_fraction:.2f}% of T^2", flush=True)
         run_problem(p, impls, opts, on_record)
-
-    lines = [
-        f"# Masked attention: {dev.name}",
-        "",
-        f"jax {dev.jax_version}; bf16; heads 16, D 128 (smoke: tiny shapes, interpret mode)"
-        if opts.smoke
-        else f"jax {dev.jax_version}; bf16; heads 16, D 128",
-        "",
-        "TFLOP/s count only visible (unmasked) (query, key) pairs: 4·B·N·D per pair forward, "
-        "3.5x forward+backward. err: output vs a float32 reference (FAIL above 2e-2; "
-        "gradients must be finite). OOM / n/a / ERR: out of memory / no equivalent argument / other error.",
-        "",
-        table(records, probs, impls),
-    ]
-    names = [p.name for p in probs]
-    for w in ("window256_16k", "window16"):
-        c = "causal_16k" if w == "window256_16k" else "causal"
-        if w in names and c in names:
-            line = speedup_line(records, w, c)
-            if line:
-                lines += ["", line]
-    if skipped:
-        lines += ["", f"Skipped (time budget {opts.time_budget:.0f} s): {', '.join(skipped)}"]
-    problems_ = [r for r in records if r["status"] not in ("ok",) and r.get("message")]
-    if problems_:
-        lines += ["", "Problems:", ""] + [f"- {r['problem']} {r['impl']} {r['pass']}: {r['message']}" for r in problems_]
-    text = "\n".join(lines) + "\n"
+        text = report_text(records, probs, impls, dev, opts, skipped, done=False)
+        write(opts.out, text, records)  # a partial report survives a crash in a later problem
+    text = report_text(records, probs, impls, dev, opts, skipped, done=True)
+    write(opts.out, text, records)
     print()
     print(text)
     if opts.out is not None:
-        opts.out.mkdir(parents=True, exist_ok=True)
-        (opts.out / "masks.md").write_text(text)
-        with open(opts.out / "masks.jsonl", "w") as fh:
-            for r in records:
-                fh.write(json.dumps(r, default=str) + "\n")
         print(f"wrote {opts.out / 'masks.md'} and {opts.out / 'masks.jsonl'}")
     return 0
 

@@ -15,7 +15,7 @@ visible element is outside the range the kernels loop over.
 from __future__ import annotations
 
 import dataclasses
-import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -704,3 +704,23 @@ def test_features_under_jit_and_vmap(seed):
     xs = [jnp.stack([x, -x]) for x in (q, k, v)]
     batched = jax.vmap(lambda q, k, v: f(q, k, v, bias, mask, slopes, key))(*xs)
     assert rel_err(batched[0], eager) < 1e-6
+
+
+# ------------------------------------------------------------ the benchmark script
+
+
+def test_masks_benchmark_smoke(tmp_path):
+    """``python -m benchmarks.masks --smoke``: tiny problems run, are checked and make the table."""
+    from benchmarks import masks
+
+    problem = masks.problems()[-1]
+    assert problem.name == "packed_docs_16k" and sum(problem.doc_lens) == 16384
+    assert all(1024 <= n <= 4096 for n in problem.doc_lens)
+    assert masks.Problem("w", 1, 16384, 16, 128, window=256).visible_pairs() == sum(min(i + 1, 257) for i in range(16384))
+    rc = masks.main(["--smoke", "--problems", "causal,window16,packed_docs", "--out", str(tmp_path)])
+    assert rc == 0
+    text = (tmp_path / "masks.md").read_text()
+    records = [json.loads(line) for line in (tmp_path / "masks.jsonl").read_text().splitlines()]
+    ours = [r for r in records if r["impl"] == "pallas_flash"]
+    assert len(ours) == 6 and all(r["status"] == "ok" and r["err"] < 2e-2 for r in ours)
+    assert "window16 vs causal" in text and "| packed_docs" in text
