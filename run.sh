@@ -28,7 +28,7 @@ has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>
 
 setup() {
   local stamp="$VENV/.installed" want
-  want="$(cat pyproject.toml; has_gpu && echo cuda)"
+  want="$(cat pyproject.toml; if has_gpu; then echo cuda; fi)"
   if [ -x "$VENV/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     return 0
   fi
@@ -42,7 +42,7 @@ setup() {
   "$py" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
   local extras="dev"
-  has_gpu && extras="dev,cuda"
+  if has_gpu; then extras="dev,cuda"; fi
   "$VENV/bin/python" -m pip install -q -e ".[$extras]"
   echo "$want" > "$stamp"
 }
