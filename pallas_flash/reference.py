@@ -73,8 +73,14 @@ def attention_reference(
 ):
     """Attention on ``[B, T, N, H]`` inputs in the inputs' own dtype.
 
+    Logits: ``scale * q.k``, then ``cap * tanh(logits / cap)`` with
+    ``logits_soft_cap``, then ``+ bias`` and ``+ slope[b, h] * (j - i)`` with
+    ``alibi_slopes`` (``[N]`` or ``[B, N]``; query ``i``, key ``j`` counted
+    from 0, top-left aligned like ``is_causal``), then the masks.
     ``dropout_mask``, when given, is the boolean keep-mask ``[B, N, Tq, Tk]``
-    (the kernels generate theirs in place; tests pass the same mask here).
+    (the kernels generate theirs in place with ``pallas_flash.dropout``; tests
+    pass ``pallas_flash.dropout.full_keep_mask`` here): kept weights are scaled
+    by ``1 / (1 - dropout_rate)``, after the softmax.
     Returns the output ``[B, Tq, N, H]`` and, with ``return_lse``, the natural
     log-sum-exp ``[B, N, Tq]`` (``-inf`` for rows that see no key).
     """

@@ -709,6 +709,7 @@ def test_features_under_jit_and_vmap(seed):
 # ------------------------------------------------------------ the benchmark script
 
 
+@pytest.mark.skipif(ON_GPU, reason="on a GPU the benchmark itself runs (python -m benchmarks.masks)")
 def test_masks_benchmark_smoke(tmp_path):
     """``python -m benchmarks.masks --smoke``: tiny problems run, are checked and make the table."""
     from benchmarks import masks
