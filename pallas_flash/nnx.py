@@ -22,12 +22,12 @@ materialises the ``[B, N, Tq, Tk]`` attention weights:
 
 * ``sow_weights=True`` (Flax passes ``module=``) raises ``ValueError``.
 * ``precision`` is ignored: the kernel accumulates in float32.
-* ``broadcast_dropout`` is ignored: the dropout pattern is whatever the chosen
-  backend draws. Dropout arguments are only forwarded to
+* ``broadcast_dropout`` is ignored: the Pallas kernels draw an independent
+  keep bit per (batch, head, query, key) from a hash of the dropout key.
+  Dropout arguments are only forwarded to
   :func:`pallas_flash.dot_product_attention` when dropout is actually on
-  (``dropout_rate > 0`` and not ``deterministic``); backends without
-  attention dropout (the Pallas kernels for now) reject such calls, so train
-  without attention-probability dropout or pick a backend that has it.
+  (``dropout_rate > 0`` and not ``deterministic``); jax.nn's ``"xla"`` and
+  ``"cudnn"`` have no attention dropout and raise ``NotImplementedError``.
 * A query row that can see no key at all outputs zeros (Flax averages all
   values uniformly).
 """

@@ -78,27 +78,20 @@ def test_config_validation_names_the_field():
 
 
 @pytest.mark.parametrize(
-    "make, kwargs",
-    [
-        (lambda: qkv(h=8), {}),
-        (lambda: qkv(h=512), {}),
-        (lambda: qkv(dtype=jnp.float64) if jax.config.jax_enable_x64 else None, {}),
-        (qkv, dict(bias=jnp.zeros((1, 2, 8, 8)))),
-        (qkv, dict(mask=jnp.ones((1, 2, 8, 8), bool))),
-    ],
-    ids=["head_dim_8", "head_dim_512", "float64", "bias", "mask"],
+    "make, x64",
+    [(lambda: qkv(h=8), False), (lambda: qkv(h=512), False), (lambda: qkv(dtype=jnp.float64), True)],
+    ids=["head_dim_8", "head_dim_512", "float64"],
 )
-def test_unsupported_raises_not_implemented_and_falls_back(make, kwargs):
-    args = make()
-    if args is None:
-        pytest.skip("float64 inputs need jax_enable_x64")
-    with pytest.raises(NotImplementedError):
-        pf.dot_product_attention(*args, implementation="pallas", **kwargs)
-    got = pf.dot_product_attention(*args, implementation=("pallas", "xla"), **kwargs)
-    want = jax.nn.dot_product_attention(*args, implementation="xla", **kwargs)
-    assert rel_err(got, want) < 1e-6
-    with pytest.warns(UserWarning, match="falling back"):
-        pf.dot_product_attention(*args, **kwargs)
+def test_unsupported_raises_not_implemented_and_falls_back(make, x64):
+    with jax.enable_x64(x64):
+        args = make()
+        with pytest.raises(NotImplementedError):
+            pf.dot_product_attention(*args, implementation="pallas")
+        got = pf.dot_product_attention(*args, implementation=("pallas", "xla"))
+        want = jax.nn.dot_product_attention(*args, implementation="xla")
+        assert rel_err(got, want) < 1e-6
+        with pytest.warns(UserWarning, match="falling back"):
+            pf.dot_product_attention(*args)
 
 
 def test_cudnn_without_gpu_is_not_implemented():

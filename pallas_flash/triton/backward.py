@@ -115,7 +115,9 @@ def _dkdv_kernel(
         do = common.load_tile(do_ref, q0, block_q, limit=limit, dmask=dmask, head=g)
         lse2 = common.load_row_stat(lse2_ref, q0, block_q, limit=limit, other=jnp.inf, head=g)
         delta = common.load_row_stat(delta_ref, q0, block_q, limit=limit, other=0.0, head=g)
-        q_pos = q0 + lax.broadcasted_iota(jnp.int32, (1, block_q), 1)
+        q_pos = None  # query positions only where something reads them
+        if masked or not spec.plain_logits or spec.has_dropout:
+            q_pos = q0 + lax.broadcasted_iota(jnp.int32, (1, block_q), 1)
         s_t = common.dot(k, q, trans_b=True)  # [bk, bq]
         t_t = None
         if spec.plain_logits:
@@ -135,13 +137,14 @@ def _dkdv_kernel(
             vis = tile if vis is None else (vis & tile)
         if vis is not None:
             p_t = jnp.where(vis, p_t, 0.0)
-        dp_t = common.dot(v, do, trans_b=True)  # [bk, bq]
+        # dV before dP: the order of the products the H100 measurements were taken with.
         if drop_key is not None:  # dV sees the dropped P; dP flows only through kept weights
             keep_t = common.dropout_keep(drop_key, q_pos, k_pos, spec=spec)
             dv = dv + common.dot((jnp.where(keep_t, p_t, 0.0) * inv_keep).astype(do.dtype), do)
-            dp_t = jnp.where(keep_t, dp_t, 0.0) * inv_keep
+            dp_t = jnp.where(keep_t, common.dot(v, do, trans_b=True), 0.0) * inv_keep
         else:
             dv = dv + common.dot(p_t.astype(do.dtype), do)  # [bk, dp]
+            dp_t = common.dot(v, do, trans_b=True)  # [bk, bq]
         ds_t = p_t * (dp_t - delta[None, :])
         if t_t is not None:  # through the soft-cap: d(cap*tanh(x/cap))/dx = 1 - tanh^2
             ds_t = ds_t * (1.0 - t_t * t_t)
@@ -236,7 +239,9 @@ def _dq_kernel(
         limit = k_tail if masked else None
         k = common.load_tile(k_ref, k0, block_k, limit=limit, dmask=dmask)
         v = common.load_tile(v_ref, k0, block_k, limit=limit, dmask=dmask)
-        k_pos = k0 + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
+        k_pos = None  # key positions only where something reads them
+        if masked or not spec.plain_logits or spec.has_dropout:
+            k_pos = k0 + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
         s = common.dot(q, k, trans_b=True)  # [bq, bk]
         t = None
         if spec.plain_logits:

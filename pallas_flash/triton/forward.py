@@ -84,7 +84,10 @@ def _fwd_kernel(
         k = common.load_tile(k_ref, k0, block_k, limit=limit, dmask=dmask)
         v = common.load_tile(v_ref, k0, block_k, limit=limit, dmask=dmask)
         s = common.dot(q, k, trans_b=True)  # raw logits
-        k_pos = k0 + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
+        # Key positions only where something reads them: the plain unmasked loop stays index-free.
+        k_pos = None
+        if masked or not spec.plain_logits or spec.has_dropout:
+            k_pos = k0 + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
         if spec.plain_logits:
             s_scale = c  # the scale folds into the exp2's FMA
         else:
