@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -144,54 +145,56 @@ def _dropout_args(dropout_rate, dropout_rng):
     return rate, seed
 
 
-def _pallas(
-    query,
-    key,
-    value,
-    bias,
-    mask,
-    *,
-    scale,
-    is_causal,
-    q_lengths,
-    kv_lengths,
-    window,
-    q_seg,
-    kv_seg,
-    slopes,
-    soft_cap,
-    dropout_rate,
-    dropout_seed,
-    config,
-    interpret,
-):
+class _Call(NamedTuple):
+    """One call's validated arguments, as every implementation receives them."""
+
+    query: jax.Array
+    key: jax.Array
+    value: jax.Array
+    bias: jax.Array | None
+    mask: jax.Array | None
+    scale: float
+    is_causal: bool
+    q_lengths: jax.Array | None
+    kv_lengths: jax.Array | None
+    window: tuple[int, int] | None
+    q_seg: jax.Array | None
+    kv_seg: jax.Array | None
+    slopes: jax.Array | None
+    soft_cap: float | None
+    dropout_rate: float
+    dropout_seed: jax.Array | None
+
+
+def _pallas(call: _Call, *, config, interpret):
+    query, bias, mask, slopes = call.query, call.bias, call.mask, call.slopes
     _validate.check_kernel_support(query)
     if bias is not None and jnp.dtype(bias.dtype) not in [jnp.dtype(d) for d in _validate.SUPPORTED_DTYPES]:
         raise NotImplementedError(f"the Pallas kernels take a bfloat16, float16 or float32 bias, got {bias.dtype}")
     spec = AttentionSpec(
-        scale=scale,
-        causal=bool(is_causal),
-        window=window,
-        has_q_lengths=q_lengths is not None,
-        has_kv_lengths=kv_lengths is not None,
-        has_segments=q_seg is not None,
+        scale=call.scale,
+        causal=bool(call.is_causal),
+        window=call.window,
+        has_q_lengths=call.q_lengths is not None,
+        has_kv_lengths=call.kv_lengths is not None,
+        has_segments=call.q_seg is not None,
         mask_shape=None if mask is None else tuple(mask.shape),
         bias_shape=None if bias is None else tuple(bias.shape),
         has_alibi=slopes is not None,
-        soft_cap=soft_cap,
-        dropout_rate=dropout_rate,
+        soft_cap=call.soft_cap,
+        dropout_rate=call.dropout_rate,
     )
     inputs = AttentionInputs(
-        q_lengths,
-        kv_lengths,
-        q_seg,
-        kv_seg,
+        call.q_lengths,
+        call.kv_lengths,
+        call.q_seg,
+        call.kv_seg,
         mask=mask,
         bias=bias,
         alibi_slopes=None if slopes is None else slopes.astype(jnp.float32),
-        dropout_seed=dropout_seed,
+        dropout_seed=call.dropout_seed,
     )
-    return flash_attention_op(query, key, value, inputs, spec=spec, config=config, interpret=interpret)
+    return flash_attention_op(query, call.key, call.value, inputs, spec=spec, config=config, interpret=interpret)
 
 
 def _alibi_bias(slopes, seq_q: int, seq_k: int):
@@ -200,50 +203,32 @@ def _alibi_bias(slopes, seq_q: int, seq_k: int):
     return slopes.astype(jnp.float32)[:, :, None, None] * rel
 
 
-def _jax_nn(
-    query,
-    key,
-    value,
-    bias,
-    mask,
-    *,
-    scale,
-    is_causal,
-    q_lengths,
-    kv_lengths,
-    window,
-    q_seg,
-    kv_seg,
-    slopes,
-    soft_cap,
-    dropout_rate,
-    dropout_seed,
-    implementation,
-):
+def _jax_nn(call: _Call, *, implementation: str):
+    query, key, bias, mask, q_seg, kv_seg = call.query, call.key, call.bias, call.mask, call.q_seg, call.kv_seg
     if implementation == "cudnn" and jax.default_backend() != "gpu":
         raise NotImplementedError("implementation='cudnn' needs an NVIDIA GPU")
-    if soft_cap is not None:
+    if call.soft_cap is not None:
         raise NotImplementedError(f"jax.nn {implementation} attention has no logits_soft_cap")
-    if dropout_rate > 0.0:
+    if call.dropout_rate > 0.0:
         raise NotImplementedError(f"jax.nn {implementation} attention has no attention dropout")
     if q_seg is not None:  # jax.nn has no segment ids: express them as a mask
         seg_mask = (q_seg[:, None, :, None] == kv_seg[:, None, None, :])
         mask = seg_mask if mask is None else (jnp.asarray(mask, bool) & seg_mask)
-    if slopes is not None:  # nor ALiBi: express it as a bias
-        alibi = _alibi_bias(slopes, query.shape[1], key.shape[1])
+    if call.slopes is not None:  # nor ALiBi: express it as a bias
+        alibi = _alibi_bias(call.slopes, query.shape[1], key.shape[1])
         bias = alibi if bias is None else bias + alibi.astype(bias.dtype)
     try:
         return jax.nn.dot_product_attention(
             query,
             key,
-            value,
+            call.value,
             bias,
             mask,
-            scale=scale,
-            is_causal=is_causal,
-            query_seq_lengths=q_lengths,
-            key_value_seq_lengths=kv_lengths,
-            local_window_size=window,
+            scale=call.scale,
+            is_causal=call.is_causal,
+            query_seq_lengths=call.q_lengths,
+            key_value_seq_lengths=call.kv_lengths,
+            local_window_size=call.window,
             implementation=implementation,
         )
     except (ValueError, TypeError) as e:
@@ -343,25 +328,16 @@ def dot_product_attention(
         if impl not in IMPLEMENTATIONS:
             raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} (or a sequence of them), got {impl!r}")
 
-    common = dict(
-        scale=scale,
-        is_causal=is_causal,
-        q_lengths=q_lengths,
-        kv_lengths=kv_lengths,
-        window=window,
-        q_seg=q_seg,
-        kv_seg=kv_seg,
-        slopes=slopes,
-        soft_cap=soft_cap,
-        dropout_rate=dropout_rate,
-        dropout_seed=dropout_seed,
+    call = _Call(
+        query, key, value, bias, mask, scale, is_causal, q_lengths, kv_lengths, window, q_seg, kv_seg,
+        slopes, soft_cap, dropout_rate, dropout_seed,
     )
     reasons = []
     for impl in order:
         try:
             if impl == "pallas":
-                return _pallas(query, key, value, bias, mask, config=config, interpret=interpret, **common)
-            return _jax_nn(query, key, value, bias, mask, implementation=impl, **common)
+                return _pallas(call, config=config, interpret=interpret)
+            return _jax_nn(call, implementation=impl)
         except NotImplementedError as e:
             reasons.append(f"{impl}: {e}")
             if auto:
