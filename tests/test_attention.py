@@ -149,3 +149,14 @@ def test_long_sequence_no_quadratic_memory():
     out, grads = step(q, k, v)
     for x in (out, *grads):
         assert bool(jnp.isfinite(x.astype(jnp.float32)).all())
+
+
+def test_under_enable_x64(seed):
+    """With jax_enable_x64 the kernels' indices stay int32 (static loop bounds would default to int64)."""
+    shape = Shape("x64", 1, 40, 27, 2, 1, 16)
+    with jax.enable_x64(True):
+
+        def fn(q, k, v):
+            return pf.flash_attention(q, k, v, causal=True, config=CONFIG)
+
+        check_fn_against_reference(fn, shape, jnp.float32, seed, is_causal=True)
