@@ -115,7 +115,8 @@ def seq_bucket(n: int) -> int:
     return b
 
 
-def _pad_pow2(d: int) -> int:
+def padded_head_dim(d: int) -> int:
+    """The head dim the kernels' tiles use: the next power of two, at least 16 (also the table key)."""
     p = 16
     while p < d:
         p *= 2
@@ -128,9 +129,9 @@ _SHIPPED_TABLES = {"H100": "h100.json", "H200": "h100.json"}  # same SM and shar
 _CONFIG_DIR = pathlib.Path(__file__).parent / "configs"
 
 
-def _heuristic(head_dim: int, dtype: Any, causal: bool, seq_q: int, seq_k: int) -> FlashConfig:
+def _heuristic(head_dim: int, dtype: Any) -> FlashConfig:
     """For GPUs and shapes no table covers: the H100 winners by head dim, smaller tiles where they would not fit."""
-    d = _pad_pow2(head_dim)
+    d = padded_head_dim(head_dim)
     itemsize = jax.numpy.dtype(dtype).itemsize
     if itemsize >= 4 or d > 128:
         # fp32 operands or 256-wide heads double the shared memory of every tile.
@@ -156,7 +157,7 @@ def user_cache_path() -> pathlib.Path:
 
 def config_key(head_dim: int, dtype: Any, causal: bool, seq_q: int) -> str:
     """The lookup key of one tuned config: padded head dim, dtype, causal, sequence bucket."""
-    return f"d{_pad_pow2(head_dim)}|{jax.numpy.dtype(dtype).name}|causal={bool(causal)}|n{seq_bucket(seq_q)}"
+    return f"d{padded_head_dim(head_dim)}|{jax.numpy.dtype(dtype).name}|causal={bool(causal)}|n{seq_bucket(seq_q)}"
 
 
 @functools.cache
@@ -221,4 +222,4 @@ def default_config(
             entry = _lookup(table, head_dim, dtype, causal, seq_q)
             if entry is not None:
                 return FlashConfig.from_dict(entry)
-    return _heuristic(head_dim, dtype, causal, seq_q, seq_k)
+    return _heuristic(head_dim, dtype)

@@ -37,7 +37,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_flash.config import BackwardConfig
+from pallas_flash.config import BackwardConfig, padded_head_dim
 from pallas_flash.spec import LOG2E, AttentionInputs, AttentionSpec
 from pallas_flash.triton import common
 
@@ -322,7 +322,7 @@ def flash_backward(
     batch, seq_q, num_heads, head_dim = q.shape
     _, seq_k, num_kv_heads, _ = k.shape
     group = num_heads // num_kv_heads
-    dp = common.pad_pow2(head_dim)
+    dp = padded_head_dim(head_dim)
     causal = spec.causal
 
     # Step 1: the preprocess, in XLA.

@@ -76,10 +76,6 @@ def dot(a, b, *, trans_a: bool = False, trans_b: bool = False):
     return plgpu.dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=precision)
 
 
-def pad_pow2(d: int) -> int:
-    return max(16, pl.next_power_of_2(d))
-
-
 def col_mask(head_dim: int, head_dim_padded: int):
     """``[1, Dp]`` mask of the real head-dim columns, or None when none are padding."""
     if head_dim == head_dim_padded:

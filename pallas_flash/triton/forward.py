@@ -26,7 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_flash.config import ForwardConfig
+from pallas_flash.config import ForwardConfig, padded_head_dim
 from pallas_flash.spec import LOG2E, AttentionInputs, AttentionSpec
 from pallas_flash.triton import common
 
@@ -170,7 +170,7 @@ def flash_forward(
     batch, seq_q, num_heads, head_dim = q.shape
     _, seq_k, num_kv_heads, _ = k.shape
     group = num_heads // num_kv_heads
-    dp = common.pad_pow2(head_dim)
+    dp = padded_head_dim(head_dim)
     block_q = min(config.block_q, max(16, pl.next_power_of_2(seq_q)))
     block_k = min(config.block_k, max(16, pl.next_power_of_2(seq_k)))
     nq = pl.cdiv(seq_q, block_q)
