@@ -448,7 +448,7 @@ def write(out: pathlib.Path | None, text: str, records: list[dict]) -> None:
 def parse_args(argv):
     ap = argparse.ArgumentParser(prog="python -m benchmarks.masks", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=pathlib.Path, default=None, help="directory for masks.md and masks.jsonl")
-    ap.add_argument("--problems", default=None, help="comma-separated problem names (default: all)")
+    ap.add_argument("--problems", default=None, help="comma-separated problem names, run in that order (default: all)")
     ap.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated, from {','.join(IMPLS)}")
     ap.add_argument("--min-time", type=float, default=0.3, help="seconds of timing samples per function")
     ap.add_argument("--time-budget", type=float, default=420.0, help="skip the remaining problems after this many seconds")
@@ -484,7 +484,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         unknown = set(wanted) - {p.name for p in probs}
         if unknown:
             raise SystemExit(f"unknown problems {sorted(unknown)}; choose from {[p.name for p in probs]}")
-        probs = [p for p in probs if p.name in wanted]
+        by_name = {p.name: p for p in probs}
+        probs = [by_name[w] for w in dict.fromkeys(wanted)]  # in the order asked for
 
     dev = device_info()
     print(f"device: {dev.name} x{dev.count}, jax {dev.jax_version}", flush=True)

@@ -93,8 +93,7 @@ def test_matches_jax_nn_xla(seed):
     shape = Shape("tq_gt_tk", 2, 40, 24, 4, 2, 32)
     q, k, v, _ = random_inputs(shape, jnp.float32, seed)
     ours = pf.dot_product_attention(q, k, v, is_causal=True, implementation="pallas")
-    with jax.default_matmul_precision("highest"):  # no TF32 in the XLA reference on a GPU
-        theirs = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+    theirs = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
     assert rel_err(ours, theirs) < 1e-4
 
 
@@ -119,8 +118,7 @@ def test_transformations_jit_vmap_grad(seed):
     def ref_loss(q, k, v):
         return jnp.vdot(attention_reference(q, k, v, is_causal=True), ct)
 
-    with jax.default_matmul_precision("highest"):  # no TF32 in the XLA reference on a GPU
-        want = jax.grad(ref_loss, argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(ref_loss, argnums=(0, 1, 2))(q, k, v)
     for got in (jax.grad(loss, argnums=(0, 1, 2))(q, k, v), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)):
         for g, w in zip(got, want):
             assert rel_err(g, w) < 1e-4
@@ -129,8 +127,7 @@ def test_transformations_jit_vmap_grad(seed):
     xs = [jnp.stack([x, 2 * x, -x]) for x in (q, k, v)]
     got = jax.jit(jax.vmap(lambda q, k, v: pf.flash_attention(q, k, v, causal=True)))(*xs)
     for i in range(3):
-        with jax.default_matmul_precision("highest"):
-            want_i = attention_reference(xs[0][i], xs[1][i], xs[2][i], is_causal=True)
+        want_i = attention_reference(xs[0][i], xs[1][i], xs[2][i], is_causal=True)
         assert rel_err(got[i], want_i) < 1e-4
 
 

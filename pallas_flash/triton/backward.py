@@ -98,8 +98,8 @@ def _dkdv_kernel(
     )
     if kv_len is not None:  # the block straddling kv_len needs the element mask everywhere
         straddles = (k0 + block_k) > kv_len
-        flo = jnp.where(straddles, lo, flo)
-        fhi = jnp.where(straddles, lo, fhi)
+        flo = common.where_index(straddles, lo, flo)
+        fhi = common.where_index(straddles, lo, fhi)
 
     def dense_tile(ref, q0, q_limit, other, g):
         # [block_q, block_k] tile of the (b, query head) plane, transposed to [bk, bq].

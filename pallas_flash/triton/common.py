@@ -55,9 +55,17 @@ def _min(a, b):
     return jnp.minimum(a, b)
 
 
-def _where(cond, a, b):
+def where_index(cond, a, b):
+    """``jnp.where`` for scalar block indices, which may be Python ints.
+
+    Python-int branches become int32 constants first: the Triton lowering of
+    ``select_n`` gives a weakly typed literal branch the predicate's type
+    (i1), a module Triton then rejects.
+    """
     if isinstance(cond, bool):
         return a if cond else b
+    a = jnp.asarray(a, jnp.int32) if isinstance(a, int) else a
+    b = jnp.asarray(b, jnp.int32) if isinstance(b, int) else b
     return jnp.where(cond, a, b)
 
 
@@ -197,7 +205,7 @@ def kv_block_range(
     kmin = 0 if left is None else _max(q0 - left, 0)  # visible keys of the block: [kmin, kmax)
     kmax = kv_valid if right is None else _min(kv_valid, q1 + right + 1)
     lo = fdiv(kmin, block_k)
-    hi = _where(kmax > kmin, cdiv(_max(kmax, 0), block_k), lo)
+    hi = where_index(kmax > kmin, cdiv(_max(kmax, 0), block_k), lo)
     flo = 0 if left is None else cdiv(_max(q1 - left, 0), block_k)
     fhi = fdiv(kv_valid, block_k)
     if right is not None:
@@ -208,7 +216,7 @@ def kv_block_range(
         flo = _max(flo, seg_range[2])
         fhi = _min(fhi, seg_range[3])
     if q_len is not None:
-        hi = jnp.where(q0 < q_len, hi, lo)
+        hi = where_index(q0 < q_len, hi, lo)
     hi = _max(hi, lo)
     flo = _clip(flo, lo, hi)
     fhi = _clip(fhi, flo, hi)
@@ -244,7 +252,7 @@ def q_block_range(
     qmin = 0 if right is None else _max(k0 - right, 0)  # queries that see the block: [qmin, qmax)
     qmax = q_valid if left is None else _min(q_valid, k1 + left + 1)
     lo = fdiv(qmin, block_q)
-    hi = _where(qmax > qmin, cdiv(_max(qmax, 0), block_q), lo)
+    hi = where_index(qmax > qmin, cdiv(_max(qmax, 0), block_q), lo)
     flo = 0 if right is None else cdiv(_max(k1 - right, 0), block_q)
     fhi = _min(hi, seq_q // block_q)  # a ragged last query block loads under a row mask
     if left is not None:
@@ -255,7 +263,7 @@ def q_block_range(
         flo = _max(flo, seg_range[2])
         fhi = _min(fhi, seg_range[3])
     if kv_len is not None:
-        hi = jnp.where(k0 < kv_len, hi, lo)
+        hi = where_index(k0 < kv_len, hi, lo)
     hi = _max(hi, lo)
     flo = _clip(flo, lo, hi)
     fhi = _clip(fhi, flo, hi)
