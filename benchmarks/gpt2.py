@@ -25,6 +25,11 @@ Run from the repository root::
 
     PYTHONPATH=. python3 -m benchmarks.gpt2            # full report (GPU)
     PYTHONPATH=. python3 -m benchmarks.gpt2 --quick    # smoke run
+    PYTHONPATH=. python3 -m benchmarks.gpt2 --loss-steps 0 --profile 5   # where the step time goes
+
+``--profile N`` traces N more steps of each run with ``jax.profiler`` and adds a
+table of GPU kernel time per step by category (attention, matmul, copy, other:
+``benchmarks.profile``) and the largest kernels.
 """
 
 from __future__ import annotations
@@ -62,22 +67,25 @@ class RunSpec:
     model: str = "gpt2"
     seed: int = 0
     lr: float = 6e-4
+    profile_steps: int = 0  # if > 0, trace this many more steps: GPU kernel time by category
 
 
-def _plan(quick: bool, on_gpu: bool, impls: tuple[str, ...]) -> list[RunSpec]:
+def _plan(quick: bool, on_gpu: bool, impls: tuple[str, ...], *, loss_steps: int | None = None,
+          profile_steps: int = 0) -> list[RunSpec]:
     if quick and not on_gpu:  # CPU smoke test of the script itself
         shapes, model, steps = [(64, 2), (128, 1)], "tiny", (2, 3, 12)
     elif quick:
         shapes, model, steps = [(1024, 16), (4096, 4)], "gpt2", (3, 5, 20)
     else:
         shapes, model, steps = [(1024, 16), (4096, 4)], "gpt2", (5, 30, 300)
-    warmup, timed, loss_steps = steps
+    warmup, timed, default_loss_steps = steps
+    loss_steps = default_loss_steps if loss_steps is None else loss_steps
     specs = []
     for i, (seq_len, batch) in enumerate(shapes):
         for impl in impls:
             curve = i == 0 and impl in ("pallas", "xla")
             specs.append(RunSpec(impl, seq_len, batch, warmup, timed,
-                                 loss_steps if curve else 0, model))
+                                 loss_steps if curve else 0, model, profile_steps=profile_steps))
     return specs
 
 
@@ -135,6 +143,21 @@ def _worker(spec: RunSpec) -> dict[str, Any]:
         if not np.isfinite(losses[-1]):
             raise FloatingPointError(f"loss is {losses[-1]} at step {i}")
 
+    profile = None
+    if spec.profile_steps:  # after the timed steps, so the trace does not slow them
+        from benchmarks.profile import kernel_breakdown
+
+        step = [total]
+
+        def one_step():
+            nonlocal params, opt_state
+            x, y = (jax.device_put(a) for a in sampler.batch(step[0]))
+            params, opt_state, m = step_fn(params, opt_state, x, y, np.int32(step[0]), key)
+            jax.block_until_ready(m)
+            step[0] += 1
+
+        profile = kernel_breakdown(one_step, spec.profile_steps)
+
     step_s = statistics.median(times)
     tokens_per_s = spec.batch_size * spec.seq_len / step_s
     fpt = gpt2.flops_per_token(mcfg, spec.seq_len)
@@ -154,6 +177,7 @@ def _worker(spec: RunSpec) -> dict[str, Any]:
         "peak_bytes": peak,
         "compile_s": compile_s,
         "losses": losses if spec.loss_steps else losses[: spec.warmup_steps + spec.timed_steps],
+        "profile": profile,
     }
 
 
@@ -254,6 +278,23 @@ def render_markdown(info: dict[str, Any], specs: list[RunSpec], results: list[di
             f"| {1e3 * r['step_s_median']:.1f} | {_gib(r['peak_bytes'])} | {r['compile_s']:.1f} "
             f"| {speedup} |"
         )
+    profiled = [(s, r) for s, r in zip(specs, results) if r.get("ok") and r.get("profile")]
+    if profiled:
+        from benchmarks.profile import CATEGORIES
+
+        lines += ["", f"## Where the step time goes ({specs[0].profile_steps} traced steps, "
+                  "GPU kernel time per step, ms)", "",
+                  "| T | attention backend | step | kernels | " + " | ".join(CATEGORIES) + " |",
+                  "|---:|---|---:|---:|" + "---:|" * len(CATEGORIES)]
+        for s, r in profiled:
+            prof = r["profile"]
+            cats = " | ".join(f"{prof['ms_per_step'][c]:.1f}" for c in CATEGORIES)
+            lines.append(f"| {s.seq_len} | {s.attention} | {1e3 * r['step_s_median']:.1f} "
+                         f"| {prof['kernel_ms_per_step']:.1f} | {cats} |")
+        lines += ["", "Largest kernels (ms per step):", ""]
+        for s, r in profiled:
+            top = ", ".join(f"`{name[:60]}` {ms:.2f}" for name, ms in r["profile"]["top"][:6])
+            lines.append(f"- T={s.seq_len} {s.attention}: {top}")
     curves = {s.attention: r["losses"] for s, r in zip(specs, results)
               if s.loss_steps and r.get("ok")}
     if curves:
@@ -310,6 +351,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", type=pathlib.Path, default=RESULTS,
                    help="results root; files go to <out-dir>/<device-slug>/ (default benchmarks/results)")
     p.add_argument("--timeout", type=float, default=420.0, help="seconds allowed per subprocess")
+    p.add_argument("--loss-steps", type=int, default=None,
+                   help="steps of the pallas/xla loss comparison at T=1024 (default 300; 0: none)")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="trace STEPS more steps per run and report GPU kernel time by category "
+                        "(attention, matmul, copy, other) and the largest kernels")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -331,7 +377,9 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--attention takes a comma-separated subset of {IMPLEMENTATIONS}, got {args.attention!r}")
     else:
         impls = IMPLEMENTATIONS if on_gpu else ("xla",)
-    specs = _plan(args.quick, on_gpu, impls)
+    if args.loss_steps is not None and args.loss_steps < 0 or args.profile < 0:
+        p.error("--loss-steps and --profile take a number of steps >= 0")
+    specs = _plan(args.quick, on_gpu, impls, loss_steps=args.loss_steps, profile_steps=args.profile)
     print(f"device: {info['device_kind']}; {len(specs)} runs", flush=True)
 
     results = []

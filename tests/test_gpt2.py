@@ -160,3 +160,56 @@ def test_benchmark_report_helpers(tmp_path):
     assert "failed: OOM" in md and "max |pallas - xla|" in md
     assert bench.plot_losses(specs, results, tmp_path / "x.png")
     assert (tmp_path / "x.png").stat().st_size > 0
+
+
+XSPACE = """
+planes {
+  name: "/device:GPU:0"
+  lines { name: "Stream #13(Compute)"
+    events { metadata_id: 1 offset_ps: 0 duration_ps: 4000000000 }
+    events { metadata_id: 2 offset_ps: 5000000000 duration_ps: 2000000000 }
+    events { metadata_id: 3 offset_ps: 8000000000 duration_ps: 1000000000 }
+    events { metadata_id: 4 offset_ps: 9000000000 duration_ps: 500000000 }
+    events { metadata_id: 1 offset_ps: 9600000000 duration_ps: 4000000000 } }
+  lines { name: "XLA Ops" events { metadata_id: 1 offset_ps: 0 duration_ps: 4000000000 } }
+  event_metadata { key: 1 value { id: 1 name: "pallas_flash_bwd_dkdv" } }
+  event_metadata { key: 2 value { id: 2 name: "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTT" } }
+  event_metadata { key: 3 value { id: 3 name: "loop_multiply_fusion_3" } }
+  event_metadata { key: 4 value { id: 4 name: "cudnn_generated_fort_native_sdpa_sm90_flash_fprop" } }
+}
+planes { name: "/host:CPU" lines { name: "python" events { metadata_id: 1 duration_ps: 99000000000 } }
+  event_metadata { key: 1 value { id: 1 name: "pallas_flash_fwd" } } }
+"""
+
+
+def test_profile_breakdown_reads_gpu_streams_only():
+    """Kernel times per step by category, from the compute streams of the GPU plane alone."""
+    from jax.profiler import ProfileData
+
+    from benchmarks import profile
+
+    data = ProfileData.from_serialized_xspace(ProfileData.text_proto_to_serialized_xspace(XSPACE))
+    ns = profile.gpu_kernel_ns(data)
+    assert ns == {"pallas_flash_bwd_dkdv": 8e6, "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTT": 2e6,
+                  "loop_multiply_fusion_3": 1e6, "cudnn_generated_fort_native_sdpa_sm90_flash_fprop": 0.5e6}
+    summary = profile.summarize(ns, steps=2)
+    assert summary["ms_per_step"] == pytest.approx({"attention": 4.25, "matmul": 1.0, "copy": 0.0, "other": 0.5})
+    assert summary["kernel_ms_per_step"] == pytest.approx(5.75)
+    assert summary["top"][0] == ("pallas_flash_bwd_dkdv", pytest.approx(4.0))
+    host_only = ProfileData.from_serialized_xspace(ProfileData.text_proto_to_serialized_xspace(
+        XSPACE[XSPACE.index("planes { name: \"/host"):]))
+    assert profile.gpu_kernel_ns(host_only) is None  # a CPU trace has no GPU plane
+
+
+def test_benchmark_report_profile_table():
+    from benchmarks import gpt2 as bench
+
+    specs = bench._plan(quick=False, on_gpu=True, impls=("pallas",), loss_steps=0, profile_steps=3)
+    assert all(s.profile_steps == 3 and s.loss_steps == 0 for s in specs)
+    prof = {"ms_per_step": {"attention": 5.0, "matmul": 20.0, "copy": 0.1, "other": 30.0},
+            "kernel_ms_per_step": 55.1, "top": [["nvjet_x", 3.0], ["pallas_flash_fwd", 1.5]]}
+    r = {"ok": True, "params": 124e6, "tokens_per_s": 1e5, "mfu": 0.2, "step_s_median": 0.06,
+         "peak_bytes": 2**30, "compile_s": 20.0, "losses": [5.0], "profile": prof}
+    md = bench.render_markdown({"device_kind": "H100", "platform": "gpu", "jax": "0"}, specs, [r, r], None, False)
+    assert "| 1024 | pallas | 60.0 | 55.1 | 5.0 | 20.0 | 0.1 | 30.0 |" in md
+    assert "`nvjet_x` 3.00" in md
