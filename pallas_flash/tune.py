@@ -28,7 +28,6 @@ import jax.numpy as jnp
 
 from pallas_flash.attention import flash_attention
 from pallas_flash.config import (
-    BackwardConfig,
     FlashConfig,
     ForwardConfig,
     config_key,

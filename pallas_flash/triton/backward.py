@@ -229,9 +229,13 @@ def _dq_kernel(
     lse2 = common.load_row_stat(lse2_ref, q0, block_q, limit=q_tail, other=jnp.inf)
     delta = common.load_row_stat(delta_ref, q0, block_q, limit=q_tail, other=0.0)
     q_pos = q0 + lax.broadcasted_iota(jnp.int32, (block_q, 1), 0)
-    kv_limit = k_tail
-    if kv_len is not None:
-        kv_limit = kv_len if k_tail is None else jnp.minimum(kv_len, seq_k)
+    tiles = common.QueryBlockTiles(
+        ex, spec, q0, q_pos, block_q, block_k, q_tail, k_tail,
+        kv_limit=common.kv_visible_limit(kv_len, k_tail, seq_k),
+        q_seg=q_seg,
+        kv_seg_ref=kv_seg_ref if ex.segments is not None else None,
+        slope=slope,
+    )
 
     def body(kb, carry, *, masked: bool):
         dq, dslope = carry
@@ -247,20 +251,9 @@ def _dq_kernel(
         if spec.plain_logits:
             s = s * c
         else:
-            bias = None
-            if ex.bias is not None:
-                bias = common.load_qk_tile(ex.bias, q0, k0, block_q, block_k, q_limit=q_tail, k_limit=limit, other=0.0)
-            s, t = common.log2_logits(s, spec=spec, q_pos=q_pos, k_pos=k_pos, bias=bias, slope=slope)
+            s, t = tiles.logits(s, k0, k_pos, limit)
         p = jnp.exp2(s - lse2[:, None])
-        vis = None
-        if masked:
-            k_seg = None
-            if q_seg is not None:
-                k_seg = common.load_ids(kv_seg_ref, k0, block_k, limit=k_tail)[None, :]
-            vis = common.visible(q_pos, k_pos, spec=spec, kv_limit=kv_limit, q_seg=q_seg, k_seg=k_seg)
-        if ex.mask is not None:
-            tile = common.load_qk_tile(ex.mask, q0, k0, block_q, block_k, q_limit=q_tail, k_limit=limit, other=False)
-            vis = tile if vis is None else (vis & tile)
+        vis = tiles.visible(k0, k_pos, masked=masked, k_limit=limit)
         if vis is not None:
             p = jnp.where(vis, p, 0.0)
         dp_ = common.dot(do, v, trans_b=True)  # [bq, bk]
@@ -323,7 +316,6 @@ def flash_backward(
     _, seq_k, num_kv_heads, _ = k.shape
     group = num_heads // num_kv_heads
     dp = padded_head_dim(head_dim)
-    causal = spec.causal
 
     # Step 1: the preprocess, in XLA.
     delta = jnp.einsum("bqnh,bqnh->bnq", o.astype(jnp.float32), do.astype(jnp.float32))

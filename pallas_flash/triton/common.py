@@ -521,3 +521,57 @@ def dropout_key(ex: Extras, b, head, num_heads: int):
 
 def dropout_keep(key, q_pos, k_pos, *, spec: AttentionSpec):
     return dropout.keep_mask(key, q_pos, k_pos, rate=spec.dropout_rate)
+
+
+def kv_visible_limit(kv_len, k_tail: int | None, seq_k: int):
+    """The exclusive key bound the element mask applies: ``kv_len`` (clipped to ``seq_k``), the ragged tail, or None."""
+    if kv_len is None:
+        return k_tail
+    return kv_len if k_tail is None else jnp.minimum(kv_len, seq_k)
+
+
+@dataclasses.dataclass(frozen=True)
+class QueryBlockTiles:
+    """Logits and visibility of the ``[block_q, block_k]`` tiles of one query block.
+
+    The forward and dQ kernels (one program per query block) build it once,
+    after loading their query block. Then they call ``logits`` and ``visible``
+    for each key block their loops visit.
+    """
+
+    ex: Extras
+    spec: AttentionSpec
+    q0: object
+    q_pos: object  # [block_q, 1] int32
+    block_q: int
+    block_k: int
+    q_tail: int | None
+    k_tail: int | None
+    kv_limit: object  # kv_visible_limit
+    q_seg: object = None  # [block_q, 1] segment ids, or None
+    kv_seg_ref: object = None
+    slope: object = None
+
+    def logits(self, s, k0, k_pos, k_limit):
+        """``log2_logits`` of the raw tile ``s`` at key block ``k0``, with its bias tile."""
+        bias = None
+        if self.ex.bias is not None:
+            bias = load_qk_tile(
+                self.ex.bias, self.q0, k0, self.block_q, self.block_k, q_limit=self.q_tail, k_limit=k_limit, other=0.0
+            )
+        return log2_logits(s, spec=self.spec, q_pos=self.q_pos, k_pos=k_pos, bias=bias, slope=self.slope)
+
+    def visible(self, k0, k_pos, *, masked: bool, k_limit):
+        """The tile's element mask (structural masks in masked blocks, a dense mask anywhere), or None."""
+        vis = None
+        if masked:
+            k_seg = None
+            if self.q_seg is not None:
+                k_seg = load_ids(self.kv_seg_ref, k0, self.block_k, limit=self.k_tail)[None, :]
+            vis = visible(self.q_pos, k_pos, spec=self.spec, kv_limit=self.kv_limit, q_seg=self.q_seg, k_seg=k_seg)
+        if self.ex.mask is not None:
+            tile = load_qk_tile(
+                self.ex.mask, self.q0, k0, self.block_q, self.block_k, q_limit=self.q_tail, k_limit=k_limit, other=False
+            )
+            vis = tile if vis is None else (vis & tile)
+        return vis

@@ -73,9 +73,13 @@ def _fwd_kernel(
     q = common.load_tile(q_ref, q0, block_q, limit=q_tail, dmask=dmask)
     c = spec.scale * LOG2E
     q_pos = q0 + lax.broadcasted_iota(jnp.int32, (block_q, 1), 0)
-    kv_limit = kv_len if kv_len is not None else (k_tail)
-    if kv_len is not None and k_tail is not None:
-        kv_limit = jnp.minimum(kv_len, seq_k)
+    tiles = common.QueryBlockTiles(
+        ex, spec, q0, q_pos, block_q, block_k, q_tail, k_tail,
+        kv_limit=common.kv_visible_limit(kv_len, k_tail, seq_k),
+        q_seg=q_seg,
+        kv_seg_ref=kv_seg_ref if ex.segments is not None else None,
+        slope=slope,
+    )
 
     def body(kb, carry, *, masked: bool):
         acc, m, l = carry
@@ -91,20 +95,9 @@ def _fwd_kernel(
         if spec.plain_logits:
             s_scale = c  # the scale folds into the exp2's FMA
         else:
-            bias = None
-            if ex.bias is not None:
-                bias = common.load_qk_tile(ex.bias, q0, k0, block_q, block_k, q_limit=q_tail, k_limit=limit, other=0.0)
-            s, _ = common.log2_logits(s, spec=spec, q_pos=q_pos, k_pos=k_pos, bias=bias, slope=slope)
+            s, _ = tiles.logits(s, k0, k_pos, limit)
             s_scale = None
-        vis = None
-        if masked:
-            k_seg = None
-            if q_seg is not None:
-                k_seg = common.load_ids(kv_seg_ref, k0, block_k, limit=k_tail)[None, :]
-            vis = common.visible(q_pos, k_pos, spec=spec, kv_limit=kv_limit, q_seg=q_seg, k_seg=k_seg)
-        if ex.mask is not None:
-            tile = common.load_qk_tile(ex.mask, q0, k0, block_q, block_k, q_limit=q_tail, k_limit=limit, other=False)
-            vis = tile if vis is None else (vis & tile)
+        vis = tiles.visible(k0, k_pos, masked=masked, k_limit=limit)
         if vis is not None:
             s = jnp.where(vis, s, -jnp.inf)
         # m is the running max in the log2 domain (c > 0 commutes with max).
