@@ -147,14 +147,14 @@ def _worker(spec: RunSpec) -> dict[str, Any]:
     if spec.profile_steps:  # after the timed steps, so the trace does not slow them
         from benchmarks.profile import kernel_breakdown
 
-        step = [total]
+        step = total
 
         def one_step():
-            nonlocal params, opt_state
-            x, y = (jax.device_put(a) for a in sampler.batch(step[0]))
-            params, opt_state, m = step_fn(params, opt_state, x, y, np.int32(step[0]), key)
+            nonlocal params, opt_state, step
+            x, y = (jax.device_put(a) for a in sampler.batch(step))
+            params, opt_state, m = step_fn(params, opt_state, x, y, np.int32(step), key)
             jax.block_until_ready(m)
-            step[0] += 1
+            step += 1
 
         profile = kernel_breakdown(one_step, spec.profile_steps)
 

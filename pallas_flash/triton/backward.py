@@ -218,7 +218,7 @@ def _dq_kernel(
     seg_range = None
     q_seg = None
     if ex.segments is not None:
-        q_seg_ref, kv_seg_ref, *seg_refs = ex.segments
+        q_seg_ref, _, *seg_refs = ex.segments
         seg_range = tuple(r[qi] for r in seg_refs)
         q_seg = common.load_ids(q_seg_ref, q0, block_q, limit=q_tail)[:, None]
     slope = common.alibi_slope(ex, b, h)
@@ -233,7 +233,6 @@ def _dq_kernel(
         ex, spec, q0, q_pos, block_q, block_k, q_tail, k_tail,
         kv_limit=common.kv_visible_limit(kv_len, k_tail, seq_k),
         q_seg=q_seg,
-        kv_seg_ref=kv_seg_ref if ex.segments is not None else None,
         slope=slope,
     )
 

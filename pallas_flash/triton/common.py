@@ -548,8 +548,7 @@ class QueryBlockTiles:
     q_tail: int | None
     k_tail: int | None
     kv_limit: object  # kv_visible_limit
-    q_seg: object = None  # [block_q, 1] segment ids, or None
-    kv_seg_ref: object = None
+    q_seg: object = None  # [block_q, 1] segment ids (then ``ex.segments`` holds the key ids), or None
     slope: object = None
 
     def logits(self, s, k0, k_pos, k_limit):
@@ -567,7 +566,7 @@ class QueryBlockTiles:
         if masked:
             k_seg = None
             if self.q_seg is not None:
-                k_seg = load_ids(self.kv_seg_ref, k0, self.block_k, limit=self.k_tail)[None, :]
+                k_seg = load_ids(self.ex.segments[1], k0, self.block_k, limit=self.k_tail)[None, :]
             vis = visible(self.q_pos, k_pos, spec=self.spec, kv_limit=self.kv_limit, q_seg=self.q_seg, k_seg=k_seg)
         if self.ex.mask is not None:
             tile = load_qk_tile(

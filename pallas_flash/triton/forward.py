@@ -47,7 +47,7 @@ def _fwd_kernel(
 ):
     ex, (o_ref, lse_ref) = common.unpack_extras(refs, spec)
     if ex.segments is not None:
-        q_seg_ref, kv_seg_ref, *seg_refs = ex.segments
+        q_seg_ref, _, *seg_refs = ex.segments
 
     qi = pl.program_id(0)
     if spec.causal:  # heaviest query blocks first: better tail balance
@@ -77,7 +77,6 @@ def _fwd_kernel(
         ex, spec, q0, q_pos, block_q, block_k, q_tail, k_tail,
         kv_limit=common.kv_visible_limit(kv_len, k_tail, seq_k),
         q_seg=q_seg,
-        kv_seg_ref=kv_seg_ref if ex.segments is not None else None,
         slope=slope,
     )
 
