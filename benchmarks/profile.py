@@ -1,7 +1,7 @@
 """Where a jitted step's GPU time goes: kernel time per step from a ``jax.profiler`` trace.
 
-``kernel_breakdown(run, steps)`` traces ``steps`` calls of ``run()`` (each call
-synchronised by the caller), reads the trace's GPU plane and sums each kernel's
+``kernel_breakdown(run, steps)`` traces one call of ``run()``, which runs
+``steps`` steps and waits for them, reads the trace's GPU plane and sums each kernel's
 duration on the compute streams. Kernels are grouped by name:
 
 * ``attention``: pallas_flash's kernels (``pallas_flash_*``), cuDNN's fused
@@ -38,9 +38,12 @@ def category(kernel: str) -> str:
     return "other"
 
 
-def gpu_kernel_ns(profile_data) -> dict[str, float] | None:
-    """Total nanoseconds per kernel name on the GPU compute streams, or None without a GPU plane."""
-    totals: dict[str, float] = collections.defaultdict(float)
+def gpu_kernel_events(profile_data) -> list[tuple[float, float, str]] | None:
+    """``(start_ns, end_ns, name)`` of every kernel on the GPU compute streams, sorted by start.
+
+    None without a GPU plane (a CPU trace).
+    """
+    events = []
     found = False
     for plane in profile_data.planes:
         if not plane.name.startswith("/device:GPU"):
@@ -49,12 +52,48 @@ def gpu_kernel_ns(profile_data) -> dict[str, float] | None:
         for line in plane.lines:
             if not line.name.startswith("Stream"):  # skip the derived "XLA Ops"/"XLA Modules" lines
                 continue
-            for event in line.events:
-                totals[event.name] += event.duration_ns
-    return dict(totals) if found else None
+            events.extend((e.start_ns, e.start_ns + e.duration_ns, e.name) for e in line.events)
+    return sorted(events) if found else None
 
 
-def summarize(kernel_ns: dict[str, float], steps: int, top: int = 10) -> dict[str, Any]:
+def gpu_kernel_ns(profile_data) -> dict[str, float] | None:
+    """Total nanoseconds per kernel name on the GPU compute streams, or None without a GPU plane."""
+    events = gpu_kernel_events(profile_data)
+    return None if events is None else _kernel_totals(events)
+
+
+def _kernel_totals(events: list[tuple[float, float, str]]) -> dict[str, float]:
+    totals: dict[str, float] = collections.defaultdict(float)
+    for start, end, name in events:
+        totals[name] += end - start
+    return dict(totals)
+
+
+def idle_gaps(events: list[tuple[float, float, str]], steps: int, top: int = 15) -> dict[str, Any]:
+    """When the GPU runs no kernel between the first and the last one traced.
+
+    Returns the idle milliseconds per step, the kernel launches per step, and
+    the ``top`` kernels that the GPU waited longest for (idle time summed over
+    the gaps that end with that kernel's start), which points at host-side
+    launch overhead or synchronisation.
+    """
+    idle_before: dict[str, float] = collections.defaultdict(float)
+    idle = 0.0
+    busy_until = None
+    for start, end, name in events:
+        if busy_until is not None and start > busy_until:
+            idle += start - busy_until
+            idle_before[name] += start - busy_until
+        busy_until = end if busy_until is None else max(busy_until, end)
+    ranked = sorted(idle_before.items(), key=lambda kv: -kv[1])[:top]
+    return {
+        "idle_ms_per_step": idle / steps / 1e6,
+        "launches_per_step": len(events) / steps,
+        "idle_before": [(name, ns / steps / 1e6) for name, ns in ranked],
+    }
+
+
+def summarize(kernel_ns: dict[str, float], steps: int, top: int = 40) -> dict[str, Any]:
     """Milliseconds per step by category, their sum, and the ``top`` kernels by time."""
     per_step = {name: ns / steps / 1e6 for name, ns in kernel_ns.items()}
     cats = {c: 0.0 for c in CATEGORIES}
@@ -65,16 +104,18 @@ def summarize(kernel_ns: dict[str, float], steps: int, top: int = 10) -> dict[st
 
 
 def kernel_breakdown(run: Callable[[], Any], steps: int) -> dict[str, Any] | None:
-    """Trace ``steps`` calls of ``run`` and summarise the GPU kernel time per step (None on a CPU)."""
+    """Trace one call of ``run``, which runs ``steps`` steps and waits for them, and
+    summarise the GPU kernel time and idle time per step (None on a CPU)."""
     import jax
     from jax.profiler import ProfileData
 
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d):
-            for _ in range(steps):
-                run()
+            run()
         paths = sorted(glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
         if not paths:
             return None
-        kernel_ns = gpu_kernel_ns(ProfileData.from_file(paths[-1]))
-    return None if kernel_ns is None else summarize(kernel_ns, steps)
+        events = gpu_kernel_events(ProfileData.from_file(paths[-1]))
+    if events is None:
+        return None
+    return {**summarize(_kernel_totals(events), steps), **idle_gaps(events, steps)}

@@ -43,7 +43,7 @@ def test_forward_shapes_and_dtypes():
     model = gpt2.GPT(cfg, rngs=nnx.Rngs(0))
     idx = jnp.zeros((3, 40), jnp.int32)
     logits = model(idx)
-    assert logits.shape == (3, 40, 256) and logits.dtype == jnp.float32
+    assert logits.shape == (3, 40, 256) and logits.dtype == jnp.bfloat16  # compute dtype
     params = jax.tree.leaves(nnx.state(model, nnx.Param))
     assert {p.dtype for p in params} == {jnp.dtype(jnp.float32)}
     assert cfg.dtype == "bfloat16"
@@ -51,6 +51,34 @@ def test_forward_shapes_and_dtypes():
         model(jnp.zeros((1, cfg.block_size + 1), jnp.int32))
     with pytest.raises(ValueError, match="idx"):
         model(jnp.zeros((4,), jnp.int32))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cross_entropy_matches_optax(dtype):
+    """Values and gradients (random cotangent) of the fused-gradient cross-entropy."""
+    import optax
+
+    k1, k2, k3 = jax.random.split(jax.random.key(7), 3)
+    logits = (3 * jax.random.normal(k1, (2, 5, 37))).astype(dtype)
+    labels = jax.random.randint(k2, (2, 5), 0, 37)
+    ct = jax.random.normal(k3, (2, 5))
+
+    def ref(x):  # float64 on the same (rounded) logits
+        return optax.softmax_cross_entropy_with_integer_labels(x.astype(jnp.float64), labels)
+
+    with jax.enable_x64(True):
+        want, ref_vjp = jax.vjp(ref, logits)
+        (want_grad,) = ref_vjp(ct.astype(jnp.float64))
+    got, vjp = jax.vjp(lambda x: gpt2.cross_entropy(x, labels), logits)
+    (grad,) = vjp(ct)
+    assert got.dtype == jnp.float32 and grad.dtype == logits.dtype
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    tol = 1e-6 if dtype == "float32" else 8e-3  # the gradient is rounded to bf16
+    np.testing.assert_allclose(np.asarray(grad, np.float64), want_grad, rtol=tol, atol=tol)
+    with pytest.raises(ValueError, match="labels"):
+        gpt2.cross_entropy(logits, labels[:, :4])
+    with pytest.raises(ValueError, match="labels"):
+        gpt2.cross_entropy(logits, labels.astype(jnp.float32))
 
 
 def test_tied_embeddings():
@@ -196,6 +224,11 @@ def test_profile_breakdown_reads_gpu_streams_only():
     assert summary["ms_per_step"] == pytest.approx({"attention": 4.25, "matmul": 1.0, "copy": 0.0, "other": 0.5})
     assert summary["kernel_ms_per_step"] == pytest.approx(5.75)
     assert summary["top"][0] == ("pallas_flash_bwd_dkdv", pytest.approx(4.0))
+    gaps = profile.idle_gaps(profile.gpu_kernel_events(data), steps=2)
+    # idle: 4->5 ms before the gemm, 7->8 ms before the fusion, 9.5->9.6 ms before dkdv
+    assert gaps["idle_ms_per_step"] == pytest.approx(1.05)
+    assert gaps["launches_per_step"] == 2.5
+    assert gaps["idle_before"][0] == ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTT", pytest.approx(0.5))
     host_only = ProfileData.from_serialized_xspace(ProfileData.text_proto_to_serialized_xspace(
         XSPACE[XSPACE.index("planes { name: \"/host"):]))
     assert profile.gpu_kernel_ns(host_only) is None  # a CPU trace has no GPU plane
@@ -207,9 +240,11 @@ def test_benchmark_report_profile_table():
     specs = bench._plan(quick=False, on_gpu=True, impls=("pallas",), loss_steps=0, profile_steps=3)
     assert all(s.profile_steps == 3 and s.loss_steps == 0 for s in specs)
     prof = {"ms_per_step": {"attention": 5.0, "matmul": 20.0, "copy": 0.1, "other": 30.0},
-            "kernel_ms_per_step": 55.1, "top": [["nvjet_x", 3.0], ["pallas_flash_fwd", 1.5]]}
+            "kernel_ms_per_step": 55.1, "top": [["nvjet_x", 3.0], ["pallas_flash_fwd", 1.5]],
+            "idle_ms_per_step": 4.9, "launches_per_step": 1200.0, "idle_before": [["loop_add", 0.7]]}
     r = {"ok": True, "params": 124e6, "tokens_per_s": 1e5, "mfu": 0.2, "step_s_median": 0.06,
          "peak_bytes": 2**30, "compile_s": 20.0, "losses": [5.0], "profile": prof}
     md = bench.render_markdown({"device_kind": "H100", "platform": "gpu", "jax": "0"}, specs, [r, r], None, False)
-    assert "| 1024 | pallas | 60.0 | 55.1 | 5.0 | 20.0 | 0.1 | 30.0 |" in md
+    assert "| 1024 | pallas | 60.0 | 55.1 | 5.0 | 20.0 | 0.1 | 30.0 | 4.9 | 1200 |" in md
+    assert "`loop_add` 0.70" in md
     assert "`nvjet_x` 3.00" in md

@@ -275,8 +275,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, gr
 
     def loss_fn(params, x, y, dropout_rng):
         model = nnx.merge(graphdef, params)
-        logits = model(x, dropout_rng=dropout_rng)  # [B, T, V] float32
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        logits = model(x, dropout_rng=dropout_rng)  # [B, T, V] in the compute dtype
+        return gpt2.cross_entropy(logits, y).mean()
 
     grad_fn = jax.value_and_grad(loss_fn)
 
