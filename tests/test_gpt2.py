@@ -82,7 +82,7 @@ def test_cross_entropy_matches_optax(dtype):
 
 
 def test_tied_embeddings():
-    model = gpt2.GPT(_tiny(dtype="float32"), rngs=nnx.Rngs(0))
+    model = gpt2.GPT(_tiny(dtype="float32", residual_dtype="float32"), rngs=nnx.Rngs(0))
     names = {
         jax.tree_util.keystr(path)
         for path, _ in jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))
@@ -116,7 +116,7 @@ def test_gpt2_initialisation():
 
 
 def test_causal():
-    model = gpt2.GPT(_tiny(dtype="float32"), rngs=nnx.Rngs(0))
+    model = gpt2.GPT(_tiny(dtype="float32", residual_dtype="float32"), rngs=nnx.Rngs(0))
     idx = jax.random.randint(jax.random.key(0), (2, 16), 0, 256)
     a = model(idx)
     b = model(idx.at[:, 10].set((idx[:, 10] + 1) % 256))
@@ -125,7 +125,7 @@ def test_causal():
 
 
 def test_dropout_only_with_a_key():
-    model = gpt2.GPT(_tiny(dtype="float32", dropout=0.2), rngs=nnx.Rngs(0))
+    model = gpt2.GPT(_tiny(dtype="float32", residual_dtype="float32", dropout=0.2), rngs=nnx.Rngs(0))
     idx = jnp.zeros((1, 8), jnp.int32)
     np.testing.assert_array_equal(model(idx), model(idx))
     assert not np.allclose(model(idx, dropout_rng=jax.random.key(1)), model(idx))
@@ -150,6 +150,8 @@ def test_config_errors():
         gpt2.GPTConfig(attention="flash")
     with pytest.raises(ValueError, match="dtype"):
         gpt2.GPTConfig(dtype="float99")
+    with pytest.raises(ValueError, match="residual_dtype"):
+        gpt2.GPTConfig(residual_dtype="half-ish")
     with pytest.raises(ValueError, match="n_layer"):
         gpt2.GPTConfig(n_layer=0)
 
