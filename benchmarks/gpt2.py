@@ -8,10 +8,9 @@ compute, fp32 parameters, AdamW: the ``python -m train`` step) at
 
 once per attention backend (``pallas``, ``xla``, ``cudnn``), each in a fresh
 subprocess so that peak-memory numbers do not mix. For each it reports
-tokens/s in steady state (steps dispatched back to back, as a long
-``python -m train`` run sees them: after the warm-up steps and a ramp window
-that fills the dispatch queue, windows of 10 steps each timed from the end of
-the one before while the next is already queued; the median window), MFU (FLOPs per token
+tokens/s (steps dispatched back to back as ``python -m train`` runs them,
+timed in windows of 10 synchronised at their ends; the median window; the
+first warm-up steps and compilation excluded), MFU (FLOPs per token
 ``6 N + 12 L T D`` over a 989 TFLOP/s dense bf16 peak on H100/H200) and peak GPU
 memory (``memory_stats()["peak_bytes_in_use"]``). At T=1024 the ``pallas`` and
 ``xla`` runs go on to 300 steps from the same seed and data (the Python
@@ -113,7 +112,7 @@ def _worker(spec: RunSpec) -> dict[str, Any]:
         base, block_size=max(base.block_size, spec.seq_len), attention=spec.attention,
         dtype="bfloat16",
     )
-    total = max(spec.warmup_steps + TIMING_WINDOW + spec.timed_steps, spec.loss_steps)
+    total = max(spec.warmup_steps + spec.timed_steps, spec.loss_steps)
     tcfg = TrainConfig(config=spec.model, steps=max(total, 2), lr=spec.lr, warmup=min(100, total // 10))
     tx, _ = make_optimizer(tcfg)
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: gpt2.GPT(mcfg, rngs=nnx.Rngs(0))))
@@ -131,60 +130,43 @@ def _worker(spec: RunSpec) -> dict[str, Any]:
     )
     key = jax.random.key(spec.seed)
 
-    pending: dict[int, Any] = {}  # step -> metrics not yet read back
     losses, times = [], []
+    compile_s = None
 
-    def dispatch(first: int, n: int) -> None:
-        """Queue steps ``first .. first+n-1`` without waiting (the host prepares the next
-        batch while the GPU works, as ``python -m train`` does)."""
+    def steps(first: int, n: int) -> float:
+        """Train steps ``first .. first+n-1`` dispatched back to back, as ``python -m train``
+        does (the host prepares the next batch while the GPU works); waits for the last
+        and returns the mean seconds per step."""
         nonlocal params, opt_state
+        t0 = time.perf_counter()
+        metrics = []
         for i in range(first, first + n):
             x, y = (jax.device_put(a) for a in sampler.batch(i))
-            params, opt_state, pending[i] = step_fn(params, opt_state, x, y, np.int32(i), key)
-
-    def wait(step: int) -> float:
-        """Block until ``step`` is done; read back the losses up to it; return the time."""
-        jax.block_until_ready(pending[step])
-        t = time.perf_counter()
-        for i in sorted(k for k in pending if k <= step):
-            losses.append(float(pending.pop(i)["loss"]))
+            params, opt_state, m = step_fn(params, opt_state, x, y, np.int32(i), key)
+            metrics.append(m)
+        jax.block_until_ready(metrics)
+        dt = (time.perf_counter() - t0) / n
+        for i, m in enumerate(metrics, first):
+            losses.append(float(m["loss"]))
             if not np.isfinite(losses[-1]):
                 raise FloatingPointError(f"loss is {losses[-1]} at step {i}")
-        return t
+        return dt
 
-    compile_s = None
     for i in range(spec.warmup_steps):  # one at a time: the first compiles
-        t0 = time.perf_counter()
-        dispatch(i, 1)
-        compile_s = wait(i) - t0 if i == 0 else compile_s
-    # Steady state: a ramp window fills the queue, then each window is timed from the
-    # end of the one before, observed while the next is already queued, so the GPU
-    # never drains inside the timed region and host dispatch overlaps GPU work.
-    done = spec.warmup_steps + TIMING_WINDOW
-    dispatch(spec.warmup_steps, TIMING_WINDOW)
-    prev_end = None
-    while done < spec.warmup_steps + TIMING_WINDOW + spec.timed_steps:
-        n = min(TIMING_WINDOW, spec.warmup_steps + TIMING_WINDOW + spec.timed_steps - done)
-        dispatch(done, n)
-        end = wait(done - 1)  # the previous window's last step
-        if prev_end is not None:
-            times.append((end - prev_end) / last_n)
-        prev_end, last_n, done = end, n, done + n
-    times.append((wait(done - 1) - prev_end) / last_n)
+        dt = steps(i, 1)
+        compile_s = dt if i == 0 else compile_s
+    done = spec.warmup_steps
+    while done < spec.warmup_steps + spec.timed_steps:
+        n = min(TIMING_WINDOW, spec.warmup_steps + spec.timed_steps - done)
+        times.append(steps(done, n))
+        done += n
     if total > done:  # the rest of the loss curve
-        dispatch(done, total - done)
-        wait(total - 1)
-
-    def steps(first: int, n: int) -> None:
-        dispatch(first, n)
-        wait(first + n - 1)
-
+        steps(done, total - done)
     profile = None
     if spec.profile_steps:  # after the timed steps, so the trace does not slow them
         from benchmarks.profile import kernel_breakdown
 
-        start = max(total, done)
-        profile = kernel_breakdown(lambda: steps(start, spec.profile_steps), spec.profile_steps)
+        profile = kernel_breakdown(lambda: steps(total, spec.profile_steps), spec.profile_steps)
 
     step_s = statistics.median(times)
     tokens_per_s = spec.batch_size * spec.seq_len / step_s
@@ -204,7 +186,7 @@ def _worker(spec: RunSpec) -> dict[str, Any]:
         "mfu": tokens_per_s * fpt / PEAK_FLOPS if on_gpu else None,
         "peak_bytes": peak,
         "compile_s": compile_s,
-        "losses": losses[: spec.loss_steps] if spec.loss_steps else losses[:total],
+        "losses": losses[:total] if spec.loss_steps else losses[: spec.warmup_steps + spec.timed_steps],
         "profile": profile,
     }
 
@@ -283,10 +265,9 @@ def render_markdown(info: dict[str, Any], specs: list[RunSpec], results: list[di
         f"- model: `{specs[0].model}` preset"
         + (f", {n_params / 1e6:.1f}M parameters" if n_params else "")
         + ", bf16 compute, fp32 parameters, AdamW; one jitted train step (`train.make_train_step`)",
-        f"- tokens/s in steady state: the median of {-(-specs[0].timed_steps // TIMING_WINDOW)} "
-        f"windows of up to {TIMING_WINDOW} steps, each timed from the end of the one before "
-        f"while the next is queued (steps dispatched back to back, as `python -m train` runs), "
-        f"after {specs[0].warmup_steps} warm-up steps and a {TIMING_WINDOW}-step ramp; MFU = tokens/s x (6N + 12LTD) / "
+        f"- tokens/s from the median of {-(-specs[0].timed_steps // TIMING_WINDOW)} windows of "
+        f"up to {TIMING_WINDOW} steps dispatched back to back (as `python -m train` runs), after "
+        f"{specs[0].warmup_steps} warm-up steps; MFU = tokens/s x (6N + 12LTD) / "
         f"{PEAK_FLOPS / 1e12:.0f} TFLOP/s; peak memory = `peak_bytes_in_use`, one fresh process per row",
         "",
         "| T | batch | attention | tokens/s | MFU | step (ms) | peak memory (GiB) | compile (s) "
