@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import pathlib
@@ -104,7 +105,7 @@ def _worker(spec: RunSpec) -> dict[str, Any]:
 
     from models import gpt2
     from train import data as data_lib
-    from train.__main__ import TrainConfig, make_optimizer, make_train_step
+    from train.__main__ import TrainConfig, init_train_state, make_optimizer, make_train_step
 
     dev = jax.devices()[0]
     base = gpt2.get_config(spec.model)
@@ -117,10 +118,7 @@ def _worker(spec: RunSpec) -> dict[str, Any]:
     tx, _ = make_optimizer(tcfg)
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: gpt2.GPT(mcfg, rngs=nnx.Rngs(0))))
 
-    def init(key):  # the key as an argument: no constant-folded initialisation
-        params = nnx.state(gpt2.GPT(mcfg, rngs=nnx.Rngs(key)), nnx.Param)
-        return params, tx.init(params)
-
+    init = functools.partial(init_train_state, mcfg, tx)
     params, opt_state = jax.jit(init)(jax.random.key(spec.seed))
     step_fn, _ = make_train_step(graphdef, tx, 1)
     step_fn = jax.jit(step_fn, donate_argnums=(0, 1))
