@@ -9,10 +9,10 @@ Attention is :class:`pallas_flash.nnx.FlashMultiHeadAttention` with
 ``is_causal=True``; ``GPTConfig.attention`` picks the backend (``"pallas"``,
 ``"xla"``, ``"cudnn"``, or ``None`` for the library's automatic choice).
 Computation runs in ``GPTConfig.dtype`` (bfloat16 by default) with float32
-parameters. The residual stream is kept in ``GPTConfig.residual_dtype``:
-bfloat16 by default, as llm.c keeps it (layer-norm statistics are still
-float32); ``"float32"`` gives nanoGPT-under-autocast numerics, at about 5 ms
-more per 16k-token GPT-2 step on an H100, all of it memory traffic. Logits come out in the compute
+parameters. The residual stream is kept in ``GPTConfig.residual_dtype``,
+by default the compute dtype, as llm.c keeps it (layer-norm statistics are
+still float32); ``"float32"`` gives nanoGPT-under-autocast numerics, at
+about 1 ms more per 16k-token GPT-2 step on an H100. Logits come out in the compute
 dtype, as under PyTorch autocast: a float32 ``[B, T, 50304]`` logits tensor
 would cost 3.3 GB per 16k tokens, and its gradient would send the tied head's
 two backward matmuls down the slow float32 path. :func:`cross_entropy` takes
@@ -71,7 +71,7 @@ class GPTConfig:
     attention: str | tuple[str, ...] | None = None  # backend, see module docstring
     dtype: str = "bfloat16"  # computation dtype
     param_dtype: str = "float32"
-    residual_dtype: str = "bfloat16"  # the residual stream between blocks
+    residual_dtype: str | None = None  # the residual stream; None: the compute dtype
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -95,6 +95,8 @@ class GPTConfig:
                 f"sequence of them, got {self.attention!r}"
             )
         for name in ("dtype", "param_dtype", "residual_dtype"):
+            if name == "residual_dtype" and self.residual_dtype is None:
+                continue
             try:
                 jnp.dtype(getattr(self, name))
             except TypeError:
@@ -176,7 +178,7 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, rngs=rngs)
 
     def __call__(self, x: jax.Array, rngs: Sequence[jax.Array | None]) -> jax.Array:
-        # x: [B, T, D] residual stream in cfg.residual_dtype; sublayers compute in cfg.dtype.
+        # x: [B, T, D] residual stream (cfg.residual_dtype or cfg.dtype); sublayers compute in cfg.dtype.
         x = x + _dropout(self.attn(self.ln_1(x)), self.cfg.dropout, rngs[0])
         x = x + _dropout(self.mlp(self.ln_2(x)), self.cfg.dropout, rngs[1])
         return x
@@ -220,7 +222,7 @@ class GPT(nnx.Module):
 
         pos = jnp.arange(T)  # [T]
         x = self.wte(idx) + self.wpe(pos)[None]  # [B, T, D] in param_dtype
-        x = x.astype(cfg.residual_dtype)
+        x = x.astype(cfg.residual_dtype or cfg.dtype)
         x = _dropout(x, cfg.dropout, keys[-1])
         for i, block in enumerate(self.blocks):
             x = block(x, keys[2 * i : 2 * i + 2])  # [B, T, D]

@@ -115,6 +115,15 @@ def test_gpt2_initialisation():
     assert np.all(np.asarray(block.ln_1.scale[...]) == 1)
 
 
+def test_residual_stream_defaults_to_the_compute_dtype():
+    idx = jax.random.randint(jax.random.key(1), (2, 16), 0, 256)
+    default = gpt2.GPT(_tiny(dtype="float32"), rngs=nnx.Rngs(0))(idx)
+    f32 = gpt2.GPT(_tiny(dtype="float32", residual_dtype="float32"), rngs=nnx.Rngs(0))(idx)
+    bf16 = gpt2.GPT(_tiny(dtype="float32", residual_dtype="bfloat16"), rngs=nnx.Rngs(0))(idx)
+    np.testing.assert_array_equal(default, f32)
+    assert not np.array_equal(default, bf16)  # the bf16 residual really rounds
+
+
 def test_causal():
     model = gpt2.GPT(_tiny(dtype="float32", residual_dtype="float32"), rngs=nnx.Rngs(0))
     idx = jax.random.randint(jax.random.key(0), (2, 16), 0, 256)
