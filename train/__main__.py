@@ -5,8 +5,8 @@ With no arguments it picks a run that fits the machine:
 * no GPU: the ``tiny`` model (2 layers, width 128) on 128-byte windows of the
   Python standard library's sources, 600 steps of 16 sequences, with XLA
   attention (the Pallas kernels would run in the slow interpret mode), float32
-  compute (bf16 matmuls are emulated, twice as slow, on a CPU). About one
-  minute on two idle CPU cores (validation loss ~1.97 nats/byte).
+  compute (bf16 matmuls are emulated, twice as slow, on a CPU). One to two
+  minutes on two CPU cores (validation loss ~1.97 nats/byte).
 * a GPU: the ``gpt2`` 124M body (byte vocabulary) at T=1024, batch 16,
   2000 steps, Pallas attention, bf16 compute.
 
