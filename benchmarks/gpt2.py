@@ -30,7 +30,8 @@ Run from the repository root::
 
 ``--profile N`` traces N more steps of each run with ``jax.profiler`` and adds a
 table of GPU kernel time per step by category (attention, matmul, copy, other:
-``benchmarks.profile``) and the largest kernels.
+``benchmarks.profile``), GPU idle time and launches per step, the largest
+kernels and the kernels the GPU waited longest for.
 """
 
 from __future__ import annotations
@@ -152,7 +153,8 @@ def _worker(spec: RunSpec) -> dict[str, Any]:
 
     for i in range(spec.warmup_steps):  # one at a time: the first compiles
         dt = steps(i, 1)
-        compile_s = dt if i == 0 else compile_s
+        if i == 0:
+            compile_s = dt
     done = spec.warmup_steps
     while done < spec.warmup_steps + spec.timed_steps:
         n = min(TIMING_WINDOW, spec.warmup_steps + spec.timed_steps - done)
@@ -301,15 +303,14 @@ def render_markdown(info: dict[str, Any], specs: list[RunSpec], results: list[di
             cats = " | ".join(f"{prof['ms_per_step'][c]:.1f}" for c in CATEGORIES)
             lines.append(f"| {s.seq_len} | {s.attention} | {1e3 * r['step_s_median']:.1f} "
                          f"| {prof['kernel_ms_per_step']:.1f} | {cats} "
-                         f"| {prof.get('idle_ms_per_step', float('nan')):.1f} "
-                         f"| {prof.get('launches_per_step', float('nan')):.0f} |")
+                         f"| {prof['idle_ms_per_step']:.1f} | {prof['launches_per_step']:.0f} |")
         lines += ["", "Largest kernels (ms per step):", ""]
         for s, r in profiled:
             top = ", ".join(f"`{name[:60]}` {ms:.2f}" for name, ms in r["profile"]["top"][:6])
             lines.append(f"- T={s.seq_len} {s.attention}: {top}")
         lines += ["", "Where the GPU waits (idle ms per step before each kernel starts):", ""]
         for s, r in profiled:
-            waits = ", ".join(f"`{name[:60]}` {ms:.2f}" for name, ms in r["profile"].get("idle_before", [])[:6])
+            waits = ", ".join(f"`{name[:60]}` {ms:.2f}" for name, ms in r["profile"]["idle_before"][:6])
             lines.append(f"- T={s.seq_len} {s.attention}: {waits or '-'}")
     curves = {s.attention: r["losses"] for s, r in zip(specs, results)
               if s.loss_steps and r.get("ok")}

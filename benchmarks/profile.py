@@ -56,13 +56,8 @@ def gpu_kernel_events(profile_data) -> list[tuple[float, float, str]] | None:
     return sorted(events) if found else None
 
 
-def gpu_kernel_ns(profile_data) -> dict[str, float] | None:
-    """Total nanoseconds per kernel name on the GPU compute streams, or None without a GPU plane."""
-    events = gpu_kernel_events(profile_data)
-    return None if events is None else _kernel_totals(events)
-
-
-def _kernel_totals(events: list[tuple[float, float, str]]) -> dict[str, float]:
+def kernel_totals(events: list[tuple[float, float, str]]) -> dict[str, float]:
+    """Total nanoseconds per kernel name."""
     totals: dict[str, float] = collections.defaultdict(float)
     for start, end, name in events:
         totals[name] += end - start
@@ -118,4 +113,4 @@ def kernel_breakdown(run: Callable[[], Any], steps: int) -> dict[str, Any] | Non
         events = gpu_kernel_events(ProfileData.from_file(paths[-1]))
     if events is None:
         return None
-    return {**summarize(_kernel_totals(events), steps), **idle_gaps(events, steps)}
+    return {**summarize(kernel_totals(events), steps), **idle_gaps(events, steps)}

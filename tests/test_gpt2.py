@@ -82,7 +82,7 @@ def test_cross_entropy_matches_optax(dtype):
 
 
 def test_tied_embeddings():
-    model = gpt2.GPT(_tiny(dtype="float32", residual_dtype="float32"), rngs=nnx.Rngs(0))
+    model = gpt2.GPT(_tiny(dtype="float32"), rngs=nnx.Rngs(0))
     names = {
         jax.tree_util.keystr(path)
         for path, _ in jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))
@@ -125,7 +125,7 @@ def test_residual_stream_defaults_to_the_compute_dtype():
 
 
 def test_causal():
-    model = gpt2.GPT(_tiny(dtype="float32", residual_dtype="float32"), rngs=nnx.Rngs(0))
+    model = gpt2.GPT(_tiny(dtype="float32"), rngs=nnx.Rngs(0))
     idx = jax.random.randint(jax.random.key(0), (2, 16), 0, 256)
     a = model(idx)
     b = model(idx.at[:, 10].set((idx[:, 10] + 1) % 256))
@@ -134,7 +134,7 @@ def test_causal():
 
 
 def test_dropout_only_with_a_key():
-    model = gpt2.GPT(_tiny(dtype="float32", residual_dtype="float32", dropout=0.2), rngs=nnx.Rngs(0))
+    model = gpt2.GPT(_tiny(dtype="float32", dropout=0.2), rngs=nnx.Rngs(0))
     idx = jnp.zeros((1, 8), jnp.int32)
     np.testing.assert_array_equal(model(idx), model(idx))
     assert not np.allclose(model(idx, dropout_rng=jax.random.key(1)), model(idx))
@@ -228,21 +228,22 @@ def test_profile_breakdown_reads_gpu_streams_only():
     from benchmarks import profile
 
     data = ProfileData.from_serialized_xspace(ProfileData.text_proto_to_serialized_xspace(XSPACE))
-    ns = profile.gpu_kernel_ns(data)
+    events = profile.gpu_kernel_events(data)
+    ns = profile.kernel_totals(events)
     assert ns == {"pallas_flash_bwd_dkdv": 8e6, "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTT": 2e6,
                   "loop_multiply_fusion_3": 1e6, "cudnn_generated_fort_native_sdpa_sm90_flash_fprop": 0.5e6}
     summary = profile.summarize(ns, steps=2)
     assert summary["ms_per_step"] == pytest.approx({"attention": 4.25, "matmul": 1.0, "copy": 0.0, "other": 0.5})
     assert summary["kernel_ms_per_step"] == pytest.approx(5.75)
     assert summary["top"][0] == ("pallas_flash_bwd_dkdv", pytest.approx(4.0))
-    gaps = profile.idle_gaps(profile.gpu_kernel_events(data), steps=2)
+    gaps = profile.idle_gaps(events, steps=2)
     # idle: 4->5 ms before the gemm, 7->8 ms before the fusion, 9.5->9.6 ms before dkdv
     assert gaps["idle_ms_per_step"] == pytest.approx(1.05)
     assert gaps["launches_per_step"] == 2.5
     assert gaps["idle_before"][0] == ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTT", pytest.approx(0.5))
     host_only = ProfileData.from_serialized_xspace(ProfileData.text_proto_to_serialized_xspace(
         XSPACE[XSPACE.index("planes { name: \"/host"):]))
-    assert profile.gpu_kernel_ns(host_only) is None  # a CPU trace has no GPU plane
+    assert profile.gpu_kernel_events(host_only) is None  # a CPU trace has no GPU plane
 
 
 def test_benchmark_report_profile_table():

@@ -254,7 +254,7 @@ def test_grad_accumulation_matches_one_big_batch():
     from models import gpt2
     from train.__main__ import make_train_step
 
-    cfg = gpt2.get_config("tiny", attention="xla", dtype="float32", residual_dtype="float32", n_layer=1)
+    cfg = gpt2.get_config("tiny", attention="xla", dtype="float32", n_layer=1)
     model = gpt2.GPT(cfg, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
     tx = optax.sgd(0.1)
