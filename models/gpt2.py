@@ -48,6 +48,7 @@ __all__ = [
     "GPT",
     "GPTConfig",
     "PRESETS",
+    "bias_gelu",
     "cross_entropy",
     "flops_per_token",
     "generate",
@@ -151,7 +152,10 @@ class MLP(nnx.Module):
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = jax.nn.gelu(self.c_fc(x), approximate=True)  # [B, T, 4D]
+        # c_fc's matmul, then its bias inside bias_gelu (which saves less for the backward).
+        fc, dtype = self.c_fc, self.c_fc.dtype
+        y = x.astype(dtype) @ fc.kernel[...].astype(dtype)  # [B, T, 4D]
+        h = bias_gelu(y, fc.bias[...].astype(dtype))  # [B, T, 4D]
         return self.c_proj(h)  # [B, T, D]
 
 
@@ -261,9 +265,24 @@ def _cross_entropy_fwd(logits, labels):
             f"{logits.shape[:-1]}, got {labels.dtype} {labels.shape}"
         )
     x = logits.astype(jnp.float32)
-    lse = jax.nn.logsumexp(x, axis=-1)  # [...]
-    picked = jnp.take_along_axis(x, labels[..., None], axis=-1)[..., 0]  # [...]
-    return lse - picked, (logits, labels, lse)
+    # Max and sum of exponentials in one pass (an online softmax as a variadic
+    # reduction): two separate reductions would each read the logits once more.
+    m, s = jax.lax.reduce(
+        (x, jnp.ones_like(x)), (jnp.float32(-jnp.inf), jnp.float32(0)), _max_sumexp, (x.ndim - 1,)
+    )  # [...], [...]
+    lse = m + jnp.log(s)  # [...]
+    picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]  # [...]
+    return lse - picked.astype(jnp.float32), (logits, labels, lse)
+
+
+def _max_sumexp(a, b):
+    """Combine two partial (max m, sum of exp(x - m)) pairs of a softmax denominator."""
+    (m1, s1), (m2, s2) = a, b
+    m = jnp.maximum(m1, m2)
+    # exp(-|m1 - m2|) rescales the smaller side; equal maxima (including both
+    # -inf, where the difference would be NaN) need no rescaling.
+    r = jnp.exp(jnp.where(m1 == m2, 0.0, -jnp.abs(m1 - m2)))
+    return m, jnp.where(m1 >= m2, s1 + s2 * r, s1 * r + s2)
 
 
 def _cross_entropy_bwd(res, g):
@@ -275,6 +294,35 @@ def _cross_entropy_bwd(res, g):
 
 
 cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
+
+
+@jax.custom_vjp
+def bias_gelu(y: jax.Array, bias: jax.Array) -> jax.Array:
+    """``gelu(y + bias)`` with the tanh approximation (GPT-2's), in ``y``'s dtype.
+
+    Same values and gradients as autodiff through ``jax.nn.gelu(y + bias,
+    approximate=True)`` (the bias gradient is summed in float32), but the
+    backward pass recomputes ``y + bias`` and the ``tanh`` from the matmul
+    output ``y`` instead of saving them: autodiff keeps a second ``[B, T, 4D]``
+    residual, one more write and read of the MLP's widest tensor per layer.
+    """
+    return jax.nn.gelu(y + bias, approximate=True)
+
+
+def _bias_gelu_fwd(y, bias):
+    return bias_gelu(y, bias), (y, bias)
+
+
+def _bias_gelu_bwd(res, g):
+    # The barrier keeps XLA from merging this recomputation with the forward's
+    # (common-subexpression elimination), which would bring the saved tanh back.
+    y, bias = jax.lax.optimization_barrier(res)
+    (dz,) = jax.vjp(lambda z: jax.nn.gelu(z, approximate=True), y + bias)[1](g)
+    dbias = jnp.sum(dz.astype(jnp.float32), axis=tuple(range(dz.ndim - bias.ndim)))
+    return dz, dbias.astype(bias.dtype)
+
+
+bias_gelu.defvjp(_bias_gelu_fwd, _bias_gelu_bwd)
 
 
 def _init(std: float):

@@ -81,6 +81,60 @@ def test_cross_entropy_matches_optax(dtype):
         gpt2.cross_entropy(logits, labels.astype(jnp.float32))
 
 
+def test_cross_entropy_extreme_logits():
+    """The one-pass max/sum reduction: large offsets and -inf (masked) vocabulary entries."""
+    import optax
+
+    k1, k2, k3 = jax.random.split(jax.random.key(11), 3)
+    logits = 3 * jax.random.normal(k1, (6, 300))
+    logits = logits.at[0].add(1e4).at[1].add(-1e4)  # softmax is shift-invariant
+    logits = logits.at[2, ::2].set(-jnp.inf).at[3, 1:].set(-jnp.inf)  # masked entries
+    labels = jax.random.randint(k2, (6,), 0, 300).at[2].set(1).at[3].set(0)
+    ct = jax.random.normal(k3, (6,))
+    with jax.enable_x64(True):
+        want, ref_vjp = jax.vjp(
+            lambda x: optax.softmax_cross_entropy_with_integer_labels(x, labels),
+            logits.astype(jnp.float64),
+        )
+        (want_grad,) = ref_vjp(ct.astype(jnp.float64))
+    got, vjp = jax.vjp(lambda x: gpt2.cross_entropy(x, labels), logits)
+    (grad,) = vjp(ct)
+    assert np.all(np.isfinite(got)) and np.all(np.isfinite(grad))
+    # float32 arithmetic at |logits| ~ 1e4 (lse - logit cancels, exp(x - lse)
+    # inherits its rounding): a few float32 ulps of that magnitude.
+    tol = 4 * np.finfo(np.float32).eps * 1e4
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=tol)
+    np.testing.assert_allclose(np.asarray(grad, np.float64), want_grad, rtol=tol, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_bias_gelu_matches_autodiff(dtype):
+    """The recomputing bias + GELU: values and both gradients (random cotangent)."""
+    k1, k2, k3 = jax.random.split(jax.random.key(3), 3)
+    y = (3 * jax.random.normal(k1, (4, 5, 33))).astype(dtype)
+    bias = jax.random.normal(k2, (33,)).astype(dtype)
+    ct = jax.random.normal(k3, (4, 5, 33)).astype(dtype)
+
+    def ref(y, bias):
+        return jax.nn.gelu(y + bias, approximate=True)
+
+    with jax.enable_x64(True):
+        want, ref_vjp = jax.vjp(ref, y.astype(jnp.float64), bias.astype(jnp.float64))
+        want_dy, want_db = ref_vjp(ct.astype(jnp.float64))
+    got, vjp = jax.vjp(gpt2.bias_gelu, y, bias)
+    dy, db = vjp(ct)
+    assert got.dtype == dy.dtype == db.dtype == jnp.dtype(dtype)
+    tol = 1e-5 if dtype == "float32" else 3e-2  # arithmetic in the input dtype
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=tol, atol=tol)
+    np.testing.assert_allclose(np.asarray(dy, np.float64), want_dy, rtol=tol, atol=tol)
+    # The bias gradient sums 20 rows: bf16 rounds the per-row terms and the result.
+    np.testing.assert_allclose(np.asarray(db, np.float64), want_db, rtol=tol, atol=4 * tol)
+    # Against autodiff through jax.nn.gelu in the same dtype: the same arithmetic.
+    auto_dy, _ = jax.vjp(ref, y, bias)[1](ct)
+    np.testing.assert_allclose(np.asarray(dy, np.float64), np.asarray(auto_dy, np.float64),
+                               rtol=1e-6 if dtype == "float32" else 8e-3, atol=1e-7)
+
+
 def test_tied_embeddings():
     model = gpt2.GPT(_tiny(dtype="float32"), rngs=nnx.Rngs(0))
     names = {
