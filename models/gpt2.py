@@ -16,7 +16,9 @@ about 1 ms more per 16k-token GPT-2 step on an H100. Logits come out in the comp
 dtype, as under PyTorch autocast: a float32 ``[B, T, 50304]`` logits tensor
 would cost 3.3 GB per 16k tokens, and its gradient would send the tied head's
 two backward matmuls down the slow float32 path. :func:`cross_entropy` takes
-them from there, in float32 arithmetic, with a hand-fused gradient.
+them from there, in float32 arithmetic, with a hand-fused gradient. The MLP's
+GELU is :func:`bias_gelu`, which recomputes its ``tanh`` in the backward pass
+rather than keeping a second ``[B, T, 4D]`` tensor for it.
 
 Presets (``PRESETS`` / :func:`get_config`):
 
