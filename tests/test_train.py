@@ -102,6 +102,19 @@ def test_tiny_run_learns_and_logs(tiny_run):
     assert json.loads((out / "config.json").read_text())["batch_size"] == 4
 
 
+def test_checkpoints_between_evaluations_keep_tokens_per_s_sound(tmp_path):
+    """A checkpoint at a logged step, with no evaluation there, stops the clock:
+    that step's record must be written first, from its own interval."""
+    out = tmp_path / "ckpt"
+    args = list(TINY_ARGS)
+    args[args.index("--eval-every") + 1] = "0"  # evaluate only at the end
+    args[args.index("--checkpoint-every") + 1] = "4"
+    main(args + ["--steps", "12", "--out", str(out)])
+    train = [r for r in _records(out) if "loss" in r]
+    assert [r["step"] for r in train] == list(range(2, 13, 2))
+    assert all(r["tokens_per_s"] > 0 for r in train[1:]), [r["tokens_per_s"] for r in train]
+
+
 def test_resume_after_a_kill_is_exact(tiny_run, tmp_path):
     original, _ = tiny_run
     out = tmp_path / "run"

@@ -541,21 +541,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if done % cfg.log_every == 0 or done == cfg.steps:
                 pending = (done, m, tokens_since)
             pbar.update(1)
-            evaluated = checkpointed = False
-            if done == cfg.steps or (cfg.eval_every and done % cfg.eval_every == 0):
-                if pending is not None:  # the evaluation waits for this step anyway
-                    report(pending)
-                    pending = None
+            evaluate_now = done == cfg.steps or (cfg.eval_every and done % cfg.eval_every == 0)
+            save_now = done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
+            if not (evaluate_now or save_now):
+                continue
+            if pending is not None:  # both wait for this step anyway; report it before the pause
+                report(pending)
+                pending = None
+            if evaluate_now:
                 last_val = evaluate(params)
                 metrics.write({"step": done, "val_loss": last_val})
                 if is_main:
                     pbar.write(f"step {done}: val_loss {last_val:.4f}")
-                evaluated = True
-            if done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
+            if save_now:
                 save(done)
-                checkpointed = True
-            if evaluated or checkpointed:  # keep this time out of tokens/s
-                t0, tokens_since = time.perf_counter(), 0
+            t0, tokens_since = time.perf_counter(), 0  # keep the pause out of tokens/s
         if pending is not None:
             report(pending)
     finally:
