@@ -268,7 +268,7 @@ def _cross_entropy_fwd(logits, labels):
         )
     x = logits.astype(jnp.float32)
     # Max and sum of exponentials in one pass (an online softmax as a variadic
-    # reduction): two separate reductions would each read the logits once more.
+    # reduction), where two separate reductions would read the logits twice.
     m, s = jax.lax.reduce(
         (x, jnp.ones_like(x)), (jnp.float32(-jnp.inf), jnp.float32(0)), _max_sumexp, (x.ndim - 1,)
     )  # [...], [...]
