@@ -13,6 +13,10 @@ entry point) of the pinned JAX release; if they move, it skips with a reason.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import pathlib
 import types
 
 import jax
@@ -39,13 +43,13 @@ H100 = "NVIDIA H100 80GB HBM3"
 
 @pytest.fixture
 def triton_modules(monkeypatch):
-    """A list that fills with the Triton module of each ``pallas_call`` lowered for CUDA."""
+    """A list that fills with the lowering result (Triton module and grid) of each ``pallas_call`` lowered for CUDA."""
     modules = []
     original = _lowering.lower_jaxpr_to_triton_module
 
     def capture(*args, **kwargs):
         result = original(*args, **kwargs)
-        modules.append(result.module)
+        modules.append(result)
         return result
 
     monkeypatch.setattr(_registration.gpu_info_lib, "get_gpu_info", lambda: types.SimpleNamespace(compute_capability="9.0"))
@@ -63,10 +67,41 @@ def _lower_fwd_bwd(fn, *args) -> None:
     jax.jit(fwd_bwd).trace(*args).lower(lowering_platforms=("cuda",))
 
 
-def _verify(modules) -> None:
-    assert len(modules) >= 3, f"lowered {len(modules)} Triton kernels, expected forward, dK/dV and dQ"
-    for m in modules:
-        m.operation.verify()  # raises with the op and its source line on failure
+# The Triton IR of every variant, as digests: a refactoring that is meant to
+# leave the kernels alone must leave these byte-identical. After a deliberate
+# kernel change, regenerate with PALLAS_FLASH_WRITE_IR_DIGESTS=1 (and say so in
+# the commit). Digests cover the module text without source locations, and the grid.
+DIGESTS_PATH = pathlib.Path(__file__).with_name("triton_ir_digests.json")
+_WRITE_DIGESTS = os.environ.get("PALLAS_FLASH_WRITE_IR_DIGESTS") == "1"
+_KNOWN_DIGESTS = json.loads(DIGESTS_PATH.read_text()) if DIGESTS_PATH.exists() else {}
+_NEW_DIGESTS: dict[str, list[str]] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _write_digests():
+    yield
+    if _WRITE_DIGESTS and _NEW_DIGESTS:
+        merged = {**_KNOWN_DIGESTS, **_NEW_DIGESTS}
+        DIGESTS_PATH.write_text(json.dumps(dict(sorted(merged.items())), indent=1) + "\n")
+
+
+def _digest(result) -> str:
+    text = result.module.operation.get_asm(enable_debug_info=False)
+    return hashlib.sha256(f"{text}\ngrid={tuple(result.grid)}".encode()).hexdigest()[:20]
+
+
+def _verify(results, key: str) -> None:
+    assert len(results) >= 3, f"lowered {len(results)} Triton kernels, expected forward, dK/dV and dQ"
+    for r in results:
+        r.module.operation.verify()  # raises with the op and its source line on failure
+    digests = [_digest(r) for r in results]
+    if _WRITE_DIGESTS:
+        _NEW_DIGESTS[key] = digests
+    elif key in _KNOWN_DIGESTS:
+        assert digests == _KNOWN_DIGESTS[key], (
+            f"the Triton IR of {key} changed; if that is meant, regenerate {DIGESTS_PATH.name} "
+            "with PALLAS_FLASH_WRITE_IR_DIGESTS=1"
+        )
 
 
 def _config(shape: Shape, dtype, causal: bool):
@@ -87,7 +122,7 @@ def test_plain_kernels_verify(shape, causal, dtype, triton_modules):
         return pf.dot_product_attention(q, k, v, is_causal=causal, implementation="pallas", config=config, interpret=False)
 
     _lower_fwd_bwd(fn, q, kv, kv, q)
-    _verify(triton_modules)
+    _verify(triton_modules, f"plain/{shape.name}/{'causal' if causal else 'full'}/{jnp.dtype(dtype).name}")
 
 
 VARIANT_SHAPE = Shape("variants", 2, 700, 700, 4, 2, 64)
@@ -96,8 +131,9 @@ VARIANTS = {**{f"alone_{k}": v for k, v in ALONE.items()}, **{f"combined_{k}": v
 
 
 @pytest.mark.parametrize("shape", [VARIANT_SHAPE, CROSS_SHAPE], ids=lambda s: s.name)
-@pytest.mark.parametrize("case", VARIANTS.values(), ids=VARIANTS.keys())
-def test_variant_kernels_verify(case, shape, triton_modules):
+@pytest.mark.parametrize("case_name", VARIANTS)
+def test_variant_kernels_verify(case_name, shape, triton_modules):
+    case = VARIANTS[case_name]
     kw, _, diff = build(case, shape, seed=0)
     names = list(diff)
     dtype = jnp.bfloat16
@@ -111,4 +147,4 @@ def test_variant_kernels_verify(case, shape, triton_modules):
         )
 
     _lower_fwd_bwd(fn, q, kv, kv, *diff.values(), q)
-    _verify(triton_modules)
+    _verify(triton_modules, f"variant/{shape.name}/{case_name}")
