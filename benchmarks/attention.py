@@ -43,7 +43,7 @@ import warnings
 from typing import Callable, Sequence
 
 from benchmarks import report
-from benchmarks.shapes import Shape, paper_grid
+from pallas_flash.testing.shapes import Shape, paper_grid
 
 IMPLS = ("pallas_flash", "cudnn", "xla", "pallas_mha")
 PASSES = ("fwd", "fwd_bwd", "bwd")

@@ -1,7 +1,7 @@
 """Shared test setup: the platform, fresh random inputs, the one tolerance table.
 
 Kernel tests run everywhere: on a CPU the Pallas kernels run in interpret mode
-(the real kernel logic, small shapes from ``benchmarks.shapes.CPU_CASES``); on
+(the real kernel logic, small shapes from ``pallas_flash.testing.shapes.CPU_CASES``); on
 a GPU the same tests run the compiled kernels on ``GPU_CASES``. Tests marked
 ``gpu`` need a GPU and are skipped elsewhere with that reason.
 """

@@ -17,7 +17,7 @@ import pytest
 
 from benchmarks import attention as bench
 from benchmarks import report, timing
-from benchmarks.shapes import Shape, paper_grid
+from pallas_flash.testing.shapes import Shape, paper_grid
 
 ON_CPU = jax.default_backend() != "gpu"
 # Every axis given, so that the CPU profile's defaults and the GPU's full sweep agree.

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 import pallas_flash as pf
-from benchmarks.shapes import Shape
+from pallas_flash.testing.shapes import Shape
 from pallas_flash import dropout as pf_dropout
 from pallas_flash.reference import attention_reference, visibility_mask
 from pallas_flash.spec import AttentionSpec

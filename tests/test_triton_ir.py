@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import pytest
 
 import pallas_flash as pf
-from benchmarks.shapes import GPU_CASES, Shape
+from pallas_flash.testing.shapes import GPU_CASES, Shape
 from pallas_flash.config import default_config
 from tests.test_masks import ALONE, COMBINED, build
 

@@ -1,4 +1,4 @@
-"""Named attention shapes, shared by the tests and the benchmarks.
+"""Named attention shapes, shared by the tests, the tuner and the benchmarks.
 
 A ``Shape`` is one attention problem in the ``[B, T, N, H]`` layout. The test
 suites run the small sets (``CPU_CASES`` in Pallas interpret mode, ``GPU_CASES``

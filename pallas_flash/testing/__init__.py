@@ -1,0 +1,1 @@
+"""Helpers for testing and measuring attention: named shapes (``shapes``)."""
