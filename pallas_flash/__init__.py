@@ -3,8 +3,12 @@
 Public API:
 - ``dot_product_attention``: a drop-in for ``jax.nn.dot_product_attention``.
 - ``flash_attention``: the kernel entry point with explicit block configs.
-- ``FlashConfig``, ``ForwardConfig``, ``BackwardConfig``, ``default_config``.
+- ``attention_with_lse``: one block of a longer sequence (position offsets),
+  returning ``(out, lse)``; ``combine`` merges such partial results exactly.
+- ``FlashConfig``, ``ForwardConfig``, ``BackwardConfig``, ``default_config``:
+  the Triton backend's block configs.
 - ``attention_reference``: the plain-jnp reference used by the tests.
+- ``backends``: the backend interface and registry.
 """
 
 import warnings as _warnings
@@ -14,9 +18,10 @@ import warnings as _warnings
 # that warning once per compiled kernel. Only that exact message is silenced.
 _warnings.filterwarnings("ignore", message=r"The Pallas Triton backend is deprecated", category=DeprecationWarning)
 
-from pallas_flash.api import dot_product_attention  # noqa: E402
-from pallas_flash.attention import flash_attention  # noqa: E402
-from pallas_flash.config import BackwardConfig, FlashConfig, ForwardConfig, default_config  # noqa: E402
+from pallas_flash import backends  # noqa: E402
+from pallas_flash.api import attention_with_lse, dot_product_attention, flash_attention  # noqa: E402
+from pallas_flash.backends.triton import BackwardConfig, FlashConfig, ForwardConfig, default_config  # noqa: E402
+from pallas_flash.combine import combine  # noqa: E402
 from pallas_flash.reference import attention_reference  # noqa: E402
 
 __version__ = "0.1.0"
@@ -24,6 +29,9 @@ __version__ = "0.1.0"
 __all__ = [
     "dot_product_attention",
     "flash_attention",
+    "attention_with_lse",
+    "combine",
+    "backends",
     "FlashConfig",
     "ForwardConfig",
     "BackwardConfig",

@@ -1,14 +1,15 @@
-"""``pallas_flash.dot_product_attention``: a drop-in for ``jax.nn.dot_product_attention``.
+"""The public entry points: ``dot_product_attention`` (jax.nn's drop-in), ``flash_attention`` and ``attention_with_lse``.
 
-Same signature, layout ``[B, T, N, H]`` and semantics as jax.nn, plus an
-``implementation`` that can name the Pallas kernels (``"pallas"``), delegate
-to jax.nn (``"xla"``, ``"cudnn"``), or list several to try in order: the first
-that does not raise ``NotImplementedError`` wins.
+``dot_product_attention`` has jax.nn's signature, layout ``[B, T, N, H]`` and
+semantics, plus an ``implementation`` that names a backend
+(``pallas_flash.backends``: ``"pallas"``/``"triton"`` for the Pallas kernels,
+``"xla"`` and ``"cudnn"`` for jax.nn) or lists several to try in order: the
+first whose ``supports`` does not raise ``NotImplementedError`` wins.
 
 Beyond jax.nn's arguments the Pallas kernels take packed-document segment
 ids, ALiBi slopes, a logits soft-cap and attention dropout, all computed inside
 the kernels (no ``Tq x Tk`` mask or bias is ever built for them). The
-``"xla"``/``"cudnn"`` delegates get segment ids as a mask and ALiBi as a bias;
+``"xla"``/``"cudnn"`` backends get segment ids as a mask and ALiBi as a bias;
 they have no soft-cap or dropout and raise ``NotImplementedError`` for those.
 
 One deliberate difference from jax.nn's ``"xla"``: a query row that can see no
@@ -17,224 +18,28 @@ key at all outputs zeros (jax.nn averages every value uniformly there).
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 
-from pallas_flash import _validate
-from pallas_flash import dropout as _dropout
-from pallas_flash.attention import flash_attention_op
-from pallas_flash.config import FlashConfig
-from pallas_flash.spec import AttentionInputs, AttentionSpec
+from pallas_flash import backends, validate
+from pallas_flash.backends.base import KernelBackend
+from pallas_flash.backends.triton import FlashConfig
 
-__all__ = ["dot_product_attention", "IMPLEMENTATIONS"]
+__all__ = ["dot_product_attention", "flash_attention", "attention_with_lse"]
 
-IMPLEMENTATIONS = ("pallas", "xla", "cudnn")
+_AUTO = ("pallas", "xla")
 
 
-def _window(local_window_size) -> tuple[int, int] | None:
-    if local_window_size is None:
-        return None
-    if isinstance(local_window_size, int) and not isinstance(local_window_size, bool):
-        left = right = local_window_size
-    elif (
-        isinstance(local_window_size, (tuple, list))
-        and len(local_window_size) == 2
-        and all(isinstance(w, int) and not isinstance(w, bool) for w in local_window_size)
-    ):
-        left, right = local_window_size
-    else:
-        raise TypeError(f"local_window_size must be an int or a pair of ints (left, right), got {local_window_size!r}")
-    if left < 0 or right < 0:
-        raise ValueError(f"local_window_size must be non-negative, got {local_window_size!r}")
-    return int(left), int(right)
-
-
-def _lengths(name: str, lengths, batch: int):
-    if lengths is None:
-        return None
-    lengths = jnp.asarray(lengths)
-    if lengths.shape != (batch,):
-        raise ValueError(f"{name} must have shape [batch] = ({batch},), got {lengths.shape}")
-    if not jnp.issubdtype(lengths.dtype, jnp.integer):
-        raise TypeError(f"{name} must be an integer array, got {lengths.dtype}")
-    return lengths.astype(jnp.int32)
-
-
-def _segments(q_segment_ids, kv_segment_ids, batch: int, seq_q: int, seq_k: int):
-    if q_segment_ids is None and kv_segment_ids is None:
-        return None, None
-    if q_segment_ids is None or kv_segment_ids is None:
-        raise ValueError("q_segment_ids and kv_segment_ids must be given together")
-    q_ids, kv_ids = jnp.asarray(q_segment_ids), jnp.asarray(kv_segment_ids)
-    for name, ids, t in (("q_segment_ids", q_ids, seq_q), ("kv_segment_ids", kv_ids, seq_k)):
-        if ids.shape != (batch, t):
-            raise ValueError(f"{name} must have shape [batch, seq] = ({batch}, {t}), got {ids.shape}")
-        if not jnp.issubdtype(ids.dtype, jnp.integer):
-            raise TypeError(f"{name} must be an integer array, got {ids.dtype}")
-    return q_ids.astype(jnp.int32), kv_ids.astype(jnp.int32)
-
-
-def _dense(name: str, x, shape: tuple[int, int, int, int], *, boolean: bool):
-    """A mask or bias as a 4-D array whose dims are each 1 or the full ``[B, N, Tq, Tk]`` size."""
-    if x is None:
-        return None
-    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-        x = jnp.asarray(x)
-    if boolean and x.dtype != jnp.bool_:
-        raise TypeError(f"{name} must be a boolean array (True = attend), got {x.dtype}")
-    if not boolean and not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
-    if x.ndim > 4 or any(d not in (1, full) for d, full in zip((1,) * (4 - x.ndim) + tuple(x.shape), shape)):
-        raise ValueError(
-            f"{name} must be broadcastable to [batch, heads, q_len, kv_len] = {shape} "
-            f"(each dim 1 or full, at most 4 dims), got shape {tuple(x.shape)}"
-        )
-    return jnp.reshape(x, (1,) * (4 - x.ndim) + tuple(x.shape))
-
-
-def _slopes(alibi_slopes, batch: int, heads: int):
-    if alibi_slopes is None:
-        return None
-    if not hasattr(alibi_slopes, "shape") or not hasattr(alibi_slopes, "dtype"):
-        alibi_slopes = jnp.asarray(alibi_slopes)
-    if not jnp.issubdtype(alibi_slopes.dtype, jnp.floating):
-        raise TypeError(f"alibi_slopes must have a floating dtype, got {alibi_slopes.dtype}")
-    if alibi_slopes.shape not in ((heads,), (batch, heads)):
-        raise ValueError(
-            f"alibi_slopes must have shape [heads] = ({heads},) or [batch, heads] = ({batch}, {heads}), "
-            f"got {tuple(alibi_slopes.shape)}"
-        )
-    return alibi_slopes.reshape((-1, heads))
-
-
-def _static_float(name: str, value, *, default):
-    if value is None:
-        return default
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be a Python number, got {value!r}")
-    try:
-        return float(value)
-    except (TypeError, ValueError, jax.errors.ConcretizationTypeError):
-        raise TypeError(f"{name} must be a Python number (static), got {type(value).__name__}") from None
-
-
-def _soft_cap(logits_soft_cap):
-    cap = _static_float("logits_soft_cap", logits_soft_cap, default=None)
-    if cap is not None and not (math.isfinite(cap) and cap > 0):
-        raise ValueError(f"logits_soft_cap must be a positive finite number, got {logits_soft_cap!r}")
-    return cap
-
-
-def _dropout_args(dropout_rate, dropout_rng):
-    rate = _static_float("dropout_rate", dropout_rate, default=0.0)
-    if not 0.0 <= rate < 1.0:
-        raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate!r}")
-    if rate == 0.0:
-        return 0.0, None
-    if dropout_rng is None:
-        raise ValueError("dropout_rng (a jax.random key) is required when dropout_rate > 0")
-    try:
-        seed = _dropout.seed_from_key(dropout_rng)
-    except (TypeError, ValueError) as e:
-        raise TypeError(f"dropout_rng must be a jax.random key, got {getattr(dropout_rng, 'dtype', type(dropout_rng))}: {e}") from None
-    return rate, seed
-
-
-class _Call(NamedTuple):
-    """One call's validated arguments, as every implementation receives them."""
-
-    query: jax.Array
-    key: jax.Array
-    value: jax.Array
-    bias: jax.Array | None
-    mask: jax.Array | None
-    scale: float
-    is_causal: bool
-    q_lengths: jax.Array | None
-    kv_lengths: jax.Array | None
-    window: tuple[int, int] | None
-    q_seg: jax.Array | None
-    kv_seg: jax.Array | None
-    slopes: jax.Array | None
-    soft_cap: float | None
-    dropout_rate: float
-    dropout_seed: jax.Array | None
-
-
-def _pallas(call: _Call, *, config, interpret):
-    query, bias, mask, slopes = call.query, call.bias, call.mask, call.slopes
-    _validate.check_kernel_support(query)
-    if bias is not None and jnp.dtype(bias.dtype) not in [jnp.dtype(d) for d in _validate.SUPPORTED_DTYPES]:
-        raise NotImplementedError(f"the Pallas kernels take a bfloat16, float16 or float32 bias, got {bias.dtype}")
-    spec = AttentionSpec(
-        scale=call.scale,
-        causal=bool(call.is_causal),
-        window=call.window,
-        has_q_lengths=call.q_lengths is not None,
-        has_kv_lengths=call.kv_lengths is not None,
-        has_segments=call.q_seg is not None,
-        mask_shape=None if mask is None else tuple(mask.shape),
-        bias_shape=None if bias is None else tuple(bias.shape),
-        has_alibi=slopes is not None,
-        soft_cap=call.soft_cap,
-        dropout_rate=call.dropout_rate,
-    )
-    inputs = AttentionInputs(
-        call.q_lengths,
-        call.kv_lengths,
-        call.q_seg,
-        call.kv_seg,
-        mask=mask,
-        bias=bias,
-        alibi_slopes=None if slopes is None else slopes.astype(jnp.float32),
-        dropout_seed=call.dropout_seed,
-    )
-    return flash_attention_op(query, call.key, call.value, inputs, spec=spec, config=config, interpret=interpret)
-
-
-def _alibi_bias(slopes, seq_q: int, seq_k: int):
-    """ALiBi as a dense ``[1 or B, N, Tq, Tk]`` bias: ``slope * (j - i)`` (for the jax.nn delegates only)."""
-    rel = (jnp.arange(seq_k)[None, :] - jnp.arange(seq_q)[:, None]).astype(jnp.float32)
-    return slopes.astype(jnp.float32)[:, :, None, None] * rel
-
-
-def _jax_nn(call: _Call, *, implementation: str):
-    query, key, bias, mask, q_seg, kv_seg = call.query, call.key, call.bias, call.mask, call.q_seg, call.kv_seg
-    if implementation == "cudnn" and jax.default_backend() != "gpu":
-        raise NotImplementedError("implementation='cudnn' needs an NVIDIA GPU")
-    if call.soft_cap is not None:
-        raise NotImplementedError(f"jax.nn {implementation} attention has no logits_soft_cap")
-    if call.dropout_rate > 0.0:
-        raise NotImplementedError(f"jax.nn {implementation} attention has no attention dropout")
-    if q_seg is not None:  # jax.nn has no segment ids: express them as a mask
-        seg_mask = (q_seg[:, None, :, None] == kv_seg[:, None, None, :])
-        mask = seg_mask if mask is None else (jnp.asarray(mask, bool) & seg_mask)
-    if call.slopes is not None:  # nor ALiBi: express it as a bias
-        alibi = _alibi_bias(call.slopes, query.shape[1], key.shape[1])
-        bias = alibi if bias is None else bias + alibi.astype(bias.dtype)
-    try:
-        return jax.nn.dot_product_attention(
-            query,
-            key,
-            call.value,
-            bias,
-            mask,
-            scale=call.scale,
-            is_causal=call.is_causal,
-            query_seq_lengths=call.q_lengths,
-            key_value_seq_lengths=call.kv_lengths,
-            local_window_size=call.window,
-            implementation=implementation,
-        )
-    except (ValueError, TypeError) as e:
-        if implementation == "cudnn":  # cuDNN's own limits (head dims, dtypes, masks)
-            raise NotImplementedError(f"jax.nn cudnn attention does not support this call: {e}") from e
-        raise
+def _order(implementation) -> tuple[str, ...]:
+    if implementation is None:
+        return _AUTO
+    if isinstance(implementation, str):
+        return (implementation,)
+    if isinstance(implementation, Sequence) and implementation:
+        return tuple(implementation)
+    raise TypeError(f"implementation must be None, a string or a non-empty sequence of strings, got {implementation!r}")
 
 
 def dot_product_attention(
@@ -275,9 +80,9 @@ def dot_product_attention(
         ``i - left <= j <= i + right``.
       implementation: ``None`` (the Pallas kernels, in interpret mode where
         there is no GPU, falling back to ``"xla"`` with a warning for what the
-        kernels do not implement), ``"pallas"``, ``"xla"``, ``"cudnn"``, or a
-        sequence of these tried in order: the first that does not raise
-        ``NotImplementedError`` is used.
+        kernels do not implement), a backend name (``"pallas"``, ``"triton"``,
+        ``"xla"``, ``"cudnn"``), or a sequence of these tried in order: the
+        first that does not raise ``NotImplementedError`` is used.
       q_segment_ids, kv_segment_ids: ``int [B, Tq]``, ``int [B, Tk]``: a query
         sees only keys with the same id (packed documents).
       alibi_slopes: float ``[N]`` or ``[B, N]``: adds ``slope * (j - i)`` to the
@@ -287,59 +92,115 @@ def dot_product_attention(
         kernel; differentiable.
       logits_soft_cap: ``cap``: logits become ``cap * tanh(logits / cap)``,
         applied to ``scale * q.k`` before the bias, ALiBi and masks.
-      dropout_rate, dropout_rng: attention-weight dropout (``"pallas"`` only):
-        each weight is kept with probability ``1 - dropout_rate`` and scaled
-        by ``1 / (1 - dropout_rate)``. The keep-mask is a hash of the key and
-        the element's (batch, head, query, key) coordinates
+      dropout_rate, dropout_rng: attention-weight dropout (Pallas kernels
+        only): each weight is kept with probability ``1 - dropout_rate`` and
+        scaled by ``1 / (1 - dropout_rate)``. The keep-mask is a hash of the
+        key and the element's (batch, head, query, key) coordinates
         (``pallas_flash.dropout``), regenerated in the backward: the same key
         gives the same result; rate 0 is exactly no dropout.
-      config: explicit kernel block config (``"pallas"`` only).
-      interpret: force Pallas interpret mode on or off (``"pallas"`` only).
+      config: explicit kernel block config of the chosen kernel backend.
+      interpret: force Pallas interpret mode on or off (kernel backends only).
 
     Returns:
       ``[B, Tq, N, H]`` in the query's dtype.
     """
-    _validate.check_qkv(query, key, value)
-    B, Tq, _, H = query.shape
-    Tk = key.shape[1]
-    scale = _validate.check_scale(scale, H)
-    window = _window(local_window_size)
-    q_lengths = _lengths("query_seq_lengths", query_seq_lengths, B)
-    kv_lengths = _lengths("key_value_seq_lengths", key_value_seq_lengths, B)
-    q_seg, kv_seg = _segments(q_segment_ids, kv_segment_ids, B, Tq, Tk)
-    N = query.shape[2]
-    dense_shape = (B, N, Tq, Tk)
-    bias = _dense("bias", bias, dense_shape, boolean=False)
-    mask = _dense("mask", mask, dense_shape, boolean=True)
-    slopes = _slopes(alibi_slopes, B, N)
-    soft_cap = _soft_cap(logits_soft_cap)
-    dropout_rate, dropout_seed = _dropout_args(dropout_rate, dropout_rng)
-
-    auto = implementation is None
-    if auto:
-        order: tuple[str, ...] = ("pallas", "xla")
-    elif isinstance(implementation, str):
-        order = (implementation,)
-    elif isinstance(implementation, Sequence) and implementation:
-        order = tuple(implementation)
-    else:
-        raise TypeError(f"implementation must be None, a string or a non-empty sequence of strings, got {implementation!r}")
-    for impl in order:
-        if impl not in IMPLEMENTATIONS:
-            raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} (or a sequence of them), got {impl!r}")
-
-    call = _Call(
-        query, key, value, bias, mask, scale, is_causal, q_lengths, kv_lengths, window, q_seg, kv_seg,
-        slopes, soft_cap, dropout_rate, dropout_seed,
+    spec, inputs = validate.attention_call(
+        query, key, value, bias, mask,
+        scale=scale,
+        is_causal=is_causal,
+        query_seq_lengths=query_seq_lengths,
+        key_value_seq_lengths=key_value_seq_lengths,
+        local_window_size=local_window_size,
+        q_segment_ids=q_segment_ids,
+        kv_segment_ids=kv_segment_ids,
+        alibi_slopes=alibi_slopes,
+        logits_soft_cap=logits_soft_cap,
+        dropout_rate=dropout_rate,
+        dropout_rng=dropout_rng,
     )
+    order = _order(implementation)
+    chosen = [backends.get(name) for name in order]  # unknown names fail before any work
     reasons = []
-    for impl in order:
+    for name, backend in zip(order, chosen):
         try:
-            if impl == "pallas":
-                return _pallas(call, config=config, interpret=interpret)
-            return _jax_nn(call, implementation=impl)
+            backend.supports(query, key, value, inputs, spec)
+            return backend.attention(query, key, value, inputs, spec, config=config, interpret=interpret)
         except NotImplementedError as e:
-            reasons.append(f"{impl}: {e}")
-            if auto:
+            reasons.append(f"{name}: {e}")
+            if implementation is None:
                 warnings.warn(f"pallas_flash: falling back from the Pallas kernels to jax.nn xla attention ({e})", stacklevel=2)
     raise NotImplementedError("no implementation supports this call: " + "; ".join(reasons))
+
+
+def _kernel_backend(implementation: str) -> KernelBackend:
+    backend = backends.get(implementation)
+    if not isinstance(backend, KernelBackend):
+        raise ValueError(f"implementation must name a kernel backend (with an (out, lse) forward), got {implementation!r}")
+    return backend
+
+
+def attention_with_lse(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    *,
+    scale: float | None = None,
+    is_causal: bool = False,
+    local_window_size: int | tuple[int, int] | None = None,
+    q_offset: int = 0,
+    k_offset: int = 0,
+    implementation: str = "pallas",
+    config=None,
+    interpret: bool | None = None,
+    **features,
+) -> tuple[jax.Array, jax.Array]:
+    """Attention of one block of a longer sequence: ``(out, lse)``, both differentiable.
+
+    ``q_offset``/``k_offset`` are the global positions of the first query and
+    key rows, so the causal and window masks, ALiBi distances and dropout
+    bits are those of the block's place in the whole sequence. ``lse``
+    (``[B, N, Tq]`` float32, natural log, ``-inf`` for rows that see no key)
+    lets partial results over disjoint key blocks be merged exactly with
+    ``pallas_flash.combine``. ``features`` takes ``dot_product_attention``'s
+    other keywords (lengths, segment ids, mask, bias, ALiBi, soft-cap,
+    dropout), which describe the arrays as passed.
+    """
+    bias, mask = features.pop("bias", None), features.pop("mask", None)
+    spec, inputs = validate.attention_call(
+        query, key, value, bias, mask,
+        scale=scale, is_causal=is_causal, local_window_size=local_window_size,
+        q_offset=q_offset, k_offset=k_offset, **features,
+    )
+    backend = _kernel_backend(implementation)
+    backend.supports(query, key, value, inputs, spec)
+    return backend.attention_with_lse(query, key, value, inputs, spec, config=config, interpret=interpret)
+
+
+def flash_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    config: FlashConfig | None = None,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """Exact attention with the Pallas FlashAttention kernels, forward and backward.
+
+    Args:
+      q: queries ``[B, Tq, N, H]``.
+      k, v: keys and values ``[B, Tk, K, H]`` with ``N % K == 0`` (GQA/MQA when
+        ``K < N``; K/V are never repeated in memory).
+      causal: query ``i`` attends keys ``j <= i`` (top-left aligned, as
+        ``jax.nn.dot_product_attention``'s ``is_causal``, also when Tq != Tk).
+      scale: logit scale; ``None`` means ``1/sqrt(H)``.
+      config: explicit block sizes, warps and stages for the forward and the
+        backward (``pallas_flash.FlashConfig``); ``None`` picks the default.
+      interpret: run the kernels in Pallas interpret mode; ``None`` means
+        interpret unless the default backend is a GPU.
+
+    Returns:
+      ``[B, Tq, N, H]`` in the inputs' dtype.
+    """
+    return attention_with_lse(q, k, v, scale=scale, is_causal=causal, config=config, interpret=interpret)[0]

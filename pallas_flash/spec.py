@@ -1,10 +1,12 @@
 """The static description of one attention call, shared by every backend.
 
 ``AttentionSpec`` holds everything a kernel is specialised on (compiled per
-value): scale, causal and window shape, which optional per-batch inputs are
-present, the soft-cap and the dropout rate. The dynamic inputs (lengths,
-segment ids, mask, bias, ALiBi slopes, dropout seed) travel as arrays in
-``AttentionInputs``. Backends read both; the public API builds them.
+value): scale, causal and window shape, the position offsets of the query and
+key arrays, which optional per-batch inputs are present, the soft-cap and the
+dropout rate. The dynamic inputs (lengths, segment ids, mask, bias, ALiBi
+slopes, dropout seed) travel as arrays in ``AttentionInputs``. The public API
+validates the call and builds both once (``validate.attention_call``); every
+backend reads the same two records.
 
 Every optional feature is a static field, so a kernel compiled without it
 contains no trace of it: the plain path is the same code as before.
@@ -41,6 +43,12 @@ class AttentionSpec:
     soft_cap: float | None = None
     # Probability of dropping an attention weight; 0 means no dropout at all.
     dropout_rate: float = 0.0
+    # Global positions of row 0 of the query and key arrays: a block of a longer
+    # sequence (ring attention, split-K decoding) gets the causal/window mask,
+    # ALiBi distances and dropout bits of its place in the whole. Lengths,
+    # segment ids, masks and biases still describe the arrays as passed.
+    q_offset: int = 0
+    k_offset: int = 0
 
     @property
     def has_mask(self) -> bool:
@@ -60,19 +68,24 @@ class AttentionSpec:
         return self.soft_cap is None and not self.has_bias and not self.has_alibi
 
     @property
+    def shift(self) -> int:
+        """``q_offset - k_offset``: add it to a local ``j - i`` bound to get the global one."""
+        return self.q_offset - self.k_offset
+
+    @property
     def right(self) -> int | None:
-        """The largest j - i that is visible, or None when unbounded."""
+        """The largest visible ``j - i`` in array rows (offsets folded in), or None when unbounded."""
         r = None
         if self.window is not None:
             r = self.window[1]
         if self.causal:
             r = 0 if r is None else min(r, 0)
-        return r
+        return r if r is None else r + self.shift
 
     @property
     def left(self) -> int | None:
-        """The largest i - j that is visible, or None when unbounded."""
-        return None if self.window is None else self.window[0]
+        """The largest visible ``i - j`` in array rows (offsets folded in), or None when unbounded."""
+        return None if self.window is None else self.window[0] - self.shift
 
 
 class AttentionInputs(NamedTuple):

@@ -51,7 +51,7 @@ def test_bad_input_raises_named_error(entry, make, error, words):
 @pytest.mark.parametrize(
     "kwargs, error, word",
     [
-        (dict(implementation="triton"), ValueError, "implementation"),
+        (dict(implementation="bogus"), ValueError, "implementation"),
         (dict(implementation=[]), TypeError, "implementation"),
         (dict(local_window_size=(1, 2, 3)), TypeError, "local_window_size"),
         (dict(local_window_size=-1), ValueError, "local_window_size"),

@@ -27,7 +27,7 @@ from pallas_flash.testing.shapes import Shape
 from pallas_flash import dropout as pf_dropout
 from pallas_flash.reference import attention_reference, visibility_mask
 from pallas_flash.spec import AttentionSpec
-from pallas_flash.triton import common
+from pallas_flash.backends.triton import blocks as common
 from tests.conftest import ON_GPU, TOLERANCE, rel_err
 from tests.test_attention import SMALL_BLOCKS
 

@@ -25,7 +25,7 @@ import pytest
 
 import pallas_flash as pf
 from pallas_flash.testing.shapes import GPU_CASES, Shape
-from pallas_flash.config import default_config
+from pallas_flash.backends.triton.config import default_config
 from tests.test_masks import ALONE, COMBINED, build
 
 try:

@@ -37,9 +37,20 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_flash.config import BackwardConfig, padded_head_dim
+from pallas_flash.backends.triton import blocks, tiles
+from pallas_flash.backends.triton.config import BackwardConfig, padded_head_dim
+from pallas_flash.backends.triton.program import (
+    Program,
+    QueryBlock,
+    dropout_keep,
+    dropout_key,
+    key_minus_query,
+    log2_logits,
+    visible,
+)
+from pallas_flash.backends.triton.side_inputs import SideInputs, alibi_slope, side_inputs
+from pallas_flash.backends.base import Gradients, softmax_delta
 from pallas_flash.spec import LOG2E, AttentionInputs, AttentionSpec
-from pallas_flash.triton import common
 
 
 def _dkdv_kernel(
@@ -49,7 +60,10 @@ def _dkdv_kernel(
     do_ref,
     lse2_ref,
     delta_ref,
-    *refs,
+    side: SideInputs,
+    dk_ref,
+    dv_ref,
+    *,
     spec: AttentionSpec,
     block_q: int,
     block_k: int,
@@ -59,117 +73,105 @@ def _dkdv_kernel(
     num_heads: int,
     group: int,
 ):
-    ex, (dk_ref, dv_ref) = common.unpack_extras(refs, spec)
-    kb = pl.program_id(0)
-    b = pl.program_id(1)
-    kvh = pl.program_id(2)
-    k0 = kb * block_k
-    dp = k_ref.shape[-1]
-    dmask = common.col_mask(head_dim, dp)
-    q_tail = seq_q if seq_q % block_q else None
-    k_tail = seq_k if seq_k % block_k else None
-    c = spec.scale * LOG2E
+    prog = Program.enter(
+        k_ref, side, spec=spec, block_rows=block_k, block_q=block_q, block_k=block_k, seq_q=seq_q, seq_k=seq_k,
+        head_dim=head_dim, rows="k",
+    )
+    b, kv_head, k0, dim_mask = prog.b, prog.head, prog.start, prog.dim_mask
+    q_tail, k_tail, kv_len, k_seg = prog.q_tail, prog.k_tail, prog.kv_len, prog.own_seg
+    qk_scale_log2 = spec.scale * LOG2E
     inv_keep = 1.0 / (1.0 - spec.dropout_rate)
 
-    q_len = ex.q_len[b] if ex.q_len is not None else None
-    kv_len = ex.kv_len[b] if ex.kv_len is not None else None
-    seg_range = None
-    k_seg = None
-    if ex.segments is not None:
-        q_seg_ref, kv_seg_ref, *seg_refs = ex.segments
-        seg_range = tuple(r[kb] for r in seg_refs)
-        k_seg = common.load_ids(kv_seg_ref, k0, block_k, limit=k_tail)[:, None]
-
-    k = common.load_tile(k_ref, k0, block_k, limit=k_tail, dmask=dmask)
-    v = common.load_tile(v_ref, k0, block_k, limit=k_tail, dmask=dmask)
+    k = tiles.load_tile(k_ref, k0, block_k, limit=k_tail, dim_mask=dim_mask)
+    v = tiles.load_tile(v_ref, k0, block_k, limit=k_tail, dim_mask=dim_mask)
     k_pos = k0 + lax.broadcasted_iota(jnp.int32, (block_k, 1), 0)
     kv_limit = kv_len  # keys past seq_k are never stored, so only kv_len masks
 
-    lo, flo, fhi, hi = common.q_block_range(
+    lo, full_lo, full_hi, hi = blocks.q_block_range(
         k0,
         spec=spec,
         block_q=block_q,
         block_k=block_k,
         seq_q=seq_q,
-        q_len=q_len,
+        q_len=prog.q_len,
         kv_len=kv_len,
-        seg_range=seg_range,
+        seg_range=prog.seg_range,
         seq_k=seq_k,
     )
     if kv_len is not None:  # the block straddling kv_len needs the element mask everywhere
         straddles = (k0 + block_k) > kv_len
-        flo = common.where_index(straddles, lo, flo)
-        fhi = common.where_index(straddles, lo, fhi)
+        full_lo = blocks.where_index(straddles, lo, full_lo)
+        full_hi = blocks.where_index(straddles, lo, full_hi)
 
     def dense_tile(ref, q0, q_limit, other, g):
         # [block_q, block_k] tile of the (b, query head) plane, transposed to [bk, bq].
         head = g if ref.ndim == 3 else None
-        tile = common.load_qk_tile(ref, q0, k0, block_q, block_k, q_limit=q_limit, k_limit=k_tail, other=other, head=head)
+        tile = tiles.load_qk_tile(ref, q0, k0, block_q, block_k, q_limit=q_limit, k_limit=k_tail, other=other, head=head)
         return tile.T
 
     def body(qb, carry, *, g, slope, drop_key, masked: bool):
         dk, dv = carry
         q0 = qb * block_q
         limit = q_tail if masked else None
-        q = common.load_tile(q_ref, q0, block_q, limit=limit, dmask=dmask, head=g)
-        do = common.load_tile(do_ref, q0, block_q, limit=limit, dmask=dmask, head=g)
-        lse2 = common.load_row_stat(lse2_ref, q0, block_q, limit=limit, other=jnp.inf, head=g)
-        delta = common.load_row_stat(delta_ref, q0, block_q, limit=limit, other=0.0, head=g)
+        q = tiles.load_tile(q_ref, q0, block_q, limit=limit, dim_mask=dim_mask, head=g)
+        do = tiles.load_tile(do_ref, q0, block_q, limit=limit, dim_mask=dim_mask, head=g)
+        lse2 = tiles.load_row_stat(lse2_ref, q0, block_q, limit=limit, other=jnp.inf, head=g)
+        delta = tiles.load_row_stat(delta_ref, q0, block_q, limit=limit, other=0.0, head=g)
         q_pos = None  # query positions only where something reads them
         if masked or not spec.plain_logits or spec.has_dropout:
             q_pos = q0 + lax.broadcasted_iota(jnp.int32, (1, block_q), 1)
-        s_t = common.dot(k, q, trans_b=True)  # [bk, bq]
-        t_t = None
+        s_t = tiles.dot(k, q, trans_b=True)  # [bk, bq]
+        tanh_t = None
         if spec.plain_logits:
-            s_t = s_t * c
+            s_t = s_t * qk_scale_log2
         else:
-            bias = dense_tile(ex.bias, q0, limit, 0.0, g) if ex.bias is not None else None
-            s_t, t_t = common.log2_logits(s_t, spec=spec, q_pos=q_pos, k_pos=k_pos, bias=bias, slope=slope)
+            bias = dense_tile(side.bias, q0, limit, 0.0, g) if side.bias is not None else None
+            s_t, tanh_t = log2_logits(s_t, spec=spec, q_pos=q_pos, k_pos=k_pos, bias=bias, slope=slope)
         p_t = jnp.exp2(s_t - lse2[None, :])
         vis = None
         if masked:
             q_seg = None
             if k_seg is not None:
-                q_seg = common.load_ids(q_seg_ref, q0, block_q, limit=q_tail)[None, :]
-            vis = common.visible(q_pos, k_pos, spec=spec, kv_limit=kv_limit, q_seg=q_seg, k_seg=k_seg)
-        if ex.mask is not None:
-            tile = dense_tile(ex.mask, q0, limit, False, g)
+                q_seg = tiles.load_ids(side.segments.q_ids, q0, block_q, limit=q_tail)[None, :]
+            vis = visible(q_pos, k_pos, spec=spec, kv_limit=kv_limit, q_seg=q_seg, k_seg=k_seg)
+        if side.mask is not None:
+            tile = dense_tile(side.mask, q0, limit, False, g)
             vis = tile if vis is None else (vis & tile)
         if vis is not None:
             p_t = jnp.where(vis, p_t, 0.0)
         # dV before dP: the order of the products the H100 measurements were taken with.
         if drop_key is not None:  # dV sees the dropped P; dP flows only through kept weights
-            keep_t = common.dropout_keep(drop_key, q_pos, k_pos, spec=spec)
-            dv = dv + common.dot((jnp.where(keep_t, p_t, 0.0) * inv_keep).astype(do.dtype), do)
-            dp_t = jnp.where(keep_t, common.dot(v, do, trans_b=True), 0.0) * inv_keep
+            keep_t = dropout_keep(drop_key, q_pos, k_pos, spec=spec)
+            dv = dv + tiles.dot((jnp.where(keep_t, p_t, 0.0) * inv_keep).astype(do.dtype), do)
+            dp_t = jnp.where(keep_t, tiles.dot(v, do, trans_b=True), 0.0) * inv_keep
         else:
-            dv = dv + common.dot(p_t.astype(do.dtype), do)  # [bk, dp]
-            dp_t = common.dot(v, do, trans_b=True)  # [bk, bq]
+            dv = dv + tiles.dot(p_t.astype(do.dtype), do)  # [bk, head_dim_padded]
+            dp_t = tiles.dot(v, do, trans_b=True)  # dP^T [bk, bq]
         ds_t = p_t * (dp_t - delta[None, :])
-        if t_t is not None:  # through the soft-cap: d(cap*tanh(x/cap))/dx = 1 - tanh^2
-            ds_t = ds_t * (1.0 - t_t * t_t)
-        dk = dk + common.dot(ds_t.astype(q.dtype), q)  # [bk, dp]
+        if tanh_t is not None:  # through the soft-cap: d(cap*tanh(x/cap))/dx = 1 - tanh^2
+            ds_t = ds_t * (1.0 - tanh_t * tanh_t)
+        dk = dk + tiles.dot(ds_t.astype(q.dtype), q)  # [bk, head_dim_padded]
         return dk, dv
 
     def head_loops(g, carry):
-        hq = kvh * group + (0 if g is None else g)
+        hq = kv_head * group + (0 if g is None else g)
         fn = functools.partial(
             body,
             g=g,
-            slope=common.alibi_slope(ex, b, hq),
-            drop_key=common.dropout_key(ex, b, hq, num_heads),
+            slope=alibi_slope(side, b, hq),
+            drop_key=dropout_key(side, b, hq, num_heads),
         )
-        return common.split_loops((lo, flo, fhi, hi), fn, carry, any_full=seq_q >= block_q)
+        return blocks.split_loops((lo, full_lo, full_hi, hi), fn, carry, any_full=seq_q >= block_q)
 
-    carry = (jnp.zeros((block_k, dp), jnp.float32), jnp.zeros((block_k, dp), jnp.float32))
+    carry = (jnp.zeros((block_k, prog.head_dim_padded), jnp.float32), jnp.zeros((block_k, prog.head_dim_padded), jnp.float32))
     if group == 1:
         carry = head_loops(None, carry)
     else:
         carry = lax.fori_loop(0, group, lambda g, c_: head_loops(lax.convert_element_type(g, jnp.int32), c_), carry)
     dk, dv = carry
     dk = dk * spec.scale
-    common.store_tile(dk_ref, dk.astype(dk_ref.dtype), k0, block_k, limit=k_tail, dmask=dmask)
-    common.store_tile(dv_ref, dv.astype(dv_ref.dtype), k0, block_k, limit=k_tail, dmask=dmask)
+    tiles.store_tile(dk_ref, dk.astype(dk_ref.dtype), k0, block_k, limit=k_tail, dim_mask=dim_mask)
+    tiles.store_tile(dv_ref, dv.astype(dv_ref.dtype), k0, block_k, limit=k_tail, dim_mask=dim_mask)
 
 
 def _dq_kernel(
@@ -179,7 +181,8 @@ def _dq_kernel(
     do_ref,
     lse2_ref,
     delta_ref,
-    *refs,
+    side: SideInputs,
+    *outs,
     spec: AttentionSpec,
     block_q: int,
     block_k: int,
@@ -191,110 +194,81 @@ def _dq_kernel(
     want_dbias: bool,
     want_dslopes: bool,
 ):
-    ex, rest = common.unpack_extras(refs, spec)
+    outs = list(outs)
     ds_ref = dslope_ref = None
     if want_dbias:
-        rest.pop(0)  # the zeros that ds_ref aliases
-    dq_ref = rest.pop(0)
+        outs.pop(0)  # the zeros that ds_ref aliases
+    dq_ref = outs.pop(0)
     if want_dslopes:
-        dslope_ref = rest.pop(0)
+        dslope_ref = outs.pop(0)
     if want_dbias:
-        ds_ref = rest.pop(0)
-    qi = pl.program_id(0)
-    if spec.causal:  # heaviest query blocks first, as in the forward
-        qi = num_q_blocks - 1 - qi
-    b = pl.program_id(1)
-    h = pl.program_id(2)
-    q0 = qi * block_q
-    dp = q_ref.shape[-1]
-    dmask = common.col_mask(head_dim, dp)
-    q_tail = seq_q if seq_q % block_q else None
-    k_tail = seq_k if seq_k % block_k else None
-    c = spec.scale * LOG2E
+        ds_ref = outs.pop(0)
+    qb = QueryBlock.enter(
+        q_ref, side, spec=spec, block_q=block_q, block_k=block_k, seq_q=seq_q, seq_k=seq_k, head_dim=head_dim,
+        num_heads=num_heads, num_q_blocks=num_q_blocks,
+    )
+    prog = qb.program
+    q0, dim_mask, q_tail, k_tail = prog.start, prog.dim_mask, prog.q_tail, prog.k_tail
+    qk_scale_log2 = spec.scale * LOG2E
     inv_keep = 1.0 / (1.0 - spec.dropout_rate)
 
-    q_len = ex.q_len[b] if ex.q_len is not None else None
-    kv_len = ex.kv_len[b] if ex.kv_len is not None else None
-    seg_range = None
-    q_seg = None
-    if ex.segments is not None:
-        q_seg_ref, _, *seg_refs = ex.segments
-        seg_range = tuple(r[qi] for r in seg_refs)
-        q_seg = common.load_ids(q_seg_ref, q0, block_q, limit=q_tail)[:, None]
-    slope = common.alibi_slope(ex, b, h)
-    drop_key = common.dropout_key(ex, b, h, num_heads)
-
-    q = common.load_tile(q_ref, q0, block_q, limit=q_tail, dmask=dmask)
-    do = common.load_tile(do_ref, q0, block_q, limit=q_tail, dmask=dmask)
-    lse2 = common.load_row_stat(lse2_ref, q0, block_q, limit=q_tail, other=jnp.inf)
-    delta = common.load_row_stat(delta_ref, q0, block_q, limit=q_tail, other=0.0)
+    q = tiles.load_tile(q_ref, q0, block_q, limit=q_tail, dim_mask=dim_mask)
+    do = tiles.load_tile(do_ref, q0, block_q, limit=q_tail, dim_mask=dim_mask)
+    lse2 = tiles.load_row_stat(lse2_ref, q0, block_q, limit=q_tail, other=jnp.inf)
+    delta = tiles.load_row_stat(delta_ref, q0, block_q, limit=q_tail, other=0.0)
     q_pos = q0 + lax.broadcasted_iota(jnp.int32, (block_q, 1), 0)
-    tiles = common.QueryBlockTiles(
-        ex, spec, q0, q_pos, block_q, block_k, q_tail, k_tail,
-        kv_limit=common.kv_visible_limit(kv_len, k_tail, seq_k),
-        q_seg=q_seg,
-        slope=slope,
-    )
+    qb = qb.with_positions(q_pos)
 
     def body(kb, carry, *, masked: bool):
         dq, dslope = carry
         k0 = kb * block_k
         limit = k_tail if masked else None
-        k = common.load_tile(k_ref, k0, block_k, limit=limit, dmask=dmask)
-        v = common.load_tile(v_ref, k0, block_k, limit=limit, dmask=dmask)
+        k = tiles.load_tile(k_ref, k0, block_k, limit=limit, dim_mask=dim_mask)
+        v = tiles.load_tile(v_ref, k0, block_k, limit=limit, dim_mask=dim_mask)
         k_pos = None  # key positions only where something reads them
         if masked or not spec.plain_logits or spec.has_dropout:
             k_pos = k0 + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
-        s = common.dot(q, k, trans_b=True)  # [bq, bk]
-        t = None
+        s = tiles.dot(q, k, trans_b=True)  # [bq, bk]
+        tanh = None
         if spec.plain_logits:
-            s = s * c
+            s = s * qk_scale_log2
         else:
-            s, t = tiles.logits(s, k0, k_pos, limit)
+            s, tanh = qb.logits(s, k0, k_pos, limit)
         p = jnp.exp2(s - lse2[:, None])
-        vis = tiles.visible(k0, k_pos, masked=masked, k_limit=limit)
+        vis = qb.visible(k0, k_pos, masked=masked, k_limit=limit)
         if vis is not None:
             p = jnp.where(vis, p, 0.0)
-        dp_ = common.dot(do, v, trans_b=True)  # [bq, bk]
-        if drop_key is not None:
-            keep = common.dropout_keep(drop_key, q_pos, k_pos, spec=spec)
-            dp_ = jnp.where(keep, dp_, 0.0) * inv_keep
-        ds = p * (dp_ - delta[:, None])  # d loss / d logits (natural units)
+        dp = tiles.dot(do, v, trans_b=True)  # dP [bq, bk]
+        if qb.drop_key is not None:
+            keep = dropout_keep(qb.drop_key, q_pos, k_pos, spec=spec)
+            dp = jnp.where(keep, dp, 0.0) * inv_keep
+        ds = p * (dp - delta[:, None])  # d loss / d logits (natural units)
         if ds_ref is not None:  # the bias gradient is dS itself
-            common.store_qk_tile(ds_ref, ds.astype(ds_ref.dtype), q0, k0, q_limit=q_tail, k_limit=limit)
+            tiles.store_qk_tile(ds_ref, ds.astype(ds_ref.dtype), q0, k0, q_limit=q_tail, k_limit=limit)
         if dslope_ref is not None:  # d/d slope of slope * (j - i)
-            dslope = dslope + jnp.sum(ds * (k_pos - q_pos).astype(jnp.float32), axis=1)
-        if t is not None:
-            ds = ds * (1.0 - t * t)
-        return dq + common.dot(ds.astype(k.dtype), k), dslope  # [bq, dp]
+            dslope = dslope + jnp.sum(ds * key_minus_query(q_pos, k_pos, spec).astype(jnp.float32), axis=1)
+        if tanh is not None:
+            ds = ds * (1.0 - tanh * tanh)
+        return dq + tiles.dot(ds.astype(k.dtype), k), dslope  # [bq, head_dim_padded]
 
-    lo, flo, fhi, hi = common.kv_block_range(
-        q0,
-        spec=spec,
-        block_q=block_q,
-        block_k=block_k,
-        seq_k=seq_k,
-        kv_len=kv_len,
-        q_len=q_len,
-        seg_range=seg_range,
-        seq_q=seq_q,
-    )
+    kv_blocks = qb.kv_range()
     dslope0 = jnp.zeros((block_q,), jnp.float32) if dslope_ref is not None else None
-    carry = (jnp.zeros((block_q, dp), jnp.float32), dslope0)
-    dq, dslope = common.split_loops((lo, flo, fhi, hi), body, carry, any_full=seq_k >= block_k)
+    carry = (jnp.zeros((block_q, prog.head_dim_padded), jnp.float32), dslope0)
+    dq, dslope = blocks.split_loops(kv_blocks, body, carry, any_full=seq_k >= block_k)
     if dslope_ref is not None:
-        common.store_row_stat(dslope_ref, dslope, q0, block_q, limit=q_tail)
+        tiles.store_row_stat(dslope_ref, dslope, q0, block_q, limit=q_tail)
     dq = dq * spec.scale
-    common.store_tile(dq_ref, dq.astype(dq_ref.dtype), q0, block_q, limit=q_tail, dmask=dmask)
+    tiles.store_tile(dq_ref, dq.astype(dq_ref.dtype), q0, block_q, limit=q_tail, dim_mask=dim_mask)
 
 
 def flash_backward(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
-    o: jax.Array,
+    out: jax.Array,
     lse: jax.Array,
     do: jax.Array,
+    dlse: jax.Array | None,
     inputs: AttentionInputs,
     *,
     spec: AttentionSpec,
@@ -302,8 +276,8 @@ def flash_backward(
     interpret: bool,
     want_dbias: bool = False,
     want_dslopes: bool = False,
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None, jax.Array | None]:
-    """Gradients ``(dq, dk, dv, dbias, dslopes)`` from the forward's residuals and the output cotangent.
+) -> Gradients:
+    """Gradients from the forward's residuals and the cotangents of the output and (optionally) the log-sum-exp.
 
     ``dbias`` (``None`` unless ``want_dbias``) has the bias's own shape and
     dtype: the dQ kernel writes dS ``[B, N, Tq, Tk]`` (float32; fully skipped
@@ -314,10 +288,10 @@ def flash_backward(
     batch, seq_q, num_heads, head_dim = q.shape
     _, seq_k, num_kv_heads, _ = k.shape
     group = num_heads // num_kv_heads
-    dp = padded_head_dim(head_dim)
+    head_dim_padded = padded_head_dim(head_dim)
 
     # Step 1: the preprocess, in XLA.
-    delta = jnp.einsum("bqnh,bqnh->bnq", o.astype(jnp.float32), do.astype(jnp.float32))
+    delta = softmax_delta(out, do, dlse)
     lse2 = jnp.where(jnp.isneginf(lse), jnp.inf, lse * LOG2E)
 
     # Step 2: dK, dV over key blocks, one program per KV head (summing its group).
@@ -325,12 +299,12 @@ def flash_backward(
     bk = min(config.block_k_dkv, max(16, pl.next_power_of_2(seq_k)))
     nk = pl.cdiv(seq_k, bk)
     # Whole-sequence blocks everywhere: kernels slice rows at absolute offsets.
-    kv_block = pl.BlockSpec((None, seq_k, None, dp), lambda i, b, h: (b, 0, h, 0))
+    kv_block = pl.BlockSpec((None, seq_k, None, head_dim_padded), lambda i, b, h: (b, 0, h, 0))
     # A KV head's whole query group: [Tq, G, Dp] (G squeezed away when 1).
     g_dim = None if group == 1 else group
-    q_group = pl.BlockSpec((None, seq_q, g_dim, dp), lambda i, b, h: (b, 0, h, 0))
+    q_group = pl.BlockSpec((None, seq_q, g_dim, head_dim_padded), lambda i, b, h: (b, 0, h, 0))
     stat_group = pl.BlockSpec((None, g_dim, seq_q), lambda i, b, h: (b, h, 0))
-    extra_specs, extra_args = common.extra_inputs(inputs, spec, bq, bk, over="q", group=group)
+    side_specs, side_arrays = side_inputs(inputs, spec, bq, bk, over="q", group=group)
     dk, dv = pl.pallas_call(
         functools.partial(
             _dkdv_kernel,
@@ -344,25 +318,25 @@ def flash_backward(
             group=group,
         ),
         grid=(nk, batch, num_kv_heads),
-        in_specs=[q_group, kv_block, kv_block, q_group, stat_group, stat_group, *extra_specs],
+        in_specs=[q_group, kv_block, kv_block, q_group, stat_group, stat_group, side_specs],
         out_specs=[kv_block, kv_block],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         compiler_params=plgpu.CompilerParams(num_warps=config.num_warps_dkv, num_stages=config.num_stages_dkv),
         interpret=interpret,
         name="pallas_flash_bwd_dkdv",
-    )(q, k, v, do, lse2, delta, *extra_args)
+    )(q, k, v, do, lse2, delta, side_arrays)
 
     # Step 3: dQ over query blocks.
     bq = min(config.block_q_dq, max(16, pl.next_power_of_2(seq_q)))
     bk = min(config.block_k_dq, max(16, pl.next_power_of_2(seq_k)))
     nq = pl.cdiv(seq_q, bq)
 
-    q_block = pl.BlockSpec((None, seq_q, None, dp), lambda i, b, h: (b, 0, h, 0))
-    kv_whole = pl.BlockSpec((None, seq_k, None, dp), lambda i, b, h: (b, 0, h // group, 0))
+    q_block = pl.BlockSpec((None, seq_q, None, head_dim_padded), lambda i, b, h: (b, 0, h, 0))
+    kv_whole = pl.BlockSpec((None, seq_k, None, head_dim_padded), lambda i, b, h: (b, 0, h // group, 0))
     stat_block = pl.BlockSpec((None, None, seq_q), lambda i, b, h: (b, h, 0))
-    extra_specs, extra_args = common.extra_inputs(inputs, spec, bq, bk, over="kv")
-    in_specs = [q_block, kv_whole, kv_whole, q_block, stat_block, stat_block, *extra_specs]
-    args = [q, k, v, do, lse2, delta, *extra_args]
+    side_specs, side_arrays = side_inputs(inputs, spec, bq, bk, over="kv")
+    in_specs = [q_block, kv_whole, kv_whole, q_block, stat_block, stat_block, side_specs]
+    args = [q, k, v, do, lse2, delta, side_arrays]
     out_specs = [q_block]
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
     aliases = {}
@@ -371,7 +345,8 @@ def flash_backward(
         out_shape.append(jax.ShapeDtypeStruct((batch, num_heads, seq_q), jnp.float32))
     if want_dbias:
         ds_block = pl.BlockSpec((None, None, seq_q, seq_k), lambda i, b, h: (b, h, 0, 0))
-        aliases = {len(args): len(out_specs)}  # the kernel writes dS into these zeros
+        # The kernel writes dS into these zeros (input index counted over the flattened arguments).
+        aliases = {len(jax.tree.leaves(args)): len(out_specs)}
         in_specs.append(ds_block)
         args.append(jnp.zeros((batch, num_heads, seq_q, seq_k), jnp.float32))
         out_specs.append(ds_block)
@@ -414,4 +389,4 @@ def flash_backward(
         if axes:
             ds = ds.sum(axis=axes, keepdims=True)
         dbias = ds.astype(inputs.bias.dtype)
-    return dq, dk, dv, dbias, dslopes
+    return Gradients(dq, dk, dv, dbias, dslopes)

@@ -1,11 +1,11 @@
-"""Block-size configurations for the attention kernels: the one place they live.
+"""The Triton backend's block configs: the one place they live.
 
 Each pass has one small frozen config (block sizes, warps, pipelining stages).
-``default_config`` picks one per shape and GPU: a table tuned on the H100 with
-``python -m pallas_flash.tune --print-json`` and a heuristic for everything else.
-A user-tuned table (``python -m pallas_flash.tune``) in the user cache
-directory takes precedence; tuning only ever happens in that explicit command,
-never inside a user's ``jit``.
+``default_config`` picks one per shape and GPU: the user's tuned table
+(``python -m pallas_flash.tuning --backend triton``, in the user cache
+directory), then the shipped table for this GPU (``tables/*.json``, tuned with
+that command's ``--print-json``), then a heuristic. Tuning only ever happens
+in that explicit command, never inside a user's ``jit``.
 """
 
 from __future__ import annotations
@@ -123,10 +123,10 @@ def padded_head_dim(d: int) -> int:
     return p
 
 
-# Shipped tables, tuned with ``python -m pallas_flash.tune --print-json``: the
+# Shipped tables, tuned with ``python -m pallas_flash.tuning --backend triton --print-json``: the
 # first whose name occurs in the GPU's device_kind applies. Keys: ``config_key``.
 _SHIPPED_TABLES = {"H100": "h100.json", "H200": "h100.json"}  # same SM and shared memory
-_CONFIG_DIR = pathlib.Path(__file__).parent / "configs"
+_TABLES_DIR = pathlib.Path(__file__).parent / "tables"
 
 
 def _heuristic(head_dim: int, dtype: Any) -> FlashConfig:
@@ -147,7 +147,7 @@ def _heuristic(head_dim: int, dtype: Any) -> FlashConfig:
 
 
 def user_cache_path() -> pathlib.Path:
-    """Where ``python -m pallas_flash.tune`` stores configs tuned on this machine."""
+    """Where ``python -m pallas_flash.tuning --backend triton`` stores configs tuned on this machine."""
     root = os.environ.get("PALLAS_FLASH_CACHE_DIR")
     if root:
         return pathlib.Path(root) / "tuned.json"
@@ -175,7 +175,7 @@ def _user_table(gpu: str) -> dict[str, dict[str, Any]]:
 def _shipped_table(gpu: str) -> dict[str, dict[str, Any]]:
     for name, file in _SHIPPED_TABLES.items():
         if name in gpu:
-            path = _CONFIG_DIR / file
+            path = _TABLES_DIR / file
             return json.loads(path.read_text()) if path.exists() else {}
     return {}
 
@@ -212,7 +212,7 @@ def default_config(
 ) -> FlashConfig:
     """The block config used when the caller passes none.
 
-    Order: the user's tuned cache for this GPU (``python -m pallas_flash.tune``),
+    Order: the user's tuned cache for this GPU (``python -m pallas_flash.tuning``),
     then the shipped table for this GPU, then a heuristic by head dim and dtype.
     Tables are read once per process; nothing is tuned here.
     """

@@ -26,16 +26,21 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_flash.config import ForwardConfig, padded_head_dim
+from pallas_flash.backends.triton import blocks, tiles
+from pallas_flash.backends.triton.config import ForwardConfig, padded_head_dim
+from pallas_flash.backends.triton.program import QueryBlock, dropout_keep
+from pallas_flash.backends.triton.side_inputs import SideInputs, side_inputs
 from pallas_flash.spec import LOG2E, AttentionInputs, AttentionSpec
-from pallas_flash.triton import common
 
 
 def _fwd_kernel(
     q_ref,
     k_ref,
     v_ref,
-    *refs,
+    side: SideInputs,
+    o_ref,
+    lse_ref,
+    *,
     spec: AttentionSpec,
     block_q: int,
     block_k: int,
@@ -45,61 +50,37 @@ def _fwd_kernel(
     num_heads: int,
     num_q_blocks: int,
 ):
-    ex, (o_ref, lse_ref) = common.unpack_extras(refs, spec)
-    if ex.segments is not None:
-        q_seg_ref, _, *seg_refs = ex.segments
-
-    qi = pl.program_id(0)
-    if spec.causal:  # heaviest query blocks first: better tail balance
-        qi = num_q_blocks - 1 - qi
-    b = pl.program_id(1)
-    h = pl.program_id(2)
-    q0 = qi * block_q
-    dp = q_ref.shape[-1]
-    dmask = common.col_mask(head_dim, dp)
-    q_tail = seq_q if seq_q % block_q else None
-    k_tail = seq_k if seq_k % block_k else None
-
-    q_len = ex.q_len[b] if ex.q_len is not None else None
-    kv_len = ex.kv_len[b] if ex.kv_len is not None else None
-    seg_range = None
-    q_seg = None
-    if ex.segments is not None:
-        seg_range = tuple(r[qi] for r in seg_refs)
-        q_seg = common.load_ids(q_seg_ref, q0, block_q, limit=q_tail)[:, None]
-    slope = common.alibi_slope(ex, b, h)
-    drop_key = common.dropout_key(ex, b, h, num_heads)
-
-    q = common.load_tile(q_ref, q0, block_q, limit=q_tail, dmask=dmask)
-    c = spec.scale * LOG2E
-    q_pos = q0 + lax.broadcasted_iota(jnp.int32, (block_q, 1), 0)
-    tiles = common.QueryBlockTiles(
-        ex, spec, q0, q_pos, block_q, block_k, q_tail, k_tail,
-        kv_limit=common.kv_visible_limit(kv_len, k_tail, seq_k),
-        q_seg=q_seg,
-        slope=slope,
+    qb = QueryBlock.enter(
+        q_ref, side, spec=spec, block_q=block_q, block_k=block_k, seq_q=seq_q, seq_k=seq_k, head_dim=head_dim,
+        num_heads=num_heads, num_q_blocks=num_q_blocks,
     )
+    prog = qb.program
+    q0, dim_mask, q_tail, k_tail = prog.start, prog.dim_mask, prog.q_tail, prog.k_tail
+    q = tiles.load_tile(q_ref, q0, block_q, limit=q_tail, dim_mask=dim_mask)
+    qk_scale_log2 = spec.scale * LOG2E
+    q_pos = q0 + lax.broadcasted_iota(jnp.int32, (block_q, 1), 0)
+    qb = qb.with_positions(q_pos)
 
     def body(kb, carry, *, masked: bool):
         acc, m, l = carry
         k0 = kb * block_k
         limit = k_tail if masked else None
-        k = common.load_tile(k_ref, k0, block_k, limit=limit, dmask=dmask)
-        v = common.load_tile(v_ref, k0, block_k, limit=limit, dmask=dmask)
-        s = common.dot(q, k, trans_b=True)  # raw logits
+        k = tiles.load_tile(k_ref, k0, block_k, limit=limit, dim_mask=dim_mask)
+        v = tiles.load_tile(v_ref, k0, block_k, limit=limit, dim_mask=dim_mask)
+        s = tiles.dot(q, k, trans_b=True)  # raw logits
         # Key positions only where something reads them: the plain unmasked loop stays index-free.
         k_pos = None
         if masked or not spec.plain_logits or spec.has_dropout:
             k_pos = k0 + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
         if spec.plain_logits:
-            s_scale = c  # the scale folds into the exp2's FMA
+            s_scale = qk_scale_log2  # the scale folds into the exp2's FMA
         else:
-            s, _ = tiles.logits(s, k0, k_pos, limit)
+            s, _ = qb.logits(s, k0, k_pos, limit)
             s_scale = None
-        vis = tiles.visible(k0, k_pos, masked=masked, k_limit=limit)
+        vis = qb.visible(k0, k_pos, masked=masked, k_limit=limit)
         if vis is not None:
             s = jnp.where(vis, s, -jnp.inf)
-        # m is the running max in the log2 domain (c > 0 commutes with max).
+        # m is the running max in the log2 domain (the scale > 0 commutes with max).
         s_max = jnp.max(s, axis=1)
         m_new = jnp.maximum(m, s_max if s_scale is None else s_max * s_scale)
         # A row can be all -inf in a masked block, or anywhere under a dense mask or bias.
@@ -110,33 +91,23 @@ def _fwd_kernel(
         alpha = jnp.exp2(m - m_use)
         p = jnp.exp2((s if s_scale is None else s * s_scale) - m_use[:, None])
         l = l * alpha + jnp.sum(p, axis=1)
-        if drop_key is not None:  # l keeps the undropped weights; only P.V is dropped
-            p = jnp.where(common.dropout_keep(drop_key, q_pos, k_pos, spec=spec), p, 0.0)
-        acc = acc * alpha[:, None] + common.dot(p.astype(v.dtype), v)
+        if qb.drop_key is not None:  # l keeps the undropped weights; only P.V is dropped
+            p = jnp.where(dropout_keep(qb.drop_key, q_pos, k_pos, spec=spec), p, 0.0)
+        acc = acc * alpha[:, None] + tiles.dot(p.astype(v.dtype), v)
         return acc, m_new, l
 
-    lo, flo, fhi, hi = common.kv_block_range(
-        q0,
-        spec=spec,
-        block_q=block_q,
-        block_k=block_k,
-        seq_k=seq_k,
-        kv_len=kv_len,
-        q_len=q_len,
-        seg_range=seg_range,
-        seq_q=seq_q,
-    )
+    kv_blocks = qb.kv_range()
     carry = (
-        jnp.zeros((block_q, dp), jnp.float32),
+        jnp.zeros((block_q, prog.head_dim_padded), jnp.float32),
         jnp.full((block_q,), -jnp.inf, jnp.float32),
         jnp.zeros((block_q,), jnp.float32),
     )
-    carry = common.split_loops((lo, flo, fhi, hi), body, carry, any_full=seq_k >= block_k)
+    carry = blocks.split_loops(kv_blocks, body, carry, any_full=seq_k >= block_k)
     acc, m, l = carry
 
     seen = l > 0.0
-    if q_len is not None:
-        seen = seen & (q_pos[:, 0] < q_len)
+    if prog.q_len is not None:
+        seen = seen & (q_pos[:, 0] < prog.q_len)
     l_safe = jnp.where(seen, l, 1.0)
     inv = 1.0 / l_safe
     if spec.has_dropout:
@@ -144,8 +115,8 @@ def _fwd_kernel(
     out = acc * inv[:, None]
     out = jnp.where(seen[:, None], out, 0.0)
     lse = jnp.where(seen, (m + jnp.log2(l_safe)) * (1.0 / LOG2E), -jnp.inf)
-    common.store_tile(o_ref, out.astype(o_ref.dtype), q0, block_q, limit=q_tail, dmask=dmask)
-    common.store_row_stat(lse_ref, lse, q0, block_q, limit=q_tail)
+    tiles.store_tile(o_ref, out.astype(o_ref.dtype), q0, block_q, limit=q_tail, dim_mask=dim_mask)
+    tiles.store_row_stat(lse_ref, lse, q0, block_q, limit=q_tail)
 
 
 def flash_forward(
@@ -162,7 +133,7 @@ def flash_forward(
     batch, seq_q, num_heads, head_dim = q.shape
     _, seq_k, num_kv_heads, _ = k.shape
     group = num_heads // num_kv_heads
-    dp = padded_head_dim(head_dim)
+    head_dim_padded = padded_head_dim(head_dim)
     block_q = min(config.block_q, max(16, pl.next_power_of_2(seq_q)))
     block_k = min(config.block_k, max(16, pl.next_power_of_2(seq_k)))
     nq = pl.cdiv(seq_q, block_q)
@@ -176,16 +147,9 @@ def flash_forward(
     def kv_index(i, b, h):
         return (b, 0, h // group, 0)
 
-    q_spec = pl.BlockSpec((None, seq_q, None, dp), seq_index)
-    in_specs = [
-        q_spec,
-        pl.BlockSpec((None, seq_k, None, dp), kv_index),
-        pl.BlockSpec((None, seq_k, None, dp), kv_index),
-    ]
-    args = [q, k, v]
-    extra_specs, extra_args = common.extra_inputs(inputs, spec, block_q, block_k, over="kv")
-    in_specs += extra_specs
-    args += extra_args
+    q_spec = pl.BlockSpec((None, seq_q, None, head_dim_padded), seq_index)
+    kv_spec = pl.BlockSpec((None, seq_k, None, head_dim_padded), kv_index)
+    side_specs, side_arrays = side_inputs(inputs, spec, block_q, block_k, over="kv")
 
     kernel = functools.partial(
         _fwd_kernel,
@@ -201,7 +165,7 @@ def flash_forward(
     out, lse = pl.pallas_call(
         kernel,
         grid=(nq, batch, num_heads),
-        in_specs=in_specs,
+        in_specs=[q_spec, kv_spec, kv_spec, side_specs],
         out_specs=[q_spec, pl.BlockSpec((None, None, seq_q), lambda i, b, h: (b, h, 0))],
         out_shape=[
             jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -215,6 +179,6 @@ def flash_forward(
             transcendentals=batch * num_heads * seq_q * seq_k // (2 if causal else 1),
             bytes_accessed=(q.size + k.size * group + v.size * group + q.size) * q.dtype.itemsize,
         ),
-    )(*args)
+    )(q, k, v, side_arrays)
     return out, lse
 

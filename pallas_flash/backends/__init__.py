@@ -1,0 +1,43 @@
+"""Backends and their registry: the public API reaches implementations only through here.
+
+``get(name)`` returns the backend registered under a name; ``names()`` lists
+them. Registered now: ``"triton"`` (the Pallas kernels lowered through
+Triton), ``"xla"`` and ``"cudnn"`` (``jax.nn.dot_product_attention``).
+``"pallas"`` names the default Pallas backend (today ``"triton"``).
+"""
+
+from __future__ import annotations
+
+from pallas_flash.backends.base import Backend, Gradients, KernelBackend
+from pallas_flash.backends.jax_nn import JaxNnBackend
+from pallas_flash.backends.triton import TritonBackend
+
+__all__ = ["Backend", "KernelBackend", "Gradients", "register", "get", "names"]
+
+_REGISTRY: dict[str, Backend] = {}
+_ALIASES = {"pallas": "triton"}
+
+
+def register(name: str, backend: Backend) -> None:
+    """Make ``backend`` reachable as ``implementation=name``."""
+    if not isinstance(backend, Backend):
+        raise TypeError(f"backend must be a pallas_flash.backends.Backend, got {type(backend).__name__}")
+    _REGISTRY[name] = backend
+
+
+def names() -> tuple[str, ...]:
+    """Every name ``get`` accepts, aliases included."""
+    return tuple(_ALIASES) + tuple(_REGISTRY)
+
+
+def get(name: str) -> Backend:
+    """The backend registered as ``name`` (or an alias of one); ``ValueError`` naming the choices otherwise."""
+    key = _ALIASES.get(name, name)
+    if key not in _REGISTRY:
+        raise ValueError(f"implementation must be one of {names()} (or a sequence of them), got {name!r}")
+    return _REGISTRY[key]
+
+
+register("triton", TritonBackend())
+register("xla", JaxNnBackend("xla"))
+register("cudnn", JaxNnBackend("cudnn"))

@@ -1,0 +1,75 @@
+"""``jax.nn.dot_product_attention`` as backends: ``"xla"`` and ``"cudnn"``.
+
+They take the same validated call as the kernels. jax.nn has no segment ids
+or ALiBi, so these are expressed as a dense mask and bias (built here, of size
+``Tq x Tk``); it has no soft-cap, dropout or position offsets, and refuses
+those with ``NotImplementedError``. They are differentiable through jax.nn's
+own autodiff; ``config`` and ``interpret`` do not apply.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from pallas_flash.backends.base import Backend
+from pallas_flash.spec import AttentionInputs, AttentionSpec
+
+
+def alibi_bias(slopes, seq_q: int, seq_k: int):
+    """ALiBi as a dense ``[1 or B, N, Tq, Tk]`` float32 bias: ``slope * (j - i)``."""
+    rel = (jnp.arange(seq_k)[None, :] - jnp.arange(seq_q)[:, None]).astype(jnp.float32)
+    return slopes.astype(jnp.float32)[:, :, None, None] * rel
+
+
+@dataclasses.dataclass(frozen=True)
+class JaxNnBackend(Backend):
+    """``jax.nn.dot_product_attention(..., implementation=self.implementation)``."""
+
+    implementation: str  # "xla" or "cudnn"
+
+    @property
+    def name(self) -> str:
+        return self.implementation
+
+    def supports(self, q, k, v, inputs: AttentionInputs, spec: AttentionSpec) -> None:
+        impl = self.implementation
+        if impl == "cudnn" and jax.default_backend() != "gpu":
+            raise NotImplementedError("implementation='cudnn' needs an NVIDIA GPU")
+        if spec.soft_cap is not None:
+            raise NotImplementedError(f"jax.nn {impl} attention has no logits_soft_cap")
+        if spec.has_dropout:
+            raise NotImplementedError(f"jax.nn {impl} attention has no attention dropout")
+        if spec.q_offset or spec.k_offset:
+            raise NotImplementedError(f"jax.nn {impl} attention has no position offsets")
+
+    def attention(self, q, k, v, inputs: AttentionInputs, spec: AttentionSpec, *, config=None, interpret=None):
+        del config, interpret  # kernel-backend options
+        mask, bias = inputs.mask, inputs.bias
+        if spec.has_segments:  # jax.nn has no segment ids: express them as a mask
+            q_ids, kv_ids = inputs.q_segment_ids, inputs.kv_segment_ids
+            seg_mask = q_ids[:, None, :, None] == kv_ids[:, None, None, :]
+            mask = seg_mask if mask is None else (mask & seg_mask)
+        if spec.has_alibi:  # nor ALiBi: express it as a bias
+            alibi = alibi_bias(inputs.alibi_slopes, q.shape[1], k.shape[1])
+            bias = alibi if bias is None else bias + alibi.astype(bias.dtype)
+        try:
+            return jax.nn.dot_product_attention(
+                q,
+                k,
+                v,
+                bias,
+                mask,
+                scale=spec.scale,
+                is_causal=spec.causal,
+                query_seq_lengths=inputs.q_lengths,
+                key_value_seq_lengths=inputs.kv_lengths,
+                local_window_size=spec.window,
+                implementation=self.implementation,
+            )
+        except (ValueError, TypeError) as e:
+            if self.implementation == "cudnn":  # cuDNN's own limits (head dims, dtypes, masks)
+                raise NotImplementedError(f"jax.nn cudnn attention does not support this call: {e}") from e
+            raise

@@ -1,0 +1,74 @@
+"""The differentiable attention op of every kernel backend: ``attention_op`` and its ``custom_vjp``.
+
+``attention_op`` returns ``(out, lse)``, both differentiable: the log-sum-exp's
+cotangent folds into the backward's per-row ``delta`` (see
+``backends.base.softmax_delta``), so partial results can be merged
+(``pallas_flash.combine``) and differentiated through the merge.
+
+The forward saves only ``q, k, v, out`` and the per-row log-sum-exp as
+residuals (plus the side inputs: lengths, segment ids, the caller's own mask
+or bias, ALiBi slopes, the dropout seed); the backward recomputes the
+attention probabilities blockwise. Nothing of size ``Tq x Tk`` is ever
+created, forward or backward, except the bias gradient itself when the
+caller differentiates a dense bias. The backend, its config and the spec are
+static arguments: one compiled kernel per value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero, custom_vjp_primal_tree_values
+
+from pallas_flash.spec import AttentionInputs, AttentionSpec
+
+__all__ = ["attention_op"]
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """A static value carried in the residuals' tree structure (no array leaf)."""
+
+    value: tuple
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def attention_op(q, k, v, inputs: AttentionInputs, spec: AttentionSpec, backend, config, interpret: bool):
+    """``(out [B, Tq, N, H], lse [B, N, Tq] float32)`` of ``backend``'s kernels; differentiable in both."""
+    return backend.forward(q, k, v, inputs, spec, config=config, interpret=interpret)
+
+
+def _attention_fwd(q, k, v, inputs, spec, backend, config, interpret):
+    # symbolic_zeros: every array leaf arrives as CustomVJPPrimal(value, perturbed);
+    # the bias gradient (a Tq x Tk write) and the ALiBi slopes' gradient are
+    # only computed when that input is being differentiated.
+    want_dbias = inputs.bias is not None and bool(inputs.bias.perturbed)
+    want_dslopes = inputs.alibi_slopes is not None and bool(inputs.alibi_slopes.perturbed)
+    q, k, v, inputs = custom_vjp_primal_tree_values((q, k, v, inputs))
+    out, lse = backend.forward(q, k, v, inputs, spec, config=config, interpret=interpret)
+    return (out, lse), (q, k, v, inputs, out, lse, _Static((want_dbias, want_dslopes)))
+
+
+def _attention_bwd(spec, backend, config, interpret, residuals, cotangents):
+    q, k, v, inputs, out, lse, wants = residuals
+    want_dbias, want_dslopes = wants.value
+    do, dlse = cotangents
+    if isinstance(do, SymbolicZero):
+        do = jnp.zeros(do.shape, do.dtype)
+    if isinstance(dlse, SymbolicZero):
+        dlse = None  # the usual case: only the output is differentiated
+    grads = backend.backward(
+        q, k, v, out, lse, do, dlse, inputs, spec, config=config, interpret=interpret,
+        want_dbias=want_dbias, want_dslopes=want_dslopes,
+    )
+    # Integer side inputs (lengths, segment ids, mask, seed) get no cotangent,
+    # nor do a bias or slopes that are not being differentiated.
+    d_inputs = jax.tree.map(lambda _: None, inputs)._replace(bias=grads.dbias, alibi_slopes=grads.dslopes)
+    return grads.dq, grads.dk, grads.dv, d_inputs
+
+
+attention_op.defvjp(_attention_fwd, _attention_bwd, symbolic_zeros=True)
