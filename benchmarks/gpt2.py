@@ -106,7 +106,8 @@ def _worker(spec: RunSpec) -> dict[str, Any]:
 
     from models import gpt2
     from train import data as data_lib
-    from train.__main__ import TrainConfig, init_train_state, make_optimizer, make_train_step
+    from train.config import TrainConfig
+    from train.step import init_train_state, make_optimizer, make_train_step
 
     dev = jax.devices()[0]
     base = gpt2.get_config(spec.model)

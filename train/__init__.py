@@ -1,1 +1,64 @@
-"""Training GPT-2 with pallas_flash attention: ``python -m train --help``."""
+"""Train GPT-2 (``models.gpt2``) with pallas_flash attention: ``python -m train``.
+
+With no arguments it picks a run that fits the machine:
+
+* no GPU: the ``tiny`` model (2 layers, width 128) on 128-byte windows of the
+  Python standard library's sources, 600 steps of 16 sequences, with XLA
+  attention (the Pallas kernels would run in the slow interpret mode), float32
+  compute (bf16 matmuls are emulated, twice as slow, on a CPU). One to two
+  minutes on two CPU cores (validation loss ~1.97 nats/byte).
+* a GPU: the ``gpt2`` 124M body (byte vocabulary) at T=1024, batch 16,
+  2000 steps, Pallas attention, bf16 compute.
+
+``--help`` lists the overrides. Everything lands in ``--out`` (default
+``out/<config>``): ``metrics.jsonl`` (one JSON object per logged step:
+``step, loss, lr, tokens_per_s, mfu, grad_norm``; one per evaluation: ``step,
+val_loss``), ``config.json`` and Orbax checkpoints in ``checkpoints/`` (every
+``--checkpoint-every`` steps and at the end). ``--resume`` continues the run in
+``--out`` from its latest checkpoint: same step, optimizer state, data
+position and RNG, so a killed run loses at most the steps since its last
+checkpoint; ``--steps`` may be raised to train longer. At the end it prints a
+short sample from the model.
+
+Batch sizes are global: ``--batch-size`` sequences per micro-step over all
+devices, ``--grad-accum`` micro-steps per optimizer step (accumulated inside
+the one jitted step), so an optimizer step sees
+``batch_size * grad_accum * seq_len`` tokens.
+
+Several devices: the batch axis is sharded over every device (a 1-D
+``jax.sharding.Mesh`` named ``data``; parameters and optimizer state are
+replicated; XLA inserts the gradient all-reduce). ``--batch-size`` must divide
+by the device count. To test on a CPU::
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m train ...
+
+Several hosts: start the same command on every host with the coordinator
+given through the environment, e.g.::
+
+    JAX_COORDINATOR_ADDRESS=host0:1234 JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=<i> \\
+        python -m train --multihost ...
+
+``--multihost`` calls ``jax.distributed.initialize()`` first (which also
+reads SLURM / Cloud TPU settings by itself). Each process then loads only its
+own rows of every global batch (the batches are a function of (seed, step),
+so hosts agree without talking), and ``--out`` must be a folder every host
+can write (Orbax writes one checkpoint cooperatively). Only process 0 writes
+metrics and prints.
+
+MFU is ``tokens/s * (6 N + 12 L T D) / (peak * devices)``, N the parameters
+without the position table, peak the dense bf16 tensor-core rate of the device
+(H100/H200 989 TFLOP/s, A100 312 TFLOP/s); it is ``null`` on a CPU or an
+unknown device.
+
+The package, by subject:
+
+* :mod:`train.config`: ``TrainConfig``, the presets, the command line, and
+  what depends on the platform (attention backend, peak FLOP/s);
+* :mod:`train.step`: parameter and optimizer initialisation, the jitted
+  train step, evaluation;
+* :mod:`train.loop`: ``main()``, the loop (logging, evaluation, checkpoints,
+  resuming);
+* :mod:`train.metering`: tokens/s and MFU of the logged steps;
+* :mod:`train.data`, :mod:`train.checkpoint`: token streams and batches,
+  Orbax checkpoints.
+"""

@@ -1,0 +1,117 @@
+"""The jitted computations of a run: initialisation, the train step, evaluation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from models import gpt2
+from train.config import TrainConfig
+
+def make_optimizer(cfg: TrainConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with linear warm-up, cosine decay and global-norm clipping."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=cfg.lr,
+        warmup_steps=cfg.warmup,
+        decay_steps=cfg.steps,
+        end_value=cfg.lr * cfg.min_lr_ratio,
+    )
+
+    def decay_mask(params):  # decay matrices and embeddings, not biases or norms
+        return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+    tx = optax.chain(
+        optax.clip_by_global_norm(cfg.grad_clip),
+        optax.adamw(schedule, b1=cfg.beta1, b2=cfg.beta2, weight_decay=cfg.weight_decay, mask=decay_mask),
+    )
+    return tx, schedule
+
+
+def init_train_state(mcfg: gpt2.GPTConfig, tx: optax.GradientTransformation, key: jax.Array):
+    """Fresh ``(params, opt_state)``; jit it with ``key`` as an argument.
+
+    The key is an argument, not a constant: with no inputs XLA would try to
+    constant-fold the whole random initialisation (minutes of compile at 124M).
+    The params are plain nested dicts, not ``nnx.State``: they flatten in C++,
+    which cuts the host's pytree work per train-step call (flatten the inputs,
+    unflatten the outputs) from about 4.6 to 0.4 ms on the 590 arrays of GPT-2
+    124M and its AdamW state (one CPU core; ``benchmarks/NOTES.md`` entry 11).
+    """
+    params = nnx.to_pure_dict(nnx.state(gpt2.GPT(mcfg, rngs=nnx.Rngs(key)), nnx.Param))
+    return params, tx.init(params)
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, grad_accum: int,
+                    schedule: optax.Schedule | None = None):
+    """``(train_step, loss_fn)``, pure functions of the parameter state, to be jitted.
+
+    ``params`` is the model's ``nnx.Param`` state, as an ``nnx.State`` or as
+    its plain-dict form (``nnx.to_pure_dict``, what ``main`` uses).
+    ``loss_fn(params, x, y, dropout_rng)``: mean next-token cross-entropy of
+    ``x, y [B, T]``. ``train_step(params, opt_state, x, y, step, base_key)``
+    takes ``x, y [grad_accum, B, T]``, averages the gradient over the
+    micro-batches (a ``lax.scan``, so one compiled step does the whole
+    accumulation) and applies one optimizer update; it returns the new
+    ``params, opt_state`` and ``{"loss", "grad_norm"}``, plus ``"lr"`` (this
+    step's learning rate) when ``schedule`` is given.
+    """
+
+    def loss_fn(params, x, y, dropout_rng):
+        model = nnx.merge(graphdef, params)
+        logits = model(x, dropout_rng=dropout_rng)  # [B, T, V] in the compute dtype
+        return gpt2.cross_entropy(logits, y).mean()
+
+    grad_fn = jax.value_and_grad(loss_fn)
+
+    def train_step(params, opt_state, x, y, step, base_key):
+        key = jax.random.fold_in(base_key, step)  # dropout randomness of this step
+        if grad_accum == 1:
+            loss, grads = grad_fn(params, x[0], y[0], key)
+        else:
+            def micro(carry, inputs):
+                loss_sum, grad_sum = carry
+                xi, yi, i = inputs  # [B, T], [B, T], micro-step index
+                loss, grads = grad_fn(params, xi, yi, jax.random.fold_in(key, i))
+                return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            (loss, grads), _ = jax.lax.scan(
+                micro, (jnp.zeros((), jnp.float32), zeros), (x, y, jnp.arange(grad_accum))
+            )
+            loss = loss / grad_accum
+            grads = jax.tree.map(lambda g: g / grad_accum, grads)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        if schedule is not None:  # read on the host without a second computation
+            metrics["lr"] = schedule(step)
+        return params, opt_state, metrics
+
+    return train_step, loss_fn
+
+
+def make_evaluate(loss_fn: Callable, batches: Sequence[tuple[np.ndarray, np.ndarray]],
+                  sharding: jax.sharding.Sharding) -> Callable[..., float]:
+    """``evaluate(params)``: the mean loss over ``batches`` (this process's rows of each).
+
+    ``loss_fn`` is the one :func:`make_train_step` returns, run without dropout.
+    """
+
+    @jax.jit
+    def eval_loss(params, x, y):
+        return loss_fn(params, x, y, None)
+
+    def evaluate(params) -> float:
+        losses = [
+            eval_loss(params, *(jax.make_array_from_process_local_data(sharding, a) for a in b))
+            for b in batches
+        ]
+        return float(jnp.mean(jnp.stack(losses)))
+
+    return evaluate
