@@ -1,57 +1,36 @@
-"""Turning benchmark records into markdown, a stdout summary and PNG plots.
+"""Benchmark records to pandas tables, markdown, a stdout summary and PNG plots (no GPU needed).
 
-A *record* is one flat ``dict`` (one line of the raw ``.jsonl``):
+A record is one flat dict (one line of the raw ``.jsonl``):
 
-* ``kind == "speed"``: one (implementation, pass, dtype, shape) cell, with
-  ``status`` one of ``ok``, ``FAIL`` (wrong result), ``OOM``, ``n/a``
-  (unsupported), ``ERR`` (other exception); ``tflops``, ``time_s``, ``err``
-  (max relative error over the checked outputs), ``checked``, ``ref`` and
-  ``message``.
-* ``kind == "memory"``: one (implementation, N) point of the peak-memory sweep,
-  with ``peak_bytes`` (measured) and/or ``analysis_bytes`` (compiled
-  executable's memory analysis) and ``io_bytes`` (inputs + outputs alone).
-
-Nothing here needs a GPU; matplotlib is imported only to draw (Agg backend).
+* ``kind == "speed"``: one (implementation, pass, problem) cell: ``status`` one of
+  ``ok``, ``FAIL`` (wrong result), ``OOM``, ``n/a`` (unsupported), ``ERR`` (other
+  exception); ``tflops``, ``time_s``, ``err`` (max relative error over the checked
+  outputs), ``checked``, ``ref``, ``message``; ``suite`` ``attention`` (the default,
+  rows by D, N, B, heads, causal) or ``masks`` (rows by problem);
+* ``kind == "memory"``: one (implementation, N) point of the peak-memory sweep:
+  ``peak_bytes`` (measured) and/or ``analysis_bytes`` (the compiled executable's
+  memory analysis) and ``io_bytes`` (inputs and outputs alone).
 """
 
 from __future__ import annotations
 
-import collections
-import json
 import math
 import pathlib
-from typing import Iterable, Sequence
+from typing import Sequence
+
+import pandas as pd
+
+from benchmarks.common import pyplot
 
 PASS_LABEL = {"fwd": "forward", "bwd": "backward", "fwd_bwd": "forward + backward"}
 PASS_ORDER = ("fwd", "fwd_bwd", "bwd")
 BASELINE = "cudnn"  # the ratio columns divide by this implementation
 GIB = 1024**3
+LABELS = {"attention": ["D", "N", "B", "heads", "causal"], "masks": ["problem", "setup", "visible"]}
+NONE = "—"
 
 
-# --- small formatting helpers ----------------------------------------------
-
-
-def md_table(headers: Sequence[str], rows: Iterable[Sequence[object]], align: str | None = None) -> str:
-    """A GitHub markdown table; ``align`` is one letter per column (l/r/c), default right."""
-    headers = [str(h) for h in headers]
-    rows = [[str(c) for c in row] for row in rows]
-    for row in rows:
-        if len(row) != len(headers):
-            raise ValueError(f"row has {len(row)} cells, header has {len(headers)}: {row}")
-    align = align or "r" * len(headers)
-    if len(align) != len(headers):
-        raise ValueError(f"align {align!r} does not match {len(headers)} columns")
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
-
-    def line(cells):
-        out = []
-        for c, w, a in zip(cells, widths, align):
-            out.append(c.ljust(w) if a == "l" else c.center(w) if a == "c" else c.rjust(w))
-        return "| " + " | ".join(out) + " |"
-
-    rule = {"l": ":{}", "r": "{}:", "c": ":{}:"}
-    sep = "| " + " | ".join(rule[a].format("-" * max(1, w - (2 if a == "c" else 1))) for w, a in zip(widths, align)) + " |"
-    return "\n".join([line(headers), sep] + [line(r) for r in rows])
+# --- cells -------------------------------------------------------------------------
 
 
 def seq_label(n: int) -> str:
@@ -59,158 +38,161 @@ def seq_label(n: int) -> str:
     return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
 
 
-def gib(x: float | None) -> str:
-    return "—" if x is None else f"{x / GIB:.2f}"
+def gib(x) -> str:
+    return NONE if x is None or x != x else f"{x / GIB:.2f}"
 
 
-def speed_cell(rec: dict | None) -> str:
+def speed_cell(r: dict) -> str:
     """TFLOP/s, ``*`` when not checked against a reference; the status otherwise."""
-    if rec is None:
-        return "—"
-    if rec["status"] != "ok":
-        return rec["status"]
-    t = rec["tflops"]
-    return (f"{t:.1f}" if t >= 10 else f"{t:.3g}") + ("" if rec.get("checked") else "*")
+    if r["status"] != "ok":
+        return r["status"]
+    t = r["tflops"]
+    return (f"{t:.1f}" if t >= 10 else f"{t:.3g}") + ("" if r.get("checked") else "*")
 
 
-def time_cell(rec: dict | None) -> str:
-    if rec is None:
-        return "—"
-    if rec["status"] != "ok":
-        return rec["status"]
-    ms = rec["time_s"] * 1e3
+def time_cell(r: dict) -> str:
+    if r["status"] != "ok":
+        return r["status"]
+    ms = r["time_s"] * 1e3
     return f"{ms:.3g}" if ms < 100 else f"{ms:.0f}"
 
 
-def err_cell(rec: dict | None) -> str:
-    if rec is None:
-        return "—"
-    err = rec.get("err")
+def err_cell(r: dict) -> str:
+    err = r.get("err")
     if err is None:
-        if rec["status"] in ("OOM", "n/a", "ERR"):
-            return rec["status"]
-        return "unchecked: ref too large" if "ref too large" in (rec.get("message") or "") else "unchecked"
-    text = "nan" if err != err else f"{err:.1e}"
-    if rec.get("ref") and rec["ref"] != "f32-xla":
-        text += f" (vs {rec['ref']})"
-    return f"FAIL {text}" if rec["status"] == "FAIL" else text
-
-
-def ratio_cell(rec: dict | None, base: dict | None) -> str:
-    if not rec or not base or rec["status"] != "ok" or base["status"] != "ok":
-        return "—"
-    return f"{rec['tflops'] / base['tflops']:.2f}×"
-
-
-# --- grouping ----------------------------------------------------------------
+        if r["status"] in ("OOM", "n/a", "ERR"):
+            return r["status"]
+        return "unchecked: ref too large" if "ref too large" in (r.get("message") or "") else "unchecked"
+    text = f"{err:.1e}" if math.isfinite(err) else str(err)
+    if r.get("ref") and r["ref"] != "f32-xla":
+        text += f" (vs {r['ref']})"
+    return f"FAIL {text}" if r["status"] == "FAIL" else text
 
 
 def impl_order(records: Sequence[dict], preferred: Sequence[str] = ()) -> list[str]:
     """``preferred`` first (those present), then the others in order of appearance."""
     seen = list(dict.fromkeys(r["impl"] for r in records))
-    first = [i for i in dict.fromkeys(preferred) if i in seen]
-    return first + [i for i in seen if i not in first]
+    return [i for i in dict.fromkeys(preferred) if i in seen] + [i for i in seen if i not in preferred]
 
 
-def _row_key(r: dict) -> tuple:
-    return (r["head_dim"], r["causal"], r["seq_q"], r["seq_k"], r["batch"], r["heads"], r["kv_heads"])
+def where(r: dict) -> str:
+    if r.get("suite") == "masks":
+        return r["name"]
+    gqa = f" gqa{r['gqa']}" if r.get("gqa", 1) > 1 else ""
+    return f"{r['dtype']} D={r['head_dim']} N={seq_label(r['seq_q'])}{' causal' if r['causal'] else ''}{gqa}"
 
 
-def speed_groups(records: Sequence[dict]) -> dict[tuple, dict[tuple, dict[str, dict]]]:
-    """{(dtype, gqa, pass): {row key: {impl: record}}}, both levels sorted; a later duplicate wins."""
-    groups: dict = collections.defaultdict(dict)
+# --- speed tables -----------------------------------------------------------------------
+
+
+def speed_frame(records: Sequence[dict]) -> pd.DataFrame:
+    """One row per speed record: its group, its row labels and sort key, its formatted cells."""
+    rows, order = [], {}
     for r in records:
         if r.get("kind") != "speed":
             continue
-        g = (r["dtype"], r["gqa"], r["pass"])
-        groups[g].setdefault(_row_key(r), {})[r["impl"]] = r
-    order = lambda g: (g[0], g[1], PASS_ORDER.index(g[2]) if g[2] in PASS_ORDER else 9)  # noqa: E731
-    return {g: dict(sorted(groups[g].items())) for g in sorted(groups, key=order)}
+        suite = r.get("suite", "attention")
+        row = dict(suite=suite, dtype=r["dtype"], gqa=r.get("gqa", 1), pass_=r["pass"], impl=r["impl"],
+                   head_dim=r["head_dim"], causal_=r["causal"], seq=r["seq_q"], status=r["status"],
+                   tflops=r["tflops"] if r["status"] == "ok" else math.nan,
+                   tf=speed_cell(r), ms=time_cell(r), err=err_cell(r))
+        if suite == "masks":
+            row.update(sort=(order.setdefault(r["name"], len(order)),), problem=r["name"], setup=r["setup"],
+                       visible=f"{100 * r['visible']:.2f}%")
+        else:
+            n = seq_label(r["seq_q"]) if r["seq_q"] == r["seq_k"] else f"{seq_label(r['seq_q'])}×{seq_label(r['seq_k'])}"
+            heads = str(r["heads"]) if r["kv_heads"] == r["heads"] else f"{r['heads']}/{r['kv_heads']}"
+            row.update(sort=(r["head_dim"], r["causal"], r["seq_q"], r["seq_k"], r["batch"], r["heads"], r["kv_heads"]),
+                       D=str(r["head_dim"]), N=n, B=str(r["batch"]), heads=heads, causal="yes" if r["causal"] else "no")
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
-def group_title(group: tuple) -> str:
-    dtype, gqa, pass_ = group
+def speed_groups(df: pd.DataFrame):
+    """``[((suite, dtype, gqa, pass), frame)]`` in report order, each frame with a ``row`` number; a later duplicate wins."""
+    if df.empty:
+        return []
+    out = []
+    for key, g in df.groupby(["suite", "dtype", "gqa", "pass_"], sort=False):
+        g = g.drop_duplicates(["sort", "impl"], keep="last")
+        rank = {k: i for i, k in enumerate(sorted(set(g["sort"])))}
+        out.append((key, g.assign(row=g["sort"].map(rank))))
+    return sorted(out, key=lambda kg: (kg[0][:3], PASS_ORDER.index(kg[0][3]) if kg[0][3] in PASS_ORDER else 9))
+
+
+def group_title(key: tuple) -> str:
+    suite, dtype, gqa, pass_ = key
     kv = "MHA" if gqa == 1 else f"GQA {gqa}:1"
-    return f"{PASS_LABEL.get(pass_, pass_)}, {dtype}, {kv}"
+    return f"{'masks, ' if suite == 'masks' else ''}{PASS_LABEL.get(pass_, pass_)}, {dtype}, {kv}"
 
 
-def _row_cells(key: tuple) -> list[str]:
-    d, causal, tq, tk, b, h, kvh = key
-    n = seq_label(tq) if tq == tk else f"{seq_label(tq)}×{seq_label(tk)}"
-    heads = f"{h}" if kvh == h else f"{h}/{kvh}"
-    return [str(d), n, str(b), heads, "yes" if causal else "no"]
+def pivot(g: pd.DataFrame, value: str, impls: Sequence[str], ratios: bool = False, fill: str | None = NONE) -> pd.DataFrame:
+    """Row labels, then one column per implementation (and ``impl/cudnn`` TFLOP/s ratios)."""
+    suite = g["suite"].iloc[0]
+    labels = g.drop_duplicates("row").set_index("row").sort_index()[LABELS[suite]]
+    wide = lambda col: g.pivot(index="row", columns="impl", values=col).reindex(index=labels.index, columns=impls)  # noqa: E731
+    table = labels.join(wide(value) if fill is None else wide(value).fillna(fill))
+    if ratios and BASELINE in impls:
+        num = wide("tflops").astype(float)
+        for i in (i for i in impls if i != BASELINE):
+            table[f"{i}/{BASELINE}"] = (num[i] / num[BASELINE]).map(lambda x: NONE if x != x else f"{x:.2f}×")
+    return table
 
 
-ROW_HEADERS = ["D", "N", "B", "heads", "causal"]
-
-
-# --- markdown ----------------------------------------------------------------
+def to_markdown(table: pd.DataFrame, fmt: str = "pipe") -> str:
+    align = ["left" if c in ("problem", "setup") else "right" for c in table.columns]
+    return table.to_markdown(index=False, tablefmt=fmt, disable_numparse=True, colalign=align)
 
 
 def speed_markdown(records: Sequence[dict], impls: Sequence[str] = ()) -> str:
-    """Per (dtype, GQA, pass): a TFLOP/s table with ratio columns, a time table, an error table."""
-    impls = impl_order([r for r in records if r.get("kind") == "speed"], impls)
-    ratio_impls = [i for i in impls if i != BASELINE] if BASELINE in impls else []
+    """Per (suite, dtype, GQA, pass): a TFLOP/s table with ratio columns, a time table, an error table."""
     parts = []
-    for group, rows in speed_groups(records).items():
-        parts.append(f"### {group_title(group)}\n")
-        heads = ROW_HEADERS + impls + [f"{i}/{BASELINE}" for i in ratio_impls]
-        body = []
-        for key, by_impl in rows.items():
-            body.append(
-                _row_cells(key)
-                + [speed_cell(by_impl.get(i)) for i in impls]
-                + [ratio_cell(by_impl.get(i), by_impl.get(BASELINE)) for i in ratio_impls]
-            )
-        parts.append("TFLOP/s (higher is better; `*` = not checked against a reference, see the error table)\n")
-        parts.append(md_table(heads, body, "r" * len(heads)) + "\n")
-        parts.append("Median time per call (ms)\n")
-        body = [_row_cells(k) + [time_cell(b.get(i)) for i in impls] for k, b in rows.items()]
-        parts.append(md_table(ROW_HEADERS + impls, body) + "\n")
-        parts.append("Relative error ‖out − ref‖/‖ref‖ (max over the checked outputs)\n")
-        body = [_row_cells(k) + [err_cell(b.get(i)) for i in impls] for k, b in rows.items()]
-        parts.append(md_table(ROW_HEADERS + impls, body) + "\n")
+    for key, g in speed_groups(speed_frame(records)):
+        order = impl_order(g.to_dict("records"), impls)
+        parts += [f"### {group_title(key)}\n",
+                  "TFLOP/s (higher is better; `*` = not checked against a reference, see the error table)\n",
+                  to_markdown(pivot(g, "tf", order, ratios=True)) + "\n",
+                  "Median time per call (ms)\n", to_markdown(pivot(g, "ms", order)) + "\n",
+                  "Relative error ‖x − ref‖/‖ref‖ (max over the checked outputs)\n", to_markdown(pivot(g, "err", order)) + "\n"]
     return "\n".join(parts)
 
 
-def memory_markdown(records: Sequence[dict], impls: Sequence[str] = ()) -> str:
+def window_speedups(records: Sequence[dict], pairs) -> list[str]:
+    """``pallas_flash`` forward+backward of each (window, causal) pair of problems, where both ran."""
+    t = {r["name"]: r["time_s"] for r in records if r.get("kind") == "speed" and r["impl"] == "pallas_flash"
+         and r["pass"] == "fwd_bwd" and r["status"] == "ok" and r.get("suite") == "masks"}
+    return [f"pallas_flash forward+backward, {w} vs {c}: {t[w] * 1e3:.2f} ms vs {t[c] * 1e3:.2f} ms = "
+            f"**{t[c] / t[w]:.1f}x faster** (target >= 8x)" for w, c in pairs if w in t and c in t]
+
+
+# --- memory and problems -------------------------------------------------------------------
+
+
+def memory_markdown(records: Sequence[dict], impls: Sequence[str] = (), fmt: str = "pipe") -> str:
     """Peak memory (GiB) against N: measured and/or compiled-analysis columns per impl."""
     mem = [r for r in records if r.get("kind") == "memory"]
     if not mem:
         return ""
-    impls = impl_order(mem, impls)
     measured = any(r.get("peak_bytes") is not None or r.get("method") == "measured" for r in mem)
-    by_n: dict[int, dict[str, dict]] = collections.defaultdict(dict)
-    io: dict[int, int] = {}
-    for r in mem:
-        by_n[r["seq_q"]][r["impl"]] = r
-        io[r["seq_q"]] = r.get("io_bytes")
-    heads = ["N", "inputs+outputs"]
-    for i in impls:
-        heads += [f"{i} peak", f"{i} analysis"] if measured else [f"{i} analysis"]
 
     def cell(r, field):
-        if r is None:
-            return "—"
-        value = r.get(field)
-        if value is not None and not (field == "peak_bytes" and r["status"] != "ok"):
-            return gib(value)
-        return r["status"] if r["status"] != "ok" else "—"
+        v = r.get(field)
+        if v is not None and not (field == "peak_bytes" and r["status"] != "ok"):
+            return gib(v)
+        return r["status"] if r["status"] != "ok" else NONE
 
-    body = []
-    for n in sorted(by_n):
-        row = [seq_label(n), gib(io.get(n))]
-        for i in impls:
-            r = by_n[n].get(i)
-            row += [cell(r, "peak_bytes"), cell(r, "analysis_bytes")] if measured else [cell(r, "analysis_bytes")]
-        body.append(row)
-    first = mem[0]
-    return (
-        f"Peak device memory in GiB, forward + backward, B={first['batch']}, {first['heads']} heads, "
-        f"D={first['head_dim']}, {'causal' if first['causal'] else 'not causal'}, {first['dtype']}.\n\n"
-        + md_table(heads, body)
-        + "\n"
-    )
+    fields = ["peak_bytes", "analysis_bytes"] if measured else ["analysis_bytes"]
+    df = pd.DataFrame([dict(seq=r["seq_q"], impl=r["impl"], io=r.get("io_bytes"),
+                            **{f: cell(r, f) for f in fields}) for r in mem]).drop_duplicates(["seq", "impl"], keep="last")
+    table = pd.DataFrame({"N": [seq_label(n) for n in sorted(df["seq"].unique())]})
+    table["inputs+outputs"] = [gib(x) for x in df.groupby("seq")["io"].last().sort_index()]
+    for i in impl_order(mem, impls):
+        for f in fields:
+            col = df[df["impl"] == i].set_index("seq")[f].reindex(sorted(df["seq"].unique())).fillna(NONE)
+            table[f"{i} {f.split('_')[0]}"] = col.to_list()
+    r = mem[0]
+    return (f"Peak device memory in GiB, forward + backward, B={r['batch']}, {r['heads']} heads, D={r['head_dim']}, "
+            f"{'causal' if r['causal'] else 'not causal'}, {r['dtype']}.\n\n" + to_markdown(table, fmt) + "\n")
 
 
 def problems_markdown(records: Sequence[dict]) -> str:
@@ -218,45 +200,37 @@ def problems_markdown(records: Sequence[dict]) -> str:
     bad = [r for r in records if r.get("status") not in (None, "ok")]
     if not bad:
         return "None: every configuration ran and passed its check.\n"
-    grouped: dict[tuple, list[str]] = collections.defaultdict(list)
+    rows = []
     for r in bad:
-        what = r.get("pass") or "memory"
-        where = f"{r['dtype']} D={r['head_dim']} N={seq_label(r['seq_q'])}{' causal' if r['causal'] else ''}"
-        if r.get("gqa", 1) > 1:
-            where += f" gqa{r['gqa']}"
         detail = r.get("message") or ""
         if r["status"] == "FAIL":
             err = r.get("err")
-            err_text = "nan" if err is None or err != err else f"{err:.2e}"
-            detail = f"error {err_text} >= tolerance {r.get('tol')}" + (f" ({detail})" if detail else "")
-        grouped[(r["impl"], r["status"], what, detail)].append(where)
+            detail = f"error {'nan' if err is None else f'{err:.2e}'} >= tolerance {r.get('tol')}" + (f" ({detail})" if detail else "")
+        rows.append(dict(impl=r["impl"], status=r["status"], what=r.get("pass") or "memory", detail=detail, where=where(r)))
     lines = []
-    for (impl, status, what, detail), wheres in grouped.items():
-        shown = ", ".join(wheres[:6]) + (f", … ({len(wheres)} in all)" if len(wheres) > 6 else "")
+    for (impl, status, what, detail), g in pd.DataFrame(rows).groupby(["impl", "status", "what", "detail"], sort=False):
+        w = list(g["where"])
+        shown = ", ".join(w[:6]) + (f", … ({len(w)} in all)" if len(w) > 6 else "")
         lines.append(f"- **{impl}** {what} **{status}** at {shown}" + (f": `{detail}`" if detail else ""))
     return "\n".join(lines) + "\n"
 
 
 def render_markdown(records: Sequence[dict], meta: dict) -> str:
     """The whole report: header, method, tables, problems, plots."""
-    impls = meta.get("impls", ())
-    out = [f"# Attention benchmark: {meta.get('device', '?')}\n"]
-    facts = [
-        ("Device", f"{meta.get('device', '?')} (x{meta.get('device_count', 1)}), memory limit {gib(meta.get('memory_bytes'))} GiB"),
-        ("JAX", f"jax {meta.get('jax_version', '?')}, jaxlib {meta.get('jaxlib_version', '?')}"),
-        ("Date", meta.get("date", "?")),
-        ("Command", f"`{meta.get('command', '?')}`"),
-        ("Commit", meta.get("commit") or "unknown"),
-    ]
-    if meta.get("status"):
-        facts.append(("Run", meta["status"]))
-    out.append("\n".join(f"- **{k}**: {v}" for k, v in facts) + "\n")
+    facts = [("Device", f"{meta.get('device', '?')} (x{meta.get('device_count', 1)}), memory limit {gib(meta.get('memory_bytes'))} GiB"),
+             ("JAX", f"jax {meta.get('jax_version', '?')}, jaxlib {meta.get('jaxlib_version', '?')}"),
+             ("Date", meta.get("date", "?")), ("Command", f"`{meta.get('command', '?')}`"),
+             ("Commit", meta.get("commit") or "unknown")] + ([("Run", meta["status"])] if meta.get("status") else [])
+    out = [f"# Attention benchmark: {meta.get('device', '?')}\n", "\n".join(f"- **{k}**: {v}" for k, v in facts) + "\n"]
     if meta.get("method"):
         out.append("## Method\n\n" + meta["method"].strip() + "\n")
-    speed = speed_markdown(records, impls)
+    speed = speed_markdown(records, meta.get("impls", ()))
     if speed:
         out.append("## Throughput\n\n" + speed)
-    memory = memory_markdown(records, impls)
+    lines = window_speedups(records, meta.get("speedups", ()))
+    if lines:
+        out.append("\n\n".join(lines) + "\n")
+    memory = memory_markdown(records, meta.get("impls", ()))
     if memory:
         out.append("## Peak memory\n\n" + memory)
     out.append("## Problems (FAIL, OOM, n/a, ERR)\n\n" + problems_markdown(records))
@@ -265,136 +239,99 @@ def render_markdown(records: Sequence[dict], meta: dict) -> str:
     return "\n".join(out)
 
 
-# --- stdout summary ----------------------------------------------------------
-
-
-def summary_text(records: Sequence[dict], impls: Sequence[str] = (), max_chars: int = 9000) -> str:
-    """A compact plain-text version of the TFLOP/s and memory tables for the end of stdout."""
-    impls_all = impl_order([r for r in records if r.get("kind") == "speed"], impls)
-    ratio_impls = [i for i in impls_all if i != BASELINE] if BASELINE in impls_all else []
-    parts = []
-    for group, rows in speed_groups(records).items():
-        heads = ROW_HEADERS + impls_all + [f"{i[:8]}/cu" for i in ratio_impls]
-        body = [
-            _row_cells(k)
-            + [speed_cell(b.get(i)) for i in impls_all]
-            + [ratio_cell(b.get(i), b.get(BASELINE)) for i in ratio_impls]
-            for k, b in rows.items()
-        ]
-        table = md_table(heads, body).splitlines()
-        del table[1]  # the markdown rule line is noise on a terminal
-        parts.append(f"== TFLOP/s, {group_title(group)} ==\n" + "\n".join(table))
-    mem = memory_markdown(records, impls)
+def summary_text(records: Sequence[dict], impls: Sequence[str] = (), speedups=(), max_chars: int = 9000) -> str:
+    """The TFLOP/s tables (with the ratios to cuDNN) and the memory table as plain text, for stdout."""
+    parts = [f"== TFLOP/s, {group_title(key)} ==\n" + to_markdown(pivot(g, "tf", impl_order(g.to_dict("records"), impls), True), "simple")
+             for key, g in speed_groups(speed_frame(records))]
+    parts += window_speedups(records, speedups)
+    mem = memory_markdown(records, impls, "simple")
     if mem:
-        lines = [ln for ln in mem.splitlines() if not ln.startswith("| --") and not set(ln) <= set("|:- ")]
-        parts.append("== peak memory (GiB) ==\n" + "\n".join(lines))
-    bad = collections.Counter(r["status"] for r in records if r.get("status") not in (None, "ok"))
-    if bad:
+        parts.append("== peak memory (GiB) ==\n" + mem.split("\n\n", 1)[1])
+    bad = pd.Series([r["status"] for r in records if r.get("status") not in (None, "ok")], dtype=object).value_counts()
+    if len(bad):
         parts.append("problems: " + ", ".join(f"{n} {s}" for s, n in sorted(bad.items())) + " (details in the .md)")
     text = "\n\n".join(parts)
-    if len(text) > max_chars:
-        text = "… (summary cut; the full tables are in the .md)\n" + text[-max_chars:]
-    return text
+    return text if len(text) <= max_chars else "… (summary cut; the full tables are in the .md)\n" + text[-max_chars:]
 
 
-# --- plots -------------------------------------------------------------------
+# --- plots ------------------------------------------------------------------------------
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _seq_ticks(ax, seqs: Sequence[int]) -> None:
+def _seq_axis(ax, seqs: Sequence[int]) -> None:
     """Log2 x axis labelled with the sequence lengths themselves (512, 1k, 4k...)."""
     ax.set_xscale("log", base=2)
-    if seqs:
-        ax.set_xticks(list(seqs), [seq_label(n) for n in seqs])
-        ax.minorticks_off()
-        if len(seqs) == 1:
-            ax.set_xlim(seqs[0] / 2, seqs[0] * 2)
+    ax.set_xticks(list(seqs), [seq_label(n) for n in seqs])
+    ax.minorticks_off()
+    if len(seqs) == 1:
+        ax.set_xlim(seqs[0] / 2, seqs[0] * 2)
+    ax.set_xlabel("sequence length N")
+    ax.grid(True, which="both", alpha=0.3)
 
 
 def plot_speed(records: Sequence[dict], stem: pathlib.Path, impls: Sequence[str] = ()) -> list[pathlib.Path]:
-    """One PNG per (dtype, GQA, pass): a grid of D (rows) x causal (columns), TFLOP/s vs N, a line per impl."""
-    speed = [r for r in records if r.get("kind") == "speed"]
-    if not speed:
-        return []
-    plt = _pyplot()
-    impls = impl_order(speed, impls)
-    written = []
-    for (dtype, gqa, pass_), rows in speed_groups(speed).items():
-        dims = sorted({k[0] for k in rows})
-        causals = sorted({k[1] for k in rows})
-        fig, axes = plt.subplots(len(dims), len(causals), figsize=(5.0 * len(causals), 3.6 * len(dims)), squeeze=False)
-        for a, d in enumerate(dims):
-            for c, causal in enumerate(causals):
-                ax = axes[a][c]
-                for impl in impls:
-                    pts = sorted(
-                        (k[2], b[impl]["tflops"])
-                        for k, b in rows.items()
-                        if k[0] == d and k[1] == causal and impl in b and b[impl]["status"] == "ok"
-                    )
-                    if pts:
-                        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
-                _seq_ticks(ax, sorted({k[2] for k in rows}))
-                ax.set_title(f"D={d}, {'causal' if causal else 'not causal'}")
-                ax.set_xlabel("sequence length N")
-                ax.set_ylabel("TFLOP/s")
-                ax.set_ylim(bottom=0)
-                ax.grid(True, alpha=0.3)
+    """One PNG per group: attention, TFLOP/s vs N on a grid of D (rows) x causal (columns); masks, bars per problem."""
+    plt, written = pyplot(), []
+    for key, g in speed_groups(speed_frame(records)):
+        suite, dtype, gqa, pass_ = key
+        order = impl_order(g.to_dict("records"), impls)
+        if suite == "masks":
+            fig, ax = plt.subplots(figsize=(8, 4.5))
+            pivot(g, "tflops", order, fill=None).set_index("problem")[order].astype(float).plot.bar(ax=ax, rot=20)
+            ax.set_ylabel("TFLOP/s (visible pairs)")
+        else:
+            dims, causals = sorted(g["head_dim"].unique()), sorted(g["causal_"].unique())
+            fig, axes = plt.subplots(len(dims), len(causals), figsize=(5.0 * len(causals), 3.6 * len(dims)), squeeze=False)
+            for (a, d), (c, causal) in ((x, y) for x in enumerate(dims) for y in enumerate(causals)):
+                ax, sub = axes[a][c], g[(g["head_dim"] == d) & (g["causal_"] == causal)]
+                for impl in order:
+                    pts = sub[(sub["impl"] == impl) & (sub["status"] == "ok")].sort_values("seq")
+                    if len(pts):
+                        ax.plot(pts["seq"], pts["tflops"], marker="o", label=impl)
+                _seq_axis(ax, sorted(g["seq"].unique()))
+                ax.set(title=f"D={d}, {'causal' if causal else 'not causal'}", ylabel="TFLOP/s", ylim=(0, None))
                 if ax.get_legend_handles_labels()[0]:
                     ax.legend(fontsize=8)
-        fig.suptitle(group_title((dtype, gqa, pass_)))
+        fig.suptitle(group_title(key))
         fig.tight_layout()
-        path = stem.with_name(f"{stem.name}-{dtype}{f'-gqa{gqa}' if gqa > 1 else ''}-{pass_}.png")
+        prefix = "masks-" if suite == "masks" and not stem.name.endswith("masks") else ""
+        path = stem.with_name(f"{stem.name}-{prefix}{dtype}{f'-gqa{gqa}' if gqa > 1 else ''}-{pass_}.png")
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
     return written
 
 
-def plot_memory(records: Sequence[dict], stem: pathlib.Path, impls: Sequence[str] = (), limit_bytes: int | None = None) -> list[pathlib.Path]:
-    """Peak memory vs N (log-log), a line per impl; analysis numbers dashed where measured ones exist too."""
-    mem = [r for r in records if r.get("kind") == "memory"]
-    if not mem:
+def plot_memory(records: Sequence[dict], stem: pathlib.Path, impls: Sequence[str] = (), limit_bytes=None) -> list[pathlib.Path]:
+    """Peak memory vs N (log-log), a line per impl; analysis dashed where measured numbers exist too."""
+    mem = pd.DataFrame([r for r in records if r.get("kind") == "memory"])
+    if mem.empty:
         return []
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    notes: list[str] = []
-    for impl in impl_order(mem, impls):
-        rs = sorted((r for r in mem if r["impl"] == impl), key=lambda r: r["seq_q"])
-        measured = [(r["seq_q"], r["peak_bytes"] / GIB) for r in rs if r.get("peak_bytes") is not None and r["status"] == "ok"]
-        analysis = [(r["seq_q"], r["analysis_bytes"] / GIB) for r in rs if r.get("analysis_bytes") is not None]
-        if measured:
-            line = ax.plot(*zip(*measured), marker="o", label=f"{impl} (measured peak)")[0]
-            if analysis:
-                ax.plot(*zip(*analysis), ls="--", marker=".", color=line.get_color(), alpha=0.6, label=f"{impl} (compiled analysis)")
-        elif analysis:
-            ax.plot(*zip(*analysis), marker="o", label=f"{impl} (compiled analysis)")
-        failed = [f"{seq_label(r['seq_q'])} {r['status']}" for r in rs if r["status"] != "ok"]
+    notes = []
+    for impl in impl_order(mem.to_dict("records"), impls):
+        rs = mem[mem["impl"] == impl].sort_values("seq_q")
+        ok = rs[rs["status"] == "ok"]
+        measured = ok[ok["peak_bytes"].notna()] if "peak_bytes" in ok else ok.iloc[:0]
+        analysis = rs[rs["analysis_bytes"].notna()] if "analysis_bytes" in rs else rs.iloc[:0]
+        if len(measured):
+            line = ax.plot(measured["seq_q"], measured["peak_bytes"] / GIB, marker="o", label=f"{impl} (measured peak)")[0]
+        if len(analysis):
+            style = dict(ls="--", marker=".", color=line.get_color(), alpha=0.6) if len(measured) else dict(marker="o")
+            ax.plot(analysis["seq_q"], analysis["analysis_bytes"] / GIB, label=f"{impl} (compiled analysis)", **style)
+        failed = [f"{seq_label(n)} {s}" for n, s in zip(rs["seq_q"], rs["status"]) if s != "ok"]
         if failed:
             notes.append(f"{impl}: " + ", ".join(failed))
-    io = sorted({(r["seq_q"], r["io_bytes"] / GIB) for r in mem if r.get("io_bytes")})
-    if io:
-        ax.plot(*zip(*io), color="gray", ls=":", label="inputs + outputs")
+    io = mem.dropna(subset=["io_bytes"]).drop_duplicates("seq_q").sort_values("seq_q")
+    ax.plot(io["seq_q"], io["io_bytes"] / GIB, color="gray", ls=":", label="inputs + outputs")
     if limit_bytes:
         ax.axhline(limit_bytes / GIB, color="red", ls="--", lw=1, label="device memory limit")
-    _seq_ticks(ax, sorted({r["seq_q"] for r in mem}))
-    ax.set_yscale("log")
+    _seq_axis(ax, sorted(mem["seq_q"].unique()))
     if notes:  # points that did not run, so that they are not silently missing
         ax.text(0.99, 0.02, "\n".join(notes), transform=ax.transAxes, ha="right", va="bottom", fontsize=7,
                 bbox=dict(boxstyle="round", facecolor="white", alpha=0.8))
-    ax.set_xlabel("sequence length N")
-    ax.set_ylabel("GiB")
-    first = mem[0]
-    ax.set_title(f"Peak memory, fwd+bwd, B={first['batch']}, {first['heads']} heads, D={first['head_dim']}, {first['dtype']}")
-    ax.grid(True, which="both", alpha=0.3)
+    r = mem.iloc[0]
+    ax.set(yscale="log", ylabel="GiB", title=f"Peak memory, fwd+bwd, B={r['batch']}, {r['heads']} heads, D={r['head_dim']}, {r['dtype']}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = stem.with_name(f"{stem.name}.png" if stem.name.endswith("memory") else f"{stem.name}-memory.png")
@@ -403,60 +340,12 @@ def plot_memory(records: Sequence[dict], stem: pathlib.Path, impls: Sequence[str
     return [path]
 
 
-# --- files -------------------------------------------------------------------
-
-
-def unique_stem(out_dir: pathlib.Path, base: str) -> pathlib.Path:
-    """``out_dir/base``, or ``base-2``, ``base-3``... if a report by that name exists."""
-    stem = out_dir / base
-    k = 2
-    while stem.with_suffix(".md").exists() or stem.with_suffix(".jsonl").exists():
-        stem = out_dir / f"{base}-{k}"
-        k += 1
-    return stem
-
-
-def append_jsonl(path: pathlib.Path, record: dict) -> None:
-    """Append one record and flush, so a killed run keeps what it measured."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record, default=_json_default) + "\n")
-
-
-def _json_default(x):
-    if isinstance(x, float) and math.isnan(x):
-        return None
-    try:
-        return float(x)
-    except Exception:
-        return str(x)
-
-
-def load_jsonl(paths: Iterable[pathlib.Path]) -> tuple[list[dict], list[dict]]:
-    """(records, metas) from one or more ``.jsonl`` files; ``kind == "meta"`` lines are metas."""
-    records, metas = [], []
-    for p in paths:
-        with open(p) as f:
-            for ln, line in enumerate(f, 1):
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{p}:{ln}: not JSON ({e})") from None
-                (metas if obj.get("kind") == "meta" else records).append(obj)
-    return records, metas
-
-
 def write_report(records: Sequence[dict], meta: dict, stem: pathlib.Path, plots: bool = True) -> list[pathlib.Path]:
     """Write ``stem.md`` and the PNGs beside it; returns the written paths (md first)."""
     stem.parent.mkdir(parents=True, exist_ok=True)
-    pngs: list[pathlib.Path] = []
+    pngs = []
     if plots:
-        impls = meta.get("impls", ())
-        pngs += plot_speed(records, stem, impls)
-        pngs += plot_memory(records, stem, impls, meta.get("memory_bytes"))
-    meta = dict(meta, plots=[p.name for p in pngs])
+        pngs = plot_speed(records, stem, meta.get("impls", ())) + plot_memory(records, stem, meta.get("impls", ()), meta.get("memory_bytes"))
     md = stem.with_suffix(".md")
-    md.write_text(render_markdown(records, meta))
-    return [md] + pngs
+    md.write_text(render_markdown(records, dict(meta, plots=[p.name for p in pngs])))
+    return [md, *pngs]

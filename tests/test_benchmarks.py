@@ -1,4 +1,5 @@
-"""CPU smoke tests of the benchmark harness (``benchmarks.attention``, ``.timing``, ``.report``).
+"""CPU smoke tests of the benchmark harness (``benchmarks.attention``, ``.harness``, ``.report``, ``.common``)
+and of the library pieces it stands on (``pallas_flash.testing.chunked_reference``, ``.errors``, the timer).
 
 Everything here runs without a GPU: FLOP math, CLI parsing, table formatting,
 the chunked float32 reference, and dry runs of the harness on tiny shapes with
@@ -7,6 +8,7 @@ the chunked float32 reference, and dry runs of the harness on tiny shapes with
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 
@@ -16,8 +18,12 @@ import numpy as np
 import pytest
 
 from benchmarks import attention as bench
-from benchmarks import report, timing
+from benchmarks import common, harness, report
+from pallas_flash.reference import attention_reference
+from pallas_flash.testing import chunked_reference as cref
+from pallas_flash.testing.errors import rel_err
 from pallas_flash.testing.shapes import Shape, paper_grid
+from pallas_flash.tuning.timer import num_input_sets, time_fn
 
 ON_CPU = jax.default_backend() != "gpu"
 # Every axis given, so that the CPU profile's defaults and the GPU's full sweep agree.
@@ -25,33 +31,48 @@ TINY = ["--allow-cpu", "--seq-lens", "64", "--head-dims", "16", "--hidden", "32"
         "--gqa", "1", "--dtypes", "bf16"]
 
 
-def opts_for(*argv: str) -> bench.Options:
+def opts_for(*argv: str) -> argparse.Namespace:
     return bench.parse_args(list(argv), on_cpu=ON_CPU)
 
 
-# --- FLOP math and shapes ----------------------------------------------------
+def with_(opts, **changes) -> argparse.Namespace:
+    return argparse.Namespace(**{**vars(opts), **changes})
+
+
+# --- FLOP math and problems ------------------------------------------------------
 
 
 def test_flops_standard_count():
     s = Shape("x", 16, 1024, 1024, 16, 16, 128)
     fwd = 4 * 16 * 16 * 1024 * 1024 * 128
-    assert s.flops("fwd") == fwd
-    assert s.flops("bwd") == 2.5 * fwd
-    assert s.flops("fwd_bwd") == 3.5 * fwd
-    c = Shape("c", 16, 1024, 1024, 16, 16, 128, causal=True)
-    assert c.flops("fwd") == fwd / 2
+    assert (s.flops("fwd"), s.flops("bwd"), s.flops("fwd_bwd")) == (fwd, 2.5 * fwd, 3.5 * fwd)
+    assert Shape("c", 16, 1024, 1024, 16, 16, 128, causal=True).flops("fwd") == fwd / 2
+    assert harness.Problem(s).flops("fwd_bwd") == 3.5 * fwd  # the grid uses the standard count
+
+
+def test_mask_problems_count_visible_pairs():
+    probs = harness.mask_problems()
+    packed = probs["packed_docs_16k"]
+    assert list(probs)[-1] == "packed_docs_16k" and sum(packed.doc_lens) == 16384
+    assert all(1024 <= n <= 4096 for n in packed.doc_lens)
+    assert packed.visible_pairs() == sum(n * (n + 1) // 2 for n in packed.doc_lens)
+    w = probs["window256_16k"]
+    assert w.visible_pairs() == sum(min(i + 1, 257) for i in range(16384))
+    assert w.flops("fwd_bwd") == 3.5 * 4 * 16 * 128 * w.visible_pairs()
+    assert probs["causal_4k"].visible_pairs() == 4096 * 4097 // 2
+    assert w.fields()["setup"] == "B=1, T=16384, causal, window (256, 0)"
+    assert {n for n, p in probs.items() if harness.IMPLS["cudnn_packed"].applies(p)} == {"packed_docs_16k"}
+    assert not any(harness.IMPLS["pallas_mha"].applies(p) for p in probs.values() if p.masked)
 
 
 def test_paper_grid_keeps_tokens_and_hidden():
     grid = paper_grid(head_dims=(64, 128), seq_lens=(1024, 16384), gqa=4)
     assert len(grid) == 2 * 2 * 2
     for s in grid:
-        assert s.batch * s.seq_q == 16384
-        assert s.num_heads * s.head_dim == 2048
-        assert s.num_heads == 4 * s.num_kv_heads
+        assert s.batch * s.seq_q == 16384 and s.num_heads * s.head_dim == 2048 and s.num_heads == 4 * s.num_kv_heads
 
 
-# --- CLI -----------------------------------------------------------------------
+# --- CLI -----------------------------------------------------------------------------
 
 
 def test_parse_seq_len():
@@ -65,9 +86,9 @@ def test_parse_seq_len():
 
 def test_quick_defaults_and_overrides():
     o = bench.parse_args(["--quick"])
-    assert o.head_dims == (64, 128) and o.seq_lens == (1024, 4096)
+    assert o.suite == "attention" and o.head_dims == (64, 128) and o.seq_lens == (1024, 4096)
     assert o.dtypes == ("bf16",) and o.passes == ("fwd", "fwd_bwd") and o.causal == (False, True)
-    assert o.impls == ("pallas_flash", "cudnn")
+    assert o.impls == ("pallas_flash", "cudnn") and o.min_time == 0.2
     assert len(bench.plan(o)) == 8
     o = bench.parse_args(["--quick", "--impls", "pallas_flash,cudnn", "--only", "fwd+bwd", "--causal", "yes", "--dtypes", "fp16,bfloat16"])
     assert o.impls == ("pallas_flash", "cudnn") and o.passes == ("fwd_bwd",) and o.causal == (True,)
@@ -75,23 +96,28 @@ def test_quick_defaults_and_overrides():
 
 
 def test_issue_table_plan():
-    o = bench.parse_args(
-        ["--head-dims", "64,128", "--seq-lens", "1k,4k,16k", "--dtypes", "bf16", "--impls", "pallas_flash,cudnn,pallas_mha", "--only", "fwd,fwd_bwd", "--gqa", "1"]
-    )
-    shapes = [s for _, _, s in bench.plan(o)]
+    o = bench.parse_args(["--head-dims", "64,128", "--seq-lens", "1k,4k,16k", "--dtypes", "bf16", "--impls",
+                          "pallas_flash,cudnn,pallas_mha", "--only", "fwd,fwd_bwd", "--gqa", "1"])
+    shapes = [p.shape for p in bench.plan(o)]
     assert len(shapes) == 12
-    assert {(s.head_dim, s.seq_q, s.causal) for s in shapes} == {
-        (d, n, c) for d in (64, 128) for n in (1024, 4096, 16384) for c in (False, True)
-    }
+    assert {(s.head_dim, s.seq_q, s.causal) for s in shapes} == {(d, n, c) for d in (64, 128) for n in (1024, 4096, 16384) for c in (False, True)}
 
 
-def test_full_and_memory_defaults():
+def test_full_masks_and_memory_defaults():
     o = bench.parse_args([])
     assert o.head_dims == (64, 128, 256) and o.seq_lens[0] == 512 and o.seq_lens[-1] == 32768
     assert o.gqa == (1, 4) and o.dtypes == ("bf16", "fp16") and set(o.passes) == {"fwd", "bwd", "fwd_bwd"}
+    assert o.impls == ("pallas_flash", "cudnn", "xla", "pallas_mha")
     m = bench.parse_args(["--memory"])
-    assert m.memory and m.impls == ("pallas_flash", "xla", "cudnn")
+    assert m.memory and m.suite == "memory" and m.impls == ("pallas_flash", "xla", "cudnn")
     assert m.seq_lens[-1] == 128 * 1024 and m.memory_method == "measured"
+    assert bench.parse_args(["--suite", "memory", "--memory-method", "analysis"]).memory
+    k = bench.parse_args(["--suite", "masks"])
+    assert k.impls == ("pallas_flash", "cudnn", "xla", "cudnn_packed") and k.passes == ("fwd", "fwd_bwd")
+    assert k.time_budget == 420 and k.min_time == 0.3 and k.dtypes == ("bf16",)
+    assert [p.name for p in bench.plan(k)] == list(harness.mask_problems())
+    k = bench.parse_args(["--suite", "masks", "--problems", "window4k_16k,causal_16k"])
+    assert [p.name for p in bench.plan(k)] == ["window4k_16k", "causal_16k"]
 
 
 @pytest.mark.parametrize(
@@ -106,6 +132,9 @@ def test_full_and_memory_defaults():
         (["--min-time", "0"], "--min-time"),
         (["--tag", "a/b"], "--tag"),
         (["--report-from", "/no/such.jsonl"], "no such file"),
+        (["--suite", "masks", "--problems", "causal_16k,nope"], "unknown value 'nope'"),
+        (["--problems", "causal_16k"], "--problems goes with --suite masks"),
+        (["--suite", "sparse"], "invalid choice"),
     ],
 )
 def test_bad_cli_input_is_a_clear_error(argv, fragment, capsys):
@@ -120,41 +149,40 @@ def test_help_works(capsys):
         bench.parse_args(["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    for flag in ("--quick", "--only", "--impls", "--memory", "--out", "--tag", "--gqa", "--causal"):
+    for flag in ("--quick", "--suite", "--only", "--impls", "--memory", "--out", "--tag", "--gqa", "--causal", "--problems"):
         assert flag in out
 
 
 @pytest.mark.skipif(not ON_CPU, reason="checks the no-GPU message")
 def test_cpu_without_allow_cpu_says_a_gpu_is_needed(capsys, tmp_path):
     assert bench.main(["--quick", "--out", str(tmp_path)]) == 2
+    assert bench.main(["--suite", "masks", "--out", str(tmp_path)]) == 2
     assert "needs an NVIDIA GPU" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
 
 
-# --- timing helpers ------------------------------------------------------------
+# --- common helpers and the timer ---------------------------------------------------------
 
 
-def test_slugify_and_device_info():
-    assert timing.slugify("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
-    assert timing.slugify("  ") == "unknown-device"
-    info = timing.device_info()
+def test_slug_and_device_info():
+    assert common.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert common.slug("  ") == "unknown-device"
+    info = common.device_info()
     assert info.slug and info.jax_version == jax.__version__
+
+
+def test_classify_exception():
+    assert common.classify_exception(NotImplementedError("x")) == "n/a"
+    assert common.classify_exception(RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")) == "OOM"
+    assert common.classify_exception(ValueError("head_dim 512 is not supported")) == "n/a"
+    assert common.classify_exception(RuntimeError("boom")) == "ERR"
+    msg = common.short_message(RuntimeError("first line\nsecond"), limit=24)
+    assert msg.startswith("RuntimeError: first") and len(msg) <= 24
 
 
 def test_num_input_sets():
     mb = 1024 * 1024
-    assert timing.num_input_sets(256 * mb) == 1
-    assert timing.num_input_sets(64 * mb) == 2
-    assert timing.num_input_sets(1 * mb) == 3
-
-
-def test_classify_exception():
-    assert timing.classify_exception(NotImplementedError("x")) == "n/a"
-    assert timing.classify_exception(RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")) == "OOM"
-    assert timing.classify_exception(ValueError("head_dim 512 is not supported")) == "n/a"
-    assert timing.classify_exception(RuntimeError("boom")) == "ERR"
-    msg = timing.short_message(RuntimeError("first line\nsecond"), limit=24)
-    assert msg.startswith("RuntimeError: first") and len(msg) <= 24
+    assert (num_input_sets(256 * mb), num_input_sets(64 * mb), num_input_sets(1 * mb)) == (1, 2, 3)
 
 
 def test_time_fn_rotates_sets_and_reports_median():
@@ -165,25 +193,30 @@ def test_time_fn_rotates_sets_and_reports_median():
         return x + 1
 
     sets = [(jnp.full((4,), i),) for i in range(3)]
-    t = timing.time_fn(fn, sets, min_time=0.01, warmup=1, min_samples=5, max_samples=7)
+    t = time_fn(fn, sets, min_time=0.01, warmup=1, min_samples=5, max_samples=7)
     assert 5 <= t.samples <= 7 and t.inner >= 1 and t.input_sets == 3
     assert set(calls) == {0, 1, 2}
     assert t.min_s <= t.median_s and t.median_s > 0
     with pytest.raises(ValueError):
-        timing.time_fn(fn, [])
+        time_fn(fn, [])
 
 
-# --- report formatting -----------------------------------------------------------
+def test_rel_err():
+    ref = np.array([3.0, 4.0])
+    assert rel_err(ref, ref) == 0.0
+    assert math.isclose(rel_err(np.array([3.0, 4.5]), ref), 0.1)
+    assert math.isclose(rel_err(jnp.array([3.0, 4.5], jnp.bfloat16), ref), 0.1)
+    assert rel_err(np.array([1.0, 0.0]), np.zeros(2)) == 1.0  # ||x - 0||
+    for bad in (np.nan, np.inf):
+        assert rel_err(np.array([3.0, bad]), ref) == float("inf")
 
 
-def test_md_table():
-    text = report.md_table(["a", "bb"], [[1, "x"], [22, "yyy"]], "lr")
-    lines = text.splitlines()
-    assert lines[0] == "| a  |  bb |"
-    assert lines[1] == "| :- | --: |"
-    assert lines[3] == "| 22 | yyy |"
-    with pytest.raises(ValueError):
-        report.md_table(["a"], [[1, 2]])
+# --- report formatting ----------------------------------------------------------------------
+
+
+def _rows(md: str) -> list[list[str]]:
+    """The cells of each line of a markdown table."""
+    return [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in md.splitlines() if ln.startswith("|")]
 
 
 def test_cells():
@@ -192,129 +225,160 @@ def test_cells():
     assert report.speed_cell(dict(ok, checked=False)) == "312.4*"
     assert report.speed_cell(dict(ok, tflops=1.234)) == "1.23"
     assert report.speed_cell(dict(status="OOM")) == "OOM"
-    assert report.speed_cell(None) == "—"
     assert report.time_cell(ok) == "12.3"
     assert report.err_cell(ok) == "3.0e-03"
     assert report.err_cell(dict(status="FAIL", err=0.5)) == "FAIL 5.0e-01"
-    assert report.err_cell(dict(status="FAIL", err=float("nan"))) == "FAIL nan"
+    assert report.err_cell(dict(status="FAIL", err=float("inf"))) == "FAIL inf"
     assert report.err_cell(dict(status="n/a")) == "n/a"
-    assert report.err_cell(dict(ok, err=None, message="ref too large; cuDNN ref OOM")) == "unchecked: ref too large"
+    assert report.err_cell(dict(ok, err=None, message="f32 ref too large; cudnn ref OOM")) == "unchecked: ref too large"
     assert report.err_cell(dict(ok, ref="cudnn")) == "3.0e-03 (vs cudnn)"
-    assert report.ratio_cell(ok, dict(ok, tflops=156.22)) == "2.00×"
-    assert report.ratio_cell(ok, dict(status="ERR")) == "—"
     assert report.seq_label(512) == "512" and report.seq_label(16384) == "16k"
 
 
-def _speed_rec(impl, tflops, n=1024, causal=False, status="ok", pass_="fwd"):
-    return dict(
-        kind="speed", impl=impl, status=status, tflops=tflops, time_s=1e-3, checked=True, err=1e-3, tol=2e-2,
-        dtype="bf16", gqa=1, batch=16, seq_q=n, seq_k=n, heads=16, kv_heads=16, head_dim=128, causal=causal,
-        **{"pass": pass_},
-    )
+def _speed_rec(impl, tflops, n=1024, causal=False, status="ok", pass_="fwd", **kw):
+    return {**dict(kind="speed", impl=impl, status=status, tflops=tflops, time_s=1e-3, checked=True, err=1e-3, tol=2e-2,
+                   dtype="bf16", gqa=1, batch=16, seq_q=n, seq_k=n, heads=16, kv_heads=16, head_dim=128, causal=causal,
+                   **{"pass": pass_}), **kw}
 
 
 def test_speed_markdown_has_ratio_column_and_problems():
-    recs = [
-        _speed_rec("pallas_flash", 300.0),
-        _speed_rec("cudnn", 400.0),
-        _speed_rec("pallas_flash", 0, n=4096, status="FAIL"),
-        _speed_rec("cudnn", 410.0, n=4096),
-    ]
-    recs[2]["err"] = 0.3
+    recs = [_speed_rec("pallas_flash", 300.0), _speed_rec("cudnn", 400.0),
+            _speed_rec("pallas_flash", 0, n=4096, status="FAIL", err=0.3), _speed_rec("cudnn", 410.0, n=4096)]
     md = report.speed_markdown(recs, ["pallas_flash", "cudnn"])
-    assert "pallas_flash/cudnn" in md and "0.75×" in md and "FAIL" in md
+    rows = _rows(md)
+    assert rows[0] == ["D", "N", "B", "heads", "causal", "pallas_flash", "cudnn", "pallas_flash/cudnn"]
+    assert ["128", "1k", "16", "16", "no", "300.0", "400.0", "0.75×"] in rows
+    assert ["128", "4k", "16", "16", "no", "FAIL", "410.0", "—"] in rows
+    assert ["128", "4k", "16", "16", "no", "FAIL 3.0e-01", "1.0e-03"] in rows  # the error table
     problems = report.problems_markdown(recs)
     assert "pallas_flash" in problems and "FAIL" in problems and "3.00e-01" in problems
     assert "every configuration" in report.problems_markdown(recs[:2])
     text = report.summary_text(recs, ["pallas_flash", "cudnn"])
-    assert "TFLOP/s, forward, bf16, MHA" in text and "1 FAIL" in text
+    assert "TFLOP/s, forward, bf16, MHA" in text and "0.75×" in text and "1 FAIL" in text
     assert len(report.summary_text(recs * 200, max_chars=2000)) < 2100
 
 
-def test_unique_stem(tmp_path):
-    assert report.unique_stem(tmp_path, "2026-01-01").name == "2026-01-01"
+def test_masks_markdown_rows_by_problem():
+    kw = dict(suite="masks", setup="B=1, T=16384, causal, window (256, 0)", visible=0.0157, name="window256_16k")
+    recs = [_speed_rec("pallas_flash", 143.0, pass_="fwd_bwd", **kw), _speed_rec("cudnn", 140.0, pass_="fwd_bwd", **kw),
+            _speed_rec("pallas_flash", 401.0, pass_="fwd_bwd", **dict(kw, name="causal_16k", setup="B=1", visible=0.5))]
+    recs[0]["time_s"], recs[2]["time_s"] = 0.84e-3, 9.61e-3
+    rows = _rows(report.speed_markdown(recs))
+    assert rows[0][:3] == ["problem", "setup", "visible"]
+    assert ["window256_16k", kw["setup"], "1.57%", "143.0", "140.0", "1.02×"] in rows
+    assert ["causal_16k", "B=1", "50.00%", "401.0", "—", "—"] in rows
+    lines = report.window_speedups(recs, harness.WINDOW_SPEEDUPS)
+    assert lines == ["pallas_flash forward+backward, window256_16k vs causal_16k: 0.84 ms vs 9.61 ms = **11.4x faster** (target >= 8x)"]
+
+
+def test_unique_stem_and_jsonl(tmp_path):
+    assert common.unique_stem(tmp_path, "2026-01-01").name == "2026-01-01"
     (tmp_path / "2026-01-01.md").write_text("x")
-    assert report.unique_stem(tmp_path, "2026-01-01").name == "2026-01-01-2"
+    assert common.unique_stem(tmp_path, "2026-01-01").name == "2026-01-01-2"
+    common.append_jsonl(tmp_path / "a.jsonl", {"kind": "meta", "x": jnp.dtype("bfloat16")})
+    common.append_jsonl(tmp_path / "a.jsonl", {"kind": "speed", "y": np.float32(2.0)})
+    assert common.load_jsonl([tmp_path / "a.jsonl"]) == ([{"kind": "speed", "y": 2.0}], [{"kind": "meta", "x": "bfloat16"}])
 
 
-# --- the float32 reference ---------------------------------------------------------
+# --- the chunked float32 reference ------------------------------------------------------------
 
 
 def test_chunk_plan():
     gib = 2**30
-    assert bench._chunk_plan(16, 16, 1, 1024, 1024, 6, 8 * gib) == (16, 16, 1024)
-    b, h, rows = bench._chunk_plan(1, 16, 1, 32768, 32768, 6, 8 * gib)
+    assert cref.chunk_plan(16, 16, 1, 1024, 1024, 6, 8 * gib) == (16, 16, 1024)
+    b, h, rows = cref.chunk_plan(1, 16, 1, 32768, 32768, 6, 8 * gib)
     assert b == 1 and h == 1 and rows * 32768 * 4 * 6 <= 8 * gib and 32768 % rows == 0
-    b, h, rows = bench._chunk_plan(4, 6, 2, 100, 100, 6, 100 * 100 * 4 * 6 * 2 * 3)
+    b, h, rows = cref.chunk_plan(4, 6, 2, 100, 100, 6, 100 * 100 * 4 * 6 * 2 * 3)
     assert rows == 100 and 6 % h == 0 and h == 3 and b == 1
     with pytest.raises(MemoryError):
-        bench._chunk_plan(1, 1, 1, 64, 10**9, 6, 1)
+        cref.chunk_plan(1, 1, 1, 64, 10**9, 6, 1)
+
+
+def _small_chunks_budget(shape: Shape) -> int:
+    """A budget that forces chunks of 16 query rows, one KV head and one batch element."""
+    budget = 16 * shape.num_heads // shape.num_kv_heads * shape.seq_k * 4 * cref.FACTOR_GRADS
+    assert cref.chunk_plan(shape.batch, shape.num_kv_heads, shape.num_heads // shape.num_kv_heads, shape.seq_q,
+                           shape.seq_k, cref.FACTOR_GRADS, budget) == (1, 1, 16)
+    return budget
 
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_chunked_reference_matches_direct(causal):
     shape = Shape("r", 2, 64, 48, 4, 2, 16, causal)
-    q, k, v, g = bench.make_inputs(shape, jnp.float32, jax.random.key(1))
+    q, k, v, g = harness.make_inputs(harness.Problem(shape, "fp32"), jax.random.key(1))
 
     def direct(q, k, v):
         mask = jnp.tril(jnp.ones((64, 48), bool))[None, None] if causal else None
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
 
     out, pullback = jax.vjp(direct, q, k, v)
-    grads = pullback(g)
-    # A budget that forces chunks of 16 query rows, one KV head and one batch element.
-    budget = 16 * shape.num_heads // shape.num_kv_heads * shape.seq_k * 4 * 6
-    assert bench._chunk_plan(2, 2, 2, 64, 48, 6, budget) == (1, 1, 16)
-    r_out, r_grads = bench.reference_f32(q, k, v, g, causal, True, budget)
+    budget = _small_chunks_budget(shape)
+    r_out, r_grads = cref.reference_f32(q, k, v, g, causal, True, budget)
     np.testing.assert_allclose(r_out, out, rtol=1e-5, atol=1e-5)
-    for a, b in zip(r_grads, grads):
+    for a, b in zip(r_grads, pullback(g)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-    r_out2, none = bench.reference_f32(q, k, v, g, causal, False, budget)
+    r_out2, none = cref.reference_f32(q, k, v, g, causal, False, budget)
     assert none is None
     np.testing.assert_allclose(r_out2, out, rtol=1e-5, atol=1e-5)
 
 
-# --- dry runs of the harness ---------------------------------------------------------
+def test_chunked_reference_with_masks_matches_attention_reference():
+    """Window, segment ids and soft-cap placed at each chunk's absolute rows: the same as one direct call."""
+    shape = Shape("m", 2, 64, 64, 4, 2, 16, True)
+    q, k, v, g = harness.make_inputs(harness.Problem(shape, "fp32"), jax.random.key(2))
+    seg = jnp.asarray(np.repeat([0, 1, 2], [20, 30, 14])[None].repeat(2, 0), jnp.int32)
+    masks = dict(local_window_size=(9, 0), q_segment_ids=seg, kv_segment_ids=seg, logits_soft_cap=5.0)
+
+    def direct(q, k, v):
+        with jax.default_matmul_precision("highest"):
+            return attention_reference(q, k, v, is_causal=True, **masks)
+
+    out, pullback = jax.vjp(direct, q, k, v)
+    r_out, r_grads = cref.reference_f32(q, k, v, g, True, True, _small_chunks_budget(shape), **masks)
+    for a, b in zip((r_out, *r_grads), (out, *pullback(g))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_compute_reference_falls_back_and_says_why():
+    shape = Shape("f", 1, 32, 32, 2, 2, 16, False)
+    q, k, v, g = harness.make_inputs(harness.Problem(shape, "bf16"), jax.random.key(3))
+    f = lambda q, k, v, g, grads: (jax.nn.dot_product_attention(q, k, v), None)  # noqa: E731
+    ref = cref.compute_reference(q, k, v, g, causal=False, grads=False, budget_bytes=1, fallback=f)
+    assert ref.source == "cudnn" and ref.out.dtype == jnp.float32 and "f32 ref too large" in ref.note
+    assert cref.compute_reference(q, k, v, g, causal=False, grads=False, budget_bytes=1).source is None
+    assert cref.compute_reference(q, k, v, g, causal=False, grads=True, budget_bytes=2**30).source == "f32-xla"
+    assert cref.compute_reference(q, k, v, g, causal=False, grads=True, budget_bytes=1, mode="none").out is None
+
+
+# --- dry runs of the harness --------------------------------------------------------------------
 
 
 def test_harness_statuses_with_fake_impls(monkeypatch):
     """Wrong results are FAIL, exceptions are n/a / OOM / ERR, a correct one is ok; all recorded."""
 
-    def wrong(shape):
-        return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla") * 1.5
+    def raising(message):
+        def f(q, k, v):
+            raise RuntimeError(message)
 
-    def unsupported(shape):
+        return lambda p: f
+
+    def unsupported(p):
         raise NotImplementedError("no such kernel")
 
-    def oom(shape):
-        def f(q, k, v):
-            raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.0TiB")
-
-        return f
-
-    def broken(shape):
-        def f(q, k, v):
-            raise RuntimeError("kernel exploded")
-
-        return f
-
-    registry = dict(bench.IMPL_REGISTRY)
-    for name, build in [("wrong", wrong), ("unsupported", unsupported), ("oom", oom), ("broken", broken)]:
-        registry[name] = bench.Impl(name, build)
-    monkeypatch.setattr(bench, "IMPL_REGISTRY", registry)
-    opts = opts_for(*TINY, "--causal", "yes")
-    opts = bench.dataclasses.replace(opts, impls=("xla", "wrong", "unsupported", "oom", "broken"))
-    (dtype, g, shape), = bench.plan(opts)
+    wrong = lambda p: lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla") * 1.5  # noqa: E731
+    fakes = dict(wrong=wrong, unsupported=unsupported, broken=raising("kernel exploded"),
+                 oom=raising("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.0TiB"))
+    for name, build in fakes.items():
+        monkeypatch.setitem(harness.IMPLS, name, harness.Impl(name, build))
+    monkeypatch.setitem(harness.IMPLS, "never", harness.Impl("never", wrong, applies=lambda p: False))
+    opts = with_(opts_for(*TINY, "--causal", "yes"), impls=("xla", *fakes, "never"))
+    (problem,) = bench.plan(opts)
     recs = []
-    bench.bench_shape(shape, dtype, g, opts, jax.random.key(0), recs.append)
+    harness.bench_problem(problem, opts.impls, opts, jax.random.key(0), recs.append)
     status = {(r["impl"], r["pass"]): r["status"] for r in recs}
-    assert len(recs) == 5 * 3
+    assert len(recs) == 5 * 3  # no record for "never"
     for p in ("fwd", "fwd_bwd", "bwd"):
-        assert status[("xla", p)] == "ok"
-        assert status[("wrong", p)] == "FAIL"
-        assert status[("unsupported", p)] == "n/a"
-        assert status[("oom", p)] == "OOM"
-        assert status[("broken", p)] == "ERR"
+        assert [status[(i, p)] for i in ("xla", "wrong", "unsupported", "oom", "broken")] == ["ok", "FAIL", "n/a", "OOM", "ERR"]
     xla = [r for r in recs if r["impl"] == "xla"]
     assert all(r["checked"] and r["ref"] == "f32-xla" and r["err"] < 2e-2 and r["tflops"] > 0 for r in xla)
     assert set(next(r for r in xla if r["pass"] == "fwd_bwd")["errs"]) == {"out", "dq", "dk", "dv"}
@@ -327,7 +391,7 @@ def test_harness_statuses_with_fake_impls(monkeypatch):
 def test_main_dry_run_writes_report(tmp_path, capsys):
     rc = bench.main(TINY + ["--impls", "xla,cudnn", "--gqa", "1,2", "--out", str(tmp_path / "{device}"), "--tag", "smoke"])
     assert rc == 0
-    out_dir = tmp_path / timing.device_info().slug
+    out_dir = tmp_path / common.device_info().slug
     md = next(out_dir.glob("*-smoke.md"))
     text = md.read_text()
     assert "## Throughput" in text and "GQA 2:1" in text and "xla/cudnn" in text and "## Problems" in text
@@ -339,58 +403,75 @@ def test_main_dry_run_writes_report(tmp_path, capsys):
     if ON_CPU:
         assert all(r["status"] == "n/a" for r in speed if r["impl"] == "cudnn")
     assert lines[-1]["kind"] == "meta" and lines[-1]["status"] == "complete"
-    pngs = list(out_dir.glob("*-smoke-*.png"))
-    assert len(pngs) == 2 * 3  # (gqa) x (pass)
+    assert len(list(out_dir.glob("*-smoke-*.png"))) == 2 * 3  # (gqa) x (pass)
     stdout = capsys.readouterr().out
-    assert "== TFLOP/s, forward, bf16, MHA ==" in stdout and "Wrote" in stdout
+    assert "== TFLOP/s, forward, bf16, MHA ==" in stdout and "xla/cudnn" in stdout and "Wrote" in stdout
 
     # Merge the raw records back into a report without running anything.
-    rc = bench.main(["--report-from", str(md.with_suffix(".jsonl")), "--no-plots"])
-    assert rc == 0
+    assert bench.main(["--report-from", str(md.with_suffix(".jsonl")), "--no-plots"]) == 0
     assert next(out_dir.glob("*-smoke-merged.md")).read_text().count("### ") == 2 * 3
 
 
 @pytest.mark.skipif(not ON_CPU, reason="interpret-mode path")
 def test_pallas_kernels_in_interpret_mode():
     opts = opts_for(*TINY, "--impls", "pallas_flash,pallas_mha", "--batch-tokens", "64", "--gqa", "2", "--causal", "yes")
-    (dtype, g, shape), = bench.plan(opts)
+    (problem,) = bench.plan(opts)
     recs = []
-    bench.bench_shape(shape, dtype, g, opts, jax.random.key(0), recs.append)
+    harness.bench_problem(problem, opts.impls, opts, jax.random.key(0), recs.append)
     assert len(recs) == 2 * 3
     for r in recs:
         assert r["status"] == "ok", r
         assert r["checked"] and r["err"] < 2e-2
 
 
+@pytest.mark.skipif(not ON_CPU, reason="on a GPU the masks suite itself runs (python -m benchmarks.masks)")
+def test_masks_suite_smoke(tmp_path):
+    """``python -m benchmarks.masks --smoke``: tiny problems run in interpret mode, are checked and make the table."""
+    from benchmarks import masks
+
+    rc = masks.main(["--smoke", "--problems", "causal,window16,packed_docs", "--impls", "pallas_flash,xla,cudnn_packed",
+                     "--out", str(tmp_path), "--no-plots"])
+    assert rc == 0
+    md = next(tmp_path.glob("*-masks.md"))
+    records = [json.loads(line) for line in md.with_suffix(".jsonl").read_text().splitlines()]
+    speed = [r for r in records if r.get("kind") == "speed"]
+    ours = [r for r in speed if r["impl"] == "pallas_flash"]
+    assert len(ours) == 6 and all(r["status"] == "ok" and r["err"] < 2e-2 for r in ours)
+    assert all(set(r["errs"]) == {"out", "dq", "dk", "dv"} for r in ours if r["pass"] == "fwd_bwd")
+    assert {r["name"] for r in speed if r["impl"] == "cudnn_packed"} == {"packed_docs"}  # n/a on a CPU; no row elsewhere
+    text = md.read_text()
+    assert "window16 vs causal" in text and "| packed_docs" in text and "masks, forward + backward" in text
+
+
 def test_memory_analysis_point():
-    rec = bench.memory_point("xla", 128, "bf16", measure=False, head_dim=16, heads=2)
+    rec = harness.memory_point("xla", 128, "bf16", measure=False, head_dim=16, heads=2)
     assert rec["status"] == "ok", rec
     assert rec["method"] == "analysis" and rec["io_bytes"] == 8 * 128 * 2 * 16 * 2
     assert rec["analysis_bytes"] >= rec["io_bytes"]
     if ON_CPU:
-        assert bench.memory_point("cudnn", 128, "bf16", measure=False)["status"] == "n/a"
+        assert harness.memory_point("cudnn", 128, "bf16", measure=False)["status"] == "n/a"
 
 
 @pytest.mark.skipif(not ON_CPU, reason="checks the CPU answer of the subprocess path")
 def test_memory_subprocess_plumbing():
-    """The measured method runs each point in a fresh process and reads back its record."""
-    rec = bench._memory_subprocess("xla", 128, "bf16", timeout=120)
+    """The measured method runs each point in a fresh process (``common.run_worker``) and reads back its record."""
+    rec = bench.memory_record(opts_for("--memory", "--allow-cpu"), "xla", 128)
     assert rec["kind"] == "memory" and rec["method"] == "measured" and rec["impl"] == "xla"
     assert rec["status"] == "n/a" and "needs a GPU" in rec["message"]
     assert rec["analysis_bytes"] >= rec["io_bytes"]
+    dead = common.run_worker("benchmarks.no_such_module", {}, timeout=60)
+    assert dead["ok"] is False and dead["status"] == "ERR" and "No module named" in dead["error"]
 
 
 def test_memory_report_and_plot(tmp_path):
-    recs = []
-    for impl, scale in (("pallas_flash", 1), ("xla", 4)):
-        for n in (1024, 2048, 4096):
-            recs.append(
-                dict(kind="memory", impl=impl, method="measured", status="ok" if (impl, n) != ("xla", 4096) else "OOM",
-                     seq_q=n, seq_k=n, batch=1, heads=16, kv_heads=16, head_dim=128, causal=True, dtype="bf16", gqa=1,
-                     io_bytes=8 * n * 16 * 128 * 2, peak_bytes=scale * 10 * n * 16 * 128 * 2, analysis_bytes=scale * 9 * n * 16 * 128 * 2)
-            )
+    recs = [dict(kind="memory", impl=impl, method="measured", status="ok" if (impl, n) != ("xla", 4096) else "OOM",
+                 seq_q=n, seq_k=n, batch=1, heads=16, kv_heads=16, head_dim=128, causal=True, dtype="bf16", gqa=1,
+                 io_bytes=8 * n * 16 * 128 * 2, peak_bytes=scale * 10 * n * 16 * 128 * 2, analysis_bytes=scale * 9 * n * 16 * 128 * 2)
+            for impl, scale in (("pallas_flash", 1), ("xla", 4)) for n in (1024, 2048, 4096)]
     md = report.memory_markdown(recs, ["pallas_flash", "xla"])
-    assert "pallas_flash peak" in md and "xla analysis" in md and "OOM" in md
+    rows = _rows(md)
+    assert rows[0] == ["N", "inputs+outputs", "pallas_flash peak", "pallas_flash analysis", "xla peak", "xla analysis"]
+    assert rows[-1] == ["4k", "0.12", "0.16", "0.14", "OOM", "0.56"]
     paths = report.write_report(recs, {"device": "test", "impls": ["pallas_flash", "xla"], "memory_bytes": 2**34}, tmp_path / "x-memory")
     assert [p.name for p in paths] == ["x-memory.md", "x-memory.png"]
     assert "## Peak memory" in paths[0].read_text()

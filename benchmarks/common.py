@@ -1,0 +1,181 @@
+"""What every benchmark shares: the device, file names, failures as statuses, records on disk,
+and the one way to run a measurement in a fresh process (peak-memory statistics are per process)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+from typing import Any, Callable, Iterable
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO / "benchmarks" / "results"
+RESULT_TAG = "BENCH-RESULT "
+
+
+def slug(text: str) -> str:
+    """``"NVIDIA H100 80GB HBM3"`` -> ``"nvidia-h100-80gb-hbm3"`` (file-system friendly)."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown-device"
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceInfo:
+    platform: str  # "gpu", "cpu", ...
+    name: str  # device_kind, e.g. "NVIDIA H100 80GB HBM3"
+    slug: str
+    count: int
+    memory_bytes: int | None  # bytes_limit of the first device, where known
+    jax_version: str
+    jaxlib_version: str
+
+
+def device_info() -> DeviceInfo:
+    """Describe ``jax.devices()[0]`` (initialises the backend)."""
+    import jax
+    import jaxlib
+
+    devices = jax.devices()
+    try:
+        stats = devices[0].memory_stats() or {}
+    except Exception:  # some backends do not implement memory_stats
+        stats = {}
+    name = getattr(devices[0], "device_kind", None) or devices[0].platform
+    return DeviceInfo(devices[0].platform, name, slug(name), len(devices), stats.get("bytes_limit"),
+                      jax.__version__, getattr(jaxlib, "__version__", "?"))
+
+
+# --- failures as table statuses ---------------------------------------------
+
+_OOM_MARKERS = ("resource_exhausted", "out of memory", "oom when allocating", "failed to allocate")
+_UNSUPPORTED_MARKERS = ("not supported", "unsupported", "not implemented")
+
+
+def classify_exception(exc: BaseException) -> str:
+    """Table status for an exception: ``"OOM"``, ``"n/a"`` (unsupported) or ``"ERR"``."""
+    if isinstance(exc, NotImplementedError):
+        return "n/a"
+    if isinstance(exc, MemoryError):
+        return "OOM"
+    text = f"{type(exc).__name__}: {exc}".lower()
+    if any(m in text for m in _OOM_MARKERS):
+        return "OOM"
+    return "n/a" if any(m in text for m in _UNSUPPORTED_MARKERS) else "ERR"
+
+
+def short_message(exc: BaseException, limit: int = 300) -> str:
+    """``Type: first meaningful line`` of an exception, at most ``limit`` characters."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    # XLA errors often start with a generic line; prefer one naming the cause.
+    first = next((ln for ln in lines if "error" in ln.lower() or any(m in ln.lower() for m in _OOM_MARKERS + _UNSUPPORTED_MARKERS)),
+                 lines[0] if lines else "")
+    msg = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return msg if len(msg) <= limit else msg[: limit - 3] + "..."
+
+
+# --- one measurement in a fresh process --------------------------------------
+
+
+def run_worker(module: str, spec: dict, timeout: float, env: dict | None = None) -> dict:
+    """``python -m <module> --worker <spec as JSON>`` in a fresh process; its result dict.
+
+    The worker prints its result as one tagged JSON line (``worker_main``). Where
+    there is none (a crash, a timeout) the result is ``{"ok": False, "status":
+    "OOM" or "ERR", "error": ...}`` from the last lines of its output.
+    """
+    env = dict(os.environ, **(env or {}))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    cmd = [sys.executable, "-m", module, "--worker", json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        out, rc = proc.stdout + proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else e.stdout or ""
+        out, rc = out + f"\n(timed out after {timeout:.0f} s)", "timeout"
+    for line in reversed(out.splitlines()):
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG):])
+    tail = " | ".join(out.strip().splitlines()[-3:])
+    status = "OOM" if any(m in tail.lower() for m in _OOM_MARKERS) else "ERR"
+    return {"ok": False, "status": status, "error": f"worker exited with {rc}: {tail[-300:]}"}
+
+
+def worker_main(fn: Callable[[dict], dict], spec_json: str) -> int:
+    """The worker side of ``run_worker``: print ``fn(spec)`` (or the exception) as the tagged line."""
+    try:
+        result = {"ok": True, **fn(json.loads(spec_json))}
+    except Exception as e:  # noqa: BLE001 - reported in the table (e.g. out of memory, unsupported)
+        result = {"ok": False, "status": classify_exception(e), "error": short_message(e)}
+    print(RESULT_TAG + json.dumps(result, default=_json_default), flush=True)
+    return 0
+
+
+# --- records on disk -----------------------------------------------------------
+
+
+def _json_default(x):  # NumPy scalars as floats, anything else as its text
+    try:
+        return float(x)
+    except Exception:
+        return str(x)
+
+
+def append_jsonl(path: pathlib.Path, record: dict) -> None:
+    """Append one record and flush, so a killed run keeps what it measured."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record, default=_json_default) + "\n")
+
+
+def load_jsonl(paths: Iterable[pathlib.Path]) -> tuple[list[dict], list[dict]]:
+    """(records, metas) from one or more ``.jsonl`` files; ``kind == "meta"`` lines are metas."""
+    records, metas = [], []
+    for p in paths:
+        for ln, line in enumerate(pathlib.Path(p).read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{p}:{ln}: not JSON ({e})") from None
+                (metas if obj.get("kind") == "meta" else records).append(obj)
+    return records, metas
+
+
+def unique_stem(out_dir: pathlib.Path, base: str) -> pathlib.Path:
+    """``out_dir/base``, or ``base-2``, ``base-3``... if a report by that name exists."""
+    stem, k = out_dir / base, 2
+    while any(stem.with_suffix(s).exists() for s in (".md", ".jsonl")):
+        stem, k = out_dir / f"{base}-{k}", k + 1
+    return stem
+
+
+def git_commit() -> str | None:
+    """Short HEAD, marked when the checkout has uncommitted changes; None without git."""
+    try:
+        run = lambda *a: subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, timeout=5)  # noqa: E731
+        sha = run("rev-parse", "--short", "HEAD")
+        if sha.returncode:
+            return None
+        return sha.stdout.strip() + (" (with uncommitted changes)" if run("status", "--porcelain").stdout.strip() else "")
+    except Exception:  # no git on the machine, or not a checkout
+        return None
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def tree_nbytes(tree: Any) -> int:
+    """Total bytes of the array leaves of a pytree."""
+    import jax
+
+    return sum(int(getattr(x, "nbytes", 0)) for x in jax.tree_util.tree_leaves(tree))

@@ -1,0 +1,507 @@
+"""The harness: a registry of problems, a registry of implementations, check-then-time.
+
+A ``Problem`` is one attention call: a named ``Shape`` (``pallas_flash.testing.shapes``),
+a dtype, and optionally a left window, packed documents (segment ids) or a
+logits soft-cap, always with the shape's causal flag. Suites of problems:
+
+* ``attention``: ``paper_grid`` (B·N tokens fixed, heads = hidden / D), per dtype and GQA;
+* ``masks``: ``MASK_PROBLEMS`` (16 heads, D = 128, causal, B·T = 16k): a sliding window,
+  packed documents, soft-cap, and the plain causal calls they are compared with.
+
+An ``Impl`` builds ``f(q, k, v, **extras) -> out`` for a problem; ``extras`` are
+arrays it needs beside q/k/v (segment ids, a dense mask), made once outside the
+timed function and passed in as arguments. ``build`` raises ``NotImplementedError``
+where the implementation has no equivalent (a record with status n/a); where
+``applies`` is false there is no record at all.
+
+``bench_problem`` runs every implementation on the same inputs: each pass (fwd,
+fwd_bwd, bwd) is first checked against a float32 reference
+(``pallas_flash.testing.chunked_reference``: the output, and dq, dk, dv under a
+random cotangent), then timed with ``pallas_flash.tuning.timer.time_fn``. Wrong
+results are FAIL, out-of-memory OOM, unsupported n/a, other exceptions ERR.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import math
+import time
+import warnings
+from typing import Callable, Sequence
+
+import numpy as np
+
+from benchmarks.common import classify_exception, short_message, tree_nbytes
+from pallas_flash.testing.shapes import Shape, paper_grid
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+# ||x - ref|| / ||ref|| must be under this (and finite) for a result to count.
+TOLERANCE = {"bf16": 2e-2, "fp16": 2e-2, "fp32": 5e-3}
+PASSES = ("fwd", "fwd_bwd", "bwd")
+GRAD_NAMES = ("dq", "dk", "dv")
+
+
+# --- problems ----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    shape: Shape
+    dtype: str = "bf16"
+    suite: str = "attention"
+    window: int | None = None  # left window (w, 0)
+    doc_lens: tuple[int, ...] | None = None  # packed documents
+    soft_cap: float | None = None
+
+    @property
+    def name(self) -> str:
+        return self.shape.name
+
+    @property
+    def gqa(self) -> int:
+        return self.shape.num_heads // self.shape.num_kv_heads
+
+    @property
+    def masked(self) -> bool:
+        return self.window is not None or self.doc_lens is not None or self.soft_cap is not None
+
+    @property
+    def window_arg(self) -> tuple[int, int] | None:
+        return None if self.window is None else (self.window, 0)
+
+    def visible_pairs(self) -> int:
+        """Exact count of visible (query, key) pairs per (batch, head)."""
+        s = self.shape
+        if self.doc_lens is not None:
+            return sum(n * (n + 1) // 2 if s.causal else n * n for n in self.doc_lens)
+        seen = np.minimum(np.arange(s.seq_q) + 1, s.seq_k) if s.causal else np.full(s.seq_q, s.seq_k)
+        return int(np.minimum(seen, self.window + 1).sum() if self.window is not None else seen.sum())
+
+    def flops(self, pass_: str) -> float:
+        """``Shape.flops`` (the standard count) for the grid; the visible pairs counted exactly for masks."""
+        if self.suite != "masks":
+            return self.shape.flops(pass_)
+        fwd = 4.0 * self.shape.batch * self.shape.num_heads * self.visible_pairs() * self.shape.head_dim
+        return {"fwd": fwd, "bwd": 2.5 * fwd, "fwd_bwd": 3.5 * fwd}[pass_]
+
+    def setup(self) -> str:
+        s = self.shape
+        parts = [f"B={s.batch}", f"T={s.seq_q}"] + (["causal"] if s.causal else [])
+        if self.window is not None:
+            parts.append(f"window ({self.window}, 0)")
+        if self.doc_lens is not None:
+            parts.append(f"{len(self.doc_lens)} docs {min(self.doc_lens)}-{max(self.doc_lens)}")
+        if self.soft_cap is not None:
+            parts.append(f"soft-cap {self.soft_cap:g}")
+        return ", ".join(parts)
+
+    def segment_ids(self):
+        if self.doc_lens is None:
+            return None
+        ids = np.repeat(np.arange(len(self.doc_lens), dtype=np.int32), self.doc_lens)
+        return np.broadcast_to(ids, (self.shape.batch, self.shape.seq_q))
+
+    def fields(self) -> dict:
+        """The columns a record of this problem starts with."""
+        s = self.shape
+        out = dict(suite=self.suite, name=s.name, dtype=self.dtype, gqa=self.gqa, batch=s.batch, seq_q=s.seq_q,
+                   seq_k=s.seq_k, heads=s.num_heads, kv_heads=s.num_kv_heads, head_dim=s.head_dim, causal=s.causal)
+        if self.suite == "masks":
+            out.update(setup=self.setup(), visible=self.visible_pairs() / (s.seq_q * s.seq_k))
+        return out
+
+
+def grid_problems(dtypes, gqas, head_dims, seq_lens, causal, tokens: int, hidden: int) -> list[Problem]:
+    """The attention suite: ``paper_grid`` per dtype and GQA, in run order."""
+    return [Problem(s, dt) for dt in dtypes for g in gqas for s in paper_grid(head_dims, seq_lens, causal, tokens, hidden, g)]
+
+
+def packed_doc_lengths(total: int, lo: int, hi: int, seed: int = 0) -> tuple[int, ...]:
+    """Random document lengths in [lo, hi] filling ``total`` exactly (the last one kept >= lo)."""
+    rng, lens, left = np.random.default_rng(seed), [], total
+    while left > 0:
+        n = int(rng.integers(lo, hi + 1))
+        lens.append(left if left - n < lo else n)  # a too-short remainder joins the last document
+        left -= lens[-1]
+    return tuple(lens)
+
+
+def mask_problems(small: bool = False, dtype: str = "bf16") -> dict[str, Problem]:
+    """The masks suite by name; ``small``: tiny sizes for a CPU run in interpret mode."""
+
+    def p(name, b, t, **kw):
+        n, d = (2, 32) if small else (16, 128)
+        return Problem(Shape(name, b, t, t, n, n, d, True), dtype, "masks", **kw)
+
+    if small:
+        probs = [p("causal", 1, 256), p("window16", 1, 256, window=16), p("window64", 1, 256, window=64),
+                 p("softcap50", 1, 256, soft_cap=50.0), p("packed_docs", 1, 256, doc_lens=packed_doc_lengths(256, 16, 64))]
+    else:
+        t = 16384
+        probs = [p("causal_16k", 1, t), p("window256_16k", 1, t, window=256), p("window4k_16k", 1, t, window=4096),
+                 p("softcap50_4k", 4, 4096, soft_cap=50.0), p("causal_4k", 4, 4096),
+                 # Last: its cudnn_packed row goes through a private JAX API.
+                 p("packed_docs_16k", 1, t, doc_lens=packed_doc_lengths(t, 1024, 4096))]
+    return {q.name: q for q in probs}
+
+
+# Speed-up lines in the masks report: (window problem, causal baseline).
+WINDOW_SPEEDUPS = (("window256_16k", "causal_16k"), ("window16", "causal"))
+
+
+# --- implementations -------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Impl:
+    name: str
+    build: Callable[[Problem], Callable]  # -> f(q, k, v, **extras); NotImplementedError: n/a
+    note: str = ""
+    applies: Callable[[Problem], bool] = lambda p: True
+    extras: Callable[[Problem], dict] = lambda p: {}
+
+
+def on_gpu() -> bool:
+    import jax
+
+    return jax.default_backend() == "gpu"
+
+
+def _pallas_flash(p: Problem):
+    import pallas_flash
+
+    def f(q, k, v, **extras):
+        return pallas_flash.dot_product_attention(
+            q, k, v, is_causal=p.shape.causal, local_window_size=p.window_arg, logits_soft_cap=p.soft_cap,
+            implementation="pallas", **extras)
+
+    return f
+
+
+def _jax_nn(implementation: str):
+    def build(p: Problem):
+        import jax
+
+        if implementation == "cudnn" and not on_gpu():
+            raise NotImplementedError("cuDNN attention needs an NVIDIA GPU")
+        if p.soft_cap is not None:
+            raise NotImplementedError("jax.nn.dot_product_attention has no logits soft-cap")
+
+        def f(q, k, v, **extras):
+            return jax.nn.dot_product_attention(q, k, v, is_causal=p.shape.causal, local_window_size=p.window_arg,
+                                                implementation=implementation, **extras)
+
+        return f
+
+    return build
+
+
+def _pallas_mha(p: Problem):
+    import jax
+    import jax.numpy as jnp
+
+    with warnings.catch_warnings():  # its import warns that it is deprecated
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from jax.experimental.pallas.ops.gpu import attention as mod
+    s, blocks = p.shape, mod.BlockSizes.get_default()
+    for name, t in (("Tq", s.seq_q), ("Tk", s.seq_k)):
+        if t % min(blocks.block_q, t):
+            raise NotImplementedError(f"pallas_mha needs {name}={t} to be a multiple of its block {blocks.block_q}")
+
+    def f(q, k, v):
+        if p.gqa > 1:  # no GQA in this kernel: materialise the repeated K/V
+            k, v = jnp.repeat(k, p.gqa, axis=2), jnp.repeat(v, p.gqa, axis=2)
+        return mod.mha(q, k, v, None, sm_scale=1.0 / math.sqrt(s.head_dim), causal=s.causal, block_sizes=blocks,
+                       interpret=jax.default_backend() != "gpu")
+
+    return f
+
+
+def _cudnn_packed(p: Problem):
+    if not on_gpu():
+        raise NotImplementedError("cuDNN attention needs an NVIDIA GPU")
+    if p.soft_cap is not None or p.window is not None:
+        raise NotImplementedError("cudnn_packed is run for plain packed documents only")
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa
+
+    def f(q, k, v, seqlen, offsets):
+        return cudnn_fa.dot_product_attention(
+            q, k, v, q_seqlen=seqlen, kv_seqlen=seqlen, q_offsets=offsets, kv_offsets=offsets,
+            scale=1.0 / math.sqrt(p.shape.head_dim), mask_type=cudnn_fa.MaskType.PADDING_CAUSAL)
+
+    return f
+
+
+def _segment_extras(p: Problem) -> dict:
+    import jax.numpy as jnp
+
+    ids = p.segment_ids()
+    return {} if ids is None else {"q_segment_ids": jnp.asarray(ids), "kv_segment_ids": jnp.asarray(ids)}
+
+
+def _mask_extras(p: Problem) -> dict:
+    """jax.nn has no segment ids: a dense ``[B, 1, T, T]`` mask, built once as a user of jax.nn would."""
+    import jax.numpy as jnp
+
+    ids = p.segment_ids()
+    return {} if ids is None else {"mask": jnp.asarray(ids[:, None, :, None] == ids[:, None, None, :])}
+
+
+def _packed_extras(p: Problem) -> dict:
+    """cuDNN's packed layout: per-document lengths ``[B, M]`` and offsets ``[B, M + 1]``."""
+    import jax.numpy as jnp
+
+    lens = np.asarray(p.doc_lens, np.int32)
+    offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    b = p.shape.batch
+    return {"seqlen": jnp.asarray(np.broadcast_to(lens, (b, lens.size))),
+            "offsets": jnp.asarray(np.broadcast_to(offsets, (b, offsets.size)))}
+
+
+IMPLS: dict[str, Impl] = {
+    i.name: i
+    for i in (
+        Impl("pallas_flash", _pallas_flash, "pallas_flash.dot_product_attention(implementation='pallas')",
+             extras=_segment_extras),
+        Impl("cudnn", _jax_nn("cudnn"), "jax.nn.dot_product_attention(implementation='cudnn')", extras=_mask_extras),
+        Impl("xla", _jax_nn("xla"), "jax.nn.dot_product_attention(implementation='xla')", extras=_mask_extras),
+        Impl("pallas_mha", _pallas_mha, "jax.experimental.pallas.ops.gpu.attention.mha, default BlockSizes; for GQA, "
+             "K/V repeated with jnp.repeat inside the timed function", applies=lambda p: not p.masked),
+        Impl("cudnn_packed", _cudnn_packed, "cuDNN's own packed-documents layout (per-document lengths and offsets) "
+             "through JAX's private jax._src.cudnn.fused_attention_stablehlo (ERR if it changed)",
+             applies=lambda p: p.doc_lens is not None, extras=_packed_extras),
+    )
+}
+
+
+# --- one problem ----------------------------------------------------------------------
+
+
+def make_inputs(p: Problem, key):
+    """Random normal q, k, v and an output cotangent g in the problem's dtype."""
+    import jax
+    import jax.numpy as jnp
+
+    dtype, s = jnp.dtype(DTYPES[p.dtype]), p.shape
+    kq, kk, kv, kg = jax.random.split(key, 4)
+    return tuple(jax.random.normal(kx, shp, dtype) for kx, shp in
+                 ((kq, s.q_shape), (kk, s.kv_shape), (kv, s.kv_shape), (kg, s.q_shape)))
+
+
+@dataclasses.dataclass
+class Prepared:
+    """The jitted functions of one implementation on one problem (or why there are none)."""
+
+    impl: Impl
+    error: Exception | None = None
+    extras: dict | None = None
+    fwd: Callable | None = None  # (q, k, v, extras) -> out
+    fwd_bwd: Callable | None = None  # (q, k, v, g, extras) -> (out, (dq, dk, dv))
+    make_pullback: Callable | None = None  # (q, k, v, extras) -> pullback (holds the residuals)
+    pullback: Callable | None = None  # (pullback, g) -> (dq, dk, dv)
+
+    def args(self, pass_: str, s: tuple) -> tuple:
+        """The arguments of ``pass_``'s function for the input set ``s = (q, k, v, g)``."""
+        if pass_ == "fwd":
+            return (*s[:3], self.extras)
+        if pass_ == "fwd_bwd":
+            return (*s, self.extras)
+        return (self.make_pullback(*s[:3], self.extras), s[3])
+
+
+def prepare(impl: Impl, p: Problem) -> Prepared:
+    import jax
+
+    try:
+        f = impl.build(p)
+        extras = impl.extras(p)
+    except Exception as e:  # noqa: BLE001 - unsupported or unavailable implementation
+        return Prepared(impl, error=e)
+
+    def vjp(q, k, v, e):
+        return jax.vjp(lambda q, k, v: f(q, k, v, **e), q, k, v)
+
+    def fwd_bwd(q, k, v, g, e):
+        out, pullback = vjp(q, k, v, e)
+        return out, pullback(g)
+
+    return Prepared(impl, None, extras, jax.jit(lambda q, k, v, e: f(q, k, v, **e)), jax.jit(fwd_bwd),
+                    jax.jit(lambda q, k, v, e: vjp(q, k, v, e)[1]), jax.jit(lambda pb, g: pb(g)))
+
+
+def precompile(prepared: Sequence[Prepared], example, passes: Sequence[str], threads: int) -> float:
+    """Compile every function the passes will call, ``threads`` XLA compilations at a time.
+
+    Lowering (Python) runs here in turn; ``compile()`` (C++, releases the GIL)
+    runs in a thread pool and fills the cache the later calls hit. Errors are
+    ignored here: the call in ``bench_impl`` repeats and records them.
+    Returns the wall seconds spent.
+    """
+    import concurrent.futures
+
+    import jax
+
+    t0 = time.perf_counter()
+    q, k, v, g = (jax.ShapeDtypeStruct(x.shape, x.dtype) for x in example)
+    todo = []
+    for p in (p for p in prepared if p.error is None):
+        e = p.extras
+        todo += [lambda p=p: p.fwd.lower(q, k, v, e)] if "fwd" in passes else []
+        todo += [lambda p=p: p.fwd_bwd.lower(q, k, v, g, e)] if "fwd_bwd" in passes else []
+        if "bwd" in passes:
+            todo += [lambda p=p: p.make_pullback.lower(q, k, v, e),
+                     lambda p=p: p.pullback.lower(jax.eval_shape(p.make_pullback, q, k, v, e), g)]
+
+    def attempt(fn):
+        try:
+            return fn()
+        except Exception:  # noqa: BLE001 - recorded when the function is called
+            return None
+
+    lowered = [low for low in map(attempt, todo) if low is not None]
+    with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
+        list(pool.map(lambda low: attempt(low.compile), lowered))
+    return time.perf_counter() - t0
+
+
+def check_outputs(named: dict, ref) -> dict[str, float]:
+    """Relative error of each named output (``out``, ``dq``, ``dk``, ``dv``) that has a reference."""
+    from pallas_flash.testing.errors import rel_err
+
+    ref_of = {"out": ref.out, **dict(zip(GRAD_NAMES, ref.grads or ()))}
+    return {name: rel_err(x, ref_of[name]) for name, x in named.items() if ref_of.get(name) is not None}
+
+
+def bench_impl(prep: Prepared, p: Problem, sets: list, ref, opts) -> list[dict]:
+    """Check then time one implementation on ``p`` for each of ``opts.passes``; one record per pass.
+
+    ``sets`` are input tuples ``(q, k, v, g)``; the first is the one checked.
+    """
+    import jax
+
+    from pallas_flash.tuning.timer import time_fn
+
+    base = dict(kind="speed", impl=prep.impl.name, **p.fields())
+    if prep.error is not None:
+        status, message = classify_exception(prep.error), short_message(prep.error)
+        return [dict(base, **{"pass": pass_}, status=status, message=message) for pass_ in opts.passes]
+    records = []
+    for pass_ in opts.passes:
+        rec = dict(base, **{"pass": pass_}, tol=TOLERANCE[p.dtype], flops=p.flops(pass_))
+        fn = args = first = named = None
+        try:
+            t0 = time.perf_counter()
+            fn = {"fwd": prep.fwd, "fwd_bwd": prep.fwd_bwd, "bwd": prep.pullback}[pass_]
+            args = [prep.args(pass_, s) for s in sets]
+            first = jax.block_until_ready(fn(*args[0]))
+            rec["first_call_s"] = round(time.perf_counter() - t0, 3)
+            named = {"fwd": lambda: {"out": first}, "bwd": lambda: dict(zip(GRAD_NAMES, first)),
+                     "fwd_bwd": lambda: {"out": first[0], **dict(zip(GRAD_NAMES, first[1]))}}[pass_]()
+            errs = check_outputs(named, ref) if ref.source not in (None, prep.impl.name) else {}
+            rec.update(errs=errs, checked=bool(errs), ref=ref.source if errs else None)
+            if ref.note:
+                rec["message"] = ref.note
+            if errs:
+                rec["err"] = max(errs.values())
+                if not rec["err"] < rec["tol"]:  # rel_err is inf for NaN/inf outputs
+                    rec["status"] = "FAIL"
+                    records.append(rec)
+                    continue
+            first = named = None  # drop the checked outputs before timing
+            t = time_fn(fn, args, min_time=opts.min_time, warmup=opts.warmup, **opts.timing)
+            rec.update(status="ok", time_s=t.median_s, tflops=rec["flops"] / t.median_s / 1e12, timing=t.as_dict())
+        except Exception as e:  # noqa: BLE001 - every failure becomes a table cell
+            rec.update(status=classify_exception(e), message=short_message(e))
+        finally:
+            fn = args = first = named = None  # free this pass's buffers before the next
+        records.append(rec)
+    return records
+
+
+def bench_problem(p: Problem, impls: Sequence[str], opts, key, on_record: Callable[[dict], None]) -> None:
+    """Every implementation that applies to ``p``, on shared inputs and one reference."""
+    import jax
+
+    from pallas_flash.testing.chunked_reference import compute_reference
+    from pallas_flash.tuning.timer import num_input_sets
+
+    inputs = make_inputs(p, key)
+    n_sets = num_input_sets(tree_nbytes(inputs))
+    sets = [inputs] + [make_inputs(p, k) for k in jax.random.split(jax.random.fold_in(key, 1), n_sets - 1)]
+    prepared = [prepare(IMPLS[name], p) for name in impls if IMPLS[name].applies(p)]
+    compile_s = precompile(prepared, inputs, opts.passes, opts.jobs)
+
+    def fallback(q, k, v, g, grads):  # cuDNN's result, where the float32 reference does not fit
+        c = prepare(IMPLS["cudnn"], p)
+        if c.error is not None:
+            raise c.error
+        return c.fwd_bwd(q, k, v, g, c.extras) if grads else (c.fwd(q, k, v, c.extras), None)
+
+    seg = p.segment_ids()
+    ref = compute_reference(
+        *inputs, causal=p.shape.causal, grads=any(x != "fwd" for x in opts.passes),
+        budget_bytes=int(opts.ref_budget_gb * 2**30), mode={"cudnn": "fallback"}.get(opts.ref, opts.ref),
+        fallback=fallback, local_window_size=p.window_arg, logits_soft_cap=p.soft_cap,
+        q_segment_ids=seg, kv_segment_ids=seg)
+    for prep in prepared:
+        for rec in bench_impl(prep, p, sets, ref, opts):
+            rec["shape_compile_s"] = round(compile_s, 2)
+            on_record(rec)
+        gc.collect()
+    del sets, inputs, ref, prepared
+    gc.collect()
+
+
+# --- peak memory --------------------------------------------------------------------
+
+
+def memory_problem(seq: int, dtype: str, head_dim: int = 128, heads: int = 16) -> Problem:
+    """The memory sweep's problem: forward+backward, B=1, causal."""
+    return Problem(Shape(f"mem_n{seq}", 1, seq, seq, heads, heads, head_dim, True), dtype, "memory")
+
+
+def memory_point(impl_name: str, seq: int, dtype: str, measure: bool, head_dim: int = 128, heads: int = 16) -> dict:
+    """Peak memory of one jitted forward+backward of ``impl_name`` at length ``seq``.
+
+    Always records the compiled executable's memory analysis (arguments +
+    outputs + temporaries - aliased bytes); with ``measure`` also runs it and
+    reads the device's ``peak_bytes_in_use`` (meaningful only in a fresh
+    process: ``run_worker`` starts one per point).
+    """
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    p = memory_problem(seq, dtype, head_dim, heads)
+    itemsize = jnp.dtype(DTYPES[dtype]).itemsize
+    rec = dict(kind="memory", impl=impl_name, method="measured" if measure else "analysis", **p.fields(),
+               io_bytes=8 * seq * heads * head_dim * itemsize)  # q, k, v, g in; out, dq, dk, dv out
+    try:
+        prep = prepare(IMPLS[impl_name], p)
+        if prep.error is not None:
+            raise prep.error
+        specs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in jax.eval_shape(functools.partial(make_inputs, p), jax.random.key(0))]
+        compiled = prep.fwd_bwd.lower(*specs, prep.extras).compile()
+        ma = compiled.memory_analysis()
+        if ma is not None:
+            a = rec["analysis"] = dict(argument=ma.argument_size_in_bytes, output=ma.output_size_in_bytes,
+                                       temp=ma.temp_size_in_bytes, alias=ma.alias_size_in_bytes)
+            rec["analysis_bytes"] = a["argument"] + a["output"] + a["temp"] - a["alias"]
+        stats = jax.devices()[0].memory_stats()
+        rec["limit_bytes"] = (stats or {}).get("bytes_limit")
+        if measure and not stats:
+            raise NotImplementedError(f"measured peak memory needs a GPU: memory_stats() is empty on {jax.devices()[0].platform}")
+        if measure:
+            inputs = jax.block_until_ready(make_inputs(p, jax.random.key(0)))
+            rec["inputs_peak_bytes"] = jax.devices()[0].memory_stats()["peak_bytes_in_use"]
+            jax.block_until_ready(compiled(*inputs, prep.extras))
+            rec.update(peak_bytes=jax.devices()[0].memory_stats()["peak_bytes_in_use"], status="ok")
+        elif rec["limit_bytes"] is not None and rec.get("analysis_bytes", 0) > rec["limit_bytes"]:
+            rec.update(status="OOM", message="compiled analysis exceeds the device memory limit (not run)")
+        else:
+            rec["status"] = "ok"
+    except Exception as e:  # noqa: BLE001
+        rec.update(status=classify_exception(e), message=short_message(e))
+    return rec

@@ -1,0 +1,110 @@
+"""benchmarks.gpt2 and benchmarks.profile without running a GPU: plan, tables, plot, profile parsing."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import common
+from benchmarks import gpt2 as bench
+
+
+def _rows(md: str) -> list[list[str]]:
+    """The cells of each line of the markdown tables in ``md``."""
+    return [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in md.splitlines() if ln.startswith("|")]
+
+
+def _ok(tps, losses, **kw):
+    return {"ok": True, "params": 124e6, "tokens_per_s": tps, "mfu": 0.4, "step_s_median": 0.1,
+            "peak_bytes": 2**30, "compile_s": 30.0, "losses": losses, **kw}
+
+
+INFO = {"device_kind": "NVIDIA H100", "platform": "gpu", "jax": "0"}
+
+
+def test_benchmark_report_helpers(tmp_path):
+    """benchmarks.gpt2 without running anything: plan, slug, table and plot."""
+    assert common.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    specs = bench._plan(quick=False, on_gpu=True, impls=("pallas", "xla", "cudnn"))
+    assert [(s.seq_len, s.batch_size, s.attention) for s in specs] == [
+        (1024, 16, "pallas"), (1024, 16, "xla"), (1024, 16, "cudnn"),
+        (4096, 4, "pallas"), (4096, 4, "xla"), (4096, 4, "cudnn"),
+    ]
+    assert [s.loss_steps for s in specs] == [300, 300, 0, 0, 0, 0]
+    assert all(s.timed_steps == 30 and s.model == "gpt2" for s in specs)
+    assert [s.seq_len for s in bench._plan(False, True, ("xla",), seq_lens=(4096,))] == [4096]
+    assert {s.model for s in bench._plan(True, False, ("xla",))} == {"tiny"}
+
+    results = [_ok(200e3, [5.0, 4.0]), _ok(100e3, [5.0, 4.1]), {"ok": False, "error": "OOM | x"}] * 2
+    md = bench.render_markdown(INFO, specs, results, "x.png", quick=False)
+    rows = _rows(md)
+    assert rows[0] == ["T", "batch", "attention", "tokens/s", "MFU", "step (ms)", "peak memory (GiB)", "compile (s)", "vs xla"]
+    assert ["1024", "16", "pallas", "200,000", "40.0%", "100.0", "1.00", "30.0", "2.00x"] in rows
+    assert ["1024", "16", "cudnn", "failed: OOM / x", "", "", "", "", ""] in rows
+    assert "max |pallas - xla|" in md and "![loss curves](x.png)" in md
+    assert bench.plot_losses(specs, results, tmp_path / "x.png")
+    assert (tmp_path / "x.png").stat().st_size > 0
+
+
+XSPACE = """
+planes {
+  name: "/device:GPU:0"
+  lines { name: "Stream #13(Compute)"
+    events { metadata_id: 1 offset_ps: 0 duration_ps: 4000000000 }
+    events { metadata_id: 2 offset_ps: 5000000000 duration_ps: 2000000000 }
+    events { metadata_id: 3 offset_ps: 8000000000 duration_ps: 1000000000 }
+    events { metadata_id: 4 offset_ps: 9000000000 duration_ps: 500000000 }
+    events { metadata_id: 1 offset_ps: 9600000000 duration_ps: 4000000000 } }
+  lines { name: "XLA Ops" events { metadata_id: 1 offset_ps: 0 duration_ps: 4000000000 } }
+  event_metadata { key: 1 value { id: 1 name: "pallas_flash_bwd_dkdv" } }
+  event_metadata { key: 2 value { id: 2 name: "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTT" } }
+  event_metadata { key: 3 value { id: 3 name: "loop_multiply_fusion_3" } }
+  event_metadata { key: 4 value { id: 4 name: "cudnn_generated_fort_native_sdpa_sm90_flash_fprop" } }
+}
+planes { name: "/host:CPU" lines { name: "python" events { metadata_id: 1 duration_ps: 99000000000 } }
+  event_metadata { key: 1 value { id: 1 name: "pallas_flash_fwd" } } }
+"""
+
+
+def test_profile_breakdown_reads_gpu_streams_only():
+    """Kernel times per step by category, from the compute streams of the GPU plane alone."""
+    from jax.profiler import ProfileData
+
+    from benchmarks import profile
+
+    data = ProfileData.from_serialized_xspace(ProfileData.text_proto_to_serialized_xspace(XSPACE))
+    events = profile.gpu_kernel_events(data)
+    ns = profile.kernel_totals(events)
+    assert ns == {"pallas_flash_bwd_dkdv": 8e6, "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTT": 2e6,
+                  "loop_multiply_fusion_3": 1e6, "cudnn_generated_fort_native_sdpa_sm90_flash_fprop": 0.5e6}
+    summary = profile.summarize(ns, steps=2)
+    assert summary["ms_per_step"] == pytest.approx({"attention": 4.25, "matmul": 1.0, "copy": 0.0, "other": 0.5})
+    assert summary["kernel_ms_per_step"] == pytest.approx(5.75)
+    assert summary["top"][0] == ("pallas_flash_bwd_dkdv", pytest.approx(4.0))
+    gaps = profile.idle_gaps(events, steps=2)
+    # idle: 4->5 ms before the gemm, 7->8 ms before the fusion, 9.5->9.6 ms before dkdv
+    assert gaps["idle_ms_per_step"] == pytest.approx(1.05)
+    assert gaps["launches_per_step"] == 2.5
+    assert gaps["idle_before"][0] == ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTT", pytest.approx(0.5))
+    host_only = ProfileData.from_serialized_xspace(ProfileData.text_proto_to_serialized_xspace(
+        XSPACE[XSPACE.index("planes { name: \"/host"):]))
+    assert profile.gpu_kernel_events(host_only) is None  # a CPU trace has no GPU plane
+
+
+def test_benchmark_report_profile_table():
+    specs = bench._plan(quick=False, on_gpu=True, impls=("pallas",), loss_steps=0, profile_steps=3)
+    assert all(s.profile_steps == 3 and s.loss_steps == 0 for s in specs)
+    prof = {"ms_per_step": {"attention": 5.0, "matmul": 20.0, "copy": 0.1, "other": 30.0},
+            "kernel_ms_per_step": 55.1, "top": [["nvjet_x", 3.0], ["pallas_flash_fwd", 1.5]],
+            "idle_ms_per_step": 4.9, "launches_per_step": 1200.0, "idle_before": [["loop_add", 0.7]]}
+    r = _ok(1e5, [5.0], mfu=0.2, step_s_median=0.06, compile_s=20.0, profile=prof)
+    md = bench.render_markdown({"device_kind": "H100", "platform": "gpu", "jax": "0"}, specs, [r, r], None, False)
+    assert ["1024", "pallas", "60.0", "55.1", "5.0", "20.0", "0.1", "30.0", "4.9", "1200"] in _rows(md)
+    assert "`loop_add` 0.70" in md
+    assert "`nvjet_x` 3.00" in md
+
+
+@pytest.mark.parametrize("argv, fragment", [(["--attention", "flash"], "--attention"), (["--seq-lens", "1k"], "--seq-lens")])
+def test_cli_errors(argv, fragment, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--quick", *argv])
+    assert exc.value.code == 2 and fragment in capsys.readouterr().err
