@@ -44,6 +44,7 @@ from flax import nnx
 from flax.nnx.nn import dtypes as _flax_dtypes
 
 import pallas_flash
+from pallas_flash.validate import check_dropout_rate
 
 __all__ = [
     "FlashMultiHeadAttention",
@@ -57,18 +58,13 @@ _default_kernel_init = nnx.initializers.lecun_normal()
 _default_bias_init = nnx.initializers.zeros_init()
 
 
-def _check_dropout_rate(dropout_rate: float, name: str = "dropout_rate") -> None:
-    if not 0.0 <= dropout_rate < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {dropout_rate!r}")
-
-
 def _dropout_kwargs(dropout_rate, dropout_rng, deterministic) -> dict[str, Any]:
     """Dropout arguments for the kernel: none at all whenever dropout is off.
 
     They are only passed when dropout is on, so that the common no-dropout call
     works with every backend (and every version of the API).
     """
-    _check_dropout_rate(dropout_rate)
+    check_dropout_rate(dropout_rate)
     if deterministic or dropout_rate == 0.0:
         return {}
     if dropout_rng is None:
@@ -270,7 +266,7 @@ class FlashMultiHeadAttention(nnx.Module):
                 f"qkv_features ({qkv_features}) must be divisible by num_heads "
                 f"({num_heads})"
             )
-        _check_dropout_rate(dropout_rate)
+        check_dropout_rate(dropout_rate)
         if not isinstance(is_causal, bool):
             raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
 
@@ -370,8 +366,6 @@ class FlashMultiHeadAttention(nnx.Module):
                 raise ValueError(
                     f"{name} must have shape [batch, length, {feat}], got {x.shape}"
                 )
-        if (q_segment_ids is None) != (kv_segment_ids is None):
-            raise ValueError("pass both q_segment_ids and kv_segment_ids, or neither")
 
         query = self.query(inputs_q)  # [B, Tq, N, H]
         key = self.key(inputs_k)  # [B, Tk, K, H]
@@ -394,9 +388,7 @@ class FlashMultiHeadAttention(nnx.Module):
 
         if mask is not None:
             mask = mask.astype(jnp.bool_)
-            mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
-        if bias is not None:
-            bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
+        # Everything else goes to the API as it is: it validates and names the argument.
         x = pallas_flash.dot_product_attention(
             query,
             key,

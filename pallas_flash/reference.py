@@ -28,16 +28,23 @@ def visibility_mask(
     q_segment_ids=None,
     kv_segment_ids=None,
     mask=None,
+    q_offset: int = 0,
+    k_offset: int = 0,
 ):
-    """Boolean ``[B, 1 or N, Tq, Tk]``: True where query i may attend key j."""
+    """Boolean ``[B, 1 or N, Tq, Tk]``: True where query i may attend key j.
+
+    Causal and window compare global positions (``q_offset + i``, ``k_offset + j``);
+    lengths compare the arrays' rows.
+    """
     qi = jnp.arange(seq_q)[:, None]
     kj = jnp.arange(seq_k)[None, :]
+    gi, gj = qi + q_offset, kj + k_offset
     vis = jnp.ones((batch, 1, seq_q, seq_k), dtype=bool)
     if causal:
-        vis = vis & (kj <= qi)
+        vis = vis & (gj <= gi)
     if local_window_size is not None:
         left, right = local_window_size
-        vis = vis & (kj >= qi - left) & (kj <= qi + right)
+        vis = vis & (gj >= gi - left) & (gj <= gi + right)
     if query_seq_lengths is not None:
         vis = vis & (qi < jnp.asarray(query_seq_lengths)[:, None, None, None])
     if key_value_seq_lengths is not None:
@@ -70,6 +77,8 @@ def attention_reference(
     dropout_mask=None,
     dropout_rate: float = 0.0,
     return_lse: bool = False,
+    q_offset: int = 0,
+    k_offset: int = 0,
 ):
     """Attention on ``[B, T, N, H]`` inputs in the inputs' own dtype.
 
@@ -81,6 +90,9 @@ def attention_reference(
     (the kernels generate theirs in place with ``pallas_flash.dropout``; tests
     pass ``pallas_flash.dropout.full_keep_mask`` here): kept weights are scaled
     by ``1 / (1 - dropout_rate)``, after the softmax.
+    ``q_offset``/``k_offset`` place the arrays' rows in a longer sequence
+    (``pallas_flash.attention_with_lse``): causal, window and ALiBi use the
+    global positions.
     Returns the output ``[B, Tq, N, H]`` and, with ``return_lse``, the natural
     log-sum-exp ``[B, N, Tq]`` (``-inf`` for rows that see no key).
     """
@@ -101,7 +113,7 @@ def attention_reference(
     if alibi_slopes is not None:
         slopes = jnp.asarray(alibi_slopes, logits.dtype)
         slopes = slopes.reshape((1, N) if slopes.ndim == 1 else (B, N))[:, :, None, None]
-        rel = (jnp.arange(Tk)[None, :] - jnp.arange(Tq)[:, None]).astype(logits.dtype)
+        rel = (jnp.arange(Tk)[None, :] + k_offset - jnp.arange(Tq)[:, None] - q_offset).astype(logits.dtype)
         logits = logits + slopes * rel
     vis = visibility_mask(
         Tq,
@@ -114,6 +126,8 @@ def attention_reference(
         q_segment_ids=q_segment_ids,
         kv_segment_ids=kv_segment_ids,
         mask=mask,
+        q_offset=q_offset,
+        k_offset=k_offset,
     )
     vis = jnp.broadcast_to(vis, logits.shape)
     neg = jnp.asarray(-jnp.inf, logits.dtype)

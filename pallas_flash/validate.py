@@ -152,10 +152,16 @@ def _soft_cap(logits_soft_cap):
     return cap
 
 
-def _dropout_args(dropout_rate, dropout_rng):
-    rate = _static_float("dropout_rate", dropout_rate, default=0.0)
+def check_dropout_rate(dropout_rate, name: str = "dropout_rate") -> float:
+    """A static dropout rate in [0, 1) (the Flax module checks its own at construction with this)."""
+    rate = _static_float(name, dropout_rate, default=0.0)
     if not 0.0 <= rate < 1.0:
-        raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate!r}")
+        raise ValueError(f"{name} must be in [0, 1), got {dropout_rate!r}")
+    return rate
+
+
+def _dropout_args(dropout_rate, dropout_rng):
+    rate = check_dropout_rate(dropout_rate)
     if rate == 0.0:
         return 0.0, None
     if dropout_rng is None:

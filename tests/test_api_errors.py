@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 import pallas_flash as pf
+from pallas_flash.testing.shapes import Shape
+from tests.cases import random_qkv
 from tests.conftest import rel_err
 
 
@@ -105,3 +107,44 @@ def test_traced_scale_is_a_type_error():
     q, k, v = qkv()
     with pytest.raises(TypeError, match="scale"):
         jax.jit(lambda s: pf.flash_attention(q, k, v, scale=s))(0.5)
+
+
+# ------------------------------------------------------------ the variants' arguments
+
+
+def _qkv():
+    return random_qkv(Shape("e", 2, 8, 8, 4, 2, 16), jnp.float32, 0)[:3]
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, words",
+    [
+        (dict(bias=jnp.zeros((2, 3, 8, 8))), ValueError, ["bias", "(2, 4, 8, 8)", "(2, 3, 8, 8)"]),
+        (dict(bias=jnp.zeros((1, 1, 2, 4, 8, 8))), ValueError, ["bias"]),
+        (dict(bias=jnp.zeros((2, 4, 8, 8), jnp.int32)), TypeError, ["bias", "floating"]),
+        (dict(mask=jnp.ones((2, 4, 8, 7), bool)), ValueError, ["mask", "(2, 4, 8, 7)"]),
+        (dict(mask=jnp.ones((2, 4, 8, 8), jnp.float32)), TypeError, ["mask", "boolean"]),
+        (dict(alibi_slopes=jnp.ones((2,))), ValueError, ["alibi_slopes", "(4,)"]),
+        (dict(alibi_slopes=jnp.ones((4,), jnp.int32)), TypeError, ["alibi_slopes"]),
+        (dict(logits_soft_cap=-1.0), ValueError, ["logits_soft_cap"]),
+        (dict(logits_soft_cap="x"), TypeError, ["logits_soft_cap"]),
+        (dict(dropout_rate=1.0, dropout_rng=jax.random.key(0)), ValueError, ["dropout_rate"]),
+        (dict(dropout_rate=0.1), ValueError, ["dropout_rng"]),
+        (dict(dropout_rate=0.1, dropout_rng=jnp.zeros(3)), TypeError, ["dropout_rng"]),
+    ],
+)
+def test_bad_variant_arguments_raise_named_errors(kwargs, error, words):
+    with pytest.raises(error) as info:
+        pf.dot_product_attention(*_qkv(), implementation="pallas", **kwargs)
+    for w in words:
+        assert w in str(info.value), f"{w!r} not in {info.value}"
+
+
+def test_traced_soft_cap_and_rate_are_type_errors():
+    q, k, v = _qkv()
+    with pytest.raises(TypeError, match="logits_soft_cap"):
+        jax.jit(lambda c: pf.dot_product_attention(q, k, v, logits_soft_cap=c, implementation="pallas"))(2.0)
+    with pytest.raises(TypeError, match="dropout_rate"):
+        jax.jit(
+            lambda r: pf.dot_product_attention(q, k, v, dropout_rate=r, dropout_rng=jax.random.key(0), implementation="pallas")
+        )(0.1)

@@ -15,19 +15,12 @@ import pytest
 import pallas_flash as pf
 from pallas_flash.testing.shapes import CPU_CASES, GPU_CASES, Shape
 from pallas_flash.reference import attention_reference
+from tests.cases import CONFIG
 from tests.conftest import ON_GPU, TOLERANCE, rel_err
 
 CASES = GPU_CASES if ON_GPU else CPU_CASES
 DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
-# On a CPU the cases are small, so the interpret-mode suite forces 16-row
-# blocks: every case then crosses several query and key blocks, ragged tails,
-# diagonal and fully visible blocks. On a GPU the shipped defaults run.
-SMALL_BLOCKS = pf.FlashConfig(
-    pf.ForwardConfig(block_q=16, block_k=16, num_warps=4, num_stages=1),
-    pf.BackwardConfig(16, 16, 16, 16, 4, 1, 4, 1),
-)
-CONFIG = None if ON_GPU else SMALL_BLOCKS
 
 
 def random_inputs(shape: Shape, dtype, seed: int):

@@ -235,7 +235,7 @@ def test_data_formats(tmp_path):
     d = data_lib.load_data(folder)
     assert d.kind == "tokens" and d.vocab_size == 50304
     assert len(d.train) == 5000 and len(d.val) == 300 and int(d.train[4999]) == 4999
-    assert data_lib.load_data(folder, vocab_size=512).vocab_size == 512
+    assert data_lib.load_data(folder, vocab_size=5000).vocab_size == 5000  # ids 0..4999 fit
     d = data_lib.load_data(folder / "train.bin")
     assert len(d.train) == 4750 and len(d.val) == 250
 

@@ -26,7 +26,7 @@ import pytest
 import pallas_flash as pf
 from pallas_flash.testing.shapes import GPU_CASES, Shape
 from pallas_flash.backends.triton.config import default_config
-from tests.test_masks import ALONE, COMBINED, build
+from tests.cases import ALONE, COMBINED, build
 
 try:
     from jax._src.pallas.triton import lowering as _lowering
