@@ -237,10 +237,9 @@ MEMORY_TEXT = {
 }
 
 
-def _meta(opts: argparse.Namespace, dev: common.DeviceInfo, status: str) -> dict:
+def _meta(opts: argparse.Namespace, dev: dict, status: str) -> dict:
     return dict(
-        kind="meta", device=dev.name, device_slug=dev.slug, device_count=dev.count, platform=dev.platform,
-        memory_bytes=dev.memory_bytes, jax_version=dev.jax_version, jaxlib_version=dev.jaxlib_version,
+        kind="meta", **dev,
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         command="PYTHONPATH=. python3 -m benchmarks.attention " + shlex.join(opts.argv), commit=common.git_commit(),
         impls=list(opts.impls), status=status, speedups=harness.WINDOW_SPEEDUPS if opts.suite == "masks" else (),
@@ -338,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tqdm import tqdm
 
     dev = common.device_info()
-    stem = _out_stem(opts, dev.slug)
+    stem = _out_stem(opts, dev["device_slug"])
     jsonl = stem.with_suffix(".jsonl")
     common.append_jsonl(jsonl, _meta(opts, dev, "running"))
     work = ([(impl, seq) for seq in opts.seq_lens for impl in opts.impls] if opts.memory else plan(opts))
@@ -353,7 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if opts.profile == "cpu":
         print(f"CPU smoke run (--allow-cpu): tiny shapes, interpret mode ({opts.suite} suite)")
-    print(f"{dev.name}: {len(work)} {'points' if opts.memory else 'problems'} x {len(opts.impls)} impls"
+    print(f"{dev['device']}: {len(work)} {'points' if opts.memory else 'problems'} x {len(opts.impls)} impls"
           f"{'' if opts.memory else f' x {len(opts.passes)} passes'} -> {stem}.*", flush=True)
     status = "complete"
     previous = signal.signal(signal.SIGTERM, _on_sigterm)

@@ -3,7 +3,6 @@ and the one way to run a measurement in a fresh process (peak-memory statistics 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import pathlib
@@ -22,19 +21,8 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown-device"
 
 
-@dataclasses.dataclass(frozen=True)
-class DeviceInfo:
-    platform: str  # "gpu", "cpu", ...
-    name: str  # device_kind, e.g. "NVIDIA H100 80GB HBM3"
-    slug: str
-    count: int
-    memory_bytes: int | None  # bytes_limit of the first device, where known
-    jax_version: str
-    jaxlib_version: str
-
-
-def device_info() -> DeviceInfo:
-    """Describe ``jax.devices()[0]`` (initialises the backend)."""
+def device_info() -> dict:
+    """The report header's facts about ``jax.devices()[0]`` (initialises the backend)."""
     import jax
     import jaxlib
 
@@ -44,8 +32,9 @@ def device_info() -> DeviceInfo:
     except Exception:  # some backends do not implement memory_stats
         stats = {}
     name = getattr(devices[0], "device_kind", None) or devices[0].platform
-    return DeviceInfo(devices[0].platform, name, slug(name), len(devices), stats.get("bytes_limit"),
-                      jax.__version__, getattr(jaxlib, "__version__", "?"))
+    return dict(device=name, device_slug=slug(name), device_count=len(devices), platform=devices[0].platform,
+                memory_bytes=stats.get("bytes_limit"), jax_version=jax.__version__,
+                jaxlib_version=getattr(jaxlib, "__version__", "?"))
 
 
 # --- failures as table statuses ---------------------------------------------

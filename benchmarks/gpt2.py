@@ -1,38 +1,27 @@
 """GPT-2 training speed with each attention backend: ``python -m benchmarks.gpt2``.
 
-On one GPU, trains GPT-2 124M (12 layers, width 768, vocab 50304, bf16
-compute, fp32 parameters, AdamW: the ``python -m train`` step) at
-
-* T=1024, batch 16, and
-* T=4096, batch 4 (the same 16k tokens per step),
-
+On one GPU, trains GPT-2 124M (the ``python -m train`` step: bf16 compute, fp32
+parameters, AdamW) at T=1024, batch 16 and T=4096, batch 4 (16k tokens per step),
 once per attention backend (``pallas``, ``xla``, ``cudnn``), each in a fresh
-subprocess (``benchmarks.common.run_worker``) so that peak-memory numbers do not
-mix. For each it reports tokens/s (steps dispatched back to back as ``python -m
-train`` runs them, timed in windows of 10 synchronised at their ends; the median
-window; the first warm-up steps and compilation excluded), MFU (FLOPs per token
-``6 N + 12 L T D`` over a 989 TFLOP/s dense bf16 peak on H100/H200) and peak GPU
-memory (``memory_stats()["peak_bytes_in_use"]``). At T=1024 the ``pallas`` and
-``xla`` runs go on to 300 steps from the same seed and data (the Python
-standard library's sources as bytes, ``train.data``), and their loss curves
-are compared and plotted.
+process (``benchmarks.common.run_worker``) so that peak-memory numbers do not mix.
+Reports tokens/s (steps dispatched back to back as ``python -m train`` runs them,
+timed in windows of 10 synchronised at their ends; the median window, after the
+warm-up steps and compilation), MFU (``6 N + 12 L T D`` FLOPs per token over a 989
+TFLOP/s dense bf16 peak, H100/H200) and peak GPU memory (``peak_bytes_in_use``).
+At T=1024 the ``pallas`` and ``xla`` runs go on to 300 steps from the same seed and
+data (``train.data``) and their loss curves are compared and plotted.
 
-Writes ``benchmarks/results/<device>/gpt2-<date>.md`` (table), ``.png`` (loss
-curves) and ``.jsonl`` (a meta line, then one line per run), and prints the
-table. About 5-8 minutes on an H100, most of it compiling. ``--quick`` is a
-short smoke run (a few steps; on a CPU the ``tiny`` model with XLA attention
-only, to test the script).
-
-Run from the repository root::
+Writes ``benchmarks/results/<device>/gpt2-<date>.md`` (tables), ``.png`` (loss
+curves) and ``.jsonl`` (a meta line, then one line per run). About 5-8 minutes on
+an H100, most of it compiling. Run from the repository root::
 
     PYTHONPATH=. python3 -m benchmarks.gpt2            # full report (GPU)
-    PYTHONPATH=. python3 -m benchmarks.gpt2 --quick    # smoke run
+    PYTHONPATH=. python3 -m benchmarks.gpt2 --quick    # a few steps (CPU: the tiny model, xla)
     PYTHONPATH=. python3 -m benchmarks.gpt2 --loss-steps 0 --profile 5   # where the step time goes
 
-``--profile N`` traces N more steps of each run with ``jax.profiler`` and adds a
-table of GPU kernel time per step by category (attention, matmul, copy, other:
-``benchmarks.profile``), GPU idle time and launches per step, the largest
-kernels and the kernels the GPU waited longest for.
+``--profile N`` traces N more steps of each run with ``jax.profiler`` and adds GPU
+kernel time per step by category (attention, matmul, copy, other: ``benchmarks.profile``),
+GPU idle time and launches per step, the largest kernels and those the GPU waited for.
 """
 
 from __future__ import annotations
@@ -93,8 +82,7 @@ def _worker(spec_dict: dict) -> dict[str, Any]:
     import jax
     import numpy as np
 
-    dev = jax.devices()[0]
-    info = {"device_kind": dev.device_kind, "platform": dev.platform, "jax": jax.__version__, "n": jax.device_count()}
+    dev, info = jax.devices()[0], common.device_info()
     if spec_dict.get("probe"):
         return info
     from flax import nnx
@@ -205,7 +193,7 @@ def render_markdown(info: dict[str, Any], specs: list[RunSpec], results: list[di
     n_params = ok[0]["params"] if ok else None
     lines = [
         f"# GPT-2 training throughput by attention backend{' (quick smoke run)' if quick else ''}", "",
-        f"- device: {info['device_kind']} ({info['platform']}), JAX {info['jax']}, {datetime.datetime.now():%Y-%m-%d %H:%M}",
+        f"- device: {info['device']} ({info['platform']}), JAX {info['jax_version']}, {datetime.datetime.now():%Y-%m-%d %H:%M}",
         f"- model: `{specs[0].model}` preset" + (f", {n_params / 1e6:.1f}M parameters" if n_params else "")
         + ", bf16 compute, fp32 parameters, AdamW; one jitted train step (`train.step.make_train_step`)",
         f"- tokens/s from the median of {-(-specs[0].timed_steps // TIMING_WINDOW)} windows of up to {TIMING_WINDOW} "
@@ -285,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         raise RuntimeError(f"could not start JAX: {info['error']}")
     on_gpu = info["platform"] == "gpu"
     if not on_gpu and not args.quick:
-        print(f"benchmarks.gpt2 measures GPU training speed, but JAX found only {info['platform']} ({info['device_kind']}). "
+        print(f"benchmarks.gpt2 measures GPU training speed, but JAX found only {info['platform']} ({info['device']}). "
               "Run it on a GPU, or pass --quick for a tiny smoke run of the script.", file=sys.stderr)
         return 2
     impls = tuple(a.strip() for a in (args.attention or "").split(",") if a.strip())
@@ -301,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     specs = _plan(args.quick, on_gpu, impls, loss_steps=args.loss_steps, profile_steps=args.profile, seq_lens=seq_lens)
     if not specs:
         p.error(f"--seq-lens {args.seq_lens} selects none of this plan's sequence lengths")
-    print(f"device: {info['device_kind']}; {len(specs)} runs", flush=True)
+    print(f"device: {info['device']}; {len(specs)} runs", flush=True)
 
     results = []
     for s in specs:
@@ -313,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
                 if r.get("ok") else r["error"])
         print(f"  T={s.seq_len} batch={s.batch_size} {s.attention}: {what} [{time.perf_counter() - t0:.0f}s]", flush=True)
 
-    folder = args.out_dir / common.slug(info["device_kind"])
+    folder = args.out_dir / info["device_slug"]
     folder.mkdir(parents=True, exist_ok=True)
     stem = folder / (f"gpt2-{datetime.date.today().isoformat()}" + ("-quick" if args.quick else ""))
     png = stem.with_suffix(".png")

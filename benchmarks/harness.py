@@ -1,24 +1,16 @@
 """The harness: a registry of problems, a registry of implementations, check-then-time.
 
 A ``Problem`` is one attention call: a named ``Shape`` (``pallas_flash.testing.shapes``),
-a dtype, and optionally a left window, packed documents (segment ids) or a
-logits soft-cap, always with the shape's causal flag. Suites of problems:
-
-* ``attention``: ``paper_grid`` (B·N tokens fixed, heads = hidden / D), per dtype and GQA;
-* ``masks``: ``MASK_PROBLEMS`` (16 heads, D = 128, causal, B·T = 16k): a sliding window,
-  packed documents, soft-cap, and the plain causal calls they are compared with.
-
-An ``Impl`` builds ``f(q, k, v, **extras) -> out`` for a problem; ``extras`` are
-arrays it needs beside q/k/v (segment ids, a dense mask), made once outside the
-timed function and passed in as arguments. ``build`` raises ``NotImplementedError``
-where the implementation has no equivalent (a record with status n/a); where
-``applies`` is false there is no record at all.
-
-``bench_problem`` runs every implementation on the same inputs: each pass (fwd,
-fwd_bwd, bwd) is first checked against a float32 reference
-(``pallas_flash.testing.chunked_reference``: the output, and dq, dk, dv under a
-random cotangent), then timed with ``pallas_flash.tuning.timer.time_fn``. Wrong
-results are FAIL, out-of-memory OOM, unsupported n/a, other exceptions ERR.
+a dtype, and optionally a left window, packed documents (segment ids) or a logits
+soft-cap. Suites: ``attention`` (``grid_problems``: the paper grid per dtype and GQA)
+and ``masks`` (``mask_problems``: windows, packed documents, soft-cap, and the plain
+causal calls they are compared with). An ``Impl`` builds ``f(q, k, v, **extras)`` for
+a problem, ``extras`` being arrays made once outside the timed function (segment ids,
+a dense mask) and passed in as arguments; ``build`` raises ``NotImplementedError``
+where it has no equivalent (status n/a), and where ``applies`` is false there is no
+record at all. ``bench_problem`` runs every implementation on the same inputs: each
+pass is checked against ``pallas_flash.testing.chunked_reference`` (the output, and
+dq, dk, dv under a random cotangent), then timed with ``pallas_flash.tuning.timer``.
 """
 
 from __future__ import annotations

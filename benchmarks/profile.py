@@ -1,18 +1,11 @@
 """Where a jitted step's GPU time goes: kernel time per step from a ``jax.profiler`` trace.
 
-``kernel_breakdown(run, steps)`` traces one call of ``run()``, which runs
-``steps`` steps and waits for them, reads the trace's GPU plane and sums each kernel's
-duration on the compute streams. Kernels are grouped by name:
-
-* ``attention``: pallas_flash's kernels (``pallas_flash_*``), cuDNN's fused
-  attention (``*sdpa*``, ``*flash_fprop*``/``*flash_bprop*``, ``cudnn*``) and
-  JAX's Pallas ``mha``;
-* ``matmul``: cuBLAS/cuBLASLt/CUTLASS GEMMs (``gemm``, ``xmma``, ``nvjet``, ``cutlass``);
-* ``copy``: memcpy/memset;
-* ``other``: everything else (XLA's fusions: elementwise, reductions, layer norms,
-  softmax and the optimizer, and XLA's own unfused attention).
-
-Without a GPU plane in the trace (a CPU run) the result is ``None``.
+``kernel_breakdown(run, steps)`` traces one call of ``run()`` (``steps`` steps, waited
+for) and sums each kernel's duration on the GPU plane's compute streams, grouped by
+name: ``attention`` (``pallas_flash_*``, cuDNN's fused attention, JAX's Pallas ``mha``),
+``matmul`` (cuBLAS/cuBLASLt/CUTLASS GEMMs), ``copy`` (memcpy/memset) and ``other``
+(XLA's fusions: elementwise, reductions, layer norms, the optimizer, XLA's unfused
+attention). Without a GPU plane (a CPU run) the result is ``None``.
 """
 
 from __future__ import annotations

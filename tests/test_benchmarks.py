@@ -168,7 +168,7 @@ def test_slug_and_device_info():
     assert common.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
     assert common.slug("  ") == "unknown-device"
     info = common.device_info()
-    assert info.slug and info.jax_version == jax.__version__
+    assert info["device_slug"] == common.slug(info["device"]) and info["jax_version"] == jax.__version__
 
 
 def test_classify_exception():
@@ -391,7 +391,7 @@ def test_harness_statuses_with_fake_impls(monkeypatch):
 def test_main_dry_run_writes_report(tmp_path, capsys):
     rc = bench.main(TINY + ["--impls", "xla,cudnn", "--gqa", "1,2", "--out", str(tmp_path / "{device}"), "--tag", "smoke"])
     assert rc == 0
-    out_dir = tmp_path / common.device_info().slug
+    out_dir = tmp_path / common.device_info()["device_slug"]
     md = next(out_dir.glob("*-smoke.md"))
     text = md.read_text()
     assert "## Throughput" in text and "GQA 2:1" in text and "xla/cudnn" in text and "## Problems" in text

@@ -18,7 +18,7 @@ def _ok(tps, losses, **kw):
             "peak_bytes": 2**30, "compile_s": 30.0, "losses": losses, **kw}
 
 
-INFO = {"device_kind": "NVIDIA H100", "platform": "gpu", "jax": "0"}
+INFO = {"device": "NVIDIA H100", "platform": "gpu", "jax_version": "0"}
 
 
 def test_benchmark_report_helpers(tmp_path):
@@ -97,7 +97,7 @@ def test_benchmark_report_profile_table():
             "kernel_ms_per_step": 55.1, "top": [["nvjet_x", 3.0], ["pallas_flash_fwd", 1.5]],
             "idle_ms_per_step": 4.9, "launches_per_step": 1200.0, "idle_before": [["loop_add", 0.7]]}
     r = _ok(1e5, [5.0], mfu=0.2, step_s_median=0.06, compile_s=20.0, profile=prof)
-    md = bench.render_markdown({"device_kind": "H100", "platform": "gpu", "jax": "0"}, specs, [r, r], None, False)
+    md = bench.render_markdown(INFO, specs, [r, r], None, False)
     assert ["1024", "pallas", "60.0", "55.1", "5.0", "20.0", "0.1", "30.0", "4.9", "1200"] in _rows(md)
     assert "`loop_add` 0.70" in md
     assert "`nvjet_x` 3.00" in md
