@@ -20,6 +20,17 @@ position and RNG, so a killed run loses at most the steps since its last
 checkpoint; ``--steps`` may be raised to train longer. At the end it prints a
 short sample from the model.
 
+A run never loses or corrupts another: it holds a lock on ``--out``
+(``.lock``) while it runs, and a second run there stops at once. Everything it
+is told is checked before it writes anything (finite numbers, a GPU for
+``--attention cudnn``, token ids below ``--vocab-size``, a sequence's worth of
+data, a readable ``metrics.jsonl``, steps left to train on ``--resume``); a
+mistake is one line ``error: ...`` naming the flag or file, exit code 2.
+``--resume`` takes the newest checkpoint that reads back, warns about newer
+damaged ones and moves them to ``checkpoints.corrupt/``. A loss or gradient
+that turns NaN or infinite stops the run with exit code 1, naming the step; no
+checkpoint of a non-finite state is ever saved, so the last one stays good.
+
 Batch sizes are global: ``--batch-size`` sequences per micro-step over all
 devices, ``--grad-accum`` micro-steps per optimizer step (accumulated inside
 the one jitted step), so an optimizer step sees

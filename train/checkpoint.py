@@ -5,17 +5,47 @@ restored onto whatever shardings the caller asks for) and ``meta`` (plain
 JSON: step, data position, RNG key, the configs). Saving is asynchronous and
 atomic: a run killed while writing leaves the previous checkpoint intact, and
 Orbax ignores the unfinished one.
+
+A checkpoint damaged afterwards (a truncated array file, an emptied step
+folder) does not read back: :meth:`Checkpointer.restore_newest_intact` then
+falls back to the newest one that does, and :meth:`Checkpointer.set_aside`
+moves the damaged ones to ``checkpoints.corrupt/`` (kept, out of the way of
+the steps that will be saved again).
 """
 
 from __future__ import annotations
 
 import pathlib
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
-__all__ = ["Checkpointer"]
+__all__ = ["Checkpointer", "CorruptCheckpoint", "NoIntactCheckpoint"]
+
+#: What every checkpoint's JSON part holds (see ``train.loop``).
+META_KEYS = ("step", "data_position", "rng_key", "train_config", "model_config")
+
+
+class CorruptCheckpoint(Exception):
+    """Checkpoint ``step`` does not read back; ``reason`` says why, in one line."""
+
+    def __init__(self, directory: pathlib.Path, step: int, reason: str):
+        super().__init__(f"checkpoint {directory / str(step)} does not read back: {reason}")
+        self.step, self.reason = step, reason
+
+
+class NoIntactCheckpoint(ValueError):
+    """No checkpoint in the folder reads back (a user error: one line, exit code 2)."""
+
+
+def _one_line(error: BaseException, limit: int = 300) -> str:
+    """The innermost cause of ``error``, as one short line."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class Checkpointer:
@@ -31,6 +61,11 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        """The steps present, oldest first (read from the folder, not cached)."""
+        self._manager.reload()
+        return sorted(self._manager.all_steps())
+
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
         """Start writing checkpoint ``step`` (returns before the write finishes)."""
         self._manager.save(
@@ -44,8 +79,15 @@ class Checkpointer:
     def restore_meta(self, step: int | None = None) -> dict[str, Any]:
         """Only the JSON part (cheap: no arrays are read)."""
         step = self._check_step(step)
-        out = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        return dict(out.meta)
+        try:
+            out = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+            meta = dict(out.meta)
+        except Exception as e:  # Orbax and TensorStore raise many kinds; all mean "unreadable"
+            raise CorruptCheckpoint(self.directory, step, _one_line(e)) from e
+        missing = [k for k in META_KEYS if k not in meta]
+        if missing:
+            raise CorruptCheckpoint(self.directory, step, f"its meta lacks {missing}")
+        return meta
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
         """Read checkpoint ``step`` (default: the latest).
@@ -55,20 +97,74 @@ class Checkpointer:
         shardings.
         """
         step = self._check_step(step)
-        out = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
-            ),
-        )
+        try:
+            out = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+                ),
+            )
+        except Exception as e:  # a truncated array file fails deep inside TensorStore
+            raise CorruptCheckpoint(self.directory, step, _one_line(e)) from e
         return out.state, dict(out.meta)
+
+    def restore_newest_intact(
+        self, abstract_for: Callable[[dict[str, Any]], Any], *, warn: Callable[[str], None]
+    ) -> tuple[Any, dict[str, Any], list[int]]:
+        """``(state, meta, corrupt)`` of the newest checkpoint that reads back whole.
+
+        ``abstract_for(meta)`` gives the abstract state (see :meth:`restore`)
+        of a checkpoint from its meta; its own errors pass through. The newer
+        checkpoints that do not read are named through ``warn`` (once one
+        does) and listed in ``corrupt``, newest first; nothing is moved or
+        deleted here (see :meth:`set_aside`). When none reads, raises
+        :class:`NoIntactCheckpoint` naming each one and why.
+        """
+        failures = []
+        for step in reversed(self.all_steps()):
+            try:
+                state, meta = self.restore(abstract_for(self.restore_meta(step)), step)
+            except CorruptCheckpoint as e:
+                failures.append(e)
+                continue
+            for e in failures:
+                warn(f"warning: {e}; resuming from step {step}, the newest one that does")
+            return state, meta, [e.step for e in failures]
+        if not failures:
+            raise NoIntactCheckpoint(f"--resume: no checkpoint in {self.directory}")
+        raise NoIntactCheckpoint(
+            f"--resume: no checkpoint in {self.directory} reads back: "
+            + "; ".join(f"step {e.step} ({e.reason})" for e in failures)
+        )
+
+    def set_aside(self, step: int) -> pathlib.Path | None:
+        """Move checkpoint ``step`` to ``checkpoints.corrupt/<step>[.n]``; returns where (None if gone)."""
+        source = self.directory / str(step)
+        if not source.exists():  # another host of the run moved it already
+            return None
+        parent = self.directory.with_name(self.directory.name + ".corrupt")
+        parent.mkdir(exist_ok=True)
+        target, n = parent / str(step), 0
+        while target.exists():
+            n += 1
+            target = parent / f"{step}.{n}"
+        source.rename(target)
+        self._manager.reload()
+        return target
 
     def wait(self) -> None:
         """Block until pending saves are on disk."""
         self._manager.wait_until_finished()
 
     def close(self) -> None:
+        """Wait for pending saves, then release Orbax's threads."""
         self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _check_step(self, step: int | None) -> int:
         if step is None:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import pathlib
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -77,25 +79,24 @@ RESUMABLE_OVERRIDES = frozenset(
 )
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def _checked(parse: Callable[[str], Any], test: Callable[[Any], bool], what: str) -> Callable[[str], Any]:
+    """An argparse type: ``parse`` the text, then the value must pass ``test`` ("must be a ``what``")."""
+
+    def convert(text: str):
+        value = parse(text)
+        if not test(value):
+            raise argparse.ArgumentTypeError(f"must be a {what}, got {text}")
+        return value
+
+    convert.__name__ = what  # argparse's message for text that does not parse: "invalid <what> value"
+    return convert
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
+_positive_int = _checked(int, lambda v: v > 0, "positive integer")
+_non_negative_int = _checked(int, lambda v: v >= 0, "non-negative integer")
+# Finite: an infinite or NaN learning rate, decay or clip turns the loss into NaN.
+_positive_float = _checked(float, lambda v: math.isfinite(v) and v > 0, "positive finite number")
+_non_negative_float = _checked(float, lambda v: math.isfinite(v) and v >= 0, "non-negative finite number")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=_positive_float, help="peak learning rate (tiny 2e-3, gpt2 6e-4)")
     p.add_argument("--warmup", type=_non_negative_int,
                    help="warm-up steps (default: min(preset's, steps // 10); tiny 50, gpt2 100)")
-    p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.1)")
+    p.add_argument("--weight-decay", type=_non_negative_float, help="AdamW weight decay (default 0.1)")
     p.add_argument("--grad-clip", type=_positive_float, help="global-norm clip (default 1.0)")
     p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"),
                    help="compute dtype; auto = bfloat16 on GPU, float32 on CPU")
@@ -153,6 +154,14 @@ def make_config(overrides: dict[str, Any], *, has_gpu: bool) -> TrainConfig:
 
 
 def validate_config(cfg: TrainConfig) -> None:
+    """What the parser's types do not check (and all of it for ``TrainConfig``s made in code)."""
+    for field in ("lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "grad_clip"):
+        value = getattr(cfg, field)
+        if not (isinstance(value, (int, float)) and math.isfinite(value)):
+            name = "--" + field.replace("_", "-") if field in ("lr", "weight_decay", "grad_clip") else field
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if not cfg.lr > 0 or not cfg.grad_clip > 0:
+        raise ValueError(f"--lr and --grad-clip must be positive, got {cfg.lr} and {cfg.grad_clip}")
     if cfg.config not in gpt2.PRESETS:
         raise ValueError(f"--config must be one of {sorted(gpt2.PRESETS)}, got {cfg.config!r}")
     if cfg.attention not in ATTENTION_CHOICES:
@@ -173,6 +182,15 @@ def peak_flops(device: jax.Device) -> float | None:
         if name in device.device_kind:
             return flops
     return None
+
+
+def check_attention(attention: str, platform: str) -> None:
+    """``--attention cudnn`` needs a GPU (the others run anywhere; pallas slowly off a GPU)."""
+    if attention == "cudnn" and platform != "gpu":
+        raise ValueError(
+            f"--attention cudnn needs an NVIDIA GPU, and JAX sees only {platform} devices; "
+            f"use --attention auto or xla"
+        )
 
 
 def resolve_attention(requested: str, platform: str) -> tuple[str, str]:
@@ -196,6 +214,13 @@ def overrides_from_checkpoint(saved: dict[str, Any], given: dict[str, Any]) -> d
     merged = dict(saved)
     merged.update({k: v for k, v in given.items() if k in RESUMABLE_OVERRIDES})
     return merged
+
+
+def resumed_config(saved: dict[str, Any], given: dict[str, Any]) -> TrainConfig:
+    """The config of a resumed run: the checkpoint's ``saved`` one with ``given``'s overrides."""
+    cfg = TrainConfig(**overrides_from_checkpoint(saved, given))
+    validate_config(cfg)
+    return cfg
 
 
 def resolve_dtype(requested: str, platform: str) -> str:

@@ -14,7 +14,9 @@ Sources (:func:`load_data`):
 * any other folder: all its files' bytes, in sorted path order.
 
 Unless the source has its own ``val.bin``, the last 5% of the stream is the
-validation split.
+validation split. Token files are checked when loaded: a whole number of
+``uint16`` values, every id below the vocabulary (an id past it would turn
+the loss into NaN); :func:`check_length` checks that a source holds a sequence.
 
 :class:`BatchSampler` draws random windows, but the windows of step ``s``
 depend only on ``(seed, s)``: the sampler's whole state is the step counter,
@@ -34,6 +36,7 @@ __all__ = [
     "BatchSampler",
     "GPT2_VOCAB",
     "TokenData",
+    "check_length",
     "eval_batches",
     "load_data",
     "stdlib_bytes",
@@ -56,6 +59,7 @@ class TokenData:
     vocab_size: int
     kind: str  # "bytes" or "tokens"
     description: str
+    source: str = "the Python stdlib sources"  # what --data named, for messages
 
     def decode(self, tokens) -> str:
         """Text for byte tokens; the ids themselves for other tokenisations."""
@@ -96,10 +100,33 @@ def _split(tokens: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndar
     return tokens[:-n_val], tokens[-n_val:]
 
 
-def _tokens_memmap(path: pathlib.Path) -> np.ndarray:
-    if path.stat().st_size == 0:
+def _tokens_memmap(path: pathlib.Path, vocab_size: int) -> np.ndarray:
+    size = path.stat().st_size
+    if size == 0:
         raise ValueError(f"--data file {path} is empty")
-    return np.memmap(path, dtype=np.uint16, mode="r")
+    if size % 2:
+        raise ValueError(
+            f"--data file {path} is {size:,} bytes, not a whole number of uint16 tokens "
+            f"(2 bytes each): a .bin file holds uint16 token ids"
+        )
+    tokens = np.memmap(path, dtype=np.uint16, mode="r")
+    _check_token_ids(tokens, vocab_size, path)
+    return tokens
+
+
+def _check_token_ids(tokens: np.ndarray, vocab_size: int, path: pathlib.Path,
+                     chunk: int = 1 << 26) -> None:
+    """Every id below ``vocab_size`` (one pass, ``chunk`` tokens at a time)."""
+    if vocab_size > np.iinfo(tokens.dtype).max:
+        return
+    for begin in range(0, len(tokens), chunk):
+        part = np.asarray(tokens[begin:begin + chunk])
+        if part.max() >= vocab_size:
+            i = int(np.argmax(part >= vocab_size))
+            raise ValueError(
+                f"--data file {path} holds token id {int(part[i])} (at token {begin + i:,}), "
+                f"not below the vocabulary size {vocab_size} (--vocab-size, default {GPT2_VOCAB})"
+            )
 
 
 def load_data(
@@ -134,21 +161,20 @@ def load_data(
     if vocab_size is not None and (not isinstance(vocab_size, int) or vocab_size <= 0):
         raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
 
+    vocab = vocab_size or GPT2_VOCAB
     if path.is_dir() and (path / "train.bin").is_file():
-        train = _tokens_memmap(path / "train.bin")
+        train = _tokens_memmap(path / "train.bin", vocab)
         if (path / "val.bin").is_file():
-            val = _tokens_memmap(path / "val.bin")
+            val = _tokens_memmap(path / "val.bin", vocab)
         else:
             train, val = _split(train, val_fraction)
         return TokenData(
-            train, val, vocab_size or GPT2_VOCAB, "tokens",
-            f"{path}/train.bin ({len(train):,} uint16 tokens)",
+            train, val, vocab, "tokens", f"{path}/train.bin ({len(train):,} uint16 tokens)", str(path),
         )
     if path.is_file() and path.suffix == ".bin":
-        train, val = _split(_tokens_memmap(path), val_fraction)
+        train, val = _split(_tokens_memmap(path, vocab), val_fraction)
         return TokenData(
-            train, val, vocab_size or GPT2_VOCAB, "tokens",
-            f"{path} ({len(train) + len(val):,} uint16 tokens)",
+            train, val, vocab, "tokens", f"{path} ({len(train) + len(val):,} uint16 tokens)", str(path),
         )
     if path.is_file():
         if path.stat().st_size == 0:
@@ -166,7 +192,21 @@ def load_data(
         tokens = np.frombuffer(data, dtype=np.uint8)
         desc = f"{path} ({len(files)} files, {len(data) / 2**20:.1f} MiB, bytes)"
     train, val = _split(tokens, val_fraction)
-    return TokenData(train, val, BYTE_VOCAB, "bytes", desc)
+    return TokenData(train, val, BYTE_VOCAB, "bytes", desc, str(path))
+
+
+def check_length(data: TokenData, seq_len: int) -> None:
+    """The training split holds a sequence of ``seq_len`` (+1 target), the validation split 2 tokens."""
+    if len(data.train) < seq_len + 1:
+        raise ValueError(
+            f"--data {data.source}: the training split has {len(data.train):,} tokens, fewer than "
+            f"--seq-len + 1 ({seq_len + 1}); use a smaller --seq-len or more data"
+        )
+    if len(data.val) < 2:
+        raise ValueError(
+            f"--data {data.source}: the validation split has {len(data.val)} token(s); it needs at "
+            f"least 2 (more data, or a longer val.bin)"
+        )
 
 
 class BatchSampler:

@@ -1,6 +1,22 @@
 """The training loop, ``main()``: logging, evaluation, checkpoints, resuming.
 
 What a run does and writes is described in :mod:`train` (``train/__init__.py``).
+:func:`cli` is ``python -m train``: a user error is one line on stderr and
+exit code 2, a loss that turns non-finite exit code 1.
+
+What protects a run:
+
+* the run folder is locked for the whole run (:func:`train.run_folder.lock`):
+  a second run on it stops before it reads or writes anything there;
+* everything a run is told is checked before it writes anything: flags (finite
+  numbers, a GPU for cudnn), data (token ids below the vocabulary, a sequence's
+  worth of tokens), ``metrics.jsonl``, and on ``--resume`` that there are
+  steps left to train;
+* ``--resume`` restores the newest checkpoint that reads back; newer damaged
+  ones are named and moved to ``checkpoints.corrupt/``;
+* every step's loss and gradient norm are read once the step is done anyway
+  (:class:`LossWatch`); a non-finite one stops the run, naming the step, and
+  a checkpoint is saved only of a finite state, so the last one stays good.
 """
 
 from __future__ import annotations
@@ -8,7 +24,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import pathlib
+import sys
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -19,48 +38,66 @@ from jax.sharding import PartitionSpec as P
 
 from models import gpt2
 from train import data as data_lib
+from train import run_folder
 from train.checkpoint import Checkpointer
 from train.config import (
     TrainConfig,
     build_parser,
+    check_attention,
     make_config,
     model_config,
-    overrides_from_checkpoint,
     peak_flops,
     resolve_attention,
     resolve_dtype,
-    validate_config,
+    resumed_config,
 )
 from train.metering import ThroughputMeter, format_rate
-from train.step import init_train_state, make_evaluate, make_optimizer, make_train_step
+from train.run_folder import MetricsLog
+from train.step import (
+    abstract_state,
+    all_finite,
+    init_train_state,
+    make_evaluate,
+    make_optimizer,
+    make_train_step,
+)
 
 
-class MetricsLog:
-    """``metrics.jsonl``: appended across resumes, rewound to the resumed step."""
+class Diverged(RuntimeError):
+    """The loss, the gradient or the state turned non-finite (exit code 1)."""
 
-    def __init__(self, path: pathlib.Path, *, enabled: bool, resume_step: int | None):
-        self.path = path
-        self.enabled = enabled
-        if enabled and resume_step is not None and path.exists():
-            # Records past the checkpoint were not kept by the resumed state:
-            # drop them so the file reads as one run.
-            keep = [
-                line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= resume_step
-            ]
-            path.write_text("".join(line + "\n" for line in keep))
 
-    def write(self, record: dict[str, Any]) -> None:
-        if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+class LossWatch:
+    """Each step's loss and gradient norm, read once the step is done anyway.
+
+    The loop never waits for a step just to read them: :meth:`check` is called
+    with the step whose record the meter has just read, or the step an
+    evaluation or a checkpoint waits for.
+    """
+
+    def __init__(self):
+        self._unread: list[tuple[int, Mapping[str, Any]]] = []
+
+    def add(self, step: int, metrics: Mapping[str, Any]) -> None:
+        self._unread.append((step, metrics))
+
+    def check(self, upto: int) -> None:
+        """Read the steps up to ``upto``; raise :class:`Diverged` at the first non-finite one."""
+        ready = [(s, m) for s, m in self._unread if s <= upto]
+        self._unread = [(s, m) for s, m in self._unread if s > upto]
+        values = jax.device_get([(m["loss"], m["grad_norm"]) for _, m in ready])
+        for (step, _), (loss, norm) in zip(ready, values):
+            if not (math.isfinite(loss) and math.isfinite(norm)):
+                raise Diverged(f"non-finite training at step {step}: loss {float(loss)}, "
+                               f"gradient norm {float(norm)}")
 
 
 class Reporter:
-    """Where the records of a run go: ``metrics.jsonl`` and the progress bar."""
+    """Where the records of a run go: ``metrics.jsonl`` and the progress bar, once checked."""
 
     def __init__(self, metrics: MetricsLog, pbar, *, enabled: bool):
         self.metrics, self.pbar, self.enabled = metrics, pbar, enabled
+        self.watch = LossWatch()
         self.loss: float | None = None  # the last logged training loss
         self.val_loss: float | None = None  # the last validation loss
 
@@ -68,6 +105,7 @@ class Reporter:
         """A logged step's record (:meth:`ThroughputMeter.step`); None is no record."""
         if record is None:
             return
+        self.watch.check(record["step"])  # never a record of a non-finite step
         self.loss = record["loss"]
         self.metrics.write(record)
         mfu = record["mfu"]
@@ -77,10 +115,31 @@ class Reporter:
         )
 
     def val(self, step: int, loss: float) -> None:
+        if not math.isfinite(loss):
+            raise Diverged(f"non-finite validation loss at step {step}: {loss}")
         self.val_loss = loss
         self.metrics.write({"step": step, "val_loss": loss})
         if self.enabled:
             self.pbar.write(f"step {step}: val_loss {loss:.4f}")
+
+
+@dataclasses.dataclass
+class Restored:
+    """The checkpoint a resumed run starts from."""
+
+    step: int
+    state: Any  # (params, opt_state)
+    meta: dict[str, Any]
+    corrupt: list[int]  # newer checkpoints that did not read back
+
+
+def _say(is_main: bool, file=None):
+    """``print`` on process 0 only (to ``file``, default stdout)."""
+    def say(*parts):
+        if is_main:
+            print(*parts, file=file or sys.stdout, flush=True)
+
+    return say
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -90,49 +149,101 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.pop("multihost", False):
         jax.distributed.initialize()
     is_main = jax.process_index() == 0
-
-    def say(*parts):
-        if is_main:
-            print(*parts, flush=True)
-
+    say = _say(is_main)
     platform = jax.default_backend()
     has_gpu = platform == "gpu"
-
-    # ---- configuration (fresh, or the checkpoint's on --resume) ----
     out = pathlib.Path(args.get("out") or make_config(args, has_gpu=has_gpu).out)
-    ckpt = Checkpointer(out / "checkpoints")
-    resume_step = ckpt.latest_step()
+    args["out"] = str(out)
+    run_folder.check_out(out)
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    replicated = NamedSharding(mesh, P())
+
     if resume:
-        if resume_step is None:
+        if not (out / "checkpoints").is_dir():
             raise ValueError(f"--resume: no checkpoint in {out / 'checkpoints'}")
-        saved = ckpt.restore_meta(resume_step)["train_config"]
-        cfg = TrainConfig(**overrides_from_checkpoint(saved, {**args, "out": str(out)}))
-        validate_config(cfg)
-    else:
-        if resume_step is not None:
+        with run_folder.lock(out, enabled=is_main), Checkpointer(out / "checkpoints") as ckpt:
+
+            def abstract_for(meta: dict[str, Any]):  # shapes only: vocabulary from the checkpoint
+                cfg = resumed_config(meta["train_config"], args)
+                mcfg = model_config(cfg, vocab_size=meta["model_config"]["vocab_size"],
+                                    attention="xla", dtype="float32")
+                return abstract_state(mcfg, make_optimizer(cfg)[0], replicated)
+
+            state, meta, corrupt = ckpt.restore_newest_intact(abstract_for, warn=_say(is_main, sys.stderr))
+            restored = Restored(int(meta["step"]), state, meta, corrupt)
+            cfg = resumed_config(meta["train_config"], args)
+            _check_run(cfg, platform, mesh)
+            if restored.step >= cfg.steps:
+                return _nothing_to_train(cfg, restored, ckpt, say)
+            data = _load_data(cfg)
+            return _train(cfg, data, ckpt, restored, mesh=mesh, platform=platform, say=say)
+
+    cfg = make_config(args, has_gpu=has_gpu)
+    _check_run(cfg, platform, mesh)
+    data = _load_data(cfg)
+    with run_folder.lock(out, enabled=is_main), Checkpointer(out / "checkpoints") as ckpt:
+        steps = ckpt.all_steps()
+        if steps:
             raise ValueError(
-                f"{out} already holds a run (checkpoint at step {resume_step}): pass --resume to "
+                f"{out} already holds a run (checkpoint at step {steps[-1]}): pass --resume to "
                 f"continue it, or choose another --out"
             )
-        cfg = make_config({**args, "out": str(out)}, has_gpu=has_gpu)
-        resume_step = None
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        return _train(cfg, data, ckpt, None, mesh=mesh, platform=platform, say=say)
 
+
+def _check_run(cfg: TrainConfig, platform: str, mesh: Mesh) -> None:
+    """What the configuration needs of this machine."""
+    check_attention(cfg.attention, platform)
+    if cfg.batch_size % mesh.size:
+        raise ValueError(
+            f"--batch-size {cfg.batch_size} must be divisible by the number of devices ({mesh.size}) "
+            f"for data-parallel training"
+        )
+
+
+def _load_data(cfg: TrainConfig) -> data_lib.TokenData:
+    data = data_lib.load_data(cfg.data, vocab_size=cfg.vocab_size)
+    data_lib.check_length(data, cfg.seq_len)
+    return data
+
+
+def _nothing_to_train(cfg: TrainConfig, restored: Restored, ckpt: Checkpointer, say) -> dict[str, Any]:
+    """``--resume`` at or past ``--steps``: an error past it, a no-op at it; nothing is written."""
+    where = f"the checkpoint at step {restored.step} in {ckpt.directory}"
+    if restored.step > cfg.steps:
+        raise ValueError(f"--resume: {where} is already past --steps {cfg.steps}; nothing to train "
+                         f"(pass --steps above {restored.step} to train longer)")
+    say(f"nothing to train: {where} is already at --steps {cfg.steps}; pass a larger --steps to "
+        f"train longer")
+    return {"step": restored.step, "loss": None, "val_loss": None, "out": cfg.out, "attention": None,
+            "compile_s": None, "sample": None, "resumed_from": restored.step}
+
+
+def _train(cfg: TrainConfig, data: data_lib.TokenData, ckpt: Checkpointer, restored: Restored | None,
+           *, mesh: Mesh, platform: str, say) -> dict[str, Any]:
+    """Set up, train from ``restored`` (or from scratch) to ``cfg.steps``, sample; in a locked folder."""
+    out = pathlib.Path(cfg.out)
+    is_main = jax.process_index() == 0
+    metrics = MetricsLog(out / "metrics.jsonl", enabled=is_main)  # checked before anything is written
+    if restored is None and metrics.lines:
+        raise ValueError(
+            f"{metrics.path} holds {len(metrics.lines)} records of an earlier run that saved no "
+            f"checkpoint; delete it (or the folder) to start a new run there, or choose another --out"
+        )
     attention, why = resolve_attention(cfg.attention, platform)
     dtype = resolve_dtype(cfg.dtype, platform)
+
+    # ---- the run folder: everything checked, now write ----
+    if restored is not None:
+        metrics.rewind(restored.step)  # records past the checkpoint: its state did not keep them
+        for step in restored.corrupt if is_main else ():
+            say(f"moved the unreadable checkpoint {step} to {ckpt.set_aside(step)}")
+    if is_main:
+        run_folder.write_text_atomic(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     say(f"attention: {attention} ({why})")
 
     # ---- devices: data parallel over every device ----
-    devices = jax.devices()
-    n_dev, n_proc = len(devices), jax.process_count()
-    if cfg.batch_size % n_dev:
-        raise ValueError(
-            f"--batch-size {cfg.batch_size} must be divisible by the number of devices ({n_dev}) "
-            f"for data-parallel training"
-        )
-    mesh = Mesh(np.array(devices), ("data",))
+    devices, n_proc = list(mesh.devices.flat), jax.process_count()
     replicated = NamedSharding(mesh, P())
     train_sharding = NamedSharding(mesh, P(None, "data", None))  # [A, B, T]
     eval_sharding = NamedSharding(mesh, P("data", None))  # [B, T]
@@ -140,7 +251,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = slice(jax.process_index() * per_proc, (jax.process_index() + 1) * per_proc)
 
     # ---- data and model ----
-    data = data_lib.load_data(cfg.data, vocab_size=cfg.vocab_size)
     mcfg = model_config(cfg, vocab_size=data.vocab_size, attention=attention, dtype=dtype)
     n_params = gpt2.param_count(mcfg)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
@@ -148,7 +258,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     say(
         f"model: {cfg.config} ({n_params / 1e6:.2f}M parameters, vocab {mcfg.vocab_size}, "
         f"{dtype} compute), T={cfg.seq_len}, {tokens_per_step:,} tokens/step on "
-        f"{n_dev} {devices[0].device_kind} device(s)"
+        f"{len(devices)} {devices[0].device_kind} device(s)"
     )
     sampler = data_lib.BatchSampler(
         data.train, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
@@ -158,11 +268,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         data.val, seq_len=min(cfg.seq_len, len(data.val) - 1), batch_size=cfg.batch_size,
         n_batches=cfg.eval_batches, rows=rows,
     )
-
     tx, schedule = make_optimizer(cfg)
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: gpt2.GPT(mcfg, rngs=nnx.Rngs(0))))
-
-    init_state = functools.partial(init_train_state, mcfg, tx)
 
     # ---- the jitted steps ----
     train_step, loss_fn = make_train_step(graphdef, tx, cfg.grad_accum, schedule)
@@ -172,24 +279,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     evaluate = make_evaluate(loss_fn, val_batches, eval_sharding)
 
     # ---- state: fresh or restored ----
-    if resume_step is not None:
-        abstract = jax.tree.map(
-            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
-            jax.eval_shape(init_state, jax.random.key(cfg.seed)),
-        )
-        (params, opt_state), meta = ckpt.restore(abstract, resume_step)
-        start = int(meta["step"])
+    if restored is not None:
+        (params, opt_state), meta = restored.state, restored.meta
+        start = restored.step
         sampler.position = int(meta["data_position"])
         base_key = jax.random.wrap_key_data(np.asarray(meta["rng_key"], dtype=np.uint32))
-        say(f"resumed from {out / 'checkpoints'} at step {start}")
+        say(f"resumed from {ckpt.directory} at step {start}")
     else:
+        init_state = functools.partial(init_train_state, mcfg, tx)
         params, opt_state = jax.jit(init_state, out_shardings=replicated)(jax.random.key(cfg.seed))
         start = 0
         base_key = jax.random.key(cfg.seed)
     base_key = jax.device_put(base_key, replicated)
-    metrics = MetricsLog(out / "metrics.jsonl", enabled=is_main, resume_step=resume_step)
 
     def save(step: int) -> None:
+        if not all_finite((params, opt_state)):  # the losses were finite; the state must be too
+            raise Diverged(f"non-finite parameters or optimizer state at step {step}")
         meta = {
             "step": step,
             "data_position": sampler.position,
@@ -205,9 +310,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = Reporter(metrics, pbar, enabled=is_main)
     meter = ThroughputMeter(
         tokens_per_step, flops_per_token=gpt2.flops_per_token(mcfg, cfg.seq_len),
-        peak_flops=peak_flops(devices[0]), n_devices=n_dev,
+        peak_flops=peak_flops(devices[0]), n_devices=len(devices),
     )
-
     try:
         for step in range(start, cfg.steps):
             x, y = (jax.make_array_from_process_local_data(train_sharding, a)
@@ -215,6 +319,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             sampler.position += 1
             params, opt_state, m = train_step(params, opt_state, x, y, np.int32(step), base_key)
             done = step + 1
+            report.watch.add(done, m)
             first = meter.compile_s is None
             report.train(meter.step(done, m, log=done % cfg.log_every == 0 or done == cfg.steps))
             if first:
@@ -225,15 +330,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if not (evaluate_now or save_now):
                 continue
             report.train(meter.flush())  # both wait for this step anyway; report it before the pause
+            report.watch.check(done)
             if evaluate_now:
                 report.val(done, evaluate(params))
             if save_now:
                 save(done)
             meter.restart()  # keep the pause out of tokens/s
         report.train(meter.flush())
+    except Diverged as e:
+        ckpt.wait()
+        latest = ckpt.latest_step()
+        kept = (f"the last checkpoint, step {latest} in {ckpt.directory}, is from before it and is kept"
+                if latest is not None else "no checkpoint had been saved yet")
+        raise Diverged(f"{e}; stopped there, saving nothing of it; {kept}") from None
     finally:
         pbar.close()
-        ckpt.wait()
+    ckpt.wait()
 
     sample = None
     if cfg.sample_tokens:
@@ -245,12 +357,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         sample = data.decode(np.asarray(tokens))
         say("---- sample ----\n" + sample + "\n----------------")
-    ckpt.close()
     say(f"done: step {cfg.steps}, loss {report.loss}, val_loss {report.val_loss}; run folder {out}")
     return {
         "step": cfg.steps, "loss": report.loss, "val_loss": report.val_loss, "out": str(out),
         "attention": attention, "compile_s": meter.compile_s, "sample": sample,
-        "resumed_from": resume_step,
+        "resumed_from": restored.step if restored else None,
     }
 
 
@@ -259,3 +370,19 @@ def _progress(*, total: int, initial: int, enabled: bool):
 
     return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True,
                 mininterval=1.0)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """``python -m train``: run :func:`main`; errors are one line on stderr. Returns the exit code."""
+    try:
+        main(argv)
+    except Diverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as e:  # user errors: one clear line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; --resume continues from the last checkpoint in --out", file=sys.stderr)
+        return 130
+    return 0

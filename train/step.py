@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import jax
@@ -45,6 +46,20 @@ def init_train_state(mcfg: gpt2.GPTConfig, tx: optax.GradientTransformation, key
     """
     params = nnx.to_pure_dict(nnx.state(gpt2.GPT(mcfg, rngs=nnx.Rngs(key)), nnx.Param))
     return params, tx.init(params)
+
+
+def abstract_state(mcfg: gpt2.GPTConfig, tx: optax.GradientTransformation,
+                   sharding: jax.sharding.Sharding):
+    """``init_train_state``'s output as ``ShapeDtypeStruct``s on ``sharding``: what a checkpoint restores into."""
+    shapes = jax.eval_shape(functools.partial(init_train_state, mcfg, tx), jax.random.key(0))
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+
+
+@jax.jit
+def all_finite(tree) -> jax.Array:
+    """True when no floating-point leaf of ``tree`` holds a NaN or an infinity."""
+    leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.stack(leaves).all() if leaves else jnp.array(True)
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, grad_accum: int,
