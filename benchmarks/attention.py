@@ -114,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "pallas_flash and cudnn (aimed at under 2 min on an H100)")
     sel.add_argument("--only", metavar="PASSES", help=f"passes, comma-separated from {','.join(PASSES)} (fwd+bwd is fwd_bwd)")
     sel.add_argument("--impls", help=f"implementations, comma-separated from {','.join(IMPLS)}")
-    sel.add_argument("--problems", help="masks suite: problem names, run in that order (default: all; see the docs of "
-                     "benchmarks.harness.mask_problems)")
+    sel.add_argument("--problems", help="masks suite: problem names, run in that order (default: all: "
+                     f"{','.join(harness.mask_problems())}; with --allow-cpu on a CPU: {','.join(harness.mask_problems(True))})")
     sel.add_argument("--head-dims", help="head dims D, e.g. 64,128")
     sel.add_argument("--seq-lens", help="sequence lengths N, e.g. 1k,4k,16k")
     sel.add_argument("--dtypes", help="comma-separated from bf16,fp16,fp32")
@@ -242,7 +242,7 @@ def _meta(opts: argparse.Namespace, dev: dict, status: str) -> dict:
         kind="meta", **dev,
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         command="PYTHONPATH=. python3 -m benchmarks.attention " + shlex.join(opts.argv), commit=common.git_commit(),
-        impls=list(opts.impls), status=status, speedups=harness.WINDOW_SPEEDUPS if opts.suite == "masks" else (),
+        impls=list(opts.impls), status=status, speedups=harness.WINDOW_SPEEDUPS,
         method=METHOD_TEXT.format(
             impl_notes="; ".join(f"`{i}`: {IMPLS[i].note}" for i in opts.impls),
             problems=PROBLEMS_TEXT[opts.suite].format(tokens=opts.batch_tokens, hidden=opts.hidden),
@@ -272,6 +272,7 @@ def _report_from(opts: argparse.Namespace) -> int:
             meta[field] = join(values)
     meta["impls"] = report.impl_order(records, [i for m in metas for i in m.get("impls", [])])
     meta["status"] = "merged from " + ", ".join(pathlib.Path(p).name for p in opts.report_from)
+    meta["speedups"] = harness.WINDOW_SPEEDUPS
     if opts.out or opts.tag:
         stem = _out_stem(argparse.Namespace(**dict(vars(opts), suite="attention")), meta.get("device_slug", "unknown"))
     else:

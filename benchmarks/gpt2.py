@@ -154,10 +154,10 @@ def _gib(b: float | None) -> str:
     return "-" if b is None else f"{b / 2**30:.2f}"
 
 
-def _table(rows: list[dict]) -> list[str]:
-    """Markdown lines of a table (first column of text left-aligned, the rest right)."""
+def _table(rows: list[dict], left: str) -> list[str]:
+    """Markdown lines of a table, column ``left`` left-aligned and the others right."""
     df = pd.DataFrame(rows)
-    align = ["left" if c in ("attention", "attention backend") else "right" for c in df.columns]
+    align = ["left" if c == left else "right" for c in df.columns]
     return df.to_markdown(index=False, disable_numparse=True, colalign=align).splitlines()
 
 
@@ -177,7 +177,7 @@ def _profile_lines(specs: list[RunSpec], results: list[dict]) -> list[str]:
              "GPU idle": f"{r['profile']['idle_ms_per_step']:.1f}", "launches": f"{r['profile']['launches_per_step']:.0f}"}
             for s, r in profiled]
     lines = ["", f"## Where the step time goes ({specs[0].profile_steps} traced steps, GPU kernel time per step, ms)", ""]
-    lines += _table(rows)
+    lines += _table(rows, "attention backend")
     for title, field in (("Largest kernels (ms per step):", "top"),
                          ("Where the GPU waits (idle ms per step before each kernel starts):", "idle_before")):
         lines += ["", title, ""]
@@ -213,7 +213,8 @@ def render_markdown(info: dict[str, Any], specs: list[RunSpec], results: list[di
             "step (ms)": f"{1e3 * r['step_s_median']:.1f}", "peak memory (GiB)": _gib(r["peak_bytes"]),
             "compile (s)": f"{r['compile_s']:.1f}",
             "vs xla": f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref and ref.get("ok") else "-"}))
-    lines += _table([{k: row.get(k, "") for k in max(rows, key=len)} for row in rows]) + _profile_lines(specs, results)
+    lines += _table([{k: row.get(k, "") for k in max(rows, key=len)} for row in rows], "attention")
+    lines += _profile_lines(specs, results)
     curves = _curves(specs, results)
     if curves:
         lines += ["", f"## Loss, {specs[0].loss_steps} steps at T={specs[0].seq_len}, same seed and data", ""]

@@ -16,6 +16,7 @@ dq, dk, dv under a random cotangent), then timed with ``pallas_flash.tuning.time
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import math
 import time
@@ -293,13 +294,17 @@ class Prepared:
     make_pullback: Callable | None = None  # (q, k, v, extras) -> pullback (holds the residuals)
     pullback: Callable | None = None  # (pullback, g) -> (dq, dk, dv)
 
-    def args(self, pass_: str, s: tuple) -> tuple:
-        """The arguments of ``pass_``'s function for the input set ``s = (q, k, v, g)``."""
-        if pass_ == "fwd":
-            return (*s[:3], self.extras)
-        if pass_ == "fwd_bwd":
-            return (*s, self.extras)
-        return (self.make_pullback(*s[:3], self.extras), s[3])
+    def fn(self, pass_: str) -> Callable:
+        return {"fwd": self.fwd, "fwd_bwd": self.fwd_bwd, "bwd": self.pullback}[pass_]
+
+    def args(self, pass_: str, s: tuple, abstract: bool = False) -> tuple:
+        """The arguments of ``fn(pass_)`` for the input set ``s = (q, k, v, g)`` (shapes alone: ``abstract``)."""
+        import jax
+
+        if pass_ != "bwd":
+            return (*s[: 3 if pass_ == "fwd" else 4], self.extras)
+        make = functools.partial(jax.eval_shape, self.make_pullback) if abstract else self.make_pullback
+        return (make(*s[:3], self.extras), s[3])
 
 
 def prepare(impl: Impl, p: Problem) -> Prepared:
@@ -323,37 +328,34 @@ def prepare(impl: Impl, p: Problem) -> Prepared:
 
 
 def precompile(prepared: Sequence[Prepared], example, passes: Sequence[str], threads: int) -> float:
-    """Compile every function the passes will call, ``threads`` XLA compilations at a time.
+    """Compile every function the passes will call, ``threads`` at a time; the wall seconds spent.
 
-    Lowering (Python) runs here in turn; ``compile()`` (C++, releases the GIL)
-    runs in a thread pool and fills the cache the later calls hit. Errors are
-    ignored here: the call in ``bench_impl`` repeats and records them.
-    Returns the wall seconds spent.
+    Lowering (Python) runs in turn, ``compile()`` (releases the GIL) in a thread pool, filling the
+    cache the later calls hit. Errors are ignored here: ``bench_impl`` repeats and records them.
     """
     import concurrent.futures
 
     import jax
 
     t0 = time.perf_counter()
-    q, k, v, g = (jax.ShapeDtypeStruct(x.shape, x.dtype) for x in example)
-    todo = []
-    for p in (p for p in prepared if p.error is None):
-        e = p.extras
-        todo += [lambda p=p: p.fwd.lower(q, k, v, e)] if "fwd" in passes else []
-        todo += [lambda p=p: p.fwd_bwd.lower(q, k, v, g, e)] if "fwd_bwd" in passes else []
-        if "bwd" in passes:
-            todo += [lambda p=p: p.make_pullback.lower(q, k, v, e),
-                     lambda p=p: p.pullback.lower(jax.eval_shape(p.make_pullback, q, k, v, e), g)]
-
-    def attempt(fn):
+    abstract = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in example)
+    lowered = []
+    for p, pass_ in ((p, pass_) for p in prepared if p.error is None for pass_ in passes):
         try:
-            return fn()
+            if pass_ == "bwd":
+                lowered.append(p.make_pullback.lower(*abstract[:3], p.extras))
+            lowered.append(p.fn(pass_).lower(*p.args(pass_, abstract, abstract=True)))
         except Exception:  # noqa: BLE001 - recorded when the function is called
-            return None
+            pass
 
-    lowered = [low for low in map(attempt, todo) if low is not None]
+    def compile_(low):
+        try:
+            low.compile()
+        except Exception:  # noqa: BLE001 - recorded when the function is called
+            pass
+
     with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
-        list(pool.map(lambda low: attempt(low.compile), lowered))
+        list(pool.map(compile_, lowered))
     return time.perf_counter() - t0
 
 
@@ -384,7 +386,7 @@ def bench_impl(prep: Prepared, p: Problem, sets: list, ref, opts) -> list[dict]:
         fn = args = first = named = None
         try:
             t0 = time.perf_counter()
-            fn = {"fwd": prep.fwd, "fwd_bwd": prep.fwd_bwd, "bwd": prep.pullback}[pass_]
+            fn = prep.fn(pass_)
             args = [prep.args(pass_, s) for s in sets]
             first = jax.block_until_ready(fn(*args[0]))
             rec["first_call_s"] = round(time.perf_counter() - t0, 3)
@@ -461,8 +463,6 @@ def memory_point(impl_name: str, seq: int, dtype: str, measure: bool, head_dim: 
     reads the device's ``peak_bytes_in_use`` (meaningful only in a fresh
     process: ``run_worker`` starts one per point).
     """
-    import functools
-
     import jax
     import jax.numpy as jnp
 
