@@ -270,7 +270,7 @@ def _report_from(opts: argparse.Namespace) -> int:
         values = list(dict.fromkeys(m[field] for m in metas if m.get(field)))
         if len(values) > 1:  # runs with different settings: keep each one's
             meta[field] = join(values)
-    meta["impls"] = report.impl_order(records, [i for m in metas for i in m.get("impls", [])])
+    meta["impls"] = report.impl_order((r["impl"] for r in records), [i for m in metas for i in m.get("impls", [])])
     meta["status"] = "merged from " + ", ".join(pathlib.Path(p).name for p in opts.report_from)
     meta["speedups"] = harness.WINDOW_SPEEDUPS
     if opts.out or opts.tag:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import pathlib
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import pandas as pd
 
@@ -69,9 +69,9 @@ def err_cell(r: dict) -> str:
     return f"FAIL {text}" if r["status"] == "FAIL" else text
 
 
-def impl_order(records: Sequence[dict], preferred: Sequence[str] = ()) -> list[str]:
-    """``preferred`` first (those present), then the others in order of appearance."""
-    seen = list(dict.fromkeys(r["impl"] for r in records))
+def impl_order(names: Iterable[str], preferred: Sequence[str] = ()) -> list[str]:
+    """The implementations in ``names``: ``preferred`` first (those present), then the others in order of appearance."""
+    seen = list(dict.fromkeys(names))
     return [i for i in dict.fromkeys(preferred) if i in seen] + [i for i in seen if i not in preferred]
 
 
@@ -148,7 +148,7 @@ def speed_markdown(records: Sequence[dict], impls: Sequence[str] = ()) -> str:
     """Per (suite, dtype, GQA, pass): a TFLOP/s table with ratio columns, a time table, an error table."""
     parts = []
     for key, g in speed_groups(speed_frame(records)):
-        order = impl_order(g.to_dict("records"), impls)
+        order = impl_order(g["impl"], impls)
         parts += [f"### {group_title(key)}\n",
                   "TFLOP/s (higher is better; `*` = not checked against a reference, see the error table)\n",
                   to_markdown(pivot(g, "tf", order, ratios=True)) + "\n",
@@ -186,7 +186,7 @@ def memory_markdown(records: Sequence[dict], impls: Sequence[str] = (), fmt: str
                             **{f: cell(r, f) for f in fields}) for r in mem]).drop_duplicates(["seq", "impl"], keep="last")
     table = pd.DataFrame({"N": [seq_label(n) for n in sorted(df["seq"].unique())]})
     table["inputs+outputs"] = [gib(x) for x in df.groupby("seq")["io"].last().sort_index()]
-    for i in impl_order(mem, impls):
+    for i in impl_order((r["impl"] for r in mem), impls):
         for f in fields:
             col = df[df["impl"] == i].set_index("seq")[f].reindex(sorted(df["seq"].unique())).fillna(NONE)
             table[f"{i} {f.split('_')[0]}"] = col.to_list()
@@ -241,7 +241,7 @@ def render_markdown(records: Sequence[dict], meta: dict) -> str:
 
 def summary_text(records: Sequence[dict], impls: Sequence[str] = (), speedups=(), max_chars: int = 9000) -> str:
     """The TFLOP/s tables (with the ratios to cuDNN) and the memory table as plain text, for stdout."""
-    parts = [f"== TFLOP/s, {group_title(key)} ==\n" + to_markdown(pivot(g, "tf", impl_order(g.to_dict("records"), impls), True), "simple")
+    parts = [f"== TFLOP/s, {group_title(key)} ==\n" + to_markdown(pivot(g, "tf", impl_order(g["impl"], impls), True), "simple")
              for key, g in speed_groups(speed_frame(records))]
     parts += window_speedups(records, speedups)
     mem = memory_markdown(records, impls, "simple")
@@ -273,7 +273,7 @@ def plot_speed(records: Sequence[dict], stem: pathlib.Path, impls: Sequence[str]
     plt, written = pyplot(), []
     for key, g in speed_groups(speed_frame(records)):
         suite, dtype, gqa, pass_ = key
-        order = impl_order(g.to_dict("records"), impls)
+        order = impl_order(g["impl"], impls)
         if suite == "masks":
             fig, ax = plt.subplots(figsize=(8, 4.5))
             pivot(g, "tflops", order, fill=None).set_index("problem")[order].astype(float).plot.bar(ax=ax, rot=20)
@@ -309,7 +309,7 @@ def plot_memory(records: Sequence[dict], stem: pathlib.Path, impls: Sequence[str
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     notes = []
-    for impl in impl_order(mem.to_dict("records"), impls):
+    for impl in impl_order(mem["impl"], impls):
         rs = mem[mem["impl"] == impl].sort_values("seq_q")
         ok = rs[rs["status"] == "ok"]
         measured = ok[ok["peak_bytes"].notna()] if "peak_bytes" in ok else ok.iloc[:0]
