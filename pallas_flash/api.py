@@ -32,7 +32,8 @@ __all__ = ["dot_product_attention", "flash_attention", "attention_with_lse"]
 _AUTO = ("pallas", "xla")
 
 
-def _order(implementation) -> tuple[str, ...]:
+def implementation_order(implementation) -> tuple[str, ...]:
+    """The backend names an ``implementation`` argument tries, in order (``TypeError`` for a malformed one)."""
     if implementation is None:
         return _AUTO
     if isinstance(implementation, str):
@@ -118,17 +119,17 @@ def dot_product_attention(
         dropout_rate=dropout_rate,
         dropout_rng=dropout_rng,
     )
-    order = _order(implementation)
+    order = implementation_order(implementation)
     chosen = [backends.get(name) for name in order]  # unknown names fail before any work
     reasons = []
-    for name, backend in zip(order, chosen):
+    for i, (name, backend) in enumerate(zip(order, chosen)):
         try:
             backend.supports(query, key, value, inputs, spec)
             return backend.attention(query, key, value, inputs, spec, config=config, interpret=interpret)
-        except NotImplementedError as e:
+        except NotImplementedError as e:  # from supports, or from a delegate's own limits (cuDNN)
             reasons.append(f"{name}: {e}")
-            if implementation is None:
-                warnings.warn(f"pallas_flash: falling back from the Pallas kernels to jax.nn xla attention ({e})", stacklevel=2)
+            if implementation is None and i + 1 < len(order):  # only the automatic choice warns
+                warnings.warn(f"pallas_flash: falling back from {name!r} to {order[i + 1]!r} attention ({e})", stacklevel=2)
     raise NotImplementedError("no implementation supports this call: " + "; ".join(reasons))
 
 

@@ -44,6 +44,7 @@ from flax import nnx
 from flax.nnx.nn import dtypes as _flax_dtypes
 
 import pallas_flash
+from pallas_flash import api, backends, validate
 from pallas_flash.validate import check_dropout_rate
 
 __all__ = [
@@ -56,6 +57,17 @@ Implementation = str | Sequence[str] | None
 
 _default_kernel_init = nnx.initializers.lecun_normal()
 _default_bias_init = nnx.initializers.zeros_init()
+
+
+def _as_rngs(rngs) -> nnx.Rngs:
+    """``nnx.Rngs`` as given, or built from a ``jax.random`` key or an int seed."""
+    if isinstance(rngs, nnx.Rngs):
+        return rngs
+    if isinstance(rngs, int) and not isinstance(rngs, bool):
+        return nnx.Rngs(rngs)
+    if isinstance(rngs, jax.Array) and (jax.dtypes.issubdtype(rngs.dtype, jax.dtypes.prng_key) or rngs.shape == (2,)):
+        return nnx.Rngs(rngs)
+    raise TypeError(f"rngs must be a flax.nnx.Rngs, a jax.random key or an int seed, got {type(rngs).__name__}")
 
 
 def _dropout_kwargs(dropout_rate, dropout_rng, deterministic) -> dict[str, Any]:
@@ -220,7 +232,8 @@ class FlashMultiHeadAttention(nnx.Module):
       out_kernel_init, out_bias_init: for the output projection when it
         should differ (e.g. GPT-2's scaled residual init).
       rngs: ``nnx.Rngs`` for initialisation (and, with dropout, a ``dropout``
-        stream that is kept for calls without ``rngs``).
+        stream that is kept for calls without ``rngs``); a ``jax.random`` key
+        or an int seed is taken as ``nnx.Rngs(rngs)``.
     """
 
     def __init__(
@@ -245,11 +258,15 @@ class FlashMultiHeadAttention(nnx.Module):
         bias_init: nnx.Initializer = _default_bias_init,
         out_kernel_init: nnx.Initializer | None = None,
         out_bias_init: nnx.Initializer | None = None,
-        rngs: nnx.Rngs,
+        rngs: nnx.Rngs | jax.Array | int,
     ):
         for name, value in (("num_heads", num_heads), ("in_features", in_features)):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        rngs = _as_rngs(rngs)
+        validate.window(local_window_size)  # fail here, not at the first call
+        for name in api.implementation_order(implementation):
+            backends.get(name)
         qkv_features = in_features if qkv_features is None else qkv_features
         out_features = in_features if out_features is None else out_features
         in_kv_features = in_features if in_kv_features is None else in_kv_features

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +27,8 @@ from jax.custom_derivatives import SymbolicZero, custom_vjp_primal_tree_values
 from pallas_flash.spec import AttentionInputs, AttentionSpec
 
 __all__ = ["attention_op"]
+
+LN2 = math.log(2.0)
 
 
 @jax.tree_util.register_static
@@ -39,7 +42,8 @@ class _Static:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
 def attention_op(q, k, v, inputs: AttentionInputs, spec: AttentionSpec, backend, config, interpret: bool):
     """``(out [B, Tq, N, H], lse [B, N, Tq] float32)`` of ``backend``'s kernels; differentiable in both."""
-    return backend.forward(q, k, v, inputs, spec, config=config, interpret=interpret)
+    out, lse2 = backend.forward(q, k, v, inputs, spec, config=config, interpret=interpret)
+    return out, lse2 * LN2
 
 
 def _attention_fwd(q, k, v, inputs, spec, backend, config, interpret):
@@ -49,21 +53,21 @@ def _attention_fwd(q, k, v, inputs, spec, backend, config, interpret):
     want_dbias = inputs.bias is not None and bool(inputs.bias.perturbed)
     want_dslopes = inputs.alibi_slopes is not None and bool(inputs.alibi_slopes.perturbed)
     q, k, v, inputs = custom_vjp_primal_tree_values((q, k, v, inputs))
-    out, lse = backend.forward(q, k, v, inputs, spec, config=config, interpret=interpret)
-    return (out, lse), (q, k, v, inputs, out, lse, _Static((want_dbias, want_dslopes)))
+    out, lse2 = _first_order_forward(q, k, v, inputs, spec, backend, config, interpret)
+    # The residual is the kernels' own log2-domain lse: no round trip through the natural log.
+    return (out, lse2 * LN2), (q, k, v, inputs, out, lse2, _Static((want_dbias, want_dslopes)))
 
 
 def _attention_bwd(spec, backend, config, interpret, residuals, cotangents):
-    q, k, v, inputs, out, lse, wants = residuals
+    q, k, v, inputs, out, lse2, wants = residuals
     want_dbias, want_dslopes = wants.value
     do, dlse = cotangents
     if isinstance(do, SymbolicZero):
         do = jnp.zeros(do.shape, do.dtype)
     if isinstance(dlse, SymbolicZero):
         dlse = None  # the usual case: only the output is differentiated
-    grads = backend.backward(
-        q, k, v, out, lse, do, dlse, inputs, spec, config=config, interpret=interpret,
-        want_dbias=want_dbias, want_dslopes=want_dslopes,
+    grads = _first_order_backward(
+        q, k, v, out, lse2, do, dlse, inputs, spec, backend, config, interpret, want_dbias, want_dslopes
     )
     # Integer side inputs (lengths, segment ids, mask, seed) get no cotangent,
     # nor do a bias or slopes that are not being differentiated.
@@ -72,3 +76,35 @@ def _attention_bwd(spec, backend, config, interpret, residuals, cotangents):
 
 
 attention_op.defvjp(_attention_fwd, _attention_bwd, symbolic_zeros=True)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5, 6, 7))
+def _first_order_forward(q, k, v, inputs, spec, backend, config, interpret):
+    """The forward kernels as the VJP's forward rule runs them: differentiating that rule
+    (as grad of grad does) raises ``NotImplementedError`` like the backward."""
+    return backend.forward(q, k, v, inputs, spec, config=config, interpret=interpret)
+
+
+@_first_order_forward.defjvp
+def _no_second_order_forward(spec, backend, config, interpret, primals, tangents):
+    _no_second_order(None, backend, None, None, None, None, primals, tangents)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=tuple(range(8, 14)))
+def _first_order_backward(q, k, v, out, lse2, do, dlse, inputs, spec, backend, config, interpret, want_dbias,
+                          want_dslopes):
+    """The backend's backward kernels. They have no derivative of their own: differentiating them
+    (grad of grad, hessian, jvp of a vjp) raises ``NotImplementedError`` saying what to use instead."""
+    return backend.backward(
+        q, k, v, out, lse2, do, dlse, inputs, spec, config=config, interpret=interpret,
+        want_dbias=want_dbias, want_dslopes=want_dslopes,
+    )
+
+
+@_first_order_backward.defjvp
+def _no_second_order(spec, backend, config, interpret, want_dbias, want_dslopes, primals, tangents):
+    raise NotImplementedError(
+        f"second-order derivatives (grad of grad, hessian) of the {backend.name!r} attention kernels are not "
+        "implemented: their backward pass is itself a kernel without a derivative. Use "
+        "implementation='xla' (jax.nn's attention, differentiable to any order) for higher-order derivatives."
+    )

@@ -137,12 +137,13 @@ def attention_reference(
     row_max = jax.lax.stop_gradient(row_max)
     e = jnp.where(vis, jnp.exp(masked - row_max), 0.0)
     denom = jnp.sum(e, axis=-1, keepdims=True)
-    safe = jnp.where(denom > 0, denom, 1.0)
+    # A row that sees no key has denom == 0 exactly; NaN (from a NaN or infinite logit or value) stays.
+    safe = jnp.where(denom != 0, denom, 1.0)
     probs = e / safe
     if dropout_mask is not None and dropout_rate > 0.0:
         probs = jnp.where(dropout_mask, probs / (1.0 - dropout_rate), 0.0)
     out = jnp.einsum("bnqk,bknh->bqnh", probs.astype(v.dtype), v)
     if not return_lse:
         return out
-    lse = jnp.where(denom[..., 0] > 0, jnp.log(safe[..., 0]) + row_max[..., 0], -jnp.inf)
+    lse = jnp.where(denom[..., 0] != 0, jnp.log(safe[..., 0]) + row_max[..., 0], -jnp.inf)
     return out, lse

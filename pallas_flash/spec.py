@@ -49,6 +49,10 @@ class AttentionSpec:
     # segment ids, masks and biases still describe the arrays as passed.
     q_offset: int = 0
     k_offset: int = 0
+    # (Tq, Tk) of the arrays, set by a kernel launcher (``within``): ``left`` and
+    # ``right`` are then clamped to bounds that change no visibility, so that
+    # block arithmetic never overflows int32 for windows or offsets up to 2**31 - 1.
+    clip_to: tuple[int, int] | None = None
 
     @property
     def has_mask(self) -> bool:
@@ -80,12 +84,26 @@ class AttentionSpec:
             r = self.window[1]
         if self.causal:
             r = 0 if r is None else min(r, 0)
-        return r if r is None else r + self.shift
+        if r is None:
+            return None
+        r += self.shift
+        if self.clip_to is not None:  # j - i lies in [1 - Tq, Tk - 1]
+            r = min(max(r, -self.clip_to[0]), self.clip_to[1])
+        return r
 
     @property
     def left(self) -> int | None:
         """The largest visible ``i - j`` in array rows (offsets folded in), or None when unbounded."""
-        return None if self.window is None else self.window[0] - self.shift
+        if self.window is None:
+            return None
+        left = self.window[0] - self.shift
+        if self.clip_to is not None:  # i - j lies in [1 - Tk, Tq - 1]
+            left = min(max(left, -self.clip_to[1]), self.clip_to[0])
+        return left
+
+    def within(self, seq_q: int, seq_k: int) -> "AttentionSpec":
+        """This spec for arrays of ``seq_q`` queries and ``seq_k`` keys (``left``/``right`` clamped)."""
+        return dataclasses.replace(self, clip_to=(seq_q, seq_k))
 
 
 class AttentionInputs(NamedTuple):

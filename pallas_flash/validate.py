@@ -39,7 +39,7 @@ def check_qkv(query, key, value) -> None:
         raise ValueError(f"query and key must have the same batch size, got query {query.shape} and key {key.shape}")
     if Hk != H:
         raise ValueError(f"query and key must have the same head_dim, got query {query.shape} and key {key.shape}")
-    if N % K != 0:
+    if (K == 0 and N != 0) or (K != 0 and N % K != 0):
         raise ValueError(
             f"the number of query heads ({N}) must be a multiple of the number of key/value heads ({K}); "
             f"got query {query.shape} and key {key.shape}"
@@ -58,7 +58,7 @@ def check_scale(scale, head_dim: int) -> float:
     return scale
 
 
-def _window(local_window_size) -> tuple[int, int] | None:
+def window(local_window_size) -> tuple[int, int] | None:
     if local_window_size is None:
         return None
     if isinstance(local_window_size, int) and not isinstance(local_window_size, bool):
@@ -173,9 +173,14 @@ def _dropout_args(dropout_rate, dropout_rng):
     return rate, seed
 
 
-def _offset(name: str, value) -> int:
+INT32_MAX = 2**31 - 1
+
+
+def _offset(name: str, value, length: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be a Python int (static), got {type(value).__name__}")
+    if not 0 <= value <= INT32_MAX - length:
+        raise ValueError(f"{name} must be in [0, 2**31 - 1 - length] = [0, {INT32_MAX - length}] (positions are int32), got {value}")
     return value
 
 
@@ -213,7 +218,7 @@ def attention_call(
     spec = AttentionSpec(
         scale=check_scale(scale, H),
         causal=bool(is_causal),
-        window=_window(local_window_size),
+        window=window(local_window_size),
         has_q_lengths=query_seq_lengths is not None,
         has_kv_lengths=key_value_seq_lengths is not None,
         has_segments=q_seg is not None,
@@ -222,8 +227,8 @@ def attention_call(
         has_alibi=slopes is not None,
         soft_cap=_soft_cap(logits_soft_cap),
         dropout_rate=rate,
-        q_offset=_offset("q_offset", q_offset),
-        k_offset=_offset("k_offset", k_offset),
+        q_offset=_offset("q_offset", q_offset, Tq),
+        k_offset=_offset("k_offset", k_offset, Tk),
     )
     inputs = AttentionInputs(
         q_lengths=_lengths("query_seq_lengths", query_seq_lengths, B),

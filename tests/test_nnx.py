@@ -198,3 +198,26 @@ def test_pallas_small_case_matches_flax():
     x = _x((1, T, F))
     _check_matches(ref, ours_layer, x, {"is_causal": True}, {}, tol=1e-4)
     _check_matches(ref, ours_fn, x, {"is_causal": True}, {"is_causal": True}, tol=1e-4)
+
+
+def test_layer_takes_a_key_or_seed_as_rngs_and_checks_its_arguments_at_construction():
+    a = FlashMultiHeadAttention(4, 64, implementation="xla", rngs=jax.random.key(1))
+    b = FlashMultiHeadAttention(4, 64, implementation="xla", rngs=nnx.Rngs(1))
+    assert np.array_equal(np.asarray(a.query.kernel[...]), np.asarray(b.query.kernel[...]))
+    assert FlashMultiHeadAttention(4, 64, rngs=3).num_heads == 4
+    with pytest.raises(TypeError, match="rngs"):
+        FlashMultiHeadAttention(4, 64, rngs="seed")
+    with pytest.raises(ValueError, match="local_window_size"):
+        FlashMultiHeadAttention(4, 64, local_window_size=-1, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="implementation"):
+        FlashMultiHeadAttention(4, 64, implementation="bogus", rngs=nnx.Rngs(0))
+
+
+def test_fallback_warns_once_and_the_error_names_each_implementation():
+    """Dropout at a head dim the kernels lack: one warning (pallas -> xla), then xla's own refusal named as such."""
+    q = jnp.ones((1, 8, 2, 8))
+    with pytest.warns(UserWarning) as record, pytest.raises(NotImplementedError) as info:
+        pallas_flash.dot_product_attention(q, q, q, dropout_rate=0.1, dropout_rng=jax.random.key(0))
+    messages = [str(w.message) for w in record if "falling back" in str(w.message)]
+    assert len(messages) == 1 and "'pallas' to 'xla'" in messages[0] and "head_dim" in messages[0]
+    assert "pallas:" in str(info.value) and "xla: jax.nn xla attention has no attention dropout" in str(info.value)

@@ -73,12 +73,17 @@ class KernelBackend(Backend):
 
     @abc.abstractmethod
     def forward(self, q, k, v, inputs: AttentionInputs, spec: AttentionSpec, *, config, interpret: bool):
-        """``(out [B, Tq, N, H], lse [B, N, Tq] float32)``; ``lse`` is ``-inf`` for rows that see no key."""
+        """``(out [B, Tq, N, H], lse2 [B, N, Tq] float32)``.
+
+        ``lse2`` is the log-sum-exp in the log2 domain (``log2(sum_j 2^(s_j log2 e))``),
+        ``-inf`` for rows that see no key, NaN for rows that see a NaN. The op
+        saves it as it is for the backward and gives callers ``lse2 * ln 2``.
+        """
 
     @abc.abstractmethod
-    def backward(self, q, k, v, out, lse, do, dlse, inputs: AttentionInputs, spec: AttentionSpec, *, config,
+    def backward(self, q, k, v, out, lse2, do, dlse, inputs: AttentionInputs, spec: AttentionSpec, *, config,
                  interpret: bool, want_dbias: bool, want_dslopes: bool) -> Gradients:
-        """Gradients from the residuals and the cotangents of ``out`` and (None when unused) ``lse``."""
+        """Gradients from the residuals and the cotangents of ``out`` and (None when unused) the natural ``lse``."""
 
     def resolve(self, q, k, spec: AttentionSpec, config, interpret):
         """``(config, interpret)`` with the defaults filled in and the config's type checked."""
@@ -100,5 +105,10 @@ class KernelBackend(Backend):
         """``(out, lse)``, both differentiable (``pallas_flash.op``)."""
         from pallas_flash import op
 
+        batch, seq_q, num_heads, _ = q.shape
+        if batch * seq_q * num_heads == 0 or k.shape[1] == 0:
+            # Nothing to compute (as jax.nn: empty arrays; rows with no key give zeros). A constant
+            # has zero gradients of the right shapes.
+            return jnp.zeros(q.shape, q.dtype), jnp.full((batch, num_heads, seq_q), -jnp.inf, jnp.float32)
         config, interpret = self.resolve(q, k, spec, config, interpret)
         return op.attention_op(q, k, v, inputs, spec, self, config, interpret)

@@ -39,7 +39,7 @@ def _fwd_kernel(
     v_ref,
     side: SideInputs,
     o_ref,
-    lse_ref,
+    lse2_ref,
     *,
     spec: AttentionSpec,
     block_q: int,
@@ -58,6 +58,9 @@ def _fwd_kernel(
     q0, dim_mask, q_tail, k_tail = prog.start, prog.dim_mask, prog.q_tail, prog.k_tail
     q = tiles.load_tile(q_ref, q0, block_q, limit=q_tail, dim_mask=dim_mask)
     qk_scale_log2 = spec.scale * LOG2E
+    # Plain logits fold the scale into the exp2, taking the running max of the
+    # raw q.k: only a positive scale commutes with the max.
+    plain = spec.plain_logits and spec.scale > 0
     q_pos = q0 + lax.broadcasted_iota(jnp.int32, (block_q, 1), 0)
     qb = qb.with_positions(q_pos)
 
@@ -70,9 +73,9 @@ def _fwd_kernel(
         s = tiles.dot(q, k, trans_b=True)  # raw logits
         # Key positions only where something reads them: the plain unmasked loop stays index-free.
         k_pos = None
-        if masked or not spec.plain_logits or spec.has_dropout:
+        if masked or not plain or spec.has_dropout:
             k_pos = k0 + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
-        if spec.plain_logits:
+        if plain:
             s_scale = qk_scale_log2  # the scale folds into the exp2's FMA
         else:
             s, _ = qb.logits(s, k0, k_pos, limit)
@@ -105,7 +108,9 @@ def _fwd_kernel(
     carry = blocks.split_loops(kv_blocks, body, carry, any_full=seq_k >= block_k)
     acc, m, l = carry
 
-    seen = l > 0.0
+    # A row that sees no key has l == 0 exactly; a NaN or infinite logit or value
+    # makes l (or acc) NaN, and the row keeps it, as jax.nn's does.
+    seen = l != 0.0
     if prog.q_len is not None:
         seen = seen & (q_pos[:, 0] < prog.q_len)
     l_safe = jnp.where(seen, l, 1.0)
@@ -114,9 +119,9 @@ def _fwd_kernel(
         inv = inv * (1.0 / (1.0 - spec.dropout_rate))
     out = acc * inv[:, None]
     out = jnp.where(seen[:, None], out, 0.0)
-    lse = jnp.where(seen, (m + jnp.log2(l_safe)) * (1.0 / LOG2E), -jnp.inf)
+    lse2 = jnp.where(seen, m + jnp.log2(l_safe), -jnp.inf)  # log2 domain: the backward reads it as it is
     tiles.store_tile(o_ref, out.astype(o_ref.dtype), q0, block_q, limit=q_tail, dim_mask=dim_mask)
-    tiles.store_row_stat(lse_ref, lse, q0, block_q, limit=q_tail)
+    tiles.store_row_stat(lse2_ref, lse2, q0, block_q, limit=q_tail)
 
 
 def flash_forward(
@@ -129,9 +134,10 @@ def flash_forward(
     config: ForwardConfig,
     interpret: bool,
 ) -> tuple[jax.Array, jax.Array]:
-    """Output ``[B, Tq, N, H]`` and natural log-sum-exp ``[B, N, Tq]`` (float32)."""
+    """Output ``[B, Tq, N, H]`` and the log-sum-exp in the log2 domain ``[B, N, Tq]`` (float32, -inf for unseen rows)."""
     batch, seq_q, num_heads, head_dim = q.shape
     _, seq_k, num_kv_heads, _ = k.shape
+    spec = spec.within(seq_q, seq_k)  # window/offset bounds clamped: no int32 overflow in block arithmetic
     group = num_heads // num_kv_heads
     head_dim_padded = padded_head_dim(head_dim)
     block_q = min(config.block_q, max(16, pl.next_power_of_2(seq_q)))
@@ -162,7 +168,7 @@ def flash_forward(
         num_heads=num_heads,
         num_q_blocks=nq,
     )
-    out, lse = pl.pallas_call(
+    out, lse2 = pl.pallas_call(
         kernel,
         grid=(nq, batch, num_heads),
         in_specs=[q_spec, kv_spec, kv_spec, side_specs],
@@ -180,5 +186,5 @@ def flash_forward(
             bytes_accessed=(q.size + k.size * group + v.size * group + q.size) * q.dtype.itemsize,
         ),
     )(q, k, v, side_arrays)
-    return out, lse
+    return out, lse2
 

@@ -1,0 +1,209 @@
+"""Inputs a careless or hostile caller passes: non-finite values, any finite scale, extreme windows and
+offsets, empty arrays, higher-order derivatives, saturated logits.
+
+Each behaves as jax.nn does or fails with a clear error; nothing comes back silently wrong.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_flash as pf
+from pallas_flash.reference import attention_reference
+from pallas_flash.testing.shapes import Shape
+from tests.cases import CONFIG, random_qkv
+from tests.conftest import TOLERANCE, rel_err
+
+SHAPE = Shape("r", 2, 37, 45, 4, 2, 16)
+
+
+def _pallas(q, k, v, **kw):
+    return pf.dot_product_attention(q, k, v, implementation="pallas", config=CONFIG, **kw)
+
+
+def _grads(fn, q, k, v, ct):
+    out, vjp = jax.vjp(fn, q, k, v)
+    return (out, *vjp(ct))
+
+
+def _against_reference(q, k, v, ct, tol=None, **kw):
+    got = _grads(lambda q, k, v: _pallas(q, k, v, **kw), q, k, v, ct)
+    with jax.enable_x64(True):
+        f64 = [jnp.asarray(np.asarray(x, np.float64)) for x in (q, k, v)]
+        want = _grads(lambda q, k, v: attention_reference(q, k, v, **kw), *f64, jnp.asarray(np.asarray(ct, np.float64)))
+    tol = tol or TOLERANCE[jnp.dtype(q.dtype)]
+    for label, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        err = rel_err(g, np.asarray(w))
+        assert err <= tol, f"{label}: relative error {err:.3e} > {tol:.0e} ({kw})"
+    return got
+
+
+# ------------------------------------------------------------------ non-finite values
+
+
+POISONS = {
+    "nan_in_k": ("k", np.nan),
+    "nan_in_q": ("q", np.nan),
+    "nan_in_v": ("v", np.nan),
+    "inf_in_k": ("k", np.inf),
+}
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("name", POISONS)
+def test_non_finite_inputs_reach_every_row_that_sees_them(name, causal, seed):
+    """As jax.nn: a non-finite q, k or v entry makes every row that sees it non-finite; other rows stay exact."""
+    which, value = POISONS[name]
+    q, k, v, _ = random_qkv(SHAPE, jnp.float32, seed)
+    arrays = {"q": q, "k": k, "v": v}
+    row = 20  # a query row, or the key/value position poisoned
+    arrays[which] = arrays[which].at[0, row, 0, 3].set(value)
+    got = np.asarray(_pallas(arrays["q"], arrays["k"], arrays["v"], is_causal=causal))
+    want = np.asarray(jax.nn.dot_product_attention(arrays["q"], arrays["k"], arrays["v"], is_causal=causal))
+    # The rows that see the poisoned entry: batch 0; query head 0 (q) or the group of KV head 0 (k, v).
+    sees = np.zeros(got.shape[:3], bool)
+    if which == "q":
+        sees[0, row, 0] = True
+    else:
+        sees[0, row if causal else 0 :, :2] = True
+    assert not np.isfinite(want[sees]).all()
+    assert np.array_equal(np.isfinite(got[sees]), np.isfinite(want[sees])), f"a row that sees {name} lost it"
+    # jax.nn also spreads NaN to rows that do not see it (0 * NaN in its P.V); wherever it is finite, so are we.
+    finite = np.isfinite(want)
+    assert np.isfinite(got[finite]).all()
+    assert rel_err(got[finite], want[finite]) < 1e-4
+
+
+@pytest.mark.parametrize("feature", ["bias", "alibi"])
+def test_non_finite_bias_and_slopes_propagate(feature, seed):
+    q, k, v, _ = random_qkv(SHAPE, jnp.float32, seed)
+    if feature == "bias":
+        bias = jnp.zeros((1, 1, SHAPE.seq_q, SHAPE.seq_k)).at[0, 0, 5, 7].set(jnp.nan)
+        got = np.asarray(_pallas(q, k, v, bias=bias))
+        rows = np.isnan(got).any(axis=(0, 2, 3))
+        assert rows[5] and rows.sum() == 1  # exactly the row whose logit is NaN
+    else:
+        slopes = jnp.asarray([0.1, jnp.nan, 0.2, 0.3])
+        got = np.asarray(_pallas(q, k, v, alibi_slopes=slopes))
+        assert np.isnan(got[:, :, 1]).all() and np.isfinite(got[:, :, [0, 2, 3]]).all()
+
+
+def test_nan_reaches_the_gradients_and_the_loss(seed):
+    q, k, v, ct = random_qkv(SHAPE, jnp.float32, seed)
+    k = k.at[1, 3, 1, 0].set(jnp.nan)
+    loss = lambda q, k, v: jnp.vdot(_pallas(q, k, v, is_causal=True), ct)  # noqa: E731
+    value, grads = jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+    assert np.isnan(float(value))
+    assert all(np.isnan(np.asarray(g)).any() for g in grads)
+
+
+def test_rows_that_see_no_key_still_give_zeros(seed):
+    q, k, v, _ = random_qkv(SHAPE, jnp.float32, seed)
+    out = np.asarray(_pallas(q, k, v, key_value_seq_lengths=jnp.asarray([0, 5])))
+    assert np.all(out[0] == 0.0) and np.all(np.isfinite(out))
+
+
+# ------------------------------------------------------------------ scale, windows, offsets
+
+
+@pytest.mark.parametrize("scale", [-10.0, -0.3, 0.0], ids=["minus10", "minus0.3", "zero"])
+def test_any_finite_scale(scale, seed):
+    q, k, v, ct = random_qkv(SHAPE, jnp.float32, seed)
+    _against_reference(q, k, v, ct, scale=scale, is_causal=True)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(local_window_size=(2**31 - 1, 0)),
+        dict(local_window_size=(2**31 - 1, 2**31 - 1)),
+        dict(local_window_size=(0, 2**31 - 1), is_causal=True),
+        dict(local_window_size=(3, 2**31 - 1)),
+    ],
+    ids=["left_max", "both_max", "right_max_causal", "right_max"],
+)
+def test_windows_up_to_the_int32_limit(kw, seed):
+    """Against an explicit mask (jax.nn's own XLA path gets these forwards wrong)."""
+    q, k, v, ct = random_qkv(SHAPE, jnp.float32, seed)
+    _against_reference(q, k, v, ct, **kw)
+
+
+def test_offsets_up_to_the_int32_limit(seed):
+    q, k, v, ct = random_qkv(SHAPE, jnp.float32, seed)
+    top = 2**31 - 1 - SHAPE.seq_k
+    out, lse = pf.attention_with_lse(q, k, v, is_causal=True, q_offset=top, k_offset=top - 20, config=CONFIG)
+    want, want_lse = attention_reference(q, k, v, is_causal=True, return_lse=True, q_offset=top, k_offset=top - 20)
+    assert rel_err(out, want) < 1e-4
+    with pytest.raises(ValueError, match="q_offset"):
+        pf.attention_with_lse(q, k, v, q_offset=2**31 - 1)
+
+
+# ------------------------------------------------------------------ empty inputs
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(0, 8, 2, 2, 16), (2, 0, 2, 2, 16), (2, 8, 0, 0, 16)],
+    ids=["batch0", "tq0", "heads0"],
+)
+def test_empty_inputs_give_empty_outputs(shape):
+    b, t, n, kh, h = shape
+    q = jnp.ones((b, t, n, h))
+    kv = jnp.ones((b, t, kh, h))
+    out = pf.dot_product_attention(q, kv, kv, implementation="pallas")
+    assert out.shape == q.shape and out.dtype == q.dtype
+    grads = jax.grad(lambda q, k, v: pf.dot_product_attention(q, k, v, implementation="pallas").sum(), (0, 1, 2))(q, kv, kv)
+    assert [g.shape for g in grads] == [q.shape, kv.shape, kv.shape]
+
+
+def test_no_keys_gives_zeros_and_minus_inf_lse():
+    q = jnp.ones((2, 5, 2, 16))
+    kv = jnp.ones((2, 0, 2, 16))
+    out, lse = pf.attention_with_lse(q, kv, kv)
+    assert np.all(np.asarray(out) == 0) and np.all(np.isneginf(np.asarray(lse)))
+    dq = jax.grad(lambda q: pf.dot_product_attention(q, kv, kv, implementation="pallas").sum())(q)
+    assert np.all(np.asarray(dq) == 0)
+
+
+# ------------------------------------------------------------------ higher-order derivatives
+
+
+def test_second_order_derivatives_say_what_to_use():
+    q, k, v, _ = random_qkv(Shape("h", 1, 16, 16, 1, 1, 16), jnp.float32, 0)
+    loss = lambda q: _pallas(q, k, v).sum()  # noqa: E731
+    with pytest.raises(NotImplementedError, match="implementation='xla'"):
+        jax.grad(lambda q: jax.grad(loss)(q).sum())(q)
+    with pytest.raises(NotImplementedError, match="second-order"):
+        jax.hessian(loss)(q)
+    # The named alternative works.
+    xla_loss = lambda q: pf.dot_product_attention(q, k, v, implementation="xla").sum()  # noqa: E731
+    assert jax.hessian(xla_loss)(q).shape == q.shape * 2
+
+
+# ------------------------------------------------------------------ saturation
+
+
+@pytest.mark.parametrize("scale", [10.0, 1e3, 1e5])
+def test_float32_gradients_at_huge_logits_stay_within_the_documented_bound(scale, seed):
+    """float32 at logits up to ~1e7: the output stays exact; dV's relative error grows as ~1.6e-8 * max|logit|.
+
+    The backward recomputes the logits: one float32 rounding of ``scale * q.k`` (``|L| 2^-24``) moves P
+    by that factor, so dV (= P^T dO) carries it. dQ/dK cancel to ~0 in exact arithmetic at saturated
+    rows; their error stays at float32 rounding of ``scale * |dO| |v| |k|``. The README states this bound.
+    """
+    q, k, v, ct = random_qkv(SHAPE, jnp.float32, seed)
+    out, dq, dk, dv = _grads(lambda q, k, v: _pallas(q, k, v, scale=scale), q, k, v, ct)
+    with jax.enable_x64(True):
+        f64 = [jnp.asarray(np.asarray(x, np.float64)) for x in (q, k, v)]
+        w_out, w_dq, w_dk, w_dv = _grads(
+            lambda q, k, v: attention_reference(q, k, v, scale=scale), *f64, jnp.asarray(np.asarray(ct, np.float64))
+        )
+        max_logit = scale * float(jnp.max(jnp.abs(jnp.einsum("bqnh,bknh->bnqk", f64[0], jnp.repeat(f64[1], 2, axis=2)))))
+    assert rel_err(out, np.asarray(w_out)) < 1e-5
+    assert rel_err(dv, np.asarray(w_dv)) <= max(4e-8 * max_logit, 1e-5)
+    bound = 1e-8 * scale * float(np.linalg.norm(ct) * np.linalg.norm(v) * np.linalg.norm(k))
+    assert float(np.linalg.norm(np.asarray(dq) - np.asarray(w_dq))) <= bound
+    assert float(np.linalg.norm(np.asarray(dk) - np.asarray(w_dk))) <= bound
