@@ -13,7 +13,6 @@ import secrets
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 ON_GPU = jax.default_backend() == "gpu"

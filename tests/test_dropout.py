@@ -5,7 +5,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 import pallas_flash as pf
 from pallas_flash import dropout as pf_dropout
