@@ -292,7 +292,7 @@ def test_grad_accumulation_matches_one_big_batch():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-# ---------------------------------------------------------------- metering
+# ---------------------------------------------------------------- the CLI never loses or corrupts a run
 
 
 def _snapshot(folder):
