@@ -9,6 +9,7 @@ Public API:
   the Triton backend's block configs.
 - ``attention_reference``: the plain-jnp reference used by the tests.
 - ``backends``: the backend interface and registry.
+- ``zigzag``/``unzigzag``: the load-balanced causal sequence layout for context parallelism.
 """
 
 import warnings as _warnings
@@ -23,6 +24,7 @@ from pallas_flash.api import attention_with_lse, dot_product_attention, flash_at
 from pallas_flash.backends.triton import BackwardConfig, FlashConfig, ForwardConfig, default_config  # noqa: E402
 from pallas_flash.combine import combine  # noqa: E402
 from pallas_flash.reference import attention_reference  # noqa: E402
+from pallas_flash.sharding import unzigzag, zigzag  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -31,6 +33,8 @@ __all__ = [
     "flash_attention",
     "attention_with_lse",
     "combine",
+    "zigzag",
+    "unzigzag",
     "backends",
     "FlashConfig",
     "ForwardConfig",
