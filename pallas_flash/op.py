@@ -87,7 +87,7 @@ def _first_order_forward(q, k, v, inputs, spec, backend, config, interpret):
 
 @_first_order_forward.defjvp
 def _no_second_order_forward(spec, backend, config, interpret, primals, tangents):
-    _no_second_order(None, backend, None, None, None, None, primals, tangents)
+    raise _second_order_error(backend)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=tuple(range(8, 14)))
@@ -102,8 +102,12 @@ def _first_order_backward(q, k, v, out, lse2, do, dlse, inputs, spec, backend, c
 
 
 @_first_order_backward.defjvp
-def _no_second_order(spec, backend, config, interpret, want_dbias, want_dslopes, primals, tangents):
-    raise NotImplementedError(
+def _no_second_order_backward(spec, backend, config, interpret, want_dbias, want_dslopes, primals, tangents):
+    raise _second_order_error(backend)
+
+
+def _second_order_error(backend) -> NotImplementedError:
+    return NotImplementedError(
         f"second-order derivatives (grad of grad, hessian) of the {backend.name!r} attention kernels are not "
         "implemented: their backward pass is itself a kernel without a derivative. Use "
         "implementation='xla' (jax.nn's attention, differentiable to any order) for higher-order derivatives."

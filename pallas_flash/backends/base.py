@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from pallas_flash import op
 from pallas_flash.spec import AttentionInputs, AttentionSpec
 
 
@@ -103,8 +104,6 @@ class KernelBackend(Backend):
 
     def attention_with_lse(self, q, k, v, inputs: AttentionInputs, spec: AttentionSpec, *, config=None, interpret=None):
         """``(out, lse)``, both differentiable (``pallas_flash.op``)."""
-        from pallas_flash import op
-
         batch, seq_q, num_heads, _ = q.shape
         if batch * seq_q * num_heads == 0 or k.shape[1] == 0:
             # Nothing to compute (as jax.nn: empty arrays; rows with no key give zeros). A constant

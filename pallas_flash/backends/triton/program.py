@@ -20,7 +20,7 @@ from jax.experimental import pallas as pl
 
 from pallas_flash import dropout
 from pallas_flash.backends.triton import blocks, tiles
-from pallas_flash.backends.triton.side_inputs import SideInputs, alibi_slope
+from pallas_flash.backends.triton.side_inputs import SideInputs, alibi_slope, row_lengths
 from pallas_flash.spec import LOG2E, AttentionSpec
 
 
@@ -61,8 +61,7 @@ class Program:
         dim_mask = tiles.col_mask(head_dim, head_dim_padded)
         q_tail = seq_q if seq_q % block_q else None
         k_tail = seq_k if seq_k % block_k else None
-        q_len = side.q_len[b] if side.q_len is not None else None
-        kv_len = side.kv_len[b] if side.kv_len is not None else None
+        q_len, kv_len = row_lengths(side, b)
         seg_range = own_seg = None
         if side.segments is not None:
             seg_range = side.segments.ranges(block)
