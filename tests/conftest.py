@@ -11,11 +11,18 @@ from __future__ import annotations
 import os
 import secrets
 
+# Four host devices, so the sharding and ring-attention tests run on a CPU
+# (interpret mode); set before JAX starts. On a GPU this only affects the host
+# platform; the GPU tests use the GPUs there are.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+
 import jax
 import jax.numpy as jnp
 import pytest
 
 ON_GPU = jax.default_backend() == "gpu"
+HOST_DEVICES = len(jax.devices("cpu"))
 
 # On NVIDIA GPUs XLA multiplies float32 in TF32 by default (errors ~1e-3). The
 # XLA and Flax results the tests compare against must be float32, as on a CPU
