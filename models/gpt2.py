@@ -30,6 +30,11 @@ Presets (``PRESETS`` / :func:`get_config`):
   the 124M body (about 85M non-embedding parameters).
 * ``gpt2-medium``: 350M (24 layers, 16 heads, width 1024).
 
+Generation (:func:`generate`) keeps a KV cache in every attention layer
+(:meth:`GPT.init_cache`): the prompt is prefilled with the flash kernel, then
+each new token attends over the cache with
+:func:`pallas_flash.decode.decode_attention`, all in one jitted loop.
+
 Shape legend in the comments: B batch, T sequence, D width (n_embd), N heads,
 H head dim, V vocabulary.
 """
@@ -37,6 +42,7 @@ H head dim, V vocabulary.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 
@@ -183,9 +189,10 @@ class Block(nnx.Module):
         self.ln_2 = nnx.LayerNorm(cfg.n_embd, **ln)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x: jax.Array, rngs: Sequence[jax.Array | None]) -> jax.Array:
+    def __call__(self, x: jax.Array, rngs: Sequence[jax.Array | None], **cache) -> jax.Array:
         # x: [B, T, D] residual stream (cfg.residual_dtype or cfg.dtype); sublayers compute in cfg.dtype.
-        x = x + _dropout(self.attn(self.ln_1(x)), self.cfg.dropout, rngs[0])
+        # cache: the attention's KV-cache arguments (prefill, decode, decode_implementation).
+        x = x + _dropout(self.attn(self.ln_1(x), **cache), self.cfg.dropout, rngs[0])
         x = x + _dropout(self.mlp(self.ln_2(x)), self.cfg.dropout, rngs[1])
         return x
 
@@ -204,18 +211,39 @@ class GPT(nnx.Module):
             cfg.n_embd, epsilon=1e-5, dtype=jnp.dtype(cfg.dtype), param_dtype=params, rngs=rngs
         )
 
-    def __call__(self, idx: jax.Array, *, dropout_rng: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self,
+        idx: jax.Array,
+        *,
+        dropout_rng: jax.Array | None = None,
+        prefill: bool = False,
+        decode: bool = False,
+        decode_implementation: str | None = None,
+    ) -> jax.Array:
         """Logits for every position.
 
         Args:
           idx: int token ids ``[B, T]`` with ``T <= block_size``.
           dropout_rng: a PRNG key to enable dropout (training); ``None`` runs
             deterministically. Ignored when ``config.dropout == 0``.
+          prefill: start the KV cache (:meth:`init_cache`) over with ``idx``
+            (positions ``0 .. T-1``, the flash kernel).
+          decode: ``idx`` are the next ``T`` tokens of each sequence: their
+            positions continue from the cache's index; they are appended to the
+            cache and attend over it (``decode_attention``).
+          decode_implementation: ``decode_attention``'s ``"pallas"`` (default)
+            or ``"xla"``, for ``decode`` calls.
 
         Returns:
           logits ``[B, T, vocab_size]`` in ``config.dtype`` (float32
           accumulation); see :func:`cross_entropy`.
         """
+        return self.head(self.features(idx, dropout_rng=dropout_rng, prefill=prefill, decode=decode,
+                                       decode_implementation=decode_implementation))
+
+    def features(self, idx: jax.Array, *, dropout_rng: jax.Array | None = None, prefill: bool = False,
+                 decode: bool = False, decode_implementation: str | None = None) -> jax.Array:
+        """The final layer-normed features ``[B, T, D]`` (``__call__`` without the head)."""
         cfg = self.config
         if idx.ndim != 2:
             raise ValueError(f"idx must be token ids of shape [batch, seq], got {idx.shape}")
@@ -225,18 +253,41 @@ class GPT(nnx.Module):
         keys: list[jax.Array | None] = [None] * (2 * cfg.n_layer + 1)
         if dropout_rng is not None and cfg.dropout > 0:
             keys = list(jax.random.split(dropout_rng, 2 * cfg.n_layer + 1))
+        cache = {}
+        if prefill or decode:
+            if self.blocks[0].attn.cache_index is None:
+                raise ValueError("the KV cache is not initialised: call init_cache(batch_size, max_length) first")
+            cache = dict(prefill=prefill, decode=decode, decode_implementation=decode_implementation)
 
-        pos = jnp.arange(T)  # [T]
-        x = self.wte(idx) + self.wpe(pos)[None]  # [B, T, D] in param_dtype
+        if decode and not prefill:  # the new tokens continue each sequence: [B, T] positions
+            pos = self.blocks[0].attn.cache_index[...][:, None] + jnp.arange(T)
+            x = self.wte(idx) + self.wpe(pos)  # [B, T, D] in param_dtype
+        else:
+            x = self.wte(idx) + self.wpe(jnp.arange(T))[None]  # [B, T, D] in param_dtype
         x = x.astype(cfg.residual_dtype or cfg.dtype)
         x = _dropout(x, cfg.dropout, keys[-1])
         for i, block in enumerate(self.blocks):
-            x = block(x, keys[2 * i : 2 * i + 2])  # [B, T, D]
-        x = self.ln_f(x)  # [B, T, D] in cfg.dtype
-        # Tied head: logits = x @ wte^T in the compute dtype (f32 accumulation).
-        compute = jnp.dtype(cfg.dtype)
+            x = block(x, keys[2 * i : 2 * i + 2], **cache)  # [B, T, D]
+        return self.ln_f(x)  # [B, T, D] in cfg.dtype
+
+    def head(self, x: jax.Array) -> jax.Array:
+        """The tied head: logits ``[..., V]`` = ``x @ wte^T`` in the compute dtype (f32 accumulation)."""
+        compute = jnp.dtype(self.config.dtype)
         wte = self.wte.embedding[...].astype(compute)  # [V, D]
-        return jnp.einsum("btd,vd->btv", x.astype(compute), wte)  # [B, T, V]
+        return jnp.einsum("...d,vd->...v", x.astype(compute), wte)  # [..., V]
+
+    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> None:
+        """An empty KV cache in every attention layer, for ``max_length <= block_size`` tokens.
+
+        ``dtype`` defaults to ``config.dtype``. GPT-2 has learned positions up
+        to ``block_size``, so a longer cache raises ``ValueError``.
+        """
+        if not isinstance(max_length, int) or max_length > self.config.block_size:
+            raise ValueError(
+                f"max_length {max_length!r} exceeds block_size {self.config.block_size}: GPT-2 has learned "
+                "positions only up to block_size")
+        for block in self.blocks:
+            block.attn.init_cache((batch_size, max_length, self.config.n_embd), dtype or self.config.dtype)
 
 
 @jax.custom_vjp
@@ -361,6 +412,66 @@ def flops_per_token(cfg: GPTConfig, seq_len: int, n_params: int | None = None) -
     return 6.0 * n_params + 12.0 * cfg.n_layer * seq_len * cfg.n_embd
 
 
+@dataclasses.dataclass(frozen=True)
+class _Sampler:
+    """Next tokens ``[B]`` from logits ``[B, V]``: greedy (``temperature == 0``) or top-k sampling."""
+
+    temperature: float
+    top_k: int | None
+
+    def __call__(self, logits: jax.Array, key: jax.Array) -> jax.Array:
+        logits = logits.astype(jnp.float32)  # [B, V]
+        if self.temperature == 0:
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        logits = logits / self.temperature
+        if self.top_k is not None:
+            kth = jax.lax.top_k(logits, min(self.top_k, logits.shape[-1]))[0][:, -1:]  # [B, 1]
+            logits = jnp.where(logits < kth, -jnp.inf, logits)
+        return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "new_tokens", "sample"))
+def _generate_without_cache(graphdef, state, prompt, rng, *, new_tokens: int, sample: _Sampler):
+    """Every step runs the model over a fixed ``block_size`` window (sliding past it)."""
+    m = nnx.merge(graphdef, state)
+    window = m.config.block_size
+    (B, P), total = prompt.shape, prompt.shape[1] + new_tokens
+    buf = jnp.zeros((B, max(total, window)), jnp.int32).at[:, :P].set(prompt)  # [B, L]
+
+    def step(t, carry):  # write token t from the tokens before it
+        buf, rng = carry
+        start = jnp.maximum(t - window, 0)
+        ctx = jax.lax.dynamic_slice_in_dim(buf, start, window, axis=1)  # [B, W]
+        logits = jax.lax.dynamic_index_in_dim(m(ctx), t - 1 - start, axis=1, keepdims=False)  # [B, V]
+        rng, sub = jax.random.split(rng)
+        return buf.at[:, t].set(sample(logits, sub)), rng
+
+    return jax.lax.fori_loop(P, total, step, (buf, rng))[0][:, :total]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "new_tokens", "sample", "decode_implementation"))
+def _generate_with_cache(graphdef, state, prompt, rng, *, new_tokens: int, sample: _Sampler,
+                         decode_implementation: str):
+    """Prefill the prompt (flash kernel), then one token per step over the KV cache."""
+    m = nnx.merge(graphdef, state)
+    (B, P), total = prompt.shape, prompt.shape[1] + new_tokens
+    m.init_cache(B, total)
+    logits = m.head(m.features(prompt, prefill=True)[:, -1])  # [B, V], from the last prompt token
+    rng, sub = jax.random.split(rng)
+    buf = jnp.zeros((B, total), jnp.int32).at[:, :P].set(prompt).at[:, P].set(sample(logits, sub))
+    graphdef, cache, rest = nnx.split(m, nnx.Cache, ...)
+
+    def step(t, carry):  # write token t from token t - 1 and the cache (tokens 0 .. t-2)
+        buf, cache, rng = carry
+        m = nnx.merge(graphdef, cache, rest)
+        last = jax.lax.dynamic_slice_in_dim(buf, t - 1, 1, axis=1)  # [B, 1]
+        logits = m(last, decode=True, decode_implementation=decode_implementation)[:, 0]  # [B, V]
+        rng, sub = jax.random.split(rng)
+        return buf.at[:, t].set(sample(logits, sub)), nnx.state(m, nnx.Cache), rng
+
+    return jax.lax.fori_loop(P + 1, total, step, (buf, cache, rng))[0]
+
+
 def generate(
     model: GPT,
     prompt: jax.Array,
@@ -369,49 +480,56 @@ def generate(
     temperature: float = 0.8,
     top_k: int | None = 40,
     rng: jax.Array | None = None,
+    use_cache: bool | None = None,
+    decode_implementation: str = "pallas",
 ) -> jax.Array:
-    """Sample ``max_new_tokens`` after ``prompt`` (int ``[P]``); returns ``[P + new]``.
+    """Sample ``max_new_tokens`` after ``prompt``: int ``[P]`` -> ``[P + new]``, ``[B, P]`` -> ``[B, P + new]``.
 
-    ``temperature=0`` is greedy decoding. There is no KV cache: every step
-    runs the model over a fixed ``block_size`` window (the last ``block_size``
-    tokens once the text is longer), which keeps it one compiled loop.
+    ``temperature=0`` is greedy decoding; otherwise top-k sampling. One jitted
+    call per (model, shapes, options); repeated calls reuse the compiled loop.
+
+    With the KV cache (``use_cache=True``): the prompt is prefilled with the
+    flash kernel (``config.attention``), then a ``lax.fori_loop`` feeds one
+    token per step, whose attention reads the cache through
+    ``decode_attention(implementation=decode_implementation)`` (``"pallas"``
+    or ``"xla"``). GPT-2's positions are learned up to ``block_size``, so
+    ``P + max_new_tokens > block_size`` raises ``ValueError`` there.
+
+    Without (``use_cache=False``, the path from before the cache): every step
+    runs the model over a fixed ``block_size`` window, the last ``block_size``
+    tokens once the text is longer, so it can go past ``block_size``.
+    ``use_cache=None`` (default) takes the cache whenever the text fits.
+    Both paths draw token ``t``'s randomness from the same key.
     """
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be None or a positive int, got {top_k!r}")
+    if use_cache not in (None, True, False):
+        raise ValueError(f"use_cache must be None, True or False, got {use_cache!r}")
+    if decode_implementation not in ("pallas", "xla"):
+        raise ValueError(f"decode_implementation must be 'pallas' or 'xla', got {decode_implementation!r}")
     prompt = jnp.asarray(prompt, jnp.int32)
-    if prompt.ndim != 1 or prompt.shape[0] == 0:
-        raise ValueError(f"prompt must be a non-empty 1-D array of token ids, got {prompt.shape}")
+    if prompt.ndim not in (1, 2) or prompt.size == 0:
+        raise ValueError(f"prompt must be non-empty token ids of shape [P] or [batch, P], got {prompt.shape}")
+    batched = prompt.ndim == 2
+    prompt = prompt if batched else prompt[None]  # [B, P]
+    total, block = prompt.shape[1] + max_new_tokens, model.config.block_size
+    if use_cache and total > block:
+        raise ValueError(
+            f"prompt length {prompt.shape[1]} + max_new_tokens {max_new_tokens} = {total} exceeds block_size {block}: "
+            "with the KV cache every position needs a learned position embedding (use_cache=False slides a window)")
     if rng is None:
         rng = jax.random.key(0)
-    window = model.config.block_size
-    P = prompt.shape[0]
-    total = P + max_new_tokens
-    buf = jnp.zeros((max(total, window),), jnp.int32).at[:P].set(prompt)  # [L]
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def run(state, buf, rng):
-        m = nnx.merge(graphdef, state)
-
-        def step(t, carry):  # write token t from the tokens before it
-            buf, rng = carry
-            start = jnp.maximum(t - window, 0)
-            ctx = jax.lax.dynamic_slice(buf, (start,), (window,))  # [W]
-            logits = m(ctx[None])[0, t - 1 - start].astype(jnp.float32)  # [V]
-            rng, sub = jax.random.split(rng)
-            if temperature == 0:
-                nxt = jnp.argmax(logits)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][-1]
-                    logits = jnp.where(logits < kth, -jnp.inf, logits)
-                nxt = jax.random.categorical(sub, logits)
-            return buf.at[t].set(nxt.astype(jnp.int32)), rng
-
-        buf, _ = jax.lax.fori_loop(P, total, step, (buf, rng))
-        return buf
-
-    return run(state, buf, rng)[:total]
+    if max_new_tokens == 0:
+        out = prompt
+    else:
+        graphdef, state = nnx.split(model)
+        kw = dict(new_tokens=max_new_tokens, sample=_Sampler(float(temperature), top_k))
+        if use_cache is False or total > block:
+            out = _generate_without_cache(graphdef, state, prompt, rng, **kw)
+        else:
+            out = _generate_with_cache(graphdef, state, prompt, rng, decode_implementation=decode_implementation, **kw)
+    return out if batched else out[0]

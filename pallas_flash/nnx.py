@@ -30,6 +30,26 @@ materialises the ``[B, N, Tq, Tk]`` attention weights:
   ``"cudnn"`` have no attention dropout and raise ``NotImplementedError``.
 * A query row that can see no key at all outputs zeros (Flax averages all
   values uniformly).
+
+KV cache (autoregressive decoding), as ``flax.nnx.MultiHeadAttention`` has it:
+``init_cache((B, S, features), dtype)`` makes ``cached_key``/``cached_value``
+``[B, S, num_kv_heads, head_dim]`` and ``cache_index`` ``int32 [B]`` (``nnx.Cache``
+variables). The index is per sequence, so sequences may be ragged. Then:
+
+* ``layer(x, prefill=True)`` starts the cache over: the flash kernel runs
+  causal attention over the ``Tq`` tokens of ``x`` alone, their keys and values
+  are written at positions ``0 .. Tq-1``, and the index becomes ``Tq`` (or the
+  ``key_value_seq_lengths`` given: right-padded prompts of different lengths).
+* ``layer(x, decode=True)`` (or ``decode=True`` at construction) appends the
+  ``Tq >= 1`` new tokens of each sequence at its index and attends from them
+  to everything cached, causally among themselves, with
+  :func:`pallas_flash.decode.decode_attention` (``decode_implementation``
+  ``"pallas"`` or ``"xla"``).
+
+Both are self-attention and always causal; masks, biases, segment ids and
+dropout raise ``NotImplementedError`` there. Appending past the cache raises
+``ValueError`` when the index is concrete; under ``jit`` the overflowing
+sequences' outputs are NaN and nothing is written out of bounds.
 """
 
 from __future__ import annotations
@@ -231,6 +251,10 @@ class FlashMultiHeadAttention(nnx.Module):
       kernel_init, bias_init: initialisers for the projections.
       out_kernel_init, out_bias_init: for the output projection when it
         should differ (e.g. GPT-2's scaled residual init).
+      decode: default for the call's ``decode`` (use the KV cache; see the
+        module docstring and :meth:`init_cache`).
+      decode_implementation: ``decode_attention``'s implementation for decode
+        calls, ``"pallas"`` or ``"xla"``; a call may override it.
       rngs: ``nnx.Rngs`` for initialisation (and, with dropout, a ``dropout``
         stream that is kept for calls without ``rngs``); a ``jax.random`` key
         or an int seed is taken as ``nnx.Rngs(rngs)``.
@@ -258,6 +282,8 @@ class FlashMultiHeadAttention(nnx.Module):
         bias_init: nnx.Initializer = _default_bias_init,
         out_kernel_init: nnx.Initializer | None = None,
         out_bias_init: nnx.Initializer | None = None,
+        decode: bool = False,
+        decode_implementation: str = "pallas",
         rngs: nnx.Rngs | jax.Array | int,
     ):
         for name, value in (("num_heads", num_heads), ("in_features", in_features)):
@@ -286,6 +312,9 @@ class FlashMultiHeadAttention(nnx.Module):
         check_dropout_rate(dropout_rate)
         if not isinstance(is_causal, bool):
             raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
+        if not isinstance(decode, bool):
+            raise TypeError(f"decode must be a bool, got {decode!r}")
+        _check_decode_implementation(decode_implementation)
 
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
@@ -332,6 +361,12 @@ class FlashMultiHeadAttention(nnx.Module):
             rngs=rngs,
         )
         self.rngs = rngs.dropout.fork() if dropout_rate > 0 else None
+        self.decode = decode
+        self.decode_implementation = decode_implementation
+        # The KV cache (init_cache): [B, S, K, H] keys and values, int32 [B] lengths.
+        self.cached_key: nnx.Cache | None = nnx.data(None)
+        self.cached_value: nnx.Cache | None = nnx.data(None)
+        self.cache_index: nnx.Cache | None = nnx.data(None)
 
     def __call__(
         self,
@@ -348,6 +383,9 @@ class FlashMultiHeadAttention(nnx.Module):
         key_value_seq_lengths: jax.Array | None = None,
         deterministic: bool | None = None,
         rngs: nnx.Rngs | nnx.RngStream | None = None,
+        decode: bool | None = None,
+        prefill: bool = False,
+        decode_implementation: str | None = None,
     ) -> jax.Array:
         """Attend from ``inputs_q`` to ``inputs_k``/``inputs_v``.
 
@@ -364,6 +402,10 @@ class FlashMultiHeadAttention(nnx.Module):
           query_seq_lengths, key_value_seq_lengths: int ``[B]`` valid lengths.
           deterministic: disable dropout; overrides the constructor's.
           rngs: dropout randomness; defaults to the stream kept at init.
+          decode: append the new tokens to the KV cache and attend over it
+            (overrides the constructor's ``decode``); see the module docstring.
+          prefill: start the KV cache over with these tokens (flash kernel).
+          decode_implementation: overrides the constructor's for this call.
 
         Returns:
           ``[B, Tq, out_features]``.
@@ -403,6 +445,22 @@ class FlashMultiHeadAttention(nnx.Module):
             dropout_rng = stream()
         dropout = _dropout_kwargs(self.dropout_rate, dropout_rng, deterministic)
 
+        if prefill or (self.decode if decode is None else decode):
+            unsupported = dict(mask=mask, bias=bias, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+                               query_seq_lengths=query_seq_lengths, dropout=dropout or None)
+            if not prefill:
+                unsupported["key_value_seq_lengths"] = key_value_seq_lengths
+            given = [name for name, x in unsupported.items() if x is not None]
+            if given:
+                raise NotImplementedError(f"{', '.join(given)} with the KV cache ({'prefill' if prefill else 'decode'})")
+            if key.shape[:2] != query.shape[:2]:
+                raise ValueError(
+                    f"with the KV cache inputs_k/inputs_v must be the new tokens of inputs_q: [batch, length] "
+                    f"{tuple(query.shape[:2])}, got {tuple(key.shape[:2])}")
+            attend = self._prefill if prefill else self._decode
+            x = attend(query, key, value, key_value_seq_lengths, decode_implementation)
+            return self.out(x.astype(query.dtype))  # [B, Tq, out_features]
+
         if mask is not None:
             mask = mask.astype(jnp.bool_)
         # Everything else goes to the API as it is: it validates and names the argument.
@@ -423,3 +481,82 @@ class FlashMultiHeadAttention(nnx.Module):
             **dropout,
         )  # [B, Tq, N, H]
         return self.out(x)  # [B, Tq, out_features]
+
+    # ------------------------------------------------------------------ KV cache
+
+    def init_cache(self, input_shape: Sequence[int], dtype: Any = None) -> None:
+        """Make an empty KV cache for ``input_shape = (batch, max_length, features)``.
+
+        ``cached_key``/``cached_value`` ``[batch, max_length, num_kv_heads,
+        head_dim]`` in ``dtype`` (default: the layer's ``dtype``, else float32)
+        and ``cache_index`` ``int32 [batch]`` (zeros), all ``nnx.Cache``.
+        Calling it again replaces the cache.
+        """
+        shape = tuple(input_shape)
+        if len(shape) != 3 or any(not isinstance(d, int) or isinstance(d, bool) or d <= 0 for d in shape):
+            raise ValueError(f"input_shape must be three positive ints (batch, max_length, features), got {input_shape!r}")
+        dtype = jnp.dtype(dtype or self.dtype or jnp.float32)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(f"the cache dtype must be a float dtype, got {dtype}")
+        cache_shape = (shape[0], shape[1], self.num_kv_heads, self.head_dim)
+        self.cached_key = nnx.Cache(jnp.zeros(cache_shape, dtype))
+        self.cached_value = nnx.Cache(jnp.zeros(cache_shape, dtype))
+        self.cache_index = nnx.Cache(jnp.zeros((shape[0],), jnp.int32))
+
+    def _cache_shape(self, query: jax.Array) -> tuple[int, int]:
+        """``(B, S)`` of the cache, checked against the new tokens ``query [B, Tq, N, H]``."""
+        if self.cached_key is None or self.cached_value is None or self.cache_index is None:
+            raise ValueError("the KV cache is not initialised: call init_cache((batch, max_length, features)) first")
+        B, S = self.cached_key.shape[:2]
+        if query.shape[0] != B or query.shape[1] > S:
+            raise ValueError(
+                f"the new tokens [batch, length] = {tuple(query.shape[:2])} do not fit the KV cache "
+                f"[batch, max_length] = {(B, S)}")
+        return B, S
+
+    def _prefill(self, query, key, value, lengths, _implementation):
+        """Causal flash attention over the new tokens alone; they become the whole cache."""
+        B, _ = self._cache_shape(query)
+        Tq = query.shape[1]
+        if lengths is None:
+            lengths = jnp.full((B,), Tq, jnp.int32)
+        out = pallas_flash.dot_product_attention(
+            query, key, value, scale=self.scale, is_causal=True, key_value_seq_lengths=lengths,
+            local_window_size=self.local_window_size, implementation=self.implementation,
+        )  # [B, Tq, N, H]
+        dtype = self.cached_key.dtype
+        self.cached_key[...] = jax.lax.dynamic_update_slice(self.cached_key[...], key.astype(dtype), (0, 0, 0, 0))
+        self.cached_value[...] = jax.lax.dynamic_update_slice(self.cached_value[...], value.astype(dtype), (0, 0, 0, 0))
+        self.cache_index[...] = jnp.clip(jnp.asarray(lengths, jnp.int32), 0, Tq)
+        return out
+
+    def _decode(self, query, key, value, _lengths, implementation):
+        """Append the new tokens at each sequence's index; ``decode_attention`` over the cache."""
+        from pallas_flash.decode import decode_attention
+
+        implementation = implementation or self.decode_implementation
+        _check_decode_implementation(implementation)
+        B, S = self._cache_shape(query)
+        Tq = query.shape[1]
+        index = self.cache_index[...]  # [B]
+        lengths = index + Tq  # [B], the new tokens included
+        overflow = lengths > S
+        if not isinstance(index, jax.core.Tracer) and bool(overflow.any()):
+            raise ValueError(
+                f"the KV cache overflows: {Tq} new token(s) after {index.tolist()} cached, max_length {S}")
+        dtype = self.cached_key.dtype
+        rows = jnp.arange(B)[:, None]  # [B, 1]
+        cols = index[:, None] + jnp.arange(Tq)  # [B, Tq]; past the cache: dropped
+        self.cached_key[...] = self.cached_key[...].at[rows, cols].set(key.astype(dtype), mode="drop")
+        self.cached_value[...] = self.cached_value[...].at[rows, cols].set(value.astype(dtype), mode="drop")
+        self.cache_index[...] = lengths
+        out = decode_attention(  # clips lengths to S under jit
+            query.astype(dtype), self.cached_key[...], self.cached_value[...], lengths, scale=self.scale,
+            local_window_size=self.local_window_size, implementation=implementation,
+        )  # [B, Tq, N, H]
+        return jnp.where(overflow[:, None, None, None], jnp.nan, out)
+
+
+def _check_decode_implementation(implementation) -> None:
+    if implementation not in ("pallas", "xla"):
+        raise ValueError(f"decode_implementation must be 'pallas' or 'xla', got {implementation!r}")
