@@ -276,12 +276,14 @@ def decode_attention(
     spec = decode_spec(q, k_cache, v_cache, kv_lengths, block_tables, scale=scale, logits_soft_cap=logits_soft_cap,
                        local_window_size=local_window_size)
     check_values(spec, kv_lengths, block_tables)
-    lengths = jnp.clip(jnp.asarray(kv_lengths), 0, spec.capacity).astype(jnp.int32)
+    lengths = jnp.asarray(kv_lengths)
+    if lengths.dtype != jnp.int32:  # int32 lengths go to the kernel as they are; it clips them itself
+        lengths = jnp.clip(lengths, 0, spec.capacity).astype(jnp.int32)
     tables = None if block_tables is None else jnp.asarray(block_tables).astype(jnp.int32)
     if spec.batch == 0 or spec.num_heads == 0:
         return jnp.zeros(q.shape, q.dtype)
     if implementation == "xla":
-        return xla_decode(spec, q, k_cache, v_cache, lengths, tables)
+        return xla_decode(spec, q, k_cache, v_cache, jnp.clip(lengths, 0, spec.capacity), tables)
     if q.dtype not in _KERNEL_DTYPES:
         raise NotImplementedError(f"the pallas decode kernel takes bfloat16, float16 or float32, got {q.dtype}; "
                                   "use implementation='xla'")
