@@ -2,7 +2,8 @@
 
 ``get(name)`` returns the backend registered under a name; ``names()`` lists
 them. Registered now: ``"triton"`` (the Pallas kernels lowered through
-Triton), ``"xla"`` and ``"cudnn"`` (``jax.nn.dot_product_attention``).
+Triton), ``"mosaic"`` (the Pallas Mosaic GPU forward for Hopper, with the
+Triton backward), ``"xla"`` and ``"cudnn"`` (``jax.nn.dot_product_attention``).
 ``"pallas"`` names the default Pallas backend (today ``"triton"``).
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from pallas_flash.backends.base import Backend, Gradients, KernelBackend
 from pallas_flash.backends.jax_nn import JaxNnBackend
+from pallas_flash.backends.mosaic_gpu import MosaicBackend
 from pallas_flash.backends.triton import TritonBackend
 
 __all__ = ["Backend", "KernelBackend", "Gradients", "register", "get", "names"]
@@ -39,5 +41,6 @@ def get(name: str) -> Backend:
 
 
 register("triton", TritonBackend())
+register("mosaic", MosaicBackend())
 register("xla", JaxNnBackend("xla"))
 register("cudnn", JaxNnBackend("cudnn"))

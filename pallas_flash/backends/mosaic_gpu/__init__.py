@@ -1,0 +1,107 @@
+"""The Pallas Mosaic GPU backend (Hopper, sm_90): ``implementation="mosaic"``.
+
+Files: ``forward.py`` (the warp-specialised TMA + wgmma forward kernel and its
+launcher), ``config.py`` (``MosaicConfig``: the forward's blocks and pipeline
+depth, and the backward's config).
+
+The forward computes plain and causal attention with GQA/MQA, any sequence
+lengths (Tq != Tk, not block multiples), head dims 64, 128 and 256, in
+bfloat16 and float16. Everything else (masks, bias, lengths, segment ids,
+ALiBi, soft-cap, dropout, windows, position offsets, float32, other head dims,
+GPUs other than compute capability 9.0) is refused by ``supports`` with
+``NotImplementedError``, so a caller can fall back to ``"triton"``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from pallas_flash.backends.base import Gradients, KernelBackend
+from pallas_flash.backends.mosaic_gpu.config import HEAD_DIMS, MosaicConfig, MosaicForwardConfig, default_config
+from pallas_flash.backends.mosaic_gpu.forward import mosaic_forward
+from pallas_flash.backends.triton.backward import flash_backward
+from pallas_flash.spec import AttentionInputs, AttentionSpec
+
+SUPPORTED_DTYPES = tuple(jnp.dtype(d) for d in (jnp.bfloat16, jnp.float16))
+COMPUTE_CAPABILITY = "9.0"
+
+__all__ = ["MosaicBackend", "MosaicConfig", "MosaicForwardConfig", "default_config"]
+
+
+def _unsupported_features(inputs: AttentionInputs, spec: AttentionSpec) -> list[str]:
+    found = []
+    if spec.has_mask:
+        found.append("a mask")
+    if spec.has_bias:
+        found.append("a bias")
+    if spec.has_q_lengths or spec.has_kv_lengths:
+        found.append("sequence lengths")
+    if spec.has_segments:
+        found.append("segment ids")
+    if spec.has_alibi:
+        found.append("ALiBi slopes")
+    if spec.soft_cap is not None:
+        found.append("a logits soft-cap")
+    if spec.has_dropout:
+        found.append("dropout")
+    if spec.window is not None:
+        found.append("a local window")
+    if spec.q_offset or spec.k_offset:
+        found.append("position offsets")
+    return found
+
+
+def _gpu_compute_capability() -> str | None:
+    """The first GPU's compute capability (``"9.0"``), or None without a GPU."""
+    if jax.default_backend() != "gpu":
+        return None
+    return getattr(jax.devices()[0], "compute_capability", None)
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicBackend(KernelBackend):
+    """The Mosaic GPU forward kernel (sm_90) with the Triton backend's backward kernels.
+
+    The backward delegates to ``pallas_flash.backends.triton.backward.flash_backward``:
+    it recomputes the probabilities from the same residuals ``(q, k, v, out,
+    lse2)`` that the Triton forward saves (``lse2`` in the log2 domain, the
+    Triton kernels' own convention), so its gradients are exactly the Triton
+    backend's for this forward's output, with ``MosaicConfig.bwd`` as its config.
+    """
+
+    name = "mosaic"
+    config_type = MosaicConfig
+
+    def supports(self, q, k, v, inputs: AttentionInputs, spec: AttentionSpec) -> None:
+        features = _unsupported_features(inputs, spec)
+        if features:
+            raise NotImplementedError(f"the Mosaic GPU kernels do not implement {', '.join(features)}")
+        if jnp.dtype(q.dtype) not in SUPPORTED_DTYPES:
+            raise NotImplementedError(f"the Mosaic GPU kernels support bfloat16 and float16, got {q.dtype}")
+        if q.shape[-1] not in HEAD_DIMS:
+            raise NotImplementedError(
+                f"the Mosaic GPU kernels support head_dim in {HEAD_DIMS}, got query {tuple(q.shape)}"
+            )
+        capability = _gpu_compute_capability()
+        if capability is not None and capability != COMPUTE_CAPABILITY:
+            raise NotImplementedError(
+                f"the Mosaic GPU kernels need an sm_90 (Hopper) GPU, this one has compute capability {capability}"
+            )
+
+    def default_config(self, q, k, spec: AttentionSpec) -> MosaicConfig:
+        return default_config(
+            head_dim=q.shape[-1], dtype=q.dtype, causal=spec.causal, seq_q=q.shape[1], seq_k=k.shape[1]
+        )
+
+    def forward(self, q, k, v, inputs, spec, *, config: MosaicConfig, interpret: bool):
+        return mosaic_forward(q, k, v, inputs, spec=spec, config=config.fwd, interpret=interpret)
+
+    def backward(self, q, k, v, out, lse, do, dlse, inputs, spec, *, config: MosaicConfig, interpret: bool,
+                 want_dbias: bool, want_dslopes: bool) -> Gradients:
+        return flash_backward(
+            q, k, v, out, lse, do, dlse, inputs, spec=spec, config=config.bwd, interpret=interpret,
+            want_dbias=want_dbias, want_dslopes=want_dslopes,
+        )

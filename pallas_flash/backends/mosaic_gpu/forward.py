@@ -1,0 +1,364 @@
+"""FlashAttention forward for Hopper (sm_90): a Pallas kernel on the Mosaic GPU backend.
+
+One CTA computes ``2 * block_q`` query rows of one (batch, head) with three
+warpgroups (FlashAttention-3's layout):
+
+- the memory warpgroup streams the K and V blocks of the CTA's KV head with
+  TMA into a ring of ``num_stages`` swizzled shared-memory slots. ``k_ready`` /
+  ``v_ready`` say a slot has landed; ``k_consumed`` / ``v_consumed`` (one
+  arrival per compute warpgroup) say both compute warpgroups are done with it;
+- two compute warpgroups each own ``block_q`` rows (a TMA-loaded Q tile in
+  shared memory) and loop over the key blocks: ``S = Q K^T`` by wgmma into
+  registers, the online softmax in the log2 domain (``exp2`` with the scale and
+  log2(e) folded into one multiply-add), then ``O += P V`` by wgmma with P
+  from registers. ``wg_turn`` (both warpgroups arrive, then wait) makes them
+  take turns on the tensor cores: one warpgroup's softmax overlaps the other's
+  matrix products.
+
+Causal attention is a loop split: key blocks every row of the warpgroup sees
+entirely run with no mask; the blocks on the diagonal are masked; blocks no row
+sees are never loaded. A warpgroup that needs fewer key blocks than its
+partner (the first of the two, under causal) still takes its turns and
+releases their slots, so the two stay in step. GQA: query head ``h`` reads KV
+head ``h // (N / K)``; K/V are never repeated.
+
+Lengths: the sequence lengths need not be block multiples. TMA reads past the
+end of an array give zeros and its writes there are dropped; logits of keys
+``>= Tk`` are masked in the last key block. (Lengths that are not multiples of
+8, and arrays shorter than one block, are zero-padded by the launcher: the
+tiled TMA copies need whole 8-row tiles.)
+
+Outputs: ``out [B, Tq, N, H]`` and ``lse2 [B, N, Tq]`` float32, the log-sum-exp
+in the log2 domain (``m + log2(l)`` with ``m`` the running max of the scaled
+log2 logits), exactly what the Triton backward reads.
+
+Interpret mode (``interpret=True``: Mosaic GPU's ``InterpretGPUParams`` on the
+CPU) runs this kernel with its warpgroups as threads, TMA copies, barriers and
+wgmma simulated. Two primitives used on the GPU have no interpreter rule in
+jax 0.11.2: ``pl.run_state`` (an accumulator initialised from registers,
+``plgpu.ACC.init``) and a wgmma whose left operand is in registers. In
+interpret mode alone, P is therefore staged through shared memory and ``P V``
+is accumulated into a fresh accumulator that is added in registers; every
+other line (pipeline, barriers, masks, softmax, stores) is the GPU's.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_flash.backends.mosaic_gpu.config import MosaicForwardConfig
+from pallas_flash.spec import LOG2E, AttentionInputs, AttentionSpec
+
+__all__ = ["mosaic_forward"]
+
+COMPUTE_WGS = 2
+MEMORY_WG = COMPUTE_WGS
+# Registers per thread after the warpgroups rebalance them (2 * 232 + 40 warps' worth <= 64K).
+COMPUTE_REGISTERS = 232
+MEMORY_REGISTERS = 40
+_WGMMA = plgpu.Layout.WGMMA
+_ROW = plgpu.Layout.WGMMA.reduce(1)
+_RCP_LN2 = 1.0 / math.log(2.0)
+
+
+def _tiled_smem(shape, dtype):
+    """Shared memory in the wgmma operand layout: 8 x 64-element tiles, 128-byte swizzle."""
+    swizzle = 128
+    cols = 8 * swizzle // jnp.dtype(dtype).itemsize // 8
+    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, cols)), plgpu.SwizzleTransform(swizzle)))
+
+
+def _row_bcast(x, shape):
+    return lax.broadcast_in_dim(x, shape, [0])
+
+
+def _forward_kernel(
+    q_ref,
+    k_ref,
+    v_ref,
+    out_ref,
+    lse_ref,
+    *,
+    qo_smem,
+    k_smem,
+    v_smem,
+    lse_smem,
+    q_ready,
+    k_ready,
+    v_ready,
+    k_consumed,
+    v_consumed,
+    wg_turn,
+    p_smem=None,
+    seq_k: int,
+    group: int,
+    num_q_tiles: int,
+    block_q: int,
+    block_kv: int,
+    num_stages: int,
+    causal: bool,
+    scale_log2: float,
+    interpret: bool,
+):
+    batch = lax.axis_index("batch")
+    head = lax.axis_index("head")
+    tile = lax.axis_index("q_tile")
+    if causal:  # the longest rows first, so the last wave is made of short ones
+        tile = num_q_tiles - 1 - tile
+    wg = lax.axis_index("wg")
+    cta_q0 = tile * (COMPUTE_WGS * block_q)
+    num_kv_blocks = pl.cdiv(seq_k, block_kv)  # static
+    num_whole_kv_blocks = seq_k // block_kv  # static: blocks with no key past Tk
+    dtype = qo_smem.dtype
+    fold_scale = scale_log2 > 0  # max(s) * c == max(s * c) only for c > 0
+
+    def kv_blocks_seen(q_end):
+        """Key blocks that rows ``< q_end`` see (at least one: every row sees key 0)."""
+        if not causal:
+            return num_kv_blocks
+        return jnp.minimum(pl.cdiv(q_end, jnp.int32(block_kv)), jnp.int32(num_kv_blocks))
+
+    cta_kv_blocks = kv_blocks_seen(cta_q0 + COMPUTE_WGS * block_q)
+
+    def take_turn():
+        plgpu.barrier_arrive(wg_turn)
+        plgpu.barrier_wait(wg_turn)
+
+    @pl.when(wg < COMPUTE_WGS)
+    def _compute_warpgroup():
+        plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
+        q_base = cta_q0 + wg * block_q
+        q_smem = qo_smem.at[wg]
+        plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q_base, block_q), head], q_smem, q_ready.at[wg])
+        kv_end = kv_blocks_seen(q_base + block_q)
+        if causal:  # blocks whose every key is <= every row of this warpgroup, and < Tk
+            kv_unmasked = jnp.minimum(lax.div(q_base, jnp.int32(block_kv)), jnp.int32(num_whole_kv_blocks))
+        else:
+            kv_unmasked = num_whole_kv_blocks
+
+        m = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32), _ROW)
+        l = plgpu.layout_cast(jnp.zeros((block_q,), jnp.float32), _ROW)
+        acc = plgpu.layout_cast(jnp.zeros((block_q, q_smem.shape[-1]), jnp.float32), _WGMMA)
+
+        plgpu.barrier_wait(q_ready.at[wg])
+        plgpu.barrier_wait(k_ready.at[0])
+        pl.when(wg == 1)(take_turn)  # one turn behind: warpgroup 0 goes first
+
+        def kv_step(kb, carry, *, masked: bool):
+            acc, m, l = carry
+            slot = lax.rem(kb, jnp.int32(num_stages))
+
+            def qk(s_ref):
+                plgpu.wgmma(s_ref, q_smem, k_smem.at[slot].T)
+                take_turn()
+                return s_ref[...]
+
+            s = pl.run_scoped(qk, plgpu.ACC((block_q, block_kv), jnp.float32))
+            plgpu.barrier_arrive(k_consumed.at[slot])
+
+            if masked:
+                cols = kb * block_kv + plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=_WGMMA)
+                visible = None
+                if seq_k % block_kv:
+                    visible = cols < seq_k
+                if causal:
+                    rows = q_base + plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=_WGMMA)
+                    before = rows >= cols
+                    visible = before if visible is None else visible & before
+                s = jnp.where(visible, s, -jnp.inf)
+
+            # Online softmax in the log2 domain: m is the running max of s * scale * log2(e).
+            if fold_scale:
+                m_new = jnp.maximum(m, s.max(axis=1) * scale_log2)
+                p = jnp.exp2(s * scale_log2 - _row_bcast(m_new, s.shape))
+            else:
+                s = s * scale_log2
+                m_new = jnp.maximum(m, s.max(axis=1))
+                p = jnp.exp2(s - _row_bcast(m_new, s.shape))
+            alpha = jnp.exp2(m - m_new)
+            acc = acc * _row_bcast(alpha, acc.shape)
+            l = l * alpha + p.sum(axis=1)
+            p16 = p.astype(dtype)
+            acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
+
+            plgpu.barrier_arrive(wg_turn)
+            plgpu.barrier_wait(v_ready.at[slot])
+            plgpu.barrier_wait(wg_turn)
+
+            def wait_next_k():
+                @pl.when(kb + 1 < kv_end)
+                def _():
+                    plgpu.barrier_wait(k_ready.at[lax.rem(kb + 1, jnp.int32(num_stages))])
+
+            if interpret:
+                p_tile = p_smem.at[wg]
+                p_tile[...] = p16
+                plgpu.commit_smem()
+
+                def pv_fresh(o_ref):
+                    plgpu.wgmma(o_ref, p_tile, v_smem.at[slot])
+                    wait_next_k()
+                    return o_ref[...]
+
+                acc = acc + pl.run_scoped(pv_fresh, plgpu.ACC(acc.shape, jnp.float32))
+            else:
+
+                def pv(o_ref):
+                    plgpu.wgmma(o_ref, p16, v_smem.at[slot])
+                    wait_next_k()
+
+                acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+            plgpu.barrier_arrive(v_consumed.at[slot])
+            return acc, m_new, l
+
+        carry = (acc, m, l)
+        i32 = functools.partial(jnp.asarray, dtype=jnp.int32)  # loop indices stay int32 under jax_enable_x64
+        carry = lax.fori_loop(i32(0), i32(kv_unmasked), functools.partial(kv_step, masked=False), carry)
+        if causal or seq_k % block_kv:
+            carry = lax.fori_loop(i32(kv_unmasked), i32(kv_end), functools.partial(kv_step, masked=True), carry)
+        acc, m, l = carry
+
+        @pl.loop(i32(kv_end), i32(cta_kv_blocks))
+        def _release_unseen(kb):
+            # Blocks only the partner warpgroup sees: release the slots and keep the turns in step.
+            # (Their ready barriers are waited on too: every warpgroup observes every phase of the
+            # barriers it waits on, which the interpreter checks and the parity tracking relies on.)
+            slot = lax.rem(kb, jnp.int32(num_stages))
+            plgpu.barrier_wait(k_ready.at[slot])
+            plgpu.barrier_wait(v_ready.at[slot])
+            plgpu.barrier_arrive(k_consumed.at[slot])
+            plgpu.barrier_arrive(v_consumed.at[slot])
+            take_turn()
+            take_turn()
+
+        pl.when(wg == 0)(take_turn)
+
+        # Every row sees at least key 0, so l >= 1.
+        q_smem[...] = (acc * _row_bcast(1.0 / l, acc.shape)).astype(dtype)
+        lse_smem[wg] = m + jnp.log(l) * _RCP_LN2
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_smem, out_ref.at[batch, pl.ds(q_base, block_q), head])
+        plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[batch, head, pl.ds(q_base, block_q)])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == MEMORY_WG)
+    def _memory_warpgroup():
+        plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
+        kv_head = lax.div(head, jnp.int32(group))
+
+        @pl.loop(jnp.int32(0), jnp.asarray(cta_kv_blocks, jnp.int32))
+        def _load(kb):
+            slot = lax.rem(kb, jnp.int32(num_stages))
+            rows = pl.ds(kb * block_kv, block_kv)
+            refill = kb >= num_stages
+
+            @pl.when(refill)
+            def _():
+                plgpu.barrier_wait(k_consumed.at[slot])
+
+            plgpu.copy_gmem_to_smem(k_ref.at[batch, rows, kv_head], k_smem.at[slot], k_ready.at[slot])
+
+            @pl.when(refill)
+            def _():
+                plgpu.barrier_wait(v_consumed.at[slot])
+
+            plgpu.copy_gmem_to_smem(v_ref.at[batch, rows, kv_head], v_smem.at[slot], v_ready.at[slot])
+
+        @pl.loop(jnp.maximum(jnp.int32(cta_kv_blocks - num_stages), 0), jnp.asarray(cta_kv_blocks, jnp.int32))
+        def _drain(kb):
+            # Observe the release of the last slots too (nothing is loaded into them any more).
+            slot = lax.rem(kb, jnp.int32(num_stages))
+            plgpu.barrier_wait(k_consumed.at[slot])
+            plgpu.barrier_wait(v_consumed.at[slot])
+
+
+def _pad_seq(x: jax.Array, length: int) -> jax.Array:
+    if x.shape[1] == length:
+        return x
+    return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0)))
+
+
+def _padded_length(n: int, block: int) -> int:
+    """``n`` rounded up to whole 8-row tiles, and to at least one block."""
+    return max(-(-n // 8) * 8, block)
+
+
+def mosaic_forward(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    inputs: AttentionInputs,
+    *,
+    spec: AttentionSpec,
+    config: MosaicForwardConfig,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """``(out [B, Tq, N, H], lse2 [B, N, Tq] float32)`` of plain or causal attention, GQA allowed.
+
+    The caller (``MosaicBackend.supports``) has checked the call: no masks,
+    bias, lengths, segments, ALiBi, soft-cap, dropout, window or offsets;
+    bf16/fp16; head dim 64, 128 or 256.
+    """
+    del inputs  # nothing beside q, k, v in the calls this kernel takes
+    batch, seq_q, num_heads, head_dim = q.shape
+    _, seq_k, num_kv_heads, _ = k.shape
+    config.check_fits(head_dim, q.dtype)
+    block_q, block_kv = config.block_q, config.block_kv
+    rows_per_cta = COMPUTE_WGS * block_q
+
+    q_pad = _pad_seq(q, _padded_length(seq_q, rows_per_cta))
+    k_pad = _pad_seq(k, _padded_length(seq_k, block_kv))
+    v_pad = _pad_seq(v, _padded_length(seq_k, block_kv))
+    num_q_tiles = pl.cdiv(seq_q, rows_per_cta)
+    lse_len = num_q_tiles * rows_per_cta  # whole tiles: the lse rows are written by 1-D TMA copies
+
+    kernel = functools.partial(
+        _forward_kernel,
+        seq_k=seq_k,
+        group=num_heads // num_kv_heads,
+        num_q_tiles=num_q_tiles,
+        block_q=block_q,
+        block_kv=block_kv,
+        num_stages=config.num_stages,
+        causal=spec.causal,
+        scale_log2=float(spec.scale) * LOG2E,
+        interpret=interpret,
+    )
+    dtype = q.dtype
+    scratch = dict(
+        qo_smem=_tiled_smem((COMPUTE_WGS, block_q, head_dim), dtype),
+        k_smem=_tiled_smem((config.num_stages, block_kv, head_dim), dtype),
+        v_smem=_tiled_smem((config.num_stages, block_kv, head_dim), dtype),
+        lse_smem=plgpu.SMEM((COMPUTE_WGS, block_q), jnp.float32),
+        q_ready=plgpu.Barrier(num_barriers=COMPUTE_WGS),
+        k_ready=plgpu.Barrier(num_barriers=config.num_stages),
+        v_ready=plgpu.Barrier(num_barriers=config.num_stages),
+        k_consumed=plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=config.num_stages),
+        v_consumed=plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=config.num_stages),
+        wg_turn=plgpu.Barrier(num_arrivals=COMPUTE_WGS),
+    )
+    if interpret:  # P staged through shared memory (see the module docstring)
+        scratch["p_smem"] = _tiled_smem((COMPUTE_WGS, block_q, block_kv), dtype)
+    out_shape = (
+        jax.ShapeDtypeStruct(q_pad.shape, dtype),
+        jax.ShapeDtypeStruct((batch, num_heads, lse_len), jnp.float32),
+    )
+    out, lse2 = plgpu.kernel(
+        kernel,
+        out_type=out_shape,
+        scratch_types=scratch,
+        grid=(batch, num_heads, num_q_tiles),
+        grid_names=("batch", "head", "q_tile"),
+        num_threads=COMPUTE_WGS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+    )(q_pad, k_pad, v_pad)
+    return out[:, :seq_q], lse2[:, :, :seq_q]
