@@ -17,6 +17,12 @@ all plain integer ops in Triton and XLA):
 so an element is kept with probability ``1 - rate`` (to within 2**-32). The
 per-head and per-row keys are computed once per tile row; each element costs
 one ``mix`` (two multiplies, three shifts, three xors) and a compare.
+
+``batch``, ``head`` and ``N`` are global: a kernel running on one shard of a
+batch- or head-sharded call (``pallas_flash.sharding.partition``) gets the
+seed extended by ``shard_seed`` with its first batch row, first head and the
+global head count, and adds them to its own program ids, so the same key
+gives the same mask sharded or not.
 """
 
 from __future__ import annotations
@@ -25,7 +31,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["seed_from_key", "keep_mask", "keep_threshold", "full_keep_mask"]
+__all__ = ["seed_from_key", "keep_mask", "keep_threshold", "full_keep_mask", "shard_seed"]
+
+# Words of a seed: the key's two, then (only on a shard of a partitioned call)
+# the shard's first batch row, first query head and the global number of heads.
+SEED_WORDS = 2
+SHARD_SEED_WORDS = 5
 
 _U32 = np.uint32
 GOLDEN = 0x9E3779B9
@@ -57,8 +68,27 @@ def keep_threshold(rate: float) -> int:
 
 def head_key(seed0, seed1, batch, head, num_heads: int):
     """The per-(batch, head) key; ``batch``/``head`` may be int32 scalars or arrays."""
-    bh = _u32(batch) * _U32(num_heads) + _u32(head)
+    bh = _u32(batch) * _u32(num_heads) + _u32(head)
     return _mix(_mix(_u32(seed0) ^ (bh * _U32(GOLDEN))) + _u32(seed1))
+
+
+def seed_head_key(seed, batch, head, num_heads: int):
+    """``head_key`` from a seed of ``SEED_WORDS`` or ``SHARD_SEED_WORDS`` words (a kernel's seed ref, or an array).
+
+    A shard's seed carries its global offsets: ``batch``/``head`` are then the
+    shard's own indices and become global here, and ``num_heads`` (the shard's
+    count) gives way to the global one.
+    """
+    if seed.shape[0] == SHARD_SEED_WORDS:
+        batch = _u32(batch) + seed[2]
+        head = _u32(head) + seed[3]
+        num_heads = seed[4]
+    return head_key(seed[0], seed[1], batch, head, num_heads)
+
+
+def shard_seed(seed, offsets) -> jax.Array:
+    """The seed of one shard: ``seed`` (uint32 [2]) and ``offsets`` = uint32 ``[first batch row, first head, heads in all]``."""
+    return jnp.concatenate([jnp.asarray(seed, jnp.uint32), jnp.asarray(offsets, jnp.uint32)])
 
 
 def keep_mask(key, rows, cols, *, rate: float):

@@ -12,6 +12,10 @@ attention probabilities blockwise. Nothing of size ``Tq x Tk`` is ever
 created, forward or backward, except the bias gradient itself when the
 caller differentiates a dense bias. The backend, its config and the spec are
 static arguments: one compiled kernel per value.
+
+Every kernel call goes through ``pallas_flash.sharding.partition``: under
+``jit`` with inputs sharded over batch or heads, each device runs the kernels
+on its own shard (no all-gather); on one device it is the plain call.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero, custom_vjp_primal_tree_values
 
+from pallas_flash.sharding import partition
 from pallas_flash.spec import AttentionInputs, AttentionSpec
 
 __all__ = ["attention_op"]
@@ -42,7 +47,7 @@ class _Static:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
 def attention_op(q, k, v, inputs: AttentionInputs, spec: AttentionSpec, backend, config, interpret: bool):
     """``(out [B, Tq, N, H], lse [B, N, Tq] float32)`` of ``backend``'s kernels; differentiable in both."""
-    out, lse2 = backend.forward(q, k, v, inputs, spec, config=config, interpret=interpret)
+    out, lse2 = partition.forward(backend, q, k, v, inputs, spec, config=config, interpret=interpret)
     return out, lse2 * LN2
 
 
@@ -82,7 +87,7 @@ attention_op.defvjp(_attention_fwd, _attention_bwd, symbolic_zeros=True)
 def _first_order_forward(q, k, v, inputs, spec, backend, config, interpret):
     """The forward kernels as the VJP's forward rule runs them: differentiating that rule
     (as grad of grad does) raises ``NotImplementedError`` like the backward."""
-    return backend.forward(q, k, v, inputs, spec, config=config, interpret=interpret)
+    return partition.forward(backend, q, k, v, inputs, spec, config=config, interpret=interpret)
 
 
 @_first_order_forward.defjvp
@@ -95,8 +100,8 @@ def _first_order_backward(q, k, v, out, lse2, do, dlse, inputs, spec, backend, c
                           want_dslopes):
     """The backend's backward kernels. They have no derivative of their own: differentiating them
     (grad of grad, hessian, jvp of a vjp) raises ``NotImplementedError`` saying what to use instead."""
-    return backend.backward(
-        q, k, v, out, lse2, do, dlse, inputs, spec, config=config, interpret=interpret,
+    return partition.backward(
+        backend, q, k, v, out, lse2, do, dlse, inputs, spec, config=config, interpret=interpret,
         want_dbias=want_dbias, want_dslopes=want_dslopes,
     )
 

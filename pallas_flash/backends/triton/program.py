@@ -118,10 +118,14 @@ def visible(q_pos, k_pos, *, spec: AttentionSpec, kv_limit=None, q_seg=None, k_s
 
 
 def dropout_key(side: SideInputs, b, head, num_heads: int):
-    """The per-(batch, head) dropout hash key, or None without dropout."""
+    """The per-(batch, head) dropout hash key, or None without dropout.
+
+    On a shard of a partitioned call the seed also carries the shard's global
+    batch and head offsets and head count (``dropout.seed_head_key``).
+    """
     if side.seed is None:
         return None
-    return dropout.head_key(side.seed[0], side.seed[1], b, head, num_heads)
+    return dropout.seed_head_key(side.seed, b, head, num_heads)
 
 
 def dropout_keep(key, q_pos, k_pos, *, spec: AttentionSpec):

@@ -1,0 +1,394 @@
+"""The kernels under ``jax.jit`` with batch- or head-sharded inputs: each device computes its own shard.
+
+A ``pallas_call`` is opaque to XLA's partitioner: without help, XLA
+all-gathers q, k and v around it and every device computes the whole batch.
+``forward`` and ``backward`` (what ``pallas_flash.op`` calls instead of the
+backend's own) wrap the backend's kernels in ``custom_partitioning`` with a
+Shardy sharding rule, as JAX's cuDNN attention does:
+
+- every array's dims are named by factors: ``b`` batch, ``k`` the KV heads
+  (query heads are ``(k g)``: KV head major, ``g`` the GQA group), ``t``/``s``
+  query/key positions, ``h`` head dim; a size-1 (broadcast) dim of a mask,
+  bias or slopes gets a factor of its own. ``b`` and ``k`` may be sharded on
+  any mesh axes; ``t``, ``s``, ``h`` and ``g`` are replicated (a sequence
+  sharded by the caller is all-gathered: correct, not fast).
+- the partition callback runs the kernels on each device's shard. A shard of
+  heads keeps whole GQA groups: query and KV heads must both divide by the
+  size of the head axes (``ValueError`` otherwise). A gradient of an input
+  broadcast over a sharded batch or head dim (a ``[1, N, Tq, Tk]`` bias, ``[N]``
+  ALiBi slopes) is a partial sum per shard and is ``psum``-ed over those axes.
+- dropout keep bits are keyed on global coordinates: the shard's first batch
+  row, first head and the global head count travel to the kernels as three
+  more words of the dropout seed (``pallas_flash.dropout.shard_seed``), from
+  ``axis_index`` (dynamic: one compiled kernel serves every shard).
+
+The partitioned call is a primitive with a batching rule, so ``vmap`` adds a
+leading (shardable) factor per level instead of failing. Under a mesh whose
+axes are ``Explicit`` the shardings are in the types at trace time; there the
+same per-shard function runs in ``jax.shard_map`` (``custom_partitioning``
+never sees an explicitly sharded type, which Pallas' interpret mode cannot
+slice).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+from jax._src import dispatch
+from jax.experimental.custom_partitioning import ArrayMapping, CompoundFactor, SdyShardingRule, custom_partitioning
+from jax.interpreters import batching, mlir
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+from pallas_flash import dropout
+from pallas_flash.spec import AttentionInputs, AttentionSpec
+
+__all__ = ["forward", "backward"]
+
+BATCH, HEADS, GROUP = "b", "k", "g"
+VMAP, OWN = "vmap", "one"  # prefixes: a vmap level's factor; a broadcast dim's own factor
+REPLICATED = ("t", "s", "h", GROUP)  # factors a shard never splits (sequence, head dim, within a GQA group)
+SUMMED = (BATCH, HEADS)  # factors an output without them is summed over
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernels:
+    """One backend kernel call with its static arguments; ``args`` is the tree of arrays it takes."""
+
+    kind: str  # "forward": (q, k, v, inputs); "backward": (q, k, v, out, lse2, do, dlse, inputs)
+    backend: Any
+    spec: AttentionSpec
+    config: Any
+    interpret: bool
+    want_dbias: bool = False
+    want_dslopes: bool = False
+
+    def __call__(self, args, shard=None):
+        """The kernels on ``args``; ``shard`` (uint32 [3] or None) is the global offset of this shard for dropout."""
+        inputs: AttentionInputs = args[-1]
+        # The dense mask/bias shapes of the arrays as passed (a shard's, when partitioned).
+        spec = dataclasses.replace(
+            self.spec,
+            mask_shape=None if inputs.mask is None else tuple(inputs.mask.shape),
+            bias_shape=None if inputs.bias is None else tuple(inputs.bias.shape),
+        )
+        if shard is not None and inputs.dropout_seed is not None:
+            inputs = inputs._replace(dropout_seed=dropout.shard_seed(inputs.dropout_seed, shard))
+        common = dict(config=self.config, interpret=self.interpret)
+        if self.kind == "forward":
+            q, k, v, _ = args
+            return self.backend.forward(q, k, v, inputs, spec, **common)
+        q, k, v, out, lse2, do, dlse, _ = args
+        return self.backend.backward(
+            q, k, v, out, lse2, do, dlse, inputs, spec, want_dbias=self.want_dbias, want_dslopes=self.want_dslopes,
+            **common,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """The partitioned primitive's one parameter: the kernels, the argument tree, the factors of every leaf.
+
+    ``levels`` holds, per ``vmap`` level (innermost first), which leaves carry
+    that level's mapped dim in front (``0``) or not (``None``).
+    """
+
+    kernels: Kernels
+    in_tree: Any
+    out_tree: Any
+    in_factors: tuple
+    out_factors: tuple
+    group: int
+    q_shape: tuple  # the query's and key's global shapes, without vmap dims
+    k_shape: tuple
+    levels: tuple = ()
+
+    def flat(self, shard=None):
+        """The kernels as a function of flat leaves, with every ``vmap`` level applied."""
+
+        def run(*leaves):
+            out = self.kernels(jax.tree.unflatten(self.in_tree, leaves), shard)
+            return tuple(jax.tree.leaves(out))
+
+        for axes in self.levels:
+            run = jax.vmap(run, in_axes=axes)
+        return run
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Factors of each argument and result.
+
+
+def _factors(kernels: Kernels, args) -> tuple[tuple, tuple, int]:
+    """``(in_factors, out_factors, group)``: one tuple of factor names per array leaf, in tree order."""
+    q, k = args[0], args[1]
+    batch, seq_q, num_heads, _ = q.shape
+    num_kv_heads = k.shape[2]
+    group = num_heads // num_kv_heads if num_kv_heads else 1
+    heads = HEADS if group == 1 else CompoundFactor(HEADS, GROUP)
+    q_f = (BATCH, "t", heads, "h")
+    kv_f = (BATCH, "s", HEADS, "h")
+    stat_f = (BATCH, heads, "t")
+    own = iter(f"{OWN}{i}" for i in range(1000))  # a factor of its own for each broadcast (size-1) dim
+
+    def dims(array, names, full):
+        return tuple(n if size == f else next(own) for size, n, f in zip(array.shape, names, full))
+
+    inputs: AttentionInputs = args[-1]
+    dense = (BATCH, heads, "t", "s")
+    dense_full = (batch, num_heads, seq_q, k.shape[1])
+    side = AttentionInputs(
+        q_lengths=(BATCH,),
+        kv_lengths=(BATCH,),
+        q_segment_ids=(BATCH, "t"),
+        kv_segment_ids=(BATCH, "s"),
+        mask=None if inputs.mask is None else dims(inputs.mask, dense, dense_full),
+        bias=None if inputs.bias is None else dims(inputs.bias, dense, dense_full),
+        alibi_slopes=None if inputs.alibi_slopes is None else dims(inputs.alibi_slopes, (BATCH, heads), (batch, num_heads)),
+        dropout_seed=(next(own),),
+    )
+    side = tuple(f if x is not None else None for f, x in zip(side, inputs))
+    if kernels.kind == "forward":
+        leading = [q_f, kv_f, kv_f]
+        outs = (q_f, stat_f)
+    else:
+        dlse = args[6]
+        leading = [q_f, kv_f, kv_f, q_f, stat_f, q_f] + ([stat_f] if dlse is not None else [])
+        outs = (q_f, kv_f, kv_f)
+        if kernels.want_dbias:
+            outs += (side[5],)
+        if kernels.want_dslopes:
+            outs += (side[6],)
+    ins = tuple(leading) + tuple(f for f in side if f is not None)
+    return ins, outs, group
+
+
+def _sharding_rule(call: Call, mesh, value_types, result_types) -> SdyShardingRule:
+    del mesh, value_types, result_types
+    # Factors in order of first appearance (Shardy wants the special ones listed in that order).
+    used = dict.fromkeys(n for fs in call.in_factors for f in fs for n in (f if isinstance(f, CompoundFactor) else (f,)))
+    sizes = {GROUP: call.group} if call.group > 1 else {}
+    return SdyShardingRule(
+        tuple(ArrayMapping(*f) for f in call.in_factors),
+        tuple(ArrayMapping(*f) for f in call.out_factors),
+        need_replication_factors=tuple(f for f in used if f in REPLICATED),
+        **sizes,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Partitioning: which mesh axes each factor is sharded on, and the per-shard function.
+
+
+def _axes(entry) -> tuple[str, ...]:
+    if entry is None:
+        return ()
+    return tuple(entry) if isinstance(entry, tuple) else (entry,)
+
+
+def _spec_of(sharding, ndim: int) -> tuple:
+    spec = () if sharding is None or not hasattr(sharding, "spec") else tuple(sharding.spec)
+    return spec + (None,) * (ndim - len(spec))
+
+
+def _sharded_factors(call: Call, mesh, specs) -> dict[str, tuple[str, ...]]:
+    """Mesh axes of ``b``, ``k`` and the ``vmap`` factors, read from the first leaf that has each (the query first)."""
+    axes = {}
+    for factors, spec in zip(call.in_factors, specs):
+        for f, entry in zip(factors, spec):
+            name = f[0] if isinstance(f, CompoundFactor) else f  # query heads: the KV-head factor is the major one
+            if name in axes or not (name in SUMMED or name.startswith(VMAP)):
+                continue
+            axes[name] = _axes(entry)
+    _check(call, mesh, axes)
+    return axes
+
+
+def _size(mesh, axes) -> int:
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def _check(call: Call, mesh, axes) -> None:
+    """Batch and heads must split evenly, heads in whole GQA groups; ``ValueError`` naming the mesh axes otherwise."""
+    q_shape, k_shape = call.q_shape, call.k_shape
+    batch, _, num_heads, _ = q_shape
+    num_kv_heads = k_shape[2]
+    b_axes, h_axes = axes.get(BATCH, ()), axes.get(HEADS, ())
+    if batch % _size(mesh, b_axes):
+        raise ValueError(
+            f"pallas_flash: the batch dim (query {q_shape}) is sharded over mesh axes {b_axes} of size "
+            f"{_size(mesh, b_axes)}, which does not divide batch {batch}; shard it over axes whose size divides it"
+        )
+    n = _size(mesh, h_axes)
+    if num_heads % n or num_kv_heads % n:
+        raise ValueError(
+            f"pallas_flash: the heads (query {q_shape}, key {k_shape}) are sharded over mesh axes {h_axes} of size "
+            f"{n}; each shard must hold whole GQA groups, so the query heads ({num_heads}) and the key/value heads "
+            f"({num_kv_heads}) must both be divisible by {n}. Shard the heads over fewer devices or replicate them"
+        )
+
+
+def _pspec(factors, axes) -> PartitionSpec:
+    entries = []
+    for f in factors:
+        name = f[0] if isinstance(f, CompoundFactor) else f
+        a = axes.get(name, ())
+        entries.append(None if not a else (a[0] if len(a) == 1 else a))
+    return PartitionSpec(*entries)
+
+
+def _shard_offsets(call: Call, axes):
+    """uint32 ``[first batch row, first query head, query heads in all]`` of this shard, or None when not split."""
+    b_axes, h_axes = axes.get(BATCH, ()), axes.get(HEADS, ())
+    if not call.kernels.spec.has_dropout or not (b_axes or h_axes):
+        return None
+    batch, _, num_heads, _ = call.q_shape
+
+    def first(axes_, total):
+        if not axes_:
+            return jnp.uint32(0)
+        n = math.prod(jax.lax.axis_size(a) for a in axes_)
+        return jax.lax.axis_index(axes_).astype(jnp.uint32) * jnp.uint32(total // n)
+
+    return jnp.stack([first(b_axes, batch), first(h_axes, num_heads), jnp.uint32(num_heads)])
+
+
+def _per_shard(call: Call, axes):
+    """The function each device runs on its shards: the kernels, then the sums over shards of broadcast gradients."""
+
+    def run(*leaves):
+        outs = call.flat(_shard_offsets(call, axes))(*leaves)
+        summed = []
+        for out, factors in zip(outs, call.out_factors):
+            names = {f[0] if isinstance(f, CompoundFactor) else f for f in factors}
+            over = tuple(a for f in SUMMED if f not in names for a in axes.get(f, ()))
+            summed.append(jax.lax.psum(out, over) if over else out)
+        return tuple(summed)
+
+    return run
+
+
+def _partition(call: Call, mesh, arg_shapes, result_shape):
+    specs = [_spec_of(a.sharding, len(a.shape)) for a in arg_shapes]
+    axes = _sharded_factors(call, mesh, specs)
+    arg_shardings = tuple(NamedSharding(mesh, _pspec(f, axes)) for f in call.in_factors)
+    out_shardings = tuple(NamedSharding(mesh, _pspec(f, axes)) for f in call.out_factors)
+    return mesh, _per_shard(call, axes), out_shardings, arg_shardings
+
+
+def _infer_sharding(call: Call, mesh, arg_shapes, result_shape):
+    """The results' shardings (GSPMD only; Shardy reads the rule)."""
+    specs = [_spec_of(a.sharding, len(a.shape)) for a in arg_shapes]
+    axes = _sharded_factors(call, mesh, specs)
+    return tuple(NamedSharding(mesh, _pspec(f, axes)) for f in call.out_factors)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The primitive: abstract evaluation, vmap, lowering through custom_partitioning.
+
+
+@functools.lru_cache(maxsize=256)
+def _result_avals(call: Call, avals: tuple) -> tuple:
+    outs = jax.eval_shape(call.flat(), *(jax.ShapeDtypeStruct(s, d) for s, d in avals))
+    return tuple(jax.core.ShapedArray(o.shape, o.dtype) for o in outs)
+
+
+@functools.lru_cache(maxsize=256)
+def _out_tree(kernels: Kernels, in_tree, avals: tuple):
+    args = jax.tree.unflatten(in_tree, [jax.ShapeDtypeStruct(s, d) for s, d in avals])
+    return jax.tree.structure(jax.eval_shape(kernels, args))
+
+
+def _abstract_eval(*avals, call: Call):
+    return _result_avals(call, tuple((a.shape, a.dtype) for a in avals))
+
+
+def _batch(args, dims, *, call: Call):
+    """``vmap``: the mapped dims move to the front and become one more (shardable) factor."""
+    axes = tuple(None if d is None else 0 for d in dims)
+    args = [a if d is None else jnp.moveaxis(a, d, 0) for a, d in zip(args, dims)]
+    name = f"{VMAP}{len(call.levels)}"
+    mapped = dataclasses.replace(
+        call,
+        levels=call.levels + (axes,),
+        in_factors=tuple(f if ax is None else (name,) + f for f, ax in zip(call.in_factors, axes)),
+        out_factors=tuple((name,) + f for f in call.out_factors),
+    )
+    outs = partitioned_p.bind(*args, call=mapped)
+    return outs, (0,) * len(outs)
+
+
+def _lower(ctx, *values, call: Call):
+    fn = custom_partitioning(call.flat())
+    fn.def_partition(
+        partition=functools.partial(_partition, call),
+        infer_sharding_from_operands=functools.partial(_infer_sharding, call),
+        sharding_rule=functools.partial(_sharding_rule, call),
+    )
+    return mlir.lower_fun(lambda *leaves: fn(*leaves), multiple_results=True)(ctx, *values)
+
+
+partitioned_p = jax.extend.core.Primitive("pallas_flash_partitioned")
+partitioned_p.multiple_results = True
+partitioned_p.def_impl(functools.partial(dispatch.apply_primitive, partitioned_p))
+partitioned_p.def_abstract_eval(_abstract_eval)
+batching.primitive_batchers[partitioned_p] = _batch
+mlir.register_lowering(partitioned_p, _lower)
+dispatch.prim_requires_devices_during_lowering.add(partitioned_p)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Entry points (pallas_flash.op calls these in place of the backend's forward and backward).
+
+
+def _explicit_mesh(leaves):
+    """The mesh of the leaves' types when it has ``Explicit`` axes (shardings known at trace time), else None."""
+    mesh = getattr(jax.typeof(leaves[0]).sharding, "mesh", None)
+    if mesh is None or mesh.empty or AxisType.Explicit not in tuple(mesh.axis_types):
+        return None
+    return mesh
+
+
+def _run_explicit(call: Call, mesh, leaves):
+    """Under ``Explicit`` axes: the same per-shard function in ``shard_map``, the specs read from the types."""
+    specs = [_spec_of(jax.typeof(x).sharding, x.ndim) for x in leaves]
+    axes = _sharded_factors(call, mesh, specs)
+    in_specs = tuple(_pspec(f, axes) for f in call.in_factors)
+    out_specs = tuple(_pspec(f, axes) for f in call.out_factors)
+    leaves = [
+        x if tuple(jax.typeof(x).sharding.spec) == tuple(s) else jax.sharding.reshard(x, s)
+        for x, s in zip(leaves, in_specs)
+    ]
+    run = jax.shard_map(_per_shard(call, axes), mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    return run(*leaves)
+
+
+def _apply(kernels: Kernels, args):
+    leaves, in_tree = jax.tree.flatten(args)
+    in_factors, out_factors, group = _factors(kernels, args)
+    q, k = args[0], args[1]
+    out_tree = _out_tree(kernels, in_tree, tuple((x.shape, x.dtype) for x in leaves))
+    call = Call(kernels, in_tree, out_tree, in_factors, out_factors, group, tuple(q.shape), tuple(k.shape))
+    mesh = _explicit_mesh(leaves)
+    if mesh is not None:
+        outs = _run_explicit(call, mesh, leaves)
+    else:
+        outs = partitioned_p.bind(*leaves, call=call)
+    return jax.tree.unflatten(out_tree, outs)
+
+
+def forward(backend, q, k, v, inputs: AttentionInputs, spec: AttentionSpec, *, config, interpret: bool):
+    """``backend.forward`` (``(out, lse2)``), partitioned over sharded batch and heads."""
+    return _apply(Kernels("forward", backend, spec, config, interpret), (q, k, v, inputs))
+
+
+def backward(backend, q, k, v, out, lse2, do, dlse, inputs: AttentionInputs, spec: AttentionSpec, *, config,
+             interpret: bool, want_dbias: bool, want_dslopes: bool):
+    """``backend.backward`` (``Gradients``), partitioned over sharded batch and heads."""
+    kernels = Kernels("backward", backend, spec, config, interpret, want_dbias, want_dslopes)
+    return _apply(kernels, (q, k, v, out, lse2, do, dlse, inputs))
