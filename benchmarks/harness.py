@@ -172,6 +172,46 @@ def _pallas_flash(p: Problem):
     return f
 
 
+def _pallas_flash_mosaic(p: Problem):
+    """pallas_flash's Mosaic GPU backend: no fallback, so a refused call is n/a rather than another kernel's time."""
+    import jax
+
+    import pallas_flash
+    from pallas_flash import backends
+    from pallas_flash.validate import attention_call
+
+    s = p.shape
+    q = jax.ShapeDtypeStruct(s.q_shape, DTYPES[p.dtype])  # shapes only: supports() reads no values
+    k = jax.ShapeDtypeStruct(s.kv_shape, DTYPES[p.dtype])
+    spec, inputs = attention_call(q, k, k, None, None, is_causal=s.causal, local_window_size=p.window_arg,
+                                  logits_soft_cap=p.soft_cap)
+    backends.get("mosaic").supports(q, k, k, inputs, spec)  # NotImplementedError: n/a
+
+    def f(q, k, v, **extras):
+        return pallas_flash.dot_product_attention(
+            q, k, v, is_causal=s.causal, local_window_size=p.window_arg, logits_soft_cap=p.soft_cap,
+            implementation="mosaic", **extras)
+
+    return f
+
+
+def _tokamax_mosaic(p: Problem):
+    """tokamax 0.0.17's Mosaic GPU kernel (carried to the GPU as wheels: ../shared/peers/README.md)."""
+    if not on_gpu():
+        raise NotImplementedError("tokamax's Mosaic GPU kernel needs an NVIDIA GPU")
+    if p.masked:
+        raise NotImplementedError("tokamax_mosaic is run for plain and causal attention only")
+    try:
+        import tokamax
+    except ImportError as e:
+        raise NotImplementedError(f"tokamax is not installed ({e})") from None
+
+    def f(q, k, v):
+        return tokamax.dot_product_attention(q, k, v, is_causal=p.shape.causal, implementation="mosaic")
+
+    return f
+
+
 def _jax_nn(implementation: str):
     def build(p: Problem):
         import jax
@@ -257,6 +297,10 @@ IMPLS: dict[str, Impl] = {
     for i in (
         Impl("pallas_flash", _pallas_flash, "pallas_flash.dot_product_attention(implementation='pallas')",
              extras=_segment_extras),
+        Impl("pallas_flash_mosaic", _pallas_flash_mosaic, "pallas_flash.dot_product_attention(implementation="
+             "'mosaic'): the Mosaic GPU (sm_90) forward, the Triton backward", applies=lambda p: p.doc_lens is None),
+        Impl("tokamax_mosaic", _tokamax_mosaic, "tokamax.dot_product_attention(implementation='mosaic'), "
+             "tokamax 0.0.17", applies=lambda p: not p.masked),
         Impl("cudnn", _jax_nn("cudnn"), "jax.nn.dot_product_attention(implementation='cudnn')", extras=_mask_extras),
         Impl("xla", _jax_nn("xla"), "jax.nn.dot_product_attention(implementation='xla')", extras=_mask_extras),
         Impl("pallas_mha", _pallas_mha, "jax.experimental.pallas.ops.gpu.attention.mha, default BlockSizes; for GQA, "
