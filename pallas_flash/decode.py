@@ -32,7 +32,7 @@ import numpy as np
 
 from pallas_flash import validate
 
-__all__ = ["decode_attention", "DecodeSpec"]
+__all__ = ["DecodeSpec", "decode_attention"]
 
 _IMPLEMENTATIONS = ("pallas", "xla")
 _KERNEL_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)

@@ -132,23 +132,22 @@ def _split_kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, *out_refs, spec,
             page = tables_ref[lax.div(k0, jnp.int32(spec.page_size))]
             page_ok = (page >= 0) & (page < spec.num_pages)
             page = jnp.clip(page, 0, spec.num_pages - 1)
-            k_view = k_ref.at[page]
-            v_view = v_ref.at[page]
-            start = lax.rem(k0, jnp.int32(spec.page_size))
+            rows_ = pl.ds(lax.rem(k0, jnp.int32(spec.page_size)), block_k)
+            k_view, v_view = k_ref.at[page, rows_, :], v_ref.at[page, rows_, :]  # one indexer: Triton takes no more
         else:
-            k_view, v_view, start = k_ref, v_ref, k0
+            rows_ = pl.ds(k0, block_k)
+            k_view, v_view = k_ref.at[rows_, :], v_ref.at[rows_, :]
         if masked:  # rows past the length load as zeros
             load_mask = (k0 + lax.broadcasted_iota(jnp.int32, (block_k, 1), 0)) < length
             if dim_mask is not None:
                 load_mask = load_mask & dim_mask
         else:
             load_mask = dim_mask
-        rows_ = pl.ds(start, block_k)
         if load_mask is None:
-            k, v = k_view[rows_, :], v_view[rows_, :]
+            k, v = k_view[...], v_view[...]
         else:
-            k = plgpu.load(k_view.at[rows_, :], mask=load_mask, other=0.0)
-            v = plgpu.load(v_view.at[rows_, :], mask=load_mask, other=0.0)
+            k = plgpu.load(k_view, mask=load_mask, other=0.0)
+            v = plgpu.load(v_view, mask=load_mask, other=0.0)
         x = tiles.dot(q, k, trans_b=True)  # [block_rows, block_k] raw q.k
         if spec.soft_cap is not None:
             x = jnp.tanh(x * (spec.scale / spec.soft_cap)) * (spec.soft_cap * LOG2E)

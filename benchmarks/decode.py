@@ -1,0 +1,297 @@
+"""Decode benchmark: ``pallas_flash.decode_attention`` against cuDNN and XLA over a KV cache.
+
+Run from the repository root on a GPU machine::
+
+    PYTHONPATH=. python3 -m benchmarks.decode            # B 1,8,32 x 1k..128k cached tokens
+    PYTHONPATH=. python3 -m benchmarks.decode --quick    # B 1,8 x 8k,32k, shorter timing
+    PYTHONPATH=. python3 -m benchmarks.decode --sweep    # the split kernel's launch variants at a few points
+
+One new token per sequence (Tq = 1), 32 query heads over 8 KV heads, D = 128,
+bf16, every sequence holding the whole cache. Each implementation is checked
+against the ``"xla"`` path's output on the same inputs (float32 accumulation;
+cuDNN's where that fails), then timed with ``pallas_flash.tuning.timer.time_fn``
+(inputs rotated over enough sets that K/V are not L2-resident). Columns: ms,
+TB/s of K and V read (2·B·tokens·K·D·2 bytes over the time) and the ratio of
+cuDNN's time to each one's. Results: ``benchmarks/results/<device>/<date>-decode[-tag].{md,jsonl}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import shlex
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from benchmarks import common
+
+HEADS, KV_HEADS, HEAD_DIM, DTYPE = 32, 8, 128, "bfloat16"
+TOLERANCE = 2e-2
+FULL = dict(batches=(1, 8, 32), tokens=(1024, 8192, 32768, 131072), min_time=0.3)
+QUICK = dict(batches=(1, 8), tokens=(8192, 32768), min_time=0.15)
+SWEEP_POINTS = ((1, 8192), (1, 131072), (8, 32768), (32, 1024))
+# (block_k, num_warps, num_stages, programs_per_sm, merge): the first is the shipped DecodeConfig.
+SWEEP_VARIANTS = (
+    (64, 4, 3, 4, "pallas"), (64, 4, 4, 4, "pallas"), (64, 4, 2, 4, "pallas"), (128, 4, 3, 4, "pallas"),
+    (128, 8, 2, 4, "pallas"), (32, 4, 4, 4, "pallas"), (64, 4, 3, 2, "pallas"), (64, 4, 3, 8, "pallas"),
+    (64, 4, 3, 4, "xla"),
+)
+DEFAULT_IMPLS = ("pallas_flash", "pallas_flash_paged", "cudnn", "xla")
+BASELINE = "cudnn"
+
+
+def _decode(**kw) -> Callable:
+    from pallas_flash.decode import decode_attention
+
+    def f(q, k, v, lengths, kp, vp, tables):
+        if "paged" in kw:
+            kw2 = dict(kw)
+            del kw2["paged"]
+            return decode_attention(q, kp, vp, lengths, block_tables=tables, **kw2)
+        return decode_attention(q, k, v, lengths, **kw)
+
+    return f
+
+
+def _cudnn() -> Callable:
+    import jax
+
+    def f(q, k, v, lengths, kp, vp, tables):  # GQA natively (K/V heads divide the query heads)
+        return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation="cudnn")
+
+    return f
+
+
+def _training_kernel() -> Callable:
+    import pallas_flash
+
+    def f(q, k, v, lengths, kp, vp, tables):
+        return pallas_flash.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation="pallas")
+
+    return f
+
+
+def _variant(block_k, warps, stages, pps, merge) -> Callable:
+    from pallas_flash.backends.triton import decode as triton_decode
+    from pallas_flash.decode import decode_spec
+
+    config = triton_decode.DecodeConfig(block_k=block_k, num_warps=warps, num_stages=stages, programs_per_sm=pps)
+
+    def f(q, k, v, lengths, kp, vp, tables):
+        spec = decode_spec(q, k, v, lengths, None, scale=None, logits_soft_cap=None, local_window_size=None)
+        return triton_decode.decode(spec, q, k, v, lengths, None, num_splits=None, interpret=False, config=config,
+                                    merge=merge)
+
+    return f
+
+
+IMPLS: dict[str, tuple[Callable[[], Callable], str]] = {
+    "pallas_flash": (lambda: _decode(), "pallas_flash.decode_attention, contiguous cache [B, S, K, D]"),
+    "pallas_flash_paged": (lambda: _decode(paged=True), "pallas_flash.decode_attention, paged cache (shuffled pages)"),
+    "cudnn": (_cudnn, "jax.nn.dot_product_attention(implementation='cudnn', key_value_seq_lengths=...), GQA native"),
+    "xla": (lambda: _decode(implementation="xla"), "pallas_flash.decode_attention(implementation='xla')"),
+    "pallas_flash_train": (_training_kernel, "pallas_flash.dot_product_attention (the training kernel)"),
+}
+
+
+def variant_name(v) -> str:
+    block_k, warps, stages, pps, merge = v
+    return f"bk{block_k} w{warps} s{stages} pps{pps}" + ("" if merge == "pallas" else f" merge-{merge}")
+
+
+def make_sets(batch: int, tokens: int, page_size: int, n_sets: int, seed: int, paged: bool):
+    """``n_sets`` input tuples ``(q, k, v, lengths, k_pages, v_pages, tables)``: the paged pool holds the same K/V."""
+    import jax
+    import jax.numpy as jnp
+
+    sets = []
+    for i in range(n_sets):
+        kq, kk, kv, kp = jax.random.split(jax.random.key(seed * 1000 + i), 4)
+        q = jax.random.normal(kq, (batch, 1, HEADS, HEAD_DIM), DTYPE)
+        k = jax.random.normal(kk, (batch, tokens, KV_HEADS, HEAD_DIM), DTYPE)
+        v = jax.random.normal(kv, (batch, tokens, KV_HEADS, HEAD_DIM), DTYPE)
+        lengths = jnp.full((batch,), tokens, jnp.int32)
+        k_pages = v_pages = tables = None
+        if paged:
+            pages = batch * tokens // page_size
+            perm = jax.random.permutation(kp, pages).astype(jnp.int32)  # logical page j lives at perm[j]
+            inverse = jnp.argsort(perm)
+            k_pages = k.reshape(pages, page_size, KV_HEADS, HEAD_DIM)[inverse]
+            v_pages = v.reshape(pages, page_size, KV_HEADS, HEAD_DIM)[inverse]
+            tables = perm.reshape(batch, tokens // page_size)
+        sets.append((q, k, v, lengths, k_pages, v_pages, tables))
+    return sets
+
+
+def bench_point(batch: int, tokens: int, impls: dict[str, Callable], opts, on_record) -> None:
+    import jax
+
+    from pallas_flash.testing.errors import rel_err
+    from pallas_flash.tuning.timer import num_input_sets, time_fn
+
+    kv_bytes = 2 * batch * tokens * KV_HEADS * HEAD_DIM * 2
+    n_sets = num_input_sets(kv_bytes, max_sets=opts.max_sets)
+    base = dict(kind="decode", batch=batch, tokens=tokens, heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM,
+                dtype="bf16", page_size=opts.page_size, kv_bytes=kv_bytes, input_sets=n_sets)
+    try:
+        sets = make_sets(batch, tokens, opts.page_size, n_sets, opts.seed, paged=any("paged" in n for n in impls))
+    except Exception as e:  # noqa: BLE001 - e.g. out of memory: every cell of the point says so
+        for name in impls:
+            on_record(dict(base, impl=name, status=common.classify_exception(e), message=common.short_message(e)))
+        return
+    fns = {name: jax.jit(build) for name, build in impls.items()}
+    ref, ref_name = None, None
+    for name in ("xla", "cudnn"):  # the reference: the first that runs
+        try:
+            fn = fns.get(name) or jax.jit(IMPLS[name][0]())
+            ref, ref_name = jax.block_until_ready(fn(*sets[0])), name
+            break
+        except Exception:  # noqa: BLE001 - next reference
+            continue
+    for name, fn in fns.items():
+        rec = dict(base, impl=name)
+        try:
+            out = jax.block_until_ready(fn(*sets[0]))  # compiles
+            err = rel_err(out, ref) if ref is not None else None
+            rec.update(err=err, ref=ref_name)
+            if err is not None and not err < TOLERANCE:
+                on_record(dict(rec, status="FAIL"))
+                continue
+            del out
+            t = time_fn(fn, sets, min_time=opts.min_time)
+            rec.update(status="ok", time_s=t.median_s, iqr_rel=t.iqr_rel, kv_tbps=kv_bytes / t.median_s / 1e12)
+        except Exception as e:  # noqa: BLE001 - recorded as a status
+            rec.update(status=common.classify_exception(e), message=common.short_message(e))
+        on_record(rec)
+    del sets, ref
+    gc.collect()
+
+
+def _tokens(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
+def table(records: Sequence[dict], impls: Sequence[str]):
+    """One row per (B, tokens): ms and TB/s per implementation, and cuDNN's time over each one's."""
+    import pandas as pd
+
+    rows = {}
+    for r in records:
+        row = rows.setdefault((r["batch"], r["tokens"]), {"B": r["batch"], "tokens": _tokens(r["tokens"])})
+        ok = r["status"] == "ok"
+        row[f"{r['impl']} ms"] = f"{r['time_s'] * 1e3:.4g}" if ok else r["status"]
+        row[f"{r['impl']} TB/s"] = f"{r['kv_tbps']:.2f}" if ok else r["status"]
+        row[f"_{r['impl']}"] = r["time_s"] if ok else np.nan
+    frame = pd.DataFrame([rows[k] for k in sorted(rows)])
+    columns = ["B", "tokens"] + [f"{i} {c}" for i in impls for c in ("ms", "TB/s") if f"{i} ms" in frame]
+    out = frame.reindex(columns=columns).fillna("—")
+    if f"_{BASELINE}" in frame:
+        for i in (i for i in impls if i != BASELINE and f"_{i}" in frame):
+            out[f"{i} vs cuDNN"] = (frame[f"_{BASELINE}"] / frame[f"_{i}"]).map(lambda x: "—" if np.isnan(x) else f"{x:.2f}x")
+    return out
+
+
+def write_report(records, meta, stem, impls) -> str:
+    notes = "\n".join(f"- `{i}`: {IMPLS[i][1] if i in IMPLS else 'split kernel variant ' + i}" for i in impls)
+    problems = [f"- {r['impl']} B={r['batch']} tokens={r['tokens']}: {r['status']} {r.get('message', '')} "
+                f"(err {r.get('err')})" for r in records if r["status"] != "ok"]
+    text = (f"# Decode attention, {meta['device']}\n\n{meta['date']}; `{meta['command']}`; commit {meta['commit']}; "
+            f"jax {meta['jax_version']}.\n\n"
+            f"Tq = 1 new token per sequence, {HEADS} query heads over {KV_HEADS} KV heads, D = {HEAD_DIM}, bf16, every "
+            f"sequence holding `tokens` cached tokens (kv_lengths = tokens); paged: page_size {meta['page_size']}, "
+            "pages shuffled. Each cell checked against the 'xla' path's output (relative error below "
+            f"{TOLERANCE:g}), then timed (`pallas_flash.tuning.timer.time_fn`, median, inputs rotated so K/V are not "
+            "L2-resident). TB/s = bytes of K and V read (2·B·tokens·K·D·2) / time; `vs cuDNN` = cuDNN's time / "
+            "this one's (above 1: faster than cuDNN).\n\n" + notes + "\n\n"
+            + table(records, impls).to_markdown(index=False, tablefmt="pipe", disable_numparse=True) + "\n")
+    if problems:
+        text += "\nNot ok:\n\n" + "\n".join(problems) + "\n"
+    stem.with_suffix(".md").write_text(text)
+    return text
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.decode", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="B 1,8 x tokens 8k,32k, 0.15 s of samples per cell")
+    p.add_argument("--sweep", action="store_true", help="the split kernel's launch variants at a few points, and cuDNN")
+    p.add_argument("--batches", help="comma-separated batch sizes (default 1,8,32)")
+    p.add_argument("--tokens", help="comma-separated cached tokens per sequence, e.g. 1k,8k (default 1k,8k,32k,128k)")
+    p.add_argument("--impls", help=f"comma-separated from {','.join(IMPLS)} (default {','.join(DEFAULT_IMPLS)})")
+    p.add_argument("--page-size", type=int, default=64)
+    p.add_argument("--min-time", type=float, help="seconds of timed samples per cell (default 0.3, --quick 0.15)")
+    p.add_argument("--max-sets", type=int, default=24, help="most input sets rotated over (small caches)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--time-budget", type=float, help="start no new point after this many seconds")
+    p.add_argument("--out", help="output directory (default benchmarks/results/<device>)")
+    p.add_argument("--tag", help="file name suffix: <date>-decode-<tag>")
+    a = p.parse_args(list(argv))
+    d = QUICK if a.quick else FULL
+    try:
+        tok = lambda t: int(t[:-1]) * 1024 if t.lower().endswith("k") else int(t)
+        a.batches = tuple(int(b) for b in a.batches.split(",")) if a.batches else d["batches"]
+        a.tokens = tuple(tok(t) for t in a.tokens.split(",")) if a.tokens else d["tokens"]
+    except ValueError:
+        p.error("--batches and --tokens take comma-separated integers (tokens may end in k)")
+    a.impls = tuple(a.impls.split(",")) if a.impls else DEFAULT_IMPLS
+    for i in a.impls:
+        if i not in IMPLS:
+            p.error(f"--impls: unknown {i!r}; choose from {', '.join(IMPLS)}")
+    if any(t % a.page_size for t in a.tokens) or a.page_size % 16:
+        p.error("--page-size must be a multiple of 16 dividing every --tokens value")
+    a.min_time = a.min_time if a.min_time is not None else d["min_time"]
+    a.argv = tuple(argv)
+    return a
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import pathlib
+
+    start = time.monotonic()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    opts = parse_args(argv)
+    import jax
+
+    if jax.default_backend() != "gpu":
+        print("benchmarks.decode needs an NVIDIA GPU", file=sys.stderr)
+        return 2
+    if opts.sweep:
+        impls = {BASELINE: IMPLS[BASELINE][0]()} | {variant_name(v): _variant(*v) for v in SWEEP_VARIANTS}
+        points = SWEEP_POINTS
+    else:
+        impls = {i: IMPLS[i][0]() for i in opts.impls}
+        points = [(b, t) for b in opts.batches for t in opts.tokens]
+    dev = common.device_info()
+    out_dir = pathlib.Path(opts.out) if opts.out else common.RESULTS_DIR / dev["device_slug"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tag = "decode" + ("-sweep" if opts.sweep else "") + (f"-{opts.tag}" if opts.tag else "")
+    stem = common.unique_stem(out_dir, f"{datetime.date.today().isoformat()}-{tag}")
+    meta = dict(kind="meta", **dev, date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+                command="PYTHONPATH=. python3 -m benchmarks.decode " + shlex.join(opts.argv), commit=common.git_commit(),
+                page_size=opts.page_size)
+    common.append_jsonl(stem.with_suffix(".jsonl"), meta)
+    records: list[dict] = []
+
+    def on_record(rec):
+        records.append(rec)
+        common.append_jsonl(stem.with_suffix(".jsonl"), rec)
+        ms = f"{rec['time_s'] * 1e3:.4g} ms {rec['kv_tbps']:.2f} TB/s" if rec["status"] == "ok" else rec["status"]
+        print(f"B={rec['batch']:>3} tokens={rec['tokens']:>6} {rec['impl']:<28} {ms} err={rec.get('err')}", flush=True)
+
+    for batch, tokens in points:
+        if opts.time_budget is not None and time.monotonic() - start > opts.time_budget:
+            print(f"time budget reached; skipping B={batch} tokens={tokens}")
+            continue
+        bench_point(batch, tokens, impls, opts, on_record)
+        jax.clear_caches()
+    print("\n" + write_report(records, meta, stem, list(impls)))
+    print(f"{time.monotonic() - start:.0f} s; wrote {stem}.md, .jsonl")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
