@@ -1,0 +1,130 @@
+"""models.gpt2 generation with the KV cache, and the benchmarks.generate CLI (without a GPU).
+
+The cached path (prefill with the flash kernel, then decode_attention over the
+cache) must give the tokens of the path without a cache, and its logits must
+be the full forward pass's at every position.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from benchmarks import generate as bench
+from models import gpt2
+from tests.conftest import rel_err
+
+
+def _model(seed, attention="xla", **kw):
+    cfg = gpt2.get_config("tiny", attention=attention, dtype="float32", block_size=64, n_embd=64, **kw)
+    return gpt2.GPT(cfg, rngs=nnx.Rngs(seed))
+
+
+@pytest.mark.parametrize("decode_implementation", ["xla", "pallas"])
+def test_greedy_tokens_with_the_cache_equal_those_without(seed, decode_implementation):
+    """Batch of 2, 11-token prompts, 20 new tokens; the pallas case prefills with the Pallas kernel too."""
+    model = _model(seed, attention=decode_implementation)
+    prompt = jax.random.randint(jax.random.key(seed), (2, 11), 0, 256)
+    without = gpt2.generate(model, prompt, 20, temperature=0.0, use_cache=False)
+    with_cache = gpt2.generate(model, prompt, 20, temperature=0.0, use_cache=True,
+                               decode_implementation=decode_implementation)
+    assert with_cache.shape == (2, 31) and with_cache.dtype == jnp.int32
+    np.testing.assert_array_equal(with_cache[:, :11], prompt)
+    np.testing.assert_array_equal(with_cache, without)
+
+
+def test_cached_logits_equal_the_full_forward_pass(seed):
+    """Prefill 9 tokens, then decode 1, 3 and 2 at a time (under jit): the logits of model(idx) at each position."""
+    model = _model(seed)
+    idx = jax.random.randint(jax.random.key(seed), (2, 15), 0, 256)
+    want = model(idx)  # [2, 15, V], no cache
+    model.init_cache(2, 16)
+
+    @nnx.jit
+    def decode(model, ids):
+        return model(ids, decode=True)
+
+    got = [model(idx[:, :9], prefill=True), decode(model, idx[:, 9:10]), decode(model, idx[:, 10:13]),
+           decode(model, idx[:, 13:15])]
+    assert rel_err(jnp.concatenate(got, axis=1), want) < 1e-4
+    np.testing.assert_array_equal(model.blocks[0].attn.cache_index[...], [15, 15])
+
+
+def test_sampling_one_prompt_and_the_default(seed):
+    model = _model(seed)
+    prompt = jax.random.randint(jax.random.key(seed), (7,), 0, 256)
+    key = jax.random.key(seed + 1)
+    cached = gpt2.generate(model, prompt, 12, rng=key)  # use_cache=None: the cache, the text fits
+    assert cached.shape == (19,)
+    # Token t draws from the same key on both paths: with float32 logits the samples agree.
+    np.testing.assert_array_equal(cached, gpt2.generate(model, prompt, 12, rng=key, use_cache=False))
+    # The compiled loop is reused by the next call with the same shapes and options.
+    compiled = gpt2._generate_with_cache._cache_size()
+    gpt2.generate(model, prompt + 1, 12, rng=key)
+    assert gpt2._generate_with_cache._cache_size() == compiled
+    # Past block_size the default slides the window without a cache.
+    long = gpt2.generate(model, prompt, 60, temperature=0.0)
+    np.testing.assert_array_equal(long, gpt2.generate(model, prompt, 60, temperature=0.0, use_cache=False))
+    np.testing.assert_array_equal(gpt2.generate(model, prompt, 0), prompt)
+
+
+def test_generate_errors():
+    model = _model(0)
+    prompt = jnp.zeros((2, 10), jnp.int32)
+    with pytest.raises(ValueError, match="10 \\+ max_new_tokens 55 = 65 exceeds block_size 64"):
+        gpt2.generate(model, prompt, 55, use_cache=True)
+    with pytest.raises(ValueError, match="decode_implementation"):
+        gpt2.generate(model, prompt, 2, decode_implementation="cudnn")
+    with pytest.raises(ValueError, match="use_cache"):
+        gpt2.generate(model, prompt, 2, use_cache="yes")
+    with pytest.raises(ValueError, match="top_k"):
+        gpt2.generate(model, prompt, 2, top_k=0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        gpt2.generate(model, prompt, -1)
+    with pytest.raises(ValueError, match="prompt"):
+        gpt2.generate(model, jnp.zeros((1, 2, 3), jnp.int32), 2)
+    with pytest.raises(ValueError, match="init_cache"):
+        model(prompt, decode=True)
+    with pytest.raises(ValueError, match="exceeds block_size 64"):
+        model.init_cache(2, 65)
+
+
+# ---------------------------------------------------------------- the benchmark CLI
+
+
+def test_benchmark_plan_and_table():
+    specs = bench.plan(quick=False, on_gpu=True)
+    assert [(s.batch, s.path, s.new_tokens) for s in specs] == [
+        (1, "no_cache", 64), (1, "cache_pallas", 1024), (1, "cache_xla", 1024),
+        (32, "no_cache", 64), (32, "cache_pallas", 1024), (32, "cache_xla", 1024)]
+    assert {(s.model, s.prompt_len, s.block_size, s.samples) for s in specs} == {("gpt2", 1024, 2048, 3)}
+    assert {s.model for s in bench.plan(quick=True, on_gpu=False)} == {"tiny"}
+
+    def ok(tps, tokens):
+        return dict(ok=True, tokens_per_s=tps, seconds=1.0, compile_s=9.0, peak_bytes=2**30,
+                    timing=dict(iqr_rel=0.01), new_tokens=tokens)
+
+    results = [ok(100.0, [[1, 2]]), ok(1000.0, [[1, 2, 3]]), ok(500.0, [[1, 3, 3]]),
+               {"ok": False, "status": "OOM", "error": "out of memory | x"}, ok(8000.0, [[5]] * 32), ok(4000.0, [[5]] * 32)]
+    recs = bench.records(specs, results)
+    assert [r["vs_no_cache"] for r in recs[:3]] == [1.0, 10.0, 5.0] and recs[1]["vs_xla"] == 2.0
+    assert recs[1]["same_tokens"] == "1/1" and recs[2]["same_tokens"] == "0/1"
+    assert recs[4]["vs_no_cache"] is None and recs[4]["same_tokens"] is None
+    md = bench.render_markdown({"device": "NVIDIA H200", "platform": "gpu", "jax_version": "0"}, specs, recs, False)
+    rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in md.splitlines() if ln.startswith("|")]
+    assert rows[0][:5] == ["batch", "path", "new tokens timed", "tokens/s", "ms per step"]
+    assert ["1", "cache + pallas", "1024", "1,000", "0.98", "10.00x", "2.00x", "1/1"] == rows[3][:8]
+    assert rows[5][:4] == ["32", "no cache", "64", "OOM: out of memory / x"]
+
+
+def test_benchmark_worker_runs_a_tiny_row():
+    spec = dataclasses.asdict(bench.plan(quick=True, on_gpu=False, paths=("cache_xla",), batches=(2,))[0])
+    r = bench._worker(spec)
+    assert r["tokens_per_s"] > 0 and np.asarray(r["new_tokens"]).shape == (2, spec["new_tokens"])
+    with pytest.raises(SystemExit):
+        bench.main(["--paths", "bogus"])
