@@ -48,10 +48,11 @@ class DecodeConfig:
 
     block_k: int = 64
     num_warps: int = 4
-    num_stages: int = 3
+    num_stages: int = 4  # at most: fewer where the K/V buffers would pass STAGE_BYTES (see stages_for)
     merge_warps: int = 4
-    programs_per_sm: int = 4  # splits fill about this many programs per SM
+    programs_per_sm: int = 8  # splits fill about this many programs per SM (several waves: a short tail)
     min_blocks_per_split: int = 4
+    max_splits: int = 64  # the merge kernel holds [splits, head_dim] float32 per row
 
     def __post_init__(self):
         if self.block_k < 16 or self.block_k & (self.block_k - 1):
@@ -83,6 +84,15 @@ def block_k_for(spec, config: DecodeConfig) -> int:
     return block_k
 
 
+STAGE_BYTES = 192 * 1024  # shared memory for the pipelined K and V tiles, of the H100/H200's 227 KB per block
+
+
+def stages_for(spec, block_k: int, itemsize: int, config: DecodeConfig) -> int:
+    """The config's pipeline depth, cut so that its K and V buffers fit ``STAGE_BYTES``."""
+    per_stage = 2 * block_k * padded_head_dim(spec.head_dim) * itemsize
+    return max(1, min(config.num_stages, STAGE_BYTES // per_stage))
+
+
 def choose_splits(spec, block_k: int, config: DecodeConfig, sm_count: int | None = None) -> int:
     """Splits per (sequence, KV head): enough programs to fill the GPU, each with a few key blocks at least."""
     programs = spec.batch * spec.num_kv_heads
@@ -90,7 +100,7 @@ def choose_splits(spec, block_k: int, config: DecodeConfig, sm_count: int | None
     want = -(-target // programs)
     keys = spec.capacity if spec.window_left is None else min(spec.capacity, spec.window_left + spec.seq_q)
     most = max(1, -(-keys // (block_k * config.min_blocks_per_split)))
-    return max(1, min(want, most))
+    return max(1, min(want, most, config.max_splits))
 
 
 def _split_kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, *out_refs, spec, block_k: int, block_rows: int,
@@ -271,7 +281,8 @@ def decode_partials(spec, q, k_cache, v_cache, lengths, tables, *, num_splits: i
         in_specs=[lengths_spec, tables_spec, q_spec, kv_spec, kv_spec],
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
+        compiler_params=plgpu.CompilerParams(
+            num_warps=config.num_warps, num_stages=stages_for(spec, block_k, k_cache.dtype.itemsize, config)),
         interpret=interpret,
         name="pallas_flash_decode_split",
         cost_estimate=pl.CostEstimate(
