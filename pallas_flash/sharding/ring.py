@@ -512,7 +512,10 @@ def sequence_parallel_attention(
         seq_axis = found.seq if seq_axis is None else seq_axis
         batch_axis = found.batch if batch_axis is None else batch_axis
         head_axis = found.heads if head_axis is None else head_axis
-    validate.check_qkv(query, key, value)
+    validate.attention_call(  # shapes of the global arrays, in global terms
+        query, key, value, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+        query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
+    )
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     n = _axes_size(mesh, seq_axis)
