@@ -236,6 +236,12 @@ def test_errors():
             _trace_ring(**feature)
     with pytest.raises(NotImplementedError, match="head_dim"):
         _trace_ring(shape_q=(1, 16, 2, 8))
+    q = jnp.zeros((1, 4 * 16, 2, 16))
+    w = jnp.asarray(np.random.default_rng(0).standard_normal(q.shape), jnp.float32)
+    ring = jax.shard_map(lambda q: ring_attention(q, q, q, axis_name="seq", is_causal=True), mesh=mesh_of(4),
+                         in_specs=P(None, "seq"), out_specs=P(None, "seq"), check_vma=False)
+    with pytest.raises(NotImplementedError, match="second-order"):
+        jax.eval_shape(jax.grad(lambda q: jnp.vdot(jax.grad(lambda q: jnp.vdot(ring(q), w))(q), w)), q)
     with pytest.raises(ValueError, match="not bound"):
         ring_attention(jnp.zeros((1, 16, 2, 16)), jnp.zeros((1, 16, 2, 16)), jnp.zeros((1, 16, 2, 16)), axis_name="seq")
     with pytest.raises(ValueError, match="kv_segment_ids must have shape"):
