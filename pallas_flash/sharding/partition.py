@@ -293,9 +293,9 @@ def _infer_sharding(call: Call, mesh, arg_shapes, result_shape):
 
 
 @functools.lru_cache(maxsize=256)
-def _result_avals(call: Call, avals: tuple) -> tuple:
-    outs = jax.eval_shape(call.flat(), *(jax.ShapeDtypeStruct(s, d) for s, d in avals))
-    return tuple(jax.core.ShapedArray(o.shape, o.dtype) for o in outs)
+def _trace(call: Call, avals: tuple):
+    """The kernels' closed jaxpr on global shapes: the primitive's ``jaxpr`` parameter (its results' avals)."""
+    return jax.make_jaxpr(call.flat())(*(jax.ShapeDtypeStruct(s, d) for s, d in avals))
 
 
 @functools.lru_cache(maxsize=256)
@@ -304,11 +304,16 @@ def _out_tree(kernels: Kernels, in_tree, avals: tuple):
     return jax.tree.structure(jax.eval_shape(kernels, args))
 
 
-def _abstract_eval(*avals, call: Call):
-    return _result_avals(call, tuple((a.shape, a.dtype) for a in avals))
+def _bind(call: Call, leaves):
+    jaxpr = _trace(call, tuple((x.shape, x.dtype) for x in leaves))
+    return partitioned_p.bind(*leaves, call=call, jaxpr=jaxpr)
 
 
-def _batch(args, dims, *, call: Call):
+def _abstract_eval(*avals, call: Call, jaxpr):
+    return jaxpr.out_avals
+
+
+def _batch(args, dims, *, call: Call, jaxpr):
     """``vmap``: the mapped dims move to the front and become one more (shardable) factor."""
     axes = tuple(None if d is None else 0 for d in dims)
     args = [a if d is None else jnp.moveaxis(a, d, 0) for a, d in zip(args, dims)]
@@ -319,12 +324,13 @@ def _batch(args, dims, *, call: Call):
         in_factors=tuple(f if ax is None else (name,) + f for f, ax in zip(call.in_factors, axes)),
         out_factors=tuple((name,) + f for f in call.out_factors),
     )
-    outs = partitioned_p.bind(*args, call=mapped)
+    outs = _bind(mapped, args)
     return outs, (0,) * len(outs)
 
 
-def _lower(ctx, *values, call: Call):
-    fn = custom_partitioning(call.flat())
+def _lower(ctx, *values, call: Call, jaxpr):
+    kernels = jax.extend.core.jaxpr_as_fun(jaxpr)
+    fn = custom_partitioning(lambda *leaves: tuple(kernels(*leaves)))
     fn.def_partition(
         partition=functools.partial(_partition, call),
         infer_sharding_from_operands=functools.partial(_infer_sharding, call),
@@ -378,7 +384,7 @@ def _apply(kernels: Kernels, args):
     if mesh is not None:
         outs = _run_explicit(call, mesh, leaves)
     else:
-        outs = partitioned_p.bind(*leaves, call=call)
+        outs = _bind(call, leaves)
     return jax.tree.unflatten(out_tree, outs)
 
 
