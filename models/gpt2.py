@@ -287,7 +287,8 @@ class GPT(nnx.Module):
                 f"max_length {max_length!r} exceeds block_size {self.config.block_size}: GPT-2 has learned "
                 "positions only up to block_size")
         for block in self.blocks:
-            block.attn.init_cache((batch_size, max_length, self.config.n_embd), dtype or self.config.dtype)
+            block.attn.init_cache((batch_size, max_length, self.config.n_embd),
+                                 self.config.dtype if dtype is None else dtype)
 
 
 @jax.custom_vjp

@@ -495,7 +495,7 @@ class FlashMultiHeadAttention(nnx.Module):
         shape = tuple(input_shape)
         if len(shape) != 3 or any(not isinstance(d, int) or isinstance(d, bool) or d <= 0 for d in shape):
             raise ValueError(f"input_shape must be three positive ints (batch, max_length, features), got {input_shape!r}")
-        dtype = jnp.dtype(dtype or self.dtype or jnp.float32)
+        dtype = jnp.dtype(next((d for d in (dtype, self.dtype) if d is not None), jnp.float32))
         if not jnp.issubdtype(dtype, jnp.floating):
             raise TypeError(f"the cache dtype must be a float dtype, got {dtype}")
         cache_shape = (shape[0], shape[1], self.num_kv_heads, self.head_dim)
