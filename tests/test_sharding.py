@@ -277,3 +277,33 @@ def test_uneven_batch_raises():
 
     with pytest.raises(Exception, match=r"batch dim .* mesh axes \('x',\) of size 4, which does not divide batch 2"):
         jax.jit(fn).lower(q, k, v).compile()
+
+
+# ------------------------------------------------------------ the benchmark CLI (benchmarks/sharding.py)
+
+
+def test_benchmark_counts_collectives_by_kind():
+    from benchmarks.sharding import count_collectives
+
+    hlo = (
+        "%ag = bf16[8,16]{1,0} all-gather-start(bf16[4,16]{1,0} %p), dimensions={0}\n"
+        "%agd = bf16[8,16]{1,0} all-gather-done(%ag)\n"
+        "%ar = f32[4]{0} all-reduce(f32[4]{0} %x), to_apply=%sum\n"
+        "%fusion.all-gather.3 = f32[4]{0} fusion(%y)\n"
+    )
+    assert count_collectives(hlo) == {"all-gather": 1, "all-reduce": 1}
+
+
+def test_benchmark_smoke_run_partitions_with_no_collectives(tmp_path):
+    """The issue's measurement, tiny: the sharded call checks against one device's share and has no collectives."""
+    import json
+
+    from benchmarks import sharding as bench
+
+    argv = ["--allow-cpu", "--impls", "pallas_flash", "--splits", "heads", "--only", "fwd_bwd", "--batch", "2",
+            "--seq-len", "24", "--heads", "4", "--head-dim", "16", "--min-time", "0", "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
+    (jsonl,) = tmp_path.glob("*.jsonl")
+    (rec,) = [r for r in map(json.loads, jsonl.read_text().splitlines()) if r["kind"] == "sharding"]
+    assert rec["status"] == "ok", rec.get("message")
+    assert rec["collectives"] == {} and rec["err"] < rec["tol"] and rec["sharded_s"] > 0 and rec["alone_s"] > 0
