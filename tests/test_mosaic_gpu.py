@@ -85,9 +85,10 @@ def test_shared_memory_budget():
         pf.dot_product_attention(q, k, v, implementation="mosaic", config=MosaicConfig(fwd=big))
     for head_dim in HEAD_DIMS:
         for dtype in DTYPES:
-            cfg = default_config(head_dim=head_dim, dtype=dtype, causal=False, seq_q=4096, seq_k=4096)
-            cfg.fwd.check_fits(head_dim, dtype)
-            assert isinstance(cfg.bwd, BackwardConfig)
+            for causal in (False, True):
+                cfg = default_config(head_dim=head_dim, dtype=dtype, causal=causal, seq_q=4096, seq_k=4096)
+                cfg.fwd.check_fits(head_dim, dtype)
+                assert isinstance(cfg.bwd, BackwardConfig)
 
 
 # --- what the backend refuses --------------------------------------------------------------

@@ -118,6 +118,7 @@ def _forward_kernel(
     num_whole_kv_blocks = seq_k // block_kv  # static: blocks with no key past Tk
     dtype = qo_smem.dtype
     fold_scale = scale_log2 > 0  # max(s) * c == max(s * c) only for c > 0
+    sum_before_pv = qo_smem.shape[-1] <= 128
 
     def kv_blocks_seen(q_end):
         """Key blocks that rows ``< q_end`` see (at least one: every row sees key 0)."""
@@ -184,9 +185,11 @@ def _forward_kernel(
                 p = jnp.exp2(s - _row_bcast(m_new, s.shape))
             alpha = jnp.exp2(m - m_new)
             acc = acc * _row_bcast(alpha, acc.shape)
-            l = l * alpha + p.sum(axis=1)
+            l = l * alpha
             p16 = p.astype(dtype)
-            acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
+            if sum_before_pv:  # (the order FA3-style Mosaic kernels found fastest: before the PV turn up to D=128)
+                l = l + p.sum(axis=1)
+                acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
 
             plgpu.barrier_arrive(wg_turn)
             plgpu.barrier_wait(v_ready.at[slot])
@@ -208,13 +211,18 @@ def _forward_kernel(
                     return o_ref[...]
 
                 acc = acc + pl.run_scoped(pv_fresh, plgpu.ACC(acc.shape, jnp.float32))
+                if not sum_before_pv:
+                    l = l + p.sum(axis=1)
             else:
 
-                def pv(o_ref):
+                def pv(refs):
+                    o_ref, l_ref = refs
                     plgpu.wgmma(o_ref, p16, v_smem.at[slot])
+                    if not sum_before_pv:  # while the wgmma runs
+                        l_ref[...] += p.sum(axis=1)
                     wait_next_k()
 
-                acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+                acc, l = pl.run_state(pv)((plgpu.ACC.init(acc), l))
             plgpu.barrier_arrive(v_consumed.at[slot])
             return acc, m_new, l
 
