@@ -16,6 +16,7 @@ import pytest
 from flax import nnx
 
 from benchmarks import generate as bench
+from models import generate as generate_lib
 from models import gpt2
 from tests.conftest import rel_err
 
@@ -64,9 +65,10 @@ def test_sampling_one_prompt_and_the_default(seed):
     # Token t draws from the same key on both paths: with float32 logits the samples agree.
     np.testing.assert_array_equal(cached, gpt2.generate(model, prompt, 12, rng=key, use_cache=False))
     # The compiled loop is reused by the next call with the same shapes and options.
-    compiled = gpt2._generate_with_cache._cache_size()
+    assert gpt2.generate is generate_lib.generate  # the re-export
+    compiled = generate_lib._generate_with_cache._cache_size()
     gpt2.generate(model, prompt + 1, 12, rng=key)
-    assert gpt2._generate_with_cache._cache_size() == compiled
+    assert generate_lib._generate_with_cache._cache_size() == compiled
     # Past block_size the default slides the window without a cache.
     long = gpt2.generate(model, prompt, 60, temperature=0.0)
     np.testing.assert_array_equal(long, gpt2.generate(model, prompt, 60, temperature=0.0, use_cache=False))

@@ -1,0 +1,151 @@
+"""Text generation with GPT-2 (:mod:`models.gpt2`): :func:`generate`.
+
+Two paths, one jitted call each per (model, shapes, options):
+
+* with the KV cache (:meth:`models.gpt2.GPT.init_cache`): the prompt is
+  prefilled with the flash kernel, then each new token attends over the cache
+  with :func:`pallas_flash.decode.decode_attention`, all in one jitted
+  ``lax.fori_loop``;
+* without it: every step runs the model over a fixed ``block_size`` window
+  (sliding past it), so the text may grow past ``block_size``.
+
+``models.gpt2.generate`` is this function (re-exported there).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import TYPE_CHECKING
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+if TYPE_CHECKING:  # models.gpt2 re-exports generate, so it imports this module
+    from models.gpt2 import GPT
+
+__all__ = ["generate"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Sampler:
+    """Next tokens ``[B]`` from logits ``[B, V]``: greedy (``temperature == 0``) or top-k sampling."""
+
+    temperature: float
+    top_k: int | None
+
+    def __call__(self, logits: jax.Array, key: jax.Array) -> jax.Array:
+        logits = logits.astype(jnp.float32)  # [B, V]
+        if self.temperature == 0:
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        logits = logits / self.temperature
+        if self.top_k is not None:
+            kth = jax.lax.top_k(logits, min(self.top_k, logits.shape[-1]))[0][:, -1:]  # [B, 1]
+            logits = jnp.where(logits < kth, -jnp.inf, logits)
+        return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "new_tokens", "sample"))
+def _generate_without_cache(graphdef, state, prompt, rng, *, new_tokens: int, sample: _Sampler):
+    """Every step runs the model over a fixed ``block_size`` window (sliding past it)."""
+    m = nnx.merge(graphdef, state)
+    window = m.config.block_size
+    (B, P), total = prompt.shape, prompt.shape[1] + new_tokens
+    buf = jnp.zeros((B, max(total, window)), jnp.int32).at[:, :P].set(prompt)  # [B, L]
+
+    def step(t, carry):  # write token t from the tokens before it
+        buf, rng = carry
+        start = jnp.maximum(t - window, 0)
+        ctx = jax.lax.dynamic_slice_in_dim(buf, start, window, axis=1)  # [B, W]
+        logits = jax.lax.dynamic_index_in_dim(m(ctx), t - 1 - start, axis=1, keepdims=False)  # [B, V]
+        rng, sub = jax.random.split(rng)
+        return buf.at[:, t].set(sample(logits, sub)), rng
+
+    return jax.lax.fori_loop(P, total, step, (buf, rng))[0][:, :total]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "new_tokens", "sample", "decode_implementation"))
+def _generate_with_cache(graphdef, state, prompt, rng, *, new_tokens: int, sample: _Sampler,
+                         decode_implementation: str):
+    """Prefill the prompt (flash kernel), then one token per step over the KV cache."""
+    m = nnx.merge(graphdef, state)
+    (B, P), total = prompt.shape, prompt.shape[1] + new_tokens
+    m.init_cache(B, total)
+    logits = m.head(m.features(prompt, prefill=True)[:, -1])  # [B, V], from the last prompt token
+    rng, sub = jax.random.split(rng)
+    buf = jnp.zeros((B, total), jnp.int32).at[:, :P].set(prompt).at[:, P].set(sample(logits, sub))
+    graphdef, cache, rest = nnx.split(m, nnx.Cache, ...)
+
+    def step(t, carry):  # write token t from token t - 1 and the cache (tokens 0 .. t-2)
+        buf, cache, rng = carry
+        m = nnx.merge(graphdef, cache, rest)
+        last = jax.lax.dynamic_slice_in_dim(buf, t - 1, 1, axis=1)  # [B, 1]
+        logits = m(last, decode=True, decode_implementation=decode_implementation)[:, 0]  # [B, V]
+        rng, sub = jax.random.split(rng)
+        return buf.at[:, t].set(sample(logits, sub)), nnx.state(m, nnx.Cache), rng
+
+    return jax.lax.fori_loop(P + 1, total, step, (buf, cache, rng))[0]
+
+
+def generate(
+    model: GPT,
+    prompt: jax.Array,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.8,
+    top_k: int | None = 40,
+    rng: jax.Array | None = None,
+    use_cache: bool | None = None,
+    decode_implementation: str = "pallas",
+) -> jax.Array:
+    """Sample ``max_new_tokens`` after ``prompt``: int ``[P]`` -> ``[P + new]``, ``[B, P]`` -> ``[B, P + new]``.
+
+    ``temperature=0`` is greedy decoding; otherwise top-k sampling. One jitted
+    call per (model, shapes, options); repeated calls reuse the compiled loop.
+
+    With the KV cache (``use_cache=True``): the prompt is prefilled with the
+    flash kernel (``config.attention``), then a ``lax.fori_loop`` feeds one
+    token per step, whose attention reads the cache through
+    ``decode_attention(implementation=decode_implementation)`` (``"pallas"``
+    or ``"xla"``). GPT-2's positions are learned up to ``block_size``, so
+    ``P + max_new_tokens > block_size`` raises ``ValueError`` there.
+
+    Without (``use_cache=False``, the path from before the cache): every step
+    runs the model over a fixed ``block_size`` window, the last ``block_size``
+    tokens once the text is longer, so it can go past ``block_size``.
+    ``use_cache=None`` (default) takes the cache whenever the text fits.
+    Both paths draw token ``t``'s randomness from the same key.
+    """
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be None or a positive int, got {top_k!r}")
+    if use_cache not in (None, True, False):
+        raise ValueError(f"use_cache must be None, True or False, got {use_cache!r}")
+    if decode_implementation not in ("pallas", "xla"):
+        raise ValueError(f"decode_implementation must be 'pallas' or 'xla', got {decode_implementation!r}")
+    prompt = jnp.asarray(prompt, jnp.int32)
+    if prompt.ndim not in (1, 2) or prompt.size == 0:
+        raise ValueError(f"prompt must be non-empty token ids of shape [P] or [batch, P], got {prompt.shape}")
+    batched = prompt.ndim == 2
+    prompt = prompt if batched else prompt[None]  # [B, P]
+    total, block = prompt.shape[1] + max_new_tokens, model.config.block_size
+    if use_cache and total > block:
+        raise ValueError(
+            f"prompt length {prompt.shape[1]} + max_new_tokens {max_new_tokens} = {total} exceeds block_size {block}: "
+            "with the KV cache every position needs a learned position embedding (use_cache=False slides a window)")
+    if rng is None:
+        rng = jax.random.key(0)
+    if max_new_tokens == 0:
+        out = prompt
+    else:
+        graphdef, state = nnx.split(model)
+        kw = dict(new_tokens=max_new_tokens, sample=_Sampler(float(temperature), top_k))
+        if use_cache is False or total > block:
+            out = _generate_without_cache(graphdef, state, prompt, rng, **kw)
+        else:
+            out = _generate_with_cache(graphdef, state, prompt, rng, decode_implementation=decode_implementation, **kw)
+    return out if batched else out[0]
