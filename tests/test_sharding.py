@@ -24,6 +24,7 @@ from pallas_flash.reference import attention_reference
 from pallas_flash.testing.shapes import Shape
 from tests.cases import CONFIG, Case, _slope_grad_scale, build, random_qkv
 from tests.conftest import TOLERANCE, rel_err
+from tests.test_triton_ir import H100, triton_modules  # noqa: F401 - the fixture that captures Triton modules
 
 NUM_DEVICES = len(jax.devices())
 pytestmark = pytest.mark.skipif(NUM_DEVICES < 4, reason="needs 4 devices (conftest gives 4 host devices on a CPU)")
@@ -277,6 +278,36 @@ def test_uneven_batch_raises():
 
     with pytest.raises(Exception, match=r"batch dim .* mesh axes \('x',\) of size 4, which does not divide batch 2"):
         jax.jit(fn).lower(q, k, v).compile()
+
+
+def test_shard_dropout_kernels_lower_for_cuda(triton_modules):
+    """A shard's kernels (the seed carrying its batch/head offsets) lower to Triton modules that verify."""
+    from pallas_flash import backends, validate
+    from pallas_flash.backends.triton.config import default_config
+    from pallas_flash.sharding.partition import Kernels
+
+    shape = Shape("lowered", 2, 300, 300, 4, 2, 64)
+    dtype = jnp.bfloat16
+    config = default_config(head_dim=64, dtype=dtype, causal=True, seq_q=300, seq_k=300, gpu=H100)
+    backend = backends.get("triton")
+
+    def fwd_bwd(q, k, v, do, offsets):
+        spec, inputs = validate.attention_call(
+            q, k, v, is_causal=True, dropout_rate=0.2, dropout_rng=jax.random.key(0)
+        )
+        out, lse2 = Kernels("forward", backend, spec, config, False)((q, k, v, inputs), offsets)
+        return Kernels("backward", backend, spec, config, False)((q, k, v, out, lse2, do, None, inputs), offsets)
+
+    q = jax.ShapeDtypeStruct(shape.q_shape, dtype)
+    kv = jax.ShapeDtypeStruct(shape.kv_shape, dtype)
+    jax.jit(fwd_bwd).trace(q, kv, kv, q, jax.ShapeDtypeStruct((3,), jnp.uint32)).lower(lowering_platforms=("cuda",))
+    assert len(triton_modules) == 3, "forward, dK/dV and dQ"
+    for r in triton_modules:
+        r.module.operation.verify()
+    # The unsharded kernels (a two-word seed) are other modules: the shard's read its offsets.
+    jax.jit(lambda *a: fwd_bwd(*a, None)).trace(q, kv, kv, q).lower(lowering_platforms=("cuda",))
+    asm = [r.module.operation.get_asm(enable_debug_info=False) for r in triton_modules]
+    assert len(asm) == 6 and all(a != b for a, b in zip(asm[:3], asm[3:]))
 
 
 # ------------------------------------------------------------ the benchmark CLI (benchmarks/sharding.py)
