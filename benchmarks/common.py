@@ -142,7 +142,13 @@ def unique_stem(out_dir: pathlib.Path, base: str) -> pathlib.Path:
 
 
 def git_commit() -> str | None:
-    """Short HEAD, marked when the checkout has uncommitted changes; None without git."""
+    """Short HEAD, marked when the checkout has uncommitted changes; None without git.
+
+    ``PALLAS_FLASH_COMMIT`` overrides it: a copied tree (the GPU machine gets the
+    working tree with a ``.git`` that may be stale) is told its commit by the caller.
+    """
+    if os.environ.get("PALLAS_FLASH_COMMIT"):
+        return os.environ["PALLAS_FLASH_COMMIT"]
     try:
         run = lambda *a: subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, timeout=5)  # noqa: E731
         sha = run("rev-parse", "--short", "HEAD")

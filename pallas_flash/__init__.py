@@ -9,6 +9,9 @@ Public API:
   the Triton backend's block configs.
 - ``attention_reference``: the plain-jnp reference used by the tests.
 - ``backends``: the backend interface and registry.
+- ``decode_attention``: split-K decoding over a contiguous or paged KV cache.
+- ``ring_attention`` (inside ``shard_map``) and ``sequence_parallel_attention``
+  (global arrays sharded over the sequence): context parallelism.
 - ``zigzag``/``unzigzag``: the load-balanced causal sequence layout for context parallelism.
 """
 
@@ -23,8 +26,9 @@ from pallas_flash import backends  # noqa: E402
 from pallas_flash.api import attention_with_lse, dot_product_attention, flash_attention  # noqa: E402
 from pallas_flash.backends.triton import BackwardConfig, FlashConfig, ForwardConfig, default_config  # noqa: E402
 from pallas_flash.combine import combine  # noqa: E402
+from pallas_flash.decode import decode_attention  # noqa: E402
 from pallas_flash.reference import attention_reference  # noqa: E402
-from pallas_flash.sharding import unzigzag, zigzag  # noqa: E402
+from pallas_flash.sharding import ring_attention, sequence_parallel_attention, unzigzag, zigzag  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -33,6 +37,9 @@ __all__ = [
     "flash_attention",
     "attention_with_lse",
     "combine",
+    "decode_attention",
+    "ring_attention",
+    "sequence_parallel_attention",
     "zigzag",
     "unzigzag",
     "backends",
