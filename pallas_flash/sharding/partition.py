@@ -14,7 +14,11 @@ Shardy sharding rule, as JAX's cuDNN attention does:
   sharded by the caller is all-gathered: correct, not fast).
 - the partition callback runs the kernels on each device's shard. A shard of
   heads keeps whole GQA groups: query and KV heads must both divide by the
-  size of the head axes (``ValueError`` otherwise). A gradient of an input
+  size of the head axes, and the batch by the size of the batch axes, else a
+  ``ValueError`` naming the axes (raised while XLA partitions, so ``jit``'s
+  compile reports it inside a ``JaxRuntimeError``; under ``Explicit`` axes a
+  plain ``ValueError`` at trace time). No fallback: a silent all-gather
+  would cost what this module exists to save. A gradient of an input
   broadcast over a sharded batch or head dim (a ``[1, N, Tq, Tk]`` bias, ``[N]``
   ALiBi slopes) is a partial sum per shard and is ``psum``-ed over those axes.
 - dropout keep bits are keyed on global coordinates: the shard's first batch
@@ -27,7 +31,8 @@ leading (shardable) factor per level instead of failing. Under a mesh whose
 axes are ``Explicit`` the shardings are in the types at trace time; there the
 same per-shard function runs in ``jax.shard_map`` (``custom_partitioning``
 never sees an explicitly sharded type, which Pallas' interpret mode cannot
-slice).
+slice). On a mesh mixing ``Explicit`` and ``Auto`` axes only the explicit ones
+partition the kernels; inputs sharded on its auto axes are gathered.
 """
 
 from __future__ import annotations
@@ -100,7 +105,6 @@ class Call:
 
     kernels: Kernels
     in_tree: Any
-    out_tree: Any
     in_factors: tuple
     out_factors: tuple
     group: int
@@ -379,7 +383,7 @@ def _apply(kernels: Kernels, args):
     in_factors, out_factors, group = _factors(kernels, args)
     q, k = args[0], args[1]
     out_tree = _out_tree(kernels, in_tree, tuple((x.shape, x.dtype) for x in leaves))
-    call = Call(kernels, in_tree, out_tree, in_factors, out_factors, group, tuple(q.shape), tuple(k.shape))
+    call = Call(kernels, in_tree, in_factors, out_factors, group, tuple(q.shape), tuple(k.shape))
     mesh = _explicit_mesh(leaves)
     if mesh is not None:
         outs = _run_explicit(call, mesh, leaves)
