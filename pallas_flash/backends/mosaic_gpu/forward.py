@@ -33,13 +33,20 @@ in the log2 domain (``m + log2(l)`` with ``m`` the running max of the scaled
 log2 logits), exactly what the Triton backward reads.
 
 Interpret mode (``interpret=True``: Mosaic GPU's ``InterpretGPUParams`` on the
-CPU) runs this kernel with its warpgroups as threads, TMA copies, barriers and
-wgmma simulated. Two primitives used on the GPU have no interpreter rule in
-jax 0.11.2: ``pl.run_state`` (an accumulator initialised from registers,
-``plgpu.ACC.init``) and a wgmma whose left operand is in registers. In
-interpret mode alone, P is therefore staged through shared memory and ``P V``
-is accumulated into a fresh accumulator that is added in registers; every
-other line (pipeline, barriers, masks, softmax, stores) is the GPU's.
+CPU) runs this kernel with its warpgroups as threads: TMA copies (out-of-bounds
+rows read as zeros, writes dropped), mbarriers (arrive/wait, transaction
+counts; the interpreter also checks that each waiting warpgroup observes every
+phase), wgmma from shared-memory operands into ``plgpu.ACC`` scratch,
+``commit_smem``, smem-to-gmem copies and ``set_max_registers`` (a no-op);
+its race detector (``detect_races=True``) finds no race in this kernel. Two
+things the GPU path uses fail there in jax 0.11.2: ``pl.run_state`` with
+``plgpu.ACC.init`` (no interpreter rule; it reaches XLA lowering and fails with
+"Cannot lower jaxpr with effects: {..._WGMMAPipelineEffect...}") and a wgmma
+whose left operand is a register array (the interpreter reads both operands as
+shared-memory allocations: "ValueError: Expected shape (6,) but got (64, 64)").
+In interpret mode alone, P is therefore staged through shared memory and ``P V``
+goes into a fresh accumulator added in registers; every other line (pipeline,
+barriers, masks, softmax, stores) is the GPU's.
 """
 
 from __future__ import annotations
