@@ -19,8 +19,8 @@ def _qkv():
 
 
 def test_registry_names_and_aliases():
-    assert {"pallas", "triton", "xla", "cudnn"} <= set(backends.names())
-    assert backends.get("pallas") is backends.get("triton")
+    assert {"pallas", "auto", "triton", "mosaic", "xla", "cudnn"} <= set(backends.names())
+    assert backends.get("pallas") is backends.get("auto")
     assert isinstance(backends.get("triton"), backends.KernelBackend)
     assert not isinstance(backends.get("xla"), backends.KernelBackend)
     with pytest.raises(ValueError, match="implementation must be one of"):
@@ -38,6 +38,8 @@ def test_triton_is_a_name_of_the_pallas_kernels(seed):
 
 def test_kernel_config_of_the_wrong_type_names_the_backend():
     with pytest.raises(TypeError, match="config must be a .*FlashConfig for the 'triton' backend"):
+        pf.dot_product_attention(*_qkv(), implementation="triton", config=pf.ForwardConfig())
+    with pytest.raises(TypeError, match="config must be an AutoConfig or a config of the 'triton' or 'mosaic' backend"):
         pf.dot_product_attention(*_qkv(), implementation="pallas", config=pf.ForwardConfig())
 
 

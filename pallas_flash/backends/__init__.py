@@ -3,12 +3,15 @@
 ``get(name)`` returns the backend registered under a name; ``names()`` lists
 them. Registered now: ``"triton"`` (the Pallas kernels lowered through
 Triton), ``"mosaic"`` (the Pallas Mosaic GPU forward for Hopper, with the
-Triton backward), ``"xla"`` and ``"cudnn"`` (``jax.nn.dot_product_attention``).
-``"pallas"`` names the default Pallas backend (today ``"triton"``).
+Triton backward), ``"auto"`` (per pass, the fastest of those two that implements
+the call, from the shipped table ``auto_tables/<gpu>.json``), ``"xla"`` and
+``"cudnn"`` (``jax.nn.dot_product_attention``).
+``"pallas"`` names the default Pallas backend, ``"auto"``.
 """
 
 from __future__ import annotations
 
+from pallas_flash.backends.auto import AutoBackend
 from pallas_flash.backends.base import Backend, Gradients, KernelBackend
 from pallas_flash.backends.jax_nn import JaxNnBackend
 from pallas_flash.backends.mosaic_gpu import MosaicBackend
@@ -17,7 +20,7 @@ from pallas_flash.backends.triton import TritonBackend
 __all__ = ["Backend", "KernelBackend", "Gradients", "register", "get", "names"]
 
 _REGISTRY: dict[str, Backend] = {}
-_ALIASES = {"pallas": "triton"}
+_ALIASES = {"pallas": "auto"}
 
 
 def register(name: str, backend: Backend) -> None:
@@ -42,5 +45,6 @@ def get(name: str) -> Backend:
 
 register("triton", TritonBackend())
 register("mosaic", MosaicBackend())
+register("auto", AutoBackend())
 register("xla", JaxNnBackend("xla"))
 register("cudnn", JaxNnBackend("cudnn"))

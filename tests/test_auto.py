@@ -1,0 +1,108 @@
+"""``implementation="auto"`` (and its alias ``"pallas"``): the per-pass choice from the shipped table, and its fallbacks."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_flash as pf
+from pallas_flash import backends
+from pallas_flash.backends import auto
+from pallas_flash.backends.mosaic_gpu import MosaicConfig
+from pallas_flash.spec import AttentionInputs, AttentionSpec
+from pallas_flash.testing.shapes import Shape
+from tests.cases import CONFIG, random_qkv
+from tests.conftest import TOLERANCE, rel_err
+
+H200 = "NVIDIA H200"
+
+
+def test_table_orders_per_gpu_and_pass():
+    assert auto.table_order("fwd", 128, True, 4096, gpu=H200) == ("mosaic", "triton")
+    assert auto.table_order("fwd", 256, False, 1024, gpu=H200) == ("mosaic", "triton")
+    assert auto.table_order("fwd", 96, False, 1024, gpu=H200) == ("triton",)  # no rule: the fallback
+    assert auto.table_order("bwd", 128, True, 4096, gpu=H200)[-1] == "triton"
+    assert auto.table_order("fwd", 128, True, 4096, gpu="NVIDIA A100-SXM4-80GB") == ("triton",)  # no table
+    assert auto.table_order("fwd", 128, True, 4096, gpu="") == ("triton",)  # no GPU: interpret mode
+
+
+def test_every_table_names_registered_kernel_backends():
+    for table in auto._tables():
+        assert table["gpu"] and table["rules"]
+        for rule in table["rules"]:
+            assert rule["pass"] in ("fwd", "bwd")
+            for name in rule["order"]:
+                assert isinstance(backends.get(name), backends.KernelBackend)
+
+
+def _spec(**kw) -> AttentionSpec:
+    return AttentionSpec(scale=0.125, **kw)
+
+
+@pytest.mark.parametrize(
+    "dtype, head_dim, spec, want",
+    [
+        (jnp.bfloat16, 128, _spec(causal=True), "mosaic"),
+        (jnp.float16, 64, _spec(), "mosaic"),
+        (jnp.float32, 128, _spec(), "triton"),  # the Mosaic kernels take bf16/fp16 only
+        (jnp.bfloat16, 96, _spec(), "triton"),  # no table rule for D=96
+        (jnp.bfloat16, 128, _spec(has_segments=True), "triton"),  # a feature the Mosaic kernels lack
+        (jnp.bfloat16, 128, _spec(q_offset=64), "triton"),
+    ],
+)
+def test_forward_choice_on_an_h200(monkeypatch, dtype, head_dim, spec, want):
+    monkeypatch.setattr(auto, "_gpu_name", lambda: H200)
+    q = jax.ShapeDtypeStruct((2, 256, 4, head_dim), dtype)
+    chosen = backends.get("auto").choose("fwd", q, q, q, AttentionInputs(), spec)
+    assert chosen == want
+    assert backends.get("auto").choose("bwd", q, q, q, AttentionInputs(), spec) == "triton"
+
+
+def test_off_a_table_gpu_auto_is_the_triton_kernels(seed):
+    """On this machine (no table entry, or a CPU in interpret mode) auto runs exactly the Triton kernels."""
+    if jax.default_backend() == "gpu" and auto.table_order("fwd", 16, False, 20) != ("triton",):
+        pytest.skip("this GPU's table chooses another backend for the forward")
+    q, k, v, do = random_qkv(Shape("a", 1, 20, 28, 4, 2, 16), jnp.float32, seed)
+
+    def run(name):
+        f = lambda q, k, v: pf.dot_product_attention(q, k, v, is_causal=True, implementation=name)  # noqa: E731
+        out, vjp = jax.vjp(f, q, k, v)
+        return (out, *vjp(do))
+
+    for a, b in zip(run("auto"), run("triton")):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_backend_config_runs_that_backend_for_both_passes():
+    a = backends.get("auto")
+    assert a.adopt(CONFIG) == auto.AutoConfig("triton", CONFIG, "triton", CONFIG)
+    m = MosaicConfig()
+    assert a.adopt(m) == auto.AutoConfig("mosaic", m, "mosaic", m)
+    with pytest.raises(TypeError, match="AutoConfig or a config of the 'triton' or 'mosaic' backend"):
+        a.adopt(pf.ForwardConfig())
+
+
+def test_a_plan_run_on_a_call_its_backend_refuses_falls_back(seed):
+    """A plan made for one spec, run on a spec with offsets (a ring's chunk pair): the Triton kernels run it."""
+    q, k, v, _ = random_qkv(Shape("o", 1, 24, 24, 2, 2, 64), jnp.bfloat16, seed)
+    spec = AttentionSpec(scale=0.125, causal=True, q_offset=24)
+    plan = auto.AutoConfig("mosaic", MosaicConfig(), "mosaic", MosaicConfig())
+    out, lse2 = backends.get("auto").forward(q, k, v, AttentionInputs(), spec, config=plan, interpret=True)
+    triton = backends.get("triton")
+    want, want_lse2 = triton.forward(q, k, v, AttentionInputs(), spec, config=triton.default_config(q, k, spec),
+                                     interpret=True)
+    assert np.array_equal(np.asarray(out), np.asarray(want))
+    assert np.array_equal(np.asarray(lse2), np.asarray(want_lse2))
+    with jax.enable_x64(True):
+        ref = pf.attention_reference(*(jnp.asarray(np.asarray(x, np.float64)) for x in (q, k, v)),
+                                     scale=0.125, is_causal=True, q_offset=24)
+        assert rel_err(out, ref) < TOLERANCE[jnp.dtype(jnp.bfloat16)]
+
+
+def test_auto_config_is_a_static_argument():
+    c = auto.AutoConfig("triton", CONFIG, "triton", CONFIG)
+    assert hash(c) == hash(dataclasses.replace(c))
