@@ -1,4 +1,4 @@
-"""The kernels under ``jax.jit`` with batch- or head-sharded inputs: each device computes its own shard.
+"""The kernels under ``jax.jit`` with sharded inputs: each device computes its own shard.
 
 A ``pallas_call`` is opaque to XLA's partitioner: without help, XLA
 all-gathers q, k and v around it and every device computes the whole batch.
@@ -10,12 +10,26 @@ Shardy sharding rule, as JAX's cuDNN attention does:
   (query heads are ``(k g)``: KV head major, ``g`` the GQA group), ``t``/``s``
   query/key positions, ``h`` head dim; a size-1 (broadcast) dim of a mask,
   bias or slopes gets a factor of its own. ``b`` and ``k`` may be sharded on
-  any mesh axes; ``t``, ``s``, ``h`` and ``g`` are replicated (a sequence
-  sharded by the caller is all-gathered: correct, not fast).
+  any mesh axes; ``h`` and ``g`` are replicated.
+- the sequence (context parallelism): when the ring implements the call
+  (``ring.ring_limits``: no window, mask, bias, ALiBi, soft-cap or dropout,
+  ``Tq == Tk``, no causal offset shift) the keys' positions are the same
+  factor ``t`` as the queries', so q, k, v, the output and the lse may be
+  sharded on the sequence, k/v on q's axes (Shardy reshards them to follow).
+  Each device then holds a contiguous slice of the positions and runs
+  ``ring.ring_forward``/``ring.ring_backward`` over those axes: K/V (and, in
+  the backward, dK/dV) travel with ``collective-permute``; nothing is
+  gathered and the output stays sharded on the sequence. For a call the
+  ring does not implement, ``t`` and ``s`` must be replicated: under
+  ``Auto`` axes the sequence is all-gathered around the kernels (correct,
+  not fast: what XLA does for any op that needs the whole sequence); under
+  ``Explicit`` axes, where the caller chose the sharding, a query sharded on
+  the sequence raises ``NotImplementedError`` naming what the ring lacks.
 - the partition callback runs the kernels on each device's shard. A shard of
   heads keeps whole GQA groups: query and KV heads must both divide by the
-  size of the head axes, and the batch by the size of the batch axes, else a
-  ``ValueError`` naming the axes (raised while XLA partitions, so ``jit``'s
+  size of the head axes, the batch by the size of the batch axes and the
+  sequence by the size of the sequence axes, else a ``ValueError`` naming the
+  axes (raised while XLA partitions, so ``jit``'s
   compile reports it inside a ``JaxRuntimeError``; under ``Explicit`` axes a
   plain ``ValueError`` at trace time). No fallback: a silent all-gather
   would cost what this module exists to save. A gradient of an input
@@ -51,13 +65,14 @@ from jax.interpreters import batching, mlir
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from pallas_flash import dropout
+from pallas_flash.sharding import ring
 from pallas_flash.spec import AttentionInputs, AttentionSpec
 
 __all__ = ["forward", "backward"]
 
-BATCH, HEADS, GROUP = "b", "k", "g"
+BATCH, HEADS, GROUP, SEQ, KEYS = "b", "k", "g", "t", "s"
 VMAP, OWN = "vmap", "one"  # prefixes: a vmap level's factor; a broadcast dim's own factor
-REPLICATED = ("t", "s", "h", GROUP)  # factors a shard never splits (sequence, head dim, within a GQA group)
+REPLICATED = ("h", GROUP)  # factors a shard never splits (head dim, within a GQA group)
 SUMMED = (BATCH, HEADS)  # factors an output without them is summed over
 
 
@@ -73,9 +88,12 @@ class Kernels:
     want_dbias: bool = False
     want_dslopes: bool = False
 
-    def __call__(self, args, shard=None):
-        """The kernels on ``args``; ``shard`` (uint32 [3] or None) is the global offset of this shard for dropout."""
+    def __call__(self, args, shard=None, seq_axes=()):
+        """The kernels on ``args``; ``shard`` (uint32 [3] or None) is the global offset of this shard for dropout;
+        ``seq_axes``: the mesh axes the sequence is sharded over (the ring runs over them), or ``()``."""
         inputs: AttentionInputs = args[-1]
+        if seq_axes:
+            return self._ring(args, seq_axes[0] if len(seq_axes) == 1 else tuple(seq_axes))
         # The dense mask/bias shapes of the arrays as passed (a shard's, when partitioned).
         spec = dataclasses.replace(
             self.spec,
@@ -94,6 +112,17 @@ class Kernels:
             **common,
         )
 
+    def _ring(self, args, axis_name):
+        """The ring's forward or backward over ``axis_name`` on this device's contiguous slice of the sequence."""
+        common = dict(axis_name=axis_name, backend=self.backend, config=self.config, interpret=self.interpret)
+        if self.kind == "forward":
+            q, k, v, inputs = args
+            return ring.ring_forward(q, k, v, inputs, self.spec, **common)
+        q, k, v, out, lse2, do, dlse, inputs = args
+        from pallas_flash.backends.base import Gradients  # backends import op, which imports this module
+
+        return Gradients(*ring.ring_backward(q, k, v, out, lse2, do, dlse, inputs, self.spec, **common))
+
 
 @dataclasses.dataclass(frozen=True)
 class Call:
@@ -111,12 +140,13 @@ class Call:
     q_shape: tuple  # the query's and key's global shapes, without vmap dims
     k_shape: tuple
     levels: tuple = ()
+    ring_limits: tuple = ()  # why the ring cannot run this call (``ring.ring_limits``); empty: the sequence may shard
 
-    def flat(self, shard=None):
-        """The kernels as a function of flat leaves, with every ``vmap`` level applied."""
+    def flat(self, shard=None, seq_axes=()):
+        """The kernels (the ring over ``seq_axes`` when given) as a function of flat leaves, every ``vmap`` level applied."""
 
         def run(*leaves):
-            out = self.kernels(jax.tree.unflatten(self.in_tree, leaves), shard)
+            out = self.kernels(jax.tree.unflatten(self.in_tree, leaves), shard, seq_axes)
             return tuple(jax.tree.leaves(out))
 
         for axes in self.levels:
@@ -128,29 +158,40 @@ class Call:
 # Factors of each argument and result.
 
 
-def _factors(kernels: Kernels, args) -> tuple[tuple, tuple, int]:
-    """``(in_factors, out_factors, group)``: one tuple of factor names per array leaf, in tree order."""
+def _factors(kernels: Kernels, args) -> tuple[tuple, tuple, int, tuple]:
+    """``(in_factors, out_factors, group, ring_limits)``: one tuple of factor names per array leaf, in tree order.
+
+    When the ring runs the call (no ``ring_limits``) the keys' positions are the queries' factor ``t``: the
+    sequences of q and k/v shard alike or not at all.
+    """
     q, k = args[0], args[1]
     batch, seq_q, num_heads, _ = q.shape
     num_kv_heads = k.shape[2]
     group = num_heads // num_kv_heads if num_kv_heads else 1
-    heads = HEADS if group == 1 else CompoundFactor(HEADS, GROUP)
-    q_f = (BATCH, "t", heads, "h")
-    kv_f = (BATCH, "s", HEADS, "h")
-    stat_f = (BATCH, heads, "t")
+    if group == 1:
+        heads = HEADS
+    elif num_kv_heads == 1:  # MQA: Shardy allows no size-1 factor inside a compound one; the group is every head
+        heads = GROUP
+    else:
+        heads = CompoundFactor(HEADS, GROUP)
+    limits = tuple(ring.ring_limits(kernels.spec, q.shape, k.shape))
+    keys = KEYS if limits else SEQ
+    q_f = (BATCH, SEQ, heads, "h")
+    kv_f = (BATCH, keys, HEADS, "h")
+    stat_f = (BATCH, heads, SEQ)
     own = iter(f"{OWN}{i}" for i in range(1000))  # a factor of its own for each broadcast (size-1) dim
 
     def dims(array, names, full):
         return tuple(n if size == f else next(own) for size, n, f in zip(array.shape, names, full))
 
     inputs: AttentionInputs = args[-1]
-    dense = (BATCH, heads, "t", "s")
+    dense = (BATCH, heads, SEQ, keys)
     dense_full = (batch, num_heads, seq_q, k.shape[1])
     side = AttentionInputs(
         q_lengths=(BATCH,),
         kv_lengths=(BATCH,),
-        q_segment_ids=(BATCH, "t"),
-        kv_segment_ids=(BATCH, "s"),
+        q_segment_ids=(BATCH, SEQ),
+        kv_segment_ids=(BATCH, keys),
         mask=None if inputs.mask is None else dims(inputs.mask, dense, dense_full),
         bias=None if inputs.bias is None else dims(inputs.bias, dense, dense_full),
         alibi_slopes=None if inputs.alibi_slopes is None else dims(inputs.alibi_slopes, (BATCH, heads), (batch, num_heads)),
@@ -169,18 +210,20 @@ def _factors(kernels: Kernels, args) -> tuple[tuple, tuple, int]:
         if kernels.want_dslopes:
             outs += (side[6],)
     ins = tuple(leading) + tuple(f for f in side if f is not None)
-    return ins, outs, group
+    return ins, outs, group, limits
 
 
 def _sharding_rule(call: Call, mesh, value_types, result_types) -> SdyShardingRule:
     del mesh, value_types, result_types
     # Factors in order of first appearance (Shardy wants the special ones listed in that order).
     used = dict.fromkeys(n for fs in call.in_factors for f in fs for n in (f if isinstance(f, CompoundFactor) else (f,)))
-    sizes = {GROUP: call.group} if call.group > 1 else {}
+    compound = any(isinstance(f, CompoundFactor) for fs in call.in_factors for f in fs)
+    sizes = {GROUP: call.group} if compound else {}  # a compound factor's sizes
+    replicated = REPLICATED + ((SEQ, KEYS) if call.ring_limits else ())  # the ring's calls may shard the sequence
     return SdyShardingRule(
         tuple(ArrayMapping(*f) for f in call.in_factors),
         tuple(ArrayMapping(*f) for f in call.out_factors),
-        need_replication_factors=tuple(f for f in used if f in REPLICATED),
+        need_replication_factors=tuple(f for f in used if f in replicated),
         **sizes,
     )
 
@@ -200,15 +243,29 @@ def _spec_of(sharding, ndim: int) -> tuple:
     return spec + (None,) * (ndim - len(spec))
 
 
-def _sharded_factors(call: Call, mesh, specs) -> dict[str, tuple[str, ...]]:
-    """Mesh axes of ``b``, ``k`` and the ``vmap`` factors, read from the first leaf that has each (the query first)."""
+def _sharded_factors(call: Call, mesh, specs, explicit: bool = False) -> dict[str, tuple[str, ...]]:
+    """Mesh axes of ``b``, ``k``, ``t`` and the ``vmap`` factors, read from the first leaf that has each (the query
+    first: k/v follow its sequence axes).
+
+    A sequence sharded for a call the ring does not implement is gathered (``t`` on no axes) under ``Auto`` axes;
+    under ``Explicit`` ones (``explicit``) it raises ``NotImplementedError``.
+    """
     axes = {}
     for factors, spec in zip(call.in_factors, specs):
         for f, entry in zip(factors, spec):
             name = f[0] if isinstance(f, CompoundFactor) else f  # query heads: the KV-head factor is the major one
-            if name in axes or not (name in SUMMED or name.startswith(VMAP)):
+            if name in axes or not (name in SUMMED or name == SEQ or name.startswith(VMAP)):
                 continue
             axes[name] = _axes(entry)
+    if call.ring_limits and axes.get(SEQ):
+        if explicit:
+            raise NotImplementedError(
+                f"pallas_flash: the query's sequence (query {call.q_shape}, key {call.k_shape}) is sharded over mesh "
+                f"axes {axes[SEQ]}, and context parallelism (ring attention) does not implement "
+                f"{'; '.join(call.ring_limits)}. Replicate the sequence for this call (jax.sharding.reshard with None "
+                "for the sequence dim) or drop the feature"
+            )
+        axes[SEQ] = ()  # the kernels take the whole sequence; XLA gathers it
     _check(call, mesh, axes)
     return axes
 
@@ -218,11 +275,17 @@ def _size(mesh, axes) -> int:
 
 
 def _check(call: Call, mesh, axes) -> None:
-    """Batch and heads must split evenly, heads in whole GQA groups; ``ValueError`` naming the mesh axes otherwise."""
+    """Batch, heads and sequence must split evenly, heads in whole GQA groups; ``ValueError`` naming the mesh axes
+    otherwise."""
     q_shape, k_shape = call.q_shape, call.k_shape
-    batch, _, num_heads, _ = q_shape
+    batch, seq, num_heads, _ = q_shape
     num_kv_heads = k_shape[2]
-    b_axes, h_axes = axes.get(BATCH, ()), axes.get(HEADS, ())
+    b_axes, h_axes, t_axes = axes.get(BATCH, ()), axes.get(HEADS, ()), axes.get(SEQ, ())
+    if seq % _size(mesh, t_axes):
+        raise ValueError(
+            f"pallas_flash: the sequence dim (query {q_shape}) is sharded over mesh axes {t_axes} of size "
+            f"{_size(mesh, t_axes)}, which does not divide its length {seq}; shard it over axes whose size divides it"
+        )
     if batch % _size(mesh, b_axes):
         raise ValueError(
             f"pallas_flash: the batch dim (query {q_shape}) is sharded over mesh axes {b_axes} of size "
@@ -266,7 +329,7 @@ def _per_shard(call: Call, axes):
     """The function each device runs on its shards: the kernels, then the sums over shards of broadcast gradients."""
 
     def run(*leaves):
-        outs = call.flat(_shard_offsets(call, axes))(*leaves)
+        outs = call.flat(_shard_offsets(call, axes), axes.get(SEQ, ()))(*leaves)
         summed = []
         for out, factors in zip(outs, call.out_factors):
             names = {f[0] if isinstance(f, CompoundFactor) else f for f in factors}
@@ -367,7 +430,7 @@ def _explicit_mesh(leaves):
 def _run_explicit(call: Call, mesh, leaves):
     """Under ``Explicit`` axes: the same per-shard function in ``shard_map``, the specs read from the types."""
     specs = [_spec_of(jax.typeof(x).sharding, x.ndim) for x in leaves]
-    axes = _sharded_factors(call, mesh, specs)
+    axes = _sharded_factors(call, mesh, specs, explicit=True)
     in_specs = tuple(_pspec(f, axes) for f in call.in_factors)
     out_specs = tuple(_pspec(f, axes) for f in call.out_factors)
     leaves = [
@@ -380,10 +443,10 @@ def _run_explicit(call: Call, mesh, leaves):
 
 def _apply(kernels: Kernels, args):
     leaves, in_tree = jax.tree.flatten(args)
-    in_factors, out_factors, group = _factors(kernels, args)
+    in_factors, out_factors, group, limits = _factors(kernels, args)
     q, k = args[0], args[1]
     out_tree = _out_tree(kernels, in_tree, tuple((x.shape, x.dtype) for x in leaves))
-    call = Call(kernels, in_tree, in_factors, out_factors, group, tuple(q.shape), tuple(k.shape))
+    call = Call(kernels, in_tree, in_factors, out_factors, group, tuple(q.shape), tuple(k.shape), ring_limits=limits)
     mesh = _explicit_mesh(leaves)
     if mesh is not None:
         outs = _run_explicit(call, mesh, leaves)
@@ -393,12 +456,12 @@ def _apply(kernels: Kernels, args):
 
 
 def forward(backend, q, k, v, inputs: AttentionInputs, spec: AttentionSpec, *, config, interpret: bool):
-    """``backend.forward`` (``(out, lse2)``), partitioned over sharded batch and heads."""
+    """``backend.forward`` (``(out, lse2)``), partitioned over sharded batch and heads (and sequence: the ring)."""
     return _apply(Kernels("forward", backend, spec, config, interpret), (q, k, v, inputs))
 
 
 def backward(backend, q, k, v, out, lse2, do, dlse, inputs: AttentionInputs, spec: AttentionSpec, *, config,
              interpret: bool, want_dbias: bool, want_dslopes: bool):
-    """``backend.backward`` (``Gradients``), partitioned over sharded batch and heads."""
+    """``backend.backward`` (``Gradients``), partitioned over sharded batch and heads (and sequence: the ring)."""
     kernels = Kernels("backward", backend, spec, config, interpret, want_dbias, want_dslopes)
     return _apply(kernels, (q, k, v, out, lse2, do, dlse, inputs))

@@ -33,8 +33,14 @@ that shard's share of the gradients), accumulating dQ at home and sending the
 dK/dV accumulators around with the shards: after ``n`` steps each is back on
 its own device. Hidden pairs are skipped there too.
 
-``sequence_parallel_attention`` is the glue for global arrays sharded over a
-mesh axis: it runs ``ring_attention`` through ``jax.shard_map``.
+The two halves are public as functions of one device's arrays:
+``ring_forward`` (``(out, lse2)``, log2 domain) and ``ring_backward``
+(``(dq, dk, dv)``) take the call's ``AttentionSpec`` and kernel backend, as a
+backend's own ``forward``/``backward`` do. ``ring_attention``'s
+``custom_vjp`` runs them; so does ``pallas_flash.sharding.partition`` when a
+call under ``jit`` has its sequence sharded (the automatic path).
+``ring_limits`` says which calls they cannot run. The glue for global arrays
+(``sequence_parallel_attention``) is in ``pallas_flash.sharding.context``.
 """
 
 from __future__ import annotations
@@ -42,13 +48,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import TYPE_CHECKING, Any, Hashable, NamedTuple
+from typing import TYPE_CHECKING, Any, Hashable
 
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from pallas_flash import validate
 from pallas_flash.spec import AttentionInputs, AttentionSpec
@@ -56,7 +60,7 @@ from pallas_flash.spec import AttentionInputs, AttentionSpec
 if TYPE_CHECKING:  # pallas_flash.backends imports op, which imports this package (sharding.partition)
     from pallas_flash.backends.base import KernelBackend
 
-__all__ = ["LAYOUTS", "ring_attention", "sequence_parallel_attention", "sequence_sharding", "SequenceSharding"]
+__all__ = ["LAYOUTS", "ring_attention", "ring_forward", "ring_backward", "ring_limits"]
 
 LAYOUTS = ("contiguous", "zigzag")
 LN2 = math.log(2.0)
@@ -312,6 +316,74 @@ def _ring_op_bwd(ring, residuals, cotangents):
 _ring_op.defvjp(_ring_op_fwd, _ring_op_bwd)
 
 
+# --- the two halves on one device's arrays --------------------------------------------------
+
+
+def ring_limits(spec: AttentionSpec, q_shape, k_shape) -> list[str]:
+    """What of a call the ring does not implement (empty when it runs it): the features, and Tq != Tk."""
+    found = []
+    if spec.window is not None:
+        found.append("a local window")
+    if spec.has_mask:
+        found.append("a mask")
+    if spec.has_bias:
+        found.append("a bias")
+    if spec.has_alibi:
+        found.append("ALiBi slopes")
+    if spec.soft_cap is not None:
+        found.append("a logits soft-cap")
+    if spec.has_dropout:
+        found.append("dropout")
+    if spec.causal and spec.shift:
+        found.append(f"a causal mask shifted by position offsets (q_offset={spec.q_offset}, k_offset={spec.k_offset})")
+    if q_shape[1] != k_shape[1]:
+        found.append(f"queries and keys of different lengths (query {tuple(q_shape)}, key {tuple(k_shape)})")
+    return found
+
+
+def _ring_of(spec: AttentionSpec, q, k, *, axis_name, backend, config, interpret, layout, with_lse=False) -> _Ring:
+    """The static ring of one device's ``q``/``k`` over ``axis_name`` for the call ``spec`` (causal in it)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    limits = ring_limits(spec, q.shape, k.shape)
+    if limits:
+        raise NotImplementedError(f"ring attention does not implement {'; '.join(limits)}")
+    # Offsets equal on both sides shift nothing; each kernel call gets its own (``_call_args``).
+    base = dataclasses.replace(spec, causal=False, q_offset=0, k_offset=0, clip_to=None)
+    size = lax.axis_size(axis_name)
+    return _Ring(axis_name, size, layout, spec.causal, q.shape[1], base, backend, config, bool(interpret), with_lse)
+
+
+def ring_forward(q, k, v, inputs: AttentionInputs, spec: AttentionSpec, *, axis_name: Hashable,
+                 backend: KernelBackend, config=None, interpret: bool = False, layout: str = "contiguous"):
+    """The ring's forward on this device's shards: ``(out [B, T_local, N, H], lse2 [B, N, T_local])``.
+
+    ``lse2`` is the global log-sum-exp of each local row in the log2 domain,
+    as a backend's ``forward`` returns it. Call where ``axis_name`` is bound
+    (``shard_map``, a ``custom_partitioning`` lower_fn). ``spec`` is the
+    whole call's (``spec.causal`` included); ``inputs`` holds the global
+    lengths and this device's segment ids. Not differentiable: pair it with
+    ``ring_backward`` in a ``custom_vjp``.
+    """
+    ring = _ring_of(spec, q, k, axis_name=axis_name, backend=backend, config=config, interpret=interpret,
+                    layout=layout)
+    return _ring_forward_rule(q, k, v, inputs, ring)
+
+
+def ring_backward(q, k, v, out, lse2, do, dlse, inputs: AttentionInputs, spec: AttentionSpec, *,
+                  axis_name: Hashable, backend: KernelBackend, config=None, interpret: bool = False,
+                  layout: str = "contiguous"):
+    """The ring's backward on this device's shards: ``(dq, dk, dv)`` in the inputs' dtypes.
+
+    ``out``/``lse2`` are ``ring_forward``'s results on this device, ``do`` and
+    ``dlse`` (natural-log lse cotangent, or None) their cotangents; the dK/dV
+    accumulators travel the ring and end on their own device.
+    """
+    ring = _ring_of(spec, q, k, axis_name=axis_name, backend=backend, config=config, interpret=interpret,
+                    layout=layout)
+    return _ring_backward(q, k, v, inputs, out, lse2, do, dlse, ring)
+
+
 # --- the public call ------------------------------------------------------------------------
 
 
@@ -393,7 +465,7 @@ def ring_attention(
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     backend = _kernel_backend(implementation)
     try:
-        size = lax.axis_size(axis_name)
+        lax.axis_size(axis_name)
     except NameError:
         raise ValueError(
             f"ring_attention runs inside jax.shard_map over the sequence axis; axis_name={axis_name!r} is not bound here"
@@ -424,128 +496,22 @@ def ring_attention(
         return (out, lse) if return_lse else out
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
+    if config is not None and hasattr(backend, "adopt"):  # "auto" runs a backend's own config (as the API does)
+        config = backend.adopt(config)
     if config is not None and not isinstance(config, backend.config_type):
         backend.resolve(q, k, spec, config, interpret)  # raises the backend's TypeError
-    ring = _Ring(axis_name, size, layout, bool(is_causal), seq, spec, backend, config, bool(interpret), bool(return_lse))
+    ring = _ring_of(dataclasses.replace(spec, causal=bool(is_causal)), q, k, axis_name=axis_name, backend=backend,
+                    config=config, interpret=interpret, layout=layout, with_lse=bool(return_lse))
     return _ring_op(q, k, v, inputs, ring)
 
 
-# --- global arrays: the shard_map glue ------------------------------------------------------
+_MOVED = ("sequence_parallel_attention", "sequence_sharding", "SequenceSharding")
 
 
-class SequenceSharding(NamedTuple):
-    """How ``[B, T, N, H]`` arrays are laid out on a mesh: the mesh axis (or None) of batch, sequence and heads."""
+def __getattr__(name: str):
+    """The global-array glue moved to ``pallas_flash.sharding.context``; imports from here keep working."""
+    if name in _MOVED:
+        from pallas_flash.sharding import context
 
-    mesh: Any
-    batch: Any
-    seq: Any
-    heads: Any
-
-
-def sequence_sharding(x: jax.Array) -> SequenceSharding | None:
-    """The layout of ``x`` ``[B, T, N, H]`` when its sequence axis is visibly sharded on a mesh axis, else None.
-
-    Visible means known at trace time: under ``jit``, arrays on mesh axes of
-    type ``Explicit`` (``jax.typeof(x).sharding``); outside ``jit``, any
-    concrete array with a ``NamedSharding``. Under ``jit`` with ``Auto`` axes
-    the compiler decides shardings later, so this returns None.
-    """
-    sharding = getattr(jax.typeof(x), "sharding", None)
-    if not isinstance(x, jax.core.Tracer) and isinstance(getattr(x, "sharding", None), NamedSharding):
-        sharding = x.sharding  # concrete: its own sharding, whatever the axis types
-    spec = tuple(getattr(sharding, "spec", None) or ())
-    if not isinstance(sharding, NamedSharding) or len(spec) < 2 or spec[1] is None:
-        return None
-    spec += (None,) * (4 - len(spec))
-    return SequenceSharding(sharding.mesh, spec[0], spec[1], spec[2])
-
-
-def _axes_size(mesh, axes) -> int:
-    if axes is None:
-        return 1
-    names = axes if isinstance(axes, tuple) else (axes,)
-    for a in names:
-        if a not in mesh.axis_names:
-            raise ValueError(f"mesh axis {a!r} is not in the mesh, whose axes are {tuple(mesh.axis_names)}")
-    return math.prod(mesh.shape[a] for a in names)
-
-
-def sequence_parallel_attention(
-    query: jax.Array,
-    key: jax.Array,
-    value: jax.Array,
-    *,
-    mesh=None,
-    seq_axis=None,
-    batch_axis=None,
-    head_axis=None,
-    layout: str = "contiguous",
-    q_segment_ids: jax.Array | None = None,
-    kv_segment_ids: jax.Array | None = None,
-    query_seq_lengths: jax.Array | None = None,
-    key_value_seq_lengths: jax.Array | None = None,
-    return_lse: bool = False,
-    **options,
-):
-    """Ring attention on global ``[B, T, N, H]`` arrays whose sequence is sharded over the mesh axis ``seq_axis``.
-
-    Runs ``ring_attention`` through ``jax.shard_map`` over ``mesh``; batch and
-    heads may be sharded too (``batch_axis``, ``head_axis``: whole GQA groups
-    per shard, so ``K`` must divide by the head axis). The output (and lse)
-    comes back sharded the same way; nothing is gathered. With ``mesh`` and
-    ``seq_axis`` omitted they are read from ``query``'s sharding
-    (``sequence_sharding``: concrete arrays, or ``Explicit`` mesh axes under
-    ``jit``). ``layout="zigzag"`` means the arrays are already in zigzag
-    order (``pallas_flash.zigzag(x, n)``, ``n`` the size of ``seq_axis``);
-    segment ids are in the same order as the arrays, lengths count positions
-    of the original order. ``options``: ``ring_attention``'s other keywords
-    (``is_causal``, ``scale``, ``implementation``, ``config``, ``interpret``...).
-    """
-    if mesh is None or seq_axis is None:
-        found = sequence_sharding(query)
-        if found is None:
-            raise ValueError(
-                "sequence_parallel_attention needs mesh and seq_axis, or a query whose sequence axis is sharded "
-                "visibly (a concrete array, or Explicit mesh axes under jit)"
-            )
-        mesh = found.mesh if mesh is None else mesh
-        seq_axis = found.seq if seq_axis is None else seq_axis
-        batch_axis = found.batch if batch_axis is None else batch_axis
-        head_axis = found.heads if head_axis is None else head_axis
-    validate.attention_call(  # shapes of the global arrays, in global terms
-        query, key, value, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-        query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
-    )
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    n = _axes_size(mesh, seq_axis)
-    nb, nh = _axes_size(mesh, batch_axis), _axes_size(mesh, head_axis)
-    batch, seq, heads, _ = query.shape
-    kv_heads = key.shape[2]
-    parts = n * (2 if layout == "zigzag" else 1)
-    if key.shape[1] != seq:
-        raise ValueError(f"sequence parallel attention needs Tq == Tk, got query {tuple(query.shape)} and key {tuple(key.shape)}")
-    if seq % parts:
-        raise ValueError(
-            f"the {layout} layout over {n} devices of mesh axis {seq_axis!r} cuts the sequence into {parts} equal "
-            f"chunks, but its length is {seq} (query {tuple(query.shape)})"
-        )
-    if batch % nb:
-        raise ValueError(f"batch {batch} does not divide over the {nb} devices of mesh axis {batch_axis!r}")
-    if heads % nh or kv_heads % nh:
-        raise ValueError(
-            f"heads (query {heads}, key/value {kv_heads}) do not divide over the {nh} devices of mesh axis "
-            f"{head_axis!r} (each shard keeps whole GQA groups)"
-        )
-    qkv_spec = P(batch_axis, seq_axis, head_axis, None)
-    extras = {name: x for name, x in dict(q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-                                          query_seq_lengths=query_seq_lengths,
-                                          key_value_seq_lengths=key_value_seq_lengths).items() if x is not None}
-    extra_specs = {name: P(batch_axis, seq_axis) if name.endswith("segment_ids") else P(batch_axis) for name in extras}
-    out_specs = (qkv_spec, P(batch_axis, head_axis, seq_axis)) if return_lse else qkv_spec
-
-    def local(q, k, v, extras):
-        return ring_attention(q, k, v, axis_name=seq_axis, layout=layout, return_lse=return_lse, **extras, **options)
-
-    return jax.shard_map(local, mesh=mesh, in_specs=(qkv_spec, qkv_spec, qkv_spec, extra_specs),
-                         out_specs=out_specs, check_vma=False)(query, key, value, extras)
+        return getattr(context, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

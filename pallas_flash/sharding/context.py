@@ -1,0 +1,147 @@
+"""Context parallelism on global arrays: ``sequence_parallel_attention`` and ``sequence_sharding``.
+
+``pallas_flash.sharding.ring.ring_attention`` runs inside ``jax.shard_map`` on
+one device's shard of the sequence. This module is the glue for callers
+holding global ``[B, T, N, H]`` arrays whose sequence is sharded over a mesh
+axis: ``sequence_parallel_attention`` runs the ring through ``shard_map``
+(any layout, zigzag included, with batch and heads sharded on other axes),
+and ``sequence_sharding`` reads how an array is laid out when that is known
+at trace time.
+
+Without any of this, ``pallas_flash.dot_product_attention`` under ``jit``
+on a sequence-sharded query also runs the ring (contiguous layout), through
+``pallas_flash.sharding.partition``; this module is for the zigzag layout and
+for callers who want the ring spelled out.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from pallas_flash import validate
+from pallas_flash.sharding.ring import LAYOUTS, ring_attention
+
+__all__ = ["sequence_parallel_attention", "sequence_sharding", "SequenceSharding"]
+
+
+class SequenceSharding(NamedTuple):
+    """How ``[B, T, N, H]`` arrays are laid out on a mesh: the mesh axis (or None) of batch, sequence and heads."""
+
+    mesh: Any
+    batch: Any
+    seq: Any
+    heads: Any
+
+
+def sequence_sharding(x: jax.Array) -> SequenceSharding | None:
+    """The layout of ``x`` ``[B, T, N, H]`` when its sequence axis is visibly sharded on a mesh axis, else None.
+
+    Visible means known at trace time: under ``jit``, arrays on mesh axes of
+    type ``Explicit`` (``jax.typeof(x).sharding``); outside ``jit``, any
+    concrete array with a ``NamedSharding``. Under ``jit`` with ``Auto`` axes
+    the compiler decides shardings later, so this returns None.
+    """
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    if not isinstance(x, jax.core.Tracer) and isinstance(getattr(x, "sharding", None), NamedSharding):
+        sharding = x.sharding  # concrete: its own sharding, whatever the axis types
+    spec = tuple(getattr(sharding, "spec", None) or ())
+    if not isinstance(sharding, NamedSharding) or len(spec) < 2 or spec[1] is None:
+        return None
+    spec += (None,) * (4 - len(spec))
+    return SequenceSharding(sharding.mesh, spec[0], spec[1], spec[2])
+
+
+def _axes_size(mesh, axes) -> int:
+    if axes is None:
+        return 1
+    names = axes if isinstance(axes, tuple) else (axes,)
+    for a in names:
+        if a not in mesh.axis_names:
+            raise ValueError(f"mesh axis {a!r} is not in the mesh, whose axes are {tuple(mesh.axis_names)}")
+    return math.prod(mesh.shape[a] for a in names)
+
+
+def sequence_parallel_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    *,
+    mesh=None,
+    seq_axis=None,
+    batch_axis=None,
+    head_axis=None,
+    layout: str = "contiguous",
+    q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    query_seq_lengths: jax.Array | None = None,
+    key_value_seq_lengths: jax.Array | None = None,
+    return_lse: bool = False,
+    **options,
+):
+    """Ring attention on global ``[B, T, N, H]`` arrays whose sequence is sharded over the mesh axis ``seq_axis``.
+
+    Runs ``ring_attention`` through ``jax.shard_map`` over ``mesh``; batch and
+    heads may be sharded too (``batch_axis``, ``head_axis``: whole GQA groups
+    per shard, so ``K`` must divide by the head axis). The output (and lse)
+    comes back sharded the same way; nothing is gathered. With ``mesh`` and
+    ``seq_axis`` omitted they are read from ``query``'s sharding
+    (``sequence_sharding``: concrete arrays, or ``Explicit`` mesh axes under
+    ``jit``). ``layout="zigzag"`` means the arrays are already in zigzag
+    order (``pallas_flash.zigzag(x, n)``, ``n`` the size of ``seq_axis``);
+    segment ids are in the same order as the arrays, lengths count positions
+    of the original order. ``options``: ``ring_attention``'s other keywords
+    (``is_causal``, ``scale``, ``implementation``, ``config``, ``interpret``...).
+    """
+    if mesh is None or seq_axis is None:
+        found = sequence_sharding(query)
+        if found is None:
+            raise ValueError(
+                "sequence_parallel_attention needs mesh and seq_axis, or a query whose sequence axis is sharded "
+                "visibly (a concrete array, or Explicit mesh axes under jit)"
+            )
+        mesh = found.mesh if mesh is None else mesh
+        seq_axis = found.seq if seq_axis is None else seq_axis
+        batch_axis = found.batch if batch_axis is None else batch_axis
+        head_axis = found.heads if head_axis is None else head_axis
+    validate.attention_call(  # shapes of the global arrays, in global terms
+        query, key, value, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+        query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
+    )
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    n = _axes_size(mesh, seq_axis)
+    nb, nh = _axes_size(mesh, batch_axis), _axes_size(mesh, head_axis)
+    batch, seq, heads, _ = query.shape
+    kv_heads = key.shape[2]
+    parts = n * (2 if layout == "zigzag" else 1)
+    if key.shape[1] != seq:
+        raise ValueError(f"sequence parallel attention needs Tq == Tk, got query {tuple(query.shape)} and key {tuple(key.shape)}")
+    if seq % parts:
+        raise ValueError(
+            f"the {layout} layout over {n} devices of mesh axis {seq_axis!r} cuts the sequence into {parts} equal "
+            f"chunks, but its length is {seq} (query {tuple(query.shape)})"
+        )
+    if batch % nb:
+        raise ValueError(f"batch {batch} does not divide over the {nb} devices of mesh axis {batch_axis!r}")
+    if heads % nh or kv_heads % nh:
+        raise ValueError(
+            f"heads (query {heads}, key/value {kv_heads}) do not divide over the {nh} devices of mesh axis "
+            f"{head_axis!r} (each shard keeps whole GQA groups)"
+        )
+    qkv_spec = P(batch_axis, seq_axis, head_axis, None)
+    extras = {name: x for name, x in dict(q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+                                          query_seq_lengths=query_seq_lengths,
+                                          key_value_seq_lengths=key_value_seq_lengths).items() if x is not None}
+    extra_specs = {name: P(batch_axis, seq_axis) if name.endswith("segment_ids") else P(batch_axis) for name in extras}
+    out_specs = (qkv_spec, P(batch_axis, head_axis, seq_axis)) if return_lse else qkv_spec
+
+    def local(q, k, v, extras):
+        return ring_attention(q, k, v, axis_name=seq_axis, layout=layout, return_lse=return_lse, **extras, **options)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(qkv_spec, qkv_spec, qkv_spec, extra_specs),
+                         out_specs=out_specs, check_vma=False)(query, key, value, extras)
