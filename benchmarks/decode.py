@@ -13,6 +13,13 @@ cuDNN's where that fails), then timed with ``pallas_flash.tuning.timer.time_fn``
 (inputs rotated over enough sets that K/V are not L2-resident). Columns: ms,
 TB/s of K and V read (2·B·tokens·K·D·2 bytes over the time) and the ratio of
 cuDNN's time to each one's. Results: ``benchmarks/results/<device>/<date>-decode[-tag].{md,jsonl}``.
+
+``--layers L`` times one decode step of an L-layer model instead: one jitted
+call runs the attention over L distinct caches (one per layer) and the time
+per layer is reported. A lone call of a small decode is bound by JAX's
+per-call dispatch (~50 us on the GPU machine, the same for every
+implementation); inside one executable, as in a model's decode step or
+``models.generate``'s loop, only the kernels remain.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ SWEEP_VARIANTS = (
 )
 DEFAULT_IMPLS = ("pallas_flash", "pallas_flash_paged", "cudnn", "xla")
 BASELINE = "cudnn"
+LAYER_BYTES = 32 << 30  # --layers: at most this many bytes of K/V caches in one step
 
 
 def _decode(**kw) -> Callable:
@@ -133,8 +141,11 @@ def bench_point(batch: int, tokens: int, impls: dict[str, Callable], opts, on_re
 
     kv_bytes = 2 * batch * tokens * KV_HEADS * HEAD_DIM * 2
     n_sets = num_input_sets(kv_bytes, max_sets=opts.max_sets)
+    layers = 1
+    if opts.layers > 1:  # one set per layer, within LAYER_BYTES of caches (at least 2 layers)
+        layers = n_sets = max(2, min(opts.layers, LAYER_BYTES // max(kv_bytes, 1)))
     base = dict(kind="decode", batch=batch, tokens=tokens, heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM,
-                dtype="bf16", page_size=opts.page_size, kv_bytes=kv_bytes, input_sets=n_sets)
+                dtype="bf16", page_size=opts.page_size, kv_bytes=kv_bytes, input_sets=n_sets, layers=layers)
     try:
         sets = make_sets(batch, tokens, opts.page_size, n_sets, opts.seed, paged=any("paged" in n for n in impls))
     except Exception as e:  # noqa: BLE001 - e.g. out of memory: every cell of the point says so
@@ -160,8 +171,14 @@ def bench_point(batch: int, tokens: int, impls: dict[str, Callable], opts, on_re
                 on_record(dict(rec, status="FAIL"))
                 continue
             del out
-            t = time_fn(fn, sets, min_time=opts.min_time)
-            rec.update(status="ok", time_s=t.median_s, iqr_rel=t.iqr_rel, kv_tbps=kv_bytes / t.median_s / 1e12)
+            if layers > 1:  # every layer's attention in one executable; the time per layer
+                step = jax.jit(lambda all_sets, f=impls[name]: [f(*one) for one in all_sets])
+                t = time_fn(step, [(sets,)], min_time=opts.min_time)
+                per_layer = t.median_s / layers
+            else:
+                t = time_fn(fn, sets, min_time=opts.min_time)
+                per_layer = t.median_s
+            rec.update(status="ok", time_s=per_layer, iqr_rel=t.iqr_rel, kv_tbps=kv_bytes / per_layer / 1e12)
         except Exception as e:  # noqa: BLE001 - recorded as a status
             rec.update(status=common.classify_exception(e), message=common.short_message(e))
         on_record(rec)
@@ -204,7 +221,10 @@ def write_report(records, meta, stem, impls) -> str:
             "pages shuffled. Each cell checked against the 'xla' path's output (relative error below "
             f"{TOLERANCE:g}), then timed (`pallas_flash.tuning.timer.time_fn`, median, inputs rotated so K/V are not "
             "L2-resident). TB/s = bytes of K and V read (2·B·tokens·K·D·2) / time; `vs cuDNN` = cuDNN's time / "
-            "this one's (above 1: faster than cuDNN).\n\n" + notes + "\n\n"
+            "this one's (above 1: faster than cuDNN)."
+            + (f" Timed as one decode step of up to {meta['layers']} layers (distinct caches) in one jitted call, per "
+               "layer (column `layers` of the .jsonl: fewer where the caches would pass 32 GiB)." if meta.get("layers", 1) > 1 else "")
+            + "\n\n" + notes + "\n\n"
             + table(records, impls).to_markdown(index=False, tablefmt="pipe", disable_numparse=True) + "\n")
     if problems:
         text += "\nNot ok:\n\n" + "\n".join(problems) + "\n"
@@ -223,6 +243,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--page-size", type=int, default=64)
     p.add_argument("--min-time", type=float, help="seconds of timed samples per cell (default 0.3, --quick 0.15)")
     p.add_argument("--max-sets", type=int, default=24, help="most input sets rotated over (small caches)")
+    p.add_argument("--layers", type=int, default=1,
+                   help="time one decode step of this many layers (distinct caches) in one jitted call; per-layer time")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-budget", type=float, help="start no new point after this many seconds")
     p.add_argument("--out", help="output directory (default benchmarks/results/<device>)")
@@ -266,11 +288,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     dev = common.device_info()
     out_dir = pathlib.Path(opts.out) if opts.out else common.RESULTS_DIR / dev["device_slug"]
     out_dir.mkdir(parents=True, exist_ok=True)
-    tag = "decode" + ("-sweep" if opts.sweep else "") + (f"-{opts.tag}" if opts.tag else "")
+    tag = "decode" + ("-sweep" if opts.sweep else "") + (f"-{opts.layers}layers" if opts.layers > 1 else "") + (f"-{opts.tag}" if opts.tag else "")
     stem = common.unique_stem(out_dir, f"{datetime.date.today().isoformat()}-{tag}")
     meta = dict(kind="meta", **dev, date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
                 command="PYTHONPATH=. python3 -m benchmarks.decode " + shlex.join(opts.argv), commit=common.git_commit(),
-                page_size=opts.page_size)
+                page_size=opts.page_size, layers=opts.layers)
     common.append_jsonl(stem.with_suffix(".jsonl"), meta)
     records: list[dict] = []
 

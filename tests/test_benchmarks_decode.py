@@ -1,0 +1,32 @@
+"""The decode benchmark's command line and table (the timing itself needs a GPU: ``python -m benchmarks.decode``)."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import decode as bench
+
+
+def test_defaults_and_overrides():
+    a = bench.parse_args([])
+    assert a.batches == (1, 8, 32) and a.tokens == (1024, 8192, 32768, 131072) and a.layers == 1
+    assert a.impls == bench.DEFAULT_IMPLS
+    b = bench.parse_args(["--batches", "2", "--tokens", "4k,640", "--page-size", "64", "--layers", "32"])
+    assert b.batches == (2,) and b.tokens == (4096, 640) and b.layers == 32
+
+
+@pytest.mark.parametrize("argv", [["--tokens", "1000"], ["--impls", "bogus"], ["--batches", "x"]])
+def test_bad_arguments_exit(argv):
+    with pytest.raises(SystemExit):
+        bench.parse_args(argv)
+
+
+def test_table_ratios_are_cudnn_time_over_each():
+    recs = [
+        dict(batch=8, tokens=8192, impl="cudnn", status="ok", time_s=2e-4, kv_tbps=1.0),
+        dict(batch=8, tokens=8192, impl="pallas_flash", status="ok", time_s=1e-4, kv_tbps=2.0),
+        dict(batch=8, tokens=8192, impl="xla", status="OOM"),
+    ]
+    t = bench.table(recs, ["pallas_flash", "cudnn", "xla"])
+    row = t.iloc[0]
+    assert row["pallas_flash vs cuDNN"] == "2.00x" and row["xla ms"] == "OOM" and row["tokens"] == "8k"
