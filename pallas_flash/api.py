@@ -14,6 +14,17 @@ they have no soft-cap or dropout and raise ``NotImplementedError`` for those.
 
 One deliberate difference from jax.nn's ``"xla"``: a query row that can see no
 key at all outputs zeros (jax.nn averages every value uniformly there).
+
+Under ``jax.jit`` with sharded inputs the kernel backends partition
+(``pallas_flash.sharding.partition``): batch and heads run per shard, and a
+query sharded on the sequence runs ring attention over those mesh axes
+(context parallelism on the positions in the order given; the output, lse
+and gradients stay sharded on the sequence; k/v follow the query's sequence
+sharding). The ring implements causal masks, lengths, segment ids and GQA;
+for a window, mask, bias, ALiBi, soft-cap, dropout or ``Tq != Tk`` the
+sequence is gathered under ``Auto`` mesh axes and ``NotImplementedError`` is
+raised under ``Explicit`` ones. For the zigzag layout, use
+``pallas_flash.sequence_parallel_attention``.
 """
 
 from __future__ import annotations
@@ -103,7 +114,9 @@ def dot_product_attention(
       interpret: force Pallas interpret mode on or off (kernel backends only).
 
     Returns:
-      ``[B, Tq, N, H]`` in the query's dtype.
+      ``[B, Tq, N, H]`` in the query's dtype, sharded like the query under
+      ``jit`` (a sequence-sharded query runs context-parallel: see the module
+      docstring).
     """
     spec, inputs = validate.attention_call(
         query, key, value, bias, mask,
@@ -164,7 +177,10 @@ def attention_with_lse(
     lets partial results over disjoint key blocks be merged exactly with
     ``pallas_flash.combine``. ``features`` takes ``dot_product_attention``'s
     other keywords (lengths, segment ids, mask, bias, ALiBi, soft-cap,
-    dropout), which describe the arrays as passed.
+    dropout), which describe the arrays as passed. Under ``jit`` a
+    sequence-sharded query runs context-parallel as in
+    ``dot_product_attention`` (with a causal mask, only when
+    ``q_offset == k_offset``).
     """
     bias, mask = features.pop("bias", None), features.pop("mask", None)
     spec, inputs = validate.attention_call(

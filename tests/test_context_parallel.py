@@ -10,9 +10,11 @@ collective-permutes and hold no all-gather, all-to-all or all-reduce; that the
 output and dq, dk, dv keep the inputs' sharding; and that values and gradients
 (random cotangent) equal the float64 reference. Also: ``attention_with_lse``
 keeps its lse sharded on the sequence; k/v that are not sharded follow the
-query's sequence sharding without a gather; calls the ring does not
-implement are gathered under ``Auto`` axes and raise ``NotImplementedError``
-under ``Explicit`` ones; uneven sequence shards raise ``ValueError``.
+query's sequence sharding without a gather; a training step on activations
+sharded over data and sequence, and ``vmap``, gather nothing; calls the ring
+does not implement are gathered under ``Auto`` axes and raise
+``NotImplementedError`` under ``Explicit`` ones; uneven sequence shards
+raise ``ValueError``; the glue's old import path still works.
 """
 
 from __future__ import annotations
@@ -175,8 +177,55 @@ def test_unsharded_keys_follow_the_query_sequence(seed):
     _check(("out",), (out,), (_reference(q, k, v, np.zeros(q.shape), is_causal=True)[0],), seed, "follow")
 
 
+@pytest.mark.parametrize("explicit", [False, True], ids=["auto", "explicit"])
+def test_a_training_step_on_activations_sharded_over_data_and_sequence(explicit, seed):
+    """q, k, v projected from activations ``[B, T, D]`` sharded P("data", "seq") (their sharding found by propagation,
+    or by the types): the step's only collectives are the ring's permutes and the sums of the weights' gradients."""
+    mesh, _ = _mesh("data_x_seq", explicit)
+    b, t, d, n, h = 2, 2 * 16, 24, 2, 16
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((b, t, d), dtype=np.float32)
+    weights = {name: rng.standard_normal((d, n * h), dtype=np.float32) / 5 for name in "qkvo"}
+
+    def loss(w, x, attention):
+        q, k, v = ((x @ w[name]).reshape(b, t, n, h) for name in "qkv")
+        out = attention(q, k, v).reshape(b, t, n * h)
+        return jnp.mean((out @ w["o"].T) ** 2)
+
+    kernels = lambda q, k, v: pf.dot_product_attention(q, k, v, is_causal=True, config=CONFIG)  # noqa: E731
+    placed_x = jax.device_put(x, NamedSharding(mesh, P("data", "seq")))
+    placed_w = jax.device_put(weights, NamedSharding(mesh, P()))
+    with jax.set_mesh(mesh):
+        step = jax.jit(jax.value_and_grad(lambda w, x: loss(w, x, kernels))).lower(placed_w, placed_x).compile()
+        value, grads = step(placed_w, placed_x)
+    hlo = step.as_text()
+    assert "all-gather" not in hlo and "all-to-all" not in hlo and "collective-permute" in hlo
+    with jax.enable_x64(True):
+        reference = lambda q, k, v: attention_reference(q, k, v, is_causal=True)  # noqa: E731
+        w64 = {name: jnp.asarray(w, jnp.float64) for name, w in weights.items()}
+        want, want_grads = jax.value_and_grad(lambda w, x: loss(w, x, reference))(w64, jnp.asarray(x, jnp.float64))
+    names = sorted(weights)
+    got = [value] + [grads[name] for name in names]
+    _check(["loss"] + names, got, [np.asarray(want)] + [np.asarray(want_grads[name]) for name in names], seed, "step")
+
+
+def test_vmap_over_a_sequence_sharded_call(seed):
+    """vmap adds a leading factor; the sequence (dim 2 now) still runs the ring."""
+    mesh, _ = _mesh("seq", explicit=False)
+    q, k, v, _ = _random((3, 4 * 8, 2, 2, 16), seed)
+    q, k, v = (x[:, None] for x in (q, k, v))  # [3, 1, T, N, H]
+    placed = [jax.device_put(x, NamedSharding(mesh, P(None, None, "seq"))) for x in (q, k, v)]
+    fn = jax.vmap(lambda q, k, v: pf.dot_product_attention(q, k, v, is_causal=True, config=CONFIG))
+    compiled = jax.jit(fn).lower(*placed).compile()
+    assert _gathers(compiled.as_text()) == [] and "collective-permute" in compiled.as_text()
+    out = compiled(*placed)
+    assert out.sharding.is_equivalent_to(placed[0].sharding, 5), out.sharding
+    want = np.stack([_reference(q[i], k[i], v[i], np.zeros(q[i].shape), is_causal=True)[0] for i in range(3)])
+    _check(("out",), (out,), (want,), seed, "vmap")
+
+
 def test_auto_axes_gather_the_sequence_for_a_call_the_ring_does_not_implement(seed):
-    """A local window under Auto axes: the sequence is all-gathered around the kernels (documented), the result exact."""
+    """A local window under Auto axes: the sequence is all-gathered around the kernels (documented); exact."""
     mesh, spec = _mesh("seq", explicit=False)
     q, k, v, _ = _random((1, 4 * 8, 2, 2, 16), seed)
     placed = [jax.device_put(x, NamedSharding(mesh, spec)) for x in (q, k, v)]
@@ -228,3 +277,13 @@ def test_uneven_sequence_shards_raise():
     with pytest.raises(Exception, match=r"sequence dim .* mesh axes \('seq',\) of size 4, which does not divide its "
                                         r"length 30"):
         jax.jit(fn).lower(x).compile()
+
+
+def test_the_glue_keeps_its_import_paths():
+    """``sequence_parallel_attention`` moved to ``sharding.context``; ``sharding.ring`` still resolves it."""
+    from pallas_flash.sharding import context, ring
+
+    assert ring.sequence_parallel_attention is context.sequence_parallel_attention is pf.sequence_parallel_attention
+    assert ring.sequence_sharding is context.sequence_sharding
+    with pytest.raises(AttributeError, match="no attribute 'missing'"):
+        ring.missing  # noqa: B018

@@ -143,7 +143,7 @@ class Call:
     ring_limits: tuple = ()  # why the ring cannot run this call (``ring.ring_limits``); empty: the sequence may shard
 
     def flat(self, shard=None, seq_axes=()):
-        """The kernels (the ring over ``seq_axes`` when given) as a function of flat leaves, every ``vmap`` level applied."""
+        """The kernels (the ring over ``seq_axes`` when given) on flat leaves, with every ``vmap`` level applied."""
 
         def run(*leaves):
             out = self.kernels(jax.tree.unflatten(self.in_tree, leaves), shard, seq_axes)

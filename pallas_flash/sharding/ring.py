@@ -345,6 +345,10 @@ def _ring_of(spec: AttentionSpec, q, k, *, axis_name, backend, config, interpret
     """The static ring of one device's ``q``/``k`` over ``axis_name`` for the call ``spec`` (causal in it)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout == "zigzag" and q.shape[1] % 2:
+        raise ValueError(
+            f"the zigzag layout holds two equal chunks per device, so the local length must be even; got q {tuple(q.shape)}"
+        )
     limits = ring_limits(spec, q.shape, k.shape)
     if limits:
         raise NotImplementedError(f"ring attention does not implement {'; '.join(limits)}")
@@ -485,10 +489,6 @@ def ring_attention(
         raise ValueError(
             f"ring attention needs queries and keys sharded alike (one local length), got q {tuple(q.shape)} and "
             f"k {tuple(k.shape)}"
-        )
-    if layout == "zigzag" and seq % 2:
-        raise ValueError(
-            f"the zigzag layout holds two equal chunks per device, so the local length must be even; got q {tuple(q.shape)}"
         )
     backend.supports(q, k, v, inputs, spec)
     if q.shape[0] * seq * q.shape[2] == 0:
