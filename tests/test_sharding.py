@@ -7,8 +7,9 @@ and of forward+backward holds no all-gather, all-to-all or collective-permute
 input broadcast over a sharded dim); outputs and gradients keep the inputs'
 sharding; values and gradients (random cotangent) equal the float64
 reference. Side inputs follow the sharding of their dims; dropout masks are
-the same sharded or not; meshes that would split a GQA group or the batch
-unevenly raise errors naming the axes.
+the same sharded or not; multi-query attention (one KV head) partitions
+too; meshes that would split a GQA group or the batch unevenly raise errors
+naming the axes. (A sharded sequence: tests/test_context_parallel.py.)
 """
 
 from __future__ import annotations
@@ -144,6 +145,24 @@ def test_partitions_with_no_gather_and_matches_reference(mesh_name, seed):
     for got, x in zip((out, *grads), args[:3] * 2):
         assert got.sharding.is_equivalent_to(x.sharding, got.ndim), f"{got.sharding} != {x.sharding}"
     _check_against_reference("causal", out, grads, q, k, v, ct, dict(is_causal=True), [], dtype, seed)
+
+
+def test_multi_query_attention_partitions(seed):
+    """One KV head for 4 query heads (MQA): the heads factor is the group alone (Shardy refuses a size-1 factor in a
+    compound one; this failed to lower before)."""
+    mesh, spec = _mesh("batch")
+    shape = Shape("mqa", 4, 21, 21, 4, 1, 16)
+    q, k, v, ct = random_qkv(shape, jnp.float32, seed)
+
+    def fn(q, k, v):
+        return pf.dot_product_attention(q, k, v, is_causal=True, implementation="pallas", config=CONFIG)
+
+    compiled, args = _compile_sharded(fn, mesh, spec, q, k, v, ct)
+    assert _collectives(compiled.as_text()) == []
+    out, grads = compiled(*args)
+    for got, x in zip((out, *grads), args[:3] * 2):
+        assert got.sharding.is_equivalent_to(x.sharding, got.ndim), f"{got.sharding} != {x.sharding}"
+    _check_against_reference("mqa", out, grads, q, k, v, ct, dict(is_causal=True), [], jnp.float32, seed)
 
 
 SIDE_CASES = {

@@ -7,7 +7,9 @@ backend's own) wrap the backend's kernels in ``custom_partitioning`` with a
 Shardy sharding rule, as JAX's cuDNN attention does:
 
 - every array's dims are named by factors: ``b`` batch, ``k`` the KV heads
-  (query heads are ``(k g)``: KV head major, ``g`` the GQA group), ``t``/``s``
+  (query heads are ``(k g)``: KV head major, ``g`` the GQA group; ``g``
+  alone with one KV head, as Shardy allows no size-1 factor in a compound
+  one), ``t``/``s``
   query/key positions, ``h`` head dim; a size-1 (broadcast) dim of a mask,
   bias or slopes gets a factor of its own. ``b`` and ``k`` may be sharded on
   any mesh axes; ``h`` and ``g`` are replicated.
@@ -31,8 +33,8 @@ Shardy sharding rule, as JAX's cuDNN attention does:
   sequence by the size of the sequence axes, else a ``ValueError`` naming the
   axes (raised while XLA partitions, so ``jit``'s
   compile reports it inside a ``JaxRuntimeError``; under ``Explicit`` axes a
-  plain ``ValueError`` at trace time). No fallback: a silent all-gather
-  would cost what this module exists to save. A gradient of an input
+  plain ``ValueError`` at trace time). No fallback to a gather there: it
+  would silently cost what this module exists to save. A gradient of an input
   broadcast over a sharded batch or head dim (a ``[1, N, Tq, Tk]`` bias, ``[N]``
   ALiBi slopes) is a partial sum per shard and is ``psum``-ed over those axes.
 - dropout keep bits are keyed on global coordinates: the shard's first batch
