@@ -115,8 +115,13 @@ def generate(
     runs the model over a fixed ``block_size`` window, the last ``block_size``
     tokens once the text is longer, so it can go past ``block_size``.
     ``use_cache=None`` (default) takes the cache whenever the text fits.
-    Both paths draw token ``t``'s randomness from the same key.
+    Both paths draw token ``t``'s randomness from the same key. A model
+    built with ``context_parallel`` raises ``NotImplementedError``.
     """
+    if getattr(model, "context_parallel", None) is not None:
+        raise NotImplementedError(
+            "generate under context parallelism: the KV cache and the sliding window run on whole sequences in "
+            "order; build the model without context_parallel (same parameters: nnx.merge its graphdef with them)")
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     if temperature < 0:

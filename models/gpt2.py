@@ -30,6 +30,14 @@ Presets (``PRESETS`` / :func:`get_config`):
   the 124M body (about 85M non-embedding parameters).
 * ``gpt2-medium``: 350M (24 layers, 16 heads, width 1024).
 
+Context parallelism (long sequences sharded over devices):
+``GPT(cfg, context_parallel=ContextParallel(mesh, seq_axis="seq",
+batch_axis="data"), rngs=...)`` runs every attention layer as ring attention
+over the mesh axis ``seq``. Its input ``idx`` is then in the layout's order
+(zigzag by default: ``idx[:, cp.order(T)]``), and the position embeddings
+follow (``positions`` defaults to ``cp.order(T)``); the logits come out in the
+same order. ``train`` uses it for ``--context-parallel N``.
+
 Generation is :func:`models.generate.generate` (re-exported here as
 ``generate``): it keeps a KV cache in every attention layer
 (:meth:`GPT.init_cache`), prefilled with the flash kernel, then each new token
@@ -50,7 +58,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.generate import generate  # re-exported: models.gpt2.generate
-from pallas_flash.nnx import FlashMultiHeadAttention
+from pallas_flash.nnx import ContextParallel, FlashMultiHeadAttention
 
 __all__ = [
     "GPT",
@@ -170,7 +178,7 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
     """x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
-    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: GPTConfig, *, context_parallel: ContextParallel | None = None, rngs: nnx.Rngs):
         self.cfg = cfg
         compute, params = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         ln = dict(epsilon=1e-5, dtype=compute, param_dtype=params, rngs=rngs)
@@ -184,6 +192,7 @@ class Block(nnx.Module):
             param_dtype=params,
             kernel_init=_init(0.02),
             out_kernel_init=_init(_residual_std(cfg)),
+            context_parallel=context_parallel,
             rngs=rngs,
         )
         self.ln_2 = nnx.LayerNorm(cfg.n_embd, **ln)
@@ -198,15 +207,22 @@ class Block(nnx.Module):
 
 
 class GPT(nnx.Module):
-    """GPT-2 language model: token ids ``[B, T]`` -> logits ``[B, T, V]``."""
+    """GPT-2 language model: token ids ``[B, T]`` -> logits ``[B, T, V]``.
 
-    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+    ``context_parallel``: run attention as ring attention over a sequence
+    sharded on a mesh axis (see the module docstring); not part of
+    ``GPTConfig``, which stays plain values.
+    """
+
+    def __init__(self, cfg: GPTConfig, *, context_parallel: ContextParallel | None = None, rngs: nnx.Rngs):
         self.config = cfg
+        self.context_parallel = context_parallel
         params = jnp.dtype(cfg.param_dtype)
         embed = dict(param_dtype=params, dtype=params, embedding_init=_init(0.02), rngs=rngs)
         self.wte = nnx.Embed(cfg.vocab_size, cfg.n_embd, **embed)  # tied with the head
         self.wpe = nnx.Embed(cfg.block_size, cfg.n_embd, **embed)
-        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layer)])
+        self.blocks = nnx.List([Block(cfg, context_parallel=context_parallel, rngs=rngs)
+                                for _ in range(cfg.n_layer)])
         self.ln_f = nnx.LayerNorm(
             cfg.n_embd, epsilon=1e-5, dtype=jnp.dtype(cfg.dtype), param_dtype=params, rngs=rngs
         )
@@ -215,6 +231,7 @@ class GPT(nnx.Module):
         self,
         idx: jax.Array,
         *,
+        positions: jax.Array | None = None,
         dropout_rng: jax.Array | None = None,
         prefill: bool = False,
         decode: bool = False,
@@ -224,6 +241,10 @@ class GPT(nnx.Module):
 
         Args:
           idx: int token ids ``[B, T]`` with ``T <= block_size``.
+          positions: int ``[T]`` or ``[B, T]``, the position of each token
+            (its learned embedding); default ``arange(T)``, or under context
+            parallelism the layout's order ``context_parallel.order(T)``. Not
+            with ``prefill``/``decode`` (the cache knows the positions).
           dropout_rng: a PRNG key to enable dropout (training); ``None`` runs
             deterministically. Ignored when ``config.dropout == 0``.
           prefill: start the KV cache (:meth:`init_cache`) over with ``idx``
@@ -238,11 +259,11 @@ class GPT(nnx.Module):
           logits ``[B, T, vocab_size]`` in ``config.dtype`` (float32
           accumulation); see :func:`cross_entropy`.
         """
-        return self.head(self.features(idx, dropout_rng=dropout_rng, prefill=prefill, decode=decode,
-                                       decode_implementation=decode_implementation))
+        return self.head(self.features(idx, positions=positions, dropout_rng=dropout_rng, prefill=prefill,
+                                       decode=decode, decode_implementation=decode_implementation))
 
-    def features(self, idx: jax.Array, *, dropout_rng: jax.Array | None = None, prefill: bool = False,
-                 decode: bool = False, decode_implementation: str | None = None) -> jax.Array:
+    def features(self, idx: jax.Array, *, positions: jax.Array | None = None, dropout_rng: jax.Array | None = None,
+                 prefill: bool = False, decode: bool = False, decode_implementation: str | None = None) -> jax.Array:
         """The final layer-normed features ``[B, T, D]`` (``__call__`` without the head)."""
         cfg = self.config
         if idx.ndim != 2:
@@ -255,6 +276,8 @@ class GPT(nnx.Module):
             keys = list(jax.random.split(dropout_rng, 2 * cfg.n_layer + 1))
         cache = {}
         if prefill or decode:
+            if positions is not None:
+                raise ValueError("positions are for calls without the KV cache: prefill/decode take them from it")
             if self.blocks[0].attn.cache_index is None:
                 raise ValueError("the KV cache is not initialised: call init_cache(batch_size, max_length) first")
             cache = dict(prefill=prefill, decode=decode, decode_implementation=decode_implementation)
@@ -263,7 +286,12 @@ class GPT(nnx.Module):
             pos = self.blocks[0].attn.cache_index[...][:, None] + jnp.arange(T)
             x = self.wte(idx) + self.wpe(pos)  # [B, T, D] in param_dtype
         else:
-            x = self.wte(idx) + self.wpe(jnp.arange(T))[None]  # [B, T, D] in param_dtype
+            if positions is None:  # the sequence order; under context parallelism the layout's
+                cp = self.context_parallel
+                positions = jnp.arange(T) if cp is None else jnp.asarray(cp.order(T))
+            if jnp.shape(positions) not in ((T,), (B, T)):
+                raise ValueError(f"positions must have shape [T] or [B, T] = {(B, T)}, got {jnp.shape(positions)}")
+            x = self.wte(idx) + self.wpe(positions)  # [B, T, D] in param_dtype
         x = x.astype(cfg.residual_dtype or cfg.dtype)
         x = _dropout(x, cfg.dropout, keys[-1])
         for i, block in enumerate(self.blocks):
@@ -280,7 +308,8 @@ class GPT(nnx.Module):
         """An empty KV cache in every attention layer, for ``max_length <= block_size`` tokens.
 
         ``dtype`` defaults to ``config.dtype``. GPT-2 has learned positions up
-        to ``block_size``, so a longer cache raises ``ValueError``.
+        to ``block_size``, so a longer cache raises ``ValueError``. Not under
+        context parallelism (``NotImplementedError``).
         """
         if not isinstance(max_length, int) or max_length > self.config.block_size:
             raise ValueError(

@@ -36,6 +36,13 @@ KV cache (autoregressive decoding), as ``flax.nnx.MultiHeadAttention`` has it:
 flash kernel over the prompt) and ``layer(x, decode=True)``
 (:func:`pallas_flash.decode.decode_attention` over the cache); see
 :mod:`pallas_flash.nnx_cache`.
+
+Context parallelism: ``FlashMultiHeadAttention(...,
+context_parallel=ContextParallel(mesh, seq_axis="seq", batch_axis="data"))``
+runs the layer's self-attention as ring attention over the devices of the
+mesh axis ``seq_axis``, on inputs whose sequence is sharded over it (in zigzag
+order by default); see :mod:`pallas_flash.nnx_parallel`. Attention dropout,
+masks, biases, windows and the KV cache raise ``NotImplementedError`` there.
 """
 
 from __future__ import annotations
@@ -52,9 +59,11 @@ from flax.nnx.nn import dtypes as _flax_dtypes
 import pallas_flash
 from pallas_flash import api, backends, validate
 from pallas_flash.nnx_cache import KVCache, check_decode_implementation
+from pallas_flash.nnx_parallel import ContextParallel
 from pallas_flash.validate import check_dropout_rate
 
 __all__ = [
+    "ContextParallel",
     "FlashMultiHeadAttention",
     "flash_attention_fn",
     "make_attention_fn",
@@ -242,6 +251,10 @@ class FlashMultiHeadAttention(KVCache, nnx.Module):
         module docstring and :meth:`init_cache`).
       decode_implementation: ``decode_attention``'s implementation for decode
         calls, ``"pallas"`` or ``"xla"``; a call may override it.
+      context_parallel: a :class:`ContextParallel`: self-attention runs as
+        ring attention over a sequence sharded on its mesh axis (the
+        ``implementation`` must then be one Pallas kernel backend; ``None``
+        means ``"pallas"``). No attention dropout or KV cache with it.
       rngs: ``nnx.Rngs`` for initialisation (and, with dropout, a ``dropout``
         stream that is kept for calls without ``rngs``); a ``jax.random`` key
         or an int seed is taken as ``nnx.Rngs(rngs)``.
@@ -271,6 +284,7 @@ class FlashMultiHeadAttention(KVCache, nnx.Module):
         out_bias_init: nnx.Initializer | None = None,
         decode: bool = False,
         decode_implementation: str = "pallas",
+        context_parallel: ContextParallel | None = None,
         rngs: nnx.Rngs | jax.Array | int,
     ):
         for name, value in (("num_heads", num_heads), ("in_features", in_features)):
@@ -302,6 +316,8 @@ class FlashMultiHeadAttention(KVCache, nnx.Module):
         if not isinstance(decode, bool):
             raise TypeError(f"decode must be a bool, got {decode!r}")
         check_decode_implementation(decode_implementation)
+        if context_parallel is not None:
+            implementation = _check_context_parallel(context_parallel, implementation, dropout_rate, decode)
 
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
@@ -350,6 +366,7 @@ class FlashMultiHeadAttention(KVCache, nnx.Module):
         self.rngs = rngs.dropout.fork() if dropout_rate > 0 else None
         self.decode = decode
         self.decode_implementation = decode_implementation
+        self.context_parallel = context_parallel
         # The KV cache (init_cache): [B, S, K, H] keys and values, int32 [B] lengths.
         self.cached_key: nnx.Cache | None = nnx.data(None)
         self.cached_value: nnx.Cache | None = nnx.data(None)
@@ -433,6 +450,8 @@ class FlashMultiHeadAttention(KVCache, nnx.Module):
         dropout = _dropout_kwargs(self.dropout_rate, dropout_rng, deterministic)
 
         if prefill or (self.decode if decode is None else decode):
+            if self.context_parallel is not None:
+                raise NotImplementedError("the KV cache (prefill/decode) under context parallelism")
             unsupported = dict(mask=mask, bias=bias, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
                                query_seq_lengths=query_seq_lengths, dropout=dropout or None)
             if not prefill:
@@ -448,6 +467,15 @@ class FlashMultiHeadAttention(KVCache, nnx.Module):
             x = attend(query, key, value, key_value_seq_lengths, decode_implementation)
             return self.out(x.astype(query.dtype))  # [B, Tq, out_features]
 
+        causal = self.is_causal if is_causal is None else bool(is_causal)
+        if self.context_parallel is not None:  # ring attention over the mesh's sequence axis
+            x = self.context_parallel.attend(
+                query, key, value, is_causal=causal, scale=self.scale, implementation=self.implementation,
+                refused=dict(mask=mask, bias=bias, local_window_size=self.local_window_size),
+                q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+                query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
+            )  # [B, Tq, N, H]
+            return self.out(x)  # [B, Tq, out_features]
         if mask is not None:
             mask = mask.astype(jnp.bool_)
         # Everything else goes to the API as it is: it validates and names the argument.
@@ -458,7 +486,7 @@ class FlashMultiHeadAttention(KVCache, nnx.Module):
             bias=bias,
             mask=mask,
             scale=self.scale,
-            is_causal=self.is_causal if is_causal is None else bool(is_causal),
+            is_causal=causal,
             query_seq_lengths=query_seq_lengths,
             key_value_seq_lengths=key_value_seq_lengths,
             local_window_size=self.local_window_size,
@@ -468,3 +496,22 @@ class FlashMultiHeadAttention(KVCache, nnx.Module):
             **dropout,
         )  # [B, Tq, N, H]
         return self.out(x)  # [B, Tq, out_features]
+
+
+def _check_context_parallel(context_parallel, implementation, dropout_rate, decode) -> str:
+    """What context parallelism needs of the layer; returns the one kernel backend the ring runs."""
+    if not isinstance(context_parallel, ContextParallel):
+        raise TypeError(
+            f"context_parallel must be a pallas_flash.nnx.ContextParallel or None, got {type(context_parallel).__name__}")
+    if dropout_rate > 0:
+        raise NotImplementedError(
+            f"attention dropout (dropout_rate={dropout_rate}) under context parallelism: ring attention has none")
+    if decode:
+        raise NotImplementedError("the KV cache (decode=True) under context parallelism")
+    names = ("pallas",) if implementation is None else api.implementation_order(implementation)
+    if len(names) != 1 or not isinstance(backends.get(names[0]), backends.KernelBackend):
+        kernels = [n for n in backends.names() if isinstance(backends.get(n), backends.KernelBackend)]
+        raise ValueError(
+            "context parallelism runs ring attention on a Pallas kernel backend: implementation must be None or "
+            f"one of {kernels}, got {implementation!r}")
+    return names[0]

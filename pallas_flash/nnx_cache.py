@@ -57,6 +57,8 @@ class KVCache:
         and ``cache_index`` ``int32 [batch]`` (zeros), all ``nnx.Cache``.
         Calling it again replaces the cache.
         """
+        if getattr(self, "context_parallel", None) is not None:
+            raise NotImplementedError("the KV cache under context parallelism")
         shape = tuple(input_shape)
         if len(shape) != 3 or any(not isinstance(d, int) or isinstance(d, bool) or d <= 0 for d in shape):
             raise ValueError(f"input_shape must be three positive ints (batch, max_length, features), got {input_shape!r}")

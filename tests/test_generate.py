@@ -92,6 +92,17 @@ def test_generate_errors():
         gpt2.generate(model, jnp.zeros((1, 2, 3), jnp.int32), 2)
     with pytest.raises(ValueError, match="init_cache"):
         model(prompt, decode=True)
+    if len(jax.devices()) >= 2:  # a model whose attention is a ring over a sharded sequence does not generate
+        from pallas_flash.nnx import ContextParallel
+
+        cp = ContextParallel(jax.make_mesh((2,), ("seq",), devices=jax.devices()[:2]), seq_axis="seq")
+        ring_model = gpt2.GPT(dataclasses.replace(model.config, attention="pallas"), context_parallel=cp,
+                              rngs=nnx.Rngs(0))
+        for use_cache in (True, False):
+            with pytest.raises(NotImplementedError, match="generate under context parallelism"):
+                gpt2.generate(ring_model, prompt, 2, use_cache=use_cache)
+        with pytest.raises(NotImplementedError, match="KV cache under context parallelism"):
+            ring_model.init_cache(2, 16)
     with pytest.raises(ValueError, match="exceeds block_size 64"):
         model.init_cache(2, 65)
 

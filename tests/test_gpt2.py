@@ -227,3 +227,20 @@ def test_pallas_matches_xla_on_gpu():
     flash = gpt2.GPT(dataclasses.replace(cfg, attention="pallas"), rngs=nnx.Rngs(0))
     ref, out = model(idx), flash(idx)
     np.testing.assert_allclose(out, ref, atol=5e-2, rtol=5e-2)  # bf16 compute
+
+
+def test_positions():
+    """Default arange; [T] or [B, T] positions embed those positions; wrong shapes and the cache refuse them."""
+    model = gpt2.GPT(_tiny(n_layer=1, dtype="float32"), rngs=nnx.Rngs(0))
+    x = jax.random.randint(jax.random.key(0), (2, 16), 0, 256)
+    ref = model(x)
+    np.testing.assert_array_equal(model(x, positions=jnp.arange(16)), ref)
+    np.testing.assert_array_equal(model(x, positions=jnp.broadcast_to(jnp.arange(16), (2, 16))), ref)
+    shifted = model(x, positions=jnp.stack([jnp.arange(16), jnp.arange(16) + 3]))
+    np.testing.assert_allclose(shifted[0], ref[0], rtol=1e-6, atol=1e-6)
+    assert not np.allclose(shifted[1], ref[1])
+    with pytest.raises(ValueError, match=r"positions must have shape \[T\] or \[B, T\]"):
+        model(x, positions=jnp.arange(15))
+    model.init_cache(2, 32)
+    with pytest.raises(ValueError, match="positions are for calls without the KV cache"):
+        model(x, positions=jnp.arange(16), prefill=True)

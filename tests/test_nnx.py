@@ -221,3 +221,77 @@ def test_fallback_warns_once_and_the_error_names_each_implementation():
     messages = [str(w.message) for w in record if "falling back" in str(w.message)]
     assert len(messages) == 1 and "'pallas' to 'xla'" in messages[0] and "head_dim" in messages[0]
     assert "pallas:" in str(info.value) and "xla: jax.nn xla attention has no attention dropout" in str(info.value)
+
+
+# ---------------------------------------------------------------- context parallelism (ring attention)
+
+
+def _seq_mesh():
+    from jax.sharding import AxisType
+
+    if len(jax.devices()) < 2:
+        pytest.skip("needs 2 devices (conftest gives 4 host devices)")
+    return jax.make_mesh((1, 2), ("data", "seq"), axis_types=(AxisType.Auto,) * 2, devices=jax.devices()[:2])
+
+
+def test_context_parallel_layer_matches_the_plain_layer(seed):
+    """The sequence in zigzag order over 2 devices (ring attention, Pallas kernels, GQA 4:2): output and
+    gradients (random cotangent) equal the plain layer's on the sequence in order, reordered."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from pallas_flash.nnx import ContextParallel
+
+    cp = ContextParallel(_seq_mesh(), seq_axis="seq", batch_axis="data")
+    t = 16  # 4 chunks of 4
+    order = cp.order(t)
+    np.testing.assert_array_equal(order, np.asarray(pallas_flash.zigzag(jnp.arange(t), 2, axis=0)))
+    ref = _flash_like(_flax_mha(num_kv_heads=2), is_causal=True)
+    ours = _flash_like(ref, implementation="pallas", is_causal=True, context_parallel=cp)
+    x = _x((B, t, F), seed=seed)
+    cot = _x((B, t, F), seed=seed + 1)
+    out_r, g_r, gx_r = _value_and_grads(ref, x, cot)
+    x_cp = jax.device_put(x[:, order], NamedSharding(cp.mesh, P("data", "seq")))
+    out_o, g_o, gx_o = nnx.jit(_value_and_grads)(ours, x_cp, cot[:, order])
+    _assert_close(out_o, out_r[:, order], 1e-4)
+    _assert_close(gx_o, gx_r[:, order], 1e-4)
+    for a, b in zip(g_o, g_r, strict=True):
+        _assert_close(a, b, 1e-4)
+
+
+def test_context_parallel_refuses_what_the_ring_lacks():
+    from pallas_flash.nnx import ContextParallel
+
+    mesh = _seq_mesh()
+    cp = ContextParallel(mesh, seq_axis="seq", batch_axis="data")
+    with pytest.raises(ValueError, match="seq_axis 'model' is not an axis of the mesh"):
+        ContextParallel(mesh, seq_axis="model")
+    with pytest.raises(ValueError, match="mesh axis 'seq' is used twice"):
+        ContextParallel(mesh, seq_axis="seq", batch_axis="seq")
+    with pytest.raises(ValueError, match="layout must be one of"):
+        ContextParallel(mesh, layout="spiral")
+    with pytest.raises(TypeError, match="jax.sharding.Mesh"):
+        ContextParallel("mesh")
+    with pytest.raises(ValueError, match="cuts the sequence into 4 equal chunks, but its length is 10"):
+        cp.order(10)
+    layer = dict(num_heads=N, in_features=F, is_causal=True, rngs=0)
+    with pytest.raises(NotImplementedError, match="attention dropout .* under context parallelism"):
+        FlashMultiHeadAttention(**layer, dropout_rate=0.1, context_parallel=cp)
+    with pytest.raises(NotImplementedError, match="KV cache .* under context parallelism"):
+        FlashMultiHeadAttention(**layer, decode=True, context_parallel=cp)
+    with pytest.raises(ValueError, match="Pallas kernel backend: implementation must be None or one of"):
+        FlashMultiHeadAttention(**layer, implementation="xla", context_parallel=cp)
+    with pytest.raises(TypeError, match="context_parallel must be a pallas_flash.nnx.ContextParallel"):
+        FlashMultiHeadAttention(**layer, context_parallel=mesh)
+    attn = FlashMultiHeadAttention(**layer, context_parallel=cp)
+    assert attn.implementation == "pallas"
+    with pytest.raises(NotImplementedError, match="KV cache under context parallelism"):
+        attn.init_cache((B, 8, F))
+    x = _x((B, 8, F))
+    with pytest.raises(NotImplementedError, match="KV cache .* under context parallelism"):
+        attn(x, prefill=True)
+    with pytest.raises(NotImplementedError, match="mask under context parallelism"):
+        attn(x, mask=jnp.ones((B, 1, 8, 8), bool))
+    windowed = FlashMultiHeadAttention(**layer, local_window_size=4, context_parallel=cp)
+    with pytest.raises(NotImplementedError, match="local_window_size under context parallelism"):
+        windowed(x)

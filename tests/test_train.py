@@ -51,7 +51,7 @@ def test_help(capsys):
     text = capsys.readouterr().out
     for flag in ("--config", "--attention", "--seq-len", "--batch-size", "--grad-accum", "--steps",
                  "--lr", "--warmup", "--data", "--out", "--resume", "--eval-every", "--seed",
-                 "--checkpoint-every"):
+                 "--checkpoint-every", "--context-parallel", "--multihost"):
         assert flag in text
 
 

@@ -36,12 +36,22 @@ devices, ``--grad-accum`` micro-steps per optimizer step (accumulated inside
 the one jitted step), so an optimizer step sees
 ``batch_size * grad_accum * seq_len`` tokens.
 
-Several devices: the batch axis is sharded over every device (a 1-D
-``jax.sharding.Mesh`` named ``data``; parameters and optimizer state are
-replicated; XLA inserts the gradient all-reduce). ``--batch-size`` must divide
-by the device count. To test on a CPU::
+Several devices (:mod:`train.parallel`): every run has a mesh ``("data",
+"seq")`` of shape ``(devices // N, N)``, ``N = --context-parallel`` (default
+1). The batch is sharded over ``data``: data parallelism, where each device's
+attention kernels run on its own rows (nothing is gathered) and XLA
+all-reduces the gradients; ``--batch-size`` must divide by ``devices // N``.
+With ``--context-parallel N`` each sequence is sharded over the ``N`` devices
+of ``seq`` too: every attention layer runs ring attention (keys and values go
+around the ring), on the Pallas kernels (``--attention auto`` or ``pallas``),
+in the zigzag layout that balances causal work; ``--seq-len`` must divide by
+``2 N``. The host puts the tokens of each batch (inputs and targets alike) in
+zigzag order and the model embeds the permuted positions, so the loss is the
+same as without it. Parameters and optimizer state are replicated.
+Checkpoints hold replicated arrays, so a run resumes on another mesh
+(``--resume --context-parallel M``). To test on a CPU::
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m train ...
+    XLA_FLAGS=--xla_force_host_platform_device_count=4 python -m train --context-parallel 2 ...
 
 Several hosts: start the same command on every host with the coordinator
 given through the environment, e.g.::
@@ -49,12 +59,16 @@ given through the environment, e.g.::
     JAX_COORDINATOR_ADDRESS=host0:1234 JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=<i> \\
         python -m train --multihost ...
 
-``--multihost`` calls ``jax.distributed.initialize()`` first (which also
-reads SLURM / Cloud TPU settings by itself). Each process then loads only its
-own rows of every global batch (the batches are a function of (seed, step),
-so hosts agree without talking), and ``--out`` must be a folder every host
-can write (Orbax writes one checkpoint cooperatively). Only process 0 writes
-metrics and prints.
+``--multihost`` calls ``jax.distributed.initialize()`` first, with
+``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` when they are set (under SLURM,
+Open MPI and the other clusters JAX knows it finds them by itself). The mesh
+then spans every process's devices in process order; each process loads only
+the rows of every global batch its devices hold (the batches are a function
+of (seed, step), so hosts agree without talking) and hands them to
+``jax.make_array_from_process_local_data``. Keep ``N`` within one host (it
+divides the GPUs per host) so the ring runs over NVLink. ``--out`` must be a
+folder every host can write (Orbax writes one checkpoint cooperatively). Only
+process 0 writes metrics and prints.
 
 MFU is ``tokens/s * (6 N + 12 L T D) / (peak * devices)``, N the parameters
 without the position table, peak the dense bf16 tensor-core rate of the device
@@ -69,6 +83,7 @@ The package, by subject:
   train step, evaluation;
 * :mod:`train.loop`: ``main()``, the loop (logging, evaluation, checkpoints,
   resuming);
+* :mod:`train.parallel`: the mesh, the batch layout, context parallelism;
 * :mod:`train.metering`: tokens/s and MFU of the logged steps;
 * :mod:`train.data`, :mod:`train.checkpoint`: token streams and batches,
   Orbax checkpoints.

@@ -36,6 +36,7 @@ class TrainConfig:
     seq_len: int = 128
     batch_size: int = 16  # global sequences per micro-step
     grad_accum: int = 1  # micro-steps per optimizer step
+    context_parallel: int = 1  # devices each sequence is sharded over (ring attention), see train.parallel
     steps: int = 600  # optimizer steps
     lr: float = 2e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
@@ -75,7 +76,7 @@ RUN_DEFAULTS: dict[str, dict[str, Any]] = {
 #: What ``--resume`` may change; everything else must match the checkpoint.
 RESUMABLE_OVERRIDES = frozenset(
     {"steps", "attention", "eval_every", "eval_batches", "log_every", "checkpoint_every",
-     "sample_tokens", "out"}
+     "sample_tokens", "out", "context_parallel"}
 )
 
 
@@ -114,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int,
                    help="global sequences per micro-step, divisible by the device count (tiny 16, gpt2 16)")
     p.add_argument("--grad-accum", type=_positive_int, help="micro-steps per optimizer step (default 1)")
+    p.add_argument("--context-parallel", type=_positive_int, metavar="N",
+                   help="shard each sequence over N devices (ring attention, zigzag order; the mesh is "
+                   "devices // N data x N seq); --seq-len must divide by 2N; needs the Pallas kernels (default 1)")
     p.add_argument("--steps", type=_positive_int, help="optimizer steps in total (tiny 600, gpt2 2000)")
     p.add_argument("--lr", type=_positive_float, help="peak learning rate (tiny 2e-3, gpt2 6e-4)")
     p.add_argument("--warmup", type=_non_negative_int,
@@ -166,6 +170,12 @@ def validate_config(cfg: TrainConfig) -> None:
         raise ValueError(f"--config must be one of {sorted(gpt2.PRESETS)}, got {cfg.config!r}")
     if cfg.attention not in ATTENTION_CHOICES:
         raise ValueError(f"--attention must be one of {ATTENTION_CHOICES}, got {cfg.attention!r}")
+    if isinstance(cfg.context_parallel, bool) or not isinstance(cfg.context_parallel, int) or cfg.context_parallel < 1:
+        raise ValueError(f"--context-parallel must be a positive integer, got {cfg.context_parallel!r}")
+    if cfg.context_parallel > 1 and cfg.attention in ("xla", "cudnn"):
+        raise ValueError(
+            f"--context-parallel {cfg.context_parallel} runs ring attention on the Pallas kernels; "
+            f"--attention {cfg.attention} cannot (use auto or pallas)")
     if cfg.warmup >= cfg.steps:
         raise ValueError(f"--warmup ({cfg.warmup}) must be smaller than --steps ({cfg.steps})")
     if not 0.0 <= cfg.min_lr_ratio <= 1.0:
@@ -193,12 +203,14 @@ def check_attention(attention: str, platform: str) -> None:
         )
 
 
-def resolve_attention(requested: str, platform: str) -> tuple[str, str]:
+def resolve_attention(requested: str, platform: str, context_parallel: int = 1) -> tuple[str, str]:
     """(backend, why) for ``--attention``."""
     if requested != "auto":
         return requested, "requested"
     if platform == "gpu":
         return "pallas", "auto: GPU found"
+    if context_parallel > 1:
+        return "pallas", "auto: context parallelism runs ring attention on the Pallas kernels (interpret mode: slow)"
     return "xla", "auto: no GPU, and the Pallas kernels would run in slow interpret mode"
 
 

@@ -25,16 +25,19 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import pathlib
 import sys
 from collections.abc import Mapping
 from typing import Any
 
 import jax
+
+# Imported up front: Pallas's interpret mode (the kernels off a GPU) imports it at its first lowering, and
+# it registers a jit-cache option then, so the train step's second call would compile it all again.
+import jax.experimental.pallas.fuser
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from models import gpt2
 from train import data as data_lib
@@ -52,6 +55,7 @@ from train.config import (
     resumed_config,
 )
 from train.metering import ThroughputMeter, format_rate
+from train.parallel import Parallel
 from train.run_folder import MetricsLog
 from train.step import (
     abstract_state,
@@ -147,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = vars(build_parser().parse_args(argv))
     resume = args.pop("resume", False)
     if args.pop("multihost", False):
-        jax.distributed.initialize()
+        initialize_distributed()
     is_main = jax.process_index() == 0
     say = _say(is_main)
     platform = jax.default_backend()
@@ -155,31 +159,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = pathlib.Path(args.get("out") or make_config(args, has_gpu=has_gpu).out)
     args["out"] = str(out)
     run_folder.check_out(out)
-    mesh = Mesh(np.array(jax.devices()), ("data",))
-    replicated = NamedSharding(mesh, P())
 
     if resume:
         if not (out / "checkpoints").is_dir():
             raise ValueError(f"--resume: no checkpoint in {out / 'checkpoints'}")
         with run_folder.lock(out, enabled=is_main), Checkpointer(out / "checkpoints") as ckpt:
 
-            def abstract_for(meta: dict[str, Any]):  # shapes only: vocabulary from the checkpoint
+            def abstract_for(meta: dict[str, Any]):  # shapes on this run's mesh; vocabulary from the checkpoint
                 cfg = resumed_config(meta["train_config"], args)
                 mcfg = model_config(cfg, vocab_size=meta["model_config"]["vocab_size"],
                                     attention="xla", dtype="float32")
+                replicated = Parallel.over_devices(cfg.context_parallel).replicated
                 return abstract_state(mcfg, make_optimizer(cfg)[0], replicated)
 
             state, meta, corrupt = ckpt.restore_newest_intact(abstract_for, warn=_say(is_main, sys.stderr))
             restored = Restored(int(meta["step"]), state, meta, corrupt)
             cfg = resumed_config(meta["train_config"], args)
-            _check_run(cfg, platform, mesh)
+            parallel = _check_run(cfg, platform)
             if restored.step >= cfg.steps:
                 return _nothing_to_train(cfg, restored, ckpt, say)
             data = _load_data(cfg)
-            return _train(cfg, data, ckpt, restored, mesh=mesh, platform=platform, say=say)
+            return _train(cfg, data, ckpt, restored, parallel=parallel, platform=platform, say=say)
 
     cfg = make_config(args, has_gpu=has_gpu)
-    _check_run(cfg, platform, mesh)
+    parallel = _check_run(cfg, platform)
     data = _load_data(cfg)
     with run_folder.lock(out, enabled=is_main), Checkpointer(out / "checkpoints") as ckpt:
         steps = ckpt.all_steps()
@@ -188,17 +191,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"{out} already holds a run (checkpoint at step {steps[-1]}): pass --resume to "
                 f"continue it, or choose another --out"
             )
-        return _train(cfg, data, ckpt, None, mesh=mesh, platform=platform, say=say)
+        return _train(cfg, data, ckpt, None, parallel=parallel, platform=platform, say=say)
 
 
-def _check_run(cfg: TrainConfig, platform: str, mesh: Mesh) -> None:
-    """What the configuration needs of this machine."""
+def initialize_distributed() -> None:
+    """``jax.distributed.initialize()`` for ``--multihost``.
+
+    It reads ``JAX_COORDINATOR_ADDRESS`` itself, and the process count and
+    index from a cluster it knows (SLURM, Open MPI, Kubernetes...);
+    ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` give them anywhere else.
+    """
+    kwargs = {}
+    for name, key in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+        if os.environ.get(name):
+            try:
+                kwargs[key] = int(os.environ[name])
+            except ValueError:
+                raise ValueError(f"--multihost: {name} must be an integer, got {os.environ[name]!r}") from None
+    jax.distributed.initialize(**kwargs)
+
+
+def _check_run(cfg: TrainConfig, platform: str) -> Parallel:
+    """What the configuration needs of this machine; the run's mesh."""
     check_attention(cfg.attention, platform)
-    if cfg.batch_size % mesh.size:
-        raise ValueError(
-            f"--batch-size {cfg.batch_size} must be divisible by the number of devices ({mesh.size}) "
-            f"for data-parallel training"
-        )
+    parallel = Parallel.over_devices(cfg.context_parallel)
+    parallel.check(batch_size=cfg.batch_size, seq_len=cfg.seq_len)
+    return parallel
 
 
 def _load_data(cfg: TrainConfig) -> data_lib.TokenData:
@@ -220,7 +238,7 @@ def _nothing_to_train(cfg: TrainConfig, restored: Restored, ckpt: Checkpointer, 
 
 
 def _train(cfg: TrainConfig, data: data_lib.TokenData, ckpt: Checkpointer, restored: Restored | None,
-           *, mesh: Mesh, platform: str, say) -> dict[str, Any]:
+           *, parallel: Parallel, platform: str, say) -> dict[str, Any]:
     """Set up, train from ``restored`` (or from scratch) to ``cfg.steps``, sample; in a locked folder."""
     out = pathlib.Path(cfg.out)
     is_main = jax.process_index() == 0
@@ -230,7 +248,7 @@ def _train(cfg: TrainConfig, data: data_lib.TokenData, ckpt: Checkpointer, resto
             f"{metrics.path} holds {len(metrics.lines)} records of an earlier run that saved no "
             f"checkpoint; delete it (or the folder) to start a new run there, or choose another --out"
         )
-    attention, why = resolve_attention(cfg.attention, platform)
+    attention, why = resolve_attention(cfg.attention, platform, cfg.context_parallel)
     dtype = resolve_dtype(cfg.dtype, platform)
 
     # ---- the run folder: everything checked, now write ----
@@ -242,13 +260,11 @@ def _train(cfg: TrainConfig, data: data_lib.TokenData, ckpt: Checkpointer, resto
         run_folder.write_text_atomic(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     say(f"attention: {attention} ({why})")
 
-    # ---- devices: data parallel over every device ----
-    devices, n_proc = list(mesh.devices.flat), jax.process_count()
-    replicated = NamedSharding(mesh, P())
-    train_sharding = NamedSharding(mesh, P(None, "data", None))  # [A, B, T]
-    eval_sharding = NamedSharding(mesh, P("data", None))  # [B, T]
-    per_proc = cfg.batch_size // n_proc
-    rows = slice(jax.process_index() * per_proc, (jax.process_index() + 1) * per_proc)
+    # ---- devices: the batch over "data", with --context-parallel the sequence over "seq" ----
+    devices = list(parallel.mesh.devices.flat)
+    replicated = parallel.replicated
+    rows = parallel.rows(cfg.batch_size)  # the rows this process loads
+    cp = parallel.context_parallel
 
     # ---- data and model ----
     mcfg = model_config(cfg, vocab_size=data.vocab_size, attention=attention, dtype=dtype)
@@ -259,38 +275,44 @@ def _train(cfg: TrainConfig, data: data_lib.TokenData, ckpt: Checkpointer, resto
         f"model: {cfg.config} ({n_params / 1e6:.2f}M parameters, vocab {mcfg.vocab_size}, "
         f"{dtype} compute), T={cfg.seq_len}, {tokens_per_step:,} tokens/step on "
         f"{len(devices)} {devices[0].device_kind} device(s)"
+        + (f" ({parallel.data_size} data x {parallel.seq_size} seq, ring attention)" if cp else "")
     )
     sampler = data_lib.BatchSampler(
         data.train, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
         grad_accum=cfg.grad_accum, seed=cfg.seed,
     )
+    eval_len = parallel.eval_len(cfg.seq_len, len(data.val))
     val_batches = data_lib.eval_batches(
-        data.val, seq_len=min(cfg.seq_len, len(data.val) - 1), batch_size=cfg.batch_size,
-        n_batches=cfg.eval_batches, rows=rows,
+        data.val, seq_len=eval_len, batch_size=cfg.batch_size, n_batches=cfg.eval_batches, rows=rows,
     )
     tx, schedule = make_optimizer(cfg)
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: gpt2.GPT(mcfg, rngs=nnx.Rngs(0))))
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: gpt2.GPT(mcfg, context_parallel=cp, rngs=nnx.Rngs(0))))
 
     # ---- the jitted steps ----
     train_step, loss_fn = make_train_step(graphdef, tx, cfg.grad_accum, schedule)
     train_step = jax.jit(
         train_step, donate_argnums=(0, 1), out_shardings=(replicated, replicated, replicated)
     )
-    evaluate = make_evaluate(loss_fn, val_batches, eval_sharding)
+    def positions(seq_len: int):  # of the columns as laid out: zigzag under context parallelism
+        return None if cp is None else parallel.replicate(parallel.positions(seq_len))
+
+    evaluate = make_evaluate(loss_fn, val_batches, functools.partial(parallel.put, batch_size=cfg.batch_size),
+                             positions(eval_len))
+    train_positions = positions(cfg.seq_len)
 
     # ---- state: fresh or restored ----
     if restored is not None:
         (params, opt_state), meta = restored.state, restored.meta
         start = restored.step
         sampler.position = int(meta["data_position"])
-        base_key = jax.random.wrap_key_data(np.asarray(meta["rng_key"], dtype=np.uint32))
+        key_data = np.asarray(meta["rng_key"], dtype=np.uint32)
         say(f"resumed from {ckpt.directory} at step {start}")
     else:
         init_state = functools.partial(init_train_state, mcfg, tx)
         params, opt_state = jax.jit(init_state, out_shardings=replicated)(jax.random.key(cfg.seed))
         start = 0
-        base_key = jax.random.key(cfg.seed)
-    base_key = jax.device_put(base_key, replicated)
+        key_data = np.asarray(jax.random.key_data(jax.random.key(cfg.seed)))
+    base_key = jax.random.wrap_key_data(parallel.replicate(key_data))  # on every device of every process
 
     def save(step: int) -> None:
         if not all_finite((params, opt_state)):  # the losses were finite; the state must be too
@@ -298,7 +320,7 @@ def _train(cfg: TrainConfig, data: data_lib.TokenData, ckpt: Checkpointer, resto
         meta = {
             "step": step,
             "data_position": sampler.position,
-            "rng_key": np.asarray(jax.random.key_data(base_key)).tolist(),
+            "rng_key": key_data.tolist(),
             "tokens_seen": step * tokens_per_step,
             "train_config": dataclasses.asdict(cfg),
             "model_config": dataclasses.asdict(mcfg),
@@ -314,10 +336,9 @@ def _train(cfg: TrainConfig, data: data_lib.TokenData, ckpt: Checkpointer, resto
     )
     try:
         for step in range(start, cfg.steps):
-            x, y = (jax.make_array_from_process_local_data(train_sharding, a)
-                    for a in sampler.batch(sampler.position, rows))
+            x, y = (parallel.put(a, cfg.batch_size) for a in sampler.batch(sampler.position, rows))
             sampler.position += 1
-            params, opt_state, m = train_step(params, opt_state, x, y, np.int32(step), base_key)
+            params, opt_state, m = train_step(params, opt_state, x, y, np.int32(step), base_key, train_positions)
             done = step + 1
             report.watch.add(done, m)
             first = meter.compile_s is None
@@ -350,7 +371,8 @@ def _train(cfg: TrainConfig, data: data_lib.TokenData, ckpt: Checkpointer, resto
     sample = None
     if cfg.sample_tokens:
         prompt = np.frombuffer(b"def ", np.uint8) if data.kind == "bytes" else np.asarray(data.val[:4])
-        model = nnx.merge(graphdef, params)
+        plain = graphdef if cp is None else nnx.graphdef(nnx.eval_shape(lambda: gpt2.GPT(mcfg, rngs=nnx.Rngs(0))))
+        model = nnx.merge(plain, params)  # generation (the KV cache) runs without context parallelism
         tokens = gpt2.generate(
             model, prompt.astype(np.int32), cfg.sample_tokens, temperature=0.8, top_k=40,
             rng=jax.random.fold_in(jax.random.key(cfg.seed), cfg.steps),

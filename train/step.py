@@ -14,6 +14,7 @@ from flax import nnx
 from models import gpt2
 from train.config import TrainConfig
 
+
 def make_optimizer(cfg: TrainConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW with linear warm-up, cosine decay and global-norm clipping."""
     schedule = optax.warmup_cosine_decay_schedule(
@@ -68,31 +69,33 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, gr
 
     ``params`` is the model's ``nnx.Param`` state, as an ``nnx.State`` or as
     its plain-dict form (``nnx.to_pure_dict``, what ``main`` uses).
-    ``loss_fn(params, x, y, dropout_rng)``: mean next-token cross-entropy of
-    ``x, y [B, T]``. ``train_step(params, opt_state, x, y, step, base_key)``
-    takes ``x, y [grad_accum, B, T]``, averages the gradient over the
+    ``loss_fn(params, x, y, dropout_rng, positions=None)``: mean next-token
+    cross-entropy of ``x, y [B, T]``; ``positions`` ``[T]``, the position of
+    each column (the zigzag order under context parallelism; default: the
+    model's, see ``GPT.__call__``). ``train_step(params, opt_state, x, y,
+    step, base_key, positions=None)`` takes ``x, y [grad_accum, B, T]``, averages the gradient over the
     micro-batches (a ``lax.scan``, so one compiled step does the whole
     accumulation) and applies one optimizer update; it returns the new
     ``params, opt_state`` and ``{"loss", "grad_norm"}``, plus ``"lr"`` (this
     step's learning rate) when ``schedule`` is given.
     """
 
-    def loss_fn(params, x, y, dropout_rng):
+    def loss_fn(params, x, y, dropout_rng, positions=None):
         model = nnx.merge(graphdef, params)
-        logits = model(x, dropout_rng=dropout_rng)  # [B, T, V] in the compute dtype
+        logits = model(x, positions=positions, dropout_rng=dropout_rng)  # [B, T, V] in the compute dtype
         return gpt2.cross_entropy(logits, y).mean()
 
     grad_fn = jax.value_and_grad(loss_fn)
 
-    def train_step(params, opt_state, x, y, step, base_key):
+    def train_step(params, opt_state, x, y, step, base_key, positions=None):
         key = jax.random.fold_in(base_key, step)  # dropout randomness of this step
         if grad_accum == 1:
-            loss, grads = grad_fn(params, x[0], y[0], key)
+            loss, grads = grad_fn(params, x[0], y[0], key, positions)
         else:
             def micro(carry, inputs):
                 loss_sum, grad_sum = carry
                 xi, yi, i = inputs  # [B, T], [B, T], micro-step index
-                loss, grads = grad_fn(params, xi, yi, jax.random.fold_in(key, i))
+                loss, grads = grad_fn(params, xi, yi, jax.random.fold_in(key, i), positions)
                 return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
             zeros = jax.tree.map(jnp.zeros_like, params)
@@ -112,21 +115,20 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, gr
 
 
 def make_evaluate(loss_fn: Callable, batches: Sequence[tuple[np.ndarray, np.ndarray]],
-                  sharding: jax.sharding.Sharding) -> Callable[..., float]:
+                  put: Callable[[np.ndarray], jax.Array], positions: jax.Array | None = None) -> Callable[..., float]:
     """``evaluate(params)``: the mean loss over ``batches`` (this process's rows of each).
 
-    ``loss_fn`` is the one :func:`make_train_step` returns, run without dropout.
+    ``loss_fn`` is the one :func:`make_train_step` returns, run without
+    dropout; ``put`` makes the global array of a batch from this process's
+    rows (``train.parallel.Parallel.put``), ``positions`` as for ``loss_fn``.
     """
 
     @jax.jit
-    def eval_loss(params, x, y):
-        return loss_fn(params, x, y, None)
+    def eval_loss(params, x, y, positions):
+        return loss_fn(params, x, y, None, positions)
 
     def evaluate(params) -> float:
-        losses = [
-            eval_loss(params, *(jax.make_array_from_process_local_data(sharding, a) for a in b))
-            for b in batches
-        ]
+        losses = [eval_loss(params, put(x), put(y), positions) for x, y in batches]
         return float(jnp.mean(jnp.stack(losses)))
 
     return evaluate
