@@ -1,11 +1,13 @@
 """The Pallas Mosaic GPU backend (Hopper, sm_90): ``implementation="mosaic"``.
 
 Files: ``forward.py`` (the warp-specialised TMA + wgmma forward kernel and its
-launcher), ``config.py`` (``MosaicConfig``: the forward's blocks and pipeline
-depth, and the backward's config).
+launcher), ``backward.py`` (the dK/dV kernel, with dQ fused by TMA reductions
+or, in the deterministic mode, a separate dQ kernel), ``config.py``
+(``MosaicConfig``: the kernels' blocks and pipeline depths).
 
-The forward computes plain and causal attention with GQA/MQA, any sequence
-lengths (Tq != Tk, not block multiples), head dims 64, 128 and 256, in
+The kernels compute plain and causal attention with GQA/MQA, any sequence
+lengths (Tq != Tk, not block multiples), head dims 64, 128 and 256 (the
+backward at 256 runs the Triton backward kernels: see ``MosaicBackend``), in
 bfloat16 and float16. Everything else (masks, bias, lengths, segment ids,
 ALiBi, soft-cap, dropout, windows, position offsets, float32, other head dims,
 GPUs other than compute capability 9.0) is refused by ``supports`` with
@@ -20,7 +22,15 @@ import jax
 import jax.numpy as jnp
 
 from pallas_flash.backends.base import Gradients, KernelBackend
-from pallas_flash.backends.mosaic_gpu.config import HEAD_DIMS, MosaicConfig, MosaicForwardConfig, default_config
+from pallas_flash.backends.mosaic_gpu.backward import mosaic_backward
+from pallas_flash.backends.mosaic_gpu.config import (
+    BACKWARD_HEAD_DIMS,
+    HEAD_DIMS,
+    MosaicBackwardConfig,
+    MosaicConfig,
+    MosaicForwardConfig,
+    default_config,
+)
 from pallas_flash.backends.mosaic_gpu.forward import mosaic_forward
 from pallas_flash.backends.triton.backward import flash_backward
 from pallas_flash.spec import AttentionInputs, AttentionSpec
@@ -28,7 +38,7 @@ from pallas_flash.spec import AttentionInputs, AttentionSpec
 SUPPORTED_DTYPES = tuple(jnp.dtype(d) for d in (jnp.bfloat16, jnp.float16))
 COMPUTE_CAPABILITY = "9.0"
 
-__all__ = ["MosaicBackend", "MosaicConfig", "MosaicForwardConfig", "default_config"]
+__all__ = ["MosaicBackend", "MosaicConfig", "MosaicForwardConfig", "MosaicBackwardConfig", "default_config"]
 
 
 def _unsupported_features(inputs: AttentionInputs, spec: AttentionSpec) -> list[str]:
@@ -63,13 +73,13 @@ def _gpu_compute_capability() -> str | None:
 
 @dataclasses.dataclass(frozen=True)
 class MosaicBackend(KernelBackend):
-    """The Mosaic GPU forward kernel (sm_90) with the Triton backend's backward kernels.
+    """The Mosaic GPU forward and backward kernels (sm_90).
 
-    The backward delegates to ``pallas_flash.backends.triton.backward.flash_backward``:
-    it recomputes the probabilities from the same residuals ``(q, k, v, out,
-    lse2)`` that the Triton forward saves (``lse2`` in the log2 domain, the
-    Triton kernels' own convention), so its gradients are exactly the Triton
-    backend's for this forward's output, with ``MosaicConfig.bwd`` as its config.
+    The backward runs the Mosaic kernels (``backward.py``, ``MosaicConfig.bwd``)
+    at head dims 64 and 128. At head dim 256 (where their dK/dV accumulators
+    would not fit in registers) it runs ``pallas_flash.backends.triton.backward.flash_backward``
+    with ``MosaicConfig.fallback_bwd``: both recompute the probabilities from
+    the same residuals ``(q, k, v, out, lse2)`` (``lse2`` in the log2 domain).
     """
 
     name = "mosaic"
@@ -101,7 +111,11 @@ class MosaicBackend(KernelBackend):
 
     def backward(self, q, k, v, out, lse, do, dlse, inputs, spec, *, config: MosaicConfig, interpret: bool,
                  want_dbias: bool, want_dslopes: bool) -> Gradients:
-        return flash_backward(
-            q, k, v, out, lse, do, dlse, inputs, spec=spec, config=config.bwd, interpret=interpret,
-            want_dbias=want_dbias, want_dslopes=want_dslopes,
-        )
+        if q.shape[-1] not in BACKWARD_HEAD_DIMS:
+            return flash_backward(
+                q, k, v, out, lse, do, dlse, inputs, spec=spec, config=config.fallback_bwd, interpret=interpret,
+                want_dbias=want_dbias, want_dslopes=want_dslopes,
+            )
+        if want_dbias or want_dslopes:  # ``supports`` refuses bias and ALiBi: never asked for
+            raise NotImplementedError("the Mosaic GPU backward computes no bias or ALiBi-slope gradients")
+        return mosaic_backward(q, k, v, out, lse, do, dlse, spec=spec, config=config.bwd, interpret=interpret)

@@ -1,8 +1,9 @@
-"""The Mosaic GPU backend's configs: the forward kernel's blocks and pipeline depth, validated.
+"""The Mosaic GPU backend's configs: the forward and backward kernels' blocks and pipeline depths, validated.
 
-``MosaicConfig`` pairs the forward config with the backward's, which is the
-Triton backend's ``BackwardConfig`` for as long as the backward delegates to
-the Triton kernels (see ``pallas_flash.backends.mosaic_gpu``).
+``MosaicConfig`` holds the forward's config, the Mosaic backward's, and the
+Triton backend's ``BackwardConfig`` for the backward calls the Mosaic backward
+kernels do not cover (head dim 256: their dK/dV accumulators would not fit in
+registers), see ``pallas_flash.backends.mosaic_gpu``.
 """
 
 from __future__ import annotations
@@ -14,14 +15,31 @@ import jax.numpy as jnp
 
 from pallas_flash.backends.triton import config as triton_config
 
-__all__ = ["MosaicForwardConfig", "MosaicConfig", "default_config", "smem_bytes", "HEAD_DIMS", "MAX_SMEM_BYTES"]
+__all__ = [
+    "MosaicForwardConfig",
+    "MosaicBackwardConfig",
+    "MosaicConfig",
+    "default_config",
+    "smem_bytes",
+    "backward_smem_bytes",
+    "HEAD_DIMS",
+    "BACKWARD_HEAD_DIMS",
+    "MAX_SMEM_BYTES",
+]
 
 HEAD_DIMS = (64, 128, 256)
+# Head dims of the Mosaic backward kernels: at 256 a warpgroup's dK and dV accumulators (2 x 64 x 256
+# float32) would need 256 registers per thread; those calls run the Triton backward.
+BACKWARD_HEAD_DIMS = (64, 128)
 # Shared memory a CTA may use on sm_90 (227 KiB), less what the kernel keeps beside its tiles
 # (barriers, the log-sum-exp staging buffers, Mosaic's own reserve).
 MAX_SMEM_BYTES = 227 * 1024 - 4 * 1024
 # Rows of one compute warpgroup's query tile: one wgmma M dimension (64) per warpgroup.
 BLOCK_Q = 64
+# Keys of one compute warpgroup in the backward's dK/dV kernel (the M of its wgmmas), and the rows of
+# one CTA of either backward kernel (two compute warpgroups).
+BLOCK_KV = 64
+TILE = 2 * BLOCK_KV
 
 
 def smem_bytes(block_q: int, block_kv: int, num_stages: int, head_dim: int, dtype: Any) -> int:
@@ -64,18 +82,83 @@ class MosaicForwardConfig:
             )
 
 
+def backward_smem_bytes(config: "MosaicBackwardConfig", head_dim: int, dtype: Any) -> tuple[int, int]:
+    """Shared memory of the backward's tiles: ``(dK/dV kernel, dQ kernel)`` (the dQ kernel's is 0 when dQ is fused)."""
+    item = jnp.dtype(dtype).itemsize
+    bq, stages = config.block_q, config.num_stages
+    # K and V of the CTA's 128 keys, the Q/dO ring and its lse/delta rows.
+    dkdv = item * head_dim * (2 * TILE + 2 * stages * bq) + 8 * stages * bq
+    if not config.deterministic:  # dS^T double buffer, the two float32 dQ halves
+        dkdv += item * 2 * TILE * bq + 4 * bq * head_dim
+        return dkdv, 0
+    # Q and dO of the two warpgroups' 64 rows, the K/V ring, lse/delta rows.
+    dq = item * head_dim * (2 * TILE + 2 * config.dq_num_stages * config.dq_block_kv) + 8 * TILE
+    return dkdv, dq
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicBackwardConfig:
+    """Backward kernels (see ``backward.py``).
+
+    dK/dV kernel: a CTA of two compute warpgroups (64 keys each) and one
+    memory warpgroup; ``block_q``: query rows per pipeline step; ``num_stages``:
+    Q/dO blocks in flight. ``deterministic``: ``False`` adds ``dQ`` into a
+    float32 buffer by TMA reductions from the dK/dV kernel (5 matrix products
+    per block pair; the order of the additions, so the last bits of ``dQ``,
+    may vary run to run); ``True`` computes ``dQ`` in a separate kernel
+    (bit-identical reruns; 7 products per block pair), whose CTA of two compute
+    warpgroups (64 query rows each) streams ``dq_block_kv`` keys per step,
+    ``dq_num_stages`` K/V blocks in flight.
+    """
+
+    block_q: int = BLOCK_Q
+    num_stages: int = 2
+    dq_block_kv: int = 64
+    dq_num_stages: int = 2
+    deterministic: bool = False
+
+    def __post_init__(self):
+        for name in ("block_q", "num_stages", "dq_block_kv", "dq_num_stages"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"MosaicBackwardConfig.{name}={value!r} must be an int")
+        if not isinstance(self.deterministic, bool):
+            raise TypeError(f"MosaicBackwardConfig.deterministic={self.deterministic!r} must be a bool")
+        if self.block_q != BLOCK_Q:
+            raise ValueError(f"MosaicBackwardConfig.block_q={self.block_q} must be {BLOCK_Q} (one wgmma M)")
+        if self.dq_block_kv not in (64, 128):
+            raise ValueError(f"MosaicBackwardConfig.dq_block_kv={self.dq_block_kv} must be 64 or 128")
+        for name in ("num_stages", "dq_num_stages"):
+            if not 1 <= getattr(self, name) <= 4:
+                raise ValueError(f"MosaicBackwardConfig.{name}={getattr(self, name)} must be in [1, 4]")
+
+    def check_fits(self, head_dim: int, dtype: Any) -> None:
+        """``ValueError`` when a kernel's tiles would not fit in one CTA's shared memory."""
+        for kernel, need in zip(("dK/dV", "dQ"), backward_smem_bytes(self, head_dim, dtype)):
+            if need > MAX_SMEM_BYTES:
+                raise ValueError(
+                    f"{self} needs {need} bytes of shared memory in the {kernel} kernel at head_dim={head_dim} "
+                    f"({jnp.dtype(dtype).name}), more than the {MAX_SMEM_BYTES} available: use fewer stages"
+                )
+
+
 @dataclasses.dataclass(frozen=True)
 class MosaicConfig:
-    """The Mosaic backend's config: its forward kernel's, and the (Triton) backward's."""
+    """The Mosaic backend's config: its forward and backward kernels', and the Triton backward's for head dim 256."""
 
     fwd: MosaicForwardConfig = MosaicForwardConfig()
-    bwd: triton_config.BackwardConfig = triton_config.BackwardConfig()
+    bwd: MosaicBackwardConfig = MosaicBackwardConfig()
+    fallback_bwd: triton_config.BackwardConfig = triton_config.BackwardConfig()
 
     def __post_init__(self):
         if not isinstance(self.fwd, MosaicForwardConfig):
             raise TypeError(f"MosaicConfig.fwd must be a MosaicForwardConfig, got {type(self.fwd).__name__}")
-        if not isinstance(self.bwd, triton_config.BackwardConfig):
-            raise TypeError(f"MosaicConfig.bwd must be a Triton BackwardConfig, got {type(self.bwd).__name__}")
+        if not isinstance(self.bwd, MosaicBackwardConfig):
+            raise TypeError(f"MosaicConfig.bwd must be a MosaicBackwardConfig, got {type(self.bwd).__name__}")
+        if not isinstance(self.fallback_bwd, triton_config.BackwardConfig):
+            raise TypeError(
+                f"MosaicConfig.fallback_bwd must be a Triton BackwardConfig, got {type(self.fallback_bwd).__name__}"
+            )
 
 
 def _default_forward(head_dim: int, dtype: Any, causal: bool) -> MosaicForwardConfig:
@@ -93,7 +176,17 @@ def _default_forward(head_dim: int, dtype: Any, causal: bool) -> MosaicForwardCo
     return MosaicForwardConfig(block_kv=64, num_stages=2)
 
 
+def _default_backward(head_dim: int, dtype: Any) -> MosaicBackwardConfig:
+    """Deepest Q/dO ring that fits with dQ fused (two stages at D=128, three at D=64); dQ kernel: 64 keys x 3 stages at
+    D=128, 128 keys x 2 at D=64 (its accumulators leave the registers for it)."""
+    if head_dim <= 64:
+        return MosaicBackwardConfig(num_stages=3, dq_block_kv=128, dq_num_stages=2)
+    return MosaicBackwardConfig(num_stages=2, dq_block_kv=64, dq_num_stages=3)
+
+
 def default_config(*, head_dim: int, dtype: Any, causal: bool, seq_q: int, seq_k: int) -> MosaicConfig:
-    """The forward's heuristic config and the Triton backend's default backward config for this shape."""
-    bwd = triton_config.default_config(head_dim=head_dim, dtype=dtype, causal=causal, seq_q=seq_q, seq_k=seq_k).bwd
-    return MosaicConfig(fwd=_default_forward(head_dim, dtype, causal), bwd=bwd)
+    """The forward's and backward's heuristic configs, and the Triton backend's default backward config (head dim 256)."""
+    fallback = triton_config.default_config(head_dim=head_dim, dtype=dtype, causal=causal, seq_q=seq_q, seq_k=seq_k)
+    return MosaicConfig(
+        fwd=_default_forward(head_dim, dtype, causal), bwd=_default_backward(head_dim, dtype), fallback_bwd=fallback.bwd
+    )
