@@ -40,7 +40,7 @@ import pandas as pd
 
 from benchmarks import common
 
-IMPLEMENTATIONS = ("pallas", "xla", "cudnn")
+IMPLEMENTATIONS = ("pallas", "triton", "mosaic", "xla", "cudnn")
 PEAK_FLOPS = 989e12  # H100/H200 SXM dense bf16
 TIMING_WINDOW = 10  # steps per timed window; tokens/s comes from the median window
 

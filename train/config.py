@@ -17,7 +17,7 @@ import jax
 
 from models import gpt2
 
-ATTENTION_CHOICES = ("auto", "pallas", "xla", "cudnn")
+ATTENTION_CHOICES = ("auto", "pallas", "triton", "mosaic", "xla", "cudnn")
 
 #: Dense bf16 peak FLOP/s by a substring of ``device.device_kind``.
 PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
@@ -32,7 +32,7 @@ class TrainConfig:
     """One training run. ``RUN_DEFAULTS`` fills in what the command line leaves out."""
 
     config: str = "tiny"  # model preset, see models.gpt2.PRESETS
-    attention: str = "auto"  # auto | pallas | xla | cudnn
+    attention: str = "auto"  # auto | pallas | triton | mosaic | xla | cudnn (pallas_flash backends by name)
     seq_len: int = 128
     batch_size: int = 16  # global sequences per micro-step
     grad_accum: int = 1  # micro-steps per optimizer step
@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", choices=sorted(gpt2.PRESETS),
                    help="model preset (default: gpt2 with a GPU, tiny without)")
     p.add_argument("--attention", choices=ATTENTION_CHOICES,
-                   help="attention backend; auto = pallas on GPU, xla on CPU (default: auto)")
+                   help="attention backend; auto = pallas on GPU, xla on CPU (default: auto); pallas = the pallas_flash "
+                        "kernels (per pass the fastest for this GPU), triton/mosaic = one of their backends")
     p.add_argument("--seq-len", type=_positive_int, help="tokens per sequence (tiny 128, gpt2 1024)")
     p.add_argument("--batch-size", type=_positive_int,
                    help="global sequences per micro-step, divisible by the device count (tiny 16, gpt2 16)")
