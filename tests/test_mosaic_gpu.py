@@ -1,23 +1,33 @@
-"""The Mosaic GPU backend (``implementation="mosaic"``, #14): its config, what it refuses, its forward kernel.
+"""The Mosaic GPU backend (``implementation="mosaic"``, #14): its configs, what it refuses, its kernels.
 
 On a CPU: config validation, ``supports`` (``NotImplementedError`` naming what
-is missing, and the fallback it allows), and the forward kernel itself in
-Mosaic GPU interpret mode (``plgpu.InterpretGPUParams``: the three warpgroups
-run as threads; TMA copies, mbarriers, wgmma and the shared-memory ring are
-simulated, and the interpreter checks that every barrier phase is observed).
-Two primitives of the GPU path have no interpreter rule in jax 0.11.2
-(``pl.run_state`` with ``plgpu.ACC.init``, and a wgmma whose left operand is in
-registers), so in interpret mode alone P is staged through shared memory
-(``forward.py``'s docstring). Gradients on a CPU run the Triton backward in
-Triton interpret mode.
+is missing, and the fallback it allows), and the forward and backward kernels
+themselves in Mosaic GPU interpret mode (``plgpu.InterpretGPUParams``: the
+three warpgroups run as threads; TMA copies, mbarriers, wgmma and the
+shared-memory rings are simulated, and the interpreter checks that every
+barrier phase is observed; its race detector runs on the backward). Primitives
+the GPU path uses that have no interpreter rule in jax 0.11.2 are replaced in
+interpret mode alone (``forward.py``'s and ``backward.py``'s docstrings): a
+wgmma whose left operand is in registers takes a shared-memory copy of it,
+``pl.run_state`` accumulators become fresh ones added in registers, and the
+backward's TMA reduction of dQ becomes per-CTA partial sums that XLA adds. The
+head-dim-256 backward (the Triton kernels) runs in Triton interpret mode.
+
+Interpret mode runs each warpgroup's host callbacks on XLA's CPU thread pool:
+with fewer pool threads than warpgroups that wait on barriers at once it can
+deadlock, so these tests rely on conftest's four host devices (on a two-core
+machine without them a three-warpgroup kernel can hang).
 
 On a GPU (``gpu`` marker): the compiled kernels against the float64 reference
 at odd shapes (Tq != Tk, lengths that are not block multiples, GQA 4:1 and
 8:2, head dims 64/128/256, causal and not, bf16 and fp16), values, the
-log-sum-exp and gradients under random cotangents.
+log-sum-exp and gradients under random cotangents, in both backward modes,
+and the deterministic mode bit-identical across reruns.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +36,19 @@ import pytest
 
 import pallas_flash as pf
 from pallas_flash import backends
-from pallas_flash.backends.mosaic_gpu import MosaicBackend, MosaicConfig, MosaicForwardConfig
-from pallas_flash.backends.mosaic_gpu.config import HEAD_DIMS, MAX_SMEM_BYTES, default_config, smem_bytes
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_flash.backends.mosaic_gpu import MosaicBackend, MosaicBackwardConfig, MosaicConfig, MosaicForwardConfig
+from pallas_flash.backends.mosaic_gpu.config import (
+    BACKWARD_HEAD_DIMS,
+    HEAD_DIMS,
+    MAX_SMEM_BYTES,
+    backward_smem_bytes,
+    default_config,
+    smem_bytes,
+)
+from pallas_flash.backends.mosaic_gpu.backward import mosaic_backward
+from pallas_flash.backends.triton.backward import flash_backward
 from pallas_flash.backends.triton.config import BackwardConfig
 from pallas_flash.reference import attention_reference
 from pallas_flash.spec import AttentionInputs, AttentionSpec
@@ -36,8 +57,10 @@ from tests.cases import random_qkv
 from tests.conftest import ON_GPU, TOLERANCE, rel_err
 
 DTYPES = (jnp.bfloat16, jnp.float16)
-# Triton backward blocks small enough for Triton interpret mode on a CPU.
+# Triton backward blocks small enough for Triton interpret mode on a CPU (the head-dim-256 fallback).
 SMALL_BWD = BackwardConfig(16, 16, 16, 16, 4, 1, 4, 1)
+FUSED = MosaicBackwardConfig(num_stages=2, dq_block_kv=64, dq_num_stages=2)
+DETERMINISTIC = MosaicBackwardConfig(num_stages=2, dq_block_kv=64, dq_num_stages=2, deterministic=True)
 
 
 def _qkv(shape: Shape, dtype=jnp.bfloat16, seed: int = 0):
@@ -64,11 +87,29 @@ def test_forward_config_rejects_bad_values(kwargs, error, match):
         MosaicForwardConfig(**kwargs)
 
 
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(block_q=128), ValueError, "block_q=128 must be 64"),
+        (dict(dq_block_kv=256), ValueError, "dq_block_kv=256 must be 64 or 128"),
+        (dict(num_stages=0), ValueError, r"num_stages=0 must be in \[1, 4\]"),
+        (dict(dq_num_stages=5), ValueError, r"dq_num_stages=5 must be in \[1, 4\]"),
+        (dict(num_stages=2.0), TypeError, "num_stages=2.0 must be an int"),
+        (dict(deterministic=1), TypeError, "deterministic=1 must be a bool"),
+    ],
+)
+def test_backward_config_rejects_bad_values(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        MosaicBackwardConfig(**kwargs)
+
+
 def test_config_types_are_checked():
     with pytest.raises(TypeError, match="MosaicConfig.fwd must be a MosaicForwardConfig"):
         MosaicConfig(fwd=pf.ForwardConfig())
-    with pytest.raises(TypeError, match="MosaicConfig.bwd must be a Triton BackwardConfig"):
-        MosaicConfig(bwd=pf.ForwardConfig())
+    with pytest.raises(TypeError, match="MosaicConfig.bwd must be a MosaicBackwardConfig, got BackwardConfig"):
+        MosaicConfig(bwd=SMALL_BWD)
+    with pytest.raises(TypeError, match="MosaicConfig.fallback_bwd must be a Triton BackwardConfig"):
+        MosaicConfig(fallback_bwd=FUSED)
     q, k, v = _qkv(Shape("c", 1, 64, 64, 2, 1, 64))
     with pytest.raises(TypeError, match="config must be a .*MosaicConfig for the 'mosaic' backend"):
         pf.dot_product_attention(q, k, v, implementation="mosaic", config=pf.FlashConfig())
@@ -83,12 +124,21 @@ def test_shared_memory_budget():
     q, k, v = _qkv(Shape("c", 1, 64, 64, 2, 1, 256))
     with pytest.raises(ValueError, match="shared memory"):
         pf.dot_product_attention(q, k, v, implementation="mosaic", config=MosaicConfig(fwd=big))
+    deep = MosaicBackwardConfig(num_stages=3)  # fused dQ at D=128: K, V, 3 x (Q, dO), dS, dQ > 223 KiB
+    assert backward_smem_bytes(deep, 128, jnp.bfloat16)[0] > MAX_SMEM_BYTES
+    with pytest.raises(ValueError, match="shared memory in the dK/dV kernel at head_dim=128"):
+        deep.check_fits(128, jnp.bfloat16)
+    deep.check_fits(64, jnp.bfloat16)
+    MosaicBackwardConfig(num_stages=3, deterministic=True).check_fits(128, jnp.bfloat16)  # no dS/dQ buffers
     for head_dim in HEAD_DIMS:
         for dtype in DTYPES:
             for causal in (False, True):
                 cfg = default_config(head_dim=head_dim, dtype=dtype, causal=causal, seq_q=4096, seq_k=4096)
                 cfg.fwd.check_fits(head_dim, dtype)
-                assert isinstance(cfg.bwd, BackwardConfig)
+                assert isinstance(cfg.fallback_bwd, BackwardConfig)
+                if head_dim in BACKWARD_HEAD_DIMS:
+                    cfg.bwd.check_fits(head_dim, dtype)
+                    dataclasses.replace(cfg.bwd, deterministic=True).check_fits(head_dim, dtype)
 
 
 # --- what the backend refuses --------------------------------------------------------------
@@ -211,16 +261,72 @@ INTERPRET_CASES = {
 @pytest.mark.parametrize("name", INTERPRET_CASES)
 def test_forward_in_interpret_mode(name, seed):
     shape, causal, dtype, fwd = INTERPRET_CASES[name]
-    _check(shape, dtype, causal, seed, MosaicConfig(fwd=fwd, bwd=SMALL_BWD), grads=False, interpret=True)
+    _check(shape, dtype, causal, seed, MosaicConfig(fwd=fwd), grads=False, interpret=True)
+
+
+# The backward on a CPU: 128-key CTAs and 64-row query blocks, GQA groups summed on chip, ragged tails
+# of both sequences (the last key tile's blocks all masked), causal diagonals with Tq < Tk and Tq > Tk,
+# fewer rows than one block; both dQ modes (fused: per-CTA partial sums in interpret mode).
+BWD_INTERPRET_CASES = {
+    "causal_tq<tk_gqa2_fused": (Shape("b", 1, 200, 333, 2, 1, 64), True, jnp.bfloat16, FUSED),
+    "causal_tq<tk_gqa2_deterministic": (Shape("b", 1, 200, 333, 2, 1, 64), True, jnp.bfloat16, DETERMINISTIC),
+    "causal_tq>tk_gqa4_d128_fused": (Shape("b", 1, 333, 200, 4, 1, 128), True, jnp.float16, FUSED),
+    "full_gqa2_ragged_1stage_deterministic": (
+        Shape("b", 2, 130, 150, 4, 2, 64), False, jnp.bfloat16,
+        MosaicBackwardConfig(num_stages=1, dq_block_kv=128, dq_num_stages=1, deterministic=True),
+    ),
+    "full_d128_one_block_fused": (Shape("b", 1, 77, 50, 2, 2, 128), False, jnp.float16, FUSED),
+}
 
 
 @pytest.mark.skipif(ON_GPU, reason="the GPU tests below run the compiled kernels")
-def test_gradients_in_interpret_mode(seed):
-    """The residuals the Mosaic forward returns drive the Triton backward to the float64 gradients
-    (and the log-sum-exp's cotangent too)."""
-    shape = Shape("g", 1, 70, 90, 4, 2, 64)
-    _check(shape, jnp.bfloat16, True, seed, MosaicConfig(fwd=MosaicForwardConfig(64, 64, 2), bwd=SMALL_BWD),
-           grads=True, interpret=True)
+@pytest.mark.parametrize("name", BWD_INTERPRET_CASES)
+def test_backward_in_interpret_mode(name, seed):
+    """The Mosaic forward's residuals drive the Mosaic backward to the float64 gradients (the log-sum-exp's
+    cotangent too)."""
+    shape, causal, dtype, bwd = BWD_INTERPRET_CASES[name]
+    _check(shape, dtype, causal, seed, MosaicConfig(fwd=MosaicForwardConfig(64, 64, 2), bwd=bwd), grads=True,
+           interpret=True)
+
+
+def _residuals(shape: Shape, dtype, causal: bool, seed: int):
+    """``(q, k, v, out, lse2, do, dlse, spec)`` with ``out``/``lse2`` from the float32 reference."""
+    q, k, v, do = random_qkv(shape, dtype, seed)
+    spec = AttentionSpec(scale=1.0 / np.sqrt(shape.head_dim), causal=causal)
+    out, lse = attention_reference(q, k, v, is_causal=causal, return_lse=True)
+    dlse = jnp.asarray(np.random.default_rng(seed + 1).standard_normal(lse.shape), jnp.float32)
+    return q, k, v, out.astype(dtype), (lse / np.log(2.0)).astype(jnp.float32), do, dlse, spec
+
+
+@pytest.mark.skipif(ON_GPU, reason="interpret mode")
+@pytest.mark.parametrize("bwd", [FUSED, DETERMINISTIC], ids=["fused", "deterministic"])
+def test_backward_race_detector(bwd, seed):
+    """Mosaic GPU interpret mode's happens-before race detector finds no race in either backward kernel."""
+    try:
+        from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as mgpu_interpret
+    except ImportError:  # a private module: other JAX versions may move it
+        pytest.skip("this JAX has no jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call.get_races")
+    q, k, v, out, lse2, do, dlse, spec = _residuals(Shape("r", 1, 150, 200, 2, 1, 64), jnp.bfloat16, True, seed)
+    mgpu_interpret.reset_gpu_interpret_mode_state()
+    params = plgpu.InterpretGPUParams(detect_races=True)
+    grads = mosaic_backward(q, k, v, out, lse2, do, dlse, spec=spec, config=bwd, interpret=params)
+    jax.block_until_ready(grads)
+    assert not mgpu_interpret.get_races().races_found
+    assert all(bool(jnp.isfinite(g.astype(jnp.float32)).all()) for g in grads[:3])
+
+
+@pytest.mark.skipif(ON_GPU, reason="interpret mode")
+def test_head_dim_256_backward_runs_the_triton_kernels(seed):
+    """At head dim 256 (dK/dV accumulators too large for registers) the backward is the Triton backward's, exactly."""
+    shape = Shape("t", 1, 40, 24, 2, 1, 256)
+    q, k, v, out, lse2, do, dlse, spec = _residuals(shape, jnp.bfloat16, True, seed)
+    config = MosaicConfig(fallback_bwd=SMALL_BWD)
+    got = backends.get("mosaic").backward(q, k, v, out, lse2, do, dlse, AttentionInputs(), spec, config=config,
+                                          interpret=True, want_dbias=False, want_dslopes=False)
+    want = flash_backward(q, k, v, out, lse2, do, dlse, AttentionInputs(), spec=spec, config=SMALL_BWD,
+                          interpret=True)
+    for a, b in zip(got[:3], want[:3]):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
 GPU_SHAPES = {
@@ -249,3 +355,54 @@ def test_gpu_every_pipeline_shape(block_kv, num_stages, seed):
                                   config=config)
     # No atomics and no reordering between runs: the forward is bit-identical run to run.
     assert np.array_equal(np.asarray(out), np.asarray(again[0])) and np.array_equal(np.asarray(lse), np.asarray(again[1]))
+
+
+def _gradients(shape: Shape, dtype, causal: bool, seed: int, bwd: MosaicBackwardConfig):
+    q, k, v, ct = random_qkv(shape, dtype, seed)
+    ct_lse = jnp.asarray(np.random.default_rng(seed + 7).standard_normal((shape.batch, shape.num_heads, shape.seq_q)),
+                         jnp.float32)
+
+    @jax.jit
+    def grads(q, k, v, ct, ct_lse):
+        f = lambda q, k, v: pf.attention_with_lse(q, k, v, is_causal=causal, implementation="mosaic",  # noqa: E731
+                                                  config=MosaicConfig(bwd=bwd))
+        return jax.vjp(f, q, k, v)[1]((ct, ct_lse))
+
+    return grads, (q, k, v, ct, ct_lse)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("name", ["gqa4_tq1000_tk777_d64", "gqa4_tq777_tk1000_d128"])
+def test_gpu_deterministic_backward_is_bit_identical(name, causal, seed):
+    """``deterministic=True``: the float64 gradients, and bit-identical dq, dk, dv on every rerun; the fused
+    (atomic) mode agrees with it to rounding."""
+    shape = GPU_SHAPES[name]
+    fn, args = _gradients(shape, jnp.bfloat16, causal, seed, dataclasses.replace(FUSED, deterministic=True))
+    first = [np.asarray(g) for g in fn(*args)]
+    for _ in range(3):
+        for a, b in zip(first, fn(*args)):
+            assert np.array_equal(a, np.asarray(b))
+    q, k, v, ct, ct_lse = args
+    want = _reference(q, k, v, ct, np.asarray(ct_lse), causal)[2:]
+    fused_fn, _ = _gradients(shape, jnp.bfloat16, causal, seed, FUSED)
+    for label, got, fused, ref in zip(("dq", "dk", "dv"), first, fused_fn(*args), want):
+        assert rel_err(got, ref) <= TOLERANCE[jnp.dtype(jnp.bfloat16)], label
+        assert rel_err(fused, got.astype(np.float32)) <= 1e-2, label
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "bwd",
+    [
+        MosaicBackwardConfig(num_stages=1, dq_num_stages=1, deterministic=True),
+        MosaicBackwardConfig(num_stages=3, dq_block_kv=128, dq_num_stages=2, deterministic=True),
+        MosaicBackwardConfig(num_stages=1),
+        MosaicBackwardConfig(num_stages=2),
+    ],
+    ids=["det_1x1", "det_3x2_dq128", "fused_1", "fused_2"],
+)
+def test_gpu_every_backward_pipeline_shape(bwd, seed):
+    """Each ring depth and dQ key block on a long ragged causal GQA problem: many refills of every slot."""
+    shape = Shape("p", 1, 2000, 2500, 4, 2, 128)
+    _check(shape, jnp.bfloat16, True, seed, MosaicConfig(bwd=bwd), grads=True)
