@@ -59,7 +59,7 @@ from tests.conftest import ON_GPU, TOLERANCE, rel_err
 DTYPES = (jnp.bfloat16, jnp.float16)
 # Triton backward blocks small enough for Triton interpret mode on a CPU (the head-dim-256 fallback).
 SMALL_BWD = BackwardConfig(16, 16, 16, 16, 4, 1, 4, 1)
-FUSED = MosaicBackwardConfig(num_stages=2, dq_block_kv=64, dq_num_stages=2)
+FUSED = MosaicBackwardConfig(num_stages=2, dq_block_kv=64, dq_num_stages=2, deterministic=False)
 DETERMINISTIC = MosaicBackwardConfig(num_stages=2, dq_block_kv=64, dq_num_stages=2, deterministic=True)
 
 
@@ -124,7 +124,7 @@ def test_shared_memory_budget():
     q, k, v = _qkv(Shape("c", 1, 64, 64, 2, 1, 256))
     with pytest.raises(ValueError, match="shared memory"):
         pf.dot_product_attention(q, k, v, implementation="mosaic", config=MosaicConfig(fwd=big))
-    deep = MosaicBackwardConfig(num_stages=3)  # fused dQ at D=128: K, V, 3 x (Q, dO), dS, dQ > 223 KiB
+    deep = MosaicBackwardConfig(num_stages=3, deterministic=False)  # fused dQ at D=128: K, V, 3 x (Q, dO), dS, dQ > 223 KiB
     assert backward_smem_bytes(deep, 128, jnp.bfloat16)[0] > MAX_SMEM_BYTES
     with pytest.raises(ValueError, match="shared memory in the dK/dV kernel at head_dim=128"):
         deep.check_fits(128, jnp.bfloat16)
@@ -397,8 +397,8 @@ def test_gpu_deterministic_backward_is_bit_identical(name, causal, seed):
     [
         MosaicBackwardConfig(num_stages=1, dq_num_stages=1, deterministic=True),
         MosaicBackwardConfig(num_stages=3, dq_block_kv=128, dq_num_stages=2, deterministic=True),
-        MosaicBackwardConfig(num_stages=1),
-        MosaicBackwardConfig(num_stages=2),
+        MosaicBackwardConfig(num_stages=1, deterministic=False),
+        MosaicBackwardConfig(num_stages=2, deterministic=False),
     ],
     ids=["det_1x1", "det_3x2_dq128", "fused_1", "fused_2"],
 )
