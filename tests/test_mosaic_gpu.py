@@ -33,12 +33,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
 import pallas_flash as pf
 from pallas_flash import backends
-from jax.experimental.pallas import mosaic_gpu as plgpu
-
 from pallas_flash.backends.mosaic_gpu import MosaicBackend, MosaicBackwardConfig, MosaicConfig, MosaicForwardConfig
+from pallas_flash.backends.mosaic_gpu.backward import mosaic_backward
 from pallas_flash.backends.mosaic_gpu.config import (
     BACKWARD_HEAD_DIMS,
     HEAD_DIMS,
@@ -47,7 +47,6 @@ from pallas_flash.backends.mosaic_gpu.config import (
     default_config,
     smem_bytes,
 )
-from pallas_flash.backends.mosaic_gpu.backward import mosaic_backward
 from pallas_flash.backends.triton.backward import flash_backward
 from pallas_flash.backends.triton.config import BackwardConfig
 from pallas_flash.reference import attention_reference
@@ -364,8 +363,9 @@ def _gradients(shape: Shape, dtype, causal: bool, seed: int, bwd: MosaicBackward
 
     @jax.jit
     def grads(q, k, v, ct, ct_lse):
-        f = lambda q, k, v: pf.attention_with_lse(q, k, v, is_causal=causal, implementation="mosaic",  # noqa: E731
-                                                  config=MosaicConfig(bwd=bwd))
+        def f(q, k, v):
+            return pf.attention_with_lse(q, k, v, is_causal=causal, implementation="mosaic", config=MosaicConfig(bwd=bwd))
+
         return jax.vjp(f, q, k, v)[1]((ct, ct_lse))
 
     return grads, (q, k, v, ct, ct_lse)

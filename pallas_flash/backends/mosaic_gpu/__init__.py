@@ -2,8 +2,9 @@
 
 Files: ``forward.py`` (the warp-specialised TMA + wgmma forward kernel and its
 launcher), ``backward.py`` (the dK/dV kernel, with dQ fused by TMA reductions
-or, in the deterministic mode, a separate dQ kernel), ``config.py``
-(``MosaicConfig``: the kernels' blocks and pipeline depths).
+or, in the deterministic mode, the default, the separate dQ kernel of
+``backward_dq.py``; ``backward_common.py`` holds what the two share),
+``config.py`` (``MosaicConfig``: the kernels' blocks and pipeline depths).
 
 The kernels compute plain and causal attention with GQA/MQA, any sequence
 lengths (Tq != Tk, not block multiples), head dims 64, 128 and 256 (the

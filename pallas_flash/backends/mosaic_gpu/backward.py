@@ -29,13 +29,16 @@ dK/dV kernel: one CTA per (batch, KV head, 128 keys), three warpgroups.
   reduction (``cp.reduce.async.bulk``, ``add``). The order of those additions
   between CTAs is not fixed, so the float32 sums, hence ``dQ``, may differ in
   the last bits from run to run.
-- ``dQ`` (``deterministic=True``): a separate dQ kernel, laid out like the
-  forward (one CTA per (batch, query head, 128 query rows); the memory
-  warpgroup streams the K/V blocks; each compute warpgroup recomputes ``S``
-  and ``dP`` for its 64 rows and accumulates ``dQ += dS K`` in registers).
-  Nothing is summed across CTAs, so every output is bit-identical run to run;
-  the cost is recomputing ``S`` and ``dP`` (7 matrix products per block pair
-  instead of 5).
+- ``dQ`` (``deterministic=True``, the default): the dQ kernel of
+  ``backward_dq.py``, laid out like the forward, recomputes ``S`` and ``dP``
+  and accumulates ``dQ += dS K`` in registers. Nothing is summed across CTAs,
+  so every output is bit-identical run to run. It does 7 matrix products per
+  block pair instead of 5, yet measured as fast or faster on an H200 (fwd+bwd,
+  bf16, N=4k: 498 vs 477 TFLOP/s at D=128 non-causal, 409 vs 397 causal; at
+  D=64 361 vs 380 non-causal with the fused kernel's best ring, 334 vs 334
+  causal): the fused kernel's dS and float32 dQ buffers leave shared memory
+  for two Q/dO stages only at D=128, and the two warpgroups meet once per
+  block to trade dS.
 
 Causal attention is a loop split in both kernels: blocks no row sees are never
 loaded, blocks every row sees entirely run with no mask, only blocks on the
@@ -67,46 +70,24 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_flash.backends.base import Gradients, softmax_delta
-from pallas_flash.backends.mosaic_gpu.config import BLOCK_KV, BLOCK_Q, TILE, MosaicBackwardConfig
+from pallas_flash.backends.mosaic_gpu.backward_common import (
+    COL,
+    COMPUTE_REGISTERS,
+    COMPUTE_WGS,
+    MEMORY_REGISTERS,
+    MEMORY_WG,
+    WGMMA,
+    bcast,
+    i32,
+    interpret_params,
+    mma,
+    tiled_smem,
+)
+from pallas_flash.backends.mosaic_gpu.backward_dq import launch_dq
+from pallas_flash.backends.mosaic_gpu.config import BLOCK_KV, TILE, MosaicBackwardConfig
 from pallas_flash.spec import LOG2E, AttentionSpec
 
 __all__ = ["mosaic_backward"]
-
-COMPUTE_WGS = 2
-MEMORY_WG = COMPUTE_WGS
-COMPUTE_REGISTERS = 232
-MEMORY_REGISTERS = 40
-_WGMMA = plgpu.Layout.WGMMA
-_ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per row of a wgmma tile
-_COL = plgpu.Layout.WGMMA.reduce(0)  # one value per column
-_i32 = functools.partial(jnp.asarray, dtype=jnp.int32)  # loop bounds stay int32 under jax_enable_x64
-
-
-def _tiled_smem(shape, dtype, swizzle: int = 128):
-    """Shared memory in the wgmma/TMA operand layout: 8-row tiles one swizzle span wide."""
-    cols = swizzle // jnp.dtype(dtype).itemsize
-    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, cols)), plgpu.SwizzleTransform(swizzle)))
-
-
-def _interpret_params(interpret):
-    """``interpret``: False (compiled), True (default interpret mode) or an ``InterpretGPUParams`` (e.g. ``detect_races``)."""
-    if isinstance(interpret, plgpu.InterpretGPUParams):
-        return interpret
-    return plgpu.InterpretGPUParams() if interpret else None
-
-
-def _bcast(x, shape, dim: int):
-    return lax.broadcast_in_dim(x, shape, [dim])
-
-
-def _mma(acc_ref, a, b_ref, stage, interpret: bool):
-    """``acc += a @ b`` with ``a`` in registers (through ``stage`` in shared memory in interpret mode)."""
-    if interpret:
-        stage[...] = a
-        plgpu.commit_smem()
-        plgpu.wgmma(acc_ref, stage, b_ref)
-    else:
-        plgpu.wgmma(acc_ref, a, b_ref)
 
 
 def _dkdv_kernel(
@@ -179,10 +160,10 @@ def _dkdv_kernel(
         plgpu.barrier_wait(kv_ready.at[wg])
 
         def mask(s, q0):
-            keys = k0 + plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=_WGMMA)
+            keys = k0 + plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=WGMMA)
             visible = None
             if causal:
-                visible = q0 + plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=_WGMMA) >= keys
+                visible = q0 + plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=WGMMA) >= keys
             if ragged_k:
                 visible = keys < seq_k if visible is None else visible & (keys < seq_k)
             return jnp.where(visible, s, -jnp.inf)
@@ -201,16 +182,16 @@ def _dkdv_kernel(
                     s = plgpu.wgmma_accumulator_load(s_acc, wait_n=1)  # dP^T still in flight
                     if masked:
                         s = mask(s, q0)
-                    lse = plgpu.load(lse_smem.at[slot], layout=_COL)
-                    p = jnp.exp2(s * scale_log2 - _bcast(lse, s.shape, 1))
-                    _mma(dv_acc, p.astype(dtype), do_tile, stage, interpret)
+                    lse = plgpu.load(lse_smem.at[slot], layout=COL)
+                    p = jnp.exp2(s * scale_log2 - bcast(lse, s.shape, 1))
+                    mma(dv_acc, p.astype(dtype), do_tile, stage, interpret)
                     dp = plgpu.wgmma_accumulator_load(dp_acc, wait_n=1)  # dV still in flight
-                    delta = plgpu.load(delta_smem.at[slot], layout=_COL)
-                    return (p * (dp - _bcast(delta, dp.shape, 1))).astype(dtype)
+                    delta = plgpu.load(delta_smem.at[slot], layout=COL)
+                    return (p * (dp - bcast(delta, dp.shape, 1))).astype(dtype)
 
                 acc = plgpu.ACC((BLOCK_KV, block_q), jnp.float32)
                 ds = pl.run_scoped(scores, acc, acc)
-                _mma(dk_acc, ds, q_tile, stage, interpret)
+                mma(dk_acc, ds, q_tile, stage, interpret)
                 plgpu.wgmma_wait(1)  # dV done: the dO slot is free
                 plgpu.barrier_arrive(do_consumed.at[slot])
                 if fuse_dq:
@@ -241,12 +222,12 @@ def _dkdv_kernel(
                     plgpu.wgmma_wait(0)
                     plgpu.barrier_arrive(q_consumed.at[slot])
 
-            @pl.loop(_i32(0), _i32(group))
+            @pl.loop(i32(0), i32(group))
             def _head(g):
                 head = kv_head * group + g
                 t0 = g * n_q
                 if causal or ragged_k:
-                    pl.loop(_i32(0), n_masked)(lambda jj: q_step(t0 + jj, jj, head, masked=True))
+                    pl.loop(i32(0), n_masked)(lambda jj: q_step(t0 + jj, jj, head, masked=True))
                 pl.loop(n_masked, n_q)(lambda jj: q_step(t0 + jj, jj, head, masked=False))
 
             return dk_acc[...], dv_acc[...]
@@ -267,11 +248,11 @@ def _dkdv_kernel(
     def _memory_warpgroup():
         plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
 
-        @pl.loop(_i32(0), _i32(group))
+        @pl.loop(i32(0), i32(group))
         def _head(g):
             head = kv_head * group + g
 
-            @pl.loop(_i32(0), n_q)
+            @pl.loop(i32(0), n_q)
             def _load(jj):
                 t = g * n_q + jj
                 slot = lax.rem(t, jnp.int32(num_stages))
@@ -293,147 +274,6 @@ def _dkdv_kernel(
             plgpu.barrier_wait(do_consumed.at[slot])
 
 
-def _dq_kernel(
-    q_ref,
-    k_ref,
-    v_ref,
-    do_ref,
-    lse_ref,
-    delta_ref,
-    dq_ref,
-    *,
-    q_smem,
-    do_smem,
-    k_smem,
-    v_smem,
-    lse_smem,
-    delta_smem,
-    rows_ready,
-    k_ready,
-    v_ready,
-    k_consumed,
-    v_consumed,
-    stage_smem=None,
-    seq_k: int,
-    group: int,
-    num_q_tiles: int,
-    block_kv: int,
-    num_stages: int,
-    causal: bool,
-    scale: float,
-    scale_log2: float,
-    interpret: bool,
-):
-    batch = lax.axis_index("batch")
-    head = lax.axis_index("head")
-    tile = lax.axis_index("q_tile")
-    if causal:  # the longest rows first
-        tile = num_q_tiles - 1 - tile
-    wg = lax.axis_index("wg")
-    cta_q0 = tile * TILE
-    num_kv_blocks = pl.cdiv(seq_k, block_kv)  # static
-    num_whole_kv_blocks = seq_k // block_kv  # static: blocks with no key past Tk
-    dtype = q_smem.dtype
-
-    def kv_blocks_seen(q_end):
-        if not causal:
-            return jnp.int32(num_kv_blocks)
-        return jnp.minimum(pl.cdiv(q_end, jnp.int32(block_kv)), jnp.int32(num_kv_blocks))
-
-    cta_kv_blocks = kv_blocks_seen(cta_q0 + TILE)
-
-    @pl.when(wg < COMPUTE_WGS)
-    def _compute_warpgroup():
-        plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
-        q0 = cta_q0 + wg * BLOCK_Q
-        rows = pl.ds(q0, BLOCK_Q)
-        q_tile, do_tile = q_smem.at[wg], do_smem.at[wg]
-        plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_tile, rows_ready.at[wg])
-        plgpu.copy_gmem_to_smem(do_ref.at[batch, rows, head], do_tile, rows_ready.at[wg])
-        plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, rows], lse_smem.at[wg], rows_ready.at[wg])
-        plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, rows], delta_smem.at[wg], rows_ready.at[wg])
-        stage = None if stage_smem is None else stage_smem.at[wg]
-        kv_end = kv_blocks_seen(q0 + BLOCK_Q)
-        if causal:
-            kv_unmasked = jnp.minimum(lax.div(q0, jnp.int32(block_kv)), jnp.int32(num_whole_kv_blocks))
-        else:
-            kv_unmasked = jnp.int32(num_whole_kv_blocks)
-        plgpu.barrier_wait(rows_ready.at[wg])
-        lse = plgpu.load(lse_smem.at[wg], layout=_ROW)
-        delta = plgpu.load(delta_smem.at[wg], layout=_ROW)
-
-        def accumulate(dq_acc):
-            def kv_step(kb, *, masked: bool):
-                slot = lax.rem(kb, jnp.int32(num_stages))
-                plgpu.barrier_wait(k_ready.at[slot])
-
-                def scores(s_acc, dp_acc):
-                    plgpu.wgmma(s_acc, q_tile, k_smem.at[slot].T)
-                    plgpu.barrier_wait(v_ready.at[slot])
-                    plgpu.wgmma(dp_acc, do_tile, v_smem.at[slot].T)
-                    s = plgpu.wgmma_accumulator_load(s_acc, wait_n=1)
-                    if masked:
-                        cols = kb * block_kv + plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=_WGMMA)
-                        visible = None
-                        if seq_k % block_kv:
-                            visible = cols < seq_k
-                        if causal:
-                            before = q0 + plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=_WGMMA) >= cols
-                            visible = before if visible is None else visible & before
-                        s = jnp.where(visible, s, -jnp.inf)
-                    p = jnp.exp2(s * scale_log2 - _bcast(lse, s.shape, 0))
-                    dp = plgpu.wgmma_accumulator_load(dp_acc, wait_n=0)
-                    return (p * (dp - _bcast(delta, dp.shape, 0))).astype(dtype)
-
-                acc = plgpu.ACC((BLOCK_Q, block_kv), jnp.float32)
-                ds = pl.run_scoped(scores, acc, acc)
-                plgpu.barrier_arrive(v_consumed.at[slot])
-                _mma(dq_acc, ds, k_smem.at[slot], stage, interpret)
-                plgpu.wgmma_wait(0)
-                plgpu.barrier_arrive(k_consumed.at[slot])
-
-            pl.loop(_i32(0), kv_unmasked)(functools.partial(kv_step, masked=False))
-            if causal or seq_k % block_kv:
-                pl.loop(kv_unmasked, kv_end)(functools.partial(kv_step, masked=True))
-            return dq_acc[...]
-
-        dq = pl.run_scoped(accumulate, plgpu.ACC((BLOCK_Q, q_smem.shape[-1]), jnp.float32))
-
-        @pl.loop(kv_end, cta_kv_blocks)
-        def _release_unseen(kb):  # blocks only the partner warpgroup sees
-            slot = lax.rem(kb, jnp.int32(num_stages))
-            plgpu.barrier_wait(k_ready.at[slot])
-            plgpu.barrier_wait(v_ready.at[slot])
-            plgpu.barrier_arrive(k_consumed.at[slot])
-            plgpu.barrier_arrive(v_consumed.at[slot])
-
-        q_tile[...] = (dq * scale).astype(dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(q_tile, dq_ref.at[batch, rows, head])
-        plgpu.wait_smem_to_gmem(0)
-
-    @pl.when(wg == MEMORY_WG)
-    def _memory_warpgroup():
-        plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
-        kv_head = lax.div(head, jnp.int32(group))
-
-        @pl.loop(_i32(0), cta_kv_blocks)
-        def _load(kb):
-            slot = lax.rem(kb, jnp.int32(num_stages))
-            kv_rows = pl.ds(kb * block_kv, block_kv)
-            refill = kb >= num_stages
-            pl.when(refill)(lambda: plgpu.barrier_wait(k_consumed.at[slot]))
-            plgpu.copy_gmem_to_smem(k_ref.at[batch, kv_rows, kv_head], k_smem.at[slot], k_ready.at[slot])
-            pl.when(refill)(lambda: plgpu.barrier_wait(v_consumed.at[slot]))
-            plgpu.copy_gmem_to_smem(v_ref.at[batch, kv_rows, kv_head], v_smem.at[slot], v_ready.at[slot])
-
-        @pl.loop(jnp.maximum(cta_kv_blocks - num_stages, 0), cta_kv_blocks)
-        def _drain(kb):
-            slot = lax.rem(kb, jnp.int32(num_stages))
-            plgpu.barrier_wait(k_consumed.at[slot])
-            plgpu.barrier_wait(v_consumed.at[slot])
-
-
 def _pad_rows(x: jax.Array, length: int, axis: int, value=0) -> jax.Array:
     if x.shape[axis] == length:
         return x
@@ -451,7 +291,7 @@ def _launch_dkdv(q, k, v, do, lse2, delta, *, spec, config, interpret, seq_q, se
     fuse_dq = not config.deterministic
     num_tiles = tk_pad // TILE
     swizzle = min(128, head_dim * jnp.dtype(dtype).itemsize // 2) if fuse_dq else 128
-    tiled = functools.partial(_tiled_smem, swizzle=swizzle)
+    tiled = functools.partial(tiled_smem, swizzle=swizzle)
     scratch = dict(
         q_smem=tiled((stages, block_q, head_dim), dtype),
         do_smem=tiled((stages, block_q, head_dim), dtype),
@@ -470,7 +310,7 @@ def _launch_dkdv(q, k, v, do, lse2, delta, *, spec, config, interpret, seq_q, se
     if fuse_dq:
         scratch.update(
             ds_smem=tiled((2, TILE, block_q), dtype),
-            dq_smem=_tiled_smem((COMPUTE_WGS, block_q, head_dim // 2), jnp.float32),
+            dq_smem=tiled_smem((COMPUTE_WGS, block_q, head_dim // 2), jnp.float32),
             ds_ready=plgpu.Barrier(num_arrivals=COMPUTE_WGS),
         )
         parts = (batch, num_tiles) if interpret else (batch,)
@@ -501,7 +341,7 @@ def _launch_dkdv(q, k, v, do, lse2, delta, *, spec, config, interpret, seq_q, se
         num_threads=COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=_interpret_params(interpret),
+        interpret=interpret_params(interpret),
     )(*operands)
     dq = None
     if fuse_dq:
@@ -510,52 +350,6 @@ def _launch_dkdv(q, k, v, do, lse2, delta, *, spec, config, interpret, seq_q, se
             dq = dq.sum(axis=1)
         dq = (dq * spec.scale).astype(dtype)
     return dq, dk, dv
-
-
-def _launch_dq(q, k, v, do, lse2, delta, *, spec, config, interpret, seq_k):
-    batch, tq_pad, num_heads, head_dim = q.shape
-    num_kv_heads = k.shape[2]
-    dtype = q.dtype
-    block_kv, stages = config.dq_block_kv, config.dq_num_stages
-    num_q_tiles = tq_pad // TILE
-    scratch = dict(
-        q_smem=_tiled_smem((COMPUTE_WGS, BLOCK_Q, head_dim), dtype),
-        do_smem=_tiled_smem((COMPUTE_WGS, BLOCK_Q, head_dim), dtype),
-        k_smem=_tiled_smem((stages, block_kv, head_dim), dtype),
-        v_smem=_tiled_smem((stages, block_kv, head_dim), dtype),
-        lse_smem=plgpu.SMEM((COMPUTE_WGS, BLOCK_Q), jnp.float32),
-        delta_smem=plgpu.SMEM((COMPUTE_WGS, BLOCK_Q), jnp.float32),
-        rows_ready=plgpu.Barrier(num_arrivals=4, num_barriers=COMPUTE_WGS),
-        k_ready=plgpu.Barrier(num_barriers=stages),
-        v_ready=plgpu.Barrier(num_barriers=stages),
-        k_consumed=plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
-        v_consumed=plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
-    )
-    if interpret:
-        scratch["stage_smem"] = _tiled_smem((COMPUTE_WGS, BLOCK_Q, block_kv), dtype)
-    kernel = functools.partial(
-        _dq_kernel,
-        seq_k=seq_k,
-        group=num_heads // num_kv_heads,
-        num_q_tiles=num_q_tiles,
-        block_kv=block_kv,
-        num_stages=stages,
-        causal=spec.causal,
-        scale=float(spec.scale),
-        scale_log2=float(spec.scale) * LOG2E,
-        interpret=bool(interpret),
-    )
-    return plgpu.kernel(
-        kernel,
-        out_type=jax.ShapeDtypeStruct(q.shape, dtype),
-        scratch_types=scratch,
-        grid=(batch, num_heads, num_q_tiles),
-        grid_names=("batch", "head", "q_tile"),
-        num_threads=COMPUTE_WGS + 1,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=_interpret_params(interpret),
-    )(q, k, v, do, lse2, delta)
 
 
 def mosaic_backward(
@@ -577,7 +371,7 @@ def mosaic_backward(
     lengths, segments, ALiBi, soft-cap, dropout, window or offsets; bf16/fp16;
     a head dim ``config.check_fits`` accepts (64 or 128).
     """
-    batch, seq_q, num_heads, head_dim = q.shape
+    seq_q, head_dim = q.shape[1], q.shape[-1]
     seq_k = k.shape[1]
     config.check_fits(head_dim, q.dtype)
     delta = softmax_delta(out, do, dlse)
@@ -591,5 +385,5 @@ def mosaic_backward(
     common = dict(spec=spec, config=config, interpret=interpret)
     dq, dk, dv = _launch_dkdv(q_p, k_p, v_p, do_p, lse2, delta, seq_q=seq_q, seq_k=seq_k, **common)
     if dq is None:
-        dq = _launch_dq(q_p, k_p, v_p, do_p, lse2, delta, seq_k=seq_k, **common)
+        dq = launch_dq(q_p, k_p, v_p, do_p, lse2, delta, seq_k=seq_k, **common)
     return Gradients(dq[:, :seq_q], dk[:, :seq_k], dv[:, :seq_k])

@@ -82,7 +82,7 @@ class MosaicForwardConfig:
             )
 
 
-def backward_smem_bytes(config: "MosaicBackwardConfig", head_dim: int, dtype: Any) -> tuple[int, int]:
+def backward_smem_bytes(config: MosaicBackwardConfig, head_dim: int, dtype: Any) -> tuple[int, int]:
     """Shared memory of the backward's tiles: ``(dK/dV kernel, dQ kernel)`` (the dQ kernel's is 0 when dQ is fused)."""
     item = jnp.dtype(dtype).itemsize
     bq, stages = config.block_q, config.num_stages

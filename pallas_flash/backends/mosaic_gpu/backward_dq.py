@@ -1,0 +1,229 @@
+"""The deterministic mode's dQ kernel (``MosaicBackwardConfig(deterministic=True)``, see ``backward.py``).
+
+One CTA per (batch, query head, 128 query rows), laid out like the forward:
+the memory warpgroup streams the K/V blocks of the head's KV head into a ring
+of ``dq_num_stages`` slots; each compute warpgroup holds its 64 rows of ``Q``
+and ``dO`` (and their ``lse2``/``delta``) in shared memory, issues
+``S = Q K^T`` and ``dP = dO V^T`` together, forms ``P`` as soon as ``S``
+lands and ``dS = P * (dP - delta)``, and accumulates ``dQ += dS K`` (``dS``
+from registers) in registers. Causal: a loop split (unmasked blocks, then the
+diagonal; blocks only the partner warpgroup sees are released unread). Every
+``dQ`` element is summed in one fixed order inside one warpgroup, so reruns
+are bit-identical.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_flash.backends.mosaic_gpu.backward_common import (
+    COMPUTE_REGISTERS,
+    COMPUTE_WGS,
+    MEMORY_REGISTERS,
+    MEMORY_WG,
+    ROW,
+    WGMMA,
+    bcast,
+    i32,
+    interpret_params,
+    mma,
+    tiled_smem,
+)
+from pallas_flash.backends.mosaic_gpu.config import BLOCK_Q, TILE
+from pallas_flash.spec import LOG2E
+
+__all__ = ["launch_dq"]
+
+
+def _dq_kernel(
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    dq_ref,
+    *,
+    q_smem,
+    do_smem,
+    k_smem,
+    v_smem,
+    lse_smem,
+    delta_smem,
+    rows_ready,
+    k_ready,
+    v_ready,
+    k_consumed,
+    v_consumed,
+    stage_smem=None,
+    seq_k: int,
+    group: int,
+    num_q_tiles: int,
+    block_kv: int,
+    num_stages: int,
+    causal: bool,
+    scale: float,
+    scale_log2: float,
+    interpret: bool,
+):
+    batch = lax.axis_index("batch")
+    head = lax.axis_index("head")
+    tile = lax.axis_index("q_tile")
+    if causal:  # the longest rows first
+        tile = num_q_tiles - 1 - tile
+    wg = lax.axis_index("wg")
+    cta_q0 = tile * TILE
+    num_kv_blocks = pl.cdiv(seq_k, block_kv)  # static
+    num_whole_kv_blocks = seq_k // block_kv  # static: blocks with no key past Tk
+    dtype = q_smem.dtype
+
+    def kv_blocks_seen(q_end):
+        if not causal:
+            return jnp.int32(num_kv_blocks)
+        return jnp.minimum(pl.cdiv(q_end, jnp.int32(block_kv)), jnp.int32(num_kv_blocks))
+
+    cta_kv_blocks = kv_blocks_seen(cta_q0 + TILE)
+
+    @pl.when(wg < COMPUTE_WGS)
+    def _compute_warpgroup():
+        plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
+        q0 = cta_q0 + wg * BLOCK_Q
+        rows = pl.ds(q0, BLOCK_Q)
+        q_tile, do_tile = q_smem.at[wg], do_smem.at[wg]
+        plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_tile, rows_ready.at[wg])
+        plgpu.copy_gmem_to_smem(do_ref.at[batch, rows, head], do_tile, rows_ready.at[wg])
+        plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, rows], lse_smem.at[wg], rows_ready.at[wg])
+        plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, rows], delta_smem.at[wg], rows_ready.at[wg])
+        stage = None if stage_smem is None else stage_smem.at[wg]
+        kv_end = kv_blocks_seen(q0 + BLOCK_Q)
+        if causal:
+            kv_unmasked = jnp.minimum(lax.div(q0, jnp.int32(block_kv)), jnp.int32(num_whole_kv_blocks))
+        else:
+            kv_unmasked = jnp.int32(num_whole_kv_blocks)
+        plgpu.barrier_wait(rows_ready.at[wg])
+        lse = plgpu.load(lse_smem.at[wg], layout=ROW)
+        delta = plgpu.load(delta_smem.at[wg], layout=ROW)
+
+        def accumulate(dq_acc):
+            def kv_step(kb, *, masked: bool):
+                slot = lax.rem(kb, jnp.int32(num_stages))
+                plgpu.barrier_wait(k_ready.at[slot])
+
+                def scores(s_acc, dp_acc):
+                    plgpu.wgmma(s_acc, q_tile, k_smem.at[slot].T)
+                    plgpu.barrier_wait(v_ready.at[slot])
+                    plgpu.wgmma(dp_acc, do_tile, v_smem.at[slot].T)
+                    s = plgpu.wgmma_accumulator_load(s_acc, wait_n=1)
+                    if masked:
+                        cols = kb * block_kv + plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=WGMMA)
+                        visible = None
+                        if seq_k % block_kv:
+                            visible = cols < seq_k
+                        if causal:
+                            before = q0 + plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=WGMMA) >= cols
+                            visible = before if visible is None else visible & before
+                        s = jnp.where(visible, s, -jnp.inf)
+                    p = jnp.exp2(s * scale_log2 - bcast(lse, s.shape, 0))
+                    dp = plgpu.wgmma_accumulator_load(dp_acc, wait_n=0)
+                    return (p * (dp - bcast(delta, dp.shape, 0))).astype(dtype)
+
+                acc = plgpu.ACC((BLOCK_Q, block_kv), jnp.float32)
+                ds = pl.run_scoped(scores, acc, acc)
+                plgpu.barrier_arrive(v_consumed.at[slot])
+                mma(dq_acc, ds, k_smem.at[slot], stage, interpret)
+                plgpu.wgmma_wait(0)
+                plgpu.barrier_arrive(k_consumed.at[slot])
+
+            pl.loop(i32(0), kv_unmasked)(functools.partial(kv_step, masked=False))
+            if causal or seq_k % block_kv:
+                pl.loop(kv_unmasked, kv_end)(functools.partial(kv_step, masked=True))
+            return dq_acc[...]
+
+        dq = pl.run_scoped(accumulate, plgpu.ACC((BLOCK_Q, q_smem.shape[-1]), jnp.float32))
+
+        @pl.loop(kv_end, cta_kv_blocks)
+        def _release_unseen(kb):  # blocks only the partner warpgroup sees
+            slot = lax.rem(kb, jnp.int32(num_stages))
+            plgpu.barrier_wait(k_ready.at[slot])
+            plgpu.barrier_wait(v_ready.at[slot])
+            plgpu.barrier_arrive(k_consumed.at[slot])
+            plgpu.barrier_arrive(v_consumed.at[slot])
+
+        q_tile[...] = (dq * scale).astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_tile, dq_ref.at[batch, rows, head])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == MEMORY_WG)
+    def _memory_warpgroup():
+        plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
+        kv_head = lax.div(head, jnp.int32(group))
+
+        @pl.loop(i32(0), cta_kv_blocks)
+        def _load(kb):
+            slot = lax.rem(kb, jnp.int32(num_stages))
+            kv_rows = pl.ds(kb * block_kv, block_kv)
+            refill = kb >= num_stages
+            pl.when(refill)(lambda: plgpu.barrier_wait(k_consumed.at[slot]))
+            plgpu.copy_gmem_to_smem(k_ref.at[batch, kv_rows, kv_head], k_smem.at[slot], k_ready.at[slot])
+            pl.when(refill)(lambda: plgpu.barrier_wait(v_consumed.at[slot]))
+            plgpu.copy_gmem_to_smem(v_ref.at[batch, kv_rows, kv_head], v_smem.at[slot], v_ready.at[slot])
+
+        @pl.loop(jnp.maximum(cta_kv_blocks - num_stages, 0), cta_kv_blocks)
+        def _drain(kb):
+            slot = lax.rem(kb, jnp.int32(num_stages))
+            plgpu.barrier_wait(k_consumed.at[slot])
+            plgpu.barrier_wait(v_consumed.at[slot])
+
+
+def launch_dq(q, k, v, do, lse2, delta, *, spec, config, interpret, seq_k):
+    """``dQ`` (``q``'s padded shape and dtype) from padded ``q, k, v, dO`` and padded ``lse2``/``delta`` rows."""
+    batch, tq_pad, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[2]
+    dtype = q.dtype
+    block_kv, stages = config.dq_block_kv, config.dq_num_stages
+    num_q_tiles = tq_pad // TILE
+    scratch = dict(
+        q_smem=tiled_smem((COMPUTE_WGS, BLOCK_Q, head_dim), dtype),
+        do_smem=tiled_smem((COMPUTE_WGS, BLOCK_Q, head_dim), dtype),
+        k_smem=tiled_smem((stages, block_kv, head_dim), dtype),
+        v_smem=tiled_smem((stages, block_kv, head_dim), dtype),
+        lse_smem=plgpu.SMEM((COMPUTE_WGS, BLOCK_Q), jnp.float32),
+        delta_smem=plgpu.SMEM((COMPUTE_WGS, BLOCK_Q), jnp.float32),
+        rows_ready=plgpu.Barrier(num_arrivals=4, num_barriers=COMPUTE_WGS),
+        k_ready=plgpu.Barrier(num_barriers=stages),
+        v_ready=plgpu.Barrier(num_barriers=stages),
+        k_consumed=plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
+        v_consumed=plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
+    )
+    if interpret:
+        scratch["stage_smem"] = tiled_smem((COMPUTE_WGS, BLOCK_Q, block_kv), dtype)
+    kernel = functools.partial(
+        _dq_kernel,
+        seq_k=seq_k,
+        group=num_heads // num_kv_heads,
+        num_q_tiles=num_q_tiles,
+        block_kv=block_kv,
+        num_stages=stages,
+        causal=spec.causal,
+        scale=float(spec.scale),
+        scale_log2=float(spec.scale) * LOG2E,
+        interpret=bool(interpret),
+    )
+    return plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+        scratch_types=scratch,
+        grid=(batch, num_heads, num_q_tiles),
+        grid_names=("batch", "head", "q_tile"),
+        num_threads=COMPUTE_WGS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=interpret_params(interpret),
+    )(q, k, v, do, lse2, delta)
