@@ -298,7 +298,7 @@ IMPLS: dict[str, Impl] = {
         Impl("pallas_flash", _pallas_flash, "pallas_flash.dot_product_attention(implementation='pallas')",
              extras=_segment_extras),
         Impl("pallas_flash_mosaic", _pallas_flash_mosaic, "pallas_flash.dot_product_attention(implementation="
-             "'mosaic'): the Mosaic GPU (sm_90) forward, the Triton backward", applies=lambda p: p.doc_lens is None),
+             "'mosaic'): the Mosaic GPU (sm_90) forward and backward (D=256: the Triton backward)", applies=lambda p: p.doc_lens is None),
         Impl("tokamax_mosaic", _tokamax_mosaic, "tokamax.dot_product_attention(implementation='mosaic'), "
              "tokamax 0.0.17", applies=lambda p: not p.masked),
         Impl("cudnn", _jax_nn("cudnn"), "jax.nn.dot_product_attention(implementation='cudnn')", extras=_mask_extras),

@@ -25,7 +25,8 @@ def test_table_orders_per_gpu_and_pass():
     assert auto.table_order("fwd", 128, True, 4096, gpu=H200) == ("mosaic", "triton")
     assert auto.table_order("fwd", 256, False, 1024, gpu=H200) == ("mosaic", "triton")
     assert auto.table_order("fwd", 96, False, 1024, gpu=H200) == ("triton",)  # no rule: the fallback
-    assert auto.table_order("bwd", 128, True, 4096, gpu=H200)[-1] == "triton"
+    assert auto.table_order("bwd", 128, True, 4096, gpu=H200) == ("mosaic", "triton")
+    assert auto.table_order("bwd", 256, True, 4096, gpu=H200) == ("triton",)  # no Mosaic backward at D=256
     assert auto.table_order("fwd", 128, True, 4096, gpu="NVIDIA A100-SXM4-80GB") == ("triton",)  # no table
     assert auto.table_order("fwd", 128, True, 4096, gpu="") == ("triton",)  # no GPU: interpret mode
 
@@ -59,7 +60,7 @@ def test_forward_choice_on_an_h200(monkeypatch, dtype, head_dim, spec, want):
     q = jax.ShapeDtypeStruct((2, 256, 4, head_dim), dtype)
     chosen = backends.get("auto").choose("fwd", q, q, q, AttentionInputs(), spec)
     assert chosen == want
-    assert backends.get("auto").choose("bwd", q, q, q, AttentionInputs(), spec) == "triton"
+    assert backends.get("auto").choose("bwd", q, q, q, AttentionInputs(), spec) == want  # D 64/128
 
 
 def test_off_a_table_gpu_auto_is_the_triton_kernels(seed):
