@@ -15,7 +15,7 @@ from pallas_flash.backends import auto
 from pallas_flash.backends.mosaic_gpu import MosaicConfig
 from pallas_flash.spec import AttentionInputs, AttentionSpec
 from pallas_flash.testing.shapes import Shape
-from tests.cases import CONFIG, random_qkv
+from tests.cases import SMALL_BLOCKS, random_qkv
 from tests.conftest import TOLERANCE, rel_err
 
 H200 = "NVIDIA H200"
@@ -80,7 +80,7 @@ def test_off_a_table_gpu_auto_is_the_triton_kernels(seed):
 
 def test_a_backend_config_runs_that_backend_for_both_passes():
     a = backends.get("auto")
-    assert a.adopt(CONFIG) == auto.AutoConfig("triton", CONFIG, "triton", CONFIG)
+    assert a.adopt(SMALL_BLOCKS) == auto.AutoConfig("triton", SMALL_BLOCKS, "triton", SMALL_BLOCKS)
     m = MosaicConfig()
     assert a.adopt(m) == auto.AutoConfig("mosaic", m, "mosaic", m)
     with pytest.raises(TypeError, match="AutoConfig or a config of the 'triton' or 'mosaic' backend"):
@@ -105,5 +105,5 @@ def test_a_plan_run_on_a_call_its_backend_refuses_falls_back(seed):
 
 
 def test_auto_config_is_a_static_argument():
-    c = auto.AutoConfig("triton", CONFIG, "triton", CONFIG)
+    c = auto.AutoConfig("triton", SMALL_BLOCKS, "triton", SMALL_BLOCKS)
     assert hash(c) == hash(dataclasses.replace(c))
