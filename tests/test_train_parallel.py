@@ -98,8 +98,12 @@ def test_one_step_equals_the_single_device_step(seed, data, seq):
     assert "all-gather" not in collectives and "all-to-all" not in collectives, collectives
 
     # The positions matter: embedding the natural order under the zigzag layout is a different model.
-    wrong, _, _ = _loss_and_grad(parallel, params, x, y, natural_positions=True)
-    assert abs(wrong - want_loss) > 1e-3 * abs(want_loss), (wrong, want_loss)
+    # At initialisation the position table is small, so the loss moves little (0.04% once); the gradients
+    # (the position table's rows land on other positions) miss the tolerance by far.
+    wrong, wrong_grads, _ = _loss_and_grad(parallel, params, x, y, natural_positions=True)
+    assert wrong != loss, (wrong, loss)
+    wrong_flat = np.concatenate([np.ravel(g) for g in jax.tree.leaves(wrong_grads)])
+    assert rel_err(wrong_flat, np.concatenate([np.ravel(w) for w in want_flat])) > 10 * tol
 
 
 def test_data_parallel_train_step_gathers_nothing():
