@@ -28,8 +28,9 @@ from jax.sharding import PartitionSpec as P
 
 import pallas_flash as pf
 from pallas_flash.reference import attention_reference
-from tests.cases import CONFIG, packed_ids
+from tests.cases import CONFIG
 from tests.conftest import HOST_DEVICES, ON_GPU, TOLERANCE, rel_err
+from tests.test_ring import random_inputs, side_inputs
 
 pytestmark = pytest.mark.skipif(ON_GPU or HOST_DEVICES < 4, reason="runs on 4 host CPU devices (tests/conftest.py)")
 
@@ -58,25 +59,6 @@ def _mesh(name: str, explicit: bool):
     shape, names, spec = MESHES[name]
     kind = AxisType.Explicit if explicit else AxisType.Auto
     return jax.make_mesh(shape, names, axis_types=(kind,) * len(names), devices=jax.devices("cpu")[:4]), spec
-
-
-def _random(shape, seed):
-    b, t, n, kv, h = shape
-    rng = np.random.default_rng(seed)
-    draw = lambda s: jnp.asarray(rng.standard_normal(s, dtype=np.float32))  # noqa: E731
-    return draw((b, t, n, h)), draw((b, t, kv, h)), draw((b, t, kv, h)), draw((b, t, n, h))
-
-
-def _side(features: set, b: int, t: int, seed: int) -> dict:
-    rng = np.random.default_rng(seed + 1)
-    side = {}
-    if "segments" in features:
-        ids = jnp.asarray(packed_ids(rng, b, t, max(3, t // 3)))
-        side.update(q_segment_ids=ids, kv_segment_ids=ids)
-    if "lengths" in features:
-        side["query_seq_lengths"] = jnp.asarray(rng.integers(t // 2, t + 1, b), jnp.int32)
-        side["key_value_seq_lengths"] = jnp.asarray(rng.integers(t // 3, t + 1, b), jnp.int32)
-    return side
 
 
 def _place(mesh, spec: P, arrays, side: dict):
@@ -112,8 +94,8 @@ def _check(labels, got, want, seed, name):
 def test_sequence_sharded_call_runs_the_ring(name, seed):
     mesh_name, explicit, causal, shape, features = CASES[name]
     mesh, spec = _mesh(mesh_name, explicit)
-    q, k, v, ct = _random(shape, seed)
-    side = _side(features, shape[0], shape[1], seed)
+    q, k, v, ct = random_inputs(shape, jnp.float32, seed)
+    side = side_inputs(features, shape[0], shape[1], seed)
     (pq, pk, pv, pct), pside = _place(mesh, spec, (q, k, v, ct), side)
 
     def attend(q, k, v, side):
@@ -141,7 +123,7 @@ def test_attention_with_lse_keeps_the_lse_sharded(seed):
     lse's cotangent reaching dq, dk, dv."""
     mesh, spec = _mesh("seq", explicit=False)
     shape = (1, 4 * 12, 2, 2, 16)
-    q, k, v, ct = _random(shape, seed)
+    q, k, v, ct = random_inputs(shape, jnp.float32, seed)
     ct_lse = jnp.asarray(np.random.default_rng(seed + 2).standard_normal((1, 2, shape[1])), jnp.float32)
     (pq, pk, pv, pct), _ = _place(mesh, spec, (q, k, v, ct), {})
     pct_lse = jax.device_put(ct_lse, NamedSharding(mesh, P(None, None, "seq")))
@@ -166,7 +148,7 @@ def test_attention_with_lse_keeps_the_lse_sharded(seed):
 def test_unsharded_keys_follow_the_query_sequence(seed):
     """Auto axes, only q sharded on the sequence: k/v are sliced to follow (no gather) and the ring runs."""
     mesh, spec = _mesh("seq", explicit=False)
-    q, k, v, _ = _random((1, 4 * 10, 2, 1, 16), seed)
+    q, k, v, _ = random_inputs((1, 4 * 10, 2, 1, 16), jnp.float32, seed)
     pq = jax.device_put(q, NamedSharding(mesh, spec))
     pk, pv = (jax.device_put(x, NamedSharding(mesh, P())) for x in (k, v))
     fn = jax.jit(lambda q, k, v: pf.dot_product_attention(q, k, v, is_causal=True, config=CONFIG))
@@ -212,7 +194,7 @@ def test_a_training_step_on_activations_sharded_over_data_and_sequence(explicit,
 def test_vmap_over_a_sequence_sharded_call(seed):
     """vmap adds a leading factor; the sequence (dim 2 now) still runs the ring."""
     mesh, _ = _mesh("seq", explicit=False)
-    q, k, v, _ = _random((3, 4 * 8, 2, 2, 16), seed)
+    q, k, v, _ = random_inputs((3, 4 * 8, 2, 2, 16), jnp.float32, seed)
     q, k, v = (x[:, None] for x in (q, k, v))  # [3, 1, T, N, H]
     placed = [jax.device_put(x, NamedSharding(mesh, P(None, None, "seq"))) for x in (q, k, v)]
     fn = jax.vmap(lambda q, k, v: pf.dot_product_attention(q, k, v, is_causal=True, config=CONFIG))
@@ -227,7 +209,7 @@ def test_vmap_over_a_sequence_sharded_call(seed):
 def test_auto_axes_gather_the_sequence_for_a_call_the_ring_does_not_implement(seed):
     """A local window under Auto axes: the sequence is all-gathered around the kernels (documented); exact."""
     mesh, spec = _mesh("seq", explicit=False)
-    q, k, v, _ = _random((1, 4 * 8, 2, 2, 16), seed)
+    q, k, v, _ = random_inputs((1, 4 * 8, 2, 2, 16), jnp.float32, seed)
     placed = [jax.device_put(x, NamedSharding(mesh, spec)) for x in (q, k, v)]
     fn = jax.jit(lambda q, k, v: pf.dot_product_attention(q, k, v, local_window_size=(5, 2), config=CONFIG))
     compiled = fn.lower(*placed).compile()
