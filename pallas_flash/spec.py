@@ -66,6 +66,26 @@ class AttentionSpec:
     def has_dropout(self) -> bool:
         return self.dropout_rate > 0.0
 
+    def features(self) -> dict[str, str]:
+        """The optional features this call uses, by key, each with the phrase errors name it by.
+
+        Keys: ``window``, ``mask``, ``bias``, ``lengths``, ``segments``, ``alibi``,
+        ``soft_cap``, ``dropout``, ``offsets``. A backend or a parallel scheme that
+        lacks some refuses a call with the phrases of those present.
+        """
+        present = {
+            "window": (self.window is not None, "a local window"),
+            "mask": (self.has_mask, "a mask"),
+            "bias": (self.has_bias, "a bias"),
+            "lengths": (self.has_q_lengths or self.has_kv_lengths, "sequence lengths"),
+            "segments": (self.has_segments, "segment ids"),
+            "alibi": (self.has_alibi, "ALiBi slopes"),
+            "soft_cap": (self.soft_cap is not None, "a logits soft-cap"),
+            "dropout": (self.has_dropout, "dropout"),
+            "offsets": (bool(self.q_offset or self.k_offset), "position offsets"),
+        }
+        return {key: phrase for key, (used, phrase) in present.items() if used}
+
     @property
     def plain_logits(self) -> bool:
         """Logits are just ``scale * q.k`` (no soft-cap, bias or ALiBi)."""

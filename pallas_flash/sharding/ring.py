@@ -319,21 +319,13 @@ _ring_op.defvjp(_ring_op_fwd, _ring_op_bwd)
 # --- the two halves on one device's arrays --------------------------------------------------
 
 
+# The features of AttentionSpec.features the ring does not run (it runs lengths, segment ids and offsets).
+_UNSUPPORTED = ("window", "mask", "bias", "alibi", "soft_cap", "dropout")
+
+
 def ring_limits(spec: AttentionSpec, q_shape, k_shape) -> list[str]:
     """What of a call the ring does not implement (empty when it runs it): the features, and Tq != Tk."""
-    found = []
-    if spec.window is not None:
-        found.append("a local window")
-    if spec.has_mask:
-        found.append("a mask")
-    if spec.has_bias:
-        found.append("a bias")
-    if spec.has_alibi:
-        found.append("ALiBi slopes")
-    if spec.soft_cap is not None:
-        found.append("a logits soft-cap")
-    if spec.has_dropout:
-        found.append("dropout")
+    found = [phrase for key, phrase in spec.features().items() if key in _UNSUPPORTED]
     if spec.causal and spec.shift:
         found.append(f"a causal mask shifted by position offsets (q_offset={spec.q_offset}, k_offset={spec.k_offset})")
     if q_shape[1] != k_shape[1]:

@@ -42,29 +42,6 @@ COMPUTE_CAPABILITY = "9.0"
 __all__ = ["MosaicBackend", "MosaicConfig", "MosaicForwardConfig", "MosaicBackwardConfig", "default_config"]
 
 
-def _unsupported_features(inputs: AttentionInputs, spec: AttentionSpec) -> list[str]:
-    found = []
-    if spec.has_mask:
-        found.append("a mask")
-    if spec.has_bias:
-        found.append("a bias")
-    if spec.has_q_lengths or spec.has_kv_lengths:
-        found.append("sequence lengths")
-    if spec.has_segments:
-        found.append("segment ids")
-    if spec.has_alibi:
-        found.append("ALiBi slopes")
-    if spec.soft_cap is not None:
-        found.append("a logits soft-cap")
-    if spec.has_dropout:
-        found.append("dropout")
-    if spec.window is not None:
-        found.append("a local window")
-    if spec.q_offset or spec.k_offset:
-        found.append("position offsets")
-    return found
-
-
 def _gpu_compute_capability() -> str | None:
     """The first GPU's compute capability (``"9.0"``), or None without a GPU."""
     if jax.default_backend() != "gpu":
@@ -87,7 +64,7 @@ class MosaicBackend(KernelBackend):
     config_type = MosaicConfig
 
     def supports(self, q, k, v, inputs: AttentionInputs, spec: AttentionSpec) -> None:
-        features = _unsupported_features(inputs, spec)
+        features = list(spec.features().values())  # the Mosaic kernels implement none of them
         if features:
             raise NotImplementedError(f"the Mosaic GPU kernels do not implement {', '.join(features)}")
         if jnp.dtype(q.dtype) not in SUPPORTED_DTYPES:
