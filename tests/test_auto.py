@@ -56,7 +56,7 @@ def _spec(**kw) -> AttentionSpec:
     ],
 )
 def test_forward_choice_on_an_h200(monkeypatch, dtype, head_dim, spec, want):
-    monkeypatch.setattr(auto, "_gpu_name", lambda: H200)
+    monkeypatch.setattr(auto, "gpu_name", lambda: H200)
     q = jax.ShapeDtypeStruct((2, 256, 4, head_dim), dtype)
     chosen = backends.get("auto").choose("fwd", q, q, q, AttentionInputs(), spec)
     assert chosen == want

@@ -29,9 +29,9 @@ import json
 import pathlib
 from typing import Any
 
-import jax
 
 from pallas_flash.backends.base import Gradients, KernelBackend
+from pallas_flash.backends.triton.config import gpu_name
 from pallas_flash.spec import AttentionInputs, AttentionSpec
 
 __all__ = ["AutoBackend", "AutoConfig", "table_order"]
@@ -55,17 +55,9 @@ def _tables() -> tuple[dict, ...]:
     return tuple(json.loads(p.read_text()) for p in sorted(TABLES.glob("*.json")))
 
 
-def _gpu_name() -> str:
-    try:
-        devices = jax.devices("gpu")
-    except RuntimeError:
-        return ""
-    return devices[0].device_kind if devices else ""
-
-
 def table_order(pass_: str, head_dim: int, causal: bool, seq_q: int, gpu: str | None = None) -> tuple[str, ...]:
     """The backends the shipped table lists for one pass of a call on ``gpu`` (this machine's by default), fastest first."""
-    gpu = _gpu_name() if gpu is None else gpu
+    gpu = gpu_name() if gpu is None else gpu
     if not gpu:
         return (FALLBACK,)
     for table in _tables():
