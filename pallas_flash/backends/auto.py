@@ -29,7 +29,6 @@ import json
 import pathlib
 from typing import Any
 
-
 from pallas_flash.backends.base import Gradients, KernelBackend
 from pallas_flash.backends.triton.config import gpu_name
 from pallas_flash.spec import AttentionInputs, AttentionSpec
