@@ -14,8 +14,8 @@ Causal: every (query chunk, key chunk) pair is of one of three kinds: the
 diagonal (the same chunk: the causal kernel), fully visible (the key chunk
 lies before: the plain kernel) or fully hidden (no kernel at all). Which kind
 a step is depends on the device index, so steps after the first choose with
-``lax.cond`` on ``source < me``; the kernels' specs stay static (position
-offsets only matter on the diagonal, where they are known).
+``lax.cond`` on ``source < me``; the kernels' specs stay static, and no call
+needs a position offset (a diagonal call pairs a chunk with itself).
 
 Layouts (``pallas_flash.sharding.layout``): ``"contiguous"``, device ``i``
 holds positions ``[i T_local, (i + 1) T_local)`` (causal work grows with
@@ -75,8 +75,7 @@ class _Call:
 
     q_rows: tuple[int, int]
     k_rows: tuple[int, int]
-    causal: bool
-    shift: int = 0  # q_offset - k_offset of the causal mask (diagonal calls)
+    causal: bool  # a diagonal pair: the same global chunk(s) on both sides, so no position offset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +115,10 @@ class _Ring:
             return everything, everything, everything
         if self.layout == "contiguous":
             return (_Call((0, t), (0, t), causal=True),), everything, ()
-        home = (_Call((0, c), (0, c), causal=True), _Call((c, t), (0, t), causal=True, shift=c))
+        # Home: each chunk against itself (the causal kernel), and the late queries against the early keys.
+        # Three calls rather than two, so that none needs a position offset (which the Mosaic kernels lack).
+        home = (_Call((0, c), (0, c), causal=True), _Call((c, t), (c, t), causal=True),
+                _Call((c, t), (0, c), causal=False))
         # From device j < i: chunk j precedes both query chunks, chunk 2n-1-j follows both.
         # From j > i: both arriving chunks precede chunk 2n-1-i and follow chunk i.
         return home, (_Call((0, t), (0, c), causal=False),), (_Call((c, t), (0, t), causal=False),)
@@ -138,7 +140,7 @@ def _local_lengths(ring: _Ring, lengths, chunks, rows):
 
 def _call_args(ring: _Ring, call: _Call, inputs: AttentionInputs, kv_segment_ids, q_chunks, kv_chunks):
     (qa, qb), (ka, kb) = call.q_rows, call.k_rows
-    spec = dataclasses.replace(ring.spec, causal=call.causal, q_offset=call.shift, k_offset=0)
+    spec = dataclasses.replace(ring.spec, causal=call.causal)
     call_inputs = AttentionInputs(
         q_lengths=_local_lengths(ring, inputs.q_lengths, q_chunks, call.q_rows),
         kv_lengths=_local_lengths(ring, inputs.kv_lengths, kv_chunks, call.k_rows),
@@ -344,7 +346,7 @@ def _ring_of(spec: AttentionSpec, q, k, *, axis_name, backend, config, interpret
     limits = ring_limits(spec, q.shape, k.shape)
     if limits:
         raise NotImplementedError(f"ring attention does not implement {'; '.join(limits)}")
-    # Offsets equal on both sides shift nothing; each kernel call gets its own (``_call_args``).
+    # Offsets equal on both sides shift nothing, and no kernel call of the plan needs one.
     base = dataclasses.replace(spec, causal=False, q_offset=0, k_offset=0, clip_to=None)
     size = lax.axis_size(axis_name)
     return _Ring(axis_name, size, layout, spec.causal, q.shape[1], base, backend, config, bool(interpret), with_lse)
