@@ -154,6 +154,24 @@ def _config(ring: _Ring, q, k, spec):
     return ring.config if ring.config is not None else ring.backend.default_config(q, k, spec)
 
 
+@functools.lru_cache(maxsize=256)
+def _kernel(backend, kind: str, spec: AttentionSpec, config, interpret: bool):
+    """The backend's ``forward`` or ``backward`` for one static call, in a ``jax.jit`` of its own.
+
+    Every layer of a model, and every step of a ring, makes the same few calls; as one jitted function each they
+    share one traced jaxpr, which JAX lowers once per module instead of once per call site (the Pallas lowering is
+    most of a context-parallel model's compile time).
+    """
+    if kind == "forward":
+        def run(q, k, v, inputs):
+            return backend.forward(q, k, v, inputs, spec, config=config, interpret=interpret)
+    else:
+        def run(q, k, v, out, lse2, do, dlse, inputs):
+            return backend.backward(q, k, v, out, lse2, do, dlse, inputs, spec, config=config, interpret=interpret,
+                                    want_dbias=False, want_dslopes=False)
+    return jax.jit(run)
+
+
 # --- forward --------------------------------------------------------------------------------
 
 
@@ -184,8 +202,8 @@ def _forward_step(ring, calls, q, shard, q_chunks, kv_chunks, inputs, acc):
         (qa, qb), (ka, kb) = call.q_rows, call.k_rows
         spec, call_inputs = _call_args(ring, call, inputs, kv_seg, q_chunks, kv_chunks)
         qc, kc, vc = q[:, qa:qb], k[:, ka:kb], v[:, ka:kb]
-        out, lse = ring.backend.forward(qc, kc, vc, call_inputs, spec, config=_config(ring, qc, kc, spec),
-                                        interpret=ring.interpret)
+        forward = _kernel(ring.backend, "forward", spec, _config(ring, qc, kc, spec), ring.interpret)
+        out, lse = forward(qc, kc, vc, call_inputs)
         out, lse = _merge(out_acc[:, qa:qb], lse_acc[:, :, qa:qb], out, lse)
         out_acc, lse_acc = _put(out_acc, call.q_rows, out, 1), _put(lse_acc, call.q_rows, lse, 2)
     return out_acc, lse_acc
@@ -250,11 +268,9 @@ def _backward_step(ring, calls, q, shard, q_chunks, kv_chunks, inputs, out, lse2
         (qa, qb), (ka, kb) = call.q_rows, call.k_rows
         spec, call_inputs = _call_args(ring, call, inputs, kv_seg, q_chunks, kv_chunks)
         qc, kc, vc = q[:, qa:qb], k[:, ka:kb], v[:, ka:kb]
-        g = ring.backend.backward(
-            qc, kc, vc, out[:, qa:qb], lse2[:, :, qa:qb], do[:, qa:qb], None if dlse is None else dlse[:, :, qa:qb],
-            call_inputs, spec, config=_config(ring, qc, kc, spec), interpret=ring.interpret, want_dbias=False,
-            want_dslopes=False,
-        )
+        backward = _kernel(ring.backend, "backward", spec, _config(ring, qc, kc, spec), ring.interpret)
+        g = backward(qc, kc, vc, out[:, qa:qb], lse2[:, :, qa:qb], do[:, qa:qb],
+                     None if dlse is None else dlse[:, :, qa:qb], call_inputs)
         dq = _put(dq, call.q_rows, dq[:, qa:qb] + g.dq.astype(jnp.float32), 1)
         dk = _put(dk, call.k_rows, dk[:, ka:kb] + g.dk.astype(jnp.float32), 1)
         dv = _put(dv, call.k_rows, dv[:, ka:kb] + g.dv.astype(jnp.float32), 1)
