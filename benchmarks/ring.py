@@ -80,7 +80,7 @@ def _worker(spec: dict) -> dict:
     from jax.sharding import PartitionSpec as P
 
     import pallas_flash as pf
-    from pallas_flash.sharding.ring import sequence_parallel_attention
+    from pallas_flash.sharding.context import sequence_parallel_attention
     from pallas_flash.testing.errors import rel_err
     from pallas_flash.tuning.timer import time_fn
 

@@ -2,7 +2,7 @@
 
 A layer built with ``context_parallel=ContextParallel(mesh, seq_axis="seq",
 batch_axis="data")`` runs its self-attention as ring attention
-(:func:`pallas_flash.sharding.ring.sequence_parallel_attention`) over the
+(:func:`pallas_flash.sharding.context.sequence_parallel_attention`) over the
 devices of ``seq_axis``: the sequence of its inputs ``[B, T, features]`` is
 sharded over that axis (and the batch over ``batch_axis``), each device holds
 ``T / n`` tokens, and the keys and values travel around the ring; nothing is

@@ -259,13 +259,3 @@ def test_uneven_sequence_shards_raise():
     with pytest.raises(Exception, match=r"sequence dim .* mesh axes \('seq',\) of size 4, which does not divide its "
                                         r"length 30"):
         jax.jit(fn).lower(x).compile()
-
-
-def test_the_glue_keeps_its_import_paths():
-    """``sequence_parallel_attention`` moved to ``sharding.context``; ``sharding.ring`` still resolves it."""
-    from pallas_flash.sharding import context, ring
-
-    assert ring.sequence_parallel_attention is context.sequence_parallel_attention is pf.sequence_parallel_attention
-    assert ring.sequence_sharding is context.sequence_sharding
-    with pytest.raises(AttributeError, match="no attribute 'missing'"):
-        ring.missing  # noqa: B018

@@ -1,7 +1,8 @@
-"""Context parallelism on global arrays: ``sequence_parallel_attention`` and ``sequence_sharding``.
+"""Context parallelism, the public calls: ``ring_attention``, ``sequence_parallel_attention``, ``sequence_sharding``.
 
-``pallas_flash.sharding.ring.ring_attention`` runs inside ``jax.shard_map`` on
-one device's shard of the sequence. This module is the glue for callers
+``ring_attention`` runs inside ``jax.shard_map`` on one device's shard of the
+sequence: it checks the call and runs ``pallas_flash.sharding.ring``'s
+differentiable ring. The rest is the glue for callers
 holding global ``[B, T, N, H]`` arrays whose sequence is sharded over a mesh
 axis: ``sequence_parallel_attention`` runs the ring through ``shard_map``
 (any layout, zigzag included, with batch and heads sharded on other axes),
@@ -16,17 +17,137 @@ for callers who want the ring spelled out.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Hashable, NamedTuple
 
 import jax
+import jax.numpy as jnp
+from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from pallas_flash import validate
-from pallas_flash.sharding.ring import LAYOUTS, ring_attention
+from pallas_flash.sharding.ring import LAYOUTS, ring_of, ring_op
 
-__all__ = ["sequence_parallel_attention", "sequence_sharding", "SequenceSharding"]
+if TYPE_CHECKING:  # pallas_flash.backends imports op, which imports this package (sharding.partition)
+    from pallas_flash.backends.base import KernelBackend
+
+__all__ = ["ring_attention", "sequence_parallel_attention", "sequence_sharding", "SequenceSharding"]
+
+
+def _kernel_backend(implementation) -> KernelBackend:
+    from pallas_flash import backends
+    from pallas_flash.backends.base import KernelBackend
+
+    backend = implementation if isinstance(implementation, KernelBackend) else backends.get(implementation)
+    if not isinstance(backend, KernelBackend):
+        raise ValueError(
+            f"ring attention needs a kernel backend (with an (out, lse) forward and its own backward), got "
+            f"implementation={implementation!r}"
+        )
+    return backend
+
+
+def _refuse_unsupported(features: dict) -> None:
+    used = [name for name, value in features.items() if value is not None and value is not False and value != 0.0]
+    if used:
+        raise NotImplementedError(
+            f"ring attention supports causal masking, lengths and segment ids; not {', '.join(used)} "
+            "(use dot_product_attention on unsharded sequences for those)"
+        )
+
+
+def ring_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    axis_name: Hashable,
+    is_causal: bool = False,
+    layout: str = "contiguous",
+    scale: float | None = None,
+    q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    query_seq_lengths: jax.Array | None = None,
+    key_value_seq_lengths: jax.Array | None = None,
+    implementation: str | KernelBackend = "pallas",
+    config=None,
+    interpret: bool | None = None,
+    return_lse: bool = False,
+    local_window_size=None,
+    bias=None,
+    mask=None,
+    alibi_slopes=None,
+    logits_soft_cap=None,
+    dropout_rate: float = 0.0,
+):
+    """Attention over a sequence sharded across the devices of ``axis_name``; call inside ``jax.shard_map``.
+
+    Args:
+      q: this device's queries ``[B, T_local, N, H]``.
+      k, v: this device's keys and values ``[B, T_local, K, H]`` (``N % K == 0``).
+      axis_name: the mesh axis (or tuple of axes) the sequence is sharded over.
+      is_causal: causal over global positions; chunk pairs the mask hides
+        entirely are skipped.
+      layout: ``"contiguous"`` (device ``i`` holds the ``i``-th ``T_local``
+        positions) or ``"zigzag"`` (of ``2n`` chunks device ``i`` holds chunks
+        ``i`` and ``2n - 1 - i``: put the sequence in order with
+        ``pallas_flash.zigzag(x, n)``; balanced causal work).
+      q_segment_ids, kv_segment_ids: ``int [B, T_local]``, this device's shard.
+      query_seq_lengths, key_value_seq_lengths: ``int [B]`` global valid
+        lengths (positions in the whole sequence, before any zigzag reorder).
+      implementation: a kernel backend name (or a ``KernelBackend``).
+      config, interpret: as ``dot_product_attention`` (``config`` is used for
+        every kernel call; ``None`` picks the default per call shape).
+      return_lse: also return the natural log-sum-exp ``[B, N, T_local]``
+        (differentiable).
+      local_window_size, bias, mask, alibi_slopes, logits_soft_cap,
+        dropout_rate: not supported (``NotImplementedError``).
+
+    Returns:
+      ``[B, T_local, N, H]`` in ``q``'s dtype (and the lse with ``return_lse``).
+    """
+    _refuse_unsupported(dict(local_window_size=local_window_size, bias=bias, mask=mask, alibi_slopes=alibi_slopes,
+                             logits_soft_cap=logits_soft_cap, dropout_rate=dropout_rate))
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    backend = _kernel_backend(implementation)
+    try:
+        lax.axis_size(axis_name)
+    except NameError:
+        raise ValueError(
+            f"ring_attention runs inside jax.shard_map over the sequence axis; axis_name={axis_name!r} is not bound here"
+        ) from None
+    varying = getattr(getattr(jax.typeof(q), "manual_axis_type", None), "varying", None)
+    if varying:
+        raise ValueError(
+            "ring_attention needs jax.shard_map(..., check_vma=False): the Pallas kernels do not declare how their "
+            f"outputs vary over mesh axes (the query varies over {sorted(map(str, varying))})"
+        )
+    spec, inputs = validate.attention_call(
+        q, k, v, scale=scale, query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
+        q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+    )
+    seq = q.shape[1]
+    if k.shape[1] != seq:
+        raise ValueError(
+            f"ring attention needs queries and keys sharded alike (one local length), got q {tuple(q.shape)} and "
+            f"k {tuple(k.shape)}"
+        )
+    backend.supports(q, k, v, inputs, spec)
+    if q.shape[0] * seq * q.shape[2] == 0:
+        out, lse = jnp.zeros(q.shape, q.dtype), jnp.full((q.shape[0], q.shape[2], seq), -jnp.inf, jnp.float32)
+        return (out, lse) if return_lse else out
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    if config is not None and hasattr(backend, "adopt"):  # "auto" runs a backend's own config (as the API does)
+        config = backend.adopt(config)
+    if config is not None and not isinstance(config, backend.config_type):
+        backend.resolve(q, k, spec, config, interpret)  # raises the backend's TypeError
+    ring = ring_of(dataclasses.replace(spec, causal=bool(is_causal)), q, k, axis_name=axis_name, backend=backend,
+                    config=config, interpret=interpret, layout=layout, with_lse=bool(return_lse))
+    return ring_op(q, k, v, inputs, ring)
 
 
 class SequenceSharding(NamedTuple):
