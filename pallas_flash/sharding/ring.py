@@ -1,6 +1,6 @@
-"""Context parallelism: ring attention over a sequence sharded across devices.
+"""Context parallelism: the ring over a sequence sharded across devices.
 
-``ring_attention`` runs inside ``jax.shard_map`` on each device's shard of the
+The ring runs inside ``jax.shard_map`` on each device's shard of the
 sequence (``[B, T_local, N, H]`` queries, ``[B, T_local, K, H]`` keys and
 values). The key/value shards travel around the ring of the ``n`` devices of
 ``axis_name`` with ``jax.lax.ppermute``: at step ``s`` device ``i`` holds the
@@ -36,11 +36,12 @@ its own device. Hidden pairs are skipped there too.
 The two halves are public as functions of one device's arrays:
 ``ring_forward`` (``(out, lse2)``, log2 domain) and ``ring_backward``
 (``(dq, dk, dv)``) take the call's ``AttentionSpec`` and kernel backend, as a
-backend's own ``forward``/``backward`` do. ``ring_attention``'s
-``custom_vjp`` runs them; so does ``pallas_flash.sharding.partition`` when a
-call under ``jit`` has its sequence sharded (the automatic path).
-``ring_limits`` says which calls they cannot run. The glue for global arrays
-(``sequence_parallel_attention``) is in ``pallas_flash.sharding.context``.
+backend's own ``forward``/``backward`` do. ``ring_op`` (a ``custom_vjp``
+around both) is what ``ring_attention`` runs; ``pallas_flash.sharding.partition``
+runs the halves when a call under ``jit`` has its sequence sharded (the
+automatic path). ``ring_limits`` says which calls they cannot run. The public
+calls (``ring_attention`` inside ``shard_map``, ``sequence_parallel_attention``
+on global arrays) are in ``pallas_flash.sharding.context``.
 """
 
 from __future__ import annotations
@@ -54,13 +55,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_flash import validate
 from pallas_flash.spec import AttentionInputs, AttentionSpec
 
 if TYPE_CHECKING:  # pallas_flash.backends imports op, which imports this package (sharding.partition)
     from pallas_flash.backends.base import KernelBackend
 
-__all__ = ["LAYOUTS", "ring_attention", "ring_forward", "ring_backward", "ring_limits"]
+__all__ = ["LAYOUTS", "ring_of", "ring_op", "ring_forward", "ring_backward", "ring_limits"]
 
 LAYOUTS = ("contiguous", "zigzag")
 LN2 = math.log(2.0)
@@ -195,16 +195,29 @@ def _put(acc, rows: tuple[int, int], value, axis: int):
     return lax.dynamic_update_slice_in_dim(acc, value, rows[0], axis)
 
 
-def _forward_step(ring, calls, q, shard, q_chunks, kv_chunks, inputs, acc):
+def _untouched(rows: tuple[int, int], written: list) -> bool:
+    """Whether ``rows`` overlap none of the row ranges in ``written`` (then appended)."""
+    fresh = all(rows[1] <= a or b <= rows[0] for a, b in written)
+    written.append(rows)
+    return fresh
+
+
+def _forward_step(ring, calls, q, shard, q_chunks, kv_chunks, inputs, acc, home=False):
+    """The step's calls merged into ``acc``; in the ``home`` step (the first) rows no call has written yet take the
+    kernel's result as it is (there is nothing to merge it with)."""
     k, v, kv_seg = shard
     out_acc, lse_acc = acc
+    written = [] if home else [(0, q.shape[1])]
     for call in calls:
         (qa, qb), (ka, kb) = call.q_rows, call.k_rows
         spec, call_inputs = _call_args(ring, call, inputs, kv_seg, q_chunks, kv_chunks)
         qc, kc, vc = q[:, qa:qb], k[:, ka:kb], v[:, ka:kb]
         forward = _kernel(ring.backend, "forward", spec, _config(ring, qc, kc, spec), ring.interpret)
         out, lse = forward(qc, kc, vc, call_inputs)
-        out, lse = _merge(out_acc[:, qa:qb], lse_acc[:, :, qa:qb], out, lse)
+        if _untouched(call.q_rows, written):
+            out = out.astype(jnp.float32)
+        else:
+            out, lse = _merge(out_acc[:, qa:qb], lse_acc[:, :, qa:qb], out, lse)
         out_acc, lse_acc = _put(out_acc, call.q_rows, out, 1), _put(lse_acc, call.q_rows, lse, 2)
     return out_acc, lse_acc
 
@@ -216,7 +229,8 @@ def _pass_on(ring: _Ring, x):
 
 
 def _steps(ring: _Ring, step, carry, shard, me, pass_after=None):
-    """Run ``step(calls, shard, kv_chunks, carry)`` around the ring (``n`` steps, ``n - 1`` sends of the shard).
+    """Run ``step(calls, shard, kv_chunks, carry, home)`` around the ring (``n`` steps, ``n - 1`` sends of the
+    shard; ``home`` is True for the first step, on the device's own shard).
 
     ``pass_after(carry)`` (the backward's travelling dK/dV) is sent after each step, ``n`` times.
     """
@@ -225,17 +239,17 @@ def _steps(ring: _Ring, step, carry, shard, me, pass_after=None):
         if s + 1 < ring.size:
             arriving = _pass_on(ring, shard)  # issued before the kernels of this step
         if s == 0:
-            carry = step(home, shard, ring.chunks(me), carry)
+            carry = step(home, shard, ring.chunks(me), carry, True)
         else:
             source = (me - s) % ring.size
             chunks = ring.chunks(source)
             if earlier == later:
-                carry = step(earlier, shard, chunks, carry)
+                carry = step(earlier, shard, chunks, carry, False)
             else:
                 carry = lax.cond(
                     source < me,
-                    lambda c: step(earlier, shard, chunks, c),
-                    lambda c: step(later, shard, chunks, c),
+                    lambda c: step(earlier, shard, chunks, c, False),
+                    lambda c: step(later, shard, chunks, c, False),
                     carry,
                 )
         if pass_after is not None:
@@ -251,8 +265,8 @@ def _ring_forward(q, k, v, inputs: AttentionInputs, ring: _Ring):
     batch, seq, heads, _ = q.shape
     acc = (jnp.zeros(q.shape, jnp.float32), jnp.full((batch, heads, seq), -jnp.inf, jnp.float32))
 
-    def step(calls, shard, kv_chunks, acc):
-        return _forward_step(ring, calls, q, shard, ring.chunks(me), kv_chunks, inputs, acc)
+    def step(calls, shard, kv_chunks, acc, home):
+        return _forward_step(ring, calls, q, shard, ring.chunks(me), kv_chunks, inputs, acc, home)
 
     out, lse2 = _steps(ring, step, acc, (k, v, inputs.kv_segment_ids), me)
     return out.astype(q.dtype), lse2
@@ -261,9 +275,11 @@ def _ring_forward(q, k, v, inputs: AttentionInputs, ring: _Ring):
 # --- backward -------------------------------------------------------------------------------
 
 
-def _backward_step(ring, calls, q, shard, q_chunks, kv_chunks, inputs, out, lse2, do, dlse, grads):
+def _backward_step(ring, calls, q, shard, q_chunks, kv_chunks, inputs, out, lse2, do, dlse, grads, home=False):
+    """The step's gradients added to ``grads`` (float32); in the ``home`` step rows not yet written are set."""
     k, v, kv_seg = shard
     dq, dk, dv = grads
+    q_written, k_written = ([], []) if home else ([(0, q.shape[1])], [(0, k.shape[1])])
     for call in calls:
         (qa, qb), (ka, kb) = call.q_rows, call.k_rows
         spec, call_inputs = _call_args(ring, call, inputs, kv_seg, q_chunks, kv_chunks)
@@ -271,9 +287,11 @@ def _backward_step(ring, calls, q, shard, q_chunks, kv_chunks, inputs, out, lse2
         backward = _kernel(ring.backend, "backward", spec, _config(ring, qc, kc, spec), ring.interpret)
         g = backward(qc, kc, vc, out[:, qa:qb], lse2[:, :, qa:qb], do[:, qa:qb],
                      None if dlse is None else dlse[:, :, qa:qb], call_inputs)
-        dq = _put(dq, call.q_rows, dq[:, qa:qb] + g.dq.astype(jnp.float32), 1)
-        dk = _put(dk, call.k_rows, dk[:, ka:kb] + g.dk.astype(jnp.float32), 1)
-        dv = _put(dv, call.k_rows, dv[:, ka:kb] + g.dv.astype(jnp.float32), 1)
+        add = lambda acc, rows, g, first: g.astype(jnp.float32) if first else acc[:, rows[0]:rows[1]] + g
+        dq = _put(dq, call.q_rows, add(dq, call.q_rows, g.dq, _untouched(call.q_rows, q_written)), 1)
+        k_first = _untouched(call.k_rows, k_written)
+        dk = _put(dk, call.k_rows, add(dk, call.k_rows, g.dk, k_first), 1)
+        dv = _put(dv, call.k_rows, add(dv, call.k_rows, g.dv, k_first), 1)
     return dq, dk, dv
 
 
@@ -283,8 +301,9 @@ def _ring_backward(q, k, v, inputs, out, lse2, do, dlse, ring: _Ring):
     me = lax.axis_index(ring.axis_name)
     zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
 
-    def step(calls, shard, kv_chunks, grads):
-        return _backward_step(ring, calls, q, shard, ring.chunks(me), kv_chunks, inputs, out, lse2, do, dlse, grads)
+    def step(calls, shard, kv_chunks, grads, home):
+        return _backward_step(ring, calls, q, shard, ring.chunks(me), kv_chunks, inputs, out, lse2, do, dlse, grads,
+                              home)
 
     def send_dkv(grads):  # the dK/dV accumulators follow their shard; dQ stays home
         dq, dk, dv = grads
@@ -314,24 +333,24 @@ _ring_backward.defjvp(_no_second_order)
 # No symbolic zeros: shard_map outside jit does not implement them for custom_vjp. Whether the lse is
 # an output (and so has a cotangent) is static instead (``_Ring.with_lse``).
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _ring_op(q, k, v, inputs: AttentionInputs, ring: _Ring):
+def ring_op(q, k, v, inputs: AttentionInputs, ring: _Ring):
     out, lse2 = _ring_forward(q, k, v, inputs, ring)
     return (out, lse2 * LN2) if ring.with_lse else out
 
 
-def _ring_op_fwd(q, k, v, inputs, ring):
+def ring_op_fwd(q, k, v, inputs, ring):
     out, lse2 = _ring_forward_rule(q, k, v, inputs, ring)
     return ((out, lse2 * LN2) if ring.with_lse else out), (q, k, v, inputs, out, lse2)
 
 
-def _ring_op_bwd(ring, residuals, cotangents):
+def ring_op_bwd(ring, residuals, cotangents):
     q, k, v, inputs, out, lse2 = residuals
     do, dlse = cotangents if ring.with_lse else (cotangents, None)
     dq, dk, dv = _ring_backward(q, k, v, inputs, out, lse2, do, dlse, ring)
     return dq, dk, dv, jax.tree.map(lambda _: None, inputs)
 
 
-_ring_op.defvjp(_ring_op_fwd, _ring_op_bwd)
+ring_op.defvjp(ring_op_fwd, ring_op_bwd)
 
 
 # --- the two halves on one device's arrays --------------------------------------------------
@@ -351,7 +370,7 @@ def ring_limits(spec: AttentionSpec, q_shape, k_shape) -> list[str]:
     return found
 
 
-def _ring_of(spec: AttentionSpec, q, k, *, axis_name, backend, config, interpret, layout, with_lse=False) -> _Ring:
+def ring_of(spec: AttentionSpec, q, k, *, axis_name, backend, config, interpret, layout, with_lse=False) -> _Ring:
     """The static ring of one device's ``q``/``k`` over ``axis_name`` for the call ``spec`` (causal in it)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -379,7 +398,7 @@ def ring_forward(q, k, v, inputs: AttentionInputs, spec: AttentionSpec, *, axis_
     lengths and this device's segment ids. Not differentiable: pair it with
     ``ring_backward`` in a ``custom_vjp``.
     """
-    ring = _ring_of(spec, q, k, axis_name=axis_name, backend=backend, config=config, interpret=interpret,
+    ring = ring_of(spec, q, k, axis_name=axis_name, backend=backend, config=config, interpret=interpret,
                     layout=layout)
     return _ring_forward_rule(q, k, v, inputs, ring)
 
@@ -393,135 +412,6 @@ def ring_backward(q, k, v, out, lse2, do, dlse, inputs: AttentionInputs, spec: A
     ``dlse`` (natural-log lse cotangent, or None) their cotangents; the dK/dV
     accumulators travel the ring and end on their own device.
     """
-    ring = _ring_of(spec, q, k, axis_name=axis_name, backend=backend, config=config, interpret=interpret,
+    ring = ring_of(spec, q, k, axis_name=axis_name, backend=backend, config=config, interpret=interpret,
                     layout=layout)
     return _ring_backward(q, k, v, inputs, out, lse2, do, dlse, ring)
-
-
-# --- the public call ------------------------------------------------------------------------
-
-
-def _kernel_backend(implementation) -> KernelBackend:
-    from pallas_flash import backends
-    from pallas_flash.backends.base import KernelBackend
-
-    backend = implementation if isinstance(implementation, KernelBackend) else backends.get(implementation)
-    if not isinstance(backend, KernelBackend):
-        raise ValueError(
-            f"ring attention needs a kernel backend (with an (out, lse) forward and its own backward), got "
-            f"implementation={implementation!r}"
-        )
-    return backend
-
-
-def _refuse_unsupported(features: dict) -> None:
-    used = [name for name, value in features.items() if value is not None and value is not False and value != 0.0]
-    if used:
-        raise NotImplementedError(
-            f"ring attention supports causal masking, lengths and segment ids; not {', '.join(used)} "
-            "(use dot_product_attention on unsharded sequences for those)"
-        )
-
-
-def ring_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    *,
-    axis_name: Hashable,
-    is_causal: bool = False,
-    layout: str = "contiguous",
-    scale: float | None = None,
-    q_segment_ids: jax.Array | None = None,
-    kv_segment_ids: jax.Array | None = None,
-    query_seq_lengths: jax.Array | None = None,
-    key_value_seq_lengths: jax.Array | None = None,
-    implementation: str | KernelBackend = "pallas",
-    config=None,
-    interpret: bool | None = None,
-    return_lse: bool = False,
-    local_window_size=None,
-    bias=None,
-    mask=None,
-    alibi_slopes=None,
-    logits_soft_cap=None,
-    dropout_rate: float = 0.0,
-):
-    """Attention over a sequence sharded across the devices of ``axis_name``; call inside ``jax.shard_map``.
-
-    Args:
-      q: this device's queries ``[B, T_local, N, H]``.
-      k, v: this device's keys and values ``[B, T_local, K, H]`` (``N % K == 0``).
-      axis_name: the mesh axis (or tuple of axes) the sequence is sharded over.
-      is_causal: causal over global positions; chunk pairs the mask hides
-        entirely are skipped.
-      layout: ``"contiguous"`` (device ``i`` holds the ``i``-th ``T_local``
-        positions) or ``"zigzag"`` (of ``2n`` chunks device ``i`` holds chunks
-        ``i`` and ``2n - 1 - i``: put the sequence in order with
-        ``pallas_flash.zigzag(x, n)``; balanced causal work).
-      q_segment_ids, kv_segment_ids: ``int [B, T_local]``, this device's shard.
-      query_seq_lengths, key_value_seq_lengths: ``int [B]`` global valid
-        lengths (positions in the whole sequence, before any zigzag reorder).
-      implementation: a kernel backend name (or a ``KernelBackend``).
-      config, interpret: as ``dot_product_attention`` (``config`` is used for
-        every kernel call; ``None`` picks the default per call shape).
-      return_lse: also return the natural log-sum-exp ``[B, N, T_local]``
-        (differentiable).
-      local_window_size, bias, mask, alibi_slopes, logits_soft_cap,
-        dropout_rate: not supported (``NotImplementedError``).
-
-    Returns:
-      ``[B, T_local, N, H]`` in ``q``'s dtype (and the lse with ``return_lse``).
-    """
-    _refuse_unsupported(dict(local_window_size=local_window_size, bias=bias, mask=mask, alibi_slopes=alibi_slopes,
-                             logits_soft_cap=logits_soft_cap, dropout_rate=dropout_rate))
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    backend = _kernel_backend(implementation)
-    try:
-        lax.axis_size(axis_name)
-    except NameError:
-        raise ValueError(
-            f"ring_attention runs inside jax.shard_map over the sequence axis; axis_name={axis_name!r} is not bound here"
-        ) from None
-    varying = getattr(getattr(jax.typeof(q), "manual_axis_type", None), "varying", None)
-    if varying:
-        raise ValueError(
-            "ring_attention needs jax.shard_map(..., check_vma=False): the Pallas kernels do not declare how their "
-            f"outputs vary over mesh axes (the query varies over {sorted(map(str, varying))})"
-        )
-    spec, inputs = validate.attention_call(
-        q, k, v, scale=scale, query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
-        q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-    )
-    seq = q.shape[1]
-    if k.shape[1] != seq:
-        raise ValueError(
-            f"ring attention needs queries and keys sharded alike (one local length), got q {tuple(q.shape)} and "
-            f"k {tuple(k.shape)}"
-        )
-    backend.supports(q, k, v, inputs, spec)
-    if q.shape[0] * seq * q.shape[2] == 0:
-        out, lse = jnp.zeros(q.shape, q.dtype), jnp.full((q.shape[0], q.shape[2], seq), -jnp.inf, jnp.float32)
-        return (out, lse) if return_lse else out
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
-    if config is not None and hasattr(backend, "adopt"):  # "auto" runs a backend's own config (as the API does)
-        config = backend.adopt(config)
-    if config is not None and not isinstance(config, backend.config_type):
-        backend.resolve(q, k, spec, config, interpret)  # raises the backend's TypeError
-    ring = _ring_of(dataclasses.replace(spec, causal=bool(is_causal)), q, k, axis_name=axis_name, backend=backend,
-                    config=config, interpret=interpret, layout=layout, with_lse=bool(return_lse))
-    return _ring_op(q, k, v, inputs, ring)
-
-
-_MOVED = ("sequence_parallel_attention", "sequence_sharding", "SequenceSharding")
-
-
-def __getattr__(name: str):
-    """The global-array glue moved to ``pallas_flash.sharding.context``; imports from here keep working."""
-    if name in _MOVED:
-        from pallas_flash.sharding import context
-
-        return getattr(context, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
