@@ -81,12 +81,15 @@ def plan(a: argparse.Namespace, n: int) -> list[Run]:
     return runs
 
 
-def execute(run: Run, *, cpu: bool, timeout: float, log_dir: pathlib.Path) -> dict:
+def execute(run: Run, *, cpu: bool, timeout: float, log_dir: pathlib.Path, xla_flags: str = "") -> dict:
     """Run the training script; its record: tokens/s, MFU, losses, compile time, status."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    flags = " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""), xla_flags]))
+    if flags:
+        env["XLA_FLAGS"] = flags
     if cpu:
         env["JAX_PLATFORMS"] = "cpu"
-        env["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={run.devices}"
+        env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={run.devices}"
     else:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, range(run.devices)))
     with tempfile.TemporaryDirectory(prefix="scaling-") as out:
@@ -143,7 +146,8 @@ def report(records: list[dict], meta: dict) -> str:
         })
     lines = [
         f"# GPT-2 training, 1 GPU against {meta['devices']}: {meta['device']}", "",
-        f"{meta['date']}; jax {meta['jax']}; commit {meta['commit']}; `{meta['command']}`", "",
+        f"{meta['date']}; jax {meta['jax']}; commit {meta['commit']}; `{meta['command']}`"
+        + (f"; XLA_FLAGS `{meta['xla_flags']}`" if meta.get("xla_flags") else ""), "",
         "tokens/s: the median of `python -m train`'s logged windows after the first; data parallel keeps the rows per "
         "GPU fixed; context parallel shards one sequence over the GPUs (ring attention, zigzag).", "",
         pd.DataFrame(rows).to_markdown(index=False), "",
@@ -164,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cp-steps", type=int, help="steps of the context-parallel runs (default 20; CPU 4)")
     p.add_argument("--cp-log-every", type=int, help="(default 5; CPU 2)")
     p.add_argument("--attention", default="pallas", help="the training script's --attention (default pallas)")
+    p.add_argument("--xla-flags", default="", help="added to XLA_FLAGS of every training run")
     p.add_argument("--timeout", type=float, default=420.0, help="seconds allowed per training run")
     p.add_argument("--allow-cpu", action="store_true", help="run without a GPU: host devices, the tiny model, xla")
     p.add_argument("--out-dir", default=str(common.RESULTS_DIR), help="results root; files go to <out-dir>/<device>/")
@@ -199,11 +204,11 @@ def main(argv=None) -> int:
     stem = common.unique_stem(out_dir, f"scaling-{date}")
     log_dir = out_dir / f"{stem.name}-logs"
     log_dir.mkdir(exist_ok=True)
-    meta = dict(device=device, devices=n, date=date, jax=jax.__version__, commit=common.git_commit(),
+    meta = dict(device=device, devices=n, date=date, jax=jax.__version__, commit=common.git_commit(), xla_flags=a.xla_flags,
                 command="PYTHONPATH=. python3 -m benchmarks.scaling " + shlex.join(sys.argv[1:] if argv is None else argv))
     records = []
     for run in plan(a, n):
-        rec = execute(run, cpu=cpu, timeout=a.timeout, log_dir=log_dir)
+        rec = execute(run, cpu=cpu, timeout=a.timeout, log_dir=log_dir, xla_flags=a.xla_flags)
         records.append(rec)
         common.append_jsonl(stem.with_suffix(".jsonl"), dict(meta, **rec))
         shown = f"{rec['tokens_per_s']:,.0f} tok/s" if rec["status"] == "ok" else rec["status"]
