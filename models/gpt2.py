@@ -6,8 +6,9 @@ head tied to the token embedding. Initialisation follows GPT-2: every weight
 residual stream (attention output, MLP output) ~ normal(0.02 / sqrt(2 * n_layer)).
 
 Attention is :class:`pallas_flash.nnx.FlashMultiHeadAttention` with
-``is_causal=True``; ``GPTConfig.attention`` picks the backend (``"pallas"``,
-``"xla"``, ``"cudnn"``, or ``None`` for the library's automatic choice).
+``is_causal=True``; ``GPTConfig.attention`` picks the backend (``"pallas"``: per
+pass the fastest Pallas kernels; ``"triton"`` or ``"mosaic"``: one of them;
+``"xla"``, ``"cudnn"``; or ``None`` for the library's automatic choice).
 Computation runs in ``GPTConfig.dtype`` (bfloat16 by default) with float32
 parameters. The residual stream is kept in ``GPTConfig.residual_dtype``,
 by default the compute dtype, as llm.c keeps it (layer-norm statistics are
@@ -72,7 +73,7 @@ __all__ = [
     "param_count",
 ]
 
-ATTENTION_CHOICES = ("pallas", "xla", "cudnn")
+ATTENTION_CHOICES = ("pallas", "triton", "mosaic", "xla", "cudnn")  # pallas: per pass the fastest Pallas backend
 
 
 @dataclasses.dataclass(frozen=True)

@@ -244,3 +244,9 @@ def test_positions():
     model.init_cache(2, 32)
     with pytest.raises(ValueError, match="positions are for calls without the KV cache"):
         model(x, positions=jnp.arange(16), prefill=True)
+
+
+@pytest.mark.parametrize("attention", ["triton", "mosaic"])
+def test_config_takes_every_pallas_backend_by_name(attention):
+    """``python -m train --attention triton|mosaic`` and ``benchmarks.gpt2`` pass these names on to the model."""
+    assert gpt2.GPTConfig(attention=attention).attention == attention
