@@ -111,14 +111,18 @@ def execute(run: Run, *, cpu: bool, timeout: float, log_dir: pathlib.Path, xla_f
     rec = dict(dataclasses.asdict(run), wall_s=round(wall, 1), log=str(log))
     m = _COMPILED.search(text)
     rec["compile_s"] = float(m.group(1)) if m else None
-    if rc != 0 or not train:
+    if rc == "timeout" and train:
+        status = f"stopped at the {timeout:.0f} s limit after step {train[-1]['step']} (its windows are kept)"
+    elif rc != 0 or not train:
         oom = any(s in text.lower() for s in _OOM)
         tail = " | ".join(text.strip().splitlines()[-2:])[-240:]
         return dict(rec, status="out of memory" if oom else f"failed ({rc}): {tail}")
+    else:
+        status = "ok"
     windows = train[1:] or train
     tps = statistics.median(r["tokens_per_s"] for r in windows)
     mfus = [r["mfu"] for r in windows if r.get("mfu") is not None]
-    return dict(rec, status="ok", tokens_per_s=tps, mfu=statistics.median(mfus) if mfus else None,
+    return dict(rec, status=status, tokens_per_s=tps, mfu=statistics.median(mfus) if mfus else None,
                 loss_first=train[0]["loss"], loss_last=train[-1]["loss"], windows=len(windows))
 
 
@@ -129,8 +133,9 @@ def report(records: list[dict], meta: dict) -> str:
     rows = []
     for _, r in df.iterrows():
         base = df[(df.kind == r.kind) & (df.devices == 1)]
-        base_tps = base.tokens_per_s.iloc[0] if len(base) and "tokens_per_s" in df and base.status.iloc[0] == "ok" else None
-        ok = r.status == "ok"
+        measured = lambda x: "tokens_per_s" in x and x.tokens_per_s == x.tokens_per_s  # present, not NaN
+        base_tps = base.tokens_per_s.iloc[0] if len(base) and measured(base.iloc[0]) else None
+        ok = measured(r)
         rows.append({
             "run": {"dp": "data parallel", "cp": "context parallel"}[r.kind],
             "GPUs": r.devices,
@@ -211,7 +216,7 @@ def main(argv=None) -> int:
         rec = execute(run, cpu=cpu, timeout=a.timeout, log_dir=log_dir, xla_flags=a.xla_flags)
         records.append(rec)
         common.append_jsonl(stem.with_suffix(".jsonl"), dict(meta, **rec))
-        shown = f"{rec['tokens_per_s']:,.0f} tok/s" if rec["status"] == "ok" else rec["status"]
+        shown = f"{rec['tokens_per_s']:,.0f} tok/s ({rec['status']})" if "tokens_per_s" in rec else rec["status"]
         print(f"  {run.kind} {run.devices} GPU(s) T={run.seq_len} B={run.batch_size}: {shown} "
               f"[compile {rec['compile_s']}s, {rec['wall_s']}s]", flush=True)
     text = report(records, meta)
