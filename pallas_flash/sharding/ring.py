@@ -228,35 +228,23 @@ def _pass_on(ring: _Ring, x):
     return lax.ppermute(x, ring.axis_name, perm=[(d, (d + 1) % n) for d in range(n)])
 
 
-def _steps(ring: _Ring, step, carry, shard, me, pass_after=None):
-    """Run ``step(calls, shard, kv_chunks, carry, home)`` around the ring (``n`` steps, ``n - 1`` sends of the
-    shard; ``home`` is True for the first step, on the device's own shard).
-
-    ``pass_after(carry)`` (the backward's travelling dK/dV) is sent after each step, ``n`` times.
-    """
+def _run_step(ring: _Ring, step, s: int, me, shard, carry):
+    """Step ``s`` of the ring on the shard in hand: ``step(calls, shard, kv_chunks, carry, home)`` with the calls of
+    the home step (``s == 0``, the device's own shard), or of an earlier / a later device's shard (chosen with
+    ``lax.cond`` on the device index when they differ)."""
     home, earlier, later = ring.plan()
-    for s in range(ring.size):
-        if s + 1 < ring.size:
-            arriving = _pass_on(ring, shard)  # issued before the kernels of this step
-        if s == 0:
-            carry = step(home, shard, ring.chunks(me), carry, True)
-        else:
-            source = (me - s) % ring.size
-            chunks = ring.chunks(source)
-            if earlier == later:
-                carry = step(earlier, shard, chunks, carry, False)
-            else:
-                carry = lax.cond(
-                    source < me,
-                    lambda c: step(earlier, shard, chunks, c, False),
-                    lambda c: step(later, shard, chunks, c, False),
-                    carry,
-                )
-        if pass_after is not None:
-            carry = pass_after(carry)
-        if s + 1 < ring.size:
-            shard = arriving
-    return carry
+    if s == 0:
+        return step(home, shard, ring.chunks(me), carry, True)
+    source = (me - s) % ring.size
+    chunks = ring.chunks(source)
+    if earlier == later:
+        return step(earlier, shard, chunks, carry, False)
+    return lax.cond(
+        source < me,
+        lambda c: step(earlier, shard, chunks, c, False),
+        lambda c: step(later, shard, chunks, c, False),
+        carry,
+    )
 
 
 def _ring_forward(q, k, v, inputs: AttentionInputs, ring: _Ring):
@@ -268,7 +256,14 @@ def _ring_forward(q, k, v, inputs: AttentionInputs, ring: _Ring):
     def step(calls, shard, kv_chunks, acc, home):
         return _forward_step(ring, calls, q, shard, ring.chunks(me), kv_chunks, inputs, acc, home)
 
-    out, lse2 = _steps(ring, step, acc, (k, v, inputs.kv_segment_ids), me)
+    shard = (k, v, inputs.kv_segment_ids)
+    for s in range(ring.size):  # n steps, n - 1 sends of the K/V shard
+        if s + 1 < ring.size:
+            arriving = _pass_on(ring, shard)  # issued before this step's kernels, which it overlaps
+        acc = _run_step(ring, step, s, me, shard, acc)
+        if s + 1 < ring.size:
+            shard = arriving
+    out, lse2 = acc
     return out.astype(q.dtype), lse2
 
 
@@ -276,10 +271,11 @@ def _ring_forward(q, k, v, inputs: AttentionInputs, ring: _Ring):
 
 
 def _backward_step(ring, calls, q, shard, q_chunks, kv_chunks, inputs, out, lse2, do, dlse, grads, home=False):
-    """The step's gradients added to ``grads`` (float32); in the ``home`` step rows not yet written are set."""
+    """The step's gradients: dQ added to ``grads``' (set where the ``home`` step has not written yet); dK/dV
+    of the shard in hand into ``grads``' fresh (zero) ones, which the ring adds to the travelling accumulators."""
     k, v, kv_seg = shard
     dq, dk, dv = grads
-    q_written, k_written = ([], []) if home else ([(0, q.shape[1])], [(0, k.shape[1])])
+    q_written, k_written = ([] if home else [(0, q.shape[1])]), []
     for call in calls:
         (qa, qb), (ka, kb) = call.q_rows, call.k_rows
         spec, call_inputs = _call_args(ring, call, inputs, kv_seg, q_chunks, kv_chunks)
@@ -305,11 +301,21 @@ def _ring_backward(q, k, v, inputs, out, lse2, do, dlse, ring: _Ring):
         return _backward_step(ring, calls, q, shard, ring.chunks(me), kv_chunks, inputs, out, lse2, do, dlse, grads,
                               home)
 
-    def send_dkv(grads):  # the dK/dV accumulators follow their shard; dQ stays home
-        dq, dk, dv = grads
-        return (dq, *_pass_on(ring, (dk, dv)))
-
-    dq, dk, dv = _steps(ring, step, (zeros(q), zeros(k), zeros(v)), (k, v, inputs.kv_segment_ids), me, send_dkv)
+    # dQ stays home. The dK/dV accumulators travel with their shard: each step computes the shard's part into
+    # fresh buffers while the accumulator that arrives with it is still in flight, then adds the two and sends
+    # the sum on, so only the last of the n sends (the one that brings each home) is not hidden behind kernels.
+    dq, travelling = zeros(q), None
+    shard = (k, v, inputs.kv_segment_ids)
+    for s in range(ring.size):
+        if s + 1 < ring.size:
+            arriving = _pass_on(ring, shard)
+        dq, dk, dv = _run_step(ring, step, s, me, shard, (dq, zeros(k), zeros(v)))
+        if travelling is not None:
+            dk, dv = travelling[0] + dk, travelling[1] + dv
+        travelling = _pass_on(ring, (dk, dv))
+        if s + 1 < ring.size:
+            shard = arriving
+    dk, dv = travelling
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
