@@ -1,11 +1,16 @@
 """Tune a kernel backend's configs on this machine's GPU: ``python -m pallas_flash.tuning``.
 
+``--backend triton`` (the default) tunes the Triton kernels' blocks, warps and
+stages (``backends/triton/tune.py``); ``--backend mosaic`` the Mosaic GPU
+kernels' key blocks and pipeline depths (``backends/mosaic_gpu/tune.py``).
+
 Tuning never happens implicitly (not at import, not inside a user's ``jit``).
 This command times each candidate of the backend's space for every (head dim,
 dtype, causal, sequence-length bucket) with ``pallas_flash.tuning.timer`` and
 stores the fastest in the backend's user cache, which its ``default_config``
-reads before the shipped table. ``--print-json`` prints the result in the
-shipped table's format instead (how ``backends/<name>/tables/*.json`` are made).
+reads first (before the shipped table, where the backend has one).
+``--print-json`` prints the result in the shipped table's format instead (how
+``backends/<name>/tables/*.json`` are made).
 """
 
 from __future__ import annotations
@@ -18,11 +23,14 @@ import sys
 import jax
 import jax.numpy as jnp
 
+from pallas_flash.backends.mosaic_gpu import config as mosaic_config
+from pallas_flash.backends.mosaic_gpu import tune as mosaic_tune
 from pallas_flash.backends.triton import config as triton_config
 from pallas_flash.backends.triton import tune as triton_tune
 
-# Per backend: (its tuning module with Problem and tune_problem, its config module with config_key and user_cache_path).
-TUNERS = {"triton": (triton_tune, triton_config)}
+# Per backend: (its tuning module with Problem and tune_problem, its config module with config_key,
+# user_cache_path and gpu_name).
+TUNERS = {"triton": (triton_tune, triton_config), "mosaic": (mosaic_tune, mosaic_config)}
 
 
 def main(argv=None) -> int:

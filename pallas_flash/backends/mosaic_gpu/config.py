@@ -4,22 +4,34 @@
 Triton backend's ``BackwardConfig`` for the backward calls the Mosaic backward
 kernels do not cover (head dim 256: their dK/dV accumulators would not fit in
 registers), see ``pallas_flash.backends.mosaic_gpu``.
+
+``default_config`` reads the user's tuned cache for this GPU first
+(``python -m pallas_flash.tuning --backend mosaic``, stored in
+``user_cache_path()``, beside the Triton backend's), then falls back to the
+heuristics below. There is no shipped table yet.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
+import pathlib
 from typing import Any
 
 import jax.numpy as jnp
 
 from pallas_flash.backends.triton import config as triton_config
+from pallas_flash.backends.triton.config import config_key, gpu_name
 
 __all__ = [
     "MosaicForwardConfig",
     "MosaicBackwardConfig",
     "MosaicConfig",
     "default_config",
+    "user_cache_path",
+    "config_key",
+    "gpu_name",
     "smem_bytes",
     "backward_smem_bytes",
     "HEAD_DIMS",
@@ -165,6 +177,37 @@ class MosaicConfig:
                 f"MosaicConfig.fallback_bwd must be a Triton BackwardConfig, got {type(self.fallback_bwd).__name__}"
             )
 
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict: ``{"fwd": ..., "bwd": ..., "fallback_bwd": ...}``, each the config's fields."""
+        return {name: dataclasses.asdict(getattr(self, name)) for name in _PARTS}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MosaicConfig:
+        """The inverse of ``to_dict`` (``TypeError``/``ValueError`` naming the part for a malformed dict)."""
+        if not isinstance(d, dict):
+            raise TypeError(f"MosaicConfig.from_dict needs a dict, got {type(d).__name__}")
+        unknown = sorted(set(d) - set(_PARTS))
+        missing = [name for name in _PARTS if name not in d]
+        if unknown or missing:
+            raise ValueError(
+                f"MosaicConfig.from_dict needs the keys {list(_PARTS)}: missing {missing}, unknown {unknown}"
+            )
+        return cls(**{name: _part_from_dict(part, name, d[name]) for name, part in _PARTS.items()})
+
+
+# The parts of a ``MosaicConfig`` by field name, as ``to_dict`` writes them.
+_PARTS = {"fwd": MosaicForwardConfig, "bwd": MosaicBackwardConfig, "fallback_bwd": triton_config.BackwardConfig}
+
+
+def _part_from_dict(part: type, name: str, fields: Any):
+    if not isinstance(fields, dict):
+        raise TypeError(f"MosaicConfig.from_dict: {name!r} must be a dict of {part.__name__} fields, got {fields!r}")
+    known = {f.name for f in dataclasses.fields(part)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"MosaicConfig.from_dict: {name!r} has fields {unknown} that {part.__name__} does not have")
+    return part(**fields)
+
 
 def _default_forward(head_dim: int, dtype: Any, causal: bool) -> MosaicForwardConfig:
     """The largest key block and deepest ring that fit: D=64 three 128-key stages, D=128 two, D=256 two 64-key stages.
@@ -190,9 +233,67 @@ def _default_backward(head_dim: int, dtype: Any) -> MosaicBackwardConfig:
     return MosaicBackwardConfig(num_stages=2, dq_block_kv=64, dq_num_stages=3, deterministic=True)
 
 
-def default_config(*, head_dim: int, dtype: Any, causal: bool, seq_q: int, seq_k: int) -> MosaicConfig:
-    """The forward's and backward's heuristic configs, and the Triton backend's default backward config (head dim 256)."""
-    fallback = triton_config.default_config(head_dim=head_dim, dtype=dtype, causal=causal, seq_q=seq_q, seq_k=seq_k)
+def user_cache_path() -> pathlib.Path:
+    """Where ``python -m pallas_flash.tuning --backend mosaic`` stores configs tuned on this machine.
+
+    ``mosaic_configs.json`` in the Triton backend's cache folder (``$PALLAS_FLASH_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/pallas_flash``, else ``~/.cache/pallas_flash``): ``{gpu name: {config_key: to_dict()}}``.
+    """
+    return triton_config.user_cache_path().with_name("mosaic_configs.json")
+
+
+@functools.cache
+def _read_user_table(path: pathlib.Path, gpu: str) -> dict[str, dict[str, Any]]:
+    """This GPU's entries of the cache at ``path``; a missing or unreadable file has none (as the Triton backend's)."""
+    if not path.exists():
+        return {}
+    try:
+        table = json.loads(path.read_text()).get(gpu, {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return table if isinstance(table, dict) else {}
+
+
+def _user_entry(head_dim: int, dtype: Any, causal: bool, seq_q: int, gpu: str) -> MosaicConfig | None:
+    """The cache's config for this key (the nearest sequence bucket, as the Triton backend's lookup), validated.
+
+    An entry that does not make a ``MosaicConfig`` whose tiles fit raises ``ValueError`` naming the file and
+    key: a stale or hand-edited cache should be fixed (or deleted), not silently ignored.
+    """
+    path = user_cache_path()
+    entry = triton_config._lookup(_read_user_table(path, gpu), head_dim, dtype, causal, seq_q)
+    if entry is None:
+        return None
+    key = config_key(head_dim, dtype, causal, seq_q)
+    try:
+        cfg = MosaicConfig.from_dict(entry)
+        cfg.fwd.check_fits(head_dim, dtype)
+        if head_dim in BACKWARD_HEAD_DIMS:
+            cfg.bwd.check_fits(head_dim, dtype)
+    except (TypeError, ValueError) as e:
+        raise ValueError(
+            f"the tuned Mosaic config for {gpu!r}, {key} in {path} is invalid ({e}); "
+            "rerun `python -m pallas_flash.tuning --backend mosaic` or delete that file"
+        ) from e
+    return cfg
+
+
+def default_config(
+    *, head_dim: int, dtype: Any, causal: bool, seq_q: int, seq_k: int, gpu: str | None = None
+) -> MosaicConfig:
+    """The config used when the caller passes none.
+
+    The user's tuned cache for this GPU (``user_cache_path()``; ``gpu`` defaults to ``gpu_name()``), else the
+    forward's and backward's heuristics with the Triton backend's default backward config (head dim 256).
+    """
+    gpu = gpu_name() if gpu is None else gpu
+    if gpu:
+        tuned = _user_entry(head_dim, dtype, causal, seq_q, gpu)
+        if tuned is not None:
+            return tuned
+    fallback = triton_config.default_config(
+        head_dim=head_dim, dtype=dtype, causal=causal, seq_q=seq_q, seq_k=seq_k, gpu=gpu
+    )
     return MosaicConfig(
         fwd=_default_forward(head_dim, dtype, causal), bwd=_default_backward(head_dim, dtype), fallback_bwd=fallback.bwd
     )

@@ -1,0 +1,107 @@
+"""The Mosaic GPU backend's tuning space and search (``python -m pallas_flash.tuning --backend mosaic``).
+
+The search is coordinate-wise: the forward config alone (timing the forward,
+with the default backward), then the backward config with the best forward
+(timing the backward alone). Each space holds only the candidates whose tiles
+fit in shared memory for the problem's head dim and dtype (``check_fits``);
+a candidate that still fails to compile is skipped with a log line. At head
+dim 256 the backward runs the Triton fallback, so only the forward is searched
+(the backward keeps the default config and is timed once). Results are keyed by
+``config.config_key`` and stored in the user cache (``config.user_cache_path()``)
+or printed as a table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from pallas_flash.api import dot_product_attention
+from pallas_flash.backends.mosaic_gpu.config import (
+    BACKWARD_HEAD_DIMS,
+    MosaicBackwardConfig,
+    MosaicConfig,
+    MosaicForwardConfig,
+    default_config,
+)
+from pallas_flash.backends.triton.tune import Problem, _best
+from pallas_flash.tuning.timer import time_fn
+
+__all__ = ["BWD_SPACE", "FWD_SPACE", "Problem", "backward_candidates", "forward_candidates", "tune_problem"]
+
+# Forward candidates, (block_kv, num_stages) each, before the shared-memory filter.
+FWD_SPACE = list(itertools.product((64, 128, 192, 256), (2, 3, 4)))
+# Backward candidates, (num_stages, dq_block_kv, dq_num_stages, deterministic) each, before the filter:
+# the deterministic mode (separate dQ kernel) over its dQ kernel's blocks, and the fused dQ mode (no dQ
+# kernel: its dq_* fields are unused and left at their defaults).
+_DQ_DEFAULTS = (MosaicBackwardConfig.dq_block_kv, MosaicBackwardConfig.dq_num_stages)
+BWD_SPACE = [
+    *(
+        (stages, dq_block_kv, dq_stages, True)
+        for stages, dq_block_kv, dq_stages in itertools.product((1, 2, 3), (64, 128), (2, 3))
+    ),
+    *((stages, *_DQ_DEFAULTS, False) for stages in (1, 2)),
+]
+
+
+def _fitting(configs: list, head_dim: int, dtype: Any, what: str) -> list:
+    fits = []
+    for cfg in configs:
+        try:
+            cfg.check_fits(head_dim, dtype)
+        except ValueError:
+            continue
+        fits.append(cfg)
+    if not fits:
+        where = f"head_dim={head_dim} ({jnp.dtype(dtype).name})"
+        raise ValueError(f"no {what} config of the tuning space fits in shared memory at {where}")
+    return fits
+
+
+def forward_candidates(head_dim: int, dtype: Any) -> list[MosaicForwardConfig]:
+    """``FWD_SPACE`` as configs, those whose tiles fit for this head dim and dtype."""
+    configs = [MosaicForwardConfig(block_kv=block_kv, num_stages=stages) for block_kv, stages in FWD_SPACE]
+    return _fitting(configs, head_dim, dtype, "forward")
+
+
+def backward_candidates(head_dim: int, dtype: Any) -> list[MosaicBackwardConfig]:
+    """``BWD_SPACE`` as configs, those whose tiles fit for this head dim and dtype."""
+    configs = [
+        MosaicBackwardConfig(num_stages=stages, dq_block_kv=dq_block_kv, dq_num_stages=dq_stages, deterministic=det)
+        for stages, dq_block_kv, dq_stages, det in BWD_SPACE
+    ]
+    return _fitting(configs, head_dim, dtype, "backward")
+
+
+def _attention(p: Problem, cfg: MosaicConfig):
+    return lambda q, k, v: dot_product_attention(q, k, v, is_causal=p.causal, implementation="mosaic", config=cfg)
+
+
+def _fwd_time(p: Problem, cfg: MosaicConfig, xs) -> float:
+    return time_fn(jax.jit(_attention(p, cfg)), [xs[:3]], min_time=0.2, warmup=2).median_s
+
+
+def _bwd_time(p: Problem, cfg: MosaicConfig, xs) -> float:
+    q, k, v, do = xs
+    _, pullback = jax.vjp(_attention(p, cfg), q, k, v)
+    # The pullback is a pytree of residuals: passed as an argument, not closed
+    # over, so that XLA cannot fold any of the backward into constants.
+    return time_fn(jax.jit(lambda pullback, do: pullback(do)), [(pullback, do)], min_time=0.2, warmup=2).median_s
+
+
+def tune_problem(p: Problem, log=print) -> tuple[MosaicConfig, dict]:
+    """The fastest forward and backward configs for one problem, and their times (``fwd_ms``, ``bwd_ms``)."""
+    xs = p.inputs()
+    base = default_config(head_dim=p.head_dim, dtype=p.dtype, causal=p.causal, seq_q=p.seq, seq_k=p.seq)
+    fwd_cands = [dataclasses.replace(base, fwd=fwd) for fwd in forward_candidates(p.head_dim, p.dtype)]
+    best_fwd, t_fwd = _best(fwd_cands, lambda c: _fwd_time(p, c, xs), log)
+    if p.head_dim in BACKWARD_HEAD_DIMS:
+        bwd_cands = [dataclasses.replace(best_fwd, bwd=bwd) for bwd in backward_candidates(p.head_dim, p.dtype)]
+    else:  # the Triton fallback backward runs: nothing of the Mosaic backward to tune
+        bwd_cands = [best_fwd]
+    best, t_bwd = _best(bwd_cands, lambda c: _bwd_time(p, c, xs), log)
+    return best, {"fwd_ms": t_fwd * 1e3, "bwd_ms": t_bwd * 1e3}

@@ -1,0 +1,271 @@
+"""The Mosaic GPU tuning spaces, its user cache and ``python -m pallas_flash.tuning --backend mosaic``.
+
+CPU only and fast: no kernel runs (``tune_problem`` is checked with fake timers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax.numpy as jnp
+import pytest
+
+from pallas_flash.backends.mosaic_gpu import config as mosaic_config
+from pallas_flash.backends.mosaic_gpu import tune as mosaic_tune
+from pallas_flash.backends.mosaic_gpu.config import (
+    BACKWARD_HEAD_DIMS,
+    HEAD_DIMS,
+    MosaicBackwardConfig,
+    MosaicConfig,
+    MosaicForwardConfig,
+    backward_smem_bytes,
+    smem_bytes,
+)
+from pallas_flash.backends.triton.config import BackwardConfig
+from pallas_flash.tuning import __main__ as tuning_cli
+
+GPU = "NVIDIA H200"
+DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    """Both backends' user caches in ``tmp_path``, read afresh."""
+    monkeypatch.setenv("PALLAS_FLASH_CACHE_DIR", str(tmp_path))
+    mosaic_config._read_user_table.cache_clear()
+    yield tmp_path
+    mosaic_config._read_user_table.cache_clear()
+
+
+def _heuristic(head_dim=128, causal=False, seq=4096, dtype=jnp.bfloat16):
+    return mosaic_config.default_config(head_dim=head_dim, dtype=dtype, causal=causal, seq_q=seq, seq_k=seq, gpu="")
+
+
+def _write_cache(entries: dict) -> None:
+    path = mosaic_config.user_cache_path()
+    path.write_text(json.dumps({GPU: entries}))
+
+
+# --- the spaces ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_forward_space_fits_in_shared_memory(head_dim, dtype):
+    cands = mosaic_tune.forward_candidates(head_dim, dtype)
+    assert cands
+    for cfg in cands:
+        assert (cfg.block_kv, cfg.num_stages) in mosaic_tune.FWD_SPACE
+        assert smem_bytes(cfg.block_q, cfg.block_kv, cfg.num_stages, head_dim, dtype) <= mosaic_config.MAX_SMEM_BYTES
+    # exactly the space's members that fit: none is dropped needlessly
+    fitting = {
+        (kv, s)
+        for kv, s in mosaic_tune.FWD_SPACE
+        if smem_bytes(64, kv, s, head_dim, dtype) <= mosaic_config.MAX_SMEM_BYTES
+    }
+    assert {(c.block_kv, c.num_stages) for c in cands} == fitting
+
+
+def test_forward_space_sizes():
+    assert len(mosaic_tune.FWD_SPACE) == 12
+    sizes = {d: len(mosaic_tune.forward_candidates(d, jnp.bfloat16)) for d in HEAD_DIMS}
+    assert sizes[64] > sizes[128] > sizes[256] >= 1
+    assert mosaic_tune.forward_candidates(256, jnp.bfloat16) == [MosaicForwardConfig(block_kv=64, num_stages=2)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", BACKWARD_HEAD_DIMS)
+def test_backward_space_fits_in_shared_memory(head_dim, dtype):
+    cands = mosaic_tune.backward_candidates(head_dim, dtype)
+    assert cands
+    assert any(c.deterministic for c in cands) and any(not c.deterministic for c in cands)
+    for cfg in cands:
+        assert max(backward_smem_bytes(cfg, head_dim, dtype)) <= mosaic_config.MAX_SMEM_BYTES
+        assert 1 <= cfg.num_stages <= (3 if cfg.deterministic else 2)
+
+
+def test_backward_space_members():
+    assert len(mosaic_tune.BWD_SPACE) == 14
+    assert sum(1 for *_, det in mosaic_tune.BWD_SPACE if det) == 12
+    assert {(s, det) for s, _, _, det in mosaic_tune.BWD_SPACE if not det} == {(1, False), (2, False)}
+
+
+def test_head_dim_256_has_no_backward_space():
+    # At D=256 the Mosaic backward is not used (Triton fallback), and none of its tiles fit: a clear error.
+    with pytest.raises(ValueError, match=r"no backward config .* head_dim=256 \(bfloat16\)"):
+        mosaic_tune.backward_candidates(256, jnp.bfloat16)
+
+
+def test_spaces_include_the_heuristic_defaults():
+    for head_dim in HEAD_DIMS:
+        for causal in (False, True):
+            cfg = _heuristic(head_dim, causal)
+            assert cfg.fwd in mosaic_tune.forward_candidates(head_dim, jnp.bfloat16)
+            if head_dim in BACKWARD_HEAD_DIMS:
+                assert cfg.bwd in mosaic_tune.backward_candidates(head_dim, jnp.bfloat16)
+
+
+# --- to_dict / from_dict ---------------------------------------------------------------------
+
+
+def test_to_dict_round_trip():
+    cfg = MosaicConfig(
+        fwd=MosaicForwardConfig(block_kv=192, num_stages=3),
+        bwd=MosaicBackwardConfig(num_stages=1, dq_block_kv=128, dq_num_stages=2, deterministic=False),
+        fallback_bwd=BackwardConfig(32, 64, 64, 32, 4, 2, 4, 2),
+    )
+    d = cfg.to_dict()
+    assert set(d) == {"fwd", "bwd", "fallback_bwd"}
+    assert MosaicConfig.from_dict(json.loads(json.dumps(d))) == cfg
+    assert MosaicConfig.from_dict(MosaicConfig().to_dict()) == MosaicConfig()
+
+
+@pytest.mark.parametrize(
+    "mutate, error, match",
+    [
+        (lambda d: d.pop("fallback_bwd"), ValueError, r"missing \['fallback_bwd'\]"),
+        (lambda d: d.update(extra={}), ValueError, r"unknown \['extra'\]"),
+        (lambda d: d.update(fwd=[128, 2]), TypeError, "'fwd' must be a dict"),
+        (lambda d: d["bwd"].update(block_k=64), ValueError, r"'bwd' has fields \['block_k'\]"),
+        (lambda d: d["fwd"].update(block_kv=96), ValueError, "block_kv=96"),
+    ],
+)
+def test_from_dict_rejects_malformed(mutate, error, match):
+    d = MosaicConfig().to_dict()
+    mutate(d)
+    with pytest.raises(error, match=match):
+        MosaicConfig.from_dict(d)
+
+
+def test_from_dict_needs_a_dict():
+    with pytest.raises(TypeError, match="needs a dict"):
+        MosaicConfig.from_dict([1, 2])
+
+
+# --- the user cache --------------------------------------------------------------------------
+
+
+def test_user_cache_beside_the_triton_one(cache_dir):
+    from pallas_flash.backends.triton import config as triton_config
+
+    assert mosaic_config.user_cache_path() == cache_dir / "mosaic_configs.json"
+    assert mosaic_config.user_cache_path().parent == triton_config.user_cache_path().parent
+    assert mosaic_config.user_cache_path() != triton_config.user_cache_path()
+
+
+def test_default_config_reads_the_user_cache(cache_dir):
+    tuned = dataclasses.replace(_heuristic(128, True), fwd=MosaicForwardConfig(block_kv=64, num_stages=4))
+    _write_cache({mosaic_config.config_key(128, "bfloat16", True, 4096): tuned.to_dict()})
+    got = mosaic_config.default_config(head_dim=128, dtype=jnp.bfloat16, causal=True, seq_q=4096, seq_k=4096, gpu=GPU)
+    assert got == tuned
+    # another GPU, or another key (head dim, causal), gets the heuristics
+    other_gpu = mosaic_config.default_config(
+        head_dim=128, dtype=jnp.bfloat16, causal=True, seq_q=4096, seq_k=4096, gpu="NVIDIA H100"
+    )
+    assert other_gpu.fwd == _heuristic(128, True).fwd
+    assert mosaic_config.default_config(
+        head_dim=128, dtype=jnp.bfloat16, causal=False, seq_q=4096, seq_k=4096, gpu=GPU
+    ) == _heuristic(128, False)
+    assert mosaic_config.default_config(
+        head_dim=64, dtype=jnp.bfloat16, causal=True, seq_q=4096, seq_k=4096, gpu=GPU
+    ) == _heuristic(64, True)
+
+
+def test_default_config_without_cache_is_the_heuristic(cache_dir):
+    assert not mosaic_config.user_cache_path().exists()
+    got = mosaic_config.default_config(head_dim=64, dtype=jnp.bfloat16, causal=False, seq_q=1024, seq_k=1024, gpu=GPU)
+    assert got.fwd == MosaicForwardConfig(block_kv=256, num_stages=2)
+    assert got.bwd == MosaicBackwardConfig(num_stages=3, dq_block_kv=128, dq_num_stages=2)
+
+
+def test_unreadable_cache_is_ignored(cache_dir):
+    mosaic_config.user_cache_path().write_text("{not json")
+    got = mosaic_config.default_config(head_dim=128, dtype=jnp.bfloat16, causal=False, seq_q=4096, seq_k=4096, gpu=GPU)
+    assert got.fwd == _heuristic(128, False).fwd
+
+
+def test_invalid_cache_entry_raises_naming_the_file(cache_dir):
+    bad = MosaicConfig().to_dict()
+    bad["fwd"]["block_kv"] = 256
+    bad["fwd"]["num_stages"] = 4  # does not fit at D=128
+    _write_cache({mosaic_config.config_key(128, "bfloat16", False, 4096): bad})
+    with pytest.raises(ValueError, match="mosaic_configs.json.*shared memory"):
+        mosaic_config.default_config(head_dim=128, dtype=jnp.bfloat16, causal=False, seq_q=4096, seq_k=4096, gpu=GPU)
+
+
+# --- tune_problem with a fake timer ------------------------------------------------------------
+
+
+def _fake_times(monkeypatch, fwd_best: MosaicForwardConfig, bwd_best: MosaicBackwardConfig, fail=()):
+    """Forward/backward timers that favour one config each and raise for the configs in ``fail``."""
+    calls = {"fwd": [], "bwd": []}
+
+    def fwd_time(p, cfg, xs):
+        calls["fwd"].append(cfg)
+        if cfg.fwd in fail:
+            raise RuntimeError("does not compile")
+        return 1.0 if cfg.fwd == fwd_best else 2.0 + cfg.fwd.num_stages
+
+    def bwd_time(p, cfg, xs):
+        calls["bwd"].append(cfg)
+        if cfg.bwd in fail:
+            raise RuntimeError("does not compile")
+        return 0.5 if cfg.bwd == bwd_best else 3.0
+
+    monkeypatch.setattr(mosaic_tune, "_fwd_time", fwd_time)
+    monkeypatch.setattr(mosaic_tune, "_bwd_time", bwd_time)
+    return calls
+
+
+def _small(head_dim, causal=True):
+    return mosaic_tune.Problem(head_dim, "bfloat16", causal, 128, 1, 1)
+
+
+def test_tune_problem_picks_the_fastest(cache_dir, monkeypatch):
+    fwd_best = MosaicForwardConfig(block_kv=192, num_stages=2)
+    bwd_best = MosaicBackwardConfig(num_stages=1, dq_block_kv=128, dq_num_stages=3)
+    failing = MosaicForwardConfig(block_kv=64, num_stages=2)
+    calls = _fake_times(monkeypatch, fwd_best, bwd_best, fail=(failing,))
+    logs = []
+    cfg, times = mosaic_tune.tune_problem(_small(64), log=logs.append)
+    assert cfg.fwd == fwd_best and cfg.bwd == bwd_best
+    assert times == {"fwd_ms": 1000.0, "bwd_ms": 500.0}
+    assert [c.fwd for c in calls["fwd"]] == mosaic_tune.forward_candidates(64, "bfloat16")
+    assert [c.bwd for c in calls["bwd"]] == mosaic_tune.backward_candidates(64, "bfloat16")
+    assert all(c.fwd == fwd_best for c in calls["bwd"])  # the backward is searched with the best forward
+    assert len(logs) == 1 and "skip" in logs[0] and "does not compile" in logs[0]
+
+
+def test_tune_problem_head_dim_256_keeps_the_default_backward(cache_dir, monkeypatch):
+    calls = _fake_times(monkeypatch, MosaicForwardConfig(block_kv=64, num_stages=2), MosaicBackwardConfig())
+    cfg, times = mosaic_tune.tune_problem(_small(256, causal=False), log=lambda s: None)
+    default = _heuristic(256, False, seq=128)
+    assert cfg == dataclasses.replace(default, fwd=MosaicForwardConfig(block_kv=64, num_stages=2))
+    assert len(calls["bwd"]) == 1 and set(times) == {"fwd_ms", "bwd_ms"}
+
+
+def test_tune_problem_raises_when_nothing_compiles(cache_dir, monkeypatch):
+    _fake_times(monkeypatch, None, None, fail=tuple(mosaic_tune.forward_candidates(128, "bfloat16")))
+    with pytest.raises(RuntimeError, match="no candidate config compiled"):
+        mosaic_tune.tune_problem(_small(128), log=lambda s: None)
+
+
+# --- the command -----------------------------------------------------------------------------
+
+
+def test_cli_knows_the_mosaic_backend():
+    tune, config = tuning_cli.TUNERS["mosaic"]
+    assert tune is mosaic_tune and config is mosaic_config
+    for name in ("Problem", "tune_problem"):
+        assert callable(getattr(tune, name))
+    for name in ("config_key", "user_cache_path", "gpu_name"):
+        assert callable(getattr(config, name))
+    assert "mosaic" in tuning_cli.__doc__ and "triton" in tuning_cli.__doc__
+
+
+@pytest.mark.skipif(tuning_cli.jax.default_backend() == "gpu", reason="the refusal is for machines without a GPU")
+@pytest.mark.parametrize("backend", ["triton", "mosaic"])
+def test_cli_refuses_without_a_gpu(backend, capsys):
+    assert tuning_cli.main(["--backend", backend]) == 2
+    assert "needs an NVIDIA GPU" in capsys.readouterr().err
