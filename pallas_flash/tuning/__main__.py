@@ -42,6 +42,9 @@ def main(argv=None) -> int:
     ap.add_argument("--causal", choices=["both", "yes", "no"], default="both")
     ap.add_argument("--tokens", type=int, default=16384, help="batch * seq per problem (default 16384)")
     ap.add_argument("--hidden", type=int, default=2048, help="heads * head_dim (default 2048)")
+    ap.add_argument("--nondeterministic-bwd", action="store_true",
+                    help="mosaic: let the backward search include the fused-dQ mode, faster in places but not "
+                         "bit-identical run to run (default: deterministic configs only)")
     ap.add_argument("--print-json", action="store_true", help="print the table instead of writing the user cache")
     args = ap.parse_args(argv)
     if jax.default_backend() != "gpu":
@@ -58,7 +61,10 @@ def main(argv=None) -> int:
         [int(x) for x in args.seq_lens.split(",")],
     ):
         p = tune.Problem(d, jnp.dtype(dt).name, c, n, max(1, args.tokens // n), max(1, args.hidden // d))
-        cfg, times = tune.tune_problem(p, log=lambda s: print(s, file=sys.stderr))
+        extra = {"nondeterministic": True} if args.nondeterministic_bwd else {}
+        if extra and args.backend != "mosaic":
+            ap.error("--nondeterministic-bwd applies to --backend mosaic only")
+        cfg, times = tune.tune_problem(p, log=lambda s: print(s, file=sys.stderr), **extra)
         key = config.config_key(d, dt, c, n)
         table[key] = cfg.to_dict()
         print(f"{key}: fwd {times['fwd_ms']:.3f} ms, bwd {times['bwd_ms']:.3f} ms, {cfg}", file=sys.stderr, flush=True)

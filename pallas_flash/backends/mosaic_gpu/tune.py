@@ -68,11 +68,14 @@ def forward_candidates(head_dim: int, dtype: Any) -> list[MosaicForwardConfig]:
     return _fitting(configs, head_dim, dtype, "forward")
 
 
-def backward_candidates(head_dim: int, dtype: Any) -> list[MosaicBackwardConfig]:
-    """``BWD_SPACE`` as configs, those whose tiles fit for this head dim and dtype."""
+def backward_candidates(head_dim: int, dtype: Any, *, nondeterministic: bool = False) -> list[MosaicBackwardConfig]:
+    """``BWD_SPACE`` as configs, those whose tiles fit for this head dim and dtype; the fused-dQ (run-to-run
+    nondeterministic) ones only with ``nondeterministic``, so that a tuned cache never silently gives up the
+    backward's default bit-identical reruns."""
     configs = [
         MosaicBackwardConfig(num_stages=stages, dq_block_kv=dq_block_kv, dq_num_stages=dq_stages, deterministic=det)
         for stages, dq_block_kv, dq_stages, det in BWD_SPACE
+        if det or nondeterministic
     ]
     return _fitting(configs, head_dim, dtype, "backward")
 
@@ -93,14 +96,16 @@ def _bwd_time(p: Problem, cfg: MosaicConfig, xs) -> float:
     return time_fn(jax.jit(lambda pullback, do: pullback(do)), [(pullback, do)], min_time=0.2, warmup=2).median_s
 
 
-def tune_problem(p: Problem, log=print) -> tuple[MosaicConfig, dict]:
-    """The fastest forward and backward configs for one problem, and their times (``fwd_ms``, ``bwd_ms``)."""
+def tune_problem(p: Problem, log=print, *, nondeterministic: bool = False) -> tuple[MosaicConfig, dict]:
+    """The fastest forward and backward configs for one problem, and their times (``fwd_ms``, ``bwd_ms``);
+    ``nondeterministic`` lets the backward search the fused-dQ mode too (see ``backward_candidates``)."""
     xs = p.inputs()
     base = default_config(head_dim=p.head_dim, dtype=p.dtype, causal=p.causal, seq_q=p.seq, seq_k=p.seq)
     fwd_cands = [dataclasses.replace(base, fwd=fwd) for fwd in forward_candidates(p.head_dim, p.dtype)]
     best_fwd, t_fwd = _best(fwd_cands, lambda c: _fwd_time(p, c, xs), log)
     if p.head_dim in BACKWARD_HEAD_DIMS:
-        bwd_cands = [dataclasses.replace(best_fwd, bwd=bwd) for bwd in backward_candidates(p.head_dim, p.dtype)]
+        bwd_cands = [dataclasses.replace(best_fwd, bwd=bwd)
+                     for bwd in backward_candidates(p.head_dim, p.dtype, nondeterministic=nondeterministic)]
     else:  # the Triton fallback backward runs: nothing of the Mosaic backward to tune
         bwd_cands = [best_fwd]
     best, t_bwd = _best(bwd_cands, lambda c: _bwd_time(p, c, xs), log)
