@@ -22,6 +22,7 @@ from pallas_flash.backends.mosaic_gpu.config import (
     backward_smem_bytes,
     smem_bytes,
 )
+from pallas_flash.backends.triton import config as triton_config
 from pallas_flash.backends.triton.config import BackwardConfig
 from pallas_flash.tuning import __main__ as tuning_cli
 
@@ -33,9 +34,9 @@ DTYPES = (jnp.bfloat16, jnp.float16)
 def cache_dir(tmp_path, monkeypatch):
     """Both backends' user caches in ``tmp_path``, read afresh."""
     monkeypatch.setenv("PALLAS_FLASH_CACHE_DIR", str(tmp_path))
-    mosaic_config._read_user_table.cache_clear()
+    triton_config.read_user_table.cache_clear()
     yield tmp_path
-    mosaic_config._read_user_table.cache_clear()
+    triton_config.read_user_table.cache_clear()
 
 
 def _heuristic(head_dim=128, causal=False, seq=4096, dtype=jnp.bfloat16):

@@ -14,8 +14,6 @@ heuristics below. There is no shipped table yet.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import pathlib
 from typing import Any
 
@@ -242,18 +240,6 @@ def user_cache_path() -> pathlib.Path:
     return triton_config.user_cache_path().with_name("mosaic_configs.json")
 
 
-@functools.cache
-def _read_user_table(path: pathlib.Path, gpu: str) -> dict[str, dict[str, Any]]:
-    """This GPU's entries of the cache at ``path``; a missing or unreadable file has none (as the Triton backend's)."""
-    if not path.exists():
-        return {}
-    try:
-        table = json.loads(path.read_text()).get(gpu, {})
-    except (OSError, ValueError, AttributeError):
-        return {}
-    return table if isinstance(table, dict) else {}
-
-
 def _user_entry(head_dim: int, dtype: Any, causal: bool, seq_q: int, gpu: str) -> MosaicConfig | None:
     """The cache's config for this key (the nearest sequence bucket, as the Triton backend's lookup), validated.
 
@@ -261,7 +247,7 @@ def _user_entry(head_dim: int, dtype: Any, causal: bool, seq_q: int, gpu: str) -
     key: a stale or hand-edited cache should be fixed (or deleted), not silently ignored.
     """
     path = user_cache_path()
-    entry = triton_config._lookup(_read_user_table(path, gpu), head_dim, dtype, causal, seq_q)
+    entry = triton_config.lookup(triton_config.read_user_table(path, gpu), head_dim, dtype, causal, seq_q)
     if entry is None:
         return None
     key = config_key(head_dim, dtype, causal, seq_q)

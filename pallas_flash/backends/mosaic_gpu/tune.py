@@ -17,7 +17,6 @@ import dataclasses
 import itertools
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 
 from pallas_flash.api import dot_product_attention
@@ -28,8 +27,7 @@ from pallas_flash.backends.mosaic_gpu.config import (
     MosaicForwardConfig,
     default_config,
 )
-from pallas_flash.backends.triton.tune import Problem, _best
-from pallas_flash.tuning.timer import time_fn
+from pallas_flash.tuning.search import Problem, backward_time, fastest, forward_time
 
 __all__ = ["BWD_SPACE", "FWD_SPACE", "Problem", "backward_candidates", "forward_candidates", "tune_problem"]
 
@@ -85,15 +83,11 @@ def _attention(p: Problem, cfg: MosaicConfig):
 
 
 def _fwd_time(p: Problem, cfg: MosaicConfig, xs) -> float:
-    return time_fn(jax.jit(_attention(p, cfg)), [xs[:3]], min_time=0.2, warmup=2).median_s
+    return forward_time(_attention(p, cfg), xs)
 
 
 def _bwd_time(p: Problem, cfg: MosaicConfig, xs) -> float:
-    q, k, v, do = xs
-    _, pullback = jax.vjp(_attention(p, cfg), q, k, v)
-    # The pullback is a pytree of residuals: passed as an argument, not closed
-    # over, so that XLA cannot fold any of the backward into constants.
-    return time_fn(jax.jit(lambda pullback, do: pullback(do)), [(pullback, do)], min_time=0.2, warmup=2).median_s
+    return backward_time(_attention(p, cfg), xs)
 
 
 def tune_problem(p: Problem, log=print, *, nondeterministic: bool = False) -> tuple[MosaicConfig, dict]:
@@ -102,11 +96,11 @@ def tune_problem(p: Problem, log=print, *, nondeterministic: bool = False) -> tu
     xs = p.inputs()
     base = default_config(head_dim=p.head_dim, dtype=p.dtype, causal=p.causal, seq_q=p.seq, seq_k=p.seq)
     fwd_cands = [dataclasses.replace(base, fwd=fwd) for fwd in forward_candidates(p.head_dim, p.dtype)]
-    best_fwd, t_fwd = _best(fwd_cands, lambda c: _fwd_time(p, c, xs), log)
+    best_fwd, t_fwd = fastest(fwd_cands, lambda c: _fwd_time(p, c, xs), log)
     if p.head_dim in BACKWARD_HEAD_DIMS:
         bwd_cands = [dataclasses.replace(best_fwd, bwd=bwd)
                      for bwd in backward_candidates(p.head_dim, p.dtype, nondeterministic=nondeterministic)]
     else:  # the Triton fallback backward runs: nothing of the Mosaic backward to tune
         bwd_cands = [best_fwd]
-    best, t_bwd = _best(bwd_cands, lambda c: _bwd_time(p, c, xs), log)
+    best, t_bwd = fastest(bwd_cands, lambda c: _bwd_time(p, c, xs), log)
     return best, {"fwd_ms": t_fwd * 1e3, "bwd_ms": t_bwd * 1e3}

@@ -161,14 +161,16 @@ def config_key(head_dim: int, dtype: Any, causal: bool, seq_q: int) -> str:
 
 
 @functools.cache
-def _user_table(gpu: str) -> dict[str, dict[str, Any]]:
-    path = user_cache_path()
+def read_user_table(path: pathlib.Path, gpu: str) -> dict[str, dict[str, Any]]:
+    """This GPU's entries of a tuned cache (``{gpu name: {config_key: config dict}}``, this backend's or the
+    Mosaic backend's); a missing or unreadable file has none. Read once per process."""
     if not path.exists():
         return {}
     try:
-        return json.loads(path.read_text()).get(gpu, {})
+        table = json.loads(path.read_text()).get(gpu, {})
     except (OSError, ValueError, AttributeError):
         return {}
+    return table if isinstance(table, dict) else {}
 
 
 @functools.cache
@@ -180,7 +182,7 @@ def _shipped_table(gpu: str) -> dict[str, dict[str, Any]]:
     return {}
 
 
-def _lookup(table: dict[str, dict[str, Any]], head_dim: int, dtype: Any, causal: bool, seq_q: int):
+def lookup(table: dict[str, dict[str, Any]], head_dim: int, dtype: Any, causal: bool, seq_q: int):
     """Exact key, else the nearest sequence bucket; fp16 uses bf16's entries (same tile bytes)."""
     dtypes = [jax.numpy.dtype(dtype).name]
     if dtypes[0] == "float16":
@@ -218,8 +220,8 @@ def default_config(
     """
     gpu = gpu_name() if gpu is None else gpu
     if gpu:
-        for table in (_user_table(gpu), _shipped_table(gpu)):
-            entry = _lookup(table, head_dim, dtype, causal, seq_q)
+        for table in (read_user_table(user_cache_path(), gpu), _shipped_table(gpu)):
+            entry = lookup(table, head_dim, dtype, causal, seq_q)
             if entry is not None:
                 return FlashConfig.from_dict(entry)
     return _heuristic(head_dim, dtype)

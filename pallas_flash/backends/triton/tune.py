@@ -10,14 +10,10 @@ Results are keyed by ``config.config_key`` and stored in the user cache
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable
-
-import jax
-import jax.numpy as jnp
 
 from pallas_flash.api import flash_attention
 from pallas_flash.backends.triton.config import FlashConfig, ForwardConfig, default_config
-from pallas_flash.tuning.timer import time_fn
+from pallas_flash.tuning.search import Problem, backward_time, fastest, forward_time
 
 # Candidates, (block_q, block_k, num_warps, num_stages) each: the ones that
 # won somewhere on an H100 plus their neighbours (see benchmarks/NOTES.md).
@@ -44,47 +40,16 @@ DQ_SPACE = [  # the dQ kernel's
 ]
 
 
-@dataclasses.dataclass(frozen=True)
-class Problem:
-    head_dim: int
-    dtype: str
-    causal: bool
-    seq: int
-    batch: int
-    heads: int
-
-    def inputs(self):
-        keys = jax.random.split(jax.random.key(0), 4)
-        shape = (self.batch, self.seq, self.heads, self.head_dim)
-        return [jax.random.normal(k, shape, jnp.dtype(self.dtype)) for k in keys]
+def _attention(p: Problem, cfg: FlashConfig):
+    return lambda q, k, v: flash_attention(q, k, v, causal=p.causal, config=cfg)
 
 
 def _fwd_time(p: Problem, cfg: FlashConfig, xs) -> float:
-    f = jax.jit(lambda q, k, v: flash_attention(q, k, v, causal=p.causal, config=cfg))
-    return time_fn(f, [xs[:3]], min_time=0.2, warmup=2).median_s
+    return forward_time(_attention(p, cfg), xs)
 
 
 def _bwd_time(p: Problem, cfg: FlashConfig, xs) -> float:
-    q, k, v, do = xs
-    _, pullback = jax.vjp(lambda q, k, v: flash_attention(q, k, v, causal=p.causal, config=cfg), q, k, v)
-    # The pullback is a pytree of residuals: passed as an argument, not closed
-    # over, so that XLA cannot fold any of the backward into constants.
-    return time_fn(jax.jit(lambda pullback, do: pullback(do)), [(pullback, do)], min_time=0.2, warmup=2).median_s
-
-
-def _best(candidates: Iterable[FlashConfig], timer: Callable[[FlashConfig], float], log) -> tuple[FlashConfig, float]:
-    best, best_t = None, float("inf")
-    for cfg in candidates:
-        try:
-            t = timer(cfg)
-        except Exception as e:  # e.g. a tile that does not fit in shared memory
-            log(f"    skip {cfg}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
-            continue
-        if t < best_t:
-            best, best_t = cfg, t
-    if best is None:
-        raise RuntimeError("no candidate config compiled")
-    return best, best_t
+    return backward_time(_attention(p, cfg), xs)
 
 
 def tune_problem(p: Problem, log=print) -> tuple[FlashConfig, dict]:
@@ -92,15 +57,15 @@ def tune_problem(p: Problem, log=print) -> tuple[FlashConfig, dict]:
     xs = p.inputs()
     base = default_config(head_dim=p.head_dim, dtype=p.dtype, causal=p.causal, seq_q=p.seq, seq_k=p.seq)
     fwd_cands = [dataclasses.replace(base, fwd=ForwardConfig(*c)) for c in FWD_SPACE]
-    best_fwd, t_fwd = _best(fwd_cands, lambda c: _fwd_time(p, c, xs), log)
+    best_fwd, t_fwd = fastest(fwd_cands, lambda c: _fwd_time(p, c, xs), log)
 
     def with_dkdv(c):
         return FlashConfig(best_fwd.fwd, dataclasses.replace(base.bwd, block_q_dkv=c[0], block_k_dkv=c[1], num_warps_dkv=c[2], num_stages_dkv=c[3]))
 
-    best_dkdv, _ = _best([with_dkdv(c) for c in DKDV_SPACE], lambda c: _bwd_time(p, c, xs), log)
+    best_dkdv, _ = fastest([with_dkdv(c) for c in DKDV_SPACE], lambda c: _bwd_time(p, c, xs), log)
 
     def with_dq(c):
         return FlashConfig(best_fwd.fwd, dataclasses.replace(best_dkdv.bwd, block_q_dq=c[0], block_k_dq=c[1], num_warps_dq=c[2], num_stages_dq=c[3]))
 
-    best, t_bwd = _best([with_dq(c) for c in DQ_SPACE], lambda c: _bwd_time(p, c, xs), log)
+    best, t_bwd = fastest([with_dq(c) for c in DQ_SPACE], lambda c: _bwd_time(p, c, xs), log)
     return best, {"fwd_ms": t_fwd * 1e3, "bwd_ms": t_bwd * 1e3}
