@@ -39,7 +39,7 @@ def device_info() -> dict:
 
 # --- failures as table statuses ---------------------------------------------
 
-_OOM_MARKERS = ("resource_exhausted", "out of memory", "oom when allocating", "failed to allocate")
+OOM_MARKERS = ("resource_exhausted", "out of memory", "oom when allocating", "failed to allocate")
 _UNSUPPORTED_MARKERS = ("not supported", "unsupported", "not implemented")
 
 
@@ -50,7 +50,7 @@ def classify_exception(exc: BaseException) -> str:
     if isinstance(exc, MemoryError):
         return "OOM"
     text = f"{type(exc).__name__}: {exc}".lower()
-    if any(m in text for m in _OOM_MARKERS):
+    if any(m in text for m in OOM_MARKERS):
         return "OOM"
     return "n/a" if any(m in text for m in _UNSUPPORTED_MARKERS) else "ERR"
 
@@ -59,7 +59,7 @@ def short_message(exc: BaseException, limit: int = 300) -> str:
     """``Type: first meaningful line`` of an exception, at most ``limit`` characters."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     # XLA errors often start with a generic line; prefer one naming the cause.
-    first = next((ln for ln in lines if "error" in ln.lower() or any(m in ln.lower() for m in _OOM_MARKERS + _UNSUPPORTED_MARKERS)),
+    first = next((ln for ln in lines if "error" in ln.lower() or any(m in ln.lower() for m in OOM_MARKERS + _UNSUPPORTED_MARKERS)),
                  lines[0] if lines else "")
     msg = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
     return msg if len(msg) <= limit else msg[: limit - 3] + "..."
@@ -89,7 +89,7 @@ def run_worker(module: str, spec: dict, timeout: float, env: dict | None = None)
         if line.startswith(RESULT_TAG):
             return json.loads(line[len(RESULT_TAG):])
     tail = " | ".join(out.strip().splitlines()[-3:])
-    status = "OOM" if any(m in tail.lower() for m in _OOM_MARKERS) else "ERR"
+    status = "OOM" if any(m in tail.lower() for m in OOM_MARKERS) else "ERR"
     return {"ok": False, "status": status, "error": f"worker exited with {rc}: {tail[-300:]}"}
 
 

@@ -44,7 +44,6 @@ from benchmarks import common
 
 KINDS = ("dp", "cp")
 _COMPILED = re.compile(r"compiled the train step in ([0-9.]+)s")
-_OOM = ("resource_exhausted", "out of memory")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +113,7 @@ def execute(run: Run, *, cpu: bool, timeout: float, log_dir: pathlib.Path, xla_f
     if rc == "timeout" and train:
         status = f"stopped at the {timeout:.0f} s limit after step {train[-1]['step']} (its windows are kept)"
     elif rc != 0 or not train:
-        oom = any(s in text.lower() for s in _OOM)
+        oom = any(s in text.lower() for s in common.OOM_MARKERS)
         tail = " | ".join(text.strip().splitlines()[-2:])[-240:]
         return dict(rec, status="out of memory" if oom else f"failed ({rc}): {tail}")
     else:
