@@ -11,7 +11,8 @@ interpret mode alone (``forward.py``'s and ``backward.py``'s docstrings): a
 wgmma whose left operand is in registers takes a shared-memory copy of it,
 ``pl.run_state`` accumulators become fresh ones added in registers, and the
 backward's TMA reduction of dQ becomes per-CTA partial sums that XLA adds. The
-head-dim-256 backward (the Triton kernels) runs in Triton interpret mode.
+head-dim-256 backward (``backward_wide.py``'s role split) runs in interpret
+mode too, under the race detector as well.
 
 Interpret mode runs each warpgroup's host callbacks on XLA's CPU thread pool:
 with fewer pool threads than warpgroups that wait on barriers at once it can
@@ -40,14 +41,12 @@ from pallas_flash import backends
 from pallas_flash.backends.mosaic_gpu import MosaicBackend, MosaicBackwardConfig, MosaicConfig, MosaicForwardConfig
 from pallas_flash.backends.mosaic_gpu.backward import mosaic_backward
 from pallas_flash.backends.mosaic_gpu.config import (
-    BACKWARD_HEAD_DIMS,
     HEAD_DIMS,
     MAX_SMEM_BYTES,
     backward_smem_bytes,
     default_config,
     smem_bytes,
 )
-from pallas_flash.backends.triton.backward import flash_backward
 from pallas_flash.backends.triton.config import BackwardConfig
 from pallas_flash.reference import attention_reference
 from pallas_flash.spec import AttentionInputs, AttentionSpec
@@ -56,7 +55,7 @@ from tests.cases import random_qkv
 from tests.conftest import ON_GPU, TOLERANCE, rel_err
 
 DTYPES = (jnp.bfloat16, jnp.float16)
-# Triton backward blocks small enough for Triton interpret mode on a CPU (the head-dim-256 fallback).
+# A Triton backward config: the wrong type for the Mosaic backend's backward.
 SMALL_BWD = BackwardConfig(16, 16, 16, 16, 4, 1, 4, 1)
 FUSED = MosaicBackwardConfig(num_stages=2, dq_block_kv=64, dq_num_stages=2, deterministic=False)
 DETERMINISTIC = MosaicBackwardConfig(num_stages=2, dq_block_kv=64, dq_num_stages=2, deterministic=True)
@@ -107,8 +106,6 @@ def test_config_types_are_checked():
         MosaicConfig(fwd=pf.ForwardConfig())
     with pytest.raises(TypeError, match="MosaicConfig.bwd must be a MosaicBackwardConfig, got BackwardConfig"):
         MosaicConfig(bwd=SMALL_BWD)
-    with pytest.raises(TypeError, match="MosaicConfig.fallback_bwd must be a Triton BackwardConfig"):
-        MosaicConfig(fallback_bwd=FUSED)
     q, k, v = _qkv(Shape("c", 1, 64, 64, 2, 1, 64))
     with pytest.raises(TypeError, match="config must be a .*MosaicConfig for the 'mosaic' backend"):
         pf.dot_product_attention(q, k, v, implementation="mosaic", config=pf.FlashConfig())
@@ -129,15 +126,19 @@ def test_shared_memory_budget():
         deep.check_fits(128, jnp.bfloat16)
     deep.check_fits(64, jnp.bfloat16)
     MosaicBackwardConfig(num_stages=3, deterministic=True).check_fits(128, jnp.bfloat16)  # no dS/dQ buffers
+    # D=256 (backward_wide.py): K, V, 2 x (Q, dO) and two P tiles fit; a third stage does not, nor 128-key dQ blocks.
+    MosaicBackwardConfig(num_stages=2, dq_block_kv=64, dq_num_stages=2).check_fits(256, jnp.bfloat16)
+    with pytest.raises(ValueError, match="shared memory in the dK/dV kernel at head_dim=256"):
+        MosaicBackwardConfig(num_stages=3, dq_num_stages=2).check_fits(256, jnp.bfloat16)
+    with pytest.raises(ValueError, match="shared memory in the dQ kernel at head_dim=256"):
+        MosaicBackwardConfig(num_stages=2, dq_block_kv=128, dq_num_stages=1).check_fits(256, jnp.bfloat16)
     for head_dim in HEAD_DIMS:
         for dtype in DTYPES:
             for causal in (False, True):
                 cfg = default_config(head_dim=head_dim, dtype=dtype, causal=causal, seq_q=4096, seq_k=4096)
                 cfg.fwd.check_fits(head_dim, dtype)
-                assert isinstance(cfg.fallback_bwd, BackwardConfig)
-                if head_dim in BACKWARD_HEAD_DIMS:
-                    cfg.bwd.check_fits(head_dim, dtype)
-                    dataclasses.replace(cfg.bwd, deterministic=True).check_fits(head_dim, dtype)
+                cfg.bwd.check_fits(head_dim, dtype)
+                dataclasses.replace(cfg.bwd, deterministic=True).check_fits(head_dim, dtype)
 
 
 # --- what the backend refuses --------------------------------------------------------------
@@ -275,6 +276,13 @@ BWD_INTERPRET_CASES = {
         MosaicBackwardConfig(num_stages=1, dq_block_kv=128, dq_num_stages=1, deterministic=True),
     ),
     "full_d128_one_block_fused": (Shape("b", 1, 77, 50, 2, 2, 128), False, jnp.float16, FUSED),
+    # D=256: backward_wide.py's role split (64-row CTAs, P handed over through shared memory).
+    "d256_causal_tq<tk_gqa2": (Shape("b", 1, 150, 333, 2, 1, 256), True, jnp.bfloat16, DETERMINISTIC),
+    "d256_causal_tq>tk_gqa4_1stage": (
+        Shape("b", 1, 200, 130, 4, 1, 256), True, jnp.float16,
+        MosaicBackwardConfig(num_stages=1, dq_block_kv=64, dq_num_stages=1),
+    ),
+    "d256_full_gqa2_ragged": (Shape("b", 2, 100, 70, 4, 2, 256), False, jnp.bfloat16, FUSED),
 }
 
 
@@ -298,14 +306,15 @@ def _residuals(shape: Shape, dtype, causal: bool, seed: int):
 
 
 @pytest.mark.skipif(ON_GPU, reason="interpret mode")
-@pytest.mark.parametrize("bwd", [FUSED, DETERMINISTIC], ids=["fused", "deterministic"])
-def test_backward_race_detector(bwd, seed):
+@pytest.mark.parametrize("bwd, head_dim", [(FUSED, 64), (DETERMINISTIC, 64), (DETERMINISTIC, 256)],
+                         ids=["fused", "deterministic", "d256"])
+def test_backward_race_detector(bwd, head_dim, seed):
     """Mosaic GPU interpret mode's happens-before race detector finds no race in either backward kernel."""
     try:
         from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as mgpu_interpret
     except ImportError:  # a private module: other JAX versions may move it
         pytest.skip("this JAX has no jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call.get_races")
-    q, k, v, out, lse2, do, dlse, spec = _residuals(Shape("r", 1, 150, 200, 2, 1, 64), jnp.bfloat16, True, seed)
+    q, k, v, out, lse2, do, dlse, spec = _residuals(Shape("r", 1, 150, 200, 2, 1, head_dim), jnp.bfloat16, True, seed)
     mgpu_interpret.reset_gpu_interpret_mode_state()
     params = plgpu.InterpretGPUParams(detect_races=True)
     grads = mosaic_backward(q, k, v, out, lse2, do, dlse, spec=spec, config=bwd, interpret=params)
@@ -314,24 +323,11 @@ def test_backward_race_detector(bwd, seed):
     assert all(bool(jnp.isfinite(g.astype(jnp.float32)).all()) for g in grads[:3])
 
 
-@pytest.mark.skipif(ON_GPU, reason="interpret mode")
-def test_head_dim_256_backward_runs_the_triton_kernels(seed):
-    """At head dim 256 (dK/dV accumulators too large for registers) the backward is the Triton backward's, exactly."""
-    shape = Shape("t", 1, 40, 24, 2, 1, 256)
-    q, k, v, out, lse2, do, dlse, spec = _residuals(shape, jnp.bfloat16, True, seed)
-    config = MosaicConfig(fallback_bwd=SMALL_BWD)
-    got = backends.get("mosaic").backward(q, k, v, out, lse2, do, dlse, AttentionInputs(), spec, config=config,
-                                          interpret=True, want_dbias=False, want_dslopes=False)
-    want = flash_backward(q, k, v, out, lse2, do, dlse, AttentionInputs(), spec=spec, config=SMALL_BWD,
-                          interpret=True)
-    for a, b in zip(got[:3], want[:3]):
-        assert np.array_equal(np.asarray(a), np.asarray(b))
-
-
 GPU_SHAPES = {
     "gqa4_tq1000_tk777_d64": Shape("m", 2, 1000, 777, 4, 1, 64),
     "gqa4_tq777_tk1000_d128": Shape("m", 1, 777, 1000, 8, 2, 128),
     "mha_t1000_d256": Shape("m", 1, 1000, 1000, 4, 4, 256),
+    "gqa2_tq777_tk1000_d256": Shape("m", 1, 777, 1000, 4, 2, 256),
 }
 
 

@@ -14,7 +14,6 @@ import pytest
 from pallas_flash.backends.mosaic_gpu import config as mosaic_config
 from pallas_flash.backends.mosaic_gpu import tune as mosaic_tune
 from pallas_flash.backends.mosaic_gpu.config import (
-    BACKWARD_HEAD_DIMS,
     HEAD_DIMS,
     MosaicBackwardConfig,
     MosaicConfig,
@@ -23,7 +22,6 @@ from pallas_flash.backends.mosaic_gpu.config import (
     smem_bytes,
 )
 from pallas_flash.backends.triton import config as triton_config
-from pallas_flash.backends.triton.config import BackwardConfig
 from pallas_flash.tuning import __main__ as tuning_cli
 
 GPU = "NVIDIA H200"
@@ -76,7 +74,7 @@ def test_forward_space_sizes():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("head_dim", BACKWARD_HEAD_DIMS)
+@pytest.mark.parametrize("head_dim", [64, 128])
 def test_backward_space_fits_in_shared_memory(head_dim, dtype):
     cands = mosaic_tune.backward_candidates(head_dim, dtype)
     assert cands and all(c.deterministic for c in cands)  # by default the tuner keeps bit-identical reruns
@@ -93,10 +91,14 @@ def test_backward_space_members():
     assert {(s, det) for s, _, _, det in mosaic_tune.BWD_SPACE if not det} == {(1, False), (2, False)}
 
 
-def test_head_dim_256_has_no_backward_space():
-    # At D=256 the Mosaic backward is not used (Triton fallback), and none of its tiles fit: a clear error.
-    with pytest.raises(ValueError, match=r"no backward config .* head_dim=256 \(bfloat16\)"):
-        mosaic_tune.backward_candidates(256, jnp.bfloat16)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_head_dim_256_backward_space(dtype):
+    # backward_wide.py: deterministic either way, so no fused candidates even when asked; at most 2 stages fit.
+    cands = mosaic_tune.backward_candidates(256, dtype, nondeterministic=True)
+    assert cands and all(c.deterministic for c in cands)
+    assert {(c.num_stages, c.dq_block_kv, c.dq_num_stages) for c in cands} == {(1, 64, 2), (2, 64, 2)}
+    for cfg in cands:
+        assert max(backward_smem_bytes(cfg, 256, dtype)) <= mosaic_config.MAX_SMEM_BYTES
 
 
 def test_spaces_include_the_heuristic_defaults():
@@ -104,8 +106,7 @@ def test_spaces_include_the_heuristic_defaults():
         for causal in (False, True):
             cfg = _heuristic(head_dim, causal)
             assert cfg.fwd in mosaic_tune.forward_candidates(head_dim, jnp.bfloat16)
-            if head_dim in BACKWARD_HEAD_DIMS:
-                assert cfg.bwd in mosaic_tune.backward_candidates(head_dim, jnp.bfloat16)
+            assert cfg.bwd in mosaic_tune.backward_candidates(head_dim, jnp.bfloat16)
 
 
 # --- to_dict / from_dict ---------------------------------------------------------------------
@@ -115,10 +116,9 @@ def test_to_dict_round_trip():
     cfg = MosaicConfig(
         fwd=MosaicForwardConfig(block_kv=192, num_stages=3),
         bwd=MosaicBackwardConfig(num_stages=1, dq_block_kv=128, dq_num_stages=2, deterministic=False),
-        fallback_bwd=BackwardConfig(32, 64, 64, 32, 4, 2, 4, 2),
     )
     d = cfg.to_dict()
-    assert set(d) == {"fwd", "bwd", "fallback_bwd"}
+    assert set(d) == {"fwd", "bwd"}
     assert MosaicConfig.from_dict(json.loads(json.dumps(d))) == cfg
     assert MosaicConfig.from_dict(MosaicConfig().to_dict()) == MosaicConfig()
 
@@ -126,7 +126,7 @@ def test_to_dict_round_trip():
 @pytest.mark.parametrize(
     "mutate, error, match",
     [
-        (lambda d: d.pop("fallback_bwd"), ValueError, r"missing \['fallback_bwd'\]"),
+        (lambda d: d.pop("bwd"), ValueError, r"missing \['bwd'\]"),
         (lambda d: d.update(extra={}), ValueError, r"unknown \['extra'\]"),
         (lambda d: d.update(fwd=[128, 2]), TypeError, "'fwd' must be a dict"),
         (lambda d: d["bwd"].update(block_k=64), ValueError, r"'bwd' has fields \['block_k'\]"),
@@ -239,12 +239,13 @@ def test_tune_problem_picks_the_fastest(cache_dir, monkeypatch):
     assert len(logs) == 1 and "skip" in logs[0] and "does not compile" in logs[0]
 
 
-def test_tune_problem_head_dim_256_keeps_the_default_backward(cache_dir, monkeypatch):
-    calls = _fake_times(monkeypatch, MosaicForwardConfig(block_kv=64, num_stages=2), MosaicBackwardConfig())
-    cfg, times = mosaic_tune.tune_problem(_small(256, causal=False), log=lambda s: None)
-    default = _heuristic(256, False, seq=128)
-    assert cfg == dataclasses.replace(default, fwd=MosaicForwardConfig(block_kv=64, num_stages=2))
-    assert len(calls["bwd"]) == 1 and set(times) == {"fwd_ms", "bwd_ms"}
+def test_tune_problem_head_dim_256_searches_the_wide_backward(cache_dir, monkeypatch):
+    bwd_best = MosaicBackwardConfig(num_stages=1, dq_block_kv=64, dq_num_stages=2)
+    calls = _fake_times(monkeypatch, MosaicForwardConfig(block_kv=64, num_stages=2), bwd_best)
+    cfg, times = mosaic_tune.tune_problem(_small(256, causal=False), log=lambda s: None, nondeterministic=True)
+    assert cfg == MosaicConfig(fwd=MosaicForwardConfig(block_kv=64, num_stages=2), bwd=bwd_best)
+    assert [c.bwd for c in calls["bwd"]] == mosaic_tune.backward_candidates(256, "bfloat16")
+    assert set(times) == {"fwd_ms", "bwd_ms"}
 
 
 def test_tune_problem_raises_when_nothing_compiles(cache_dir, monkeypatch):

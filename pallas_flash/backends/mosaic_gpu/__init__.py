@@ -4,11 +4,12 @@ Files: ``forward.py`` (the warp-specialised TMA + wgmma forward kernel and its
 launcher), ``backward.py`` (the dK/dV kernel, with dQ fused by TMA reductions
 or, in the deterministic mode, the default, the separate dQ kernel of
 ``backward_dq.py``; ``backward_common.py`` holds what the two share),
-``config.py`` (``MosaicConfig``: the kernels' blocks and pipeline depths).
+``backward_wide.py`` (the head-dim-256 backward: the two compute warpgroups
+split by role, not by rows), ``config.py`` (``MosaicConfig``: the kernels'
+blocks and pipeline depths).
 
 The kernels compute plain and causal attention with GQA/MQA, any sequence
-lengths (Tq != Tk, not block multiples), head dims 64, 128 and 256 (the
-backward at 256 runs the Triton backward kernels: see ``MosaicBackend``), in
+lengths (Tq != Tk, not block multiples), head dims 64, 128 and 256, in
 bfloat16 and float16. Everything else (masks, bias, lengths, segment ids,
 ALiBi, soft-cap, dropout, windows, position offsets, float32, other head dims,
 GPUs other than compute capability 9.0) is refused by ``supports`` with
@@ -25,7 +26,6 @@ import jax.numpy as jnp
 from pallas_flash.backends.base import Gradients, KernelBackend
 from pallas_flash.backends.mosaic_gpu.backward import mosaic_backward
 from pallas_flash.backends.mosaic_gpu.config import (
-    BACKWARD_HEAD_DIMS,
     HEAD_DIMS,
     MosaicBackwardConfig,
     MosaicConfig,
@@ -33,7 +33,6 @@ from pallas_flash.backends.mosaic_gpu.config import (
     default_config,
 )
 from pallas_flash.backends.mosaic_gpu.forward import mosaic_forward
-from pallas_flash.backends.triton.backward import flash_backward
 from pallas_flash.spec import AttentionInputs, AttentionSpec
 
 SUPPORTED_DTYPES = tuple(jnp.dtype(d) for d in (jnp.bfloat16, jnp.float16))
@@ -51,14 +50,8 @@ def _gpu_compute_capability() -> str | None:
 
 @dataclasses.dataclass(frozen=True)
 class MosaicBackend(KernelBackend):
-    """The Mosaic GPU forward and backward kernels (sm_90).
-
-    The backward runs the Mosaic kernels (``backward.py``, ``MosaicConfig.bwd``)
-    at head dims 64 and 128. At head dim 256 (where their dK/dV accumulators
-    would not fit in registers) it runs ``pallas_flash.backends.triton.backward.flash_backward``
-    with ``MosaicConfig.fallback_bwd``: both recompute the probabilities from
-    the same residuals ``(q, k, v, out, lse2)`` (``lse2`` in the log2 domain).
-    """
+    """The Mosaic GPU forward and backward kernels (sm_90); the backward recomputes the probabilities
+    from the forward's residuals ``(q, k, v, out, lse2)`` (``lse2`` in the log2 domain)."""
 
     name = "mosaic"
     config_type = MosaicConfig
@@ -89,11 +82,6 @@ class MosaicBackend(KernelBackend):
 
     def backward(self, q, k, v, out, lse, do, dlse, inputs, spec, *, config: MosaicConfig, interpret: bool,
                  want_dbias: bool, want_dslopes: bool) -> Gradients:
-        if q.shape[-1] not in BACKWARD_HEAD_DIMS:
-            return flash_backward(
-                q, k, v, out, lse, do, dlse, inputs, spec=spec, config=config.fallback_bwd, interpret=interpret,
-                want_dbias=want_dbias, want_dslopes=want_dslopes,
-            )
         if want_dbias or want_dslopes:  # ``supports`` refuses bias and ALiBi: never asked for
             raise NotImplementedError("the Mosaic GPU backward computes no bias or ALiBi-slope gradients")
         return mosaic_backward(q, k, v, out, lse, do, dlse, spec=spec, config=config.bwd, interpret=interpret)

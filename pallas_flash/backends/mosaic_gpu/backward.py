@@ -84,7 +84,8 @@ from pallas_flash.backends.mosaic_gpu.backward_common import (
     tiled_smem,
 )
 from pallas_flash.backends.mosaic_gpu.backward_dq import launch_dq
-from pallas_flash.backends.mosaic_gpu.config import BLOCK_KV, TILE, MosaicBackwardConfig
+from pallas_flash.backends.mosaic_gpu.backward_wide import launch_wide
+from pallas_flash.backends.mosaic_gpu.config import BLOCK_KV, TILE, WIDE_HEAD_DIMS, MosaicBackwardConfig
 from pallas_flash.spec import LOG2E, AttentionSpec
 
 __all__ = ["mosaic_backward"]
@@ -369,7 +370,7 @@ def mosaic_backward(
 
     The caller (``MosaicBackend``) has checked the call: no masks, bias,
     lengths, segments, ALiBi, soft-cap, dropout, window or offsets; bf16/fp16;
-    a head dim ``config.check_fits`` accepts (64 or 128).
+    head dim 64 or 128 (the kernels above), or 256 (``backward_wide.py``).
     """
     seq_q, head_dim = q.shape[1], q.shape[-1]
     seq_k = k.shape[1]
@@ -383,6 +384,9 @@ def mosaic_backward(
     q_p, do_p = _pad_rows(q, tq_pad, 1), _pad_rows(do, tq_pad, 1)
     k_p, v_p = _pad_rows(k, tk_pad, 1), _pad_rows(v, tk_pad, 1)
     common = dict(spec=spec, config=config, interpret=interpret)
+    if head_dim in WIDE_HEAD_DIMS:  # the role split of ``backward_wide.py``
+        dq, dk, dv = launch_wide(q_p, k_p, v_p, do_p, lse2, delta, seq_q=seq_q, seq_k=seq_k, **common)
+        return Gradients(dq[:, :seq_q], dk[:, :seq_k], dv[:, :seq_k])
     dq, dk, dv = _launch_dkdv(q_p, k_p, v_p, do_p, lse2, delta, seq_q=seq_q, seq_k=seq_k, **common)
     if dq is None:
         dq = launch_dq(q_p, k_p, v_p, do_p, lse2, delta, seq_k=seq_k, **common)

@@ -1,9 +1,8 @@
 """The Mosaic GPU backend's configs: the forward and backward kernels' blocks and pipeline depths, validated.
 
-``MosaicConfig`` holds the forward's config, the Mosaic backward's, and the
-Triton backend's ``BackwardConfig`` for the backward calls the Mosaic backward
-kernels do not cover (head dim 256: their dK/dV accumulators would not fit in
-registers), see ``pallas_flash.backends.mosaic_gpu``.
+``MosaicConfig`` holds the forward's config and the backward's (one
+``MosaicBackwardConfig`` for both backward designs: ``backward.py``'s row split
+at head dims 64 and 128, ``backward_wide.py``'s role split at 256).
 
 ``default_config`` reads the user's tuned cache for this GPU first
 (``python -m pallas_flash.tuning --backend mosaic``, stored in
@@ -33,14 +32,14 @@ __all__ = [
     "smem_bytes",
     "backward_smem_bytes",
     "HEAD_DIMS",
-    "BACKWARD_HEAD_DIMS",
+    "WIDE_HEAD_DIMS",
     "MAX_SMEM_BYTES",
 ]
 
 HEAD_DIMS = (64, 128, 256)
-# Head dims of the Mosaic backward kernels: at 256 a warpgroup's dK and dV accumulators (2 x 64 x 256
-# float32) would need 256 registers per thread; those calls run the Triton backward.
-BACKWARD_HEAD_DIMS = (64, 128)
+# Head dims whose backward runs ``backward_wide.py``'s kernels: a warpgroup's dK and dV accumulators for
+# 64 keys (2 x 64 x 256 float32) would need 256 registers per thread, so the warpgroups split by role.
+WIDE_HEAD_DIMS = (256,)
 # Shared memory a CTA may use on sm_90 (227 KiB), less what the kernel keeps beside its tiles
 # (barriers, the log-sum-exp staging buffers, Mosaic's own reserve).
 MAX_SMEM_BYTES = 227 * 1024 - 4 * 1024
@@ -96,6 +95,11 @@ def backward_smem_bytes(config: MosaicBackwardConfig, head_dim: int, dtype: Any)
     """Shared memory of the backward's tiles: ``(dK/dV kernel, dQ kernel)`` (the dQ kernel's is 0 when dQ is fused)."""
     item = jnp.dtype(dtype).itemsize
     bq, stages = config.block_q, config.num_stages
+    if head_dim in WIDE_HEAD_DIMS:  # backward_wide.py: 64-row CTAs, two P tiles, always a separate dQ kernel
+        dkdv = item * head_dim * (2 * BLOCK_KV + 2 * stages * bq) + 8 * stages * bq + item * 2 * BLOCK_KV * bq
+        bkv = config.dq_block_kv
+        dq = item * head_dim * (2 * BLOCK_Q + 2 * config.dq_num_stages * bkv) + 8 * BLOCK_Q + item * 2 * BLOCK_Q * bkv
+        return dkdv, dq
     # K and V of the CTA's 128 keys, the Q/dO ring and its lse/delta rows.
     dkdv = item * head_dim * (2 * TILE + 2 * stages * bq) + 8 * stages * bq
     if not config.deterministic:  # dS^T double buffer, the two float32 dQ halves
@@ -123,7 +127,8 @@ class MosaicBackwardConfig:
     (fwd+bwd 498 vs 477 TFLOP/s non-causal, 409 vs 397 causal: the fused
     kernel's dS/dQ buffers leave room for two Q/dO stages only) and within 4%
     at D=64 (361 vs 380 non-causal with 4 stages, 334 vs 334 causal), so it is
-    the default.
+    the default. At head dim 256 (``backward_wide.py``) both kernels are deterministic whatever
+    ``deterministic`` says, and ``num_stages``/``dq_num_stages`` are at most 2 (shared memory).
     """
 
     block_q: int = BLOCK_Q
@@ -159,24 +164,19 @@ class MosaicBackwardConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MosaicConfig:
-    """The Mosaic backend's config: its forward and backward kernels', and the Triton backward's for head dim 256."""
+    """The Mosaic backend's config: its forward and backward kernels'."""
 
     fwd: MosaicForwardConfig = MosaicForwardConfig()
     bwd: MosaicBackwardConfig = MosaicBackwardConfig()
-    fallback_bwd: triton_config.BackwardConfig = triton_config.BackwardConfig()
 
     def __post_init__(self):
         if not isinstance(self.fwd, MosaicForwardConfig):
             raise TypeError(f"MosaicConfig.fwd must be a MosaicForwardConfig, got {type(self.fwd).__name__}")
         if not isinstance(self.bwd, MosaicBackwardConfig):
             raise TypeError(f"MosaicConfig.bwd must be a MosaicBackwardConfig, got {type(self.bwd).__name__}")
-        if not isinstance(self.fallback_bwd, triton_config.BackwardConfig):
-            raise TypeError(
-                f"MosaicConfig.fallback_bwd must be a Triton BackwardConfig, got {type(self.fallback_bwd).__name__}"
-            )
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict: ``{"fwd": ..., "bwd": ..., "fallback_bwd": ...}``, each the config's fields."""
+        """A JSON-ready dict: ``{"fwd": ..., "bwd": ...}``, each the config's fields."""
         return {name: dataclasses.asdict(getattr(self, name)) for name in _PARTS}
 
     @classmethod
@@ -194,7 +194,7 @@ class MosaicConfig:
 
 
 # The parts of a ``MosaicConfig`` by field name, as ``to_dict`` writes them.
-_PARTS = {"fwd": MosaicForwardConfig, "bwd": MosaicBackwardConfig, "fallback_bwd": triton_config.BackwardConfig}
+_PARTS = {"fwd": MosaicForwardConfig, "bwd": MosaicBackwardConfig}
 
 
 def _part_from_dict(part: type, name: str, fields: Any):
@@ -225,7 +225,10 @@ def _default_forward(head_dim: int, dtype: Any, causal: bool) -> MosaicForwardCo
 def _default_backward(head_dim: int, dtype: Any) -> MosaicBackwardConfig:
     """The deterministic mode (see ``MosaicBackwardConfig``). D=128: two Q/dO stages, dQ kernel 64 keys x 3 stages
     (H200, N=4k: 498 TFLOP/s fwd+bwd vs 441 with three Q/dO stages, 470 with 64 x 2 and 472 with 128 x 2 dQ blocks);
-    D=64: three Q/dO stages, dQ kernel 128 keys x 2 stages (361/334 TFLOP/s vs 338/319 with 64 x 3)."""
+    D=64: three Q/dO stages, dQ kernel 128 keys x 2 stages (361/334 TFLOP/s vs 338/319 with 64 x 3);
+    D=256: two stages in both kernels, 64-key dQ blocks (the most that fit)."""
+    if head_dim in WIDE_HEAD_DIMS:
+        return MosaicBackwardConfig(num_stages=2, dq_block_kv=64, dq_num_stages=2, deterministic=True)
     if head_dim <= 64:
         return MosaicBackwardConfig(num_stages=3, dq_block_kv=128, dq_num_stages=2, deterministic=True)
     return MosaicBackwardConfig(num_stages=2, dq_block_kv=64, dq_num_stages=3, deterministic=True)
@@ -254,8 +257,7 @@ def _user_entry(head_dim: int, dtype: Any, causal: bool, seq_q: int, gpu: str) -
     try:
         cfg = MosaicConfig.from_dict(entry)
         cfg.fwd.check_fits(head_dim, dtype)
-        if head_dim in BACKWARD_HEAD_DIMS:
-            cfg.bwd.check_fits(head_dim, dtype)
+        cfg.bwd.check_fits(head_dim, dtype)
     except (TypeError, ValueError) as e:
         raise ValueError(
             f"the tuned Mosaic config for {gpu!r}, {key} in {path} is invalid ({e}); "
@@ -270,16 +272,12 @@ def default_config(
     """The config used when the caller passes none.
 
     The user's tuned cache for this GPU (``user_cache_path()``; ``gpu`` defaults to ``gpu_name()``), else the
-    forward's and backward's heuristics with the Triton backend's default backward config (head dim 256).
+    forward's and backward's heuristics.
     """
+    del seq_k  # the heuristics depend on the head dim, dtype and mask only
     gpu = gpu_name() if gpu is None else gpu
     if gpu:
         tuned = _user_entry(head_dim, dtype, causal, seq_q, gpu)
         if tuned is not None:
             return tuned
-    fallback = triton_config.default_config(
-        head_dim=head_dim, dtype=dtype, causal=causal, seq_q=seq_q, seq_k=seq_k, gpu=gpu
-    )
-    return MosaicConfig(
-        fwd=_default_forward(head_dim, dtype, causal), bwd=_default_backward(head_dim, dtype), fallback_bwd=fallback.bwd
-    )
+    return MosaicConfig(fwd=_default_forward(head_dim, dtype, causal), bwd=_default_backward(head_dim, dtype))

@@ -5,8 +5,8 @@ with the default backward), then the backward config with the best forward
 (timing the backward alone). Each space holds only the candidates whose tiles
 fit in shared memory for the problem's head dim and dtype (``check_fits``);
 a candidate that still fails to compile is skipped with a log line. At head
-dim 256 the backward runs the Triton fallback, so only the forward is searched
-(the backward keeps the default config and is timed once). Results are keyed by
+dim 256 (``backward_wide.py``, deterministic in either mode) the fused-dQ
+candidates are left out: they would run the same kernels. Results are keyed by
 ``config.config_key`` and stored in the user cache (``config.user_cache_path()``)
 or printed as a table.
 """
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from pallas_flash.api import dot_product_attention
 from pallas_flash.backends.mosaic_gpu.config import (
-    BACKWARD_HEAD_DIMS,
+    WIDE_HEAD_DIMS,
     MosaicBackwardConfig,
     MosaicConfig,
     MosaicForwardConfig,
@@ -69,11 +69,12 @@ def forward_candidates(head_dim: int, dtype: Any) -> list[MosaicForwardConfig]:
 def backward_candidates(head_dim: int, dtype: Any, *, nondeterministic: bool = False) -> list[MosaicBackwardConfig]:
     """``BWD_SPACE`` as configs, those whose tiles fit for this head dim and dtype; the fused-dQ (run-to-run
     nondeterministic) ones only with ``nondeterministic``, so that a tuned cache never silently gives up the
-    backward's default bit-identical reruns."""
+    backward's default bit-identical reruns (and never at head dim 256, where they run the deterministic kernels)."""
+    fused_ok = nondeterministic and head_dim not in WIDE_HEAD_DIMS
     configs = [
         MosaicBackwardConfig(num_stages=stages, dq_block_kv=dq_block_kv, dq_num_stages=dq_stages, deterministic=det)
         for stages, dq_block_kv, dq_stages, det in BWD_SPACE
-        if det or nondeterministic
+        if det or fused_ok
     ]
     return _fitting(configs, head_dim, dtype, "backward")
 
@@ -97,10 +98,7 @@ def tune_problem(p: Problem, log=print, *, nondeterministic: bool = False) -> tu
     base = default_config(head_dim=p.head_dim, dtype=p.dtype, causal=p.causal, seq_q=p.seq, seq_k=p.seq)
     fwd_cands = [dataclasses.replace(base, fwd=fwd) for fwd in forward_candidates(p.head_dim, p.dtype)]
     best_fwd, t_fwd = fastest(fwd_cands, lambda c: _fwd_time(p, c, xs), log)
-    if p.head_dim in BACKWARD_HEAD_DIMS:
-        bwd_cands = [dataclasses.replace(best_fwd, bwd=bwd)
-                     for bwd in backward_candidates(p.head_dim, p.dtype, nondeterministic=nondeterministic)]
-    else:  # the Triton fallback backward runs: nothing of the Mosaic backward to tune
-        bwd_cands = [best_fwd]
+    bwd_cands = [dataclasses.replace(best_fwd, bwd=bwd)
+                 for bwd in backward_candidates(p.head_dim, p.dtype, nondeterministic=nondeterministic)]
     best, t_bwd = fastest(bwd_cands, lambda c: _bwd_time(p, c, xs), log)
     return best, {"fwd_ms": t_fwd * 1e3, "bwd_ms": t_bwd * 1e3}

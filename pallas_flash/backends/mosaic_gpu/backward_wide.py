@@ -1,0 +1,427 @@
+"""The Mosaic GPU backward at head dim 256 (``backward.py`` runs these kernels for ``head_dim == 256``).
+
+At D=256 the row split of ``backward.py`` does not fit: a warpgroup's ``dK``
+and ``dV`` accumulators for 64 keys (2 x 64 x 256 float32) would take 256
+registers per thread. Here the two compute warpgroups split the work by role
+over the same 64 rows instead, and pass the probabilities between them through
+a double-buffered shared-memory tile (``p_smem``; ``p_ready`` says a tile is
+written, ``p_consumed`` that the other warpgroup has read it):
+
+- the *P warpgroup* (0) recomputes the logits and ``P = exp2(s * scale *
+  log2(e) - lse2)`` (masked on the causal diagonal and, for ``dQ``, past
+  ``Tk``) and writes ``P`` to ``p_smem``;
+- the *dS warpgroup* (1) computes ``dP`` with its own wgmma meanwhile, reads
+  ``P`` and forms ``dS = P * (dP - delta)`` (``P`` as rounded to the input
+  dtype; zero wherever ``P`` is).
+
+dK/dV kernel: one CTA per (batch, KV head, 64 keys); the memory warpgroup
+streams each query head of the GQA group's ``Q``/``dO`` blocks (64 rows) with
+their ``lse2``/``delta`` rows into a ring of ``num_stages`` slots. The P
+warpgroup holds ``K`` and ``dV``: ``S^T = K Q^T``, ``dV += P^T dO`` (``P^T``
+read by the wgmma straight from ``p_smem``). The dS warpgroup holds ``V`` and
+``dK``: ``dP^T = V dO^T``, ``dK += dS^T Q``. Two matrix products each per
+block pair, as many as the row split; GQA summed on chip. The P warpgroup
+never waits for the dS warpgroup except for a free ``p_smem`` tile, so it runs
+up to two blocks ahead.
+
+dQ kernel: one CTA per (batch, query head, 64 rows); the memory warpgroup
+streams K/V blocks of ``dq_block_kv`` keys. The P warpgroup holds ``Q``: ``S =
+Q K^T``. The dS warpgroup holds ``dO`` and ``dQ``: ``dP = dO V^T``, ``dQ += dS
+K``. (One product against two: the dS warpgroup sets the pace, while the P
+warpgroup's exponentials overlap its matrix products.)
+
+Every sum has one fixed order inside one warpgroup: both kernels are
+deterministic, whatever ``MosaicBackwardConfig.deterministic`` says. Causal is
+a loop split as elsewhere: blocks no row sees are never loaded, only diagonal
+blocks are masked. The launcher (``backward.mosaic_backward``) pads both
+sequences to whole 128-row tiles (``lse2 = +inf`` on padded query rows, so
+their ``P`` is 0). In interpret mode the one wgmma whose left operand is in
+registers (``dS``) takes a shared-memory copy of it (``backward_common.mma``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_flash.backends.mosaic_gpu.backward_common import (
+    COL,
+    COMPUTE_REGISTERS,
+    COMPUTE_WGS,
+    MEMORY_REGISTERS,
+    MEMORY_WG,
+    ROW,
+    WGMMA,
+    bcast,
+    i32,
+    interpret_params,
+    mma,
+    tiled_smem,
+)
+from pallas_flash.spec import LOG2E
+
+__all__ = ["launch_wide", "ROWS"]
+
+P_WG, DS_WG = 0, 1
+# Rows of one CTA: keys in the dK/dV kernel, query rows in the dQ kernel (one wgmma M).
+ROWS = 64
+
+
+def _masked_logits(s, row0, col0, *, causal: bool, seq_k: int | None, transposed: bool):
+    """``s`` with ``-inf`` where a key is after the query (causal) or ``>= seq_k``; rows/cols counted from ``row0``/``col0``."""
+    q_axis, k_axis = (1, 0) if transposed else (0, 1)
+    q0, k0 = (col0, row0) if transposed else (row0, col0)
+    queries = q0 + plgpu.broadcasted_iota(jnp.int32, s.shape, q_axis, layout=WGMMA)
+    keys = k0 + plgpu.broadcasted_iota(jnp.int32, s.shape, k_axis, layout=WGMMA)
+    visible = None
+    if causal:
+        visible = queries >= keys
+    if seq_k is not None:
+        visible = keys < seq_k if visible is None else visible & (keys < seq_k)
+    return s if visible is None else jnp.where(visible, s, -jnp.inf)
+
+
+def _hand_over_p(p, t, p_smem, p_ready, p_consumed):
+    """P warpgroup: write ``p`` into tile ``t % 2`` once the dS warpgroup has read what was there."""
+    pslot = lax.rem(t, jnp.int32(2))
+    pl.when(t >= 2)(lambda: plgpu.barrier_wait(p_consumed.at[pslot]))
+    p_smem.at[pslot][...] = p.astype(p_smem.dtype)
+    plgpu.commit_smem()
+    plgpu.barrier_arrive(p_ready.at[pslot])
+    return pslot
+
+
+def _take_p(t, p_smem, p_ready, p_consumed):
+    """dS warpgroup: tile ``t % 2`` of P, float32, and the tile released."""
+    pslot = lax.rem(t, jnp.int32(2))
+    plgpu.barrier_wait(p_ready.at[pslot])
+    p = plgpu.load(p_smem.at[pslot], (), layout=WGMMA).astype(jnp.float32)
+    plgpu.barrier_arrive(p_consumed.at[pslot])
+    return p
+
+
+def _drain_p(total, p_consumed):
+    """P warpgroup, at the end: observe the release of the last two tiles too."""
+
+    @pl.loop(jnp.maximum(total - 2, 0), total)
+    def _(t):
+        plgpu.barrier_wait(p_consumed.at[lax.rem(t, jnp.int32(2))])
+
+
+def _dkdv_kernel(
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
+    q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, p_smem,
+    kv_ready, q_ready, do_ready, q_consumed, do_consumed, p_ready, p_consumed,
+    stage_smem=None, seq_q: int, group: int, num_stages: int, causal: bool, scale: float, scale_log2: float,
+    interpret: bool,
+):  # fmt: skip
+    batch = lax.axis_index("batch")
+    kv_head = lax.axis_index("kv_head")
+    tile = lax.axis_index("kv_tile")
+    wg = lax.axis_index("wg")
+    k0 = tile * ROWS
+    keys = pl.ds(k0, ROWS)
+    num_q_blocks = pl.cdiv(seq_q, ROWS)  # static
+    if causal:  # query block ``tile`` holds the diagonal; earlier blocks see none of these keys
+        j_lo = jnp.minimum(tile, jnp.int32(num_q_blocks))
+    else:
+        j_lo = jnp.int32(0)
+    n_q = jnp.int32(num_q_blocks) - j_lo  # query blocks per head
+    n_masked = jnp.minimum(n_q, 1) if causal else jnp.int32(0)
+    total = group * n_q
+    dtype = q_smem.dtype
+
+    def for_each_block(step):
+        """``step(t, q0, masked)`` over the group's query heads and the query blocks that see the keys."""
+
+        @pl.loop(i32(0), i32(group))
+        def _head(g):
+            t0 = g * n_q
+            if causal:
+                pl.loop(i32(0), n_masked)(lambda jj: step(t0 + jj, (j_lo + jj) * ROWS, True))
+            pl.loop(n_masked, n_q)(lambda jj: step(t0 + jj, (j_lo + jj) * ROWS, False))
+
+    @pl.when(wg == P_WG)
+    def _p_warpgroup():  # S^T = K Q^T, P^T, dV += P^T dO
+        plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
+        plgpu.copy_gmem_to_smem(k_ref.at[batch, keys, kv_head], k_smem, kv_ready.at[P_WG])
+        plgpu.barrier_wait(kv_ready.at[P_WG])
+
+        def accumulate(dv_acc):
+            def step(t, q0, masked):
+                slot = lax.rem(t, jnp.int32(num_stages))
+                plgpu.barrier_wait(q_ready.at[slot])
+
+                def logits(s_acc):
+                    plgpu.wgmma(s_acc, k_smem, q_smem.at[slot].T)
+                    return plgpu.wgmma_accumulator_load(s_acc, wait_n=0)
+
+                s = pl.run_scoped(logits, plgpu.ACC((ROWS, ROWS), jnp.float32))
+                if masked:
+                    s = _masked_logits(s, k0, q0, causal=causal, seq_k=None, transposed=True)
+                lse = plgpu.load(lse_smem.at[slot], (), layout=COL)
+                plgpu.barrier_arrive(q_consumed.at[slot])
+                p = jnp.exp2(s * scale_log2 - bcast(lse, s.shape, 1))
+                pslot = _hand_over_p(p, t, p_smem, p_ready, p_consumed)
+                plgpu.barrier_wait(do_ready.at[slot])
+                plgpu.wgmma(dv_acc, p_smem.at[pslot], do_smem.at[slot])
+                plgpu.wgmma_wait(0)
+                plgpu.barrier_arrive(do_consumed.at[slot])
+
+            for_each_block(step)
+            return dv_acc[...]
+
+        dv = pl.run_scoped(accumulate, plgpu.ACC((ROWS, k_smem.shape[-1]), jnp.float32))
+        _drain_p(total, p_consumed)
+        k_smem[...] = dv.astype(dtype)  # K is read by this warpgroup alone
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(k_smem, dv_ref.at[batch, keys, kv_head])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == DS_WG)
+    def _ds_warpgroup():  # dP^T = V dO^T, dS^T, dK += dS^T Q
+        plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
+        plgpu.copy_gmem_to_smem(v_ref.at[batch, keys, kv_head], v_smem, kv_ready.at[DS_WG])
+        plgpu.barrier_wait(kv_ready.at[DS_WG])
+
+        def accumulate(dk_acc):
+            def step(t, q0, masked):
+                del q0, masked  # dS is 0 wherever the P warpgroup masked P
+                slot = lax.rem(t, jnp.int32(num_stages))
+                plgpu.barrier_wait(do_ready.at[slot])
+
+                def dprobs(dp_acc):
+                    plgpu.wgmma(dp_acc, v_smem, do_smem.at[slot].T)
+                    return plgpu.wgmma_accumulator_load(dp_acc, wait_n=0)
+
+                dp = pl.run_scoped(dprobs, plgpu.ACC((ROWS, ROWS), jnp.float32))
+                delta = plgpu.load(delta_smem.at[slot], (), layout=COL)
+                plgpu.barrier_arrive(do_consumed.at[slot])
+                p = _take_p(t, p_smem, p_ready, p_consumed)
+                ds = (p * (dp - bcast(delta, dp.shape, 1))).astype(dtype)
+                plgpu.barrier_wait(q_ready.at[slot])
+                mma(dk_acc, ds, q_smem.at[slot], stage_smem, interpret)
+                plgpu.wgmma_wait(0)
+                plgpu.barrier_arrive(q_consumed.at[slot])
+
+            for_each_block(step)
+            return dk_acc[...]
+
+        dk = pl.run_scoped(accumulate, plgpu.ACC((ROWS, v_smem.shape[-1]), jnp.float32))
+        v_smem[...] = (dk * scale).astype(dtype)  # V is read by this warpgroup alone
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(v_smem, dk_ref.at[batch, keys, kv_head])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == MEMORY_WG)
+    def _memory_warpgroup():
+        plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
+
+        @pl.loop(i32(0), i32(group))
+        def _head(g):
+            head = kv_head * group + g
+
+            @pl.loop(i32(0), n_q)
+            def _load(jj):
+                t = g * n_q + jj
+                slot = lax.rem(t, jnp.int32(num_stages))
+                rows = pl.ds((j_lo + jj) * ROWS, ROWS)
+                refill = t >= num_stages
+                pl.when(refill)(lambda: plgpu.barrier_wait(q_consumed.at[slot]))
+                plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_smem.at[slot], q_ready.at[slot])
+                plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, rows], lse_smem.at[slot], q_ready.at[slot])
+                pl.when(refill)(lambda: plgpu.barrier_wait(do_consumed.at[slot]))
+                plgpu.copy_gmem_to_smem(do_ref.at[batch, rows, head], do_smem.at[slot], do_ready.at[slot])
+                plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, rows], delta_smem.at[slot], do_ready.at[slot])
+
+        @pl.loop(jnp.maximum(total - num_stages, 0), total)
+        def _drain(t):  # observe the release of the last slots too
+            slot = lax.rem(t, jnp.int32(num_stages))
+            plgpu.barrier_wait(q_consumed.at[slot])
+            plgpu.barrier_wait(do_consumed.at[slot])
+
+
+def _dq_kernel(
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
+    q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, p_smem,
+    rows_ready, k_ready, v_ready, k_consumed, v_consumed, p_ready, p_consumed,
+    stage_smem=None, seq_k: int, group: int, num_q_tiles: int, block_kv: int, num_stages: int, causal: bool,
+    scale: float, scale_log2: float, interpret: bool,
+):  # fmt: skip
+    batch = lax.axis_index("batch")
+    head = lax.axis_index("head")
+    tile = lax.axis_index("q_tile")
+    if causal:  # the longest rows first
+        tile = num_q_tiles - 1 - tile
+    wg = lax.axis_index("wg")
+    q0 = tile * ROWS
+    rows = pl.ds(q0, ROWS)
+    num_kv_blocks = pl.cdiv(seq_k, block_kv)  # static
+    num_whole_kv_blocks = seq_k // block_kv  # static: blocks with no key past Tk
+    if causal:
+        kv_end = jnp.minimum(pl.cdiv(q0 + ROWS, jnp.int32(block_kv)), jnp.int32(num_kv_blocks))
+        kv_unmasked = jnp.minimum(lax.div(q0, jnp.int32(block_kv)), jnp.int32(num_whole_kv_blocks))
+    else:
+        kv_end, kv_unmasked = jnp.int32(num_kv_blocks), jnp.int32(num_whole_kv_blocks)
+    dtype = q_smem.dtype
+
+    @pl.when(wg == P_WG)
+    def _p_warpgroup():  # S = Q K^T, P
+        plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
+        plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_smem, rows_ready.at[P_WG])
+        plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, rows], lse_smem, rows_ready.at[P_WG])
+        plgpu.barrier_wait(rows_ready.at[P_WG])
+        lse = plgpu.load(lse_smem, (), layout=ROW)
+
+        def step(kb, *, masked: bool):
+            slot = lax.rem(kb, jnp.int32(num_stages))
+            plgpu.barrier_wait(k_ready.at[slot])
+
+            def logits(s_acc):
+                plgpu.wgmma(s_acc, q_smem, k_smem.at[slot].T)
+                return plgpu.wgmma_accumulator_load(s_acc, wait_n=0)
+
+            s = pl.run_scoped(logits, plgpu.ACC((ROWS, block_kv), jnp.float32))
+            plgpu.barrier_arrive(k_consumed.at[slot])
+            if masked:
+                s = _masked_logits(s, q0, kb * block_kv, causal=causal, seq_k=seq_k, transposed=False)
+            _hand_over_p(jnp.exp2(s * scale_log2 - bcast(lse, s.shape, 0)), kb, p_smem, p_ready, p_consumed)
+
+        pl.loop(i32(0), kv_unmasked)(functools.partial(step, masked=False))
+        if causal or seq_k % block_kv:
+            pl.loop(kv_unmasked, kv_end)(functools.partial(step, masked=True))
+        _drain_p(kv_end, p_consumed)
+
+    @pl.when(wg == DS_WG)
+    def _ds_warpgroup():  # dP = dO V^T, dS, dQ += dS K
+        plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
+        plgpu.copy_gmem_to_smem(do_ref.at[batch, rows, head], do_smem, rows_ready.at[DS_WG])
+        plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, rows], delta_smem, rows_ready.at[DS_WG])
+        plgpu.barrier_wait(rows_ready.at[DS_WG])
+        delta = plgpu.load(delta_smem, (), layout=ROW)
+
+        def accumulate(dq_acc):
+            @pl.loop(i32(0), kv_end)
+            def _step(kb):
+                slot = lax.rem(kb, jnp.int32(num_stages))
+                plgpu.barrier_wait(v_ready.at[slot])
+
+                def dprobs(dp_acc):
+                    plgpu.wgmma(dp_acc, do_smem, v_smem.at[slot].T)
+                    return plgpu.wgmma_accumulator_load(dp_acc, wait_n=0)
+
+                dp = pl.run_scoped(dprobs, plgpu.ACC((ROWS, block_kv), jnp.float32))
+                plgpu.barrier_arrive(v_consumed.at[slot])
+                p = _take_p(kb, p_smem, p_ready, p_consumed)
+                ds = (p * (dp - bcast(delta, dp.shape, 0))).astype(dtype)
+                plgpu.barrier_wait(k_ready.at[slot])
+                mma(dq_acc, ds, k_smem.at[slot], stage_smem, interpret)
+                plgpu.wgmma_wait(0)
+                plgpu.barrier_arrive(k_consumed.at[slot])
+
+            return dq_acc[...]
+
+        dq = pl.run_scoped(accumulate, plgpu.ACC((ROWS, do_smem.shape[-1]), jnp.float32))
+        do_smem[...] = (dq * scale).astype(dtype)  # dO is read by this warpgroup alone
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(do_smem, dq_ref.at[batch, rows, head])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == MEMORY_WG)
+    def _memory_warpgroup():
+        plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
+        kv_head = lax.div(head, jnp.int32(group))
+
+        @pl.loop(i32(0), kv_end)
+        def _load(kb):
+            slot = lax.rem(kb, jnp.int32(num_stages))
+            kv_rows = pl.ds(kb * block_kv, block_kv)
+            refill = kb >= num_stages
+            pl.when(refill)(lambda: plgpu.barrier_wait(k_consumed.at[slot]))
+            plgpu.copy_gmem_to_smem(k_ref.at[batch, kv_rows, kv_head], k_smem.at[slot], k_ready.at[slot])
+            pl.when(refill)(lambda: plgpu.barrier_wait(v_consumed.at[slot]))
+            plgpu.copy_gmem_to_smem(v_ref.at[batch, kv_rows, kv_head], v_smem.at[slot], v_ready.at[slot])
+
+        @pl.loop(jnp.maximum(kv_end - num_stages, 0), kv_end)
+        def _drain(kb):
+            slot = lax.rem(kb, jnp.int32(num_stages))
+            plgpu.barrier_wait(k_consumed.at[slot])
+            plgpu.barrier_wait(v_consumed.at[slot])
+
+
+def launch_wide(q, k, v, do, lse2, delta, *, spec, config, interpret, seq_q, seq_k):
+    """``(dq, dk, dv)`` on arrays padded to whole 64-row tiles (``backward.mosaic_backward`` pads them)."""
+    batch, tq_pad, num_heads, head_dim = q.shape
+    _, tk_pad, num_kv_heads, _ = k.shape
+    dtype = q.dtype
+    stages, dq_stages, block_kv = config.num_stages, config.dq_num_stages, config.dq_block_kv
+    group = num_heads // num_kv_heads
+    common = dict(
+        num_threads=COMPUTE_WGS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=interpret_params(interpret),
+    )
+    two_phase = dict(p_ready=plgpu.Barrier(num_barriers=2), p_consumed=plgpu.Barrier(num_barriers=2))
+    stage = {"stage_smem": tiled_smem((ROWS, ROWS), dtype)} if interpret else {}
+    consts = dict(causal=spec.causal, scale=float(spec.scale), scale_log2=float(spec.scale) * LOG2E,
+                  interpret=bool(interpret), group=group)
+
+    dkdv_scratch = dict(
+        q_smem=tiled_smem((stages, ROWS, head_dim), dtype),
+        do_smem=tiled_smem((stages, ROWS, head_dim), dtype),
+        k_smem=tiled_smem((ROWS, head_dim), dtype),
+        v_smem=tiled_smem((ROWS, head_dim), dtype),
+        lse_smem=plgpu.SMEM((stages, ROWS), jnp.float32),
+        delta_smem=plgpu.SMEM((stages, ROWS), jnp.float32),
+        p_smem=tiled_smem((2, ROWS, ROWS), dtype),
+        kv_ready=plgpu.Barrier(num_barriers=COMPUTE_WGS),
+        q_ready=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+        do_ready=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+        q_consumed=plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
+        do_consumed=plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
+        **two_phase,
+        **stage,
+    )
+    kv_type = jax.ShapeDtypeStruct(k.shape, dtype)
+    dk, dv = plgpu.kernel(
+        functools.partial(_dkdv_kernel, seq_q=seq_q, num_stages=stages, **consts),
+        out_type=(kv_type, kv_type),
+        scratch_types=dkdv_scratch,
+        grid=(batch, num_kv_heads, tk_pad // ROWS),
+        grid_names=("batch", "kv_head", "kv_tile"),
+        **common,
+    )(q, k, v, do, lse2, delta)
+
+    dq_scratch = dict(
+        q_smem=tiled_smem((ROWS, head_dim), dtype),
+        do_smem=tiled_smem((ROWS, head_dim), dtype),
+        k_smem=tiled_smem((dq_stages, block_kv, head_dim), dtype),
+        v_smem=tiled_smem((dq_stages, block_kv, head_dim), dtype),
+        lse_smem=plgpu.SMEM((ROWS,), jnp.float32),
+        delta_smem=plgpu.SMEM((ROWS,), jnp.float32),
+        p_smem=tiled_smem((2, ROWS, block_kv), dtype),
+        rows_ready=plgpu.Barrier(num_arrivals=2, num_barriers=COMPUTE_WGS),
+        k_ready=plgpu.Barrier(num_barriers=dq_stages),
+        v_ready=plgpu.Barrier(num_barriers=dq_stages),
+        k_consumed=plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=dq_stages),
+        v_consumed=plgpu.Barrier(num_barriers=dq_stages),
+        **two_phase,
+        **({"stage_smem": tiled_smem((ROWS, block_kv), dtype)} if interpret else {}),
+    )
+    num_q_tiles = tq_pad // ROWS
+    dq = plgpu.kernel(
+        functools.partial(_dq_kernel, seq_k=seq_k, num_q_tiles=num_q_tiles, block_kv=block_kv,
+                          num_stages=dq_stages, **consts),
+        out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+        scratch_types=dq_scratch,
+        grid=(batch, num_heads, num_q_tiles),
+        grid_names=("batch", "head", "q_tile"),
+        **common,
+    )(q, k, v, do, lse2, delta)
+    return dq, dk, dv
