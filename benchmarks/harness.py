@@ -68,8 +68,11 @@ def _pallas_flash(p: Problem):
     return f
 
 
-def _pallas_flash_mosaic(p: Problem):
-    """pallas_flash's Mosaic GPU backend: no fallback, so a refused call is n/a rather than another kernel's time."""
+def _pallas_flash_mosaic(p: Problem, *, deterministic: bool = True):
+    """pallas_flash's Mosaic GPU backend: no fallback, so a refused call is n/a rather than another kernel's time.
+    ``deterministic=False``: the backward's fused dQ (TMA reduce-add) instead of the default deterministic dQ kernel."""
+    import dataclasses
+
     import jax
 
     import pallas_flash
@@ -81,12 +84,19 @@ def _pallas_flash_mosaic(p: Problem):
     k = jax.ShapeDtypeStruct(s.kv_shape, DTYPES[p.dtype])
     spec, inputs = attention_call(q, k, k, None, None, is_causal=s.causal, local_window_size=p.window_arg,
                                   logits_soft_cap=p.soft_cap)
-    backends.get("mosaic").supports(q, k, k, inputs, spec)  # NotImplementedError: n/a
+    mosaic = backends.get("mosaic")
+    mosaic.supports(q, k, k, inputs, spec)  # NotImplementedError: n/a
+    config = None
+    if not deterministic:
+        if s.head_dim == 256:
+            raise NotImplementedError("at head dim 256 the Mosaic backward is deterministic only")
+        config = mosaic.default_config(q, k, spec)
+        config = dataclasses.replace(config, bwd=dataclasses.replace(config.bwd, deterministic=False))
 
     def f(q, k, v, **extras):
         return pallas_flash.dot_product_attention(
             q, k, v, is_causal=s.causal, local_window_size=p.window_arg, logits_soft_cap=p.soft_cap,
-            implementation="mosaic", **extras)
+            implementation="mosaic", config=config, **extras)
 
     return f
 
@@ -194,7 +204,11 @@ IMPLS: dict[str, Impl] = {
         Impl("pallas_flash", _pallas_flash, "pallas_flash.dot_product_attention(implementation='pallas')",
              extras=_segment_extras),
         Impl("pallas_flash_mosaic", _pallas_flash_mosaic, "pallas_flash.dot_product_attention(implementation="
-             "'mosaic'): the Mosaic GPU (sm_90) forward and backward (D=256: the Triton backward)", applies=lambda p: p.doc_lens is None),
+             "'mosaic'): the Mosaic GPU (sm_90) forward and backward (deterministic, the default)",
+             applies=lambda p: p.doc_lens is None),
+        Impl("pallas_flash_mosaic_fused", functools.partial(_pallas_flash_mosaic, deterministic=False),
+             "the same with MosaicBackwardConfig(deterministic=False): dQ added by TMA reduce-add (run-to-run "
+             "nondeterministic last bits; D=256: n/a)", applies=lambda p: p.doc_lens is None),
         Impl("tokamax_mosaic", _tokamax_mosaic, "tokamax.dot_product_attention(implementation='mosaic'), "
              "tokamax 0.0.17", applies=lambda p: not p.masked),
         Impl("cudnn", _jax_nn("cudnn"), "jax.nn.dot_product_attention(implementation='cudnn')", extras=_mask_extras),

@@ -26,7 +26,8 @@ def test_table_orders_per_gpu_and_pass():
     assert auto.table_order("fwd", 256, False, 1024, gpu=H200) == ("mosaic", "triton")
     assert auto.table_order("fwd", 96, False, 1024, gpu=H200) == ("triton",)  # no rule: the fallback
     assert auto.table_order("bwd", 128, True, 4096, gpu=H200) == ("mosaic", "triton")
-    assert auto.table_order("bwd", 256, True, 4096, gpu=H200) == ("triton",)  # no Mosaic backward at D=256
+    assert auto.table_order("bwd", 256, True, 4096, gpu=H200) == ("mosaic", "triton")
+    assert auto.table_order("bwd", 96, True, 4096, gpu=H200) == ("triton",)  # no Mosaic kernels at D=96
     assert auto.table_order("fwd", 128, True, 4096, gpu="NVIDIA A100-SXM4-80GB") == ("triton",)  # no table
     assert auto.table_order("fwd", 128, True, 4096, gpu="") == ("triton",)  # no GPU: interpret mode
 

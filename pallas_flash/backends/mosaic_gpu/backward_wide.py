@@ -65,7 +65,7 @@ from pallas_flash.backends.mosaic_gpu.backward_common import (
 )
 from pallas_flash.spec import LOG2E
 
-__all__ = ["launch_wide", "ROWS"]
+__all__ = ["launch_wide", "launch_dkdv", "launch_dq", "ROWS"]
 
 P_WG, DS_WG = 0, 1
 # Rows of one CTA: keys in the dK/dV kernel, query rows in the dQ kernel (one wgmma M).
@@ -100,7 +100,7 @@ def _take_p(t, p_smem, p_ready, p_consumed):
     """dS warpgroup: tile ``t % 2`` of P, float32, and the tile released."""
     pslot = lax.rem(t, jnp.int32(2))
     plgpu.barrier_wait(p_ready.at[pslot])
-    p = plgpu.load(p_smem.at[pslot], (), layout=WGMMA).astype(jnp.float32)
+    p = plgpu.load(p_smem.at[pslot], layout=WGMMA).astype(jnp.float32)
     plgpu.barrier_arrive(p_consumed.at[pslot])
     return p
 
@@ -164,7 +164,7 @@ def _dkdv_kernel(
                 s = pl.run_scoped(logits, plgpu.ACC((ROWS, ROWS), jnp.float32))
                 if masked:
                     s = _masked_logits(s, k0, q0, causal=causal, seq_k=None, transposed=True)
-                lse = plgpu.load(lse_smem.at[slot], (), layout=COL)
+                lse = plgpu.load(lse_smem.at[slot], layout=COL)
                 plgpu.barrier_arrive(q_consumed.at[slot])
                 p = jnp.exp2(s * scale_log2 - bcast(lse, s.shape, 1))
                 pslot = _hand_over_p(p, t, p_smem, p_ready, p_consumed)
@@ -200,7 +200,7 @@ def _dkdv_kernel(
                     return plgpu.wgmma_accumulator_load(dp_acc, wait_n=0)
 
                 dp = pl.run_scoped(dprobs, plgpu.ACC((ROWS, ROWS), jnp.float32))
-                delta = plgpu.load(delta_smem.at[slot], (), layout=COL)
+                delta = plgpu.load(delta_smem.at[slot], layout=COL)
                 plgpu.barrier_arrive(do_consumed.at[slot])
                 p = _take_p(t, p_smem, p_ready, p_consumed)
                 ds = (p * (dp - bcast(delta, dp.shape, 1))).astype(dtype)
@@ -276,7 +276,7 @@ def _dq_kernel(
         plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_smem, rows_ready.at[P_WG])
         plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, rows], lse_smem, rows_ready.at[P_WG])
         plgpu.barrier_wait(rows_ready.at[P_WG])
-        lse = plgpu.load(lse_smem, (), layout=ROW)
+        lse = plgpu.load(lse_smem, layout=ROW)
 
         def step(kb, *, masked: bool):
             slot = lax.rem(kb, jnp.int32(num_stages))
@@ -303,7 +303,7 @@ def _dq_kernel(
         plgpu.copy_gmem_to_smem(do_ref.at[batch, rows, head], do_smem, rows_ready.at[DS_WG])
         plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, rows], delta_smem, rows_ready.at[DS_WG])
         plgpu.barrier_wait(rows_ready.at[DS_WG])
-        delta = plgpu.load(delta_smem, (), layout=ROW)
+        delta = plgpu.load(delta_smem, layout=ROW)
 
         def accumulate(dq_acc):
             @pl.loop(i32(0), kv_end)
@@ -354,74 +354,99 @@ def _dq_kernel(
             plgpu.barrier_wait(v_consumed.at[slot])
 
 
-def launch_wide(q, k, v, do, lse2, delta, *, spec, config, interpret, seq_q, seq_k):
-    """``(dq, dk, dv)`` on arrays padded to whole 64-row tiles (``backward.mosaic_backward`` pads them)."""
-    batch, tq_pad, num_heads, head_dim = q.shape
-    _, tk_pad, num_kv_heads, _ = k.shape
-    dtype = q.dtype
-    stages, dq_stages, block_kv = config.num_stages, config.dq_num_stages, config.dq_block_kv
-    group = num_heads // num_kv_heads
-    common = dict(
+def _launch_params(interpret):
+    return dict(
         num_threads=COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret_params(interpret),
     )
-    two_phase = dict(p_ready=plgpu.Barrier(num_barriers=2), p_consumed=plgpu.Barrier(num_barriers=2))
-    stage = {"stage_smem": tiled_smem((ROWS, ROWS), dtype)} if interpret else {}
-    consts = dict(causal=spec.causal, scale=float(spec.scale), scale_log2=float(spec.scale) * LOG2E,
-                  interpret=bool(interpret), group=group)
 
-    dkdv_scratch = dict(
+
+def _constants(spec, interpret, group):
+    return dict(causal=spec.causal, scale=float(spec.scale), scale_log2=float(spec.scale) * LOG2E,
+                interpret=bool(interpret), group=group)
+
+
+def _p_handover(dtype, cols: int):
+    return dict(
+        p_smem=tiled_smem((2, ROWS, cols), dtype),
+        p_ready=plgpu.Barrier(num_barriers=2),
+        p_consumed=plgpu.Barrier(num_barriers=2),
+    )
+
+
+def launch_dkdv(q, k, v, do, lse2, delta, *, spec, config, interpret, seq_q):
+    """``(dk, dv)`` of the role-split dK/dV kernel, on arrays padded to whole 64-row tiles."""
+    batch, _, num_heads, head_dim = q.shape
+    _, tk_pad, num_kv_heads, _ = k.shape
+    dtype, stages = q.dtype, config.num_stages
+    scratch = dict(
         q_smem=tiled_smem((stages, ROWS, head_dim), dtype),
         do_smem=tiled_smem((stages, ROWS, head_dim), dtype),
         k_smem=tiled_smem((ROWS, head_dim), dtype),
         v_smem=tiled_smem((ROWS, head_dim), dtype),
         lse_smem=plgpu.SMEM((stages, ROWS), jnp.float32),
         delta_smem=plgpu.SMEM((stages, ROWS), jnp.float32),
-        p_smem=tiled_smem((2, ROWS, ROWS), dtype),
         kv_ready=plgpu.Barrier(num_barriers=COMPUTE_WGS),
         q_ready=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
         do_ready=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
         q_consumed=plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
         do_consumed=plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
-        **two_phase,
-        **stage,
+        **_p_handover(dtype, ROWS),
     )
+    if interpret:
+        scratch["stage_smem"] = tiled_smem((ROWS, ROWS), dtype)
     kv_type = jax.ShapeDtypeStruct(k.shape, dtype)
-    dk, dv = plgpu.kernel(
+    consts = _constants(spec, interpret, num_heads // num_kv_heads)
+    return plgpu.kernel(
         functools.partial(_dkdv_kernel, seq_q=seq_q, num_stages=stages, **consts),
         out_type=(kv_type, kv_type),
-        scratch_types=dkdv_scratch,
+        scratch_types=scratch,
         grid=(batch, num_kv_heads, tk_pad // ROWS),
         grid_names=("batch", "kv_head", "kv_tile"),
-        **common,
+        **_launch_params(interpret),
     )(q, k, v, do, lse2, delta)
 
-    dq_scratch = dict(
+
+def launch_dq(q, k, v, do, lse2, delta, *, spec, config, interpret, seq_k):
+    """``dq`` of the role-split dQ kernel, on arrays padded to whole 64-row tiles."""
+    batch, tq_pad, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[2]
+    dtype = q.dtype
+    stages, block_kv = config.dq_num_stages, config.dq_block_kv
+    scratch = dict(
         q_smem=tiled_smem((ROWS, head_dim), dtype),
         do_smem=tiled_smem((ROWS, head_dim), dtype),
-        k_smem=tiled_smem((dq_stages, block_kv, head_dim), dtype),
-        v_smem=tiled_smem((dq_stages, block_kv, head_dim), dtype),
+        k_smem=tiled_smem((stages, block_kv, head_dim), dtype),
+        v_smem=tiled_smem((stages, block_kv, head_dim), dtype),
         lse_smem=plgpu.SMEM((ROWS,), jnp.float32),
         delta_smem=plgpu.SMEM((ROWS,), jnp.float32),
-        p_smem=tiled_smem((2, ROWS, block_kv), dtype),
         rows_ready=plgpu.Barrier(num_arrivals=2, num_barriers=COMPUTE_WGS),
-        k_ready=plgpu.Barrier(num_barriers=dq_stages),
-        v_ready=plgpu.Barrier(num_barriers=dq_stages),
-        k_consumed=plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=dq_stages),
-        v_consumed=plgpu.Barrier(num_barriers=dq_stages),
-        **two_phase,
-        **({"stage_smem": tiled_smem((ROWS, block_kv), dtype)} if interpret else {}),
+        k_ready=plgpu.Barrier(num_barriers=stages),
+        v_ready=plgpu.Barrier(num_barriers=stages),
+        k_consumed=plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
+        v_consumed=plgpu.Barrier(num_barriers=stages),
+        **_p_handover(dtype, block_kv),
     )
+    if interpret:
+        scratch["stage_smem"] = tiled_smem((ROWS, block_kv), dtype)
     num_q_tiles = tq_pad // ROWS
-    dq = plgpu.kernel(
-        functools.partial(_dq_kernel, seq_k=seq_k, num_q_tiles=num_q_tiles, block_kv=block_kv,
-                          num_stages=dq_stages, **consts),
+    consts = _constants(spec, interpret, num_heads // num_kv_heads)
+    return plgpu.kernel(
+        functools.partial(_dq_kernel, seq_k=seq_k, num_q_tiles=num_q_tiles, block_kv=block_kv, num_stages=stages,
+                          **consts),
         out_type=jax.ShapeDtypeStruct(q.shape, dtype),
-        scratch_types=dq_scratch,
+        scratch_types=scratch,
         grid=(batch, num_heads, num_q_tiles),
         grid_names=("batch", "head", "q_tile"),
-        **common,
+        **_launch_params(interpret),
     )(q, k, v, do, lse2, delta)
+
+
+def launch_wide(q, k, v, do, lse2, delta, *, spec, config, interpret, seq_q, seq_k):
+    """``(dq, dk, dv)`` on arrays padded to whole 64-row tiles (``backward.mosaic_backward`` pads them)."""
+    common = dict(spec=spec, config=config, interpret=interpret)
+    dk, dv = launch_dkdv(q, k, v, do, lse2, delta, seq_q=seq_q, **common)
+    dq = launch_dq(q, k, v, do, lse2, delta, seq_k=seq_k, **common)
     return dq, dk, dv
