@@ -2,8 +2,8 @@
 
 ``get(name)`` returns the backend registered under a name; ``names()`` lists
 them. Registered now: ``"triton"`` (the Pallas kernels lowered through
-Triton), ``"mosaic"`` (the Pallas Mosaic GPU forward for Hopper, with the
-Triton backward), ``"auto"`` (per pass, the fastest of those two that implements
+Triton), ``"mosaic"`` (the Pallas Mosaic GPU kernels for Hopper, forward and
+backward), ``"auto"`` (per pass, the fastest of those two that implements
 the call, from the shipped table ``auto_tables/<gpu>.json``), ``"xla"`` and
 ``"cudnn"`` (``jax.nn.dot_product_attention``).
 ``"pallas"`` names the default Pallas backend, ``"auto"``.

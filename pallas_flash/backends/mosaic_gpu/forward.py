@@ -30,7 +30,7 @@ tiled TMA copies need whole 8-row tiles.)
 
 Outputs: ``out [B, Tq, N, H]`` and ``lse2 [B, N, Tq]`` float32, the log-sum-exp
 in the log2 domain (``m + log2(l)`` with ``m`` the running max of the scaled
-log2 logits), exactly what the Triton backward reads.
+log2 logits), exactly what the backward kernels (Mosaic and Triton) read.
 
 Interpret mode (``interpret=True``: Mosaic GPU's ``InterpretGPUParams`` on the
 CPU) runs this kernel with its warpgroups as threads: TMA copies (out-of-bounds
