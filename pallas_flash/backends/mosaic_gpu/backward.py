@@ -74,11 +74,11 @@ from pallas_flash.backends.mosaic_gpu.backward_common import (
     COL,
     COMPUTE_REGISTERS,
     COMPUTE_WGS,
-    MEMORY_REGISTERS,
     MEMORY_WG,
     WGMMA,
     bcast,
     i32,
+    stream_query_blocks,
     interpret_params,
     mma,
     tiled_smem,
@@ -247,32 +247,11 @@ def _dkdv_kernel(
 
     @pl.when(wg == MEMORY_WG)
     def _memory_warpgroup():
-        plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
-
-        @pl.loop(i32(0), i32(group))
-        def _head(g):
-            head = kv_head * group + g
-
-            @pl.loop(i32(0), n_q)
-            def _load(jj):
-                t = g * n_q + jj
-                slot = lax.rem(t, jnp.int32(num_stages))
-                q_rows = pl.ds((j_lo + jj) * block_q, block_q)
-                refill = t >= num_stages
-                pl.when(refill)(lambda: plgpu.barrier_wait(q_consumed.at[slot]))
-                plgpu.copy_gmem_to_smem(q_ref.at[batch, q_rows, head], q_smem.at[slot], q_ready.at[slot])
-                plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, q_rows], lse_smem.at[slot], q_ready.at[slot])
-                pl.when(refill)(lambda: plgpu.barrier_wait(do_consumed.at[slot]))
-                plgpu.copy_gmem_to_smem(do_ref.at[batch, q_rows, head], do_smem.at[slot], do_ready.at[slot])
-                plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, q_rows], delta_smem.at[slot], do_ready.at[slot])
-
-        total = group * n_q
-
-        @pl.loop(jnp.maximum(total - num_stages, 0), total)
-        def _drain(t):  # observe the release of the last slots too
-            slot = lax.rem(t, jnp.int32(num_stages))
-            plgpu.barrier_wait(q_consumed.at[slot])
-            plgpu.barrier_wait(do_consumed.at[slot])
+        stream_query_blocks(
+            q_ref, do_ref, lse_ref, delta_ref, q_smem=q_smem, do_smem=do_smem, lse_smem=lse_smem,
+            delta_smem=delta_smem, q_ready=q_ready, do_ready=do_ready, q_consumed=q_consumed,
+            do_consumed=do_consumed, batch=batch, kv_head=kv_head, group=group, j_lo=j_lo, n_q=n_q,
+            block_q=block_q, num_stages=num_stages)
 
 
 def _pad_rows(x: jax.Array, length: int, axis: int, value=0) -> jax.Array:

@@ -1,8 +1,11 @@
 """What the Mosaic GPU backward kernels share: warpgroup roles, register split, layouts, shared-memory tiles.
 
-Both kernels (``backward.py``'s dK/dV kernel, ``backward_dq.py``'s dQ kernel)
-run one CTA of two compute warpgroups and one memory warpgroup, like the
-forward. ``mma`` is the one place a wgmma takes its left operand from
+Every backward kernel (``backward.py``'s dK/dV kernel, ``backward_dq.py``'s dQ
+kernel, ``backward_wide.py``'s two) runs one CTA of two compute warpgroups and
+one memory warpgroup, like the forward. The memory warpgroup's two loops are
+here: ``stream_query_blocks`` (dK/dV kernels: Q/dO blocks and their
+``lse2``/``delta`` rows, over the GQA group's query heads) and
+``stream_kv_blocks`` (dQ kernels: K/V blocks). ``mma`` is the one place a wgmma takes its left operand from
 registers: in interpret mode (no interpreter rule for that in jax 0.11.2) it is
 fed from a shared-memory copy instead.
 """
@@ -13,6 +16,7 @@ import functools
 
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 COMPUTE_WGS = 2
@@ -50,3 +54,59 @@ def mma(acc_ref, a, b_ref, stage, interpret: bool):
         plgpu.wgmma(acc_ref, stage, b_ref)
     else:
         plgpu.wgmma(acc_ref, a, b_ref)
+
+
+def stream_query_blocks(q_ref, do_ref, lse_ref, delta_ref, *, q_smem, do_smem, lse_smem, delta_smem, q_ready,
+                        do_ready, q_consumed, do_consumed, batch, kv_head, group, j_lo, n_q, block_q, num_stages):
+    """Memory warpgroup of a dK/dV kernel: for each query head of the KV head's group, query blocks
+    ``j_lo .. j_lo + n_q - 1`` (``Q`` and ``lse2`` on ``q_ready``, ``dO`` and ``delta`` on ``do_ready``) into
+    a ring of ``num_stages`` slots, each refilled once both compute warpgroups have released it."""
+    plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
+
+    @pl.loop(i32(0), i32(group))
+    def _head(g):
+        head = kv_head * group + g
+
+        @pl.loop(i32(0), n_q)
+        def _load(jj):
+            t = g * n_q + jj
+            slot = lax.rem(t, jnp.int32(num_stages))
+            rows = pl.ds((j_lo + jj) * block_q, block_q)
+            refill = t >= num_stages
+            pl.when(refill)(lambda: plgpu.barrier_wait(q_consumed.at[slot]))
+            plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_smem.at[slot], q_ready.at[slot])
+            plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, rows], lse_smem.at[slot], q_ready.at[slot])
+            pl.when(refill)(lambda: plgpu.barrier_wait(do_consumed.at[slot]))
+            plgpu.copy_gmem_to_smem(do_ref.at[batch, rows, head], do_smem.at[slot], do_ready.at[slot])
+            plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, rows], delta_smem.at[slot], do_ready.at[slot])
+
+    total = group * n_q
+
+    @pl.loop(jnp.maximum(total - num_stages, 0), total)
+    def _drain(t):  # observe the release of the last slots too
+        slot = lax.rem(t, jnp.int32(num_stages))
+        plgpu.barrier_wait(q_consumed.at[slot])
+        plgpu.barrier_wait(do_consumed.at[slot])
+
+
+def stream_kv_blocks(k_ref, v_ref, *, k_smem, v_smem, k_ready, v_ready, k_consumed, v_consumed, batch, kv_head,
+                     num_blocks, block_kv, num_stages):
+    """Memory warpgroup of a dQ kernel: key blocks ``0 .. num_blocks - 1`` of one KV head (``K`` on
+    ``k_ready``, ``V`` on ``v_ready``) into a ring of ``num_stages`` slots, each refilled once released."""
+    plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
+
+    @pl.loop(i32(0), num_blocks)
+    def _load(kb):
+        slot = lax.rem(kb, jnp.int32(num_stages))
+        rows = pl.ds(kb * block_kv, block_kv)
+        refill = kb >= num_stages
+        pl.when(refill)(lambda: plgpu.barrier_wait(k_consumed.at[slot]))
+        plgpu.copy_gmem_to_smem(k_ref.at[batch, rows, kv_head], k_smem.at[slot], k_ready.at[slot])
+        pl.when(refill)(lambda: plgpu.barrier_wait(v_consumed.at[slot]))
+        plgpu.copy_gmem_to_smem(v_ref.at[batch, rows, kv_head], v_smem.at[slot], v_ready.at[slot])
+
+    @pl.loop(jnp.maximum(num_blocks - num_stages, 0), num_blocks)
+    def _drain(kb):  # observe the release of the last slots too
+        slot = lax.rem(kb, jnp.int32(num_stages))
+        plgpu.barrier_wait(k_consumed.at[slot])
+        plgpu.barrier_wait(v_consumed.at[slot])

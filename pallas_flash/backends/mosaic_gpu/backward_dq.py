@@ -25,7 +25,6 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_flash.backends.mosaic_gpu.backward_common import (
     COMPUTE_REGISTERS,
     COMPUTE_WGS,
-    MEMORY_REGISTERS,
     MEMORY_WG,
     ROW,
     WGMMA,
@@ -33,6 +32,7 @@ from pallas_flash.backends.mosaic_gpu.backward_common import (
     i32,
     interpret_params,
     mma,
+    stream_kv_blocks,
     tiled_smem,
 )
 from pallas_flash.backends.mosaic_gpu.config import BLOCK_Q, TILE
@@ -162,24 +162,10 @@ def _dq_kernel(
 
     @pl.when(wg == MEMORY_WG)
     def _memory_warpgroup():
-        plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
-        kv_head = lax.div(head, jnp.int32(group))
-
-        @pl.loop(i32(0), cta_kv_blocks)
-        def _load(kb):
-            slot = lax.rem(kb, jnp.int32(num_stages))
-            kv_rows = pl.ds(kb * block_kv, block_kv)
-            refill = kb >= num_stages
-            pl.when(refill)(lambda: plgpu.barrier_wait(k_consumed.at[slot]))
-            plgpu.copy_gmem_to_smem(k_ref.at[batch, kv_rows, kv_head], k_smem.at[slot], k_ready.at[slot])
-            pl.when(refill)(lambda: plgpu.barrier_wait(v_consumed.at[slot]))
-            plgpu.copy_gmem_to_smem(v_ref.at[batch, kv_rows, kv_head], v_smem.at[slot], v_ready.at[slot])
-
-        @pl.loop(jnp.maximum(cta_kv_blocks - num_stages, 0), cta_kv_blocks)
-        def _drain(kb):
-            slot = lax.rem(kb, jnp.int32(num_stages))
-            plgpu.barrier_wait(k_consumed.at[slot])
-            plgpu.barrier_wait(v_consumed.at[slot])
+        stream_kv_blocks(
+            k_ref, v_ref, k_smem=k_smem, v_smem=v_smem, k_ready=k_ready, v_ready=v_ready, k_consumed=k_consumed,
+            v_consumed=v_consumed, batch=batch, kv_head=lax.div(head, jnp.int32(group)), num_blocks=cta_kv_blocks,
+            block_kv=block_kv, num_stages=num_stages)
 
 
 def launch_dq(q, k, v, do, lse2, delta, *, spec, config, interpret, seq_k):

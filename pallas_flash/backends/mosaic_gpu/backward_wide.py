@@ -53,7 +53,6 @@ from pallas_flash.backends.mosaic_gpu.backward_common import (
     COL,
     COMPUTE_REGISTERS,
     COMPUTE_WGS,
-    MEMORY_REGISTERS,
     MEMORY_WG,
     ROW,
     WGMMA,
@@ -61,6 +60,8 @@ from pallas_flash.backends.mosaic_gpu.backward_common import (
     i32,
     interpret_params,
     mma,
+    stream_kv_blocks,
+    stream_query_blocks,
     tiled_smem,
 )
 from pallas_flash.spec import LOG2E
@@ -220,30 +221,11 @@ def _dkdv_kernel(
 
     @pl.when(wg == MEMORY_WG)
     def _memory_warpgroup():
-        plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
-
-        @pl.loop(i32(0), i32(group))
-        def _head(g):
-            head = kv_head * group + g
-
-            @pl.loop(i32(0), n_q)
-            def _load(jj):
-                t = g * n_q + jj
-                slot = lax.rem(t, jnp.int32(num_stages))
-                rows = pl.ds((j_lo + jj) * ROWS, ROWS)
-                refill = t >= num_stages
-                pl.when(refill)(lambda: plgpu.barrier_wait(q_consumed.at[slot]))
-                plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_smem.at[slot], q_ready.at[slot])
-                plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, rows], lse_smem.at[slot], q_ready.at[slot])
-                pl.when(refill)(lambda: plgpu.barrier_wait(do_consumed.at[slot]))
-                plgpu.copy_gmem_to_smem(do_ref.at[batch, rows, head], do_smem.at[slot], do_ready.at[slot])
-                plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, rows], delta_smem.at[slot], do_ready.at[slot])
-
-        @pl.loop(jnp.maximum(total - num_stages, 0), total)
-        def _drain(t):  # observe the release of the last slots too
-            slot = lax.rem(t, jnp.int32(num_stages))
-            plgpu.barrier_wait(q_consumed.at[slot])
-            plgpu.barrier_wait(do_consumed.at[slot])
+        stream_query_blocks(
+            q_ref, do_ref, lse_ref, delta_ref, q_smem=q_smem, do_smem=do_smem, lse_smem=lse_smem,
+            delta_smem=delta_smem, q_ready=q_ready, do_ready=do_ready, q_consumed=q_consumed,
+            do_consumed=do_consumed, batch=batch, kv_head=kv_head, group=group, j_lo=j_lo, n_q=n_q,
+            block_q=ROWS, num_stages=num_stages)
 
 
 def _dq_kernel(
@@ -334,24 +316,10 @@ def _dq_kernel(
 
     @pl.when(wg == MEMORY_WG)
     def _memory_warpgroup():
-        plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
-        kv_head = lax.div(head, jnp.int32(group))
-
-        @pl.loop(i32(0), kv_end)
-        def _load(kb):
-            slot = lax.rem(kb, jnp.int32(num_stages))
-            kv_rows = pl.ds(kb * block_kv, block_kv)
-            refill = kb >= num_stages
-            pl.when(refill)(lambda: plgpu.barrier_wait(k_consumed.at[slot]))
-            plgpu.copy_gmem_to_smem(k_ref.at[batch, kv_rows, kv_head], k_smem.at[slot], k_ready.at[slot])
-            pl.when(refill)(lambda: plgpu.barrier_wait(v_consumed.at[slot]))
-            plgpu.copy_gmem_to_smem(v_ref.at[batch, kv_rows, kv_head], v_smem.at[slot], v_ready.at[slot])
-
-        @pl.loop(jnp.maximum(kv_end - num_stages, 0), kv_end)
-        def _drain(kb):
-            slot = lax.rem(kb, jnp.int32(num_stages))
-            plgpu.barrier_wait(k_consumed.at[slot])
-            plgpu.barrier_wait(v_consumed.at[slot])
+        stream_kv_blocks(
+            k_ref, v_ref, k_smem=k_smem, v_smem=v_smem, k_ready=k_ready, v_ready=v_ready, k_consumed=k_consumed,
+            v_consumed=v_consumed, batch=batch, kv_head=lax.div(head, jnp.int32(group)), num_blocks=kv_end,
+            block_kv=block_kv, num_stages=num_stages)
 
 
 def _launch_params(interpret):
