@@ -3,10 +3,11 @@
 Files: ``forward.py`` (the warp-specialised TMA + wgmma forward kernel and its
 launcher), ``backward.py`` (the dK/dV kernel, with dQ fused by TMA reductions
 or, in the deterministic mode, the default, the separate dQ kernel of
-``backward_dq.py``; ``backward_common.py`` holds what the two share),
-``backward_wide.py`` (the head-dim-256 backward: the two compute warpgroups
-split by role, not by rows), ``config.py`` (``MosaicConfig``: the kernels'
-blocks and pipeline depths).
+``backward_dq.py``), ``backward_wide.py`` (the head-dim-256 backward: the two
+compute warpgroups split by role, not by rows), ``common.py`` (what all the
+kernels share: warpgroup roles, layouts, tiles, the memory warpgroup's
+loops), ``config.py`` (``MosaicConfig``: the kernels' blocks and pipeline
+depths), ``tune.py`` (the tuner's space).
 
 The kernels compute plain and causal attention with GQA/MQA, any sequence
 lengths (Tq != Tk, not block multiples), head dims 64, 128 and 256, in

@@ -70,7 +70,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_flash.backends.base import Gradients, softmax_delta
-from pallas_flash.backends.mosaic_gpu.backward_common import (
+from pallas_flash.backends.mosaic_gpu.common import (
     COL,
     COMPUTE_REGISTERS,
     COMPUTE_WGS,

@@ -22,7 +22,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_flash.backends.mosaic_gpu.backward_common import (
+from pallas_flash.backends.mosaic_gpu.common import (
     COMPUTE_REGISTERS,
     COMPUTE_WGS,
     MEMORY_WG,

@@ -36,7 +36,7 @@ a loop split as elsewhere: blocks no row sees are never loaded, only diagonal
 blocks are masked. The launcher (``backward.mosaic_backward``) pads both
 sequences to whole 128-row tiles (``lse2 = +inf`` on padded query rows, so
 their ``P`` is 0). In interpret mode the one wgmma whose left operand is in
-registers (``dS``) takes a shared-memory copy of it (``backward_common.mma``).
+registers (``dS``) takes a shared-memory copy of it (``common.mma``).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_flash.backends.mosaic_gpu.backward_common import (
+from pallas_flash.backends.mosaic_gpu.common import (
     COL,
     COMPUTE_REGISTERS,
     COMPUTE_WGS,

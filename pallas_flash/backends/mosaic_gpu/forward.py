@@ -41,7 +41,7 @@ phase), wgmma from shared-memory operands into ``plgpu.ACC`` scratch,
 its race detector (``detect_races=True``) finds no race in this kernel. Two
 things the GPU path uses fail there in jax 0.11.2: ``pl.run_state`` with
 ``plgpu.ACC.init`` (no interpreter rule; it reaches XLA lowering and fails with
-"Cannot lower jaxpr with effects: {..._WGMMAPipelineEffect...}") and a wgmma
+"Cannot lower jaxpr with effects: {...WGMMAPipelineEffect...}") and a wgmma
 whose left operand is a register array (the interpreter reads both operands as
 shared-memory allocations: "ValueError: Expected shape (6,) but got (64, 64)").
 In interpret mode alone, P is therefore staged through shared memory and ``P V``
@@ -60,26 +60,21 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_flash.backends.mosaic_gpu.common import (
+    COMPUTE_REGISTERS,
+    COMPUTE_WGS,
+    MEMORY_WG,
+    ROW,
+    WGMMA,
+    stream_kv_blocks,
+    tiled_smem,
+)
 from pallas_flash.backends.mosaic_gpu.config import MosaicForwardConfig
 from pallas_flash.spec import LOG2E, AttentionInputs, AttentionSpec
 
 __all__ = ["mosaic_forward"]
 
-COMPUTE_WGS = 2
-MEMORY_WG = COMPUTE_WGS
-# Registers per thread after the warpgroups rebalance them (2 * 232 + 40 warps' worth <= 64K).
-COMPUTE_REGISTERS = 232
-MEMORY_REGISTERS = 40
-_WGMMA = plgpu.Layout.WGMMA
-_ROW = plgpu.Layout.WGMMA.reduce(1)
 _RCP_LN2 = 1.0 / math.log(2.0)
-
-
-def _tiled_smem(shape, dtype):
-    """Shared memory in the wgmma operand layout: 8 x 64-element tiles, 128-byte swizzle."""
-    swizzle = 128
-    cols = 8 * swizzle // jnp.dtype(dtype).itemsize // 8
-    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, cols)), plgpu.SwizzleTransform(swizzle)))
 
 
 def _row_bcast(x, shape):
@@ -151,9 +146,9 @@ def _forward_kernel(
         else:
             kv_unmasked = num_whole_kv_blocks
 
-        m = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32), _ROW)
-        l = plgpu.layout_cast(jnp.zeros((block_q,), jnp.float32), _ROW)
-        acc = plgpu.layout_cast(jnp.zeros((block_q, q_smem.shape[-1]), jnp.float32), _WGMMA)
+        m = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32), ROW)
+        l = plgpu.layout_cast(jnp.zeros((block_q,), jnp.float32), ROW)
+        acc = plgpu.layout_cast(jnp.zeros((block_q, q_smem.shape[-1]), jnp.float32), WGMMA)
 
         plgpu.barrier_wait(q_ready.at[wg])
         plgpu.barrier_wait(k_ready.at[0])
@@ -172,12 +167,12 @@ def _forward_kernel(
             plgpu.barrier_arrive(k_consumed.at[slot])
 
             if masked:
-                cols = kb * block_kv + plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=_WGMMA)
+                cols = kb * block_kv + plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=WGMMA)
                 visible = None
                 if seq_k % block_kv:
                     visible = cols < seq_k
                 if causal:
-                    rows = q_base + plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=_WGMMA)
+                    rows = q_base + plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=WGMMA)
                     before = rows >= cols
                     visible = before if visible is None else visible & before
                 s = jnp.where(visible, s, -jnp.inf)
@@ -265,33 +260,10 @@ def _forward_kernel(
 
     @pl.when(wg == MEMORY_WG)
     def _memory_warpgroup():
-        plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
-        kv_head = lax.div(head, jnp.int32(group))
-
-        @pl.loop(jnp.int32(0), jnp.asarray(cta_kv_blocks, jnp.int32))
-        def _load(kb):
-            slot = lax.rem(kb, jnp.int32(num_stages))
-            rows = pl.ds(kb * block_kv, block_kv)
-            refill = kb >= num_stages
-
-            @pl.when(refill)
-            def _():
-                plgpu.barrier_wait(k_consumed.at[slot])
-
-            plgpu.copy_gmem_to_smem(k_ref.at[batch, rows, kv_head], k_smem.at[slot], k_ready.at[slot])
-
-            @pl.when(refill)
-            def _():
-                plgpu.barrier_wait(v_consumed.at[slot])
-
-            plgpu.copy_gmem_to_smem(v_ref.at[batch, rows, kv_head], v_smem.at[slot], v_ready.at[slot])
-
-        @pl.loop(jnp.maximum(jnp.int32(cta_kv_blocks - num_stages), 0), jnp.asarray(cta_kv_blocks, jnp.int32))
-        def _drain(kb):
-            # Observe the release of the last slots too (nothing is loaded into them any more).
-            slot = lax.rem(kb, jnp.int32(num_stages))
-            plgpu.barrier_wait(k_consumed.at[slot])
-            plgpu.barrier_wait(v_consumed.at[slot])
+        stream_kv_blocks(
+            k_ref, v_ref, k_smem=k_smem, v_smem=v_smem, k_ready=k_ready, v_ready=v_ready, k_consumed=k_consumed,
+            v_consumed=v_consumed, batch=batch, kv_head=lax.div(head, jnp.int32(group)), num_blocks=cta_kv_blocks,
+            block_kv=block_kv, num_stages=num_stages)
 
 
 def _pad_seq(x: jax.Array, length: int) -> jax.Array:
@@ -348,9 +320,9 @@ def mosaic_forward(
     )
     dtype = q.dtype
     scratch = dict(
-        qo_smem=_tiled_smem((COMPUTE_WGS, block_q, head_dim), dtype),
-        k_smem=_tiled_smem((config.num_stages, block_kv, head_dim), dtype),
-        v_smem=_tiled_smem((config.num_stages, block_kv, head_dim), dtype),
+        qo_smem=tiled_smem((COMPUTE_WGS, block_q, head_dim), dtype),
+        k_smem=tiled_smem((config.num_stages, block_kv, head_dim), dtype),
+        v_smem=tiled_smem((config.num_stages, block_kv, head_dim), dtype),
         lse_smem=plgpu.SMEM((COMPUTE_WGS, block_q), jnp.float32),
         q_ready=plgpu.Barrier(num_barriers=COMPUTE_WGS),
         k_ready=plgpu.Barrier(num_barriers=config.num_stages),
@@ -360,7 +332,7 @@ def mosaic_forward(
         wg_turn=plgpu.Barrier(num_arrivals=COMPUTE_WGS),
     )
     if interpret:  # P staged through shared memory (see the module docstring)
-        scratch["p_smem"] = _tiled_smem((COMPUTE_WGS, block_q, block_kv), dtype)
+        scratch["p_smem"] = tiled_smem((COMPUTE_WGS, block_q, block_kv), dtype)
     out_shape = (
         jax.ShapeDtypeStruct(q_pad.shape, dtype),
         jax.ShapeDtypeStruct((batch, num_heads, lse_len), jnp.float32),

@@ -1,13 +1,14 @@
-"""What the Mosaic GPU backward kernels share: warpgroup roles, register split, layouts, shared-memory tiles.
+"""What the Mosaic GPU kernels share: warpgroup roles, register split, layouts, shared-memory tiles, the loads.
 
-Every backward kernel (``backward.py``'s dK/dV kernel, ``backward_dq.py``'s dQ
-kernel, ``backward_wide.py``'s two) runs one CTA of two compute warpgroups and
-one memory warpgroup, like the forward. The memory warpgroup's two loops are
-here: ``stream_query_blocks`` (dK/dV kernels: Q/dO blocks and their
-``lse2``/``delta`` rows, over the GQA group's query heads) and
-``stream_kv_blocks`` (dQ kernels: K/V blocks). ``mma`` is the one place a wgmma takes its left operand from
-registers: in interpret mode (no interpreter rule for that in jax 0.11.2) it is
-fed from a shared-memory copy instead.
+Every kernel (``forward.py``'s, ``backward.py``'s dK/dV kernel,
+``backward_dq.py``'s dQ kernel, ``backward_wide.py``'s two) runs one CTA of
+two compute warpgroups and one memory warpgroup. The memory warpgroup's two
+loops are here: ``stream_kv_blocks`` (the forward and the dQ kernels: K/V
+blocks) and ``stream_query_blocks`` (the dK/dV kernels: Q/dO blocks and their
+``lse2``/``delta`` rows, over the GQA group's query heads). ``mma`` is the one
+place a backward wgmma takes its left operand from registers: in interpret
+mode (no interpreter rule for that in jax 0.11.2) it is fed from a
+shared-memory copy instead.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 COMPUTE_WGS = 2
 MEMORY_WG = COMPUTE_WGS
+# Registers per thread after the warpgroups rebalance them (2 * 232 + 40 warps' worth <= 64K).
 COMPUTE_REGISTERS = 232
 MEMORY_REGISTERS = 40
 WGMMA = plgpu.Layout.WGMMA
@@ -91,9 +93,11 @@ def stream_query_blocks(q_ref, do_ref, lse_ref, delta_ref, *, q_smem, do_smem, l
 
 def stream_kv_blocks(k_ref, v_ref, *, k_smem, v_smem, k_ready, v_ready, k_consumed, v_consumed, batch, kv_head,
                      num_blocks, block_kv, num_stages):
-    """Memory warpgroup of a dQ kernel: key blocks ``0 .. num_blocks - 1`` of one KV head (``K`` on
-    ``k_ready``, ``V`` on ``v_ready``) into a ring of ``num_stages`` slots, each refilled once released."""
+    """Memory warpgroup of the forward and the dQ kernels: key blocks ``0 .. num_blocks - 1`` of one KV head
+    (``K`` on ``k_ready``, ``V`` on ``v_ready``) into a ring of ``num_stages`` slots, each refilled once both
+    compute warpgroups have released it; then the release of the last slots is observed too."""
     plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
+    num_blocks = i32(num_blocks)
 
     @pl.loop(i32(0), num_blocks)
     def _load(kb):
