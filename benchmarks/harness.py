@@ -88,8 +88,10 @@ def _pallas_flash_mosaic(p: Problem, *, deterministic: bool = True):
     mosaic.supports(q, k, k, inputs, spec)  # NotImplementedError: n/a
     config = None
     if not deterministic:
-        if s.head_dim == 256:
-            raise NotImplementedError("at head dim 256 the Mosaic backward is deterministic only")
+        from pallas_flash.backends.mosaic_gpu.config import WIDE_HEAD_DIMS
+
+        if s.head_dim in WIDE_HEAD_DIMS:
+            raise NotImplementedError(f"at head dim {s.head_dim} the Mosaic backward is deterministic only")
         config = mosaic.default_config(q, k, spec)
         config = dataclasses.replace(config, bwd=dataclasses.replace(config.bwd, deterministic=False))
 

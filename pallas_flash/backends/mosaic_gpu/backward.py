@@ -79,7 +79,7 @@ from pallas_flash.backends.mosaic_gpu.common import (
     bcast,
     i32,
     stream_query_blocks,
-    interpret_params,
+    launch_params,
     mma,
     tiled_smem,
 )
@@ -318,10 +318,7 @@ def _launch_dkdv(q, k, v, do, lse2, delta, *, spec, config, interpret, seq_q, se
         scratch_types=scratch,
         grid=(batch, num_kv_heads, num_tiles),
         grid_names=("batch", "kv_head", "kv_tile"),
-        num_threads=COMPUTE_WGS + 1,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=interpret_params(interpret),
+        **launch_params(interpret),
     )(*operands)
     dq = None
     if fuse_dq:

@@ -30,7 +30,7 @@ from pallas_flash.backends.mosaic_gpu.common import (
     WGMMA,
     bcast,
     i32,
-    interpret_params,
+    launch_params,
     mma,
     stream_kv_blocks,
     tiled_smem,
@@ -208,8 +208,5 @@ def launch_dq(q, k, v, do, lse2, delta, *, spec, config, interpret, seq_k):
         scratch_types=scratch,
         grid=(batch, num_heads, num_q_tiles),
         grid_names=("batch", "head", "q_tile"),
-        num_threads=COMPUTE_WGS + 1,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=interpret_params(interpret),
+        **launch_params(interpret),
     )(q, k, v, do, lse2, delta)

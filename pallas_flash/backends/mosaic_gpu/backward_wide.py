@@ -58,19 +58,21 @@ from pallas_flash.backends.mosaic_gpu.common import (
     WGMMA,
     bcast,
     i32,
-    interpret_params,
+    launch_params,
     mma,
     stream_kv_blocks,
     stream_query_blocks,
     tiled_smem,
 )
+from pallas_flash.backends.mosaic_gpu.config import BLOCK_Q
 from pallas_flash.spec import LOG2E
 
 __all__ = ["launch_wide", "launch_dkdv", "launch_dq", "ROWS"]
 
 P_WG, DS_WG = 0, 1
-# Rows of one CTA: keys in the dK/dV kernel, query rows in the dQ kernel (one wgmma M).
-ROWS = 64
+# Rows of one CTA: keys in the dK/dV kernel, query rows in the dQ kernel (one wgmma M, as config's
+# shared-memory accounting assumes).
+ROWS = BLOCK_Q
 
 
 def _masked_logits(s, row0, col0, *, causal: bool, seq_k: int | None, transposed: bool):
@@ -322,15 +324,6 @@ def _dq_kernel(
             block_kv=block_kv, num_stages=num_stages)
 
 
-def _launch_params(interpret):
-    return dict(
-        num_threads=COMPUTE_WGS + 1,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=interpret_params(interpret),
-    )
-
-
 def _constants(spec, interpret, group):
     return dict(causal=spec.causal, scale=float(spec.scale), scale_log2=float(spec.scale) * LOG2E,
                 interpret=bool(interpret), group=group)
@@ -373,7 +366,7 @@ def launch_dkdv(q, k, v, do, lse2, delta, *, spec, config, interpret, seq_q):
         scratch_types=scratch,
         grid=(batch, num_kv_heads, tk_pad // ROWS),
         grid_names=("batch", "kv_head", "kv_tile"),
-        **_launch_params(interpret),
+        **launch_params(interpret),
     )(q, k, v, do, lse2, delta)
 
 
@@ -408,7 +401,7 @@ def launch_dq(q, k, v, do, lse2, delta, *, spec, config, interpret, seq_k):
         scratch_types=scratch,
         grid=(batch, num_heads, num_q_tiles),
         grid_names=("batch", "head", "q_tile"),
-        **_launch_params(interpret),
+        **launch_params(interpret),
     )(q, k, v, do, lse2, delta)
 
 

@@ -37,11 +37,17 @@ def tiled_smem(shape, dtype, swizzle: int = 128):
     return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, cols)), plgpu.SwizzleTransform(swizzle)))
 
 
-def interpret_params(interpret):
-    """``interpret``: False (compiled), True (default interpret mode) or an ``InterpretGPUParams`` (e.g. ``detect_races``)."""
-    if isinstance(interpret, plgpu.InterpretGPUParams):
-        return interpret
-    return plgpu.InterpretGPUParams() if interpret else None
+def launch_params(interpret) -> dict:
+    """``plgpu.kernel``'s arguments shared by every kernel here: the three warpgroups, approximate math, and
+    ``interpret``: False (compiled), True (default interpret mode) or an ``InterpretGPUParams`` (e.g. ``detect_races``)."""
+    if not isinstance(interpret, plgpu.InterpretGPUParams):
+        interpret = plgpu.InterpretGPUParams() if interpret else None
+    return dict(
+        num_threads=COMPUTE_WGS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=interpret,
+    )
 
 
 def bcast(x, shape, dim: int):

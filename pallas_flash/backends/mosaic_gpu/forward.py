@@ -66,6 +66,7 @@ from pallas_flash.backends.mosaic_gpu.common import (
     MEMORY_WG,
     ROW,
     WGMMA,
+    launch_params,
     stream_kv_blocks,
     tiled_smem,
 )
@@ -343,9 +344,6 @@ def mosaic_forward(
         scratch_types=scratch,
         grid=(batch, num_heads, num_q_tiles),
         grid_names=("batch", "head", "q_tile"),
-        num_threads=COMPUTE_WGS + 1,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=plgpu.InterpretGPUParams() if interpret else None,
+        **launch_params(interpret),
     )(q_pad, k_pad, v_pad)
     return out[:, :seq_q], lse2[:, :, :seq_q]
