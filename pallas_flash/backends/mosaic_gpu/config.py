@@ -62,12 +62,17 @@ class MosaicForwardConfig:
     """Forward kernel: a CTA of two compute warpgroups (``block_q`` query rows each) and one memory warpgroup.
 
     ``block_kv``: keys per pipeline step (the N of the QK^T wgmma, the K of PV);
-    ``num_stages``: K/V blocks in flight in the shared-memory ring.
+    ``num_stages``: K/V blocks in flight in the shared-memory ring;
+    ``overlap``: FlashAttention-3's intra-warpgroup overlap (a block's softmax
+    runs while the previous block's ``P V`` is on the tensor cores) on top of
+    the two warpgroups taking turns; ``False``: each block's products and
+    softmax in sequence within a warpgroup.
     """
 
     block_q: int = BLOCK_Q
     block_kv: int = 128
     num_stages: int = 2
+    overlap: bool = False
 
     def __post_init__(self):
         for name in ("block_q", "block_kv", "num_stages"):
@@ -78,6 +83,8 @@ class MosaicForwardConfig:
             raise ValueError(f"MosaicForwardConfig.block_q={self.block_q} must be {BLOCK_Q} (one wgmma M per warpgroup)")
         if self.block_kv not in (64, 128, 192, 256):
             raise ValueError(f"MosaicForwardConfig.block_kv={self.block_kv} must be one of 64, 128, 192, 256")
+        if not isinstance(self.overlap, bool):
+            raise TypeError(f"MosaicForwardConfig.overlap={self.overlap!r} must be a bool")
         if not 2 <= self.num_stages <= 6:
             raise ValueError(f"MosaicForwardConfig.num_stages={self.num_stages} must be in [2, 6]")
 

@@ -66,6 +66,7 @@ from pallas_flash.backends.mosaic_gpu.common import (
     MEMORY_WG,
     ROW,
     WGMMA,
+    i32,
     launch_params,
     stream_kv_blocks,
     tiled_smem,
@@ -98,7 +99,8 @@ def _forward_kernel(
     v_ready,
     k_consumed,
     v_consumed,
-    wg_turn,
+    wg_turn=None,
+    wg_token=None,
     p_smem=None,
     seq_k: int,
     group: int,
@@ -108,6 +110,7 @@ def _forward_kernel(
     num_stages: int,
     causal: bool,
     scale_log2: float,
+    overlap: bool,
     interpret: bool,
 ):
     batch = lax.axis_index("batch")
@@ -131,27 +134,45 @@ def _forward_kernel(
 
     cta_kv_blocks = kv_blocks_seen(cta_q0 + COMPUTE_WGS * block_q)
 
+    needs_mask = causal or seq_k % block_kv != 0  # static: some key block is masked
+
+    def mask(s, kb, q_base):
+        """Logits of keys past ``Tk`` and, under causal, of keys after the row set to -inf."""
+        cols = kb * block_kv + plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=WGMMA)
+        visible = None
+        if seq_k % block_kv:
+            visible = cols < seq_k
+        if causal:
+            rows = q_base + plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=WGMMA)
+            before = rows >= cols
+            visible = before if visible is None else visible & before
+        return jnp.where(visible, s, -jnp.inf)
+
+    def softmax(s, m):
+        """Online softmax in the log2 domain: ``(p, m_new, alpha)``, ``m`` the running max of s * scale * log2(e)."""
+        if fold_scale:
+            m_new = jnp.maximum(m, s.max(axis=1) * scale_log2)
+            p = jnp.exp2(s * scale_log2 - _row_bcast(m_new, s.shape))
+        else:
+            s = s * scale_log2
+            m_new = jnp.maximum(m, s.max(axis=1))
+            p = jnp.exp2(s - _row_bcast(m_new, s.shape))
+        return p, m_new, jnp.exp2(m - m_new)
+
+    def release(kb):
+        """A block only the partner warpgroup sees: observe its arrival and release its slots."""
+        slot = lax.rem(kb, jnp.int32(num_stages))
+        plgpu.barrier_wait(k_ready.at[slot])
+        plgpu.barrier_wait(v_ready.at[slot])
+        plgpu.barrier_arrive(k_consumed.at[slot])
+        plgpu.barrier_arrive(v_consumed.at[slot])
+
     def take_turn():
         plgpu.barrier_arrive(wg_turn)
         plgpu.barrier_wait(wg_turn)
 
-    @pl.when(wg < COMPUTE_WGS)
-    def _compute_warpgroup():
-        plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
-        q_base = cta_q0 + wg * block_q
-        q_smem = qo_smem.at[wg]
-        plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q_base, block_q), head], q_smem, q_ready.at[wg])
-        kv_end = kv_blocks_seen(q_base + block_q)
-        if causal:  # blocks whose every key is <= every row of this warpgroup, and < Tk
-            kv_unmasked = jnp.minimum(lax.div(q_base, jnp.int32(block_kv)), jnp.int32(num_whole_kv_blocks))
-        else:
-            kv_unmasked = num_whole_kv_blocks
-
-        m = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32), ROW)
-        l = plgpu.layout_cast(jnp.zeros((block_q,), jnp.float32), ROW)
-        acc = plgpu.layout_cast(jnp.zeros((block_q, q_smem.shape[-1]), jnp.float32), WGMMA)
-
-        plgpu.barrier_wait(q_ready.at[wg])
+    def turn_taking_loop(q_smem, q_base, kv_end, kv_unmasked, carry):
+        """Per key block: S = Q K^T, hand the turn over, softmax, take the turn back, O += P V."""
         plgpu.barrier_wait(k_ready.at[0])
         pl.when(wg == 1)(take_turn)  # one turn behind: warpgroup 0 goes first
 
@@ -166,27 +187,9 @@ def _forward_kernel(
 
             s = pl.run_scoped(qk, plgpu.ACC((block_q, block_kv), jnp.float32))
             plgpu.barrier_arrive(k_consumed.at[slot])
-
             if masked:
-                cols = kb * block_kv + plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=WGMMA)
-                visible = None
-                if seq_k % block_kv:
-                    visible = cols < seq_k
-                if causal:
-                    rows = q_base + plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=WGMMA)
-                    before = rows >= cols
-                    visible = before if visible is None else visible & before
-                s = jnp.where(visible, s, -jnp.inf)
-
-            # Online softmax in the log2 domain: m is the running max of s * scale * log2(e).
-            if fold_scale:
-                m_new = jnp.maximum(m, s.max(axis=1) * scale_log2)
-                p = jnp.exp2(s * scale_log2 - _row_bcast(m_new, s.shape))
-            else:
-                s = s * scale_log2
-                m_new = jnp.maximum(m, s.max(axis=1))
-                p = jnp.exp2(s - _row_bcast(m_new, s.shape))
-            alpha = jnp.exp2(m - m_new)
+                s = mask(s, kb, q_base)
+            p, m_new, alpha = softmax(s, m)
             acc = acc * _row_bcast(alpha, acc.shape)
             l = l * alpha
             p16 = p.astype(dtype)
@@ -229,27 +232,144 @@ def _forward_kernel(
             plgpu.barrier_arrive(v_consumed.at[slot])
             return acc, m_new, l
 
-        carry = (acc, m, l)
-        i32 = functools.partial(jnp.asarray, dtype=jnp.int32)  # loop indices stay int32 under jax_enable_x64
         carry = lax.fori_loop(i32(0), i32(kv_unmasked), functools.partial(kv_step, masked=False), carry)
-        if causal or seq_k % block_kv:
+        if needs_mask:
             carry = lax.fori_loop(i32(kv_unmasked), i32(kv_end), functools.partial(kv_step, masked=True), carry)
-        acc, m, l = carry
 
         @pl.loop(i32(kv_end), i32(cta_kv_blocks))
         def _release_unseen(kb):
-            # Blocks only the partner warpgroup sees: release the slots and keep the turns in step.
-            # (Their ready barriers are waited on too: every warpgroup observes every phase of the
-            # barriers it waits on, which the interpreter checks and the parity tracking relies on.)
-            slot = lax.rem(kb, jnp.int32(num_stages))
-            plgpu.barrier_wait(k_ready.at[slot])
-            plgpu.barrier_wait(v_ready.at[slot])
-            plgpu.barrier_arrive(k_consumed.at[slot])
-            plgpu.barrier_arrive(v_consumed.at[slot])
+            release(kb)  # (and keep the turns in step)
             take_turn()
             take_turn()
 
         pl.when(wg == 0)(take_turn)
+        return carry
+
+    def overlapped_loop(q_smem, q_base, kv_end, kv_unmasked, carry):
+        """FlashAttention-3's intra-warpgroup overlap: block ``kb``'s ``S = Q K^T`` is issued with block
+        ``kb - 1``'s ``O += P V``, and the softmax of ``S`` runs while ``P V`` is still on the tensor cores.
+
+        The two warpgroups take turns issuing: ``wg_token[w]`` is warpgroup ``w``'s token, passed to the
+        partner right after each issue (warpgroup 1 hands warpgroup 0 the first one). Each warpgroup has
+        ``cta_kv_blocks + 1`` turns, blocks it does not see included, so the turns stay in step.
+        """
+        acc, m, l = carry
+        p_tile = p_smem.at[wg] if interpret else None
+
+        def issue_turn(issue):
+            plgpu.barrier_wait(wg_token.at[wg])
+            issue()
+            plgpu.barrier_arrive(wg_token.at[1 - wg])
+
+        def scores_and_softmax(kb, m, l, *, masked, pv_ref=None, p16=None):
+            """Issue S = Q K_kb^T (and O += P V_{kb-1} into ``pv_ref``); ``(p, m_new, alpha, l_new)`` of S."""
+            k_slot = lax.rem(kb, jnp.int32(num_stages))
+            v_slot = lax.rem(kb - 1, jnp.int32(num_stages))
+
+            def scoped(s_ref):
+                def issue():
+                    plgpu.wgmma(s_ref, q_smem, k_smem.at[k_slot].T)
+                    if pv_ref is not None:
+                        plgpu.wgmma(pv_ref, p_tile if interpret else p16, v_smem.at[v_slot])
+
+                issue_turn(issue)
+                return plgpu.wgmma_accumulator_load(s_ref, wait_n=0 if pv_ref is None else 1)
+
+            s = pl.run_scoped(scoped, plgpu.ACC((block_q, block_kv), jnp.float32))
+            plgpu.barrier_arrive(k_consumed.at[k_slot])
+            if masked:
+                s = mask(s, kb, q_base)
+            p, m_new, alpha = softmax(s, m)
+            return p, m_new, alpha, l * alpha + p.sum(axis=1)
+
+        def stage_p(p16):
+            if interpret:  # the next P V reads P from shared memory
+                p_tile[...] = p16
+                plgpu.commit_smem()
+
+        pl.when(wg == 1)(lambda: plgpu.barrier_arrive(wg_token.at[0]))  # warpgroup 0 goes first
+        plgpu.barrier_wait(k_ready.at[0])
+        p, m, _, l = scores_and_softmax(i32(0), m, l, masked=needs_mask)
+        p16 = p.astype(dtype)
+        stage_p(p16)
+
+        def kv_step(j, carry, *, masked: bool):
+            acc, m, l, p16 = carry
+            v_slot = lax.rem(j, jnp.int32(num_stages))
+            plgpu.barrier_wait(k_ready.at[lax.rem(j + 1, jnp.int32(num_stages))])
+            plgpu.barrier_wait(v_ready.at[v_slot])
+            if interpret:
+
+                def pv_fresh(o_ref):
+                    out = scores_and_softmax(j + 1, m, l, masked=masked, pv_ref=o_ref)
+                    return (*out, o_ref[...])
+
+                p, m, alpha, l, pv = pl.run_scoped(pv_fresh, plgpu.ACC(acc.shape, jnp.float32))
+                acc = acc + pv
+                p16 = p.astype(dtype)
+                stage_p(p16)
+            else:
+
+                def pv(refs):
+                    o_ref, m_ref, l_ref, alpha_ref, p_ref = refs
+                    p, m_new, alpha, l_new = scores_and_softmax(j + 1, m, l, masked=masked, pv_ref=o_ref, p16=p16)
+                    m_ref[...] = m_new
+                    l_ref[...] = l_new
+                    alpha_ref[...] = alpha
+                    p_ref[...] = p.astype(dtype)
+
+                acc, m, l, alpha, p16 = pl.run_state(pv)((plgpu.ACC.init(acc), m, l, m, p16))
+            plgpu.barrier_arrive(v_consumed.at[v_slot])
+            return acc * _row_bcast(alpha, acc.shape), m, l, p16
+
+        # Step j finishes block j's P V and starts block j + 1's S; block j + 1 is masked from kv_unmasked on.
+        carry = (acc, m, l, p16)
+        last_unmasked_step = jnp.maximum(i32(kv_unmasked) - 1, 0)
+        carry = lax.fori_loop(i32(0), last_unmasked_step, functools.partial(kv_step, masked=False), carry)
+        if needs_mask:
+            carry = lax.fori_loop(last_unmasked_step, i32(kv_end) - 1, functools.partial(kv_step, masked=True), carry)
+        acc, m, l, p16 = carry
+
+        slot = lax.rem(i32(kv_end) - 1, jnp.int32(num_stages))
+        plgpu.barrier_wait(v_ready.at[slot])
+        if interpret:
+
+            def pv_fresh(o_ref):
+                issue_turn(lambda: plgpu.wgmma(o_ref, p_tile, v_smem.at[slot]))
+                return o_ref[...]
+
+            acc = acc + pl.run_scoped(pv_fresh, plgpu.ACC(acc.shape, jnp.float32))
+        else:
+            acc = pl.run_state(lambda o_ref: issue_turn(lambda: plgpu.wgmma(o_ref, p16, v_smem.at[slot])))(
+                plgpu.ACC.init(acc))
+        plgpu.barrier_arrive(v_consumed.at[slot])
+
+        @pl.loop(i32(kv_end), i32(cta_kv_blocks))
+        def _release_unseen(kb):
+            release(kb)
+            issue_turn(lambda: None)
+
+        pl.when(wg == 0)(lambda: plgpu.barrier_wait(wg_token.at[0]))  # warpgroup 1's last hand-over
+        return acc, m, l
+
+    @pl.when(wg < COMPUTE_WGS)
+    def _compute_warpgroup():
+        plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
+        q_base = cta_q0 + wg * block_q
+        q_smem = qo_smem.at[wg]
+        plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q_base, block_q), head], q_smem, q_ready.at[wg])
+        kv_end = kv_blocks_seen(q_base + block_q)
+        if causal:  # blocks whose every key is <= every row of this warpgroup, and < Tk
+            kv_unmasked = jnp.minimum(lax.div(q_base, jnp.int32(block_kv)), jnp.int32(num_whole_kv_blocks))
+        else:
+            kv_unmasked = num_whole_kv_blocks
+
+        m = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32), ROW)
+        l = plgpu.layout_cast(jnp.zeros((block_q,), jnp.float32), ROW)
+        acc = plgpu.layout_cast(jnp.zeros((block_q, q_smem.shape[-1]), jnp.float32), WGMMA)
+        plgpu.barrier_wait(q_ready.at[wg])
+        loop = overlapped_loop if overlap else turn_taking_loop
+        acc, m, l = loop(q_smem, q_base, kv_end, kv_unmasked, (acc, m, l))
 
         # Every row sees at least key 0, so l >= 1.
         q_smem[...] = (acc * _row_bcast(1.0 / l, acc.shape)).astype(dtype)
@@ -317,6 +437,7 @@ def mosaic_forward(
         num_stages=config.num_stages,
         causal=spec.causal,
         scale_log2=float(spec.scale) * LOG2E,
+        overlap=config.overlap,
         interpret=interpret,
     )
     dtype = q.dtype
@@ -330,8 +451,11 @@ def mosaic_forward(
         v_ready=plgpu.Barrier(num_barriers=config.num_stages),
         k_consumed=plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=config.num_stages),
         v_consumed=plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=config.num_stages),
-        wg_turn=plgpu.Barrier(num_arrivals=COMPUTE_WGS),
     )
+    if config.overlap:  # each warpgroup's token for issuing wgmmas
+        scratch["wg_token"] = plgpu.Barrier(num_arrivals=1, num_barriers=COMPUTE_WGS)
+    else:  # the rendezvous both warpgroups arrive at to hand the turn over
+        scratch["wg_turn"] = plgpu.Barrier(num_arrivals=COMPUTE_WGS)
     if interpret:  # P staged through shared memory (see the module docstring)
         scratch["p_smem"] = tiled_smem((COMPUTE_WGS, block_q, block_kv), dtype)
     out_shape = (
