@@ -55,22 +55,23 @@ def test_forward_space_fits_in_shared_memory(head_dim, dtype):
     cands = mosaic_tune.forward_candidates(head_dim, dtype)
     assert cands
     for cfg in cands:
-        assert (cfg.block_kv, cfg.num_stages) in mosaic_tune.FWD_SPACE
+        assert (cfg.block_kv, cfg.num_stages, cfg.overlap) in mosaic_tune.FWD_SPACE
         assert smem_bytes(cfg.block_q, cfg.block_kv, cfg.num_stages, head_dim, dtype) <= mosaic_config.MAX_SMEM_BYTES
     # exactly the space's members that fit: none is dropped needlessly
     fitting = {
-        (kv, s)
-        for kv, s in mosaic_tune.FWD_SPACE
+        (kv, s, overlap)
+        for kv, s, overlap in mosaic_tune.FWD_SPACE
         if smem_bytes(64, kv, s, head_dim, dtype) <= mosaic_config.MAX_SMEM_BYTES
     }
-    assert {(c.block_kv, c.num_stages) for c in cands} == fitting
+    assert {(c.block_kv, c.num_stages, c.overlap) for c in cands} == fitting
 
 
 def test_forward_space_sizes():
-    assert len(mosaic_tune.FWD_SPACE) == 12
+    assert len(mosaic_tune.FWD_SPACE) == 24
     sizes = {d: len(mosaic_tune.forward_candidates(d, jnp.bfloat16)) for d in HEAD_DIMS}
     assert sizes[64] > sizes[128] > sizes[256] >= 1
-    assert mosaic_tune.forward_candidates(256, jnp.bfloat16) == [MosaicForwardConfig(block_kv=64, num_stages=2)]
+    assert mosaic_tune.forward_candidates(256, jnp.bfloat16) == [
+        MosaicForwardConfig(block_kv=64, num_stages=2, overlap=overlap) for overlap in (False, True)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -11,9 +11,22 @@ warpgroups (FlashAttention-3's layout):
   shared memory) and loop over the key blocks: ``S = Q K^T`` by wgmma into
   registers, the online softmax in the log2 domain (``exp2`` with the scale and
   log2(e) folded into one multiply-add), then ``O += P V`` by wgmma with P
-  from registers. ``wg_turn`` (both warpgroups arrive, then wait) makes them
-  take turns on the tensor cores: one warpgroup's softmax overlaps the other's
-  matrix products.
+  from registers. The two warpgroups take turns on the tensor cores, so that
+  one warpgroup's softmax overlaps the other's matrix products, in one of two
+  schedules (``MosaicForwardConfig.overlap``):
+
+  - turn-taking (``overlap=False``): per key block, ``S = Q K^T``, hand the
+    turn over, softmax, take it back, ``O += P V``; ``wg_turn`` is the
+    rendezvous both warpgroups arrive at to hand the turn over;
+  - intra-warpgroup overlap (``overlap=True``, FlashAttention-3's): block
+    ``j + 1``'s ``S`` is issued together with block ``j``'s ``P V``, and the
+    softmax of ``S`` runs while ``P V`` is still on the tensor cores (``O`` is
+    rescaled after it lands). ``wg_token[w]`` is warpgroup ``w``'s token to
+    issue, passed to the partner right after it has issued. Masked blocks wait
+    for ``P V`` before they are masked: masking while it is in flight makes
+    ptxas serialize every wgmma of the kernel (its warning C7513). Faster from
+    head dim 128 on, slower at 64, where the softmax bounds a block
+    (``config._default_forward`` has the measurements).
 
 Causal attention is a loop split: key blocks every row of the warpgroup sees
 entirely run with no mask; the blocks on the diagonal are masked; blocks no row
@@ -273,7 +286,9 @@ def _forward_kernel(
                         plgpu.wgmma(pv_ref, p_tile if interpret else p16, v_smem.at[v_slot])
 
                 issue_turn(issue)
-                return plgpu.wgmma_accumulator_load(s_ref, wait_n=0 if pv_ref is None else 1)
+                # Masked blocks wait for P V too: masking S while P V is in flight makes ptxas serialize
+                # every wgmma of the kernel ("non wgmma instructions defining input registers of a wgmma").
+                return plgpu.wgmma_accumulator_load(s_ref, wait_n=0 if pv_ref is None or masked else 1)
 
             s = pl.run_scoped(scoped, plgpu.ACC((block_q, block_kv), jnp.float32))
             plgpu.barrier_arrive(k_consumed.at[k_slot])
