@@ -259,11 +259,12 @@ INTERPRET_CASES = {
 
 
 @pytest.mark.skipif(ON_GPU, reason="the GPU tests below run the compiled kernel")
+@pytest.mark.parametrize("persistent", [False, True], ids=["cta_per_tile", "persistent"])
 @pytest.mark.parametrize("overlap", [False, True], ids=["turns", "overlap"])
 @pytest.mark.parametrize("name", INTERPRET_CASES)
-def test_forward_in_interpret_mode(name, overlap, seed):
+def test_forward_in_interpret_mode(name, overlap, persistent, seed):
     shape, causal, dtype, fwd = INTERPRET_CASES[name]
-    fwd = dataclasses.replace(fwd, overlap=overlap)
+    fwd = dataclasses.replace(fwd, overlap=overlap, persistent=persistent)
     _check(shape, dtype, causal, seed, MosaicConfig(fwd=fwd), grads=False, interpret=True)
 
 
@@ -327,8 +328,9 @@ def test_backward_race_detector(bwd, head_dim, seed):
 
 
 @pytest.mark.skipif(ON_GPU, reason="interpret mode")
+@pytest.mark.parametrize("persistent", [False, True], ids=["cta_per_tile", "persistent"])
 @pytest.mark.parametrize("overlap", [False, True], ids=["turns", "overlap"])
-def test_forward_race_detector(overlap, seed):
+def test_forward_race_detector(overlap, persistent, seed):
     """The race detector finds no race in either forward schedule (causal, GQA, ragged: skipped blocks and
     a first warpgroup that sees fewer key blocks than its partner)."""
     try:
@@ -339,7 +341,7 @@ def test_forward_race_detector(overlap, seed):
     spec = AttentionSpec(scale=0.125, causal=True)
     mgpu_interpret.reset_gpu_interpret_mode_state()
     params = plgpu.InterpretGPUParams(detect_races=True)
-    fwd = MosaicForwardConfig(block_kv=64, num_stages=2, overlap=overlap)
+    fwd = MosaicForwardConfig(block_kv=64, num_stages=2, overlap=overlap, persistent=persistent)
     out, lse2 = mosaic_forward(q, k, v, AttentionInputs(), spec=spec, config=fwd, interpret=params)
     jax.block_until_ready(out)
     assert not mgpu_interpret.get_races().races_found
@@ -363,16 +365,18 @@ def test_gpu_values_and_gradients(name, causal, dtype, seed):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("persistent", [False, True], ids=["cta_per_tile", "persistent"])
 @pytest.mark.parametrize("overlap", [False, True], ids=["turns", "overlap"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("block_kv, num_stages", [(64, 2), (64, 4), (128, 2), (128, 3), (192, 2), (256, 2)])
-def test_gpu_every_pipeline_shape(block_kv, num_stages, head_dim, overlap, seed):
-    """Each key block and ring depth, on a long ragged causal problem: many refills of every slot."""
-    fwd = MosaicForwardConfig(block_kv=block_kv, num_stages=num_stages, overlap=overlap)
-    if smem_bytes(fwd.block_q, block_kv, num_stages, head_dim, jnp.bfloat16) > MAX_SMEM_BYTES:
+def test_gpu_every_pipeline_shape(block_kv, num_stages, head_dim, overlap, persistent, seed):
+    """Each key block and ring depth, on a long ragged causal problem: many refills of every slot (and, persistent,
+    more tiles than SMs: 2 batches x 8 heads x 16 query tiles; GQA 4:1)."""
+    fwd = MosaicForwardConfig(block_kv=block_kv, num_stages=num_stages, overlap=overlap, persistent=persistent)
+    if smem_bytes(fwd.block_q, block_kv, num_stages, head_dim, jnp.bfloat16, fwd.q_buffers) > MAX_SMEM_BYTES:
         pytest.skip(f"{fwd} does not fit in shared memory at head_dim={head_dim}")
     config = MosaicConfig(fwd=fwd)
-    shape = Shape("p", 1, 2000, 2500, 2, 1, head_dim)
+    shape = Shape("p", 2, 2000, 2500, 8, 2, head_dim)
     out, lse = _check(shape, jnp.bfloat16, True, seed, config, grads=False)
     again = pf.attention_with_lse(*_qkv(shape, jnp.bfloat16, seed), is_causal=True, implementation="mosaic",
                                   config=config)

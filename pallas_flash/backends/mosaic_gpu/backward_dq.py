@@ -25,6 +25,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_flash.backends.mosaic_gpu.common import (
     COMPUTE_REGISTERS,
     COMPUTE_WGS,
+    MEMORY_REGISTERS,
     MEMORY_WG,
     ROW,
     WGMMA,
@@ -162,6 +163,7 @@ def _dq_kernel(
 
     @pl.when(wg == MEMORY_WG)
     def _memory_warpgroup():
+        plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
         stream_kv_blocks(
             k_ref, v_ref, k_smem=k_smem, v_smem=v_smem, k_ready=k_ready, v_ready=v_ready, k_consumed=k_consumed,
             v_consumed=v_consumed, batch=batch, kv_head=lax.div(head, jnp.int32(group)), num_blocks=cta_kv_blocks,

@@ -53,6 +53,7 @@ from pallas_flash.backends.mosaic_gpu.common import (
     COL,
     COMPUTE_REGISTERS,
     COMPUTE_WGS,
+    MEMORY_REGISTERS,
     MEMORY_WG,
     ROW,
     WGMMA,
@@ -318,6 +319,7 @@ def _dq_kernel(
 
     @pl.when(wg == MEMORY_WG)
     def _memory_warpgroup():
+        plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
         stream_kv_blocks(
             k_ref, v_ref, k_smem=k_smem, v_smem=v_smem, k_ready=k_ready, v_ready=v_ready, k_consumed=k_consumed,
             v_consumed=v_consumed, batch=batch, kv_head=lax.div(head, jnp.int32(group)), num_blocks=kv_end,

@@ -98,25 +98,38 @@ def stream_query_blocks(q_ref, do_ref, lse_ref, delta_ref, *, q_smem, do_smem, l
 
 
 def stream_kv_blocks(k_ref, v_ref, *, k_smem, v_smem, k_ready, v_ready, k_consumed, v_consumed, batch, kv_head,
-                     num_blocks, block_kv, num_stages):
+                     num_blocks, block_kv, num_stages, first_step=0, drain=True):
     """Memory warpgroup of the forward and the dQ kernels: key blocks ``0 .. num_blocks - 1`` of one KV head
     (``K`` on ``k_ready``, ``V`` on ``v_ready``) into a ring of ``num_stages`` slots, each refilled once both
-    compute warpgroups have released it; then the release of the last slots is observed too."""
-    plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
+    compute warpgroups have released it; then (``drain``) the release of the last slots is observed too.
+
+    ``first_step``: ring steps already taken (a persistent kernel's earlier tiles): block ``kb`` goes to slot
+    ``(first_step + kb) % num_stages``. Returns the steps taken so far, ``first_step + num_blocks``.
+    """
     num_blocks = i32(num_blocks)
 
     @pl.loop(i32(0), num_blocks)
     def _load(kb):
-        slot = lax.rem(kb, jnp.int32(num_stages))
+        step = first_step + kb
+        slot = lax.rem(step, jnp.int32(num_stages))
         rows = pl.ds(kb * block_kv, block_kv)
-        refill = kb >= num_stages
+        refill = step >= num_stages
         pl.when(refill)(lambda: plgpu.barrier_wait(k_consumed.at[slot]))
         plgpu.copy_gmem_to_smem(k_ref.at[batch, rows, kv_head], k_smem.at[slot], k_ready.at[slot])
         pl.when(refill)(lambda: plgpu.barrier_wait(v_consumed.at[slot]))
         plgpu.copy_gmem_to_smem(v_ref.at[batch, rows, kv_head], v_smem.at[slot], v_ready.at[slot])
 
-    @pl.loop(jnp.maximum(num_blocks - num_stages, 0), num_blocks)
-    def _drain(kb):  # observe the release of the last slots too
-        slot = lax.rem(kb, jnp.int32(num_stages))
+    steps = first_step + num_blocks
+    if drain:
+        drain_kv_slots(k_consumed, v_consumed, steps, num_stages)
+    return steps
+
+
+def drain_kv_slots(k_consumed, v_consumed, steps, num_stages):
+    """Observe the release of the ring's last slots (of ``steps`` steps in all)."""
+
+    @pl.loop(jnp.maximum(i32(steps) - num_stages, 0), i32(steps))
+    def _drain(step):
+        slot = lax.rem(step, jnp.int32(num_stages))
         plgpu.barrier_wait(k_consumed.at[slot])
         plgpu.barrier_wait(v_consumed.at[slot])

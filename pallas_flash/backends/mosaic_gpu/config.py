@@ -51,10 +51,10 @@ BLOCK_KV = 64
 TILE = 2 * BLOCK_KV
 
 
-def smem_bytes(block_q: int, block_kv: int, num_stages: int, head_dim: int, dtype: Any) -> int:
-    """Shared memory of the forward's tiles: two query tiles (one per compute warpgroup) and the K/V ring."""
+def smem_bytes(block_q: int, block_kv: int, num_stages: int, head_dim: int, dtype: Any, q_buffers: int = 1) -> int:
+    """Shared memory of the forward's tiles: ``q_buffers`` query tiles per compute warpgroup and the K/V ring."""
     item = jnp.dtype(dtype).itemsize
-    return item * head_dim * (2 * block_q + 2 * num_stages * block_kv)
+    return item * head_dim * (2 * q_buffers * block_q + 2 * num_stages * block_kv)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,13 +66,21 @@ class MosaicForwardConfig:
     ``overlap``: FlashAttention-3's intra-warpgroup overlap (a block's softmax
     runs while the previous block's ``P V`` is on the tensor cores) on top of
     the two warpgroups taking turns; ``False``: each block's products and
-    softmax in sequence within a warpgroup.
+    softmax in sequence within a warpgroup;
+    ``persistent``: one CTA per SM walking its share of the query tiles, the
+    K/V ring running on across them and the next tile's Q loading during this
+    one (a second Q buffer per warpgroup); ``False``: one CTA per tile.
     """
 
     block_q: int = BLOCK_Q
     block_kv: int = 128
     num_stages: int = 2
     overlap: bool = False
+    persistent: bool = False
+
+    @property
+    def q_buffers(self) -> int:
+        return 2 if self.persistent else 1
 
     def __post_init__(self):
         for name in ("block_q", "block_kv", "num_stages"):
@@ -83,18 +91,19 @@ class MosaicForwardConfig:
             raise ValueError(f"MosaicForwardConfig.block_q={self.block_q} must be {BLOCK_Q} (one wgmma M per warpgroup)")
         if self.block_kv not in (64, 128, 192, 256):
             raise ValueError(f"MosaicForwardConfig.block_kv={self.block_kv} must be one of 64, 128, 192, 256")
-        if not isinstance(self.overlap, bool):
-            raise TypeError(f"MosaicForwardConfig.overlap={self.overlap!r} must be a bool")
+        for name in ("overlap", "persistent"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"MosaicForwardConfig.{name}={getattr(self, name)!r} must be a bool")
         if not 2 <= self.num_stages <= 6:
             raise ValueError(f"MosaicForwardConfig.num_stages={self.num_stages} must be in [2, 6]")
 
     def check_fits(self, head_dim: int, dtype: Any) -> None:
         """``ValueError`` when the tiles of this config would not fit in one CTA's shared memory."""
-        need = smem_bytes(self.block_q, self.block_kv, self.num_stages, head_dim, dtype)
+        need = smem_bytes(self.block_q, self.block_kv, self.num_stages, head_dim, dtype, self.q_buffers)
         if need > MAX_SMEM_BYTES:
             raise ValueError(
                 f"{self} needs {need} bytes of shared memory at head_dim={head_dim} ({jnp.dtype(dtype).name}), "
-                f"more than the {MAX_SMEM_BYTES} available: use a smaller block_kv or fewer num_stages"
+                f"more than the {MAX_SMEM_BYTES} available: use a smaller block_kv, fewer num_stages or persistent=False"
             )
 
 

@@ -1,9 +1,9 @@
 """FlashAttention forward for Hopper (sm_90): a Pallas kernel on the Mosaic GPU backend.
 
-One CTA computes ``2 * block_q`` query rows of one (batch, head) with three
-warpgroups (FlashAttention-3's layout):
+A CTA computes query tiles of ``2 * block_q`` rows of one (batch, head) with
+three warpgroups (FlashAttention-3's layout):
 
-- the memory warpgroup streams the K and V blocks of the CTA's KV head with
+- the memory warpgroup streams the K and V blocks of the tile's KV head with
   TMA into a ring of ``num_stages`` swizzled shared-memory slots. ``k_ready`` /
   ``v_ready`` say a slot has landed; ``k_consumed`` / ``v_consumed`` (one
   arrival per compute warpgroup) say both compute warpgroups are done with it;
@@ -12,21 +12,18 @@ warpgroups (FlashAttention-3's layout):
   registers, the online softmax in the log2 domain (``exp2`` with the scale and
   log2(e) folded into one multiply-add), then ``O += P V`` by wgmma with P
   from registers. The two warpgroups take turns on the tensor cores, so that
-  one warpgroup's softmax overlaps the other's matrix products, in one of two
-  schedules (``MosaicForwardConfig.overlap``):
+  one warpgroup's softmax overlaps the other's matrix products, in one of the
+  two schedules of ``forward_schedules.py`` (``MosaicForwardConfig.overlap``:
+  FlashAttention-3's intra-warpgroup overlap, or not).
 
-  - turn-taking (``overlap=False``): per key block, ``S = Q K^T``, hand the
-    turn over, softmax, take it back, ``O += P V``; ``wg_turn`` is the
-    rendezvous both warpgroups arrive at to hand the turn over;
-  - intra-warpgroup overlap (``overlap=True``, FlashAttention-3's): block
-    ``j + 1``'s ``S`` is issued together with block ``j``'s ``P V``, and the
-    softmax of ``S`` runs while ``P V`` is still on the tensor cores (``O`` is
-    rescaled after it lands). ``wg_token[w]`` is warpgroup ``w``'s token to
-    issue, passed to the partner right after it has issued. Masked blocks wait
-    for ``P V`` before they are masked: masking while it is in flight makes
-    ptxas serialize every wgmma of the kernel (its warning C7513). Faster from
-    head dim 128 on, slower at 64, where the softmax bounds a block
-    (``config._default_forward`` has the measurements).
+Persistent (``MosaicForwardConfig.persistent``): one CTA per SM walks its share
+of the tiles (heads outermost, query tiles innermost, so that the CTAs at work
+at once share K/V in L2; under causal the longest tiles first). The K/V ring
+runs on across tiles, so the memory warpgroup loads the next tile's first
+blocks while the compute warpgroups finish this one; each compute warpgroup
+loads its next Q into a second buffer once its current tile's first S has
+landed, and stages its O through the current Q's buffer. Otherwise one CTA
+per tile.
 
 Causal attention is a loop split: key blocks every row of the warpgroup sees
 entirely run with no mask; the blocks on the diagonal are masked; blocks no row
@@ -51,15 +48,10 @@ rows read as zeros, writes dropped), mbarriers (arrive/wait, transaction
 counts; the interpreter also checks that each waiting warpgroup observes every
 phase), wgmma from shared-memory operands into ``plgpu.ACC`` scratch,
 ``commit_smem``, smem-to-gmem copies and ``set_max_registers`` (a no-op);
-its race detector (``detect_races=True``) finds no race in this kernel. Two
-things the GPU path uses fail there in jax 0.11.2: ``pl.run_state`` with
-``plgpu.ACC.init`` (no interpreter rule; it reaches XLA lowering and fails with
-"Cannot lower jaxpr with effects: {...WGMMAPipelineEffect...}") and a wgmma
-whose left operand is a register array (the interpreter reads both operands as
-shared-memory allocations: "ValueError: Expected shape (6,) but got (64, 64)").
-In interpret mode alone, P is therefore staged through shared memory and ``P V``
-goes into a fresh accumulator added in registers; every other line (pipeline,
-barriers, masks, softmax, stores) is the GPU's.
+its race detector (``detect_races=True``) finds no race in either schedule,
+persistent or not. A persistent kernel runs there as three CTAs, so each walks
+several tiles. What fails there in jax 0.11.2 is replaced in interpret mode
+alone (``forward_schedules.py``): P goes through shared memory.
 """
 
 from __future__ import annotations
@@ -76,24 +68,26 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_flash.backends.mosaic_gpu.common import (
     COMPUTE_REGISTERS,
     COMPUTE_WGS,
+    MEMORY_REGISTERS,
     MEMORY_WG,
     ROW,
     WGMMA,
+    bcast,
+    drain_kv_slots,
     i32,
     launch_params,
     stream_kv_blocks,
     tiled_smem,
 )
 from pallas_flash.backends.mosaic_gpu.config import MosaicForwardConfig
+from pallas_flash.backends.mosaic_gpu.forward_schedules import ForwardTile, overlapped, turn_taking
 from pallas_flash.spec import LOG2E, AttentionInputs, AttentionSpec
 
 __all__ = ["mosaic_forward"]
 
 _RCP_LN2 = 1.0 / math.log(2.0)
-
-
-def _row_bcast(x, shape):
-    return lax.broadcast_in_dim(x, shape, [0])
+# CTAs of a persistent kernel in interpret mode: few, so that each walks several tiles.
+_INTERPRET_PROGRAMS = 3
 
 
 def _forward_kernel(
@@ -117,7 +111,10 @@ def _forward_kernel(
     p_smem=None,
     seq_k: int,
     group: int,
+    num_heads: int,
     num_q_tiles: int,
+    num_tiles: int,
+    num_programs: int,
     block_q: int,
     block_kv: int,
     num_stages: int,
@@ -126,18 +123,22 @@ def _forward_kernel(
     overlap: bool,
     interpret: bool,
 ):
-    batch = lax.axis_index("batch")
-    head = lax.axis_index("head")
-    tile = lax.axis_index("q_tile")
-    if causal:  # the longest rows first, so the last wave is made of short ones
-        tile = num_q_tiles - 1 - tile
+    program = lax.axis_index("program")
     wg = lax.axis_index("wg")
-    cta_q0 = tile * (COMPUTE_WGS * block_q)
+    rows_per_cta = COMPUTE_WGS * block_q
     num_kv_blocks = pl.cdiv(seq_k, block_kv)  # static
     num_whole_kv_blocks = seq_k // block_kv  # static: blocks with no key past Tk
-    dtype = qo_smem.dtype
-    fold_scale = scale_log2 > 0  # max(s) * c == max(s * c) only for c > 0
-    sum_before_pv = qo_smem.shape[-1] <= 128
+    num_q_buffers = qo_smem.shape[0]  # 2: the next tile's Q loads during this one
+    my_tiles = lax.div(jnp.int32(num_tiles - 1) - program, jnp.int32(num_programs)) + 1
+
+    def tile_coords(i):
+        """``(batch, head, first row)`` of this CTA's ``i``-th tile."""
+        t = program + i * num_programs
+        q_tile = lax.rem(t, jnp.int32(num_q_tiles))
+        if causal:  # the longest rows first, so the last tiles are short ones
+            q_tile = num_q_tiles - 1 - q_tile
+        bh = lax.div(t, jnp.int32(num_q_tiles))
+        return lax.div(bh, jnp.int32(num_heads)), lax.rem(bh, jnp.int32(num_heads)), q_tile * rows_per_cta
 
     def kv_blocks_seen(q_end):
         """Key blocks that rows ``< q_end`` see (at least one: every row sees key 0)."""
@@ -145,261 +146,84 @@ def _forward_kernel(
             return num_kv_blocks
         return jnp.minimum(pl.cdiv(q_end, jnp.int32(block_kv)), jnp.int32(num_kv_blocks))
 
-    cta_kv_blocks = kv_blocks_seen(cta_q0 + COMPUTE_WGS * block_q)
-
-    needs_mask = causal or seq_k % block_kv != 0  # static: some key block is masked
-
-    def mask(s, kb, q_base):
-        """Logits of keys past ``Tk`` and, under causal, of keys after the row set to -inf."""
-        cols = kb * block_kv + plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=WGMMA)
-        visible = None
-        if seq_k % block_kv:
-            visible = cols < seq_k
-        if causal:
-            rows = q_base + plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=WGMMA)
-            before = rows >= cols
-            visible = before if visible is None else visible & before
-        return jnp.where(visible, s, -jnp.inf)
-
-    def softmax(s, m):
-        """Online softmax in the log2 domain: ``(p, m_new, alpha)``, ``m`` the running max of s * scale * log2(e)."""
-        if fold_scale:
-            m_new = jnp.maximum(m, s.max(axis=1) * scale_log2)
-            p = jnp.exp2(s * scale_log2 - _row_bcast(m_new, s.shape))
-        else:
-            s = s * scale_log2
-            m_new = jnp.maximum(m, s.max(axis=1))
-            p = jnp.exp2(s - _row_bcast(m_new, s.shape))
-        return p, m_new, jnp.exp2(m - m_new)
-
-    def release(kb):
-        """A block only the partner warpgroup sees: observe its arrival and release its slots."""
-        slot = lax.rem(kb, jnp.int32(num_stages))
-        plgpu.barrier_wait(k_ready.at[slot])
-        plgpu.barrier_wait(v_ready.at[slot])
-        plgpu.barrier_arrive(k_consumed.at[slot])
-        plgpu.barrier_arrive(v_consumed.at[slot])
-
-    def take_turn():
-        plgpu.barrier_arrive(wg_turn)
-        plgpu.barrier_wait(wg_turn)
-
-    def turn_taking_loop(q_smem, q_base, kv_end, kv_unmasked, carry):
-        """Per key block: S = Q K^T, hand the turn over, softmax, take the turn back, O += P V."""
-        plgpu.barrier_wait(k_ready.at[0])
-        pl.when(wg == 1)(take_turn)  # one turn behind: warpgroup 0 goes first
-
-        def kv_step(kb, carry, *, masked: bool):
-            acc, m, l = carry
-            slot = lax.rem(kb, jnp.int32(num_stages))
-
-            def qk(s_ref):
-                plgpu.wgmma(s_ref, q_smem, k_smem.at[slot].T)
-                take_turn()
-                return s_ref[...]
-
-            s = pl.run_scoped(qk, plgpu.ACC((block_q, block_kv), jnp.float32))
-            plgpu.barrier_arrive(k_consumed.at[slot])
-            if masked:
-                s = mask(s, kb, q_base)
-            p, m_new, alpha = softmax(s, m)
-            acc = acc * _row_bcast(alpha, acc.shape)
-            l = l * alpha
-            p16 = p.astype(dtype)
-            if sum_before_pv:  # (the order FA3-style Mosaic kernels found fastest: before the PV turn up to D=128)
-                l = l + p.sum(axis=1)
-                acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
-
-            plgpu.barrier_arrive(wg_turn)
-            plgpu.barrier_wait(v_ready.at[slot])
-            plgpu.barrier_wait(wg_turn)
-
-            def wait_next_k():
-                @pl.when(kb + 1 < kv_end)
-                def _():
-                    plgpu.barrier_wait(k_ready.at[lax.rem(kb + 1, jnp.int32(num_stages))])
-
-            if interpret:
-                p_tile = p_smem.at[wg]
-                p_tile[...] = p16
-                plgpu.commit_smem()
-
-                def pv_fresh(o_ref):
-                    plgpu.wgmma(o_ref, p_tile, v_smem.at[slot])
-                    wait_next_k()
-                    return o_ref[...]
-
-                acc = acc + pl.run_scoped(pv_fresh, plgpu.ACC(acc.shape, jnp.float32))
-                if not sum_before_pv:
-                    l = l + p.sum(axis=1)
-            else:
-
-                def pv(refs):
-                    o_ref, l_ref = refs
-                    plgpu.wgmma(o_ref, p16, v_smem.at[slot])
-                    if not sum_before_pv:  # while the wgmma runs
-                        l_ref[...] += p.sum(axis=1)
-                    wait_next_k()
-
-                acc, l = pl.run_state(pv)((plgpu.ACC.init(acc), l))
-            plgpu.barrier_arrive(v_consumed.at[slot])
-            return acc, m_new, l
-
-        carry = lax.fori_loop(i32(0), i32(kv_unmasked), functools.partial(kv_step, masked=False), carry)
-        if needs_mask:
-            carry = lax.fori_loop(i32(kv_unmasked), i32(kv_end), functools.partial(kv_step, masked=True), carry)
-
-        @pl.loop(i32(kv_end), i32(cta_kv_blocks))
-        def _release_unseen(kb):
-            release(kb)  # (and keep the turns in step)
-            take_turn()
-            take_turn()
-
-        pl.when(wg == 0)(take_turn)
-        return carry
-
-    def overlapped_loop(q_smem, q_base, kv_end, kv_unmasked, carry):
-        """FlashAttention-3's intra-warpgroup overlap: block ``kb``'s ``S = Q K^T`` is issued with block
-        ``kb - 1``'s ``O += P V``, and the softmax of ``S`` runs while ``P V`` is still on the tensor cores.
-
-        The two warpgroups take turns issuing: ``wg_token[w]`` is warpgroup ``w``'s token, passed to the
-        partner right after each issue (warpgroup 1 hands warpgroup 0 the first one). Each warpgroup has
-        ``cta_kv_blocks + 1`` turns, blocks it does not see included, so the turns stay in step.
-        """
-        acc, m, l = carry
-        p_tile = p_smem.at[wg] if interpret else None
-
-        def issue_turn(issue):
-            plgpu.barrier_wait(wg_token.at[wg])
-            issue()
-            plgpu.barrier_arrive(wg_token.at[1 - wg])
-
-        def scores_and_softmax(kb, m, l, *, masked, pv_ref=None, p16=None):
-            """Issue S = Q K_kb^T (and O += P V_{kb-1} into ``pv_ref``); ``(p, m_new, alpha, l_new)`` of S."""
-            k_slot = lax.rem(kb, jnp.int32(num_stages))
-            v_slot = lax.rem(kb - 1, jnp.int32(num_stages))
-
-            def scoped(s_ref):
-                def issue():
-                    plgpu.wgmma(s_ref, q_smem, k_smem.at[k_slot].T)
-                    if pv_ref is not None:
-                        plgpu.wgmma(pv_ref, p_tile if interpret else p16, v_smem.at[v_slot])
-
-                issue_turn(issue)
-                # Masked blocks wait for P V too: masking S while P V is in flight makes ptxas serialize
-                # every wgmma of the kernel ("non wgmma instructions defining input registers of a wgmma").
-                return plgpu.wgmma_accumulator_load(s_ref, wait_n=0 if pv_ref is None or masked else 1)
-
-            s = pl.run_scoped(scoped, plgpu.ACC((block_q, block_kv), jnp.float32))
-            plgpu.barrier_arrive(k_consumed.at[k_slot])
-            if masked:
-                s = mask(s, kb, q_base)
-            p, m_new, alpha = softmax(s, m)
-            return p, m_new, alpha, l * alpha + p.sum(axis=1)
-
-        def stage_p(p16):
-            if interpret:  # the next P V reads P from shared memory
-                p_tile[...] = p16
-                plgpu.commit_smem()
-
-        pl.when(wg == 1)(lambda: plgpu.barrier_arrive(wg_token.at[0]))  # warpgroup 0 goes first
-        plgpu.barrier_wait(k_ready.at[0])
-        p, m, _, l = scores_and_softmax(i32(0), m, l, masked=needs_mask)
-        p16 = p.astype(dtype)
-        stage_p(p16)
-
-        def kv_step(j, carry, *, masked: bool):
-            acc, m, l, p16 = carry
-            v_slot = lax.rem(j, jnp.int32(num_stages))
-            plgpu.barrier_wait(k_ready.at[lax.rem(j + 1, jnp.int32(num_stages))])
-            plgpu.barrier_wait(v_ready.at[v_slot])
-            if interpret:
-
-                def pv_fresh(o_ref):
-                    out = scores_and_softmax(j + 1, m, l, masked=masked, pv_ref=o_ref)
-                    return (*out, o_ref[...])
-
-                p, m, alpha, l, pv = pl.run_scoped(pv_fresh, plgpu.ACC(acc.shape, jnp.float32))
-                acc = acc + pv
-                p16 = p.astype(dtype)
-                stage_p(p16)
-            else:
-
-                def pv(refs):
-                    o_ref, m_ref, l_ref, alpha_ref, p_ref = refs
-                    p, m_new, alpha, l_new = scores_and_softmax(j + 1, m, l, masked=masked, pv_ref=o_ref, p16=p16)
-                    m_ref[...] = m_new
-                    l_ref[...] = l_new
-                    alpha_ref[...] = alpha
-                    p_ref[...] = p.astype(dtype)
-
-                acc, m, l, alpha, p16 = pl.run_state(pv)((plgpu.ACC.init(acc), m, l, m, p16))
-            plgpu.barrier_arrive(v_consumed.at[v_slot])
-            return acc * _row_bcast(alpha, acc.shape), m, l, p16
-
-        # Step j finishes block j's P V and starts block j + 1's S; block j + 1 is masked from kv_unmasked on.
-        carry = (acc, m, l, p16)
-        last_unmasked_step = jnp.maximum(i32(kv_unmasked) - 1, 0)
-        carry = lax.fori_loop(i32(0), last_unmasked_step, functools.partial(kv_step, masked=False), carry)
-        if needs_mask:
-            carry = lax.fori_loop(last_unmasked_step, i32(kv_end) - 1, functools.partial(kv_step, masked=True), carry)
-        acc, m, l, p16 = carry
-
-        slot = lax.rem(i32(kv_end) - 1, jnp.int32(num_stages))
-        plgpu.barrier_wait(v_ready.at[slot])
-        if interpret:
-
-            def pv_fresh(o_ref):
-                issue_turn(lambda: plgpu.wgmma(o_ref, p_tile, v_smem.at[slot]))
-                return o_ref[...]
-
-            acc = acc + pl.run_scoped(pv_fresh, plgpu.ACC(acc.shape, jnp.float32))
-        else:
-            acc = pl.run_state(lambda o_ref: issue_turn(lambda: plgpu.wgmma(o_ref, p16, v_smem.at[slot])))(
-                plgpu.ACC.init(acc))
-        plgpu.barrier_arrive(v_consumed.at[slot])
-
-        @pl.loop(i32(kv_end), i32(cta_kv_blocks))
-        def _release_unseen(kb):
-            release(kb)
-            issue_turn(lambda: None)
-
-        pl.when(wg == 0)(lambda: plgpu.barrier_wait(wg_token.at[0]))  # warpgroup 1's last hand-over
-        return acc, m, l
-
     @pl.when(wg < COMPUTE_WGS)
     def _compute_warpgroup():
         plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
-        q_base = cta_q0 + wg * block_q
-        q_smem = qo_smem.at[wg]
-        plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q_base, block_q), head], q_smem, q_ready.at[wg])
-        kv_end = kv_blocks_seen(q_base + block_q)
-        if causal:  # blocks whose every key is <= every row of this warpgroup, and < Tk
-            kv_unmasked = jnp.minimum(lax.div(q_base, jnp.int32(block_kv)), jnp.int32(num_whole_kv_blocks))
-        else:
-            kv_unmasked = num_whole_kv_blocks
 
-        m = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32), ROW)
-        l = plgpu.layout_cast(jnp.zeros((block_q,), jnp.float32), ROW)
-        acc = plgpu.layout_cast(jnp.zeros((block_q, q_smem.shape[-1]), jnp.float32), WGMMA)
-        plgpu.barrier_wait(q_ready.at[wg])
-        loop = overlapped_loop if overlap else turn_taking_loop
-        acc, m, l = loop(q_smem, q_base, kv_end, kv_unmasked, (acc, m, l))
+        def load_q(i, buf):
+            batch, head, cta_q0 = tile_coords(i)
+            rows = pl.ds(cta_q0 + wg * block_q, block_q)
+            plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], qo_smem.at[buf, wg],
+                                    q_ready.at[buf * COMPUTE_WGS + wg])
 
-        # Every row sees at least key 0, so l >= 1.
-        q_smem[...] = (acc * _row_bcast(1.0 / l, acc.shape)).astype(dtype)
-        lse_smem[wg] = m + jnp.log(l) * _RCP_LN2
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(q_smem, out_ref.at[batch, pl.ds(q_base, block_q), head])
-        plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[batch, head, pl.ds(q_base, block_q)])
+        load_q(i32(0), i32(0))
+
+        def tile_step(i, step):
+            batch, head, cta_q0 = tile_coords(i)
+            buf = lax.rem(i, jnp.int32(num_q_buffers))
+            q_smem = qo_smem.at[buf, wg]
+            q_base = cta_q0 + wg * block_q
+            if causal:  # blocks whose every key is <= every row of this warpgroup, and < Tk
+                kv_unmasked = jnp.minimum(lax.div(q_base, jnp.int32(block_kv)), jnp.int32(num_whole_kv_blocks))
+            else:
+                kv_unmasked = num_whole_kv_blocks
+
+            def load_next_q():
+                if num_q_buffers == 1:
+                    return
+
+                @pl.when(i + 1 < my_tiles)
+                def _():
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's O has left that buffer
+                    load_q(i + 1, 1 - buf)
+
+            tile = ForwardTile(
+                q_smem=q_smem, k_smem=k_smem, v_smem=v_smem, k_ready=k_ready, v_ready=v_ready,
+                k_consumed=k_consumed, v_consumed=v_consumed, wg_turn=wg_turn, wg_token=wg_token, p_smem=p_smem,
+                seq_k=seq_k, block_q=block_q, block_kv=block_kv, num_stages=num_stages, causal=causal,
+                scale_log2=scale_log2, interpret=interpret, wg=wg, q_base=q_base,
+                kv_end=kv_blocks_seen(q_base + block_q), kv_unmasked=kv_unmasked,
+                cta_kv_blocks=kv_blocks_seen(cta_q0 + rows_per_cta), step=step, after_first_s=load_next_q)
+            m = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32), ROW)
+            l = plgpu.layout_cast(jnp.zeros((block_q,), jnp.float32), ROW)
+            acc = plgpu.layout_cast(jnp.zeros((block_q, q_smem.shape[-1]), jnp.float32), WGMMA)
+            plgpu.barrier_wait(q_ready.at[buf * COMPUTE_WGS + wg])
+            acc, m, l = (overlapped if overlap else turn_taking)(tile, (acc, m, l))
+
+            # Every row sees at least key 0, so l >= 1. O goes out through this tile's Q buffer.
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's lse row has left lse_smem
+            q_smem[...] = (acc * bcast(1.0 / l, acc.shape, 0)).astype(q_smem.dtype)
+            lse_smem[wg] = m + jnp.log(l) * _RCP_LN2
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_smem, out_ref.at[batch, pl.ds(q_base, block_q), head])
+            plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[batch, head, pl.ds(q_base, block_q)])
+            return step + tile.cta_kv_blocks
+
+        lax.fori_loop(i32(0), my_tiles, tile_step, i32(0))
         plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == MEMORY_WG)
     def _memory_warpgroup():
-        stream_kv_blocks(
-            k_ref, v_ref, k_smem=k_smem, v_smem=v_smem, k_ready=k_ready, v_ready=v_ready, k_consumed=k_consumed,
-            v_consumed=v_consumed, batch=batch, kv_head=lax.div(head, jnp.int32(group)), num_blocks=cta_kv_blocks,
-            block_kv=block_kv, num_stages=num_stages)
+        plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
+
+        def tile_step(i, step):
+            batch, head, cta_q0 = tile_coords(i)
+            return stream_kv_blocks(
+                k_ref, v_ref, k_smem=k_smem, v_smem=v_smem, k_ready=k_ready, v_ready=v_ready,
+                k_consumed=k_consumed, v_consumed=v_consumed, batch=batch, kv_head=lax.div(head, jnp.int32(group)),
+                num_blocks=kv_blocks_seen(cta_q0 + rows_per_cta), block_kv=block_kv, num_stages=num_stages,
+                first_step=step, drain=False)
+
+        steps = lax.fori_loop(i32(0), my_tiles, tile_step, i32(0))
+        drain_kv_slots(k_consumed, v_consumed, steps, num_stages)
+
+
+def _num_sms() -> int:
+    """Streaming multiprocessors of the first GPU (132 on an H100 SXM/H200 when JAX cannot say)."""
+    try:
+        return int(jax.devices("gpu")[0].core_count)
+    except (RuntimeError, AttributeError, IndexError, TypeError, ValueError):
+        return 132
 
 
 def _pad_seq(x: jax.Array, length: int) -> jax.Array:
@@ -441,12 +265,20 @@ def mosaic_forward(
     v_pad = _pad_seq(v, _padded_length(seq_k, block_kv))
     num_q_tiles = pl.cdiv(seq_q, rows_per_cta)
     lse_len = num_q_tiles * rows_per_cta  # whole tiles: the lse rows are written by 1-D TMA copies
+    num_tiles = batch * num_heads * num_q_tiles
+    if config.persistent:
+        num_programs = min(num_tiles, _INTERPRET_PROGRAMS if interpret else _num_sms())
+    else:
+        num_programs = num_tiles
 
     kernel = functools.partial(
         _forward_kernel,
         seq_k=seq_k,
         group=num_heads // num_kv_heads,
+        num_heads=num_heads,
         num_q_tiles=num_q_tiles,
+        num_tiles=num_tiles,
+        num_programs=num_programs,
         block_q=block_q,
         block_kv=block_kv,
         num_stages=config.num_stages,
@@ -457,11 +289,11 @@ def mosaic_forward(
     )
     dtype = q.dtype
     scratch = dict(
-        qo_smem=tiled_smem((COMPUTE_WGS, block_q, head_dim), dtype),
+        qo_smem=tiled_smem((config.q_buffers, COMPUTE_WGS, block_q, head_dim), dtype),
         k_smem=tiled_smem((config.num_stages, block_kv, head_dim), dtype),
         v_smem=tiled_smem((config.num_stages, block_kv, head_dim), dtype),
         lse_smem=plgpu.SMEM((COMPUTE_WGS, block_q), jnp.float32),
-        q_ready=plgpu.Barrier(num_barriers=COMPUTE_WGS),
+        q_ready=plgpu.Barrier(num_barriers=config.q_buffers * COMPUTE_WGS),
         k_ready=plgpu.Barrier(num_barriers=config.num_stages),
         v_ready=plgpu.Barrier(num_barriers=config.num_stages),
         k_consumed=plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=config.num_stages),
@@ -481,8 +313,8 @@ def mosaic_forward(
         kernel,
         out_type=out_shape,
         scratch_types=scratch,
-        grid=(batch, num_heads, num_q_tiles),
-        grid_names=("batch", "head", "q_tile"),
+        grid=(num_programs,),
+        grid_names=("program",),
         **launch_params(interpret),
     )(q_pad, k_pad, v_pad)
     return out[:, :seq_q], lse2[:, :, :seq_q]

@@ -1,0 +1,299 @@
+"""The forward kernel's two schedules for a compute warpgroup's pass over one query tile's key blocks.
+
+``forward.py`` runs one of them per query tile (``MosaicForwardConfig.overlap``):
+
+- ``turn_taking``: per key block, ``S = Q K^T``, hand the tensor cores to the
+  partner warpgroup, softmax, take them back, ``O += P V``. ``wg_turn`` is the
+  rendezvous both warpgroups arrive at to hand the turn over.
+- ``overlapped`` (FlashAttention-3's intra-warpgroup overlap): block ``j + 1``'s
+  ``S`` is issued together with block ``j``'s ``P V``, and the softmax of ``S``
+  runs while ``P V`` is still on the tensor cores (``O`` is rescaled once it has
+  landed). ``wg_token[w]`` is warpgroup ``w``'s token to issue, passed to the
+  partner right after it has issued. Masked blocks wait for ``P V`` before
+  they are masked: masking while it is in flight makes ptxas serialize every
+  wgmma of the kernel (its warning C7513).
+
+Both keep the two warpgroups' turns in step when one of them sees fewer key
+blocks than the other (causal): the partner's extra blocks are released, and
+their turns taken, without computing. The K/V ring's slots continue from the
+tile before (``ForwardTile.step``), as the memory warpgroup's do.
+
+Interpret mode (no interpreter rule in jax 0.11.2 for ``pl.run_state`` with
+``plgpu.ACC.init``, nor for a wgmma whose left operand is in registers): P is
+staged through shared memory and ``P V`` goes into a fresh accumulator added
+in registers; the order of the issues, waits and barriers is the GPU's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_flash.backends.mosaic_gpu.common import WGMMA, bcast, i32
+
+__all__ = ["ForwardTile", "turn_taking", "overlapped"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardTile:
+    """One compute warpgroup's view of one query tile: its refs, the static parameters, the tile's bounds."""
+
+    q_smem: Any
+    k_smem: Any
+    v_smem: Any
+    k_ready: Any
+    v_ready: Any
+    k_consumed: Any
+    v_consumed: Any
+    wg_turn: Any
+    wg_token: Any
+    p_smem: Any
+    seq_k: int
+    block_q: int
+    block_kv: int
+    num_stages: int
+    causal: bool
+    scale_log2: float
+    interpret: bool
+    wg: Any  # this warpgroup (0 or 1)
+    q_base: Any  # its first query row
+    kv_end: Any  # key blocks its rows see
+    kv_unmasked: Any  # key blocks below this one need no mask
+    cta_kv_blocks: Any  # key blocks the CTA's rows see (the memory warpgroup loads these)
+    step: Any  # ring steps taken before this tile
+    after_first_s: Callable[[], None]  # called once this tile's first S has landed (the next Q may load)
+
+    @property
+    def needs_mask(self) -> bool:  # static: some key block is masked
+        return self.causal or self.seq_k % self.block_kv != 0
+
+    def slot(self, kb):
+        return lax.rem(self.step + kb, jnp.int32(self.num_stages))
+
+    def mask(self, s, kb):
+        """Logits of keys past ``Tk`` and, under causal, of keys after the row set to -inf."""
+        cols = kb * self.block_kv + plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=WGMMA)
+        visible = None
+        if self.seq_k % self.block_kv:
+            visible = cols < self.seq_k
+        if self.causal:
+            rows = self.q_base + plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=WGMMA)
+            before = rows >= cols
+            visible = before if visible is None else visible & before
+        return jnp.where(visible, s, -jnp.inf)
+
+    def softmax(self, s, m):
+        """Online softmax in the log2 domain: ``(p, m_new, alpha)``; ``m`` is the running max of s * scale * log2(e)."""
+        c = self.scale_log2
+        if c > 0:  # max(s) * c == max(s * c) only for c > 0
+            m_new = jnp.maximum(m, s.max(axis=1) * c)
+            p = jnp.exp2(s * c - bcast(m_new, s.shape, 0))
+        else:
+            s = s * c
+            m_new = jnp.maximum(m, s.max(axis=1))
+            p = jnp.exp2(s - bcast(m_new, s.shape, 0))
+        return p, m_new, jnp.exp2(m - m_new)
+
+    def release(self, kb):
+        """A block only the partner warpgroup sees: observe its arrival and release its slots."""
+        slot = self.slot(kb)
+        plgpu.barrier_wait(self.k_ready.at[slot])
+        plgpu.barrier_wait(self.v_ready.at[slot])
+        plgpu.barrier_arrive(self.k_consumed.at[slot])
+        plgpu.barrier_arrive(self.v_consumed.at[slot])
+
+
+def turn_taking(t: ForwardTile, carry):
+    """``(acc, m, l)`` after the tile's key blocks: per block S = Q K^T, turn over, softmax, turn back, O += P V."""
+    dtype = t.q_smem.dtype
+    sum_before_pv = t.q_smem.shape[-1] <= 128
+
+    def take_turn():
+        plgpu.barrier_arrive(t.wg_turn)
+        plgpu.barrier_wait(t.wg_turn)
+
+    plgpu.barrier_wait(t.k_ready.at[t.slot(0)])
+    pl.when(t.wg == 1)(take_turn)  # one turn behind: warpgroup 0 goes first
+
+    def kv_step(kb, carry, *, masked: bool):
+        acc, m, l = carry
+        slot = t.slot(kb)
+
+        def qk(s_ref):
+            plgpu.wgmma(s_ref, t.q_smem, t.k_smem.at[slot].T)
+            take_turn()
+            return s_ref[...]
+
+        s = pl.run_scoped(qk, plgpu.ACC((t.block_q, t.block_kv), jnp.float32))
+        plgpu.barrier_arrive(t.k_consumed.at[slot])
+        pl.when(kb == 0)(t.after_first_s)
+        if masked:
+            s = t.mask(s, kb)
+        p, m_new, alpha = t.softmax(s, m)
+        acc = acc * bcast(alpha, acc.shape, 0)
+        l = l * alpha
+        p16 = p.astype(dtype)
+        if sum_before_pv:  # (the order FA3-style Mosaic kernels found fastest: before the PV turn up to D=128)
+            l = l + p.sum(axis=1)
+            acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
+
+        plgpu.barrier_arrive(t.wg_turn)
+        plgpu.barrier_wait(t.v_ready.at[slot])
+        plgpu.barrier_wait(t.wg_turn)
+
+        def wait_next_k():
+            @pl.when(kb + 1 < t.kv_end)
+            def _():
+                plgpu.barrier_wait(t.k_ready.at[t.slot(kb + 1)])
+
+        if t.interpret:
+            p_tile = t.p_smem.at[t.wg]
+            p_tile[...] = p16
+            plgpu.commit_smem()
+
+            def pv_fresh(o_ref):
+                plgpu.wgmma(o_ref, p_tile, t.v_smem.at[slot])
+                wait_next_k()
+                return o_ref[...]
+
+            acc = acc + pl.run_scoped(pv_fresh, plgpu.ACC(acc.shape, jnp.float32))
+            if not sum_before_pv:
+                l = l + p.sum(axis=1)
+        else:
+
+            def pv(refs):
+                o_ref, l_ref = refs
+                plgpu.wgmma(o_ref, p16, t.v_smem.at[slot])
+                if not sum_before_pv:  # while the wgmma runs
+                    l_ref[...] += p.sum(axis=1)
+                wait_next_k()
+
+            acc, l = pl.run_state(pv)((plgpu.ACC.init(acc), l))
+        plgpu.barrier_arrive(t.v_consumed.at[slot])
+        return acc, m_new, l
+
+    carry = lax.fori_loop(i32(0), i32(t.kv_unmasked), functools.partial(kv_step, masked=False), carry)
+    if t.needs_mask:
+        carry = lax.fori_loop(i32(t.kv_unmasked), i32(t.kv_end), functools.partial(kv_step, masked=True), carry)
+
+    @pl.loop(i32(t.kv_end), i32(t.cta_kv_blocks))
+    def _release_unseen(kb):
+        t.release(kb)  # and keep the turns in step
+        take_turn()
+        take_turn()
+
+    pl.when(t.wg == 0)(take_turn)
+    return carry
+
+
+def overlapped(t: ForwardTile, carry):
+    """``(acc, m, l)`` after the tile's key blocks: block ``kb``'s ``S = Q K^T`` is issued with block ``kb - 1``'s
+    ``O += P V``, and the softmax of ``S`` runs while ``P V`` is on the tensor cores. Each warpgroup has
+    ``cta_kv_blocks + 1`` turns to issue, those of blocks it does not see included, so the turns stay in step."""
+    acc, m, l = carry
+    dtype = t.q_smem.dtype
+    wg = t.wg
+    p_tile = t.p_smem.at[wg] if t.interpret else None
+
+    def issue_turn(issue):
+        plgpu.barrier_wait(t.wg_token.at[wg])
+        issue()
+        plgpu.barrier_arrive(t.wg_token.at[1 - wg])
+
+    def scores_and_softmax(kb, m, l, *, masked, pv_ref=None, p16=None):
+        """Issue S = Q K_kb^T (and O += P V_{kb-1} into ``pv_ref``); ``(p, m_new, alpha, l_new)`` of S."""
+        k_slot = t.slot(kb)
+
+        def scoped(s_ref):
+            def issue():
+                plgpu.wgmma(s_ref, t.q_smem, t.k_smem.at[k_slot].T)
+                if pv_ref is not None:
+                    plgpu.wgmma(pv_ref, p_tile if t.interpret else p16, t.v_smem.at[t.slot(kb - 1)])
+
+            issue_turn(issue)
+            # A masked block waits for P V too (masking while it is in flight serializes the kernel's wgmmas).
+            return plgpu.wgmma_accumulator_load(s_ref, wait_n=0 if pv_ref is None or masked else 1)
+
+        s = pl.run_scoped(scoped, plgpu.ACC((t.block_q, t.block_kv), jnp.float32))
+        plgpu.barrier_arrive(t.k_consumed.at[k_slot])
+        if masked:
+            s = t.mask(s, kb)
+        p, m_new, alpha = t.softmax(s, m)
+        return p, m_new, alpha, l * alpha + p.sum(axis=1)
+
+    def stage_p(p16):
+        if t.interpret:  # the next P V reads P from shared memory
+            p_tile[...] = p16
+            plgpu.commit_smem()
+
+    pl.when(wg == 1)(lambda: plgpu.barrier_arrive(t.wg_token.at[0]))  # warpgroup 0 goes first
+    plgpu.barrier_wait(t.k_ready.at[t.slot(0)])
+    p, m, _, l = scores_and_softmax(i32(0), m, l, masked=t.needs_mask)
+    t.after_first_s()
+    p16 = p.astype(dtype)
+    stage_p(p16)
+
+    def kv_step(j, carry, *, masked: bool):
+        acc, m, l, p16 = carry
+        v_slot = t.slot(j)
+        plgpu.barrier_wait(t.k_ready.at[t.slot(j + 1)])
+        plgpu.barrier_wait(t.v_ready.at[v_slot])
+        if t.interpret:
+
+            def pv_fresh(o_ref):
+                out = scores_and_softmax(j + 1, m, l, masked=masked, pv_ref=o_ref)
+                return (*out, o_ref[...])
+
+            p, m, alpha, l, pv = pl.run_scoped(pv_fresh, plgpu.ACC(acc.shape, jnp.float32))
+            acc = acc + pv
+            p16 = p.astype(dtype)
+            stage_p(p16)
+        else:
+
+            def pv(refs):
+                o_ref, m_ref, l_ref, alpha_ref, p_ref = refs
+                p, m_new, alpha, l_new = scores_and_softmax(j + 1, m, l, masked=masked, pv_ref=o_ref, p16=p16)
+                m_ref[...] = m_new
+                l_ref[...] = l_new
+                alpha_ref[...] = alpha
+                p_ref[...] = p.astype(dtype)
+
+            acc, m, l, alpha, p16 = pl.run_state(pv)((plgpu.ACC.init(acc), m, l, m, p16))
+        plgpu.barrier_arrive(t.v_consumed.at[v_slot])
+        return acc * bcast(alpha, acc.shape, 0), m, l, p16
+
+    # Step j finishes block j's P V and starts block j + 1's S; block j + 1 is masked from kv_unmasked on.
+    carry = (acc, m, l, p16)
+    last_unmasked_step = jnp.maximum(i32(t.kv_unmasked) - 1, 0)
+    carry = lax.fori_loop(i32(0), last_unmasked_step, functools.partial(kv_step, masked=False), carry)
+    if t.needs_mask:
+        carry = lax.fori_loop(last_unmasked_step, i32(t.kv_end) - 1, functools.partial(kv_step, masked=True), carry)
+    acc, m, l, p16 = carry
+
+    slot = t.slot(i32(t.kv_end) - 1)
+    plgpu.barrier_wait(t.v_ready.at[slot])
+    if t.interpret:
+
+        def pv_fresh(o_ref):
+            issue_turn(lambda: plgpu.wgmma(o_ref, p_tile, t.v_smem.at[slot]))
+            return o_ref[...]
+
+        acc = acc + pl.run_scoped(pv_fresh, plgpu.ACC(acc.shape, jnp.float32))
+    else:
+        acc = pl.run_state(lambda o_ref: issue_turn(lambda: plgpu.wgmma(o_ref, p16, t.v_smem.at[slot])))(
+            plgpu.ACC.init(acc))
+    plgpu.barrier_arrive(t.v_consumed.at[slot])
+
+    @pl.loop(i32(t.kv_end), i32(t.cta_kv_blocks))
+    def _release_unseen(kb):
+        t.release(kb)
+        issue_turn(lambda: None)
+
+    pl.when(wg == 0)(lambda: plgpu.barrier_wait(t.wg_token.at[0]))  # warpgroup 1's last hand-over
+    return acc, m, l
