@@ -18,7 +18,7 @@ three warpgroups (FlashAttention-3's layout):
 
 Persistent (``MosaicForwardConfig.persistent``): one CTA per SM walks its share
 of the tiles (heads outermost, query tiles innermost, so that the CTAs at work
-at once share K/V in L2; under causal the longest tiles first). The K/V ring
+at once share K/V in L2; under causal by length, the longest first). The K/V ring
 runs on across tiles, so the memory warpgroup loads the next tile's first
 blocks while the compute warpgroups finish this one; each compute warpgroup
 loads its next Q into a second buffer once its current tile's first S has
@@ -130,14 +130,23 @@ def _forward_kernel(
     num_whole_kv_blocks = seq_k // block_kv  # static: blocks with no key past Tk
     num_q_buffers = qo_smem.shape[0]  # 2: the next tile's Q loads during this one
     my_tiles = lax.div(jnp.int32(num_tiles - 1) - program, jnp.int32(num_programs)) + 1
+    batch_heads = num_tiles // num_q_tiles
 
     def tile_coords(i):
-        """``(batch, head, first row)`` of this CTA's ``i``-th tile."""
+        """``(batch, head, first row)`` of this CTA's ``i``-th tile.
+
+        Non-causal: heads outermost, query tiles innermost, so that the CTAs at work at once read the same
+        K/V (L2). Causal: by length, the longest (the last rows') tiles of every head first, so that the CTAs
+        take tiles of equal length at a time and finish together (heads outermost, a CTA striding over the
+        tiles would keep the long ones of each head whenever the stride is near a multiple of their number).
+        """
         t = program + i * num_programs
-        q_tile = lax.rem(t, jnp.int32(num_q_tiles))
-        if causal:  # the longest rows first, so the last tiles are short ones
-            q_tile = num_q_tiles - 1 - q_tile
-        bh = lax.div(t, jnp.int32(num_q_tiles))
+        if causal:
+            bh = lax.rem(t, jnp.int32(batch_heads))
+            q_tile = num_q_tiles - 1 - lax.div(t, jnp.int32(batch_heads))
+        else:
+            bh = lax.div(t, jnp.int32(num_q_tiles))
+            q_tile = lax.rem(t, jnp.int32(num_q_tiles))
         return lax.div(bh, jnp.int32(num_heads)), lax.rem(bh, jnp.int32(num_heads)), q_tile * rows_per_cta
 
     def kv_blocks_seen(q_end):
