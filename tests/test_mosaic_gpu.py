@@ -116,8 +116,12 @@ def test_shared_memory_budget():
     """Tiles over the budget are refused before any lowering; every default config fits."""
     big = MosaicForwardConfig(block_kv=256, num_stages=4)
     assert smem_bytes(64, 256, 4, 256, jnp.bfloat16) > MAX_SMEM_BYTES
-    with pytest.raises(ValueError, match="shared memory at head_dim=256 .*smaller block_kv or fewer num_stages"):
+    with pytest.raises(ValueError, match="shared memory at head_dim=256 .*smaller block_kv, fewer num_stages"):
         big.check_fits(256, jnp.bfloat16)
+    # A persistent kernel's second Q buffer: fits at D=128 with two 128-key stages, not at D=256.
+    MosaicForwardConfig(block_kv=128, num_stages=2, persistent=True).check_fits(128, jnp.bfloat16)
+    with pytest.raises(ValueError, match="persistent=False"):
+        MosaicForwardConfig(block_kv=64, num_stages=2, persistent=True).check_fits(256, jnp.bfloat16)
     q, k, v = _qkv(Shape("c", 1, 64, 64, 2, 1, 256))
     with pytest.raises(ValueError, match="shared memory"):
         pf.dot_product_attention(q, k, v, implementation="mosaic", config=MosaicConfig(fwd=big))

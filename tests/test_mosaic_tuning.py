@@ -55,19 +55,20 @@ def test_forward_space_fits_in_shared_memory(head_dim, dtype):
     cands = mosaic_tune.forward_candidates(head_dim, dtype)
     assert cands
     for cfg in cands:
-        assert (cfg.block_kv, cfg.num_stages, cfg.overlap) in mosaic_tune.FWD_SPACE
-        assert smem_bytes(cfg.block_q, cfg.block_kv, cfg.num_stages, head_dim, dtype) <= mosaic_config.MAX_SMEM_BYTES
+        assert (cfg.block_kv, cfg.num_stages, cfg.overlap, cfg.persistent) in mosaic_tune.FWD_SPACE
+        need = smem_bytes(cfg.block_q, cfg.block_kv, cfg.num_stages, head_dim, dtype, cfg.q_buffers)
+        assert need <= mosaic_config.MAX_SMEM_BYTES
     # exactly the space's members that fit: none is dropped needlessly
     fitting = {
-        (kv, s, overlap)
-        for kv, s, overlap in mosaic_tune.FWD_SPACE
-        if smem_bytes(64, kv, s, head_dim, dtype) <= mosaic_config.MAX_SMEM_BYTES
+        (kv, s, overlap, persistent)
+        for kv, s, overlap, persistent in mosaic_tune.FWD_SPACE
+        if smem_bytes(64, kv, s, head_dim, dtype, 2 if persistent else 1) <= mosaic_config.MAX_SMEM_BYTES
     }
-    assert {(c.block_kv, c.num_stages, c.overlap) for c in cands} == fitting
+    assert {(c.block_kv, c.num_stages, c.overlap, c.persistent) for c in cands} == fitting
 
 
 def test_forward_space_sizes():
-    assert len(mosaic_tune.FWD_SPACE) == 24
+    assert len(mosaic_tune.FWD_SPACE) == 48
     sizes = {d: len(mosaic_tune.forward_candidates(d, jnp.bfloat16)) for d in HEAD_DIMS}
     assert sizes[64] > sizes[128] > sizes[256] >= 1
     assert mosaic_tune.forward_candidates(256, jnp.bfloat16) == [
@@ -178,7 +179,7 @@ def test_default_config_reads_the_user_cache(cache_dir):
 def test_default_config_without_cache_is_the_heuristic(cache_dir):
     assert not mosaic_config.user_cache_path().exists()
     got = mosaic_config.default_config(head_dim=64, dtype=jnp.bfloat16, causal=False, seq_q=1024, seq_k=1024, gpu=GPU)
-    assert got.fwd == MosaicForwardConfig(block_kv=256, num_stages=2)
+    assert got.fwd == MosaicForwardConfig(block_kv=256, num_stages=2, persistent=True)
     assert got.bwd == MosaicBackwardConfig(num_stages=3, dq_block_kv=128, dq_num_stages=2)
 
 

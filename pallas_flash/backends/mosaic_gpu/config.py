@@ -224,23 +224,28 @@ def _part_from_dict(part: type, name: str, fields: Any):
 
 
 def _default_forward(head_dim: int, dtype: Any, causal: bool, seq_k: int) -> MosaicForwardConfig:
-    """The largest key block and deepest ring that fit: D=64 three 128-key stages, D=128 two, D=256 two 64-key stages;
-    the intra-warpgroup overlap from D=128 on, but for causal attention over at most 1024 keys.
+    """The forward's heuristic, from sweeps on an H200 (bf16, B*N = 16k tokens, N = 1k/4k/16k, 2026-12-01).
 
-    Non-causal D=64 takes 256-key blocks (two stages): 3% over 128-key blocks at N=4k on an H200
-    (427.7 vs 415.6 TFLOP/s, one sweep, 2026-12-01); at D=128, 64-key blocks were 15-20% slower.
-    The overlap (two sweeps on an H200, bf16, B*N=16k, 2026-12-01): D=128 non-causal 615-620 vs 585-588
-    TFLOP/s at N=16k, 572 vs 555 (and 558 vs 571) at 4k; causal 595 vs 579 at 16k, 512 vs 514 at 4k, but
-    350 vs 369 at 1k; D=256 N=4k 629-674 vs 589-602 non-causal, 546 vs 523 causal. At D=64, where the
-    softmax rather than the tensor cores bounds a block, it was 5-25% slower at every point.
+    - D=64: persistent, 256-key blocks in two stages (causal over <= 2k keys: 128-key blocks in three);
+      no overlap, which was 5-25% slower at every point (the softmax, not the tensor cores, bounds a
+      block). Persistent over one CTA per tile: 332 -> 407 TFLOP/s at N=1k non-causal, 422 -> 443 at 4k,
+      438 -> 465 at 16k; causal 239 -> 304 at 1k (128 x 3), 332 -> 387 at 4k, 429 -> 437 at 16k.
+    - D=128 non-causal: overlap, persistent (1k: 522 vs 506; 4k: 623 vs 593; 16k: 610 vs 613).
+    - D=128 causal: one CTA per tile (persistent: 536 vs 581-625 at 16k, its tiles' order costing L2 reuse),
+      overlap but over <= 1k keys (16k: 625 vs 592; 4k: 549 vs 509; 1k: 345 vs 379).
+    - D=256: overlap (4k: 629-674 vs 589-602 non-causal, 546 vs 523 causal), 64-key blocks, one CTA per tile
+      (a second Q buffer does not fit).
     """
-    overlap = head_dim >= 128 and not (causal and seq_k <= 1024)
-    if head_dim <= 64 and not causal:
-        return MosaicForwardConfig(block_kv=256, num_stages=2)
+    if head_dim <= 64:
+        block_kv, stages = (128, 3) if causal and seq_k <= 2048 else (256, 2)
+        return MosaicForwardConfig(block_kv=block_kv, num_stages=stages, persistent=True)
+    overlap = not (causal and seq_k <= 1024)
+    persistent = not causal
     for block_kv, stages in ((128, 3), (128, 2), (64, 2)):
-        cfg = MosaicForwardConfig(block_kv=block_kv, num_stages=stages, overlap=overlap)
-        if smem_bytes(cfg.block_q, block_kv, stages, head_dim, dtype) <= MAX_SMEM_BYTES:
-            return cfg
+        for persist in dict.fromkeys((persistent, False)):
+            cfg = MosaicForwardConfig(block_kv=block_kv, num_stages=stages, overlap=overlap, persistent=persist)
+            if smem_bytes(cfg.block_q, block_kv, stages, head_dim, dtype, cfg.q_buffers) <= MAX_SMEM_BYTES:
+                return cfg
     return MosaicForwardConfig(block_kv=64, num_stages=2, overlap=overlap)
 
 
