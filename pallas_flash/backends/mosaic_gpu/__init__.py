@@ -1,7 +1,9 @@
 """The Pallas Mosaic GPU backend (Hopper, sm_90): ``implementation="mosaic"``.
 
-Files: ``forward.py`` (the warp-specialised TMA + wgmma forward kernel and its
-launcher), ``backward.py`` (the dK/dV kernel, with dQ fused by TMA reductions
+Files: ``forward.py`` (the warp-specialised TMA + wgmma forward kernel, one CTA
+per query tile or persistent, and its launcher), ``forward_schedules.py`` (its
+compute warpgroups' two schedules: turn-taking, and FlashAttention-3's
+intra-warpgroup overlap), ``backward.py`` (the dK/dV kernel, with dQ fused by TMA reductions
 or, in the deterministic mode, the default, the separate dQ kernel of
 ``backward_dq.py``), ``backward_wide.py`` (the head-dim-256 backward: the two
 compute warpgroups split by role, not by rows), ``common.py`` (what all the
