@@ -22,13 +22,22 @@ dK/dV kernel: one CTA per (batch, KV head, 128 keys), three warpgroups.
   while ``dS^T`` is formed, then ``dK += dS^T Q`` (P and dS as register
   operands).
 - ``dQ`` (``deterministic=False``): each warpgroup writes its ``dS^T`` tile to
-  shared memory (double-buffered), the two warpgroups meet at ``ds_ready``,
-  and warpgroup ``w`` computes half ``w`` of the head dim of
-  ``dS K`` over all 128 keys (``dS`` read transposed from shared memory), which
-  it adds to a float32 ``dQ`` accumulator in global memory with a TMA
-  reduction (``cp.reduce.async.bulk``, ``add``). The order of those additions
-  between CTAs is not fixed, so the float32 sums, hence ``dQ``, may differ in
-  the last bits from run to run.
+  shared memory (``ds_ready``), and warpgroup ``w`` computes half ``w`` of the
+  head dim of ``dS K`` over all 128 keys (``dS`` read transposed from shared
+  memory), which it adds to a float32 ``dQ`` accumulator in global memory with
+  a TMA reduction (``cp.reduce.async.bulk``, ``add``). The dQ product of a
+  block runs one step late, in the next block's step: a warpgroup then needs
+  the partner's ``dS^T`` of a block the partner finished a step ago, instead
+  of meeting it every block. Two ``dS^T`` buffers alternate (``ds_consumed``:
+  both warpgroups' dQ has read one), and a third, never written, feeds the
+  product of the first step, which has no block before it and whose result is
+  dropped (a product under a condition is not expressible here). On an H200
+  (bf16, bwd alone, 2026-12-01) that schedule took D=128 N=16k from 470 to
+  500 TFLOP/s and D=64 from 395 to 412; issuing dQ ahead of dK, rotating
+  each CTA's first query block, and starting one warpgroup half a step late
+  were no better (``benchmarks/NOTES.md``). The order of the additions between
+  CTAs is not fixed, so the float32 sums, hence ``dQ``, may differ in the last
+  bits from run to run.
 - ``dQ`` (``deterministic=True``, the default): the dQ kernel of
   ``backward_dq.py``, laid out like the forward, recomputes ``S`` and ``dP``
   and accumulates ``dQ += dS K`` in registers. Nothing is summed across CTAs,
@@ -90,6 +99,8 @@ from pallas_flash.spec import LOG2E, AttentionSpec
 
 __all__ = ["mosaic_backward"]
 
+DS_SPARE = 2  # the dS^T buffers: two in turn, and a third never written (the dropped products read it)
+
 
 def _dkdv_kernel(
     q_ref,
@@ -113,6 +124,7 @@ def _dkdv_kernel(
     ds_smem=None,
     dq_smem=None,
     ds_ready=None,
+    ds_consumed=None,
     stage_smem=None,
     seq_q: int,
     seq_k: int,
@@ -145,6 +157,7 @@ def _dkdv_kernel(
         j_full = jnp.where(cta_k0 + TILE > seq_k, jnp.int32(num_q_blocks), j_full)
     n_q = jnp.int32(num_q_blocks) - j_lo  # query blocks per head
     n_masked = j_full - j_lo
+
     dtype = q_smem.dtype
     head_dim = q_smem.shape[-1]
     half = head_dim // 2
@@ -169,8 +182,39 @@ def _dkdv_kernel(
                 visible = keys < seq_k if visible is None else visible & (keys < seq_k)
             return jnp.where(visible, s, -jnp.inf)
 
+        def dq_product(dq_acc, u):
+            """Issue ``dQ[:, half wg] = dS_u K`` over the CTA's 128 keys (``dS`` read transposed from shared memory);
+            for ``u < 0`` (no such block) from the buffer no one writes, a product whose result is dropped."""
+            buffer = jnp.where(u >= 0, lax.rem(u, jnp.int32(2)), jnp.int32(DS_SPARE))
+            plgpu.wgmma(dq_acc, ds_smem.at[buffer].T, k_smem.at[:, pl.ds(wg * half, half)])
+
+        def add_dq_of_block(u):
+            """Block ``u``'s ``dQ`` half (once the partner's ``dS^T`` of it is in), added into global memory (TMA
+            reduction; in interpret mode into the CTA's own slice). ``u < 0``: no such block, the product is dropped."""
+            has_u = u >= 0
+            pl.when(has_u)(lambda: plgpu.barrier_wait(ds_ready.at[lax.rem(u, jnp.int32(2))]))
+
+            def product(dq_acc):
+                dq_product(dq_acc, u)
+                return plgpu.wgmma_accumulator_load(dq_acc, wait_n=0)
+
+            dq = pl.run_scoped(product, plgpu.ACC((block_q, half), jnp.float32))
+            pl.when(has_u)(lambda: plgpu.barrier_arrive(ds_consumed.at[lax.rem(u, jnp.int32(2))]))
+
+            @pl.when(has_u)
+            def _add():
+                g, jj = lax.div(u, n_q), lax.rem(u, n_q)
+                rows_u, head_u, cols = pl.ds((j_lo + jj) * block_q, block_q), kv_head * group + g, pl.ds(wg * half, half)
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last reduction has read dq_smem
+                dq_smem.at[wg][...] = dq
+                plgpu.commit_smem()
+                if interpret:
+                    plgpu.copy_smem_to_gmem(dq_smem.at[wg], dq_ref.at[batch, tile, rows_u, head_u, cols])
+                else:
+                    plgpu.copy_smem_to_gmem(dq_smem.at[wg], dq_ref.at[batch, rows_u, head_u, cols], reduction_op="add")
+
         def accumulate(dk_acc, dv_acc):
-            def q_step(t, jj, head, *, masked: bool):
+            def q_step(t, jj, *, masked: bool):
                 slot = lax.rem(t, jnp.int32(num_stages))
                 q0 = (j_lo + jj) * block_q
                 q_tile, do_tile = q_smem.at[slot], do_smem.at[slot]
@@ -196,48 +240,39 @@ def _dkdv_kernel(
                 plgpu.wgmma_wait(1)  # dV done: the dO slot is free
                 plgpu.barrier_arrive(do_consumed.at[slot])
                 if fuse_dq:
+                    # dS^T of block t into its buffer, once both warpgroups' dQ of block t - 2 has read it; then
+                    # the dQ of block t - 1.
                     parity = lax.rem(t, jnp.int32(2))
+                    pl.when(t >= 2)(lambda: plgpu.barrier_wait(ds_consumed.at[parity]))
                     ds_smem.at[parity, rows][...] = ds
                     plgpu.commit_smem()
-                    plgpu.barrier_arrive(ds_ready)
-                    plgpu.barrier_wait(ds_ready)
-
-                    def dq_part(dq_acc):
-                        # dQ[:, half wg] over the CTA's 128 keys: dS read transposed from shared memory.
-                        plgpu.wgmma(dq_acc, ds_smem.at[parity].T, k_smem.at[:, pl.ds(wg * half, half)])
-                        return plgpu.wgmma_accumulator_load(dq_acc, wait_n=0)  # dK done too
-
-                    dq = pl.run_scoped(dq_part, plgpu.ACC((block_q, half), jnp.float32))
-                    plgpu.barrier_arrive(q_consumed.at[slot])
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last reduction has read dq_smem
-                    dq_smem.at[wg][...] = dq
-                    plgpu.commit_smem()
-                    cols = pl.ds(wg * half, half)
-                    if interpret:  # a CTA's own slice of the partial sums (no TMA reduction in interpret mode)
-                        dst = dq_ref.at[batch, tile, pl.ds(q0, block_q), head, cols]
-                        plgpu.copy_smem_to_gmem(dq_smem.at[wg], dst)
-                    else:
-                        dst = dq_ref.at[batch, pl.ds(q0, block_q), head, cols]
-                        plgpu.copy_smem_to_gmem(dq_smem.at[wg], dst, reduction_op="add")
+                    plgpu.barrier_arrive(ds_ready.at[parity])
+                    add_dq_of_block(t - 1)  # also waits for dK
                 else:
                     plgpu.wgmma_wait(0)
-                    plgpu.barrier_arrive(q_consumed.at[slot])
+                plgpu.barrier_arrive(q_consumed.at[slot])
 
             @pl.loop(i32(0), i32(group))
             def _head(g):
-                head = kv_head * group + g
-                t0 = g * n_q
+                t0 = g * n_q  # steps before this query head's
                 if causal or ragged_k:
-                    pl.loop(i32(0), n_masked)(lambda jj: q_step(t0 + jj, jj, head, masked=True))
-                pl.loop(n_masked, n_q)(lambda jj: q_step(t0 + jj, jj, head, masked=False))
+                    pl.loop(i32(0), n_masked)(lambda jj: q_step(t0 + jj, jj, masked=True))
+                pl.loop(n_masked, n_q)(lambda jj: q_step(t0 + jj, jj, masked=False))
+
+            if fuse_dq:
+                total = group * n_q
+                add_dq_of_block(total - 1)
+
+                # Observe both warpgroups' last two dQ products (ds_consumed phases not yet waited for): the
+                # partner's read our K rows, which hold dK next.
+                @pl.loop(jnp.maximum(total - 2, 0), total)
+                def _drain(u):
+                    plgpu.barrier_wait(ds_consumed.at[lax.rem(u, jnp.int32(2))])
 
             return dk_acc[...], dv_acc[...]
 
         acc = plgpu.ACC((BLOCK_KV, head_dim), jnp.float32)
         dk, dv = pl.run_scoped(accumulate, acc, acc)
-        if fuse_dq:  # the partner warpgroup's last dQ product reads our K rows: meet before overwriting them
-            plgpu.barrier_arrive(ds_ready)
-            plgpu.barrier_wait(ds_ready)
         k_tile[...] = (dk * scale).astype(dtype)
         v_tile[...] = dv.astype(dtype)
         plgpu.commit_smem()
@@ -289,9 +324,10 @@ def _launch_dkdv(q, k, v, do, lse2, delta, *, spec, config, interpret, seq_q, se
     dq_ref = None
     if fuse_dq:
         scratch.update(
-            ds_smem=tiled((2, TILE, block_q), dtype),
+            ds_smem=tiled((DS_SPARE + 1, TILE, block_q), dtype),
             dq_smem=tiled_smem((COMPUTE_WGS, block_q, head_dim // 2), jnp.float32),
-            ds_ready=plgpu.Barrier(num_arrivals=COMPUTE_WGS),
+            ds_ready=plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=2),
+            ds_consumed=plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=2),
         )
         parts = (batch, num_tiles) if interpret else (batch,)
         dq_ref = jax.new_ref(jnp.zeros((*parts, tq_pad, num_heads, head_dim), jnp.float32))

@@ -118,8 +118,8 @@ def backward_smem_bytes(config: MosaicBackwardConfig, head_dim: int, dtype: Any)
         return dkdv, dq
     # K and V of the CTA's 128 keys, the Q/dO ring and its lse/delta rows.
     dkdv = item * head_dim * (2 * TILE + 2 * stages * bq) + 8 * stages * bq
-    if not config.deterministic:  # dS^T double buffer, the two float32 dQ halves
-        dkdv += item * 2 * TILE * bq + 4 * bq * head_dim
+    if not config.deterministic:  # three dS^T buffers (two in turn, one spare), the two float32 dQ halves
+        dkdv += item * 3 * TILE * bq + 4 * bq * head_dim
         return dkdv, 0
     # Q and dO of the two warpgroups' 64 rows, the K/V ring, lse/delta rows.
     dq = item * head_dim * (2 * TILE + 2 * config.dq_num_stages * config.dq_block_kv) + 8 * TILE
