@@ -42,12 +42,13 @@ dK/dV kernel: one CTA per (batch, KV head, 128 keys), three warpgroups.
   ``backward_dq.py``, laid out like the forward, recomputes ``S`` and ``dP``
   and accumulates ``dQ += dS K`` in registers. Nothing is summed across CTAs,
   so every output is bit-identical run to run. It does 7 matrix products per
-  block pair instead of 5, yet measured as fast or faster on an H200 (fwd+bwd,
-  bf16, N=4k: 498 vs 477 TFLOP/s at D=128 non-causal, 409 vs 397 causal; at
-  D=64 361 vs 380 non-causal with the fused kernel's best ring, 334 vs 334
-  causal): the fused kernel's dS and float32 dQ buffers leave shared memory
-  for two Q/dO stages only at D=128, and the two warpgroups meet once per
-  block to trade dS.
+  block pair instead of 5; on an H200 (bf16, fwd+bwd, 2026-12-01, after the
+  one-step-late dQ above) it was 0.93-0.95x the fused mode's TFLOP/s at
+  N=16k, 0.98-1.02x at 4k and 1.02-1.08x at 1k. The fused kernel is bound by
+  shared-memory bandwidth as much as by the tensor cores: per 64-row step a
+  CTA moves ~370 KB through shared memory (wgmma operands of N=64 products,
+  the Q/dO loads, dS^T, the float32 dQ halves and their reduction) against
+  ~10 MFLOP of products (``benchmarks/NOTES.md``).
 
 Causal attention is a loop split in both kernels: blocks no row sees are never
 loaded, blocks every row sees entirely run with no mask, only blocks on the

@@ -138,11 +138,10 @@ class MosaicBackwardConfig:
     ``dq_block_kv`` keys per step, ``dq_num_stages`` K/V blocks in flight;
     ``False`` adds ``dQ`` into a float32 buffer by TMA reductions from the
     dK/dV kernel (5 products per block pair; the order of the additions, so the
-    last bits of ``dQ``, may vary run to run). On an H200 (bf16, N=4k, B*N=16k
-    tokens, 2026-12-01) the deterministic mode was as fast or faster at D=128
-    (fwd+bwd 498 vs 477 TFLOP/s non-causal, 409 vs 397 causal: the fused
-    kernel's dS/dQ buffers leave room for two Q/dO stages only) and within 4%
-    at D=64 (361 vs 380 non-causal with 4 stages, 334 vs 334 causal), so it is
+    last bits of ``dQ``, may vary run to run). On an H200 (bf16, B*N=16k tokens,
+    fwd+bwd, 2026-12-01) the deterministic mode was 0.93-0.95x the fused mode at
+    N=16k, 0.98-1.02x at 4k and 1.02-1.08x at 1k: bit-identical reruns cost at
+    most ~7%, at long sequences only, so it is
     the default. At head dim 256 (``backward_wide.py``) both kernels are deterministic whatever
     ``deterministic`` says, and ``num_stages``/``dq_num_stages`` are at most 2 (shared memory).
     """
