@@ -13,9 +13,13 @@ depths), ``tune.py`` (the tuner's space).
 
 The kernels compute plain and causal attention with GQA/MQA, any sequence
 lengths (Tq != Tk, not block multiples), head dims 64, 128 and 256, in
-bfloat16 and float16. Everything else (masks, bias, lengths, segment ids,
-ALiBi, soft-cap, dropout, windows, position offsets, float32, other head dims,
-GPUs other than compute capability 9.0) is refused by ``supports`` with
+bfloat16 and float16. They also take per-batch sequence lengths
+(``AttentionInputs.q_lengths``/``kv_lengths``; ``tests/test_mosaic_lengths.py``
+runs them in interpret mode), but ``supports`` refuses lengths until those
+kernels have passed the GPU suite (``test_gpu_lengths``): then ``"lengths"``
+joins ``KERNEL_FEATURES``. Everything else (masks, bias, segment ids, ALiBi,
+soft-cap, dropout, windows, position offsets, float32, other head dims, GPUs
+other than compute capability 9.0) is refused by ``supports`` with
 ``NotImplementedError``, so a caller can fall back to ``"triton"``.
 """
 
@@ -40,6 +44,8 @@ from pallas_flash.spec import AttentionInputs, AttentionSpec
 
 SUPPORTED_DTYPES = tuple(jnp.dtype(d) for d in (jnp.bfloat16, jnp.float16))
 COMPUTE_CAPABILITY = "9.0"
+# The optional features (``AttentionSpec.features`` keys) that ``supports`` lets through to the kernels.
+KERNEL_FEATURES: frozenset[str] = frozenset()
 
 __all__ = ["MosaicBackend", "MosaicConfig", "MosaicForwardConfig", "MosaicBackwardConfig", "default_config"]
 
@@ -60,7 +66,7 @@ class MosaicBackend(KernelBackend):
     config_type = MosaicConfig
 
     def supports(self, q, k, v, inputs: AttentionInputs, spec: AttentionSpec) -> None:
-        features = list(spec.features().values())  # the Mosaic kernels implement none of them
+        features = [phrase for key, phrase in spec.features().items() if key not in KERNEL_FEATURES]
         if features:
             raise NotImplementedError(f"the Mosaic GPU kernels do not implement {', '.join(features)}")
         if jnp.dtype(q.dtype) not in SUPPORTED_DTYPES:
@@ -87,4 +93,5 @@ class MosaicBackend(KernelBackend):
                  want_dbias: bool, want_dslopes: bool) -> Gradients:
         if want_dbias or want_dslopes:  # ``supports`` refuses bias and ALiBi: never asked for
             raise NotImplementedError("the Mosaic GPU backward computes no bias or ALiBi-slope gradients")
-        return mosaic_backward(q, k, v, out, lse, do, dlse, spec=spec, config=config.bwd, interpret=interpret)
+        return mosaic_backward(q, k, v, out, lse, do, dlse, spec=spec, config=config.bwd, inputs=inputs,
+                               interpret=interpret)

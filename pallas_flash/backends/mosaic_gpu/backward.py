@@ -96,7 +96,7 @@ from pallas_flash.backends.mosaic_gpu.common import (
 from pallas_flash.backends.mosaic_gpu.backward_dq import launch_dq
 from pallas_flash.backends.mosaic_gpu.backward_wide import launch_wide
 from pallas_flash.backends.mosaic_gpu.config import BLOCK_KV, TILE, WIDE_HEAD_DIMS, MosaicBackwardConfig
-from pallas_flash.spec import LOG2E, AttentionSpec
+from pallas_flash.spec import LOG2E, AttentionInputs, AttentionSpec
 
 __all__ = ["mosaic_backward"]
 
@@ -136,12 +136,13 @@ def _dkdv_kernel(
     scale: float,
     scale_log2: float,
     fuse_dq: bool,
+    has_kv_lengths: bool,
     interpret: bool,
 ):
-    if fuse_dq:
-        dq_ref, dk_ref, dv_ref = refs
-    else:
-        dk_ref, dv_ref = refs
+    refs = list(refs)
+    kv_len_ref = refs.pop(0) if has_kv_lengths else None
+    dq_ref = refs.pop(0) if fuse_dq else None
+    dk_ref, dv_ref = refs
     batch = lax.axis_index("batch")
     kv_head = lax.axis_index("kv_head")
     tile = lax.axis_index("kv_tile")
@@ -156,6 +157,13 @@ def _dkdv_kernel(
         j_lo = j_full = jnp.int32(0)
     if ragged_k:  # the last key tile holds keys >= Tk: all its blocks masked
         j_full = jnp.where(cta_k0 + TILE > seq_k, jnp.int32(num_q_blocks), j_full)
+    kv_len = None
+    if has_kv_lengths:  # keys >= the batch row's length: masked; a tile of such keys only gets dK = dV = 0
+        kv_len = kv_len_ref[batch]
+        j_full = jnp.where(cta_k0 + TILE > kv_len, jnp.int32(num_q_blocks), j_full)
+        j_lo = jnp.where(cta_k0 >= kv_len, jnp.int32(num_q_blocks), j_lo)
+    key_limit = seq_k if kv_len is None else kv_len  # keys at or past it are masked
+    any_masked = causal or ragged_k or has_kv_lengths  # static: some block is masked
     n_q = jnp.int32(num_q_blocks) - j_lo  # query blocks per head
     n_masked = j_full - j_lo
 
@@ -179,8 +187,8 @@ def _dkdv_kernel(
             visible = None
             if causal:
                 visible = q0 + plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=WGMMA) >= keys
-            if ragged_k:
-                visible = keys < seq_k if visible is None else visible & (keys < seq_k)
+            if ragged_k or kv_len is not None:
+                visible = keys < key_limit if visible is None else visible & (keys < key_limit)
             return jnp.where(visible, s, -jnp.inf)
 
         def dq_product(dq_acc, u):
@@ -256,7 +264,7 @@ def _dkdv_kernel(
             @pl.loop(i32(0), i32(group))
             def _head(g):
                 t0 = g * n_q  # steps before this query head's
-                if causal or ragged_k:
+                if any_masked:
                     pl.loop(i32(0), n_masked)(lambda jj: q_step(t0 + jj, jj, masked=True))
                 pl.loop(n_masked, n_q)(lambda jj: q_step(t0 + jj, jj, masked=False))
 
@@ -298,7 +306,7 @@ def _pad_rows(x: jax.Array, length: int, axis: int, value=0) -> jax.Array:
     return jnp.pad(x, pad, constant_values=value)
 
 
-def _launch_dkdv(q, k, v, do, lse2, delta, *, spec, config, interpret, seq_q, seq_k):
+def _launch_dkdv(q, k, v, do, lse2, delta, kv_lengths, *, spec, config, interpret, seq_q, seq_k):
     """``(dq or None, dk, dv)`` on padded arrays; ``dq`` only when it is fused (non-deterministic)."""
     batch, tq_pad, num_heads, head_dim = q.shape
     _, tk_pad, num_kv_heads, _ = k.shape
@@ -322,6 +330,8 @@ def _launch_dkdv(q, k, v, do, lse2, delta, *, spec, config, interpret, seq_q, se
         do_consumed=plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
     )
     operands = [q, k, v, do, lse2, delta]
+    if kv_lengths is not None:
+        operands.append(kv_lengths)
     dq_ref = None
     if fuse_dq:
         scratch.update(
@@ -346,6 +356,7 @@ def _launch_dkdv(q, k, v, do, lse2, delta, *, spec, config, interpret, seq_q, se
         scale=float(spec.scale),
         scale_log2=float(spec.scale) * LOG2E,
         fuse_dq=fuse_dq,
+        has_kv_lengths=kv_lengths is not None,
         interpret=bool(interpret),
     )
     kv_type = jax.ShapeDtypeStruct(k.shape, dtype)
@@ -377,30 +388,43 @@ def mosaic_backward(
     *,
     spec: AttentionSpec,
     config: MosaicBackwardConfig,
+    inputs: AttentionInputs | None = None,
     interpret: bool = False,
 ) -> Gradients:
-    """``Gradients(dq, dk, dv)`` of plain or causal attention (GQA allowed) from the forward's residuals.
+    """``Gradients(dq, dk, dv)`` of plain or causal attention (GQA allowed) from the forward's residuals, with
+    per-batch sequence lengths (``inputs.q_lengths``/``kv_lengths``).
 
     The caller (``MosaicBackend``) has checked the call: no masks, bias,
-    lengths, segments, ALiBi, soft-cap, dropout, window or offsets; bf16/fp16;
+    segments, ALiBi, soft-cap, dropout, window or offsets; bf16/fp16;
     head dim 64 or 128 (the kernels above), or 256 (``backward_wide.py``).
     """
     seq_q, head_dim = q.shape[1], q.shape[-1]
     seq_k = k.shape[1]
     config.check_fits(head_dim, q.dtype)
+    inputs = AttentionInputs() if inputs is None else inputs
     delta = softmax_delta(out, do, dlse)
+    kv_lengths = None
+    if spec.has_kv_lengths:  # clipped to the array: a length past the end means every key
+        kv_lengths = jnp.clip(inputs.kv_lengths.astype(jnp.int32), 0, seq_k)
+    if spec.has_q_lengths:
+        # Rows past a batch row's query length see no key: their P and dS are 0 (lse2 = -inf -> +inf below).
+        # Zero Q and dO there too, so that whatever those rows hold (NaN included) adds nothing to dK, dV.
+        live = jnp.arange(seq_q)[None, :] < jnp.clip(inputs.q_lengths.astype(jnp.int32), 0, seq_q)[:, None]
+        q = jnp.where(live[:, :, None, None], q, jnp.zeros((), q.dtype))
+        do = jnp.where(live[:, :, None, None], do, jnp.zeros((), do.dtype))
+        delta = jnp.where(live[:, None, :], delta, 0.0)
     tq_pad, tk_pad = pl.cdiv(seq_q, TILE) * TILE, pl.cdiv(seq_k, TILE) * TILE
     # Padded query rows: zero Q and dO, lse2 = +inf (P = 0 exactly), delta = 0. A row that saw no
-    # key (lse2 = -inf; none in the calls this backend takes) gets +inf too: its P is 0.
+    # key (lse2 = -inf: lengths) gets +inf too: its P is 0.
     lse2 = _pad_rows(jnp.where(jnp.isneginf(lse2), jnp.inf, lse2), tq_pad, 2, jnp.inf)
     delta = _pad_rows(delta, tq_pad, 2)
     q_p, do_p = _pad_rows(q, tq_pad, 1), _pad_rows(do, tq_pad, 1)
     k_p, v_p = _pad_rows(k, tk_pad, 1), _pad_rows(v, tk_pad, 1)
     common = dict(spec=spec, config=config, interpret=interpret)
     if head_dim in WIDE_HEAD_DIMS:  # the role split of ``backward_wide.py``
-        dq, dk, dv = launch_wide(q_p, k_p, v_p, do_p, lse2, delta, seq_q=seq_q, seq_k=seq_k, **common)
+        dq, dk, dv = launch_wide(q_p, k_p, v_p, do_p, lse2, delta, kv_lengths, seq_q=seq_q, seq_k=seq_k, **common)
         return Gradients(dq[:, :seq_q], dk[:, :seq_k], dv[:, :seq_k])
-    dq, dk, dv = _launch_dkdv(q_p, k_p, v_p, do_p, lse2, delta, seq_q=seq_q, seq_k=seq_k, **common)
+    dq, dk, dv = _launch_dkdv(q_p, k_p, v_p, do_p, lse2, delta, kv_lengths, seq_q=seq_q, seq_k=seq_k, **common)
     if dq is None:
-        dq = launch_dq(q_p, k_p, v_p, do_p, lse2, delta, seq_k=seq_k, **common)
+        dq = launch_dq(q_p, k_p, v_p, do_p, lse2, delta, kv_lengths, seq_k=seq_k, **common)
     return Gradients(dq[:, :seq_q], dk[:, :seq_k], dv[:, :seq_k])

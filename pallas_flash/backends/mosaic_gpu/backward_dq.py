@@ -49,8 +49,7 @@ def _dq_kernel(
     do_ref,
     lse_ref,
     delta_ref,
-    dq_ref,
-    *,
+    *refs,
     q_smem,
     do_smem,
     k_smem,
@@ -71,8 +70,10 @@ def _dq_kernel(
     causal: bool,
     scale: float,
     scale_log2: float,
+    has_kv_lengths: bool,
     interpret: bool,
 ):
+    kv_len_ref, dq_ref = refs if has_kv_lengths else (None, *refs)
     batch = lax.axis_index("batch")
     head = lax.axis_index("head")
     tile = lax.axis_index("q_tile")
@@ -84,10 +85,16 @@ def _dq_kernel(
     num_whole_kv_blocks = seq_k // block_kv  # static: blocks with no key past Tk
     dtype = q_smem.dtype
 
+    kv_len = None if kv_len_ref is None else kv_len_ref[batch]  # keys at or past it are masked
+    key_limit = seq_k if kv_len is None else kv_len
+
     def kv_blocks_seen(q_end):
-        if not causal:
-            return jnp.int32(num_kv_blocks)
-        return jnp.minimum(pl.cdiv(q_end, jnp.int32(block_kv)), jnp.int32(num_kv_blocks))
+        seen = jnp.int32(num_kv_blocks)
+        if causal:
+            seen = jnp.minimum(pl.cdiv(q_end, jnp.int32(block_kv)), seen)
+        if kv_len is not None:
+            seen = jnp.minimum(pl.cdiv(kv_len, jnp.int32(block_kv)), seen)
+        return seen
 
     cta_kv_blocks = kv_blocks_seen(cta_q0 + TILE)
 
@@ -103,10 +110,11 @@ def _dq_kernel(
         plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, rows], delta_smem.at[wg], rows_ready.at[wg])
         stage = None if stage_smem is None else stage_smem.at[wg]
         kv_end = kv_blocks_seen(q0 + BLOCK_Q)
+        kv_unmasked = jnp.int32(num_whole_kv_blocks)
         if causal:
-            kv_unmasked = jnp.minimum(lax.div(q0, jnp.int32(block_kv)), jnp.int32(num_whole_kv_blocks))
-        else:
-            kv_unmasked = jnp.int32(num_whole_kv_blocks)
+            kv_unmasked = jnp.minimum(lax.div(q0, jnp.int32(block_kv)), kv_unmasked)
+        if kv_len is not None:
+            kv_unmasked = jnp.minimum(lax.div(kv_len, jnp.int32(block_kv)), kv_unmasked)
         plgpu.barrier_wait(rows_ready.at[wg])
         lse = plgpu.load(lse_smem.at[wg], layout=ROW)
         delta = plgpu.load(delta_smem.at[wg], layout=ROW)
@@ -124,8 +132,8 @@ def _dq_kernel(
                     if masked:
                         cols = kb * block_kv + plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=WGMMA)
                         visible = None
-                        if seq_k % block_kv:
-                            visible = cols < seq_k
+                        if seq_k % block_kv or kv_len is not None:
+                            visible = cols < key_limit
                         if causal:
                             before = q0 + plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=WGMMA) >= cols
                             visible = before if visible is None else visible & before
@@ -142,7 +150,7 @@ def _dq_kernel(
                 plgpu.barrier_arrive(k_consumed.at[slot])
 
             pl.loop(i32(0), kv_unmasked)(functools.partial(kv_step, masked=False))
-            if causal or seq_k % block_kv:
+            if causal or seq_k % block_kv or kv_len is not None:
                 pl.loop(kv_unmasked, kv_end)(functools.partial(kv_step, masked=True))
             return dq_acc[...]
 
@@ -170,7 +178,7 @@ def _dq_kernel(
             block_kv=block_kv, num_stages=num_stages)
 
 
-def launch_dq(q, k, v, do, lse2, delta, *, spec, config, interpret, seq_k):
+def launch_dq(q, k, v, do, lse2, delta, kv_lengths=None, *, spec, config, interpret, seq_k):
     """``dQ`` (``q``'s padded shape and dtype) from padded ``q, k, v, dO`` and padded ``lse2``/``delta`` rows."""
     batch, tq_pad, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
@@ -202,6 +210,7 @@ def launch_dq(q, k, v, do, lse2, delta, *, spec, config, interpret, seq_k):
         causal=spec.causal,
         scale=float(spec.scale),
         scale_log2=float(spec.scale) * LOG2E,
+        has_kv_lengths=kv_lengths is not None,
         interpret=bool(interpret),
     )
     return plgpu.kernel(
@@ -211,4 +220,4 @@ def launch_dq(q, k, v, do, lse2, delta, *, spec, config, interpret, seq_k):
         grid=(batch, num_heads, num_q_tiles),
         grid_names=("batch", "head", "q_tile"),
         **launch_params(interpret),
-    )(q, k, v, do, lse2, delta)
+    )(q, k, v, do, lse2, delta, *([] if kv_lengths is None else [kv_lengths]))

@@ -76,8 +76,9 @@ P_WG, DS_WG = 0, 1
 ROWS = BLOCK_Q
 
 
-def _masked_logits(s, row0, col0, *, causal: bool, seq_k: int | None, transposed: bool):
-    """``s`` with ``-inf`` where a key is after the query (causal) or ``>= seq_k``; rows/cols counted from ``row0``/``col0``."""
+def _masked_logits(s, row0, col0, *, causal: bool, seq_k, transposed: bool):
+    """``s`` with ``-inf`` where a key is after the query (causal) or ``>= seq_k`` (None: no limit; an int or, with
+    sequence lengths, the batch row's key length); rows/cols counted from ``row0``/``col0``."""
     q_axis, k_axis = (1, 0) if transposed else (0, 1)
     q0, k0 = (col0, row0) if transposed else (row0, col0)
     queries = q0 + plgpu.broadcasted_iota(jnp.int32, s.shape, q_axis, layout=WGMMA)
@@ -232,12 +233,13 @@ def _dkdv_kernel(
 
 
 def _dq_kernel(
-    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
     q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, p_smem,
     rows_ready, k_ready, v_ready, k_consumed, v_consumed, p_ready, p_consumed,
     stage_smem=None, seq_k: int, group: int, num_q_tiles: int, block_kv: int, num_stages: int, causal: bool,
-    scale: float, scale_log2: float, interpret: bool,
+    scale: float, scale_log2: float, has_kv_lengths: bool, interpret: bool,
 ):  # fmt: skip
+    kv_len_ref, dq_ref = refs if has_kv_lengths else (None, *refs)
     batch = lax.axis_index("batch")
     head = lax.axis_index("head")
     tile = lax.axis_index("q_tile")
@@ -248,11 +250,15 @@ def _dq_kernel(
     rows = pl.ds(q0, ROWS)
     num_kv_blocks = pl.cdiv(seq_k, block_kv)  # static
     num_whole_kv_blocks = seq_k // block_kv  # static: blocks with no key past Tk
+    kv_end, kv_unmasked = jnp.int32(num_kv_blocks), jnp.int32(num_whole_kv_blocks)
     if causal:
-        kv_end = jnp.minimum(pl.cdiv(q0 + ROWS, jnp.int32(block_kv)), jnp.int32(num_kv_blocks))
-        kv_unmasked = jnp.minimum(lax.div(q0, jnp.int32(block_kv)), jnp.int32(num_whole_kv_blocks))
-    else:
-        kv_end, kv_unmasked = jnp.int32(num_kv_blocks), jnp.int32(num_whole_kv_blocks)
+        kv_end = jnp.minimum(pl.cdiv(q0 + ROWS, jnp.int32(block_kv)), kv_end)
+        kv_unmasked = jnp.minimum(lax.div(q0, jnp.int32(block_kv)), kv_unmasked)
+    key_limit = seq_k if seq_k % block_kv else None  # keys at or past it are masked
+    if has_kv_lengths:  # the batch row's key length (<= Tk)
+        key_limit = kv_len_ref[batch]
+        kv_end = jnp.minimum(pl.cdiv(key_limit, jnp.int32(block_kv)), kv_end)
+        kv_unmasked = jnp.minimum(lax.div(key_limit, jnp.int32(block_kv)), kv_unmasked)
     dtype = q_smem.dtype
 
     @pl.when(wg == P_WG)
@@ -274,11 +280,11 @@ def _dq_kernel(
             s = pl.run_scoped(logits, plgpu.ACC((ROWS, block_kv), jnp.float32))
             plgpu.barrier_arrive(k_consumed.at[slot])
             if masked:
-                s = _masked_logits(s, q0, kb * block_kv, causal=causal, seq_k=seq_k, transposed=False)
+                s = _masked_logits(s, q0, kb * block_kv, causal=causal, seq_k=key_limit, transposed=False)
             _hand_over_p(jnp.exp2(s * scale_log2 - bcast(lse, s.shape, 0)), kb, p_smem, p_ready, p_consumed)
 
         pl.loop(i32(0), kv_unmasked)(functools.partial(step, masked=False))
-        if causal or seq_k % block_kv:
+        if causal or key_limit is not None:
             pl.loop(kv_unmasked, kv_end)(functools.partial(step, masked=True))
         _drain_p(kv_end, p_consumed)
 
@@ -372,7 +378,7 @@ def launch_dkdv(q, k, v, do, lse2, delta, *, spec, config, interpret, seq_q):
     )(q, k, v, do, lse2, delta)
 
 
-def launch_dq(q, k, v, do, lse2, delta, *, spec, config, interpret, seq_k):
+def launch_dq(q, k, v, do, lse2, delta, kv_lengths=None, *, spec, config, interpret, seq_k):
     """``dq`` of the role-split dQ kernel, on arrays padded to whole 64-row tiles."""
     batch, tq_pad, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
@@ -398,18 +404,27 @@ def launch_dq(q, k, v, do, lse2, delta, *, spec, config, interpret, seq_k):
     consts = _constants(spec, interpret, num_heads // num_kv_heads)
     return plgpu.kernel(
         functools.partial(_dq_kernel, seq_k=seq_k, num_q_tiles=num_q_tiles, block_kv=block_kv, num_stages=stages,
-                          **consts),
+                          has_kv_lengths=kv_lengths is not None, **consts),
         out_type=jax.ShapeDtypeStruct(q.shape, dtype),
         scratch_types=scratch,
         grid=(batch, num_heads, num_q_tiles),
         grid_names=("batch", "head", "q_tile"),
         **launch_params(interpret),
-    )(q, k, v, do, lse2, delta)
+    )(q, k, v, do, lse2, delta, *([] if kv_lengths is None else [kv_lengths]))
 
 
-def launch_wide(q, k, v, do, lse2, delta, *, spec, config, interpret, seq_q, seq_k):
-    """``(dq, dk, dv)`` on arrays padded to whole 64-row tiles (``backward.mosaic_backward`` pads them)."""
+def launch_wide(q, k, v, do, lse2, delta, kv_lengths=None, *, spec, config, interpret, seq_q, seq_k):
+    """``(dq, dk, dv)`` on arrays padded to whole 64-row tiles (``backward.mosaic_backward`` pads them).
+
+    ``kv_lengths`` (int32 ``[B]``, at most ``Tk``): the dQ kernel masks the keys past them; the dK/dV kernel
+    computes every key's gradients from its own column of P alone, so those of the keys past them are
+    replaced by zeros here (no row sees them).
+    """
     common = dict(spec=spec, config=config, interpret=interpret)
     dk, dv = launch_dkdv(q, k, v, do, lse2, delta, seq_q=seq_q, **common)
-    dq = launch_dq(q, k, v, do, lse2, delta, seq_k=seq_k, **common)
+    dq = launch_dq(q, k, v, do, lse2, delta, kv_lengths, seq_k=seq_k, **common)
+    if kv_lengths is not None:
+        seen = (jnp.arange(k.shape[1])[None, :] < kv_lengths[:, None])[:, :, None, None]
+        dk = jnp.where(seen, dk, jnp.zeros((), dk.dtype))
+        dv = jnp.where(seen, dv, jnp.zeros((), dv.dtype))
     return dq, dk, dv

@@ -94,9 +94,7 @@ def _forward_kernel(
     q_ref,
     k_ref,
     v_ref,
-    out_ref,
-    lse_ref,
-    *,
+    *refs,
     qo_smem,
     k_smem,
     v_smem,
@@ -121,8 +119,14 @@ def _forward_kernel(
     causal: bool,
     scale_log2: float,
     overlap: bool,
+    has_q_lengths: bool,
+    has_kv_lengths: bool,
     interpret: bool,
 ):
+    refs = list(refs)
+    q_len_ref = refs.pop(0) if has_q_lengths else None
+    kv_len_ref = refs.pop(0) if has_kv_lengths else None
+    out_ref, lse_ref = refs
     program = lax.axis_index("program")
     wg = lax.axis_index("wg")
     rows_per_cta = COMPUTE_WGS * block_q
@@ -154,11 +158,25 @@ def _forward_kernel(
             q_tile = num_q_tiles - 1 - q_tile
         return lax.div(bh, jnp.int32(num_heads)), lax.rem(bh, jnp.int32(num_heads)), q_tile * rows_per_cta
 
-    def kv_blocks_seen(q_end):
-        """Key blocks that rows ``< q_end`` see (at least one: every row sees key 0)."""
-        if not causal:
-            return num_kv_blocks
-        return jnp.minimum(pl.cdiv(q_end, jnp.int32(block_kv)), jnp.int32(num_kv_blocks))
+    def lengths(batch):
+        """``(q_len, kv_len)`` of a batch row (each None without its lengths array)."""
+        q_len = None if q_len_ref is None else q_len_ref[batch]
+        kv_len = None if kv_len_ref is None else kv_len_ref[batch]
+        return q_len, kv_len
+
+    def kv_blocks_seen(q_start, q_end, q_len, kv_len):
+        """Key blocks that rows ``q_start .. q_end - 1`` see: at least one, a fully masked one when they see no
+        key (lengths), so that both warpgroups' pipelines and turns run as for any tile."""
+        seen = jnp.int32(num_kv_blocks)
+        if causal:
+            seen = jnp.minimum(pl.cdiv(q_end, jnp.int32(block_kv)), seen)
+        if kv_len is not None:
+            seen = jnp.minimum(pl.cdiv(kv_len, jnp.int32(block_kv)), seen)
+        if q_len is not None:
+            seen = jnp.where(q_start >= q_len, 0, seen)
+        if q_len is not None or kv_len is not None:
+            seen = jnp.maximum(seen, 1)
+        return seen
 
     @pl.when(wg < COMPUTE_WGS)
     def _compute_warpgroup():
@@ -177,10 +195,14 @@ def _forward_kernel(
             buf = lax.rem(i, jnp.int32(num_q_buffers))
             q_smem = qo_smem.at[buf, wg]
             q_base = cta_q0 + wg * block_q
-            if causal:  # blocks whose every key is <= every row of this warpgroup, and < Tk
-                kv_unmasked = jnp.minimum(lax.div(q_base, jnp.int32(block_kv)), jnp.int32(num_whole_kv_blocks))
-            else:
-                kv_unmasked = num_whole_kv_blocks
+            q_len, kv_len = lengths(batch)
+            kv_unmasked = jnp.int32(num_whole_kv_blocks)  # blocks below it need no mask
+            if causal:  # every key <= every row of this warpgroup
+                kv_unmasked = jnp.minimum(lax.div(q_base, jnp.int32(block_kv)), kv_unmasked)
+            if kv_len is not None:  # every key < the row's key length
+                kv_unmasked = jnp.minimum(lax.div(kv_len, jnp.int32(block_kv)), kv_unmasked)
+            if q_len is not None:  # every row < the row's query length
+                kv_unmasked = jnp.where(q_base + block_q > q_len, 0, kv_unmasked)
 
             def load_next_q():
                 if num_q_buffers == 1:
@@ -196,17 +218,22 @@ def _forward_kernel(
                 k_consumed=k_consumed, v_consumed=v_consumed, wg_turn=wg_turn, wg_token=wg_token, p_smem=p_smem,
                 seq_k=seq_k, block_q=block_q, block_kv=block_kv, num_stages=num_stages, causal=causal,
                 scale_log2=scale_log2, interpret=interpret, wg=wg, q_base=q_base,
-                kv_end=kv_blocks_seen(q_base + block_q), kv_unmasked=kv_unmasked,
-                cta_kv_blocks=kv_blocks_seen(cta_q0 + rows_per_cta), step=step, after_first_s=load_next_q)
+                kv_end=kv_blocks_seen(q_base, q_base + block_q, q_len, kv_len), kv_unmasked=kv_unmasked,
+                cta_kv_blocks=kv_blocks_seen(cta_q0, cta_q0 + rows_per_cta, q_len, kv_len), step=step,
+                after_first_s=load_next_q, kv_len=kv_len, q_len=q_len)
             m = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32), ROW)
             l = plgpu.layout_cast(jnp.zeros((block_q,), jnp.float32), ROW)
             acc = plgpu.layout_cast(jnp.zeros((block_q, q_smem.shape[-1]), jnp.float32), WGMMA)
             plgpu.barrier_wait(q_ready.at[buf * COMPUTE_WGS + wg])
             acc, m, l = (overlapped if overlap else turn_taking)(tile, (acc, m, l))
 
-            # Every row sees at least key 0, so l >= 1. O goes out through this tile's Q buffer.
+            # Without lengths every row sees key 0, so l >= 1; with them a row that sees no key has l = 0 and
+            # gets O = 0, lse2 = -inf. O goes out through this tile's Q buffer.
+            inv_l = 1.0 / l
+            if tile.has_lengths:
+                inv_l = jnp.where(l == 0.0, 0.0, inv_l)
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's lse row has left lse_smem
-            q_smem[...] = (acc * bcast(1.0 / l, acc.shape, 0)).astype(q_smem.dtype)
+            q_smem[...] = (acc * bcast(inv_l, acc.shape, 0)).astype(q_smem.dtype)
             lse_smem[wg] = m + jnp.log(l) * _RCP_LN2
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(q_smem, out_ref.at[batch, pl.ds(q_base, block_q), head])
@@ -222,10 +249,12 @@ def _forward_kernel(
 
         def tile_step(i, step):
             batch, head, cta_q0 = tile_coords(i)
+            q_len, kv_len = lengths(batch)
             return stream_kv_blocks(
                 k_ref, v_ref, k_smem=k_smem, v_smem=v_smem, k_ready=k_ready, v_ready=v_ready,
                 k_consumed=k_consumed, v_consumed=v_consumed, batch=batch, kv_head=lax.div(head, jnp.int32(group)),
-                num_blocks=kv_blocks_seen(cta_q0 + rows_per_cta), block_kv=block_kv, num_stages=num_stages,
+                num_blocks=kv_blocks_seen(cta_q0, cta_q0 + rows_per_cta, q_len, kv_len), block_kv=block_kv,
+                num_stages=num_stages,
                 first_step=step, drain=False)
 
         steps = lax.fori_loop(i32(0), my_tiles, tile_step, i32(0))
@@ -261,13 +290,14 @@ def mosaic_forward(
     config: MosaicForwardConfig,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
-    """``(out [B, Tq, N, H], lse2 [B, N, Tq] float32)`` of plain or causal attention, GQA allowed.
+    """``(out [B, Tq, N, H], lse2 [B, N, Tq] float32)`` of plain or causal attention, GQA allowed, with
+    per-batch sequence lengths (``inputs.q_lengths``/``kv_lengths``; rows that see no key: O = 0,
+    lse2 = -inf).
 
     The caller (``MosaicBackend.supports``) has checked the call: no masks,
-    bias, lengths, segments, ALiBi, soft-cap, dropout, window or offsets;
-    bf16/fp16; head dim 64, 128 or 256.
+    bias, segments, ALiBi, soft-cap, dropout, window or offsets; bf16/fp16;
+    head dim 64, 128 or 256.
     """
-    del inputs  # nothing beside q, k, v in the calls this kernel takes
     batch, seq_q, num_heads, head_dim = q.shape
     _, seq_k, num_kv_heads, _ = k.shape
     config.check_fits(head_dim, q.dtype)
@@ -299,8 +329,15 @@ def mosaic_forward(
         causal=spec.causal,
         scale_log2=float(spec.scale) * LOG2E,
         overlap=config.overlap,
+        has_q_lengths=spec.has_q_lengths,
+        has_kv_lengths=spec.has_kv_lengths,
         interpret=interpret,
     )
+    length_operands = []  # clipped to the arrays: a length past the end means the whole row
+    if spec.has_q_lengths:
+        length_operands.append(jnp.clip(inputs.q_lengths.astype(jnp.int32), 0, seq_q))
+    if spec.has_kv_lengths:
+        length_operands.append(jnp.clip(inputs.kv_lengths.astype(jnp.int32), 0, seq_k))
     dtype = q.dtype
     scratch = dict(
         qo_smem=tiled_smem((config.q_buffers, COMPUTE_WGS, block_q, head_dim), dtype),
@@ -330,5 +367,5 @@ def mosaic_forward(
         grid=(num_programs,),
         grid_names=("program",),
         **launch_params(interpret),
-    )(q_pad, k_pad, v_pad)
+    )(q_pad, k_pad, v_pad, *length_operands)
     return out[:, :seq_q], lse2[:, :, :seq_q]

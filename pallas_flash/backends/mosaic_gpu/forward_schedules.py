@@ -68,37 +68,55 @@ class ForwardTile:
     cta_kv_blocks: Any  # key blocks the CTA's rows see (the memory warpgroup loads these)
     step: Any  # ring steps taken before this tile
     after_first_s: Callable[[], None]  # called once this tile's first S has landed (the next Q may load)
+    kv_len: Any = None  # this batch row's key length (``key_value_seq_lengths``), or None
+    q_len: Any = None  # this batch row's query length (``query_seq_lengths``), or None
 
     @property
     def needs_mask(self) -> bool:  # static: some key block is masked
-        return self.causal or self.seq_k % self.block_kv != 0
+        return self.causal or self.seq_k % self.block_kv != 0 or self.has_lengths
+
+    @property
+    def has_lengths(self) -> bool:  # static: a row may see no key at all (its l stays 0)
+        return self.kv_len is not None or self.q_len is not None
 
     def slot(self, kb):
         return lax.rem(self.step + kb, jnp.int32(self.num_stages))
 
     def mask(self, s, kb):
-        """Logits of keys past ``Tk`` and, under causal, of keys after the row set to -inf."""
+        """Logits set to -inf where the key is past ``Tk`` (or the batch row's key length), after the row
+        (causal), or the row is past the batch row's query length."""
         cols = kb * self.block_kv + plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=WGMMA)
-        visible = None
-        if self.seq_k % self.block_kv:
-            visible = cols < self.seq_k
-        if self.causal:
+        if self.causal or self.q_len is not None:
             rows = self.q_base + plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=WGMMA)
-            before = rows >= cols
-            visible = before if visible is None else visible & before
+        conditions = []
+        if self.kv_len is not None:  # kv_len <= Tk (the launcher clips it)
+            conditions.append(cols < self.kv_len)
+        elif self.seq_k % self.block_kv:
+            conditions.append(cols < self.seq_k)
+        if self.causal:
+            conditions.append(rows >= cols)
+        if self.q_len is not None:
+            conditions.append(rows < self.q_len)
+        visible = functools.reduce(lambda a, b: a & b, conditions)
         return jnp.where(visible, s, -jnp.inf)
 
     def softmax(self, s, m):
         """Online softmax in the log2 domain: ``(p, m_new, alpha)``; ``m`` is the running max of s * scale * log2(e)."""
         c = self.scale_log2
+
+        def finite(m_new):  # a row that has seen no key yet keeps m = -inf and subtracts 0 (p, alpha = 0, not NaN)
+            return jnp.where(m_new == -jnp.inf, 0.0, m_new) if self.has_lengths else m_new
+
         if c > 0:  # max(s) * c == max(s * c) only for c > 0
             m_new = jnp.maximum(m, s.max(axis=1) * c)
-            p = jnp.exp2(s * c - bcast(m_new, s.shape, 0))
+            m_sub = finite(m_new)
+            p = jnp.exp2(s * c - bcast(m_sub, s.shape, 0))
         else:
             s = s * c
             m_new = jnp.maximum(m, s.max(axis=1))
-            p = jnp.exp2(s - bcast(m_new, s.shape, 0))
-        return p, m_new, jnp.exp2(m - m_new)
+            m_sub = finite(m_new)
+            p = jnp.exp2(s - bcast(m_sub, s.shape, 0))
+        return p, m_new, jnp.exp2(m - m_sub)
 
     def release(self, kb):
         """A block only the partner warpgroup sees: observe its arrival and release its slots."""
