@@ -167,7 +167,7 @@ def _forward_kernel(
     def kv_blocks_seen(q_start, q_end, q_len, kv_len):
         """Key blocks that rows ``q_start .. q_end - 1`` see: at least one, a fully masked one when they see no
         key (lengths), so that both warpgroups' pipelines and turns run as for any tile."""
-        seen = jnp.int32(num_kv_blocks)
+        seen = num_kv_blocks  # a Python int where static: a jnp constant inside the tile loop does not lower
         if causal:
             seen = jnp.minimum(pl.cdiv(q_end, jnp.int32(block_kv)), seen)
         if kv_len is not None:
@@ -196,7 +196,7 @@ def _forward_kernel(
             q_smem = qo_smem.at[buf, wg]
             q_base = cta_q0 + wg * block_q
             q_len, kv_len = lengths(batch)
-            kv_unmasked = jnp.int32(num_whole_kv_blocks)  # blocks below it need no mask
+            kv_unmasked = num_whole_kv_blocks  # blocks below it need no mask (a Python int where static)
             if causal:  # every key <= every row of this warpgroup
                 kv_unmasked = jnp.minimum(lax.div(q_base, jnp.int32(block_kv)), kv_unmasked)
             if kv_len is not None:  # every key < the row's key length
