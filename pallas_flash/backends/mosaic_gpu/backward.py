@@ -56,7 +56,12 @@ diagonal are masked (``row >= col``, queries and keys counted from 0, as the
 forward). Lengths need not be block multiples: the launcher pads the
 sequences to whole 128-row tiles (zeros; ``lse2`` of padded rows ``+inf`` so
 their ``P`` is exactly 0) and slices the outputs; keys past ``Tk`` are masked
-where they could reach ``dQ``.
+where they could reach ``dQ``. Per-batch lengths (``inputs``): keys at or past
+a batch row's key length are masked like those past ``Tk`` (a dK/dV tile of
+such keys only writes zeros; the dQ kernel does not load their blocks), and
+the launcher zeroes ``Q``, ``dO`` and ``delta`` on rows past a query length
+(their ``lse2`` is ``-inf``, so ``P`` is 0 there already; the zeros keep
+whatever those rows hold out of dK and dV).
 
 Interpret mode (``interpret=True``: ``plgpu.InterpretGPUParams`` on the CPU)
 runs both kernels with the same pipelines, barriers, masks and arithmetic,
