@@ -205,7 +205,8 @@ def test_float32_gradients_at_huge_logits_stay_within_the_documented_bound(scale
             lambda q, k, v: attention_reference(q, k, v, scale=scale), *f64, jnp.asarray(np.asarray(ct, np.float64))
         )
         max_logit = scale * float(jnp.max(jnp.abs(jnp.einsum("bqnh,bknh->bnqk", f64[0], jnp.repeat(f64[1], 2, axis=2)))))
-    assert rel_err(out, np.asarray(w_out)) < 1e-5
+    # out = P V moves with P as dv = P^T dO does (the logit rounding |L| 2^-24): the same bound.
+    assert rel_err(out, np.asarray(w_out)) <= max(4e-8 * max_logit, 1e-5)
     assert rel_err(dv, np.asarray(w_dv)) <= max(4e-8 * max_logit, 1e-5)
     bound = 2.0**-24 * (1 + max_logit / 4) * scale * float(np.linalg.norm(ct) * np.linalg.norm(v) * np.linalg.norm(k))
     assert float(np.linalg.norm(np.asarray(dq) - np.asarray(w_dq))) <= bound
