@@ -92,6 +92,7 @@ from pallas_flash.backends.mosaic_gpu.common import (
     MEMORY_WG,
     WGMMA,
     bcast,
+    clipped_lengths,
     i32,
     stream_query_blocks,
     launch_params,
@@ -410,11 +411,11 @@ def mosaic_backward(
     delta = softmax_delta(out, do, dlse)
     kv_lengths = None
     if spec.has_kv_lengths:  # clipped to the array: a length past the end means every key
-        kv_lengths = jnp.clip(inputs.kv_lengths.astype(jnp.int32), 0, seq_k)
+        kv_lengths = clipped_lengths(inputs.kv_lengths, seq_k)
     if spec.has_q_lengths:
         # Rows past a batch row's query length see no key: their P and dS are 0 (lse2 = -inf -> +inf below).
         # Zero Q and dO there too, so that whatever those rows hold (NaN included) adds nothing to dK, dV.
-        live = jnp.arange(seq_q)[None, :] < jnp.clip(inputs.q_lengths.astype(jnp.int32), 0, seq_q)[:, None]
+        live = jnp.arange(seq_q)[None, :] < clipped_lengths(inputs.q_lengths, seq_q)[:, None]
         q = jnp.where(live[:, :, None, None], q, jnp.zeros((), q.dtype))
         do = jnp.where(live[:, :, None, None], do, jnp.zeros((), do.dtype))
         delta = jnp.where(live[:, None, :], delta, 0.0)

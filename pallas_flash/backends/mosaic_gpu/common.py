@@ -50,6 +50,11 @@ def launch_params(interpret) -> dict:
     )
 
 
+def clipped_lengths(lengths, seq_len: int):
+    """Per-batch lengths as int32 in ``[0, seq_len]``: a length past the array means the whole row."""
+    return jnp.clip(lengths.astype(jnp.int32), 0, seq_len)
+
+
 def bcast(x, shape, dim: int):
     return lax.broadcast_in_dim(x, shape, [dim])
 

@@ -73,6 +73,7 @@ from pallas_flash.backends.mosaic_gpu.common import (
     ROW,
     WGMMA,
     bcast,
+    clipped_lengths,
     drain_kv_slots,
     i32,
     launch_params,
@@ -335,9 +336,9 @@ def mosaic_forward(
     )
     length_operands = []  # clipped to the arrays: a length past the end means the whole row
     if spec.has_q_lengths:
-        length_operands.append(jnp.clip(inputs.q_lengths.astype(jnp.int32), 0, seq_q))
+        length_operands.append(clipped_lengths(inputs.q_lengths, seq_q))
     if spec.has_kv_lengths:
-        length_operands.append(jnp.clip(inputs.kv_lengths.astype(jnp.int32), 0, seq_k))
+        length_operands.append(clipped_lengths(inputs.kv_lengths, seq_k))
     dtype = q.dtype
     scratch = dict(
         qo_smem=tiled_smem((config.q_buffers, COMPUTE_WGS, block_q, head_dim), dtype),
