@@ -174,11 +174,22 @@ def _cudnn_packed(p: Problem):
     return f
 
 
+def _length_extras(p: Problem) -> dict:
+    """A padded batch's valid lengths, as jax.nn and pallas_flash both take them."""
+    import jax.numpy as jnp
+
+    if p.seq_lens is None:
+        return {}
+    lens = jnp.asarray(p.seq_lens, jnp.int32)
+    return {"query_seq_lengths": lens, "key_value_seq_lengths": lens}
+
+
 def _segment_extras(p: Problem) -> dict:
     import jax.numpy as jnp
 
     ids = p.segment_ids()
-    return {} if ids is None else {"q_segment_ids": jnp.asarray(ids), "kv_segment_ids": jnp.asarray(ids)}
+    extras = _length_extras(p)
+    return extras if ids is None else {**extras, "q_segment_ids": jnp.asarray(ids), "kv_segment_ids": jnp.asarray(ids)}
 
 
 def _mask_extras(p: Problem) -> dict:
@@ -186,7 +197,8 @@ def _mask_extras(p: Problem) -> dict:
     import jax.numpy as jnp
 
     ids = p.segment_ids()
-    return {} if ids is None else {"mask": jnp.asarray(ids[:, None, :, None] == ids[:, None, None, :])}
+    extras = _length_extras(p)
+    return extras if ids is None else {**extras, "mask": jnp.asarray(ids[:, None, :, None] == ids[:, None, None, :])}
 
 
 def _packed_extras(p: Problem) -> dict:
@@ -207,10 +219,10 @@ IMPLS: dict[str, Impl] = {
              extras=_segment_extras),
         Impl("pallas_flash_mosaic", _pallas_flash_mosaic, "pallas_flash.dot_product_attention(implementation="
              "'mosaic'): the Mosaic GPU (sm_90) forward and backward (deterministic, the default)",
-             applies=lambda p: p.doc_lens is None),
+             applies=lambda p: p.doc_lens is None, extras=_length_extras),
         Impl("pallas_flash_mosaic_fused", functools.partial(_pallas_flash_mosaic, deterministic=False),
              "the same with MosaicBackwardConfig(deterministic=False): dQ added by TMA reduce-add (run-to-run "
-             "nondeterministic last bits; D=256: n/a)", applies=lambda p: p.doc_lens is None),
+             "nondeterministic last bits; D=256: n/a)", applies=lambda p: p.doc_lens is None, extras=_length_extras),
         Impl("tokamax_mosaic", _tokamax_mosaic, "tokamax.dot_product_attention(implementation='mosaic'), "
              "tokamax 0.0.17", applies=lambda p: not p.masked),
         Impl("cudnn", _jax_nn("cudnn"), "jax.nn.dot_product_attention(implementation='cudnn')", extras=_mask_extras),
@@ -393,7 +405,7 @@ def bench_problem(p: Problem, impls: Sequence[str], opts, key, on_record: Callab
         *inputs, causal=p.shape.causal, grads=any(x != "fwd" for x in opts.passes),
         budget_bytes=int(opts.ref_budget_gb * 2**30), mode={"cudnn": "fallback"}.get(opts.ref, opts.ref),
         fallback=fallback, local_window_size=p.window_arg, logits_soft_cap=p.soft_cap,
-        q_segment_ids=seg, kv_segment_ids=seg)
+        q_segment_ids=seg, kv_segment_ids=seg, **_length_extras(p))
     for prep in prepared:
         for rec in bench_impl(prep, p, sets, ref, opts):
             rec["shape_compile_s"] = round(compile_s, 2)

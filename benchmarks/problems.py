@@ -27,6 +27,7 @@ class Problem:
     window: int | None = None  # left window (w, 0)
     doc_lens: tuple[int, ...] | None = None  # packed documents
     soft_cap: float | None = None
+    seq_lens: tuple[int, ...] | None = None  # a padded batch: each row's valid query and key length
 
     @property
     def name(self) -> str:
@@ -38,15 +39,17 @@ class Problem:
 
     @property
     def masked(self) -> bool:
-        return self.window is not None or self.doc_lens is not None or self.soft_cap is not None
+        return any(x is not None for x in (self.window, self.doc_lens, self.soft_cap, self.seq_lens))
 
     @property
     def window_arg(self) -> tuple[int, int] | None:
         return None if self.window is None else (self.window, 0)
 
-    def visible_pairs(self) -> int:
-        """Exact count of visible (query, key) pairs per (batch, head)."""
+    def visible_pairs(self) -> float:
+        """Exact count of visible (query, key) pairs per (batch, head) (a padded batch: the mean over its rows)."""
         s = self.shape
+        if self.seq_lens is not None:
+            return sum(n * (n + 1) // 2 if s.causal else n * n for n in self.seq_lens) / len(self.seq_lens)
         if self.doc_lens is not None:
             return sum(n * (n + 1) // 2 if s.causal else n * n for n in self.doc_lens)
         seen = np.minimum(np.arange(s.seq_q) + 1, s.seq_k) if s.causal else np.full(s.seq_q, s.seq_k)
@@ -68,6 +71,8 @@ class Problem:
             parts.append(f"{len(self.doc_lens)} docs {min(self.doc_lens)}-{max(self.doc_lens)}")
         if self.soft_cap is not None:
             parts.append(f"soft-cap {self.soft_cap:g}")
+        if self.seq_lens is not None:
+            parts.append(f"padded rows, lengths {min(self.seq_lens)}-{max(self.seq_lens)}")
         return ", ".join(parts)
 
     def segment_ids(self):
@@ -110,14 +115,23 @@ def mask_problems(small: bool = False, dtype: str = "bf16") -> dict[str, Problem
 
     if small:
         probs = [p("causal", 1, 256), p("window16", 1, 256, window=16), p("window64", 1, 256, window=64),
-                 p("softcap50", 1, 256, soft_cap=50.0), p("packed_docs", 1, 256, doc_lens=packed_doc_lengths(256, 16, 64))]
+                 p("softcap50", 1, 256, soft_cap=50.0), p("packed_docs", 1, 256, doc_lens=packed_doc_lengths(256, 16, 64)),
+                 p("padded", 2, 256, seq_lens=(256, 100))]
     else:
         t = 16384
         probs = [p("causal_16k", 1, t), p("window256_16k", 1, t, window=256), p("window4k_16k", 1, t, window=4096),
                  p("softcap50_4k", 4, 4096, soft_cap=50.0), p("causal_4k", 4, 4096),
+                 p("padded_4k", 4, 4096, seq_lens=padded_lengths(4, 1024, 4096)),
                  # Last: its cudnn_packed row goes through a private JAX API.
                  p("packed_docs_16k", 1, t, doc_lens=packed_doc_lengths(t, 1024, 4096))]
     return {q.name: q for q in probs}
+
+
+def padded_lengths(batch: int, lo: int, hi: int, seed: int = 0) -> tuple[int, ...]:
+    """Random valid lengths in [lo, hi] for the rows of a padded batch (the longest row's length is ``hi``)."""
+    lens = np.random.default_rng(seed).integers(lo, hi + 1, batch)
+    lens[0] = hi
+    return tuple(int(n) for n in lens)
 
 
 # Speed-up lines in the masks report: (window problem, causal baseline).

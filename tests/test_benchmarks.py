@@ -60,6 +60,10 @@ def test_mask_problems_count_visible_pairs():
     assert w.visible_pairs() == sum(min(i + 1, 257) for i in range(16384))
     assert w.flops("fwd_bwd") == 3.5 * 4 * 16 * 128 * w.visible_pairs()
     assert probs["causal_4k"].visible_pairs() == 4096 * 4097 // 2
+    padded = probs["padded_4k"]  # causal rows of their own lengths: the mean over the batch
+    assert max(padded.seq_lens) == 4096 and min(padded.seq_lens) >= 1024 and len(padded.seq_lens) == 4
+    assert padded.visible_pairs() == sum(n * (n + 1) // 2 for n in padded.seq_lens) / 4
+    assert padded.flops("fwd") == 4 * 4 * 16 * 128 * padded.visible_pairs()
     assert w.fields()["setup"] == "B=1, T=16384, causal, window (256, 0)"
     assert {n for n, p in probs.items() if harness.IMPLS["cudnn_packed"].applies(p)} == {"packed_docs_16k"}
     assert not any(harness.IMPLS["pallas_mha"].applies(p) for p in probs.values() if p.masked)

@@ -89,7 +89,8 @@ def test_forward_config_rejects_bad_values(kwargs, error, match):
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        (dict(block_q=128), ValueError, "block_q=128 must be 64"),
+        (dict(block_q=96), ValueError, r"block_q=96 must be one of \(64, 128\)"),
+        (dict(block_q=128, deterministic=False), ValueError, "block_q=128 needs deterministic=True"),
         (dict(dq_block_kv=256), ValueError, "dq_block_kv=256 must be 64 or 128"),
         (dict(num_stages=0), ValueError, r"num_stages=0 must be in \[1, 4\]"),
         (dict(dq_num_stages=5), ValueError, r"dq_num_stages=5 must be in \[1, 4\]"),
@@ -137,6 +138,13 @@ def test_shared_memory_budget():
         MosaicBackwardConfig(num_stages=3, dq_num_stages=2).check_fits(256, jnp.bfloat16)
     with pytest.raises(ValueError, match="shared memory in the dQ kernel at head_dim=256"):
         MosaicBackwardConfig(num_stages=2, dq_block_kv=128, dq_num_stages=1).check_fits(256, jnp.bfloat16)
+    # 128-row query blocks: three stages fit at D=64, two at D=128, none at D=256 (its kernels take 64 rows).
+    MosaicBackwardConfig(block_q=128, num_stages=3).check_fits(64, jnp.bfloat16)
+    MosaicBackwardConfig(block_q=128, num_stages=2).check_fits(128, jnp.bfloat16)
+    with pytest.raises(ValueError, match="shared memory in the dK/dV kernel at head_dim=128"):
+        MosaicBackwardConfig(block_q=128, num_stages=3).check_fits(128, jnp.bfloat16)
+    with pytest.raises(ValueError, match="at head_dim=256 the backward takes block_q=64"):
+        MosaicBackwardConfig(block_q=128, num_stages=1, dq_num_stages=2).check_fits(256, jnp.bfloat16)
     for head_dim in HEAD_DIMS:
         for dtype in DTYPES:
             for causal in (False, True):
@@ -159,7 +167,6 @@ def test_registered_as_a_kernel_backend():
 REFUSED = {
     "mask": (dict(mask=np.tril(np.ones((40, 40), bool))[None, None]), "a mask"),
     "bias": (dict(bias=np.zeros((1, 1, 40, 40), np.float32)), "a bias"),
-    "lengths": (dict(key_value_seq_lengths=np.array([30, 40], np.int32)), "sequence lengths"),
     "segments": (dict(q_segment_ids=np.zeros((2, 40), np.int32), kv_segment_ids=np.zeros((2, 40), np.int32)),
                  "segment ids"),
     "alibi": (dict(alibi_slopes=np.full((4,), 0.1, np.float32)), "ALiBi slopes"),
@@ -284,6 +291,15 @@ BWD_INTERPRET_CASES = {
         MosaicBackwardConfig(num_stages=1, dq_block_kv=128, dq_num_stages=1, deterministic=True),
     ),
     "full_d128_one_block_fused": (Shape("b", 1, 77, 50, 2, 2, 128), False, jnp.float16, FUSED),
+    # 128-row query blocks (the D=64 default): diagonals inside a block, fewer rows than one block.
+    "causal_tq>tk_gqa2_rows128": (
+        Shape("b", 1, 333, 200, 2, 1, 64), True, jnp.bfloat16,
+        MosaicBackwardConfig(block_q=128, num_stages=3, dq_block_kv=128, dq_num_stages=2),
+    ),
+    "full_ragged_rows128_d128": (
+        Shape("b", 2, 100, 150, 2, 2, 128), False, jnp.float16,
+        MosaicBackwardConfig(block_q=128, num_stages=2, dq_block_kv=64, dq_num_stages=3),
+    ),
     # D=256: backward_wide.py's role split (64-row CTAs, P handed over through shared memory).
     "d256_causal_tq<tk_gqa2": (Shape("b", 1, 150, 333, 2, 1, 256), True, jnp.bfloat16, DETERMINISTIC),
     "d256_causal_tq>tk_gqa4_1stage": (
@@ -431,8 +447,9 @@ def test_gpu_deterministic_backward_is_bit_identical(name, causal, seed):
         MosaicBackwardConfig(num_stages=3, dq_block_kv=128, dq_num_stages=2, deterministic=True),
         MosaicBackwardConfig(num_stages=1, deterministic=False),
         MosaicBackwardConfig(num_stages=2, deterministic=False),
+        MosaicBackwardConfig(block_q=128, num_stages=2, dq_block_kv=64, dq_num_stages=3),
     ],
-    ids=["det_1x1", "det_3x2_dq128", "fused_1", "fused_2"],
+    ids=["det_1x1", "det_3x2_dq128", "fused_1", "fused_2", "det_rows128"],
 )
 def test_gpu_every_backward_pipeline_shape(bwd, seed):
     """Each ring depth and dQ key block on a long ragged causal GQA problem: many refills of every slot."""

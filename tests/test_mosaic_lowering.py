@@ -62,7 +62,7 @@ def test_forward_lowers_for_cuda(head_dim, config, causal, lengths):
 @pytest.mark.parametrize(
     "head_dim, config, kernels",
     [
-        (64, MosaicBackwardConfig(num_stages=3, dq_block_kv=128, dq_num_stages=2, deterministic=True), 2),
+        (64, MosaicBackwardConfig(block_q=128, num_stages=3, dq_block_kv=128, dq_num_stages=2), 2),
         (128, MosaicBackwardConfig(num_stages=2, dq_block_kv=64, dq_num_stages=3, deterministic=True), 2),
         (128, MosaicBackwardConfig(num_stages=2, deterministic=False), 1),
         (256, MosaicBackwardConfig(num_stages=2, dq_block_kv=64, dq_num_stages=2, deterministic=True), 2),

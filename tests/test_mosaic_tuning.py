@@ -88,9 +88,10 @@ def test_backward_space_fits_in_shared_memory(head_dim, dtype):
 
 
 def test_backward_space_members():
-    assert len(mosaic_tune.BWD_SPACE) == 14
-    assert sum(1 for *_, det in mosaic_tune.BWD_SPACE if det) == 12
-    assert {(s, det) for s, _, _, det in mosaic_tune.BWD_SPACE if not det} == {(1, False), (2, False)}
+    assert len(mosaic_tune.BWD_SPACE) == 26
+    assert sum(1 for *_, det in mosaic_tune.BWD_SPACE if det) == 24
+    assert {(bq, s, det) for bq, s, _, _, det in mosaic_tune.BWD_SPACE if not det} == {(64, 1, False), (64, 2, False)}
+    assert {bq for bq, *_, det in mosaic_tune.BWD_SPACE if det} == {64, 128}
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -98,7 +99,7 @@ def test_head_dim_256_backward_space(dtype):
     # backward_wide.py: deterministic either way, so no fused candidates even when asked; at most 2 stages fit.
     cands = mosaic_tune.backward_candidates(256, dtype, nondeterministic=True)
     assert cands and all(c.deterministic for c in cands)
-    assert {(c.num_stages, c.dq_block_kv, c.dq_num_stages) for c in cands} == {(1, 64, 2), (2, 64, 2)}
+    assert {(c.block_q, c.num_stages, c.dq_block_kv, c.dq_num_stages) for c in cands} == {(64, 1, 64, 2), (64, 2, 64, 2)}
     for cfg in cands:
         assert max(backward_smem_bytes(cfg, 256, dtype)) <= mosaic_config.MAX_SMEM_BYTES
 
@@ -180,7 +181,7 @@ def test_default_config_without_cache_is_the_heuristic(cache_dir):
     assert not mosaic_config.user_cache_path().exists()
     got = mosaic_config.default_config(head_dim=64, dtype=jnp.bfloat16, causal=False, seq_q=1024, seq_k=1024, gpu=GPU)
     assert got.fwd == MosaicForwardConfig(block_kv=256, num_stages=2, persistent=True)
-    assert got.bwd == MosaicBackwardConfig(num_stages=3, dq_block_kv=128, dq_num_stages=2)
+    assert got.bwd == MosaicBackwardConfig(block_q=128, num_stages=3, dq_block_kv=128, dq_num_stages=2)
 
 
 def test_unreadable_cache_is_ignored(cache_dir):

@@ -67,6 +67,9 @@ class KernelBackend(Backend):
     """A backend with its own forward and backward kernels (see the module docstring)."""
 
     config_type: type
+    # True when the kernels' interpret mode runs ordered host callbacks (Mosaic GPU's interpreter), which
+    # ``custom_partitioning`` cannot lower: interpreted calls then run unpartitioned (``sharding.partition``).
+    interpret_has_effects: bool = False
 
     @abc.abstractmethod
     def default_config(self, q: jax.Array, k: jax.Array, spec: AttentionSpec) -> Any:

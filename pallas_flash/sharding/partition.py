@@ -47,7 +47,8 @@ leading (shardable) factor per level instead of failing. Under a mesh whose
 axes are ``Explicit`` the shardings are in the types at trace time; there the
 same per-shard function runs in ``jax.shard_map`` (``custom_partitioning``
 never sees an explicitly sharded type, which Pallas' interpret mode cannot
-slice). On a mesh mixing ``Explicit`` and ``Auto`` axes only the explicit ones
+slice). A backend whose interpret mode has ordered effects (Mosaic GPU's) runs
+interpreted calls unpartitioned. On a mesh mixing ``Explicit`` and ``Auto`` axes only the explicit ones
 partition the kernels; inputs sharded on its auto axes are gathered.
 """
 
@@ -444,6 +445,10 @@ def _run_explicit(call: Call, mesh, leaves):
 
 
 def _apply(kernels: Kernels, args):
+    if kernels.interpret and kernels.backend.interpret_has_effects:
+        # An interpreter with ordered host callbacks does not lower inside ``custom_partitioning``: the kernels
+        # run on the whole arrays (a CPU test path; sharded inputs are gathered around them).
+        return kernels(args)
     leaves, in_tree = jax.tree.flatten(args)
     in_factors, out_factors, group, limits = _factors(kernels, args)
     q, k = args[0], args[1]

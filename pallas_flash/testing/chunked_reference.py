@@ -56,7 +56,7 @@ def _chunk_fn(causal: bool, window: tuple[int, int] | None, soft_cap: float | No
     """Jitted float32 attention (and its VJP) on one chunk whose query rows start at ``offset``."""
 
     @jax.jit
-    def run(q, k, v, g, q_seg, kv_seg, offset):
+    def run(q, k, v, g, q_seg, kv_seg, offset, q_len, kv_len):
         q, k, v, g = (x.astype(jnp.float32) for x in (q, k, v, g))
         rows = offset + jnp.arange(q.shape[1])[:, None]
         cols = jnp.arange(k.shape[1])[None, :]
@@ -70,7 +70,7 @@ def _chunk_fn(causal: bool, window: tuple[int, int] | None, soft_cap: float | No
             with jax.default_matmul_precision("highest"):
                 return attention_reference(
                     q, k, v, mask=visible[None, None], q_segment_ids=q_seg, kv_segment_ids=kv_seg,
-                    logits_soft_cap=soft_cap,
+                    logits_soft_cap=soft_cap, query_seq_lengths=q_len, key_value_seq_lengths=kv_len,
                 )
 
         if not grads:
@@ -82,7 +82,8 @@ def _chunk_fn(causal: bool, window: tuple[int, int] | None, soft_cap: float | No
 
 
 def reference_f32(q, k, v, g, causal: bool, grads: bool, budget_bytes: int, *, local_window_size=None,
-                  q_segment_ids=None, kv_segment_ids=None, logits_soft_cap=None):
+                  q_segment_ids=None, kv_segment_ids=None, logits_soft_cap=None, query_seq_lengths=None,
+                  key_value_seq_lengths=None):
     """Float32 attention of ``[B, T, N, D]`` inputs, and its gradients under cotangent ``g``, in chunks.
 
     The mask arguments mean what they mean in ``pallas_flash.dot_product_attention``
@@ -101,9 +102,13 @@ def reference_f32(q, k, v, g, causal: bool, grads: bool, budget_bytes: int, *, l
         for h0 in range(0, K, nk):
             qh, kh = slice(h0 * G, (h0 + nk) * G), slice(h0, h0 + nk)
             kv_seg = None if kv_segment_ids is None else kv_segment_ids[b]
+            kv_len = None if key_value_seq_lengths is None else jnp.asarray(key_value_seq_lengths)[b]
             res = [
                 run(q[b, r : r + tq, qh], k[b, :, kh], v[b, :, kh], g[b, r : r + tq, qh],
-                    None if q_segment_ids is None else q_segment_ids[b, r : r + tq], kv_seg, jnp.int32(r))
+                    None if q_segment_ids is None else q_segment_ids[b, r : r + tq], kv_seg, jnp.int32(r),
+                    # a chunk's query length counts from its first row
+                    None if query_seq_lengths is None else jnp.maximum(jnp.asarray(query_seq_lengths)[b] - r, 0),
+                    kv_len)
                 for r in range(0, Tq, tq)
             ]
             joined = [jnp.concatenate([o for o, _ in res], axis=1)]

@@ -13,11 +13,10 @@ depths), ``tune.py`` (the tuner's space).
 
 The kernels compute plain and causal attention with GQA/MQA, any sequence
 lengths (Tq != Tk, not block multiples), head dims 64, 128 and 256, in
-bfloat16 and float16. They also take per-batch sequence lengths
-(``AttentionInputs.q_lengths``/``kv_lengths``; ``tests/test_mosaic_lengths.py``
-runs them in interpret mode), but ``supports`` refuses lengths until those
-kernels have passed the GPU suite (``test_gpu_lengths``): then ``"lengths"``
-joins ``KERNEL_FEATURES``. Everything else (masks, bias, segment ids, ALiBi,
+bfloat16 and float16, and per-batch sequence lengths
+(``query_seq_lengths``/``key_value_seq_lengths``: key blocks past a row's key
+length are not loaded; ``tests/test_mosaic_lengths.py``, in interpret mode and
+on the GPU). Everything else (masks, bias, segment ids, ALiBi,
 soft-cap, dropout, windows, position offsets, float32, other head dims, GPUs
 other than compute capability 9.0) is refused by ``supports`` with
 ``NotImplementedError``, so a caller can fall back to ``"triton"``.
@@ -45,7 +44,7 @@ from pallas_flash.spec import AttentionInputs, AttentionSpec
 SUPPORTED_DTYPES = tuple(jnp.dtype(d) for d in (jnp.bfloat16, jnp.float16))
 COMPUTE_CAPABILITY = "9.0"
 # The optional features (``AttentionSpec.features`` keys) that ``supports`` lets through to the kernels.
-KERNEL_FEATURES: frozenset[str] = frozenset()
+KERNEL_FEATURES: frozenset[str] = frozenset({"lengths"})
 
 __all__ = ["MosaicBackend", "MosaicConfig", "MosaicForwardConfig", "MosaicBackwardConfig", "default_config"]
 
@@ -64,6 +63,7 @@ class MosaicBackend(KernelBackend):
 
     name = "mosaic"
     config_type = MosaicConfig
+    interpret_has_effects = True  # plgpu's interpreter: interpreted calls run unpartitioned
 
     def supports(self, q, k, v, inputs: AttentionInputs, spec: AttentionSpec) -> None:
         features = [phrase for key, phrase in spec.features().items() if key not in KERNEL_FEATURES]

@@ -143,10 +143,12 @@ def _dkdv_kernel(
     scale_log2: float,
     fuse_dq: bool,
     has_kv_lengths: bool,
+    has_q_lengths: bool,
     interpret: bool,
 ):
     refs = list(refs)
     kv_len_ref = refs.pop(0) if has_kv_lengths else None
+    q_len_ref = refs.pop(0) if has_q_lengths else None
     dq_ref = refs.pop(0) if fuse_dq else None
     dk_ref, dv_ref = refs
     batch = lax.axis_index("batch")
@@ -168,9 +170,13 @@ def _dkdv_kernel(
         kv_len = kv_len_ref[batch]
         j_full = jnp.where(cta_k0 + TILE > kv_len, jnp.int32(num_q_blocks), j_full)
         j_lo = jnp.where(cta_k0 >= kv_len, jnp.int32(num_q_blocks), j_lo)
+    q_blocks = jnp.int32(num_q_blocks)
+    if has_q_lengths:  # blocks past the batch row's query length hold no live row: never streamed
+        q_blocks = jnp.minimum(pl.cdiv(q_len_ref[batch], jnp.int32(block_q)), q_blocks)
+        j_lo, j_full = jnp.minimum(j_lo, q_blocks), jnp.minimum(j_full, q_blocks)
     key_limit = seq_k if kv_len is None else kv_len  # keys at or past it are masked
     any_masked = causal or ragged_k or has_kv_lengths  # static: some block is masked
-    n_q = jnp.int32(num_q_blocks) - j_lo  # query blocks per head
+    n_q = q_blocks - j_lo  # query blocks per head
     n_masked = j_full - j_lo
 
     dtype = q_smem.dtype
@@ -312,7 +318,7 @@ def _pad_rows(x: jax.Array, length: int, axis: int, value=0) -> jax.Array:
     return jnp.pad(x, pad, constant_values=value)
 
 
-def _launch_dkdv(q, k, v, do, lse2, delta, kv_lengths, *, spec, config, interpret, seq_q, seq_k):
+def _launch_dkdv(q, k, v, do, lse2, delta, kv_lengths, q_lengths, *, spec, config, interpret, seq_q, seq_k):
     """``(dq or None, dk, dv)`` on padded arrays; ``dq`` only when it is fused (non-deterministic)."""
     batch, tq_pad, num_heads, head_dim = q.shape
     _, tk_pad, num_kv_heads, _ = k.shape
@@ -336,8 +342,7 @@ def _launch_dkdv(q, k, v, do, lse2, delta, kv_lengths, *, spec, config, interpre
         do_consumed=plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
     )
     operands = [q, k, v, do, lse2, delta]
-    if kv_lengths is not None:
-        operands.append(kv_lengths)
+    operands += [x for x in (kv_lengths, q_lengths) if x is not None]
     dq_ref = None
     if fuse_dq:
         scratch.update(
@@ -363,6 +368,7 @@ def _launch_dkdv(q, k, v, do, lse2, delta, kv_lengths, *, spec, config, interpre
         scale_log2=float(spec.scale) * LOG2E,
         fuse_dq=fuse_dq,
         has_kv_lengths=kv_lengths is not None,
+        has_q_lengths=q_lengths is not None,
         interpret=bool(interpret),
     )
     kv_type = jax.ShapeDtypeStruct(k.shape, dtype)
@@ -409,13 +415,15 @@ def mosaic_backward(
     config.check_fits(head_dim, q.dtype)
     inputs = AttentionInputs() if inputs is None else inputs
     delta = softmax_delta(out, do, dlse)
-    kv_lengths = None
+    kv_lengths = q_lengths = None
     if spec.has_kv_lengths:  # clipped to the array: a length past the end means every key
         kv_lengths = clipped_lengths(inputs.kv_lengths, seq_k)
     if spec.has_q_lengths:
+        q_lengths = clipped_lengths(inputs.q_lengths, seq_q)
         # Rows past a batch row's query length see no key: their P and dS are 0 (lse2 = -inf -> +inf below).
         # Zero Q and dO there too, so that whatever those rows hold (NaN included) adds nothing to dK, dV.
-        live = jnp.arange(seq_q)[None, :] < clipped_lengths(inputs.q_lengths, seq_q)[:, None]
+        # The D <= 128 kernels also skip the query blocks past a length (dK/dV) and its query tiles (dQ).
+        live = jnp.arange(seq_q)[None, :] < q_lengths[:, None]
         q = jnp.where(live[:, :, None, None], q, jnp.zeros((), q.dtype))
         do = jnp.where(live[:, :, None, None], do, jnp.zeros((), do.dtype))
         delta = jnp.where(live[:, None, :], delta, 0.0)
@@ -430,7 +438,8 @@ def mosaic_backward(
     if head_dim in WIDE_HEAD_DIMS:  # the role split of ``backward_wide.py``
         dq, dk, dv = launch_wide(q_p, k_p, v_p, do_p, lse2, delta, kv_lengths, seq_q=seq_q, seq_k=seq_k, **common)
         return Gradients(dq[:, :seq_q], dk[:, :seq_k], dv[:, :seq_k])
-    dq, dk, dv = _launch_dkdv(q_p, k_p, v_p, do_p, lse2, delta, kv_lengths, seq_q=seq_q, seq_k=seq_k, **common)
+    dq, dk, dv = _launch_dkdv(q_p, k_p, v_p, do_p, lse2, delta, kv_lengths, q_lengths, seq_q=seq_q, seq_k=seq_k,
+                              **common)
     if dq is None:
-        dq = launch_dq(q_p, k_p, v_p, do_p, lse2, delta, kv_lengths, seq_k=seq_k, **common)
+        dq = launch_dq(q_p, k_p, v_p, do_p, lse2, delta, kv_lengths, q_lengths, seq_k=seq_k, **common)
     return Gradients(dq[:, :seq_q], dk[:, :seq_k], dv[:, :seq_k])

@@ -71,9 +71,13 @@ def _dq_kernel(
     scale: float,
     scale_log2: float,
     has_kv_lengths: bool,
+    has_q_lengths: bool,
     interpret: bool,
 ):
-    kv_len_ref, dq_ref = refs if has_kv_lengths else (None, *refs)
+    refs = list(refs)
+    kv_len_ref = refs.pop(0) if has_kv_lengths else None
+    q_len_ref = refs.pop(0) if has_q_lengths else None
+    (dq_ref,) = refs
     batch = lax.axis_index("batch")
     head = lax.axis_index("head")
     tile = lax.axis_index("q_tile")
@@ -88,15 +92,18 @@ def _dq_kernel(
     kv_len = None if kv_len_ref is None else kv_len_ref[batch]  # keys at or past it are masked
     key_limit = seq_k if kv_len is None else kv_len
 
-    def kv_blocks_seen(q_end):
+    def kv_blocks_seen(q_start, q_end):
+        """Key blocks that rows ``q_start .. q_end - 1`` see (none when they are all past the query length)."""
         seen = jnp.int32(num_kv_blocks)
         if causal:
             seen = jnp.minimum(pl.cdiv(q_end, jnp.int32(block_kv)), seen)
         if kv_len is not None:
             seen = jnp.minimum(pl.cdiv(kv_len, jnp.int32(block_kv)), seen)
+        if q_len_ref is not None:  # rows past it get dQ = 0 with no key block streamed
+            seen = jnp.where(q_start >= q_len_ref[batch], jnp.int32(0), seen)
         return seen
 
-    cta_kv_blocks = kv_blocks_seen(cta_q0 + TILE)
+    cta_kv_blocks = kv_blocks_seen(cta_q0, cta_q0 + TILE)
 
     @pl.when(wg < COMPUTE_WGS)
     def _compute_warpgroup():
@@ -109,12 +116,14 @@ def _dq_kernel(
         plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, rows], lse_smem.at[wg], rows_ready.at[wg])
         plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, rows], delta_smem.at[wg], rows_ready.at[wg])
         stage = None if stage_smem is None else stage_smem.at[wg]
-        kv_end = kv_blocks_seen(q0 + BLOCK_Q)
+        kv_end = kv_blocks_seen(q0, q0 + BLOCK_Q)
         kv_unmasked = jnp.int32(num_whole_kv_blocks)
         if causal:
             kv_unmasked = jnp.minimum(lax.div(q0, jnp.int32(block_kv)), kv_unmasked)
         if kv_len is not None:
             kv_unmasked = jnp.minimum(lax.div(kv_len, jnp.int32(block_kv)), kv_unmasked)
+        if q_len_ref is not None:
+            kv_unmasked = jnp.minimum(kv_unmasked, kv_end)
         plgpu.barrier_wait(rows_ready.at[wg])
         lse = plgpu.load(lse_smem.at[wg], layout=ROW)
         delta = plgpu.load(delta_smem.at[wg], layout=ROW)
@@ -178,7 +187,7 @@ def _dq_kernel(
             block_kv=block_kv, num_stages=num_stages)
 
 
-def launch_dq(q, k, v, do, lse2, delta, kv_lengths=None, *, spec, config, interpret, seq_k):
+def launch_dq(q, k, v, do, lse2, delta, kv_lengths=None, q_lengths=None, *, spec, config, interpret, seq_k):
     """``dQ`` (``q``'s padded shape and dtype) from padded ``q, k, v, dO`` and padded ``lse2``/``delta`` rows."""
     batch, tq_pad, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
@@ -211,6 +220,7 @@ def launch_dq(q, k, v, do, lse2, delta, kv_lengths=None, *, spec, config, interp
         scale=float(spec.scale),
         scale_log2=float(spec.scale) * LOG2E,
         has_kv_lengths=kv_lengths is not None,
+        has_q_lengths=q_lengths is not None,
         interpret=bool(interpret),
     )
     return plgpu.kernel(
@@ -220,4 +230,4 @@ def launch_dq(q, k, v, do, lse2, delta, kv_lengths=None, *, spec, config, interp
         grid=(batch, num_heads, num_q_tiles),
         grid_names=("batch", "head", "q_tile"),
         **launch_params(interpret),
-    )(q, k, v, do, lse2, delta, *([] if kv_lengths is None else [kv_lengths]))
+    )(q, k, v, do, lse2, delta, *[x for x in (kv_lengths, q_lengths) if x is not None])

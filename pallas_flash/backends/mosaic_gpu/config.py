@@ -48,6 +48,9 @@ BLOCK_Q = 64
 # Keys of one compute warpgroup in the backward's dK/dV kernel (the M of its wgmmas), and the rows of
 # one CTA of either backward kernel (two compute warpgroups).
 BLOCK_KV = 64
+# Query rows per step of the backward's dK/dV kernel: 128 halves its Q/dO loads' and barriers' count per row
+# (H200, D=64 deterministic, bwd alone: +1-5% at N=1k-16k; at D=128, where 128 x 2 stages fits, not measured yet).
+BACKWARD_BLOCK_Q = (64, 128)
 TILE = 2 * BLOCK_KV
 
 
@@ -131,7 +134,8 @@ class MosaicBackwardConfig:
     """Backward kernels (see ``backward.py``).
 
     dK/dV kernel: a CTA of two compute warpgroups (64 keys each) and one
-    memory warpgroup; ``block_q``: query rows per pipeline step; ``num_stages``:
+    memory warpgroup; ``block_q``: query rows per pipeline step (64, or 128 in the
+    deterministic mode: S^T and dP^T are 64 x ``block_q`` per warpgroup); ``num_stages``:
     Q/dO blocks in flight. ``deterministic``: ``True`` computes ``dQ`` in a
     separate kernel (bit-identical reruns; 7 matrix products per block pair),
     whose CTA of two compute warpgroups (64 query rows each) streams
@@ -159,8 +163,13 @@ class MosaicBackwardConfig:
                 raise TypeError(f"MosaicBackwardConfig.{name}={value!r} must be an int")
         if not isinstance(self.deterministic, bool):
             raise TypeError(f"MosaicBackwardConfig.deterministic={self.deterministic!r} must be a bool")
-        if self.block_q != BLOCK_Q:
-            raise ValueError(f"MosaicBackwardConfig.block_q={self.block_q} must be {BLOCK_Q} (one wgmma M)")
+        if self.block_q not in BACKWARD_BLOCK_Q:
+            raise ValueError(f"MosaicBackwardConfig.block_q={self.block_q} must be one of {BACKWARD_BLOCK_Q}")
+        if self.block_q != BLOCK_Q and not self.deterministic:
+            raise ValueError(
+                f"MosaicBackwardConfig.block_q={self.block_q} needs deterministic=True: the fused dQ product "
+                f"takes {BLOCK_Q} query rows (one wgmma M)"
+            )
         if self.dq_block_kv not in (64, 128):
             raise ValueError(f"MosaicBackwardConfig.dq_block_kv={self.dq_block_kv} must be 64 or 128")
         for name in ("num_stages", "dq_num_stages"):
@@ -168,7 +177,10 @@ class MosaicBackwardConfig:
                 raise ValueError(f"MosaicBackwardConfig.{name}={getattr(self, name)} must be in [1, 4]")
 
     def check_fits(self, head_dim: int, dtype: Any) -> None:
-        """``ValueError`` when a kernel's tiles would not fit in one CTA's shared memory."""
+        """``ValueError`` when a kernel's tiles would not fit in one CTA's shared memory (or, at head dim 256,
+        ``block_q`` is not the wide kernels' 64 rows)."""
+        if head_dim in WIDE_HEAD_DIMS and self.block_q != BLOCK_Q:
+            raise ValueError(f"{self}: at head_dim={head_dim} the backward takes block_q={BLOCK_Q}")
         for kernel, need in zip(("dK/dV", "dQ"), backward_smem_bytes(self, head_dim, dtype)):
             if need > MAX_SMEM_BYTES:
                 raise ValueError(
@@ -251,12 +263,14 @@ def _default_forward(head_dim: int, dtype: Any, causal: bool, seq_k: int) -> Mos
 def _default_backward(head_dim: int, dtype: Any) -> MosaicBackwardConfig:
     """The deterministic mode (see ``MosaicBackwardConfig``). D=128: two Q/dO stages, dQ kernel 64 keys x 3 stages
     (H200, N=4k: 498 TFLOP/s fwd+bwd vs 441 with three Q/dO stages, 470 with 64 x 2 and 472 with 128 x 2 dQ blocks);
-    D=64: three Q/dO stages, dQ kernel 128 keys x 2 stages (361/334 TFLOP/s vs 338/319 with 64 x 3);
+    D=64: 128 query rows x three Q/dO stages (bwd alone, 2026-12-01: N=16k 379/380 TFLOP/s non-causal/causal vs
+    366/360 with 64 rows, 4k 362/334 vs 356/319, 1k 309/234 vs 301/222), dQ kernel 128 keys x 2 stages (361/334
+    TFLOP/s fwd+bwd vs 338/319 with 64 x 3);
     D=256: two stages in both kernels, 64-key dQ blocks (the most that fit)."""
     if head_dim in WIDE_HEAD_DIMS:
         return MosaicBackwardConfig(num_stages=2, dq_block_kv=64, dq_num_stages=2, deterministic=True)
     if head_dim <= 64:
-        return MosaicBackwardConfig(num_stages=3, dq_block_kv=128, dq_num_stages=2, deterministic=True)
+        return MosaicBackwardConfig(block_q=128, num_stages=3, dq_block_kv=128, dq_num_stages=2, deterministic=True)
     return MosaicBackwardConfig(num_stages=2, dq_block_kv=64, dq_num_stages=3, deterministic=True)
 
 

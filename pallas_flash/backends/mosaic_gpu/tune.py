@@ -21,6 +21,8 @@ import jax.numpy as jnp
 
 from pallas_flash.api import dot_product_attention
 from pallas_flash.backends.mosaic_gpu.config import (
+    BACKWARD_BLOCK_Q,
+    BLOCK_Q,
     WIDE_HEAD_DIMS,
     MosaicBackwardConfig,
     MosaicConfig,
@@ -33,16 +35,16 @@ __all__ = ["BWD_SPACE", "FWD_SPACE", "Problem", "backward_candidates", "forward_
 
 # Forward candidates, (block_kv, num_stages, overlap, persistent) each, before the shared-memory filter.
 FWD_SPACE = list(itertools.product((64, 128, 192, 256), (2, 3, 4), (False, True), (False, True)))
-# Backward candidates, (num_stages, dq_block_kv, dq_num_stages, deterministic) each, before the filter:
-# the deterministic mode (separate dQ kernel) over its dQ kernel's blocks, and the fused dQ mode (no dQ
-# kernel: its dq_* fields are unused and left at their defaults).
+# Backward candidates, (block_q, num_stages, dq_block_kv, dq_num_stages, deterministic) each, before the
+# filter: the deterministic mode (separate dQ kernel) over its query block and its dQ kernel's blocks, and
+# the fused dQ mode (64-row query blocks, no dQ kernel: its dq_* fields are unused and left at their defaults).
 _DQ_DEFAULTS = (MosaicBackwardConfig.dq_block_kv, MosaicBackwardConfig.dq_num_stages)
 BWD_SPACE = [
     *(
-        (stages, dq_block_kv, dq_stages, True)
-        for stages, dq_block_kv, dq_stages in itertools.product((1, 2, 3), (64, 128), (2, 3))
+        (block_q, stages, dq_block_kv, dq_stages, True)
+        for block_q, stages, dq_block_kv, dq_stages in itertools.product(BACKWARD_BLOCK_Q, (1, 2, 3), (64, 128), (2, 3))
     ),
-    *((stages, *_DQ_DEFAULTS, False) for stages in (1, 2)),
+    *((BLOCK_Q, stages, *_DQ_DEFAULTS, False) for stages in (1, 2)),
 ]
 
 
@@ -73,8 +75,9 @@ def backward_candidates(head_dim: int, dtype: Any, *, nondeterministic: bool = F
     backward's default bit-identical reruns (and never at head dim 256, where they run the deterministic kernels)."""
     fused_ok = nondeterministic and head_dim not in WIDE_HEAD_DIMS
     configs = [
-        MosaicBackwardConfig(num_stages=stages, dq_block_kv=dq_block_kv, dq_num_stages=dq_stages, deterministic=det)
-        for stages, dq_block_kv, dq_stages, det in BWD_SPACE
+        MosaicBackwardConfig(block_q=block_q, num_stages=stages, dq_block_kv=dq_block_kv, dq_num_stages=dq_stages,
+                             deterministic=det)
+        for block_q, stages, dq_block_kv, dq_stages, det in BWD_SPACE
         if det or fused_ok
     ]
     return _fitting(configs, head_dim, dtype, "backward")
