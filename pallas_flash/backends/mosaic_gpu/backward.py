@@ -142,6 +142,8 @@ def _dkdv_kernel(
     scale: float,
     scale_log2: float,
     fuse_dq: bool,
+    left: int | None,
+    right: int | None,
     has_kv_lengths: bool,
     has_q_lengths: bool,
     interpret: bool,
@@ -158,9 +160,13 @@ def _dkdv_kernel(
     cta_k0 = tile * TILE
     num_q_blocks = pl.cdiv(seq_q, block_q)  # static
     ragged_k = seq_k % TILE != 0
-    if causal:  # blocks with a row >= the CTA's first key; from j_full on every row sees every key
+    if right == 0:  # causal: blocks with a row >= the CTA's first key; from j_full on every row sees every key
         j_lo = jnp.minimum(lax.div(cta_k0, jnp.int32(block_q)), jnp.int32(num_q_blocks))
         j_full = jnp.minimum(pl.cdiv(cta_k0 + TILE, jnp.int32(block_q)), jnp.int32(num_q_blocks))
+    elif right is not None:  # the same for keys j <= i + right
+        j_lo = jnp.minimum(lax.div(jnp.maximum(cta_k0 - right, 0), jnp.int32(block_q)), jnp.int32(num_q_blocks))
+        j_full = jnp.minimum(pl.cdiv(jnp.maximum(cta_k0 + TILE - 1 - right, 0), jnp.int32(block_q)),
+                             jnp.int32(num_q_blocks))
     else:
         j_lo = j_full = jnp.int32(0)
     if ragged_k:  # the last key tile holds keys >= Tk: all its blocks masked
@@ -171,13 +177,20 @@ def _dkdv_kernel(
         j_full = jnp.where(cta_k0 + TILE > kv_len, jnp.int32(num_q_blocks), j_full)
         j_lo = jnp.where(cta_k0 >= kv_len, jnp.int32(num_q_blocks), j_lo)
     q_blocks = jnp.int32(num_q_blocks)
+    if left is not None:  # rows <= the CTA's last key + left
+        q_blocks = jnp.minimum(pl.cdiv(jnp.maximum(cta_k0 + TILE + left, 0), jnp.int32(block_q)), q_blocks)
     if has_q_lengths:  # blocks past the batch row's query length hold no live row: never streamed
         q_blocks = jnp.minimum(pl.cdiv(q_len_ref[batch], jnp.int32(block_q)), q_blocks)
+    if has_q_lengths or left is not None:
         j_lo, j_full = jnp.minimum(j_lo, q_blocks), jnp.minimum(j_full, q_blocks)
+    j_unmasked_end = q_blocks  # from it on, some row's window ends before some of the CTA's keys
+    if left is not None:
+        j_unmasked_end = jnp.clip(lax.div(jnp.maximum(cta_k0 + left + 1, 0), jnp.int32(block_q)), j_full, q_blocks)
     key_limit = seq_k if kv_len is None else kv_len  # keys at or past it are masked
-    any_masked = causal or ragged_k or has_kv_lengths  # static: some block is masked
+    any_masked = right is not None or left is not None or ragged_k or has_kv_lengths  # static: some block is masked
     n_q = q_blocks - j_lo  # query blocks per head
     n_masked = j_full - j_lo
+    n_unmasked_end = j_unmasked_end - j_lo
 
     dtype = q_smem.dtype
     head_dim = q_smem.shape[-1]
@@ -196,11 +209,17 @@ def _dkdv_kernel(
 
         def mask(s, q0):
             keys = k0 + plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=WGMMA)
-            visible = None
-            if causal:
-                visible = q0 + plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=WGMMA) >= keys
+            rows = q0 + plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=WGMMA)
+            conditions = []
+            if right == 0:  # causal
+                conditions.append(rows >= keys)
+            elif right is not None:
+                conditions.append(rows >= keys - right)
+            if left is not None:
+                conditions.append(keys >= rows - left)
             if ragged_k or kv_len is not None:
-                visible = keys < key_limit if visible is None else visible & (keys < key_limit)
+                conditions.append(keys < key_limit)
+            visible = functools.reduce(lambda a, b: a & b, conditions)
             return jnp.where(visible, s, -jnp.inf)
 
         def dq_product(dq_acc, u):
@@ -278,7 +297,9 @@ def _dkdv_kernel(
                 t0 = g * n_q  # steps before this query head's
                 if any_masked:
                     pl.loop(i32(0), n_masked)(lambda jj: q_step(t0 + jj, jj, masked=True))
-                pl.loop(n_masked, n_q)(lambda jj: q_step(t0 + jj, jj, masked=False))
+                pl.loop(n_masked, n_unmasked_end)(lambda jj: q_step(t0 + jj, jj, masked=False))
+                if left is not None:  # the windows' left edge
+                    pl.loop(n_unmasked_end, n_q)(lambda jj: q_step(t0 + jj, jj, masked=True))
 
             if fuse_dq:
                 total = group * n_q
@@ -367,6 +388,8 @@ def _launch_dkdv(q, k, v, do, lse2, delta, kv_lengths, q_lengths, *, spec, confi
         scale=float(spec.scale),
         scale_log2=float(spec.scale) * LOG2E,
         fuse_dq=fuse_dq,
+        left=spec.within(seq_q, seq_k).left,
+        right=spec.within(seq_q, seq_k).right,
         has_kv_lengths=kv_lengths is not None,
         has_q_lengths=q_lengths is not None,
         interpret=bool(interpret),
@@ -436,6 +459,8 @@ def mosaic_backward(
     k_p, v_p = _pad_rows(k, tk_pad, 1), _pad_rows(v, tk_pad, 1)
     common = dict(spec=spec, config=config, interpret=interpret)
     if head_dim in WIDE_HEAD_DIMS:  # the role split of ``backward_wide.py``
+        if spec.window is not None:
+            raise NotImplementedError(f"the Mosaic GPU backward at head_dim={head_dim} has no local window yet")
         dq, dk, dv = launch_wide(q_p, k_p, v_p, do_p, lse2, delta, kv_lengths, seq_q=seq_q, seq_k=seq_k, **common)
         return Gradients(dq[:, :seq_q], dk[:, :seq_k], dv[:, :seq_k])
     dq, dk, dv = _launch_dkdv(q_p, k_p, v_p, do_p, lse2, delta, kv_lengths, q_lengths, seq_q=seq_q, seq_k=seq_k,

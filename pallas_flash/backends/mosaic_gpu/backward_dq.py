@@ -30,7 +30,6 @@ from pallas_flash.backends.mosaic_gpu.common import (
     ROW,
     WGMMA,
     bcast,
-    i32,
     launch_params,
     mma,
     stream_kv_blocks,
@@ -68,6 +67,8 @@ def _dq_kernel(
     block_kv: int,
     num_stages: int,
     causal: bool,
+    left: int | None,
+    right: int | None,
     scale: float,
     scale_log2: float,
     has_kv_lengths: bool,
@@ -92,18 +93,22 @@ def _dq_kernel(
     kv_len = None if kv_len_ref is None else kv_len_ref[batch]  # keys at or past it are masked
     key_limit = seq_k if kv_len is None else kv_len
 
-    def kv_blocks_seen(q_start, q_end):
-        """Key blocks that rows ``q_start .. q_end - 1`` see (none when they are all past the query length)."""
-        seen = jnp.int32(num_kv_blocks)
-        if causal:
-            seen = jnp.minimum(pl.cdiv(q_end, jnp.int32(block_kv)), seen)
+    def kv_block_range(q_start, q_end):
+        """``(first, end)``: the key blocks rows ``q_start .. q_end - 1`` see (none when they are all past the query
+        length, or their windows hold no key)."""
+        end = jnp.int32(num_kv_blocks)
+        if right is not None:  # the last row's last key is q_end - 1 + right
+            end = jnp.minimum(pl.cdiv(jnp.maximum(q_end + right, 0), jnp.int32(block_kv)), end)
         if kv_len is not None:
-            seen = jnp.minimum(pl.cdiv(kv_len, jnp.int32(block_kv)), seen)
+            end = jnp.minimum(pl.cdiv(kv_len, jnp.int32(block_kv)), end)
         if q_len_ref is not None:  # rows past it get dQ = 0 with no key block streamed
-            seen = jnp.where(q_start >= q_len_ref[batch], jnp.int32(0), seen)
-        return seen
+            end = jnp.where(q_start >= q_len_ref[batch], jnp.int32(0), end)
+        first = jnp.int32(0)
+        if left is not None:  # the first row's first key is q_start - left
+            first = jnp.minimum(lax.div(jnp.maximum(q_start - left, 0), jnp.int32(block_kv)), end)
+        return first, jnp.maximum(end, first)
 
-    cta_kv_blocks = kv_blocks_seen(cta_q0, cta_q0 + TILE)
+    cta_kv_first, cta_kv_end = kv_block_range(cta_q0, cta_q0 + TILE)
 
     @pl.when(wg < COMPUTE_WGS)
     def _compute_warpgroup():
@@ -116,13 +121,24 @@ def _dq_kernel(
         plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, rows], lse_smem.at[wg], rows_ready.at[wg])
         plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, rows], delta_smem.at[wg], rows_ready.at[wg])
         stage = None if stage_smem is None else stage_smem.at[wg]
-        kv_end = kv_blocks_seen(q0, q0 + BLOCK_Q)
+        kv_first, kv_end = kv_block_range(q0, q0 + BLOCK_Q)
+        if left is not None:  # inside the CTA's blocks
+            kv_first = jnp.clip(kv_first, cta_kv_first, cta_kv_end)
+            kv_end = jnp.clip(kv_end, kv_first, cta_kv_end)
+        # Blocks kv_lo .. kv_unmasked - 1 need no mask (those before: the window's left edge).
         kv_unmasked = jnp.int32(num_whole_kv_blocks)
-        if causal:
-            kv_unmasked = jnp.minimum(lax.div(q0, jnp.int32(block_kv)), kv_unmasked)
+        if right is not None:  # every key <= every row + right
+            if right == 0:
+                kv_unmasked = jnp.minimum(lax.div(q0, jnp.int32(block_kv)), kv_unmasked)
+            else:
+                kv_unmasked = jnp.minimum(lax.div(jnp.maximum(q0 + right + 1, 0), jnp.int32(block_kv)), kv_unmasked)
         if kv_len is not None:
             kv_unmasked = jnp.minimum(lax.div(kv_len, jnp.int32(block_kv)), kv_unmasked)
-        if q_len_ref is not None:
+        kv_lo = kv_first
+        if left is not None:  # every key >= every row - left
+            kv_lo = jnp.clip(pl.cdiv(jnp.maximum(q0 + BLOCK_Q - 1 - left, 0), jnp.int32(block_kv)), kv_first, kv_end)
+            kv_unmasked = jnp.maximum(kv_unmasked, kv_lo)
+        if q_len_ref is not None or left is not None:
             kv_unmasked = jnp.minimum(kv_unmasked, kv_end)
         plgpu.barrier_wait(rows_ready.at[wg])
         lse = plgpu.load(lse_smem.at[wg], layout=ROW)
@@ -130,7 +146,7 @@ def _dq_kernel(
 
         def accumulate(dq_acc):
             def kv_step(kb, *, masked: bool):
-                slot = lax.rem(kb, jnp.int32(num_stages))
+                slot = lax.rem(kb - cta_kv_first, jnp.int32(num_stages))
                 plgpu.barrier_wait(k_ready.at[slot])
 
                 def scores(s_acc, dp_acc):
@@ -143,9 +159,13 @@ def _dq_kernel(
                         visible = None
                         if seq_k % block_kv or kv_len is not None:
                             visible = cols < key_limit
-                        if causal:
-                            before = q0 + plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=WGMMA) >= cols
-                            visible = before if visible is None else visible & before
+                        rows = q0 + plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=WGMMA)
+                        if right is not None:
+                            inside = cols <= rows + right
+                            visible = inside if visible is None else visible & inside
+                        if left is not None:
+                            inside = cols >= rows - left
+                            visible = inside if visible is None else visible & inside
                         s = jnp.where(visible, s, -jnp.inf)
                     p = jnp.exp2(s * scale_log2 - bcast(lse, s.shape, 0))
                     dp = plgpu.wgmma_accumulator_load(dp_acc, wait_n=0)
@@ -158,20 +178,24 @@ def _dq_kernel(
                 plgpu.wgmma_wait(0)
                 plgpu.barrier_arrive(k_consumed.at[slot])
 
-            pl.loop(i32(0), kv_unmasked)(functools.partial(kv_step, masked=False))
-            if causal or seq_k % block_kv or kv_len is not None:
+            if left is not None:  # the window's left edge
+                pl.loop(kv_first, kv_lo)(functools.partial(kv_step, masked=True))
+            pl.loop(kv_lo, kv_unmasked)(functools.partial(kv_step, masked=False))
+            if right is not None or left is not None or seq_k % block_kv or kv_len is not None:
                 pl.loop(kv_unmasked, kv_end)(functools.partial(kv_step, masked=True))
             return dq_acc[...]
 
-        dq = pl.run_scoped(accumulate, plgpu.ACC((BLOCK_Q, q_smem.shape[-1]), jnp.float32))
-
-        @pl.loop(kv_end, cta_kv_blocks)
-        def _release_unseen(kb):  # blocks only the partner warpgroup sees
-            slot = lax.rem(kb, jnp.int32(num_stages))
+        def release(kb):  # a block only the partner warpgroup sees
+            slot = lax.rem(kb - cta_kv_first, jnp.int32(num_stages))
             plgpu.barrier_wait(k_ready.at[slot])
             plgpu.barrier_wait(v_ready.at[slot])
             plgpu.barrier_arrive(k_consumed.at[slot])
             plgpu.barrier_arrive(v_consumed.at[slot])
+
+        if left is not None:  # before its window starts
+            pl.loop(cta_kv_first, kv_first)(release)
+        dq = pl.run_scoped(accumulate, plgpu.ACC((BLOCK_Q, q_smem.shape[-1]), jnp.float32))
+        pl.loop(kv_end, cta_kv_end)(release)
 
         q_tile[...] = (dq * scale).astype(dtype)
         plgpu.commit_smem()
@@ -183,8 +207,8 @@ def _dq_kernel(
         plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
         stream_kv_blocks(
             k_ref, v_ref, k_smem=k_smem, v_smem=v_smem, k_ready=k_ready, v_ready=v_ready, k_consumed=k_consumed,
-            v_consumed=v_consumed, batch=batch, kv_head=lax.div(head, jnp.int32(group)), num_blocks=cta_kv_blocks,
-            block_kv=block_kv, num_stages=num_stages)
+            v_consumed=v_consumed, batch=batch, kv_head=lax.div(head, jnp.int32(group)),
+            num_blocks=cta_kv_end - cta_kv_first, block_kv=block_kv, num_stages=num_stages, first_block=cta_kv_first)
 
 
 def launch_dq(q, k, v, do, lse2, delta, kv_lengths=None, q_lengths=None, *, spec, config, interpret, seq_k):
@@ -217,6 +241,8 @@ def launch_dq(q, k, v, do, lse2, delta, kv_lengths=None, q_lengths=None, *, spec
         block_kv=block_kv,
         num_stages=stages,
         causal=spec.causal,
+        left=spec.within(tq_pad, seq_k).left,
+        right=spec.within(tq_pad, seq_k).right,
         scale=float(spec.scale),
         scale_log2=float(spec.scale) * LOG2E,
         has_kv_lengths=kv_lengths is not None,

@@ -103,21 +103,22 @@ def stream_query_blocks(q_ref, do_ref, lse_ref, delta_ref, *, q_smem, do_smem, l
 
 
 def stream_kv_blocks(k_ref, v_ref, *, k_smem, v_smem, k_ready, v_ready, k_consumed, v_consumed, batch, kv_head,
-                     num_blocks, block_kv, num_stages, first_step=0, drain=True):
-    """Memory warpgroup of the forward and the dQ kernels: key blocks ``0 .. num_blocks - 1`` of one KV head
-    (``K`` on ``k_ready``, ``V`` on ``v_ready``) into a ring of ``num_stages`` slots, each refilled once both
-    compute warpgroups have released it; then (``drain``) the release of the last slots is observed too.
+                     num_blocks, block_kv, num_stages, first_step=0, drain=True, first_block=0):
+    """Memory warpgroup of the forward and the dQ kernels: key blocks ``first_block .. first_block + num_blocks
+    - 1`` of one KV head (``K`` on ``k_ready``, ``V`` on ``v_ready``) into a ring of ``num_stages`` slots, each
+    refilled once both compute warpgroups have released it; then (``drain``) the release of the last slots is
+    observed too.
 
-    ``first_step``: ring steps already taken (a persistent kernel's earlier tiles): block ``kb`` goes to slot
-    ``(first_step + kb) % num_stages``. Returns the steps taken so far, ``first_step + num_blocks``.
+    ``first_step``: ring steps already taken (a persistent kernel's earlier tiles): the ``n``-th block goes to
+    slot ``(first_step + n) % num_stages``. Returns the steps taken so far, ``first_step + num_blocks``.
     """
     num_blocks = i32(num_blocks)
 
     @pl.loop(i32(0), num_blocks)
-    def _load(kb):
-        step = first_step + kb
+    def _load(n):
+        step = first_step + n
         slot = lax.rem(step, jnp.int32(num_stages))
-        rows = pl.ds(kb * block_kv, block_kv)
+        rows = pl.ds((first_block + n) * block_kv, block_kv)
         refill = step >= num_stages
         pl.when(refill)(lambda: plgpu.barrier_wait(k_consumed.at[slot]))
         plgpu.copy_gmem_to_smem(k_ref.at[batch, rows, kv_head], k_smem.at[slot], k_ready.at[slot])

@@ -118,6 +118,8 @@ def _forward_kernel(
     block_kv: int,
     num_stages: int,
     causal: bool,
+    left: int | None,
+    right: int | None,
     scale_log2: float,
     overlap: bool,
     has_q_lengths: bool,
@@ -165,19 +167,50 @@ def _forward_kernel(
         kv_len = None if kv_len_ref is None else kv_len_ref[batch]
         return q_len, kv_len
 
-    def kv_blocks_seen(q_start, q_end, q_len, kv_len):
-        """Key blocks that rows ``q_start .. q_end - 1`` see: at least one, a fully masked one when they see no
-        key (lengths), so that both warpgroups' pipelines and turns run as for any tile."""
-        seen = num_kv_blocks  # a Python int where static: a jnp constant inside the tile loop does not lower
-        if causal:
-            seen = jnp.minimum(pl.cdiv(q_end, jnp.int32(block_kv)), seen)
+    # Static: a row may see no key (lengths, a window); it still gets one fully masked block (O = 0, lse2 = -inf),
+    # so that both warpgroups' pipelines and turns run as for any tile.
+    may_see_nothing = has_q_lengths or has_kv_lengths or left is not None or (right is not None and right < 0)
+
+    def kv_block_range(q_start, q_end, q_len, kv_len):
+        """``(first, end)``: the key blocks that rows ``q_start .. q_end - 1`` see (at least one where
+        ``may_see_nothing``). Python ints where static: a jnp constant inside the tile loop does not lower."""
+        end = num_kv_blocks
+        if right is not None:  # the last row's last key is q_end - 1 + right
+            end = jnp.minimum(pl.cdiv(jnp.maximum(q_end + right, 0), jnp.int32(block_kv)), end)
         if kv_len is not None:
-            seen = jnp.minimum(pl.cdiv(kv_len, jnp.int32(block_kv)), seen)
+            end = jnp.minimum(pl.cdiv(kv_len, jnp.int32(block_kv)), end)
         if q_len is not None:
-            seen = jnp.where(q_start >= q_len, 0, seen)
-        if q_len is not None or kv_len is not None:
-            seen = jnp.maximum(seen, 1)
-        return seen
+            end = jnp.where(q_start >= q_len, 0, end)
+        first = 0
+        if left is not None:  # the first row's first key is q_start - left
+            first = jnp.minimum(lax.div(jnp.maximum(q_start - left, 0), jnp.int32(block_kv)), num_kv_blocks - 1)
+        if may_see_nothing:
+            end = jnp.maximum(end, first + 1)
+        return first, end
+
+    def tile_ranges(cta_q0, q_base, q_len, kv_len):
+        """``(cta_first, cta_end, first, lo, unmasked, end)``: the CTA's key blocks, then this warpgroup's (inside
+        the CTA's), of which ``lo .. unmasked - 1`` need no mask."""
+        cta_first, cta_end = kv_block_range(cta_q0, cta_q0 + rows_per_cta, q_len, kv_len)
+        first, end = kv_block_range(q_base, q_base + block_q, q_len, kv_len)
+        if may_see_nothing:  # its one masked block inside the CTA's
+            first = jnp.minimum(first, cta_end - 1)
+            end = jnp.clip(end, first + 1, cta_end)
+        unmasked = num_whole_kv_blocks  # blocks below it need no mask (a Python int where static)
+        if right is not None:  # every key <= every row + right: (kb + 1) * block_kv - 1 <= q_base + right
+            if right == 0:
+                unmasked = jnp.minimum(lax.div(q_base, jnp.int32(block_kv)), unmasked)
+            else:
+                unmasked = jnp.minimum(lax.div(jnp.maximum(q_base + right + 1, 0), jnp.int32(block_kv)), unmasked)
+        if kv_len is not None:  # every key < the row's key length
+            unmasked = jnp.minimum(lax.div(kv_len, jnp.int32(block_kv)), unmasked)
+        if q_len is not None:  # every row < the row's query length
+            unmasked = jnp.where(q_base + block_q > q_len, 0, unmasked)
+        lo = first
+        if left is not None:  # every key >= every row - left: kb * block_kv >= q_base + block_q - 1 - left
+            lo = jnp.clip(pl.cdiv(jnp.maximum(q_base + block_q - 1 - left, 0), jnp.int32(block_kv)), first, end)
+            unmasked = jnp.clip(unmasked, lo, end)
+        return cta_first, cta_end, first, lo, unmasked, end
 
     @pl.when(wg < COMPUTE_WGS)
     def _compute_warpgroup():
@@ -197,13 +230,7 @@ def _forward_kernel(
             q_smem = qo_smem.at[buf, wg]
             q_base = cta_q0 + wg * block_q
             q_len, kv_len = lengths(batch)
-            kv_unmasked = num_whole_kv_blocks  # blocks below it need no mask (a Python int where static)
-            if causal:  # every key <= every row of this warpgroup
-                kv_unmasked = jnp.minimum(lax.div(q_base, jnp.int32(block_kv)), kv_unmasked)
-            if kv_len is not None:  # every key < the row's key length
-                kv_unmasked = jnp.minimum(lax.div(kv_len, jnp.int32(block_kv)), kv_unmasked)
-            if q_len is not None:  # every row < the row's query length
-                kv_unmasked = jnp.where(q_base + block_q > q_len, 0, kv_unmasked)
+            cta_first, cta_end, first, lo, unmasked, end = tile_ranges(cta_q0, q_base, q_len, kv_len)
 
             def load_next_q():
                 if num_q_buffers == 1:
@@ -217,10 +244,9 @@ def _forward_kernel(
             tile = ForwardTile(
                 q_smem=q_smem, k_smem=k_smem, v_smem=v_smem, k_ready=k_ready, v_ready=v_ready,
                 k_consumed=k_consumed, v_consumed=v_consumed, wg_turn=wg_turn, wg_token=wg_token, p_smem=p_smem,
-                seq_k=seq_k, block_q=block_q, block_kv=block_kv, num_stages=num_stages, causal=causal,
-                scale_log2=scale_log2, interpret=interpret, wg=wg, q_base=q_base,
-                kv_end=kv_blocks_seen(q_base, q_base + block_q, q_len, kv_len), kv_unmasked=kv_unmasked,
-                cta_kv_blocks=kv_blocks_seen(cta_q0, cta_q0 + rows_per_cta, q_len, kv_len), step=step,
+                seq_k=seq_k, block_q=block_q, block_kv=block_kv, num_stages=num_stages, left=left, right=right,
+                scale_log2=scale_log2, interpret=interpret, wg=wg, q_base=q_base, kv_start=first, kv_lo=lo,
+                kv_unmasked=unmasked, kv_end=end, cta_kv_start=cta_first, cta_kv_end=cta_end, step=step,
                 after_first_s=load_next_q, kv_len=kv_len, q_len=q_len)
             m = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32), ROW)
             l = plgpu.layout_cast(jnp.zeros((block_q,), jnp.float32), ROW)
@@ -239,7 +265,7 @@ def _forward_kernel(
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(q_smem, out_ref.at[batch, pl.ds(q_base, block_q), head])
             plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[batch, head, pl.ds(q_base, block_q)])
-            return step + tile.cta_kv_blocks
+            return step + (tile.cta_kv_end - tile.cta_kv_start)
 
         lax.fori_loop(i32(0), my_tiles, tile_step, i32(0))
         plgpu.wait_smem_to_gmem(0)
@@ -251,12 +277,12 @@ def _forward_kernel(
         def tile_step(i, step):
             batch, head, cta_q0 = tile_coords(i)
             q_len, kv_len = lengths(batch)
+            cta_first, cta_end = kv_block_range(cta_q0, cta_q0 + rows_per_cta, q_len, kv_len)
             return stream_kv_blocks(
                 k_ref, v_ref, k_smem=k_smem, v_smem=v_smem, k_ready=k_ready, v_ready=v_ready,
                 k_consumed=k_consumed, v_consumed=v_consumed, batch=batch, kv_head=lax.div(head, jnp.int32(group)),
-                num_blocks=kv_blocks_seen(cta_q0, cta_q0 + rows_per_cta, q_len, kv_len), block_kv=block_kv,
-                num_stages=num_stages,
-                first_step=step, drain=False)
+                num_blocks=cta_end - cta_first, block_kv=block_kv, num_stages=num_stages,
+                first_step=step, drain=False, first_block=cta_first)
 
         steps = lax.fori_loop(i32(0), my_tiles, tile_step, i32(0))
         drain_kv_slots(k_consumed, v_consumed, steps, num_stages)
@@ -328,6 +354,8 @@ def mosaic_forward(
         block_kv=block_kv,
         num_stages=config.num_stages,
         causal=spec.causal,
+        left=spec.within(seq_q, seq_k).left,
+        right=spec.within(seq_q, seq_k).right,
         scale_log2=float(spec.scale) * LOG2E,
         overlap=config.overlap,
         has_q_lengths=spec.has_q_lengths,

@@ -14,8 +14,8 @@
   wgmma of the kernel (its warning C7513).
 
 Both keep the two warpgroups' turns in step when one of them sees fewer key
-blocks than the other (causal): the partner's extra blocks are released, and
-their turns taken, without computing. The K/V ring's slots continue from the
+blocks than the other (causal, a window): the partner's extra blocks, before
+or after its own, are released, and their turns taken, without computing. The K/V ring's slots continue from the
 tile before (``ForwardTile.step``), as the memory warpgroup's do.
 
 Interpret mode (no interpreter rule in jax 0.11.2 for ``pl.run_state`` with
@@ -58,14 +58,18 @@ class ForwardTile:
     block_q: int
     block_kv: int
     num_stages: int
-    causal: bool
+    left: int | None  # keys j >= i - left are visible to row i (a window), or None
+    right: int | None  # keys j <= i + right (0: causal), or None
     scale_log2: float
     interpret: bool
     wg: Any  # this warpgroup (0 or 1)
     q_base: Any  # its first query row
-    kv_end: Any  # key blocks its rows see
-    kv_unmasked: Any  # key blocks below this one need no mask
-    cta_kv_blocks: Any  # key blocks the CTA's rows see (the memory warpgroup loads these)
+    kv_start: Any  # the first key block its rows see
+    kv_lo: Any  # blocks kv_lo .. kv_unmasked - 1 need no mask (those before: the window's left edge)
+    kv_unmasked: Any
+    kv_end: Any  # one past the last key block its rows see
+    cta_kv_start: Any  # the key blocks the CTA's rows see (the memory warpgroup loads these)
+    cta_kv_end: Any
     step: Any  # ring steps taken before this tile
     after_first_s: Callable[[], None]  # called once this tile's first S has landed (the next Q may load)
     kv_len: Any = None  # this batch row's key length (``key_value_seq_lengths``), or None
@@ -73,28 +77,31 @@ class ForwardTile:
 
     @property
     def needs_mask(self) -> bool:  # static: some key block is masked
-        return self.causal or self.seq_k % self.block_kv != 0 or self.has_lengths
+        return self.right is not None or self.left is not None or self.seq_k % self.block_kv != 0 or self.has_lengths
 
     @property
     def has_lengths(self) -> bool:  # static: a row may see no key at all (its l stays 0)
-        return self.kv_len is not None or self.q_len is not None
+        return self.kv_len is not None or self.q_len is not None or self.left is not None or (
+            self.right is not None and self.right < 0)
 
     def slot(self, kb):
-        return lax.rem(self.step + kb, jnp.int32(self.num_stages))
+        return lax.rem(self.step + kb - self.cta_kv_start, jnp.int32(self.num_stages))
 
     def mask(self, s, kb):
-        """Logits set to -inf where the key is past ``Tk`` (or the batch row's key length), after the row
-        (causal), or the row is past the batch row's query length."""
+        """Logits set to -inf where the key is past ``Tk`` (or the batch row's key length), outside the row's
+        window (``right = 0``: causal), or the row is past the batch row's query length."""
         cols = kb * self.block_kv + plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=WGMMA)
-        if self.causal or self.q_len is not None:
+        if self.right is not None or self.left is not None or self.q_len is not None:
             rows = self.q_base + plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=WGMMA)
         conditions = []
         if self.kv_len is not None:  # kv_len <= Tk (the launcher clips it)
             conditions.append(cols < self.kv_len)
         elif self.seq_k % self.block_kv:
             conditions.append(cols < self.seq_k)
-        if self.causal:
-            conditions.append(rows >= cols)
+        if self.right is not None:
+            conditions.append(cols <= rows + self.right)
+        if self.left is not None:
+            conditions.append(cols >= rows - self.left)
         if self.q_len is not None:
             conditions.append(rows < self.q_len)
         visible = functools.reduce(lambda a, b: a & b, conditions)
@@ -136,8 +143,19 @@ def turn_taking(t: ForwardTile, carry):
         plgpu.barrier_arrive(t.wg_turn)
         plgpu.barrier_wait(t.wg_turn)
 
-    plgpu.barrier_wait(t.k_ready.at[t.slot(0)])
-    pl.when(t.wg == 1)(take_turn)  # one turn behind: warpgroup 0 goes first
+    if t.left is None:
+        plgpu.barrier_wait(t.k_ready.at[t.slot(t.kv_start)])
+        pl.when(t.wg == 1)(take_turn)  # one turn behind: warpgroup 0 goes first
+    else:
+        pl.when(t.wg == 1)(take_turn)
+
+        @pl.loop(i32(t.cta_kv_start), i32(t.kv_start))
+        def _release_before(kb):  # blocks only the partner sees (its window starts earlier)
+            t.release(kb)
+            take_turn()
+            take_turn()
+
+        plgpu.barrier_wait(t.k_ready.at[t.slot(t.kv_start)])
 
     def kv_step(kb, carry, *, masked: bool):
         acc, m, l = carry
@@ -150,7 +168,7 @@ def turn_taking(t: ForwardTile, carry):
 
         s = pl.run_scoped(qk, plgpu.ACC((t.block_q, t.block_kv), jnp.float32))
         plgpu.barrier_arrive(t.k_consumed.at[slot])
-        pl.when(kb == 0)(t.after_first_s)
+        pl.when(kb == t.kv_start)(t.after_first_s)
         if masked:
             s = t.mask(s, kb)
         p, m_new, alpha = t.softmax(s, m)
@@ -196,11 +214,13 @@ def turn_taking(t: ForwardTile, carry):
         plgpu.barrier_arrive(t.v_consumed.at[slot])
         return acc, m_new, l
 
-    carry = lax.fori_loop(i32(0), i32(t.kv_unmasked), functools.partial(kv_step, masked=False), carry)
+    if t.left is not None:  # the window's left edge
+        carry = lax.fori_loop(i32(t.kv_start), i32(t.kv_lo), functools.partial(kv_step, masked=True), carry)
+    carry = lax.fori_loop(i32(t.kv_lo), i32(t.kv_unmasked), functools.partial(kv_step, masked=False), carry)
     if t.needs_mask:
         carry = lax.fori_loop(i32(t.kv_unmasked), i32(t.kv_end), functools.partial(kv_step, masked=True), carry)
 
-    @pl.loop(i32(t.kv_end), i32(t.cta_kv_blocks))
+    @pl.loop(i32(t.kv_end), i32(t.cta_kv_end))
     def _release_unseen(kb):
         t.release(kb)  # and keep the turns in step
         take_turn()
@@ -213,7 +233,8 @@ def turn_taking(t: ForwardTile, carry):
 def overlapped(t: ForwardTile, carry):
     """``(acc, m, l)`` after the tile's key blocks: block ``kb``'s ``S = Q K^T`` is issued with block ``kb - 1``'s
     ``O += P V``, and the softmax of ``S`` runs while ``P V`` is on the tensor cores. Each warpgroup has
-    ``cta_kv_blocks + 1`` turns to issue, those of blocks it does not see included, so the turns stay in step."""
+    ``cta_kv_end - cta_kv_start + 1`` turns to issue, those of blocks it does not see included, so the turns stay
+    in step."""
     acc, m, l = carry
     dtype = t.q_smem.dtype
     wg = t.wg
@@ -251,8 +272,16 @@ def overlapped(t: ForwardTile, carry):
             plgpu.commit_smem()
 
     pl.when(wg == 1)(lambda: plgpu.barrier_arrive(t.wg_token.at[0]))  # warpgroup 0 goes first
-    plgpu.barrier_wait(t.k_ready.at[t.slot(0)])
-    p, m, _, l = scores_and_softmax(i32(0), m, l, masked=t.needs_mask)
+
+    if t.left is not None:
+
+        @pl.loop(i32(t.cta_kv_start), i32(t.kv_start))
+        def _release_before(kb):  # blocks only the partner sees (its window starts earlier)
+            t.release(kb)
+            issue_turn(lambda: None)
+
+    plgpu.barrier_wait(t.k_ready.at[t.slot(t.kv_start)])
+    p, m, _, l = scores_and_softmax(i32(t.kv_start), m, l, masked=t.needs_mask)
     t.after_first_s()
     p16 = p.astype(dtype)
     stage_p(p16)
@@ -286,12 +315,19 @@ def overlapped(t: ForwardTile, carry):
         plgpu.barrier_arrive(t.v_consumed.at[v_slot])
         return acc * bcast(alpha, acc.shape, 0), m, l, p16
 
-    # Step j finishes block j's P V and starts block j + 1's S; block j + 1 is masked from kv_unmasked on.
+    # Step j finishes block j's P V and starts block j + 1's S; block j + 1 needs no mask in [kv_lo, kv_unmasked).
     carry = (acc, m, l, p16)
-    last_unmasked_step = jnp.maximum(i32(t.kv_unmasked) - 1, 0)
-    carry = lax.fori_loop(i32(0), last_unmasked_step, functools.partial(kv_step, masked=False), carry)
+    last_step = i32(t.kv_end) - 1
+    if t.left is not None:  # the window's left edge
+        first_unmasked_step = jnp.clip(i32(t.kv_lo) - 1, i32(t.kv_start), last_step)
+        last_unmasked_step = jnp.clip(i32(t.kv_unmasked) - 1, first_unmasked_step, last_step)
+        carry = lax.fori_loop(i32(t.kv_start), first_unmasked_step, functools.partial(kv_step, masked=True), carry)
+    else:
+        first_unmasked_step = i32(t.kv_start)
+        last_unmasked_step = jnp.maximum(i32(t.kv_unmasked) - 1, first_unmasked_step)
+    carry = lax.fori_loop(first_unmasked_step, last_unmasked_step, functools.partial(kv_step, masked=False), carry)
     if t.needs_mask:
-        carry = lax.fori_loop(last_unmasked_step, i32(t.kv_end) - 1, functools.partial(kv_step, masked=True), carry)
+        carry = lax.fori_loop(last_unmasked_step, last_step, functools.partial(kv_step, masked=True), carry)
     acc, m, l, p16 = carry
 
     slot = t.slot(i32(t.kv_end) - 1)
@@ -308,7 +344,7 @@ def overlapped(t: ForwardTile, carry):
             plgpu.ACC.init(acc))
     plgpu.barrier_arrive(t.v_consumed.at[slot])
 
-    @pl.loop(i32(t.kv_end), i32(t.cta_kv_blocks))
+    @pl.loop(i32(t.kv_end), i32(t.cta_kv_end))
     def _release_unseen(kb):
         t.release(kb)
         issue_turn(lambda: None)
