@@ -119,12 +119,16 @@ def _drain_p(total, p_consumed):
 
 
 def _dkdv_kernel(
-    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
     q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, p_smem,
     kv_ready, q_ready, do_ready, q_consumed, do_consumed, p_ready, p_consumed,
     stage_smem=None, seq_q: int, group: int, num_stages: int, causal: bool, scale: float, scale_log2: float,
-    interpret: bool,
+    has_kv_lengths: bool, has_q_lengths: bool, interpret: bool,
 ):  # fmt: skip
+    refs = list(refs)
+    kv_len_ref = refs.pop(0) if has_kv_lengths else None
+    q_len_ref = refs.pop(0) if has_q_lengths else None
+    dk_ref, dv_ref = refs
     batch = lax.axis_index("batch")
     kv_head = lax.axis_index("kv_head")
     tile = lax.axis_index("kv_tile")
@@ -136,7 +140,13 @@ def _dkdv_kernel(
         j_lo = jnp.minimum(tile, jnp.int32(num_q_blocks))
     else:
         j_lo = jnp.int32(0)
-    n_q = jnp.int32(num_q_blocks) - j_lo  # query blocks per head
+    q_blocks = jnp.int32(num_q_blocks)
+    if has_q_lengths:  # blocks past the batch row's query length hold no live row: never streamed
+        q_blocks = jnp.minimum(pl.cdiv(q_len_ref[batch], jnp.int32(ROWS)), q_blocks)
+    if has_kv_lengths:  # a tile of keys all past the batch row's key length: dK = dV = 0, nothing streamed
+        q_blocks = jnp.where(k0 >= kv_len_ref[batch], jnp.int32(0), q_blocks)
+    j_lo = jnp.minimum(j_lo, q_blocks)
+    n_q = q_blocks - j_lo  # query blocks per head
     n_masked = jnp.minimum(n_q, 1) if causal else jnp.int32(0)
     total = group * n_q
     dtype = q_smem.dtype
@@ -237,9 +247,12 @@ def _dq_kernel(
     q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, p_smem,
     rows_ready, k_ready, v_ready, k_consumed, v_consumed, p_ready, p_consumed,
     stage_smem=None, seq_k: int, group: int, num_q_tiles: int, block_kv: int, num_stages: int, causal: bool,
-    scale: float, scale_log2: float, has_kv_lengths: bool, interpret: bool,
+    scale: float, scale_log2: float, has_kv_lengths: bool, has_q_lengths: bool, interpret: bool,
 ):  # fmt: skip
-    kv_len_ref, dq_ref = refs if has_kv_lengths else (None, *refs)
+    refs = list(refs)
+    kv_len_ref = refs.pop(0) if has_kv_lengths else None
+    q_len_ref = refs.pop(0) if has_q_lengths else None
+    (dq_ref,) = refs
     batch = lax.axis_index("batch")
     head = lax.axis_index("head")
     tile = lax.axis_index("q_tile")
@@ -259,6 +272,9 @@ def _dq_kernel(
         key_limit = kv_len_ref[batch]
         kv_end = jnp.minimum(pl.cdiv(key_limit, jnp.int32(block_kv)), kv_end)
         kv_unmasked = jnp.minimum(lax.div(key_limit, jnp.int32(block_kv)), kv_unmasked)
+    if has_q_lengths:  # rows all past the batch row's query length: dQ = 0, no key block streamed
+        kv_end = jnp.where(q0 >= q_len_ref[batch], jnp.int32(0), kv_end)
+        kv_unmasked = jnp.minimum(kv_unmasked, kv_end)
     dtype = q_smem.dtype
 
     @pl.when(wg == P_WG)
@@ -345,7 +361,7 @@ def _p_handover(dtype, cols: int):
     )
 
 
-def launch_dkdv(q, k, v, do, lse2, delta, *, spec, config, interpret, seq_q):
+def launch_dkdv(q, k, v, do, lse2, delta, kv_lengths=None, q_lengths=None, *, spec, config, interpret, seq_q):
     """``(dk, dv)`` of the role-split dK/dV kernel, on arrays padded to whole 64-row tiles."""
     batch, _, num_heads, head_dim = q.shape
     _, tk_pad, num_kv_heads, _ = k.shape
@@ -369,16 +385,17 @@ def launch_dkdv(q, k, v, do, lse2, delta, *, spec, config, interpret, seq_q):
     kv_type = jax.ShapeDtypeStruct(k.shape, dtype)
     consts = _constants(spec, interpret, num_heads // num_kv_heads)
     return plgpu.kernel(
-        functools.partial(_dkdv_kernel, seq_q=seq_q, num_stages=stages, **consts),
+        functools.partial(_dkdv_kernel, seq_q=seq_q, num_stages=stages, has_kv_lengths=kv_lengths is not None,
+                          has_q_lengths=q_lengths is not None, **consts),
         out_type=(kv_type, kv_type),
         scratch_types=scratch,
         grid=(batch, num_kv_heads, tk_pad // ROWS),
         grid_names=("batch", "kv_head", "kv_tile"),
         **launch_params(interpret),
-    )(q, k, v, do, lse2, delta)
+    )(q, k, v, do, lse2, delta, *[x for x in (kv_lengths, q_lengths) if x is not None])
 
 
-def launch_dq(q, k, v, do, lse2, delta, kv_lengths=None, *, spec, config, interpret, seq_k):
+def launch_dq(q, k, v, do, lse2, delta, kv_lengths=None, q_lengths=None, *, spec, config, interpret, seq_k):
     """``dq`` of the role-split dQ kernel, on arrays padded to whole 64-row tiles."""
     batch, tq_pad, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
@@ -404,25 +421,27 @@ def launch_dq(q, k, v, do, lse2, delta, kv_lengths=None, *, spec, config, interp
     consts = _constants(spec, interpret, num_heads // num_kv_heads)
     return plgpu.kernel(
         functools.partial(_dq_kernel, seq_k=seq_k, num_q_tiles=num_q_tiles, block_kv=block_kv, num_stages=stages,
-                          has_kv_lengths=kv_lengths is not None, **consts),
+                          has_kv_lengths=kv_lengths is not None, has_q_lengths=q_lengths is not None, **consts),
         out_type=jax.ShapeDtypeStruct(q.shape, dtype),
         scratch_types=scratch,
         grid=(batch, num_heads, num_q_tiles),
         grid_names=("batch", "head", "q_tile"),
         **launch_params(interpret),
-    )(q, k, v, do, lse2, delta, *([] if kv_lengths is None else [kv_lengths]))
+    )(q, k, v, do, lse2, delta, *[x for x in (kv_lengths, q_lengths) if x is not None])
 
 
-def launch_wide(q, k, v, do, lse2, delta, kv_lengths=None, *, spec, config, interpret, seq_q, seq_k):
+def launch_wide(q, k, v, do, lse2, delta, kv_lengths=None, q_lengths=None, *, spec, config, interpret, seq_q, seq_k):
     """``(dq, dk, dv)`` on arrays padded to whole 64-row tiles (``backward.mosaic_backward`` pads them).
 
     ``kv_lengths`` (int32 ``[B]``, at most ``Tk``): the dQ kernel masks the keys past them; the dK/dV kernel
-    computes every key's gradients from its own column of P alone, so those of the keys past them are
-    replaced by zeros here (no row sees them).
+    skips the key tiles wholly past them and computes every other key's gradients from its own column of P
+    alone, so those of the keys past them in the tile across the length are replaced by zeros here (no row
+    sees them). ``q_lengths`` (int32 ``[B]``, at most ``Tq``; the rows past them hold zero Q and dO): both
+    kernels skip the query blocks wholly past them.
     """
     common = dict(spec=spec, config=config, interpret=interpret)
-    dk, dv = launch_dkdv(q, k, v, do, lse2, delta, seq_q=seq_q, **common)
-    dq = launch_dq(q, k, v, do, lse2, delta, kv_lengths, seq_k=seq_k, **common)
+    dk, dv = launch_dkdv(q, k, v, do, lse2, delta, kv_lengths, q_lengths, seq_q=seq_q, **common)
+    dq = launch_dq(q, k, v, do, lse2, delta, kv_lengths, q_lengths, seq_k=seq_k, **common)
     if kv_lengths is not None:
         seen = (jnp.arange(k.shape[1])[None, :] < kv_lengths[:, None])[:, :, None, None]
         dk = jnp.where(seen, dk, jnp.zeros((), dk.dtype))
