@@ -98,6 +98,7 @@ INTERPRET_CASES = {
         MosaicForwardConfig(64, 64, 2, overlap=True, persistent=True), FUSED),
     "d128_causal_det": (Shape("l", 3, 150, 150, 2, 2, 128), True, MosaicForwardConfig(64, 64, 2), DETERMINISTIC),
     "d256_causal": (Shape("l", 3, 150, 140, 2, 1, 256), True, MosaicForwardConfig(64, 64, 2), DETERMINISTIC),
+    "d256_full_gqa2": (Shape("l", 3, 200, 150, 4, 2, 256), False, MosaicForwardConfig(64, 64, 2), DETERMINISTIC),
     "d64_causal_rows128": (Shape("l", 3, 300, 200, 2, 1, 64), True, MosaicForwardConfig(64, 64, 2), ROWS128),
 }
 

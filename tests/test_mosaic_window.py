@@ -6,10 +6,10 @@ diagonal), masks the blocks across either edge, and keeps the two compute
 warpgroups' turns in step when one of them starts later than the other. Each
 case: the output and the log-sum-exp (``-inf`` exactly where the reference's is:
 rows whose window holds no key) against float64, both schedules, persistent or
-not. The backward (head dims 64 and 128; 256 raises ``NotImplementedError``):
-the dK/dV kernel streams the query blocks whose windows reach its keys and
-masks those across either edge, the dQ kernel the key blocks as the forward
-does; gradients under a random cotangent against float64, both dQ modes.
+not. The backward (all three kernel pairs, head dims 64 to 256): the dK/dV
+kernel streams the query blocks whose windows reach its keys and masks those
+across either edge, the dQ kernel the key blocks as the forward does;
+gradients under a random cotangent against float64, both dQ modes.
 ``MosaicBackend.supports`` refuses windows until these have passed on a GPU.
 """
 
@@ -111,6 +111,9 @@ BWD_CASES = {
     ),
     "tq>tk_right_negative_d128_fused": (Shape("w", 1, 333, 150, 2, 1, 128), False, (100, -20), False, FUSED),
     "causal_w100_lengths_det": (Shape("w", 3, 260, 260, 2, 1, 64), True, (100, 0), True, DETERMINISTIC),
+    # D=256: backward_wide.py's role split (64-row tiles on both sides).
+    "d256_causal_w70_lengths": (Shape("w", 3, 200, 200, 2, 1, 256), True, (70, 0), True, DETERMINISTIC),
+    "d256_both_sides_tq>tk_gqa2": (Shape("w", 1, 230, 150, 4, 2, 256), False, (50, 30), False, DETERMINISTIC),
 }
 
 
@@ -145,11 +148,3 @@ def test_interpret_window_backward(name, seed):
         got, ref = np.asarray(got, np.float64), np.asarray(ref)
         assert got.shape == ref.shape and np.isfinite(got).all(), label
         assert rel_err(got, ref) <= tol, f"{label}: relative error {rel_err(got, ref):.3e}"
-
-
-def test_window_backward_at_head_dim_256_is_not_implemented():
-    q = jnp.zeros((1, 64, 2, 256), jnp.bfloat16)
-    lse2 = jnp.zeros((1, 2, 64), jnp.float32)
-    spec = AttentionSpec(scale=0.1, causal=True, window=(16, 0))
-    with pytest.raises(NotImplementedError, match="head_dim=256 has no local window"):
-        mosaic_backward(q, q, q, q, lse2, q, None, spec=spec, config=DETERMINISTIC, interpret=True)

@@ -445,7 +445,7 @@ def mosaic_backward(
         q_lengths = clipped_lengths(inputs.q_lengths, seq_q)
         # Rows past a batch row's query length see no key: their P and dS are 0 (lse2 = -inf -> +inf below).
         # Zero Q and dO there too, so that whatever those rows hold (NaN included) adds nothing to dK, dV.
-        # The D <= 128 kernels also skip the query blocks past a length (dK/dV) and its query tiles (dQ).
+        # The kernels also skip the query blocks wholly past a length.
         live = jnp.arange(seq_q)[None, :] < q_lengths[:, None]
         q = jnp.where(live[:, :, None, None], q, jnp.zeros((), q.dtype))
         do = jnp.where(live[:, :, None, None], do, jnp.zeros((), do.dtype))
@@ -459,9 +459,8 @@ def mosaic_backward(
     k_p, v_p = _pad_rows(k, tk_pad, 1), _pad_rows(v, tk_pad, 1)
     common = dict(spec=spec, config=config, interpret=interpret)
     if head_dim in WIDE_HEAD_DIMS:  # the role split of ``backward_wide.py``
-        if spec.window is not None:
-            raise NotImplementedError(f"the Mosaic GPU backward at head_dim={head_dim} has no local window yet")
-        dq, dk, dv = launch_wide(q_p, k_p, v_p, do_p, lse2, delta, kv_lengths, seq_q=seq_q, seq_k=seq_k, **common)
+        dq, dk, dv = launch_wide(q_p, k_p, v_p, do_p, lse2, delta, kv_lengths, q_lengths, seq_q=seq_q, seq_k=seq_k,
+                                 **common)
         return Gradients(dq[:, :seq_q], dk[:, :seq_k], dv[:, :seq_k])
     dq, dk, dv = _launch_dkdv(q_p, k_p, v_p, do_p, lse2, delta, kv_lengths, q_lengths, seq_q=seq_q, seq_k=seq_k,
                               **common)

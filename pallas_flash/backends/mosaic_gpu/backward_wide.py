@@ -76,16 +76,21 @@ P_WG, DS_WG = 0, 1
 ROWS = BLOCK_Q
 
 
-def _masked_logits(s, row0, col0, *, causal: bool, seq_k, transposed: bool):
-    """``s`` with ``-inf`` where a key is after the query (causal) or ``>= seq_k`` (None: no limit; an int or, with
-    sequence lengths, the batch row's key length); rows/cols counted from ``row0``/``col0``."""
+def _masked_logits(s, row0, col0, *, left, right, seq_k, transposed: bool):
+    """``s`` with ``-inf`` where a key is outside the query's window (``key - query > right``, 0: causal; ``query -
+    key > left``; None: no bound) or ``>= seq_k`` (None: no limit; an int or, with sequence lengths, the batch
+    row's key length); rows/cols counted from ``row0``/``col0``."""
     q_axis, k_axis = (1, 0) if transposed else (0, 1)
     q0, k0 = (col0, row0) if transposed else (row0, col0)
     queries = q0 + plgpu.broadcasted_iota(jnp.int32, s.shape, q_axis, layout=WGMMA)
     keys = k0 + plgpu.broadcasted_iota(jnp.int32, s.shape, k_axis, layout=WGMMA)
     visible = None
-    if causal:
+    if right == 0:
         visible = queries >= keys
+    elif right is not None:
+        visible = queries >= keys - right
+    if left is not None:
+        visible = keys >= queries - left if visible is None else visible & (keys >= queries - left)
     if seq_k is not None:
         visible = keys < seq_k if visible is None else visible & (keys < seq_k)
     return s if visible is None else jnp.where(visible, s, -jnp.inf)
@@ -119,12 +124,16 @@ def _drain_p(total, p_consumed):
 
 
 def _dkdv_kernel(
-    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
     q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, p_smem,
     kv_ready, q_ready, do_ready, q_consumed, do_consumed, p_ready, p_consumed,
-    stage_smem=None, seq_q: int, group: int, num_stages: int, causal: bool, scale: float, scale_log2: float,
-    interpret: bool,
+    stage_smem=None, seq_q: int, group: int, num_stages: int, causal: bool, left, right, scale: float,
+    scale_log2: float, has_kv_lengths: bool, has_q_lengths: bool, interpret: bool,
 ):  # fmt: skip
+    refs = list(refs)
+    kv_len_ref = refs.pop(0) if has_kv_lengths else None
+    q_len_ref = refs.pop(0) if has_q_lengths else None
+    dk_ref, dv_ref = refs
     batch = lax.axis_index("batch")
     kv_head = lax.axis_index("kv_head")
     tile = lax.axis_index("kv_tile")
@@ -132,12 +141,30 @@ def _dkdv_kernel(
     k0 = tile * ROWS
     keys = pl.ds(k0, ROWS)
     num_q_blocks = pl.cdiv(seq_q, ROWS)  # static
-    if causal:  # query block ``tile`` holds the diagonal; earlier blocks see none of these keys
+    if right == 0:  # causal: query block ``tile`` holds the diagonal; earlier blocks see none of these keys
         j_lo = jnp.minimum(tile, jnp.int32(num_q_blocks))
+    elif right is not None:  # rows >= the first key - right
+        j_lo = jnp.minimum(lax.div(jnp.maximum(k0 - right, 0), jnp.int32(ROWS)), jnp.int32(num_q_blocks))
     else:
         j_lo = jnp.int32(0)
-    n_q = jnp.int32(num_q_blocks) - j_lo  # query blocks per head
-    n_masked = jnp.minimum(n_q, 1) if causal else jnp.int32(0)
+    q_blocks = jnp.int32(num_q_blocks)
+    if left is not None:  # rows <= the last key + left
+        q_blocks = jnp.minimum(pl.cdiv(jnp.maximum(k0 + ROWS + left, 0), jnp.int32(ROWS)), q_blocks)
+    if has_q_lengths:  # blocks past the batch row's query length hold no live row: never streamed
+        q_blocks = jnp.minimum(pl.cdiv(q_len_ref[batch], jnp.int32(ROWS)), q_blocks)
+    if has_kv_lengths:  # a tile of keys all past the batch row's key length: dK = dV = 0, nothing streamed
+        q_blocks = jnp.where(k0 >= kv_len_ref[batch], jnp.int32(0), q_blocks)
+    j_lo = jnp.minimum(j_lo, q_blocks)
+    n_q = q_blocks - j_lo  # query blocks per head
+    if right == 0:  # the diagonal block
+        n_masked = jnp.minimum(n_q, 1)
+    elif right is not None:  # blocks before j_full have a row that sees only some of the keys
+        n_masked = jnp.clip(pl.cdiv(jnp.maximum(k0 + ROWS - 1 - right, 0), jnp.int32(ROWS)) - j_lo, 0, n_q)
+    else:
+        n_masked = jnp.int32(0)
+    n_unmasked_end = n_q  # from it on, some row's window ends before some of the keys
+    if left is not None:
+        n_unmasked_end = jnp.clip(lax.div(jnp.maximum(k0 + left + 1, 0), jnp.int32(ROWS)) - j_lo, n_masked, n_q)
     total = group * n_q
     dtype = q_smem.dtype
 
@@ -147,9 +174,11 @@ def _dkdv_kernel(
         @pl.loop(i32(0), i32(group))
         def _head(g):
             t0 = g * n_q
-            if causal:
+            if right is not None:
                 pl.loop(i32(0), n_masked)(lambda jj: step(t0 + jj, (j_lo + jj) * ROWS, True))
-            pl.loop(n_masked, n_q)(lambda jj: step(t0 + jj, (j_lo + jj) * ROWS, False))
+            pl.loop(n_masked, n_unmasked_end)(lambda jj: step(t0 + jj, (j_lo + jj) * ROWS, False))
+            if left is not None:  # the windows' left edge
+                pl.loop(n_unmasked_end, n_q)(lambda jj: step(t0 + jj, (j_lo + jj) * ROWS, True))
 
     @pl.when(wg == P_WG)
     def _p_warpgroup():  # S^T = K Q^T, P^T, dV += P^T dO
@@ -168,7 +197,7 @@ def _dkdv_kernel(
 
                 s = pl.run_scoped(logits, plgpu.ACC((ROWS, ROWS), jnp.float32))
                 if masked:
-                    s = _masked_logits(s, k0, q0, causal=causal, seq_k=None, transposed=True)
+                    s = _masked_logits(s, k0, q0, left=left, right=right, seq_k=None, transposed=True)
                 lse = plgpu.load(lse_smem.at[slot], layout=COL)
                 plgpu.barrier_arrive(q_consumed.at[slot])
                 p = jnp.exp2(s * scale_log2 - bcast(lse, s.shape, 1))
@@ -237,9 +266,12 @@ def _dq_kernel(
     q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, p_smem,
     rows_ready, k_ready, v_ready, k_consumed, v_consumed, p_ready, p_consumed,
     stage_smem=None, seq_k: int, group: int, num_q_tiles: int, block_kv: int, num_stages: int, causal: bool,
-    scale: float, scale_log2: float, has_kv_lengths: bool, interpret: bool,
+    left, right, scale: float, scale_log2: float, has_kv_lengths: bool, has_q_lengths: bool, interpret: bool,
 ):  # fmt: skip
-    kv_len_ref, dq_ref = refs if has_kv_lengths else (None, *refs)
+    refs = list(refs)
+    kv_len_ref = refs.pop(0) if has_kv_lengths else None
+    q_len_ref = refs.pop(0) if has_q_lengths else None
+    (dq_ref,) = refs
     batch = lax.axis_index("batch")
     head = lax.axis_index("head")
     tile = lax.axis_index("q_tile")
@@ -251,14 +283,25 @@ def _dq_kernel(
     num_kv_blocks = pl.cdiv(seq_k, block_kv)  # static
     num_whole_kv_blocks = seq_k // block_kv  # static: blocks with no key past Tk
     kv_end, kv_unmasked = jnp.int32(num_kv_blocks), jnp.int32(num_whole_kv_blocks)
-    if causal:
+    if right == 0:
         kv_end = jnp.minimum(pl.cdiv(q0 + ROWS, jnp.int32(block_kv)), kv_end)
         kv_unmasked = jnp.minimum(lax.div(q0, jnp.int32(block_kv)), kv_unmasked)
+    elif right is not None:  # keys <= row + right
+        kv_end = jnp.minimum(pl.cdiv(jnp.maximum(q0 + ROWS + right, 0), jnp.int32(block_kv)), kv_end)
+        kv_unmasked = jnp.minimum(lax.div(jnp.maximum(q0 + right + 1, 0), jnp.int32(block_kv)), kv_unmasked)
     key_limit = seq_k if seq_k % block_kv else None  # keys at or past it are masked
     if has_kv_lengths:  # the batch row's key length (<= Tk)
         key_limit = kv_len_ref[batch]
         kv_end = jnp.minimum(pl.cdiv(key_limit, jnp.int32(block_kv)), kv_end)
         kv_unmasked = jnp.minimum(lax.div(key_limit, jnp.int32(block_kv)), kv_unmasked)
+    if has_q_lengths:  # rows all past the batch row's query length: dQ = 0, no key block streamed
+        kv_end = jnp.where(q0 >= q_len_ref[batch], jnp.int32(0), kv_end)
+        kv_unmasked = jnp.minimum(kv_unmasked, kv_end)
+    kv_first = kv_lo = jnp.int32(0)  # blocks kv_lo .. kv_unmasked - 1 need no mask
+    if left is not None:  # keys >= row - left
+        kv_first = jnp.minimum(lax.div(jnp.maximum(q0 - left, 0), jnp.int32(block_kv)), kv_end)
+        kv_lo = jnp.clip(pl.cdiv(jnp.maximum(q0 + ROWS - 1 - left, 0), jnp.int32(block_kv)), kv_first, kv_end)
+        kv_unmasked = jnp.clip(kv_unmasked, kv_lo, kv_end)
     dtype = q_smem.dtype
 
     @pl.when(wg == P_WG)
@@ -270,7 +313,8 @@ def _dq_kernel(
         lse = plgpu.load(lse_smem, layout=ROW)
 
         def step(kb, *, masked: bool):
-            slot = lax.rem(kb, jnp.int32(num_stages))
+            t = kb - kv_first  # the ring's and the P tiles' step
+            slot = lax.rem(t, jnp.int32(num_stages))
             plgpu.barrier_wait(k_ready.at[slot])
 
             def logits(s_acc):
@@ -280,13 +324,15 @@ def _dq_kernel(
             s = pl.run_scoped(logits, plgpu.ACC((ROWS, block_kv), jnp.float32))
             plgpu.barrier_arrive(k_consumed.at[slot])
             if masked:
-                s = _masked_logits(s, q0, kb * block_kv, causal=causal, seq_k=key_limit, transposed=False)
-            _hand_over_p(jnp.exp2(s * scale_log2 - bcast(lse, s.shape, 0)), kb, p_smem, p_ready, p_consumed)
+                s = _masked_logits(s, q0, kb * block_kv, left=left, right=right, seq_k=key_limit, transposed=False)
+            _hand_over_p(jnp.exp2(s * scale_log2 - bcast(lse, s.shape, 0)), t, p_smem, p_ready, p_consumed)
 
-        pl.loop(i32(0), kv_unmasked)(functools.partial(step, masked=False))
-        if causal or key_limit is not None:
+        if left is not None:  # the window's left edge
+            pl.loop(kv_first, kv_lo)(functools.partial(step, masked=True))
+        pl.loop(kv_lo, kv_unmasked)(functools.partial(step, masked=False))
+        if right is not None or left is not None or key_limit is not None:
             pl.loop(kv_unmasked, kv_end)(functools.partial(step, masked=True))
-        _drain_p(kv_end, p_consumed)
+        _drain_p(kv_end - kv_first, p_consumed)
 
     @pl.when(wg == DS_WG)
     def _ds_warpgroup():  # dP = dO V^T, dS, dQ += dS K
@@ -297,9 +343,9 @@ def _dq_kernel(
         delta = plgpu.load(delta_smem, layout=ROW)
 
         def accumulate(dq_acc):
-            @pl.loop(i32(0), kv_end)
-            def _step(kb):
-                slot = lax.rem(kb, jnp.int32(num_stages))
+            @pl.loop(i32(0), kv_end - kv_first)
+            def _step(t):
+                slot = lax.rem(t, jnp.int32(num_stages))
                 plgpu.barrier_wait(v_ready.at[slot])
 
                 def dprobs(dp_acc):
@@ -308,7 +354,7 @@ def _dq_kernel(
 
                 dp = pl.run_scoped(dprobs, plgpu.ACC((ROWS, block_kv), jnp.float32))
                 plgpu.barrier_arrive(v_consumed.at[slot])
-                p = _take_p(kb, p_smem, p_ready, p_consumed)
+                p = _take_p(t, p_smem, p_ready, p_consumed)
                 ds = (p * (dp - bcast(delta, dp.shape, 0))).astype(dtype)
                 plgpu.barrier_wait(k_ready.at[slot])
                 mma(dq_acc, ds, k_smem.at[slot], stage_smem, interpret)
@@ -328,13 +374,14 @@ def _dq_kernel(
         plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
         stream_kv_blocks(
             k_ref, v_ref, k_smem=k_smem, v_smem=v_smem, k_ready=k_ready, v_ready=v_ready, k_consumed=k_consumed,
-            v_consumed=v_consumed, batch=batch, kv_head=lax.div(head, jnp.int32(group)), num_blocks=kv_end,
-            block_kv=block_kv, num_stages=num_stages)
+            v_consumed=v_consumed, batch=batch, kv_head=lax.div(head, jnp.int32(group)), num_blocks=kv_end - kv_first,
+            block_kv=block_kv, num_stages=num_stages, first_block=kv_first)
 
 
-def _constants(spec, interpret, group):
-    return dict(causal=spec.causal, scale=float(spec.scale), scale_log2=float(spec.scale) * LOG2E,
-                interpret=bool(interpret), group=group)
+def _constants(spec, interpret, group, seq_q: int, seq_k: int):
+    within = spec.within(seq_q, seq_k)  # the window's bounds clamped for these (padded) lengths
+    return dict(causal=spec.causal, left=within.left, right=within.right, scale=float(spec.scale),
+                scale_log2=float(spec.scale) * LOG2E, interpret=bool(interpret), group=group)
 
 
 def _p_handover(dtype, cols: int):
@@ -345,7 +392,7 @@ def _p_handover(dtype, cols: int):
     )
 
 
-def launch_dkdv(q, k, v, do, lse2, delta, *, spec, config, interpret, seq_q):
+def launch_dkdv(q, k, v, do, lse2, delta, kv_lengths=None, q_lengths=None, *, spec, config, interpret, seq_q):
     """``(dk, dv)`` of the role-split dK/dV kernel, on arrays padded to whole 64-row tiles."""
     batch, _, num_heads, head_dim = q.shape
     _, tk_pad, num_kv_heads, _ = k.shape
@@ -367,18 +414,19 @@ def launch_dkdv(q, k, v, do, lse2, delta, *, spec, config, interpret, seq_q):
     if interpret:
         scratch["stage_smem"] = tiled_smem((ROWS, ROWS), dtype)
     kv_type = jax.ShapeDtypeStruct(k.shape, dtype)
-    consts = _constants(spec, interpret, num_heads // num_kv_heads)
+    consts = _constants(spec, interpret, num_heads // num_kv_heads, q.shape[1], k.shape[1])
     return plgpu.kernel(
-        functools.partial(_dkdv_kernel, seq_q=seq_q, num_stages=stages, **consts),
+        functools.partial(_dkdv_kernel, seq_q=seq_q, num_stages=stages, has_kv_lengths=kv_lengths is not None,
+                          has_q_lengths=q_lengths is not None, **consts),
         out_type=(kv_type, kv_type),
         scratch_types=scratch,
         grid=(batch, num_kv_heads, tk_pad // ROWS),
         grid_names=("batch", "kv_head", "kv_tile"),
         **launch_params(interpret),
-    )(q, k, v, do, lse2, delta)
+    )(q, k, v, do, lse2, delta, *[x for x in (kv_lengths, q_lengths) if x is not None])
 
 
-def launch_dq(q, k, v, do, lse2, delta, kv_lengths=None, *, spec, config, interpret, seq_k):
+def launch_dq(q, k, v, do, lse2, delta, kv_lengths=None, q_lengths=None, *, spec, config, interpret, seq_k):
     """``dq`` of the role-split dQ kernel, on arrays padded to whole 64-row tiles."""
     batch, tq_pad, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
@@ -401,28 +449,30 @@ def launch_dq(q, k, v, do, lse2, delta, kv_lengths=None, *, spec, config, interp
     if interpret:
         scratch["stage_smem"] = tiled_smem((ROWS, block_kv), dtype)
     num_q_tiles = tq_pad // ROWS
-    consts = _constants(spec, interpret, num_heads // num_kv_heads)
+    consts = _constants(spec, interpret, num_heads // num_kv_heads, q.shape[1], k.shape[1])
     return plgpu.kernel(
         functools.partial(_dq_kernel, seq_k=seq_k, num_q_tiles=num_q_tiles, block_kv=block_kv, num_stages=stages,
-                          has_kv_lengths=kv_lengths is not None, **consts),
+                          has_kv_lengths=kv_lengths is not None, has_q_lengths=q_lengths is not None, **consts),
         out_type=jax.ShapeDtypeStruct(q.shape, dtype),
         scratch_types=scratch,
         grid=(batch, num_heads, num_q_tiles),
         grid_names=("batch", "head", "q_tile"),
         **launch_params(interpret),
-    )(q, k, v, do, lse2, delta, *([] if kv_lengths is None else [kv_lengths]))
+    )(q, k, v, do, lse2, delta, *[x for x in (kv_lengths, q_lengths) if x is not None])
 
 
-def launch_wide(q, k, v, do, lse2, delta, kv_lengths=None, *, spec, config, interpret, seq_q, seq_k):
+def launch_wide(q, k, v, do, lse2, delta, kv_lengths=None, q_lengths=None, *, spec, config, interpret, seq_q, seq_k):
     """``(dq, dk, dv)`` on arrays padded to whole 64-row tiles (``backward.mosaic_backward`` pads them).
 
     ``kv_lengths`` (int32 ``[B]``, at most ``Tk``): the dQ kernel masks the keys past them; the dK/dV kernel
-    computes every key's gradients from its own column of P alone, so those of the keys past them are
-    replaced by zeros here (no row sees them).
+    skips the key tiles wholly past them and computes every other key's gradients from its own column of P
+    alone, so those of the keys past them in the tile across the length are replaced by zeros here (no row
+    sees them). ``q_lengths`` (int32 ``[B]``, at most ``Tq``; the rows past them hold zero Q and dO): both
+    kernels skip the query blocks wholly past them.
     """
     common = dict(spec=spec, config=config, interpret=interpret)
-    dk, dv = launch_dkdv(q, k, v, do, lse2, delta, seq_q=seq_q, **common)
-    dq = launch_dq(q, k, v, do, lse2, delta, kv_lengths, seq_k=seq_k, **common)
+    dk, dv = launch_dkdv(q, k, v, do, lse2, delta, kv_lengths, q_lengths, seq_q=seq_q, **common)
+    dq = launch_dq(q, k, v, do, lse2, delta, kv_lengths, q_lengths, seq_k=seq_k, **common)
     if kv_lengths is not None:
         seen = (jnp.arange(k.shape[1])[None, :] < kv_lengths[:, None])[:, :, None, None]
         dk = jnp.where(seen, dk, jnp.zeros((), dk.dtype))
