@@ -148,3 +148,27 @@ def test_interpret_window_backward(name, seed):
         got, ref = np.asarray(got, np.float64), np.asarray(ref)
         assert got.shape == ref.shape and np.isfinite(got).all(), label
         assert rel_err(got, ref) <= tol, f"{label}: relative error {rel_err(got, ref):.3e}"
+
+
+@pytest.mark.parametrize(
+    "head_dim, config",
+    [
+        (64, MosaicBackwardConfig(block_q=128, num_stages=3, dq_block_kv=128, dq_num_stages=2)),
+        (128, MosaicBackwardConfig(num_stages=2, deterministic=False)),
+        (256, MosaicBackwardConfig(num_stages=2, dq_block_kv=64, dq_num_stages=2)),
+    ],
+    ids=["d64_deterministic", "d128_fused", "d256"],
+)
+def test_window_backward_lowers_for_cuda(head_dim, config):
+    import re
+
+    q = jnp.zeros((2, 300, 4, head_dim), jnp.bfloat16)
+    k = jnp.zeros((2, 333, 2, head_dim), jnp.bfloat16)
+    lse2 = jnp.zeros((2, 4, 300), jnp.float32)
+    spec = AttentionSpec(scale=0.1, causal=False, window=(70, 90))
+
+    def backward(q, k, v, out, lse2, do):
+        return mosaic_backward(q, k, v, out, lse2, do, None, spec=spec, config=config)[:3]
+
+    text = jax.jit(backward).trace(q, k, k, q, lse2, q).lower(lowering_platforms=("cuda",)).as_text()
+    assert len(re.findall(r"stablehlo.custom_call @(mosaic_gpu\w*)", text)) == (1 if not config.deterministic else 2)
