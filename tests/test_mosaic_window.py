@@ -117,10 +117,9 @@ BWD_CASES = {
 }
 
 
-@pytest.mark.skipif(ON_GPU, reason="interpret mode")
-@pytest.mark.parametrize("name", BWD_CASES)
-def test_interpret_window_backward(name, seed):
-    shape, causal, window, lengths, bwd = BWD_CASES[name]
+def _check_gradients(shape: Shape, causal: bool, window, lengths: bool, fwd: MosaicForwardConfig,
+                     bwd: MosaicBackwardConfig, seed: int, interpret: bool):
+    """The forward's output and the backward's gradients under random cotangents against float64."""
     q, k, v, ct = random_qkv(shape, jnp.bfloat16, seed)
     q_len = kv_len = None
     if lengths:
@@ -129,11 +128,15 @@ def test_interpret_window_backward(name, seed):
     spec = AttentionSpec(scale=1.0 / np.sqrt(shape.head_dim), causal=causal, window=window,
                          has_q_lengths=lengths, has_kv_lengths=lengths)
     inputs = AttentionInputs(q_lengths=q_len, kv_lengths=kv_len)
-    fwd = MosaicForwardConfig(block_kv=64, num_stages=2)
-    out, lse2 = mosaic_forward(q, k, v, inputs, spec=spec, config=fwd, interpret=True)
-    ct_lse = np.random.default_rng(seed + 7).standard_normal(lse2.shape)
-    dlse = jnp.where(jnp.isneginf(lse2), 0.0, jnp.asarray(ct_lse, jnp.float32))  # the op's convention
-    g = mosaic_backward(q, k, v, out, lse2, ct, dlse, spec=spec, config=bwd, inputs=inputs, interpret=True)
+    ct_lse = np.random.default_rng(seed + 7).standard_normal((shape.batch, shape.num_heads, shape.seq_q))
+
+    def run(q, k, v, ct, ct_lse):
+        out, lse2 = mosaic_forward(q, k, v, inputs, spec=spec, config=fwd, interpret=interpret)
+        dlse = jnp.where(jnp.isneginf(lse2), 0.0, ct_lse)  # the op's convention: no gradient through -inf
+        g = mosaic_backward(q, k, v, out, lse2, ct, dlse, spec=spec, config=bwd, inputs=inputs, interpret=interpret)
+        return out, g.dq, g.dk, g.dv
+
+    got = (run if interpret else jax.jit(run))(q, k, v, ct, jnp.asarray(ct_lse, jnp.float32))
     with jax.enable_x64(True):
         f64 = [jnp.asarray(np.asarray(x.astype(jnp.float32), np.float64)) for x in (q, k, v, ct)]
 
@@ -141,13 +144,43 @@ def test_interpret_window_backward(name, seed):
             return attention_reference(q, k, v, is_causal=causal, local_window_size=window, return_lse=True,
                                        query_seq_lengths=q_len, key_value_seq_lengths=kv_len)
 
-        (_, ref_lse), vjp = jax.vjp(f, *f64[:3])
-        want = vjp((f64[3], jnp.where(jnp.isfinite(ref_lse), jnp.asarray(ct_lse, jnp.float64), 0.0)))
+        (ref_out, ref_lse), vjp = jax.vjp(f, *f64[:3])
+        want = (ref_out, *vjp((f64[3], jnp.where(jnp.isfinite(ref_lse), jnp.asarray(ct_lse, jnp.float64), 0.0))))
     tol = TOLERANCE[jnp.dtype(jnp.bfloat16)]
-    for label, got, ref in zip(("dq", "dk", "dv"), (g.dq, g.dk, g.dv), want):
-        got, ref = np.asarray(got, np.float64), np.asarray(ref)
-        assert got.shape == ref.shape and np.isfinite(got).all(), label
-        assert rel_err(got, ref) <= tol, f"{label}: relative error {rel_err(got, ref):.3e}"
+    for label, g, ref in zip(("out", "dq", "dk", "dv"), got, want):
+        g, ref = np.asarray(g, np.float64), np.asarray(ref)
+        assert g.shape == ref.shape and np.isfinite(g).all(), label
+        assert rel_err(g, ref) <= tol, f"{label}: relative error {rel_err(g, ref):.3e} ({shape}, window {window})"
+
+
+@pytest.mark.skipif(ON_GPU, reason="interpret mode")
+@pytest.mark.parametrize("name", BWD_CASES)
+def test_interpret_window_backward(name, seed):
+    shape, causal, window, lengths, bwd = BWD_CASES[name]
+    _check_gradients(shape, causal, window, lengths, MosaicForwardConfig(block_kv=64, num_stages=2), bwd, seed,
+                     interpret=True)
+
+
+GPU_CASES = {
+    "d64_causal_w256_lengths": (Shape("w", 3, 2000, 2000, 4, 1, 64), True, (256, 0), True),
+    "d128_both_sides_tq<tk_gqa4": (Shape("w", 2, 1500, 1777, 8, 2, 128), False, (300, 200), False),
+    "d128_tq>tk_right_negative": (Shape("w", 2, 1777, 900, 4, 4, 128), False, (500, -30), False),
+    "d256_causal_w100": (Shape("w", 2, 1000, 1000, 4, 4, 256), True, (100, 0), False),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fused", [False, True], ids=["deterministic", "fused"])
+@pytest.mark.parametrize("overlap", [False, True], ids=["turns", "overlap"])
+@pytest.mark.parametrize("name", GPU_CASES)
+def test_gpu_window(name, overlap, fused, seed):
+    shape, causal, window, lengths = GPU_CASES[name]
+    wide = shape.head_dim == 256
+    if wide and fused:
+        pytest.skip("head_dim 256: the backward is deterministic in either mode")
+    fwd = MosaicForwardConfig(block_kv=64 if wide else 128, num_stages=2, overlap=overlap, persistent=not wide)
+    bwd = MosaicBackwardConfig(num_stages=2, dq_block_kv=64, dq_num_stages=2, deterministic=not fused)
+    _check_gradients(shape, causal, window, lengths, fwd, bwd, seed, interpret=False)
 
 
 @pytest.mark.parametrize(
