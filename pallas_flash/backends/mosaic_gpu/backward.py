@@ -183,14 +183,14 @@ def _dkdv_kernel(
         q_blocks = jnp.minimum(pl.cdiv(q_len_ref[batch], jnp.int32(block_q)), q_blocks)
     if has_q_lengths or left is not None:
         j_lo, j_full = jnp.minimum(j_lo, q_blocks), jnp.minimum(j_full, q_blocks)
-    j_unmasked_end = q_blocks  # from it on, some row's window ends before some of the CTA's keys
+    j_unmasked_end = None  # from it on, some row's window ends before some of the CTA's keys
     if left is not None:
         j_unmasked_end = jnp.clip(lax.div(jnp.maximum(cta_k0 + left + 1, 0), jnp.int32(block_q)), j_full, q_blocks)
     key_limit = seq_k if kv_len is None else kv_len  # keys at or past it are masked
     any_masked = right is not None or left is not None or ragged_k or has_kv_lengths  # static: some block is masked
     n_q = q_blocks - j_lo  # query blocks per head
     n_masked = j_full - j_lo
-    n_unmasked_end = j_unmasked_end - j_lo
+    n_unmasked_end = n_q if left is None else j_unmasked_end - j_lo
 
     dtype = q_smem.dtype
     head_dim = q_smem.shape[-1]

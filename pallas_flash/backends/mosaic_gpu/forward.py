@@ -175,7 +175,9 @@ def _forward_kernel(
         """``(first, end)``: the key blocks that rows ``q_start .. q_end - 1`` see (at least one where
         ``may_see_nothing``). Python ints where static: a jnp constant inside the tile loop does not lower."""
         end = num_kv_blocks
-        if right is not None:  # the last row's last key is q_end - 1 + right
+        if right == 0:  # causal: the last row's last key is q_end - 1
+            end = jnp.minimum(pl.cdiv(q_end, jnp.int32(block_kv)), end)
+        elif right is not None:  # the last row's last key is q_end - 1 + right
             end = jnp.minimum(pl.cdiv(jnp.maximum(q_end + right, 0), jnp.int32(block_kv)), end)
         if kv_len is not None:
             end = jnp.minimum(pl.cdiv(kv_len, jnp.int32(block_kv)), end)
