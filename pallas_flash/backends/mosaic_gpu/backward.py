@@ -50,10 +50,12 @@ dK/dV kernel: one CTA per (batch, KV head, 128 keys), three warpgroups.
   the Q/dO loads, dS^T, the float32 dQ halves and their reduction) against
   ~10 MFLOP of products (``benchmarks/NOTES.md``).
 
-Causal attention is a loop split in both kernels: blocks no row sees are never
-loaded, blocks every row sees entirely run with no mask, only blocks on the
-diagonal are masked (``row >= col``, queries and keys counted from 0, as the
-forward). Lengths need not be block multiples: the launcher pads the
+Causal attention and local windows are a loop split in both kernels: blocks
+no row sees are never loaded, blocks every row sees entirely run with no mask,
+only blocks across the diagonal (``row >= col``, queries and keys counted from
+0, as the forward) or the window's edges are masked: the dK/dV kernel streams
+the query blocks whose windows reach its keys, the dQ kernel the key blocks
+from its rows' first. Lengths need not be block multiples: the launcher pads the
 sequences to whole 128-row tiles (zeros; ``lse2`` of padded rows ``+inf`` so
 their ``P`` is exactly 0) and slices the outputs; keys past ``Tk`` are masked
 where they could reach ``dQ``. Per-batch lengths (``inputs``): keys at or past
@@ -61,7 +63,8 @@ a batch row's key length are masked like those past ``Tk`` (a dK/dV tile of
 such keys only writes zeros; the dQ kernel does not load their blocks), and
 the launcher zeroes ``Q``, ``dO`` and ``delta`` on rows past a query length
 (their ``lse2`` is ``-inf``, so ``P`` is 0 there already; the zeros keep
-whatever those rows hold out of dK and dV).
+whatever those rows hold out of dK and dV); query blocks wholly past it are
+not streamed, dQ tiles wholly past it load no key block.
 
 Interpret mode (``interpret=True``: ``plgpu.InterpretGPUParams`` on the CPU)
 runs both kernels with the same pipelines, barriers, masks and arithmetic,
@@ -426,11 +429,11 @@ def mosaic_backward(
     inputs: AttentionInputs | None = None,
     interpret: bool = False,
 ) -> Gradients:
-    """``Gradients(dq, dk, dv)`` of plain or causal attention (GQA allowed) from the forward's residuals, with
+    """``Gradients(dq, dk, dv)`` of plain, causal or windowed attention (GQA allowed) from the forward's residuals, with
     per-batch sequence lengths (``inputs.q_lengths``/``kv_lengths``).
 
     The caller (``MosaicBackend``) has checked the call: no masks, bias,
-    segments, ALiBi, soft-cap, dropout, window or offsets; bf16/fp16;
+    segments, ALiBi, soft-cap, dropout or offsets; bf16/fp16;
     head dim 64 or 128 (the kernels above), or 256 (``backward_wide.py``).
     """
     seq_q, head_dim = q.shape[1], q.shape[-1]

@@ -25,11 +25,13 @@ loads its next Q into a second buffer once its current tile's first S has
 landed, and stages its O through the current Q's buffer. Otherwise one CTA
 per tile.
 
-Causal attention is a loop split: key blocks every row of the warpgroup sees
-entirely run with no mask; the blocks on the diagonal are masked; blocks no row
-sees are never loaded. A warpgroup that needs fewer key blocks than its
-partner (the first of the two, under causal) still takes its turns and
-releases their slots, so the two stay in step. GQA: query head ``h`` reads KV
+Causal attention and local windows are a loop split: key blocks every row of
+the warpgroup sees entirely run with no mask; the blocks across the diagonal
+(the window's right edge) or its left edge are masked; blocks no row sees are
+never loaded, so the memory warpgroup starts at the CTA's first visible block.
+A warpgroup that needs fewer key blocks than its partner (the first of the two
+under causal; the second, before its window starts) still takes their turns
+and releases their slots, so the two stay in step. GQA: query head ``h`` reads KV
 head ``h // (N / K)``; K/V are never repeated.
 
 Lengths: the sequence lengths need not be block multiples. TMA reads past the
@@ -319,12 +321,12 @@ def mosaic_forward(
     config: MosaicForwardConfig,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
-    """``(out [B, Tq, N, H], lse2 [B, N, Tq] float32)`` of plain or causal attention, GQA allowed, with
+    """``(out [B, Tq, N, H], lse2 [B, N, Tq] float32)`` of plain, causal or windowed attention, GQA allowed, with
     per-batch sequence lengths (``inputs.q_lengths``/``kv_lengths``; rows that see no key: O = 0,
     lse2 = -inf).
 
     The caller (``MosaicBackend.supports``) has checked the call: no masks,
-    bias, segments, ALiBi, soft-cap, dropout, window or offsets; bf16/fp16;
+    bias, segments, ALiBi, soft-cap, dropout or offsets; bf16/fp16;
     head dim 64, 128 or 256.
     """
     batch, seq_q, num_heads, head_dim = q.shape
