@@ -61,7 +61,8 @@ a batch row's key length are masked like those past ``Tk`` (a dK/dV tile of
 such keys only writes zeros; the dQ kernel does not load their blocks), and
 the launcher zeroes ``Q``, ``dO`` and ``delta`` on rows past a query length
 (their ``lse2`` is ``-inf``, so ``P`` is 0 there already; the zeros keep
-whatever those rows hold out of dK and dV).
+whatever those rows hold out of dK and dV); query blocks wholly past it are
+not streamed, dQ tiles wholly past it load no key block.
 
 Interpret mode (``interpret=True``: ``plgpu.InterpretGPUParams`` on the CPU)
 runs both kernels with the same pipelines, barriers, masks and arithmetic,
