@@ -436,6 +436,8 @@ def mosaic_backward(
     segments, ALiBi, soft-cap, dropout or offsets; bf16/fp16;
     head dim 64 or 128 (the kernels above), or 256 (``backward_wide.py``).
     """
+    if spec.has_segments:
+        raise NotImplementedError("the Mosaic GPU backward has no segment ids yet (the forward has)")
     seq_q, head_dim = q.shape[1], q.shape[-1]
     seq_k = k.shape[1]
     config.check_fits(head_dim, q.dtype)

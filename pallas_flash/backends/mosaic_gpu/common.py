@@ -103,7 +103,7 @@ def stream_query_blocks(q_ref, do_ref, lse_ref, delta_ref, *, q_smem, do_smem, l
 
 
 def stream_kv_blocks(k_ref, v_ref, *, k_smem, v_smem, k_ready, v_ready, k_consumed, v_consumed, batch, kv_head,
-                     num_blocks, block_kv, num_stages, first_step=0, drain=True, first_block=0):
+                     num_blocks, block_kv, num_stages, first_step=0, drain=True, first_block=0, kseg=None):
     """Memory warpgroup of the forward and the dQ kernels: key blocks ``first_block .. first_block + num_blocks
     - 1`` of one KV head (``K`` on ``k_ready``, ``V`` on ``v_ready``) into a ring of ``num_stages`` slots, each
     refilled once both compute warpgroups have released it; then (``drain``) the release of the last slots is
@@ -111,6 +111,7 @@ def stream_kv_blocks(k_ref, v_ref, *, k_smem, v_smem, k_ready, v_ready, k_consum
 
     ``first_step``: ring steps already taken (a persistent kernel's earlier tiles): the ``n``-th block goes to
     slot ``(first_step + n) % num_stages``. Returns the steps taken so far, ``first_step + num_blocks``.
+    ``kseg``: ``(ids_ref [Tk], ids_smem [num_stages, block_kv])``, the keys' segment ids, loaded with K.
     """
     num_blocks = i32(num_blocks)
 
@@ -122,6 +123,8 @@ def stream_kv_blocks(k_ref, v_ref, *, k_smem, v_smem, k_ready, v_ready, k_consum
         refill = step >= num_stages
         pl.when(refill)(lambda: plgpu.barrier_wait(k_consumed.at[slot]))
         plgpu.copy_gmem_to_smem(k_ref.at[batch, rows, kv_head], k_smem.at[slot], k_ready.at[slot])
+        if kseg is not None:
+            plgpu.copy_gmem_to_smem(kseg[0].at[rows], kseg[1].at[slot], k_ready.at[slot])
         pl.when(refill)(lambda: plgpu.barrier_wait(v_consumed.at[slot]))
         plgpu.copy_gmem_to_smem(v_ref.at[batch, rows, kv_head], v_smem.at[slot], v_ready.at[slot])
 

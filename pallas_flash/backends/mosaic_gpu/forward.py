@@ -58,6 +58,7 @@ alone (``forward_schedules.py``): P goes through shared memory.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -110,6 +111,8 @@ def _forward_kernel(
     wg_turn=None,
     wg_token=None,
     p_smem=None,
+    qseg_smem=None,
+    kvseg_smem=None,
     seq_k: int,
     group: int,
     num_heads: int,
@@ -126,11 +129,14 @@ def _forward_kernel(
     overlap: bool,
     has_q_lengths: bool,
     has_kv_lengths: bool,
+    has_segments: bool,
     interpret: bool,
 ):
     refs = list(refs)
     q_len_ref = refs.pop(0) if has_q_lengths else None
     kv_len_ref = refs.pop(0) if has_kv_lengths else None
+    # Segment ids: the query rows' and keys' ids, and per 64-row query tile the key blocks that hold one of its ids.
+    q_seg_ref, kv_seg_ref, seg_range_ref = (refs.pop(0) for _ in range(3)) if has_segments else (None,) * 3
     out_ref, lse_ref = refs
     program = lax.axis_index("program")
     wg = lax.axis_index("wg")
@@ -171,9 +177,10 @@ def _forward_kernel(
 
     # Static: a row may see no key (lengths, a window); it still gets one fully masked block (O = 0, lse2 = -inf),
     # so that both warpgroups' pipelines and turns run as for any tile.
-    may_see_nothing = has_q_lengths or has_kv_lengths or left is not None or (right is not None and right < 0)
+    may_see_nothing = (has_q_lengths or has_kv_lengths or has_segments or left is not None
+                       or (right is not None and right < 0))
 
-    def kv_block_range(q_start, q_end, q_len, kv_len):
+    def kv_block_range(q_start, q_end, q_len, kv_len, batch=None):
         """``(first, end)``: the key blocks that rows ``q_start .. q_end - 1`` see (at least one where
         ``may_see_nothing``). Python ints where static: a jnp constant inside the tile loop does not lower."""
         end = num_kv_blocks
@@ -188,15 +195,20 @@ def _forward_kernel(
         first = 0
         if left is not None:  # the first row's first key is q_start - left
             first = jnp.minimum(lax.div(jnp.maximum(q_start - left, 0), jnp.int32(block_kv)), num_kv_blocks - 1)
+        if has_segments:  # the blocks holding an id of these rows (those of 1 or 2 query tiles)
+            t0, t1 = lax.div(q_start, jnp.int32(block_q)), lax.div(q_end - 1, jnp.int32(block_q))
+            first = jnp.maximum(jnp.minimum(seg_range_ref[batch, t0, 0], seg_range_ref[batch, t1, 0]), first)
+            end = jnp.minimum(jnp.maximum(seg_range_ref[batch, t0, 1], seg_range_ref[batch, t1, 1]), end)
+            first = jnp.minimum(first, num_kv_blocks - 1)
         if may_see_nothing:
             end = jnp.maximum(end, first + 1)
         return first, end
 
-    def tile_ranges(cta_q0, q_base, q_len, kv_len):
+    def tile_ranges(cta_q0, q_base, q_len, kv_len, batch):
         """``(cta_first, cta_end, first, lo, unmasked, end)``: the CTA's key blocks, then this warpgroup's (inside
         the CTA's), of which ``lo .. unmasked - 1`` need no mask."""
-        cta_first, cta_end = kv_block_range(cta_q0, cta_q0 + rows_per_cta, q_len, kv_len)
-        first, end = kv_block_range(q_base, q_base + block_q, q_len, kv_len)
+        cta_first, cta_end = kv_block_range(cta_q0, cta_q0 + rows_per_cta, q_len, kv_len, batch)
+        first, end = kv_block_range(q_base, q_base + block_q, q_len, kv_len, batch)
         if may_see_nothing:  # its one masked block inside the CTA's
             first = jnp.minimum(first, cta_end - 1)
             end = jnp.clip(end, first + 1, cta_end)
@@ -214,6 +226,8 @@ def _forward_kernel(
         if left is not None:  # every key >= every row - left: kb * block_kv >= q_base + block_q - 1 - left
             lo = jnp.clip(pl.cdiv(jnp.maximum(q_base + block_q - 1 - left, 0), jnp.int32(block_kv)), first, end)
             unmasked = jnp.clip(unmasked, lo, end)
+        if has_segments:  # every block is masked (by the ids)
+            lo = unmasked = first
         return cta_first, cta_end, first, lo, unmasked, end
 
     @pl.when(wg < COMPUTE_WGS)
@@ -225,6 +239,9 @@ def _forward_kernel(
             rows = pl.ds(cta_q0 + wg * block_q, block_q)
             plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], qo_smem.at[buf, wg],
                                     q_ready.at[buf * COMPUTE_WGS + wg])
+            if has_segments:
+                plgpu.copy_gmem_to_smem(q_seg_ref.at[batch, rows], qseg_smem.at[buf, wg],
+                                        q_ready.at[buf * COMPUTE_WGS + wg])
 
         load_q(i32(0), i32(0))
 
@@ -234,7 +251,7 @@ def _forward_kernel(
             q_smem = qo_smem.at[buf, wg]
             q_base = cta_q0 + wg * block_q
             q_len, kv_len = lengths(batch)
-            cta_first, cta_end, first, lo, unmasked, end = tile_ranges(cta_q0, q_base, q_len, kv_len)
+            cta_first, cta_end, first, lo, unmasked, end = tile_ranges(cta_q0, q_base, q_len, kv_len, batch)
 
             def load_next_q():
                 if num_q_buffers == 1:
@@ -251,11 +268,13 @@ def _forward_kernel(
                 seq_k=seq_k, block_q=block_q, block_kv=block_kv, num_stages=num_stages, left=left, right=right,
                 scale_log2=scale_log2, interpret=interpret, wg=wg, q_base=q_base, kv_start=first, kv_lo=lo,
                 kv_unmasked=unmasked, kv_end=end, cta_kv_start=cta_first, cta_kv_end=cta_end, step=step,
-                after_first_s=load_next_q, kv_len=kv_len, q_len=q_len)
+                after_first_s=load_next_q, kv_len=kv_len, q_len=q_len, kvseg_smem=kvseg_smem)
             m = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32), ROW)
             l = plgpu.layout_cast(jnp.zeros((block_q,), jnp.float32), ROW)
             acc = plgpu.layout_cast(jnp.zeros((block_q, q_smem.shape[-1]), jnp.float32), WGMMA)
             plgpu.barrier_wait(q_ready.at[buf * COMPUTE_WGS + wg])
+            if has_segments:
+                tile = dataclasses.replace(tile, q_seg=plgpu.load(qseg_smem.at[buf, wg], layout=ROW))
             acc, m, l = (overlapped if overlap else turn_taking)(tile, (acc, m, l))
 
             # Without lengths every row sees key 0, so l >= 1; with them a row that sees no key has l = 0 and
@@ -281,12 +300,13 @@ def _forward_kernel(
         def tile_step(i, step):
             batch, head, cta_q0 = tile_coords(i)
             q_len, kv_len = lengths(batch)
-            cta_first, cta_end = kv_block_range(cta_q0, cta_q0 + rows_per_cta, q_len, kv_len)
+            cta_first, cta_end = kv_block_range(cta_q0, cta_q0 + rows_per_cta, q_len, kv_len, batch)
             return stream_kv_blocks(
                 k_ref, v_ref, k_smem=k_smem, v_smem=v_smem, k_ready=k_ready, v_ready=v_ready,
                 k_consumed=k_consumed, v_consumed=v_consumed, batch=batch, kv_head=lax.div(head, jnp.int32(group)),
                 num_blocks=cta_end - cta_first, block_kv=block_kv, num_stages=num_stages,
-                first_step=step, drain=False, first_block=cta_first)
+                first_step=step, drain=False, first_block=cta_first,
+                kseg=None if kv_seg_ref is None else (kv_seg_ref.at[batch], kvseg_smem))
 
         steps = lax.fori_loop(i32(0), my_tiles, tile_step, i32(0))
         drain_kv_slots(k_consumed, v_consumed, steps, num_stages)
@@ -309,6 +329,30 @@ def _pad_seq(x: jax.Array, length: int) -> jax.Array:
 def _padded_length(n: int, block: int) -> int:
     """``n`` rounded up to whole 8-row tiles, and to at least one block."""
     return max(-(-n // 8) * 8, block)
+
+
+def segment_block_ranges(q_seg, kv_seg, block_q: int, block_kv: int, num_q_tiles: int) -> jax.Array:
+    """int32 ``[B, num_q_tiles, 2]``: per ``block_q``-row query tile, ``[first, end)`` of the key blocks whose ids
+    overlap the tile's id range (``[num blocks, 0)`` when none does): a superset of the blocks holding one of its
+    ids, exact for sorted ids (packed documents)."""
+    batch, seq_q = q_seg.shape
+    seq_k = kv_seg.shape[1]
+    num_kv_blocks = pl.cdiv(seq_k, block_kv)
+    big, small = jnp.iinfo(jnp.int32).max, jnp.iinfo(jnp.int32).min
+
+    def spans(ids, block, n):  # min and max id per block, padding ignored
+        pad = n * block - ids.shape[1]
+        lo = jnp.pad(ids, ((0, 0), (0, pad)), constant_values=big).reshape(batch, n, block).min(-1)
+        hi = jnp.pad(ids, ((0, 0), (0, pad)), constant_values=small).reshape(batch, n, block).max(-1)
+        return lo, hi
+
+    q_lo, q_hi = spans(q_seg, block_q, num_q_tiles)
+    k_lo, k_hi = spans(kv_seg, block_kv, num_kv_blocks)
+    overlap = (k_lo[:, None, :] <= q_hi[:, :, None]) & (k_hi[:, None, :] >= q_lo[:, :, None])  # [B, tiles, blocks]
+    blocks = jnp.arange(num_kv_blocks, dtype=jnp.int32)
+    first = jnp.where(overlap, blocks, num_kv_blocks).min(-1)
+    end = jnp.where(overlap, blocks + 1, 0).max(-1)
+    return jnp.stack([first, end], axis=-1).astype(jnp.int32)
 
 
 def mosaic_forward(
@@ -364,6 +408,7 @@ def mosaic_forward(
         overlap=config.overlap,
         has_q_lengths=spec.has_q_lengths,
         has_kv_lengths=spec.has_kv_lengths,
+        has_segments=spec.has_segments,
         interpret=interpret,
     )
     length_operands = []  # clipped to the arrays: a length past the end means the whole row
@@ -371,14 +416,22 @@ def mosaic_forward(
         length_operands.append(clipped_lengths(inputs.q_lengths, seq_q))
     if spec.has_kv_lengths:
         length_operands.append(clipped_lengths(inputs.kv_lengths, seq_k))
+    if spec.has_segments:
+        q_seg = inputs.q_segment_ids.astype(jnp.int32)
+        kv_seg = inputs.kv_segment_ids.astype(jnp.int32)
+        length_operands += [
+            jnp.pad(q_seg, ((0, 0), (0, lse_len - seq_q))),
+            jnp.pad(kv_seg, ((0, 0), (0, k_pad.shape[1] - seq_k))),
+            segment_block_ranges(q_seg, kv_seg, block_q, block_kv, lse_len // block_q),
+        ]
     dtype = q.dtype
     scratch = dict(
         qo_smem=tiled_smem((config.q_buffers, COMPUTE_WGS, block_q, head_dim), dtype),
         k_smem=tiled_smem((config.num_stages, block_kv, head_dim), dtype),
         v_smem=tiled_smem((config.num_stages, block_kv, head_dim), dtype),
         lse_smem=plgpu.SMEM((COMPUTE_WGS, block_q), jnp.float32),
-        q_ready=plgpu.Barrier(num_barriers=config.q_buffers * COMPUTE_WGS),
-        k_ready=plgpu.Barrier(num_barriers=config.num_stages),
+        q_ready=plgpu.Barrier(num_arrivals=2 if spec.has_segments else 1, num_barriers=config.q_buffers * COMPUTE_WGS),
+        k_ready=plgpu.Barrier(num_arrivals=2 if spec.has_segments else 1, num_barriers=config.num_stages),
         v_ready=plgpu.Barrier(num_barriers=config.num_stages),
         k_consumed=plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=config.num_stages),
         v_consumed=plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=config.num_stages),
@@ -387,6 +440,9 @@ def mosaic_forward(
         scratch["wg_token"] = plgpu.Barrier(num_arrivals=1, num_barriers=COMPUTE_WGS)
     else:  # the rendezvous both warpgroups arrive at to hand the turn over
         scratch["wg_turn"] = plgpu.Barrier(num_arrivals=COMPUTE_WGS)
+    if spec.has_segments:  # the ids of each warpgroup's rows, of each K/V slot's keys
+        scratch["qseg_smem"] = plgpu.SMEM((config.q_buffers, COMPUTE_WGS, block_q), jnp.int32)
+        scratch["kvseg_smem"] = plgpu.SMEM((config.num_stages, block_kv), jnp.int32)
     if interpret:  # P staged through shared memory (see the module docstring)
         scratch["p_smem"] = tiled_smem((COMPUTE_WGS, block_q, block_kv), dtype)
     out_shape = (

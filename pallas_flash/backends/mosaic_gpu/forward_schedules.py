@@ -35,7 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_flash.backends.mosaic_gpu.common import WGMMA, bcast, i32
+from pallas_flash.backends.mosaic_gpu.common import COL, WGMMA, bcast, i32
 
 __all__ = ["ForwardTile", "turn_taking", "overlapped"]
 
@@ -74,6 +74,8 @@ class ForwardTile:
     after_first_s: Callable[[], None]  # called once this tile's first S has landed (the next Q may load)
     kv_len: Any = None  # this batch row's key length (``key_value_seq_lengths``), or None
     q_len: Any = None  # this batch row's query length (``query_seq_lengths``), or None
+    kvseg_smem: Any = None  # segment ids: each K/V slot's keys' ids, or None
+    q_seg: Any = None  # and this warpgroup's rows' ids (ROW layout)
 
     @property
     def needs_mask(self) -> bool:  # static: some key block is masked
@@ -82,12 +84,22 @@ class ForwardTile:
     @property
     def has_lengths(self) -> bool:  # static: a row may see no key at all (its l stays 0)
         return self.kv_len is not None or self.q_len is not None or self.left is not None or (
-            self.right is not None and self.right < 0)
+            self.right is not None and self.right < 0) or self.kvseg_smem is not None
 
     def slot(self, kb):
         return lax.rem(self.step + kb - self.cta_kv_start, jnp.int32(self.num_stages))
 
-    def mask(self, s, kb):
+    @property
+    def may_start_late(self) -> bool:  # static: this warpgroup's first block may come after the CTA's
+        return self.left is not None or self.kvseg_smem is not None
+
+    def kv_seg(self, kb, masked: bool):
+        """Block ``kb``'s keys' segment ids (COL layout), read before its K slot is released; None without ids."""
+        if not masked or self.kvseg_smem is None:
+            return None
+        return plgpu.load(self.kvseg_smem.at[self.slot(kb)], layout=COL)
+
+    def mask(self, s, kb, kv_seg=None):
         """Logits set to -inf where the key is past ``Tk`` (or the batch row's key length), outside the row's
         window (``right = 0``: causal), or the row is past the batch row's query length."""
         cols = kb * self.block_kv + plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=WGMMA)
@@ -104,6 +116,8 @@ class ForwardTile:
             conditions.append(cols >= rows - self.left)
         if self.q_len is not None:
             conditions.append(rows < self.q_len)
+        if kv_seg is not None:  # the same segment
+            conditions.append(bcast(self.q_seg, s.shape, 0) == bcast(kv_seg, s.shape, 1))
         visible = functools.reduce(lambda a, b: a & b, conditions)
         return jnp.where(visible, s, -jnp.inf)
 
@@ -143,7 +157,7 @@ def turn_taking(t: ForwardTile, carry):
         plgpu.barrier_arrive(t.wg_turn)
         plgpu.barrier_wait(t.wg_turn)
 
-    if t.left is None:
+    if not t.may_start_late:
         plgpu.barrier_wait(t.k_ready.at[t.slot(t.kv_start)])
         pl.when(t.wg == 1)(take_turn)  # one turn behind: warpgroup 0 goes first
     else:
@@ -167,10 +181,11 @@ def turn_taking(t: ForwardTile, carry):
             return s_ref[...]
 
         s = pl.run_scoped(qk, plgpu.ACC((t.block_q, t.block_kv), jnp.float32))
+        kv_seg = t.kv_seg(kb, masked)
         plgpu.barrier_arrive(t.k_consumed.at[slot])
         pl.when(kb == t.kv_start)(t.after_first_s)
         if masked:
-            s = t.mask(s, kb)
+            s = t.mask(s, kb, kv_seg)
         p, m_new, alpha = t.softmax(s, m)
         acc = acc * bcast(alpha, acc.shape, 0)
         l = l * alpha
@@ -260,9 +275,10 @@ def overlapped(t: ForwardTile, carry):
             return plgpu.wgmma_accumulator_load(s_ref, wait_n=0 if pv_ref is None or masked else 1)
 
         s = pl.run_scoped(scoped, plgpu.ACC((t.block_q, t.block_kv), jnp.float32))
+        kv_seg = t.kv_seg(kb, masked)
         plgpu.barrier_arrive(t.k_consumed.at[k_slot])
         if masked:
-            s = t.mask(s, kb)
+            s = t.mask(s, kb, kv_seg)
         p, m_new, alpha = t.softmax(s, m)
         return p, m_new, alpha, l * alpha + p.sum(axis=1)
 
@@ -273,7 +289,7 @@ def overlapped(t: ForwardTile, carry):
 
     pl.when(wg == 1)(lambda: plgpu.barrier_arrive(t.wg_token.at[0]))  # warpgroup 0 goes first
 
-    if t.left is not None:
+    if t.may_start_late:
 
         @pl.loop(i32(t.cta_kv_start), i32(t.kv_start))
         def _release_before(kb):  # blocks only the partner sees (its window starts earlier)

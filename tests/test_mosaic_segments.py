@@ -1,0 +1,119 @@
+"""The Mosaic GPU forward with segment ids (``q_segment_ids``/``kv_segment_ids``), in interpret mode on a CPU.
+
+A query row sees the keys of its own segment. The launcher gives each 64-row
+query tile the range of key blocks whose ids overlap its own
+(``segment_block_ranges``: exact for sorted ids, as packed documents have; a
+superset otherwise), the memory warpgroup loads each key block's ids with its
+K, and every streamed block is masked by id. Cases: packed documents not
+aligned to blocks, unsorted ids, rows whose id no key has (O = 0, lse =
+-inf), causal and not, Tq != Tk, GQA, both schedules, persistent or not;
+output and log-sum-exp against float64. ``MosaicBackend.supports`` refuses
+segment ids until the backward takes them and both have passed on a GPU.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_flash.backends.mosaic_gpu import MosaicForwardConfig
+from pallas_flash.backends.mosaic_gpu.forward import mosaic_forward, segment_block_ranges
+from pallas_flash.reference import attention_reference
+from pallas_flash.spec import AttentionInputs, AttentionSpec
+from pallas_flash.testing.shapes import Shape
+from tests.cases import random_qkv
+from tests.conftest import ON_GPU, TOLERANCE, rel_err
+
+
+def _packed(n: int, lengths) -> np.ndarray:
+    """Sorted ids of documents of these lengths (the last one runs to ``n``)."""
+    ids = np.repeat(np.arange(len(lengths)), lengths)[:n]
+    return np.concatenate([ids, np.full(n - ids.size, len(lengths))]).astype(np.int32)
+
+
+def _ids(kind: str, batch: int, seq_q: int, seq_k: int, seed: int):
+    rng = np.random.default_rng(seed)
+    if kind == "packed":  # the same documents on both sides (Tq == Tk)
+        ids = np.stack([_packed(seq_q, rng.integers(20, 150, 8)) for _ in range(batch)])
+        return ids, ids
+    if kind == "unsorted":  # random ids from a few values; some query ids no key has
+        return rng.integers(0, 4, (batch, seq_q)).astype(np.int32), rng.integers(1, 4, (batch, seq_k)).astype(np.int32)
+    raise ValueError(kind)
+
+
+CASES = {
+    "packed_causal_gqa2": (Shape("s", 2, 300, 300, 4, 2, 64), True, "packed"),
+    "packed_full_d128": (Shape("s", 1, 333, 333, 2, 1, 128), False, "packed"),
+    "unsorted_tq<tk": (Shape("s", 2, 200, 333, 2, 1, 64), False, "unsorted"),
+}
+
+
+@pytest.mark.skipif(ON_GPU, reason="interpret mode")
+@pytest.mark.parametrize("persistent", [False, True], ids=["cta_per_tile", "persistent"])
+@pytest.mark.parametrize("overlap", [False, True], ids=["turns", "overlap"])
+@pytest.mark.parametrize("name", CASES)
+def test_interpret_segments_forward(name, overlap, persistent, seed):
+    shape, causal, kind = CASES[name]
+    q, k, v, _ = random_qkv(shape, jnp.bfloat16, seed)
+    q_seg, kv_seg = (jnp.asarray(x) for x in _ids(kind, shape.batch, shape.seq_q, shape.seq_k, seed))
+    spec = AttentionSpec(scale=1.0 / np.sqrt(shape.head_dim), causal=causal, has_segments=True)
+    fwd = MosaicForwardConfig(block_kv=64, num_stages=2, overlap=overlap, persistent=persistent)
+    out, lse2 = mosaic_forward(q, k, v, AttentionInputs(q_segment_ids=q_seg, kv_segment_ids=kv_seg), spec=spec,
+                               config=fwd, interpret=True)
+    with jax.enable_x64(True):
+        f64 = [jnp.asarray(np.asarray(x.astype(jnp.float32), np.float64)) for x in (q, k, v)]
+        ref_out, ref_lse = attention_reference(*f64, is_causal=causal, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
+                                               return_lse=True)
+        ref_out, ref_lse = np.asarray(ref_out), np.asarray(ref_lse)
+    lse = np.asarray(lse2, np.float64) * np.log(2.0)
+    assert np.array_equal(np.isneginf(lse), np.isneginf(ref_lse)), "lse: -inf rows differ"
+    seen = np.isfinite(ref_lse)
+    out = np.asarray(out, np.float64)
+    assert np.isfinite(out).all(), "out: not finite"
+    tol = TOLERANCE[jnp.dtype(jnp.bfloat16)]
+    assert rel_err(out, ref_out) <= tol, f"out: {rel_err(out, ref_out):.3e}"
+    assert rel_err(lse[seen], ref_lse[seen]) <= tol, f"lse: {rel_err(lse[seen], ref_lse[seen]):.3e}"
+
+
+def test_segment_block_ranges():
+    """Sorted ids: exactly the blocks holding a tile's ids; a tile whose ids no key has: the empty range."""
+    q_seg = jnp.asarray([[0] * 64 + [1] * 64 + [5] * 64], jnp.int32)  # tiles: id 0, id 1, id 5 (no key has 5)
+    kv_seg = jnp.asarray([[0] * 100 + [1] * 50 + [2] * 106], jnp.int32)
+    got = np.asarray(segment_block_ranges(q_seg, kv_seg, 64, 64, 3))
+    # Blocks: [0-63] id 0; [64-127] ids 0,1; [128-191] ids 1,2; [192-255] id 2.
+    np.testing.assert_array_equal(got[0], [[0, 2], [1, 3], [4, 0]])
+
+
+@pytest.mark.parametrize(
+    "head_dim, config",
+    [
+        (64, MosaicForwardConfig(block_kv=128, num_stages=2, overlap=False, persistent=True)),
+        (128, MosaicForwardConfig(block_kv=128, num_stages=2, overlap=True, persistent=True)),
+        (256, MosaicForwardConfig(block_kv=64, num_stages=2, overlap=True, persistent=False)),
+    ],
+    ids=["d64_turns_persistent", "d128_overlap_persistent", "d256_overlap"],
+)
+def test_segments_forward_lowers_for_cuda(head_dim, config):
+    import re
+
+    q = jnp.zeros((2, 300, 4, head_dim), jnp.bfloat16)
+    k = jnp.zeros((2, 333, 2, head_dim), jnp.bfloat16)
+    ids = AttentionInputs(q_segment_ids=jnp.zeros((2, 300), jnp.int32), kv_segment_ids=jnp.zeros((2, 333), jnp.int32))
+    spec = AttentionSpec(scale=0.1, causal=True, has_segments=True)
+    fn = jax.jit(lambda q, k, v, ids: mosaic_forward(q, k, v, ids, spec=spec, config=config))
+    text = fn.trace(q, k, k, ids).lower(lowering_platforms=("cuda",)).as_text()
+    assert len(re.findall(r"stablehlo.custom_call @(mosaic_gpu\w*)", text)) == 1
+
+
+def test_segments_backward_is_not_implemented_yet():
+    from pallas_flash.backends.mosaic_gpu import MosaicBackwardConfig
+    from pallas_flash.backends.mosaic_gpu.backward import mosaic_backward
+
+    q = jnp.zeros((1, 64, 2, 64), jnp.bfloat16)
+    ids = jnp.zeros((1, 64), jnp.int32)
+    spec = AttentionSpec(scale=0.1, has_segments=True)
+    with pytest.raises(NotImplementedError, match="no segment ids yet"):
+        mosaic_backward(q, q, q, q, jnp.zeros((1, 2, 64), jnp.float32), q, None, spec=spec,
+                        config=MosaicBackwardConfig(), inputs=AttentionInputs(q_segment_ids=ids, kv_segment_ids=ids))
