@@ -1,4 +1,4 @@
-"""The Mosaic GPU forward with segment ids (``q_segment_ids``/``kv_segment_ids``), in interpret mode on a CPU.
+"""The Mosaic GPU kernels with segment ids (``q_segment_ids``/``kv_segment_ids``), in interpret mode on a CPU.
 
 A query row sees the keys of its own segment. The launcher gives each 64-row
 query tile the range of key blocks whose ids overlap its own
@@ -7,8 +7,11 @@ superset otherwise), the memory warpgroup loads each key block's ids with its
 K, and every streamed block is masked by id. Cases: packed documents not
 aligned to blocks, unsorted ids, rows whose id no key has (O = 0, lse =
 -inf), causal and not, Tq != Tk, GQA, both schedules, persistent or not;
-output and log-sum-exp against float64. ``MosaicBackend.supports`` refuses
-segment ids until the backward takes them and both have passed on a GPU.
+output and log-sum-exp against float64. The D<=128 backward likewise: the
+dK/dV kernel streams the query blocks whose ids overlap its keys' (their ids
+with Q), the dQ kernel the key blocks as the forward; gradients under a
+random cotangent, both dQ modes (D=256 raises ``NotImplementedError``).
+``MosaicBackend.supports`` refuses segment ids until these have passed on a GPU.
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_flash.backends.mosaic_gpu import MosaicForwardConfig
-from pallas_flash.backends.mosaic_gpu.forward import mosaic_forward, segment_block_ranges
+from pallas_flash.backends.mosaic_gpu import MosaicBackwardConfig, MosaicForwardConfig
+from pallas_flash.backends.mosaic_gpu.backward import mosaic_backward
+from pallas_flash.backends.mosaic_gpu.common import segment_block_ranges
+from pallas_flash.backends.mosaic_gpu.forward import mosaic_forward
 from pallas_flash.reference import attention_reference
 from pallas_flash.spec import AttentionInputs, AttentionSpec
 from pallas_flash.testing.shapes import Shape
@@ -107,13 +112,73 @@ def test_segments_forward_lowers_for_cuda(head_dim, config):
     assert len(re.findall(r"stablehlo.custom_call @(mosaic_gpu\w*)", text)) == 1
 
 
-def test_segments_backward_is_not_implemented_yet():
-    from pallas_flash.backends.mosaic_gpu import MosaicBackwardConfig
-    from pallas_flash.backends.mosaic_gpu.backward import mosaic_backward
+BWD_CASES = {
+    "packed_causal_gqa2_det": (Shape("s", 2, 300, 300, 4, 2, 64), True, "packed",
+                               MosaicBackwardConfig(num_stages=2, dq_block_kv=64, dq_num_stages=2)),
+    "packed_causal_fused": (Shape("s", 1, 300, 300, 2, 1, 64), True, "packed",
+                            MosaicBackwardConfig(num_stages=2, deterministic=False)),
+    "packed_full_d128_rows128": (Shape("s", 1, 333, 333, 2, 1, 128), False, "packed",
+                                 MosaicBackwardConfig(block_q=128, num_stages=2, dq_block_kv=128, dq_num_stages=2)),
+    "unsorted_tq<tk_det": (Shape("s", 2, 200, 333, 2, 1, 64), False, "unsorted",
+                           MosaicBackwardConfig(num_stages=2, dq_block_kv=64, dq_num_stages=2)),
+}
 
-    q = jnp.zeros((1, 64, 2, 64), jnp.bfloat16)
+
+@pytest.mark.skipif(ON_GPU, reason="interpret mode")
+@pytest.mark.parametrize("name", BWD_CASES)
+def test_interpret_segments_backward(name, seed):
+    shape, causal, kind, bwd = BWD_CASES[name]
+    q, k, v, ct = random_qkv(shape, jnp.bfloat16, seed)
+    q_seg, kv_seg = (jnp.asarray(x) for x in _ids(kind, shape.batch, shape.seq_q, shape.seq_k, seed))
+    spec = AttentionSpec(scale=1.0 / np.sqrt(shape.head_dim), causal=causal, has_segments=True)
+    inputs = AttentionInputs(q_segment_ids=q_seg, kv_segment_ids=kv_seg)
+    out, lse2 = mosaic_forward(q, k, v, inputs, spec=spec, config=MosaicForwardConfig(block_kv=64, num_stages=2),
+                               interpret=True)
+    ct_lse = np.random.default_rng(seed + 7).standard_normal(lse2.shape)
+    dlse = jnp.where(jnp.isneginf(lse2), 0.0, jnp.asarray(ct_lse, jnp.float32))  # the op's convention
+    g = mosaic_backward(q, k, v, out, lse2, ct, dlse, spec=spec, config=bwd, inputs=inputs, interpret=True)
+    with jax.enable_x64(True):
+        f64 = [jnp.asarray(np.asarray(x.astype(jnp.float32), np.float64)) for x in (q, k, v, ct)]
+
+        def f(q, k, v):
+            return attention_reference(q, k, v, is_causal=causal, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
+                                       return_lse=True)
+
+        (_, ref_lse), vjp = jax.vjp(f, *f64[:3])
+        want = vjp((f64[3], jnp.where(jnp.isfinite(ref_lse), jnp.asarray(ct_lse, jnp.float64), 0.0)))
+    tol = TOLERANCE[jnp.dtype(jnp.bfloat16)]
+    for label, got, ref in zip(("dq", "dk", "dv"), (g.dq, g.dk, g.dv), want):
+        got, ref = np.asarray(got, np.float64), np.asarray(ref)
+        assert got.shape == ref.shape and np.isfinite(got).all(), label
+        assert rel_err(got, ref) <= tol, f"{label}: relative error {rel_err(got, ref):.3e}"
+
+
+def test_segments_backward_at_head_dim_256_is_not_implemented():
+    q = jnp.zeros((1, 64, 2, 256), jnp.bfloat16)
     ids = jnp.zeros((1, 64), jnp.int32)
     spec = AttentionSpec(scale=0.1, has_segments=True)
-    with pytest.raises(NotImplementedError, match="no segment ids yet"):
+    with pytest.raises(NotImplementedError, match="head_dim=256 has no segment ids"):
         mosaic_backward(q, q, q, q, jnp.zeros((1, 2, 64), jnp.float32), q, None, spec=spec,
-                        config=MosaicBackwardConfig(), inputs=AttentionInputs(q_segment_ids=ids, kv_segment_ids=ids))
+                        config=MosaicBackwardConfig(dq_num_stages=2), inputs=AttentionInputs(q_segment_ids=ids, kv_segment_ids=ids))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [MosaicBackwardConfig(block_q=128, num_stages=3, dq_block_kv=128, dq_num_stages=2),
+     MosaicBackwardConfig(num_stages=2, deterministic=False)],
+    ids=["d64_deterministic_rows128", "d64_fused"],
+)
+def test_segments_backward_lowers_for_cuda(config):
+    import re
+
+    q = jnp.zeros((2, 300, 4, 64), jnp.bfloat16)
+    k = jnp.zeros((2, 333, 2, 64), jnp.bfloat16)
+    lse2 = jnp.zeros((2, 4, 300), jnp.float32)
+    ids = AttentionInputs(q_segment_ids=jnp.zeros((2, 300), jnp.int32), kv_segment_ids=jnp.zeros((2, 333), jnp.int32))
+    spec = AttentionSpec(scale=0.1, causal=True, has_segments=True)
+
+    def backward(q, k, v, out, lse2, do, ids):
+        return mosaic_backward(q, k, v, out, lse2, do, None, spec=spec, config=config, inputs=ids)[:3]
+
+    text = jax.jit(backward).trace(q, k, k, q, lse2, q, ids).lower(lowering_platforms=("cuda",)).as_text()
+    assert len(re.findall(r"stablehlo.custom_call @(mosaic_gpu\w*)", text)) == (2 if config.deterministic else 1)

@@ -88,22 +88,24 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_flash.backends.base import Gradients, softmax_delta
+from pallas_flash.backends.mosaic_gpu.backward_dq import launch_dq
+from pallas_flash.backends.mosaic_gpu.backward_wide import launch_wide
 from pallas_flash.backends.mosaic_gpu.common import (
     COL,
     COMPUTE_REGISTERS,
     COMPUTE_WGS,
     MEMORY_WG,
+    ROW,
     WGMMA,
     bcast,
     clipped_lengths,
     i32,
-    stream_query_blocks,
     launch_params,
     mma,
+    segment_block_ranges,
+    stream_query_blocks,
     tiled_smem,
 )
-from pallas_flash.backends.mosaic_gpu.backward_dq import launch_dq
-from pallas_flash.backends.mosaic_gpu.backward_wide import launch_wide
 from pallas_flash.backends.mosaic_gpu.config import BLOCK_KV, TILE, WIDE_HEAD_DIMS, MosaicBackwardConfig
 from pallas_flash.spec import LOG2E, AttentionInputs, AttentionSpec
 
@@ -136,6 +138,8 @@ def _dkdv_kernel(
     ds_ready=None,
     ds_consumed=None,
     stage_smem=None,
+    qseg_smem=None,
+    kseg_smem=None,
     seq_q: int,
     seq_k: int,
     group: int,
@@ -149,11 +153,13 @@ def _dkdv_kernel(
     right: int | None,
     has_kv_lengths: bool,
     has_q_lengths: bool,
+    has_segments: bool,
     interpret: bool,
 ):
     refs = list(refs)
     kv_len_ref = refs.pop(0) if has_kv_lengths else None
     q_len_ref = refs.pop(0) if has_q_lengths else None
+    q_seg_ref, kv_seg_ref, seg_range_ref = (refs.pop(0) for _ in range(3)) if has_segments else (None,) * 3
     dq_ref = refs.pop(0) if fuse_dq else None
     dk_ref, dv_ref = refs
     batch = lax.axis_index("batch")
@@ -184,14 +190,18 @@ def _dkdv_kernel(
         q_blocks = jnp.minimum(pl.cdiv(jnp.maximum(cta_k0 + TILE + left, 0), jnp.int32(block_q)), q_blocks)
     if has_q_lengths:  # blocks past the batch row's query length hold no live row: never streamed
         q_blocks = jnp.minimum(pl.cdiv(q_len_ref[batch], jnp.int32(block_q)), q_blocks)
-    if has_q_lengths or left is not None:
+    if has_segments:  # the query blocks holding an id of the CTA's keys; all of them masked
+        q_blocks = jnp.minimum(seg_range_ref[batch, tile, 1], q_blocks)
+        j_lo = jnp.maximum(jnp.minimum(seg_range_ref[batch, tile, 0], q_blocks), j_lo)
+        j_full = q_blocks
+    if has_q_lengths or left is not None or has_segments:
         j_lo, j_full = jnp.minimum(j_lo, q_blocks), jnp.minimum(j_full, q_blocks)
     j_unmasked_end = None  # from it on, some row's window ends before some of the CTA's keys
     if left is not None:
         j_unmasked_end = jnp.clip(lax.div(jnp.maximum(cta_k0 + left + 1, 0), jnp.int32(block_q)), j_full, q_blocks)
     key_limit = seq_k if kv_len is None else kv_len  # keys at or past it are masked
-    any_masked = right is not None or left is not None or ragged_k or has_kv_lengths  # static: some block is masked
-    n_q = q_blocks - j_lo  # query blocks per head
+    any_masked = right is not None or left is not None or ragged_k or has_kv_lengths or has_segments  # static
+    n_q = jnp.maximum(q_blocks - j_lo, 0)  # query blocks per head
     n_masked = j_full - j_lo
     n_unmasked_end = n_q if left is None else j_unmasked_end - j_lo
 
@@ -207,10 +217,13 @@ def _dkdv_kernel(
         k_tile, v_tile = k_smem.at[rows], v_smem.at[rows]
         plgpu.copy_gmem_to_smem(k_ref.at[batch, pl.ds(k0, BLOCK_KV), kv_head], k_tile, kv_ready.at[wg])
         plgpu.copy_gmem_to_smem(v_ref.at[batch, pl.ds(k0, BLOCK_KV), kv_head], v_tile, kv_ready.at[wg])
+        if has_segments:
+            plgpu.copy_gmem_to_smem(kv_seg_ref.at[batch, pl.ds(k0, BLOCK_KV)], kseg_smem.at[wg], kv_ready.at[wg])
         stage = None if stage_smem is None else stage_smem.at[wg]
         plgpu.barrier_wait(kv_ready.at[wg])
+        k_seg = plgpu.load(kseg_smem.at[wg], layout=ROW) if has_segments else None
 
-        def mask(s, q0):
+        def mask(s, q0, slot):
             keys = k0 + plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=WGMMA)
             rows = q0 + plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=WGMMA)
             conditions = []
@@ -222,6 +235,9 @@ def _dkdv_kernel(
                 conditions.append(keys >= rows - left)
             if ragged_k or kv_len is not None:
                 conditions.append(keys < key_limit)
+            if has_segments:  # the same segment
+                q_seg = plgpu.load(qseg_smem.at[slot], layout=COL)
+                conditions.append(bcast(k_seg, s.shape, 0) == bcast(q_seg, s.shape, 1))
             visible = functools.reduce(lambda a, b: a & b, conditions)
             return jnp.where(visible, s, -jnp.inf)
 
@@ -269,7 +285,7 @@ def _dkdv_kernel(
                     plgpu.wgmma(dp_acc, v_tile, do_tile.T)
                     s = plgpu.wgmma_accumulator_load(s_acc, wait_n=1)  # dP^T still in flight
                     if masked:
-                        s = mask(s, q0)
+                        s = mask(s, q0, slot)
                     lse = plgpu.load(lse_smem.at[slot], layout=COL)
                     p = jnp.exp2(s * scale_log2 - bcast(lse, s.shape, 1))
                     mma(dv_acc, p.astype(dtype), do_tile, stage, interpret)
@@ -331,7 +347,8 @@ def _dkdv_kernel(
             q_ref, do_ref, lse_ref, delta_ref, q_smem=q_smem, do_smem=do_smem, lse_smem=lse_smem,
             delta_smem=delta_smem, q_ready=q_ready, do_ready=do_ready, q_consumed=q_consumed,
             do_consumed=do_consumed, batch=batch, kv_head=kv_head, group=group, j_lo=j_lo, n_q=n_q,
-            block_q=block_q, num_stages=num_stages)
+            block_q=block_q, num_stages=num_stages,
+            qseg=None if q_seg_ref is None else (q_seg_ref.at[batch], qseg_smem))
 
 
 def _pad_rows(x: jax.Array, length: int, axis: int, value=0) -> jax.Array:
@@ -342,7 +359,7 @@ def _pad_rows(x: jax.Array, length: int, axis: int, value=0) -> jax.Array:
     return jnp.pad(x, pad, constant_values=value)
 
 
-def _launch_dkdv(q, k, v, do, lse2, delta, kv_lengths, q_lengths, *, spec, config, interpret, seq_q, seq_k):
+def _launch_dkdv(q, k, v, do, lse2, delta, kv_lengths, q_lengths, segments, *, spec, config, interpret, seq_q, seq_k):
     """``(dq or None, dk, dv)`` on padded arrays; ``dq`` only when it is fused (non-deterministic)."""
     batch, tq_pad, num_heads, head_dim = q.shape
     _, tk_pad, num_kv_heads, _ = k.shape
@@ -359,14 +376,21 @@ def _launch_dkdv(q, k, v, do, lse2, delta, kv_lengths, q_lengths, *, spec, confi
         v_smem=tiled((TILE, head_dim), dtype),
         lse_smem=plgpu.SMEM((stages, block_q), jnp.float32),
         delta_smem=plgpu.SMEM((stages, block_q), jnp.float32),
-        kv_ready=plgpu.Barrier(num_arrivals=2, num_barriers=COMPUTE_WGS),
-        q_ready=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+        kv_ready=plgpu.Barrier(num_arrivals=3 if segments else 2, num_barriers=COMPUTE_WGS),
+        q_ready=plgpu.Barrier(num_arrivals=3 if segments else 2, num_barriers=stages),
         do_ready=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
         q_consumed=plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
         do_consumed=plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
     )
     operands = [q, k, v, do, lse2, delta]
     operands += [x for x in (kv_lengths, q_lengths) if x is not None]
+    if segments is not None:  # (q ids [B, Tq pad], kv ids [B, Tk pad])
+        q_seg, kv_seg = segments
+        scratch["qseg_smem"] = plgpu.SMEM((stages, block_q), jnp.int32)
+        scratch["kseg_smem"] = plgpu.SMEM((COMPUTE_WGS, BLOCK_KV), jnp.int32)
+        # per 128-key tile, the query blocks whose ids overlap its own
+        operands += [q_seg, kv_seg, segment_block_ranges(kv_seg[:, :seq_k], q_seg[:, :seq_q], TILE, block_q,
+                                                           num_tiles)]
     dq_ref = None
     if fuse_dq:
         scratch.update(
@@ -395,6 +419,7 @@ def _launch_dkdv(q, k, v, do, lse2, delta, kv_lengths, q_lengths, *, spec, confi
         right=spec.within(seq_q, seq_k).right,
         has_kv_lengths=kv_lengths is not None,
         has_q_lengths=q_lengths is not None,
+        has_segments=segments is not None,
         interpret=bool(interpret),
     )
     kv_type = jax.ShapeDtypeStruct(k.shape, dtype)
@@ -436,8 +461,6 @@ def mosaic_backward(
     segments, ALiBi, soft-cap, dropout or offsets; bf16/fp16;
     head dim 64 or 128 (the kernels above), or 256 (``backward_wide.py``).
     """
-    if spec.has_segments:
-        raise NotImplementedError("the Mosaic GPU backward has no segment ids yet (the forward has)")
     seq_q, head_dim = q.shape[1], q.shape[-1]
     seq_k = k.shape[1]
     config.check_fits(head_dim, q.dtype)
@@ -463,12 +486,18 @@ def mosaic_backward(
     q_p, do_p = _pad_rows(q, tq_pad, 1), _pad_rows(do, tq_pad, 1)
     k_p, v_p = _pad_rows(k, tk_pad, 1), _pad_rows(v, tk_pad, 1)
     common = dict(spec=spec, config=config, interpret=interpret)
+    segments = None
+    if spec.has_segments:  # padded by repeating the last id, so that the padding widens no block's id range
+        if head_dim in WIDE_HEAD_DIMS:
+            raise NotImplementedError(f"the Mosaic GPU backward at head_dim={head_dim} has no segment ids yet")
+        segments = (jnp.pad(inputs.q_segment_ids.astype(jnp.int32), ((0, 0), (0, tq_pad - seq_q)), mode="edge"),
+                    jnp.pad(inputs.kv_segment_ids.astype(jnp.int32), ((0, 0), (0, tk_pad - seq_k)), mode="edge"))
     if head_dim in WIDE_HEAD_DIMS:  # the role split of ``backward_wide.py``
         dq, dk, dv = launch_wide(q_p, k_p, v_p, do_p, lse2, delta, kv_lengths, q_lengths, seq_q=seq_q, seq_k=seq_k,
                                  **common)
         return Gradients(dq[:, :seq_q], dk[:, :seq_k], dv[:, :seq_k])
-    dq, dk, dv = _launch_dkdv(q_p, k_p, v_p, do_p, lse2, delta, kv_lengths, q_lengths, seq_q=seq_q, seq_k=seq_k,
-                              **common)
+    dq, dk, dv = _launch_dkdv(q_p, k_p, v_p, do_p, lse2, delta, kv_lengths, q_lengths, segments, seq_q=seq_q,
+                              seq_k=seq_k, **common)
     if dq is None:
-        dq = launch_dq(q_p, k_p, v_p, do_p, lse2, delta, kv_lengths, q_lengths, seq_k=seq_k, **common)
+        dq = launch_dq(q_p, k_p, v_p, do_p, lse2, delta, kv_lengths, q_lengths, segments, seq_k=seq_k, **common)
     return Gradients(dq[:, :seq_q], dk[:, :seq_k], dv[:, :seq_k])

@@ -23,6 +23,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_flash.backends.mosaic_gpu.common import (
+    COL,
     COMPUTE_REGISTERS,
     COMPUTE_WGS,
     MEMORY_REGISTERS,
@@ -32,6 +33,7 @@ from pallas_flash.backends.mosaic_gpu.common import (
     bcast,
     launch_params,
     mma,
+    segment_block_ranges,
     stream_kv_blocks,
     tiled_smem,
 )
@@ -61,6 +63,8 @@ def _dq_kernel(
     k_consumed,
     v_consumed,
     stage_smem=None,
+    qseg_smem=None,
+    kvseg_smem=None,
     seq_k: int,
     group: int,
     num_q_tiles: int,
@@ -73,11 +77,13 @@ def _dq_kernel(
     scale_log2: float,
     has_kv_lengths: bool,
     has_q_lengths: bool,
+    has_segments: bool,
     interpret: bool,
 ):
     refs = list(refs)
     kv_len_ref = refs.pop(0) if has_kv_lengths else None
     q_len_ref = refs.pop(0) if has_q_lengths else None
+    q_seg_ref, kv_seg_ref, seg_range_ref = (refs.pop(0) for _ in range(3)) if has_segments else (None,) * 3
     (dq_ref,) = refs
     batch = lax.axis_index("batch")
     head = lax.axis_index("head")
@@ -108,6 +114,11 @@ def _dq_kernel(
         first = jnp.int32(0)
         if left is not None:  # the first row's first key is q_start - left
             first = jnp.minimum(lax.div(jnp.maximum(q_start - left, 0), jnp.int32(block_kv)), end)
+        if has_segments:  # the blocks holding an id of these rows (those of 1 or 2 64-row tiles)
+            t0, t1 = lax.div(q_start, jnp.int32(BLOCK_Q)), lax.div(q_end - 1, jnp.int32(BLOCK_Q))
+            end = jnp.minimum(jnp.maximum(seg_range_ref[batch, t0, 1], seg_range_ref[batch, t1, 1]), end)
+            first = jnp.maximum(jnp.minimum(seg_range_ref[batch, t0, 0], seg_range_ref[batch, t1, 0]), first)
+            first = jnp.minimum(first, end)
         return first, jnp.maximum(end, first)
 
     cta_kv_first, cta_kv_end = kv_block_range(cta_q0, cta_q0 + TILE)
@@ -122,9 +133,11 @@ def _dq_kernel(
         plgpu.copy_gmem_to_smem(do_ref.at[batch, rows, head], do_tile, rows_ready.at[wg])
         plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, rows], lse_smem.at[wg], rows_ready.at[wg])
         plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, rows], delta_smem.at[wg], rows_ready.at[wg])
+        if has_segments:
+            plgpu.copy_gmem_to_smem(q_seg_ref.at[batch, rows], qseg_smem.at[wg], rows_ready.at[wg])
         stage = None if stage_smem is None else stage_smem.at[wg]
         kv_first, kv_end = kv_block_range(q0, q0 + BLOCK_Q)
-        if left is not None:  # inside the CTA's blocks
+        if left is not None or has_segments:  # inside the CTA's blocks
             kv_first = jnp.clip(kv_first, cta_kv_first, cta_kv_end)
             kv_end = jnp.clip(kv_end, kv_first, cta_kv_end)
         # Blocks kv_lo .. kv_unmasked - 1 need no mask (those before: the window's left edge).
@@ -142,9 +155,12 @@ def _dq_kernel(
             kv_unmasked = jnp.maximum(kv_unmasked, kv_lo)
         if q_len_ref is not None or left is not None:
             kv_unmasked = jnp.minimum(kv_unmasked, kv_end)
+        if has_segments:  # every block is masked (by the ids)
+            kv_lo = kv_unmasked = kv_first
         plgpu.barrier_wait(rows_ready.at[wg])
         lse = plgpu.load(lse_smem.at[wg], layout=ROW)
         delta = plgpu.load(delta_smem.at[wg], layout=ROW)
+        q_seg = plgpu.load(qseg_smem.at[wg], layout=ROW) if has_segments else None
 
         def accumulate(dq_acc):
             def kv_step(kb, *, masked: bool):
@@ -168,6 +184,10 @@ def _dq_kernel(
                         if left is not None:
                             inside = cols >= rows - left
                             visible = inside if visible is None else visible & inside
+                        if has_segments:  # the same segment
+                            kv_seg = plgpu.load(kvseg_smem.at[slot], layout=COL)
+                            same = bcast(q_seg, s.shape, 0) == bcast(kv_seg, s.shape, 1)
+                            visible = same if visible is None else visible & same
                         s = jnp.where(visible, s, -jnp.inf)
                     p = jnp.exp2(s * scale_log2 - bcast(lse, s.shape, 0))
                     dp = plgpu.wgmma_accumulator_load(dp_acc, wait_n=0)
@@ -183,7 +203,7 @@ def _dq_kernel(
             if left is not None:  # the window's left edge
                 pl.loop(kv_first, kv_lo)(functools.partial(kv_step, masked=True))
             pl.loop(kv_lo, kv_unmasked)(functools.partial(kv_step, masked=False))
-            if right is not None or left is not None or seq_k % block_kv or kv_len is not None:
+            if right is not None or left is not None or has_segments or seq_k % block_kv or kv_len is not None:
                 pl.loop(kv_unmasked, kv_end)(functools.partial(kv_step, masked=True))
             return dq_acc[...]
 
@@ -194,7 +214,7 @@ def _dq_kernel(
             plgpu.barrier_arrive(k_consumed.at[slot])
             plgpu.barrier_arrive(v_consumed.at[slot])
 
-        if left is not None:  # before its window starts
+        if left is not None or has_segments:  # before its window (its ids) starts
             pl.loop(cta_kv_first, kv_first)(release)
         dq = pl.run_scoped(accumulate, plgpu.ACC((BLOCK_Q, q_smem.shape[-1]), jnp.float32))
         pl.loop(kv_end, cta_kv_end)(release)
@@ -210,10 +230,12 @@ def _dq_kernel(
         stream_kv_blocks(
             k_ref, v_ref, k_smem=k_smem, v_smem=v_smem, k_ready=k_ready, v_ready=v_ready, k_consumed=k_consumed,
             v_consumed=v_consumed, batch=batch, kv_head=lax.div(head, jnp.int32(group)),
-            num_blocks=cta_kv_end - cta_kv_first, block_kv=block_kv, num_stages=num_stages, first_block=cta_kv_first)
+            num_blocks=cta_kv_end - cta_kv_first, block_kv=block_kv, num_stages=num_stages, first_block=cta_kv_first,
+            kseg=None if kv_seg_ref is None else (kv_seg_ref.at[batch], kvseg_smem))
 
 
-def launch_dq(q, k, v, do, lse2, delta, kv_lengths=None, q_lengths=None, *, spec, config, interpret, seq_k):
+def launch_dq(q, k, v, do, lse2, delta, kv_lengths=None, q_lengths=None, segments=None, *, spec, config, interpret,
+              seq_k):
     """``dQ`` (``q``'s padded shape and dtype) from padded ``q, k, v, dO`` and padded ``lse2``/``delta`` rows."""
     batch, tq_pad, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
@@ -227,8 +249,8 @@ def launch_dq(q, k, v, do, lse2, delta, kv_lengths=None, q_lengths=None, *, spec
         v_smem=tiled_smem((stages, block_kv, head_dim), dtype),
         lse_smem=plgpu.SMEM((COMPUTE_WGS, BLOCK_Q), jnp.float32),
         delta_smem=plgpu.SMEM((COMPUTE_WGS, BLOCK_Q), jnp.float32),
-        rows_ready=plgpu.Barrier(num_arrivals=4, num_barriers=COMPUTE_WGS),
-        k_ready=plgpu.Barrier(num_barriers=stages),
+        rows_ready=plgpu.Barrier(num_arrivals=5 if segments else 4, num_barriers=COMPUTE_WGS),
+        k_ready=plgpu.Barrier(num_arrivals=2 if segments else 1, num_barriers=stages),
         v_ready=plgpu.Barrier(num_barriers=stages),
         k_consumed=plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
         v_consumed=plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
@@ -249,8 +271,16 @@ def launch_dq(q, k, v, do, lse2, delta, kv_lengths=None, q_lengths=None, *, spec
         scale_log2=float(spec.scale) * LOG2E,
         has_kv_lengths=kv_lengths is not None,
         has_q_lengths=q_lengths is not None,
+        has_segments=segments is not None,
         interpret=bool(interpret),
     )
+    operands = [x for x in (kv_lengths, q_lengths) if x is not None]
+    if segments is not None:  # (q ids [B, Tq pad], kv ids [B, Tk pad]), padded
+        q_seg, kv_seg = segments
+        scratch["qseg_smem"] = plgpu.SMEM((COMPUTE_WGS, BLOCK_Q), jnp.int32)
+        scratch["kvseg_smem"] = plgpu.SMEM((stages, block_kv), jnp.int32)
+        operands += [q_seg, kv_seg, segment_block_ranges(q_seg[:, : q.shape[1]], kv_seg[:, :seq_k], BLOCK_Q, block_kv,
+                                                           tq_pad // BLOCK_Q)]
     return plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct(q.shape, dtype),
@@ -258,4 +288,4 @@ def launch_dq(q, k, v, do, lse2, delta, kv_lengths=None, q_lengths=None, *, spec
         grid=(batch, num_heads, num_q_tiles),
         grid_names=("batch", "head", "q_tile"),
         **launch_params(interpret),
-    )(q, k, v, do, lse2, delta, *[x for x in (kv_lengths, q_lengths) if x is not None])
+    )(q, k, v, do, lse2, delta, *operands)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -70,7 +71,8 @@ def mma(acc_ref, a, b_ref, stage, interpret: bool):
 
 
 def stream_query_blocks(q_ref, do_ref, lse_ref, delta_ref, *, q_smem, do_smem, lse_smem, delta_smem, q_ready,
-                        do_ready, q_consumed, do_consumed, batch, kv_head, group, j_lo, n_q, block_q, num_stages):
+                        do_ready, q_consumed, do_consumed, batch, kv_head, group, j_lo, n_q, block_q, num_stages,
+                        qseg=None):
     """Memory warpgroup of a dK/dV kernel: for each query head of the KV head's group, query blocks
     ``j_lo .. j_lo + n_q - 1`` (``Q`` and ``lse2`` on ``q_ready``, ``dO`` and ``delta`` on ``do_ready``) into
     a ring of ``num_stages`` slots, each refilled once both compute warpgroups have released it."""
@@ -89,6 +91,8 @@ def stream_query_blocks(q_ref, do_ref, lse_ref, delta_ref, *, q_smem, do_smem, l
             pl.when(refill)(lambda: plgpu.barrier_wait(q_consumed.at[slot]))
             plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_smem.at[slot], q_ready.at[slot])
             plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, rows], lse_smem.at[slot], q_ready.at[slot])
+            if qseg is not None:  # (ids_ref [Tq], ids_smem [num_stages, block_q]): the rows' segment ids
+                plgpu.copy_gmem_to_smem(qseg[0].at[rows], qseg[1].at[slot], q_ready.at[slot])
             pl.when(refill)(lambda: plgpu.barrier_wait(do_consumed.at[slot]))
             plgpu.copy_gmem_to_smem(do_ref.at[batch, rows, head], do_smem.at[slot], do_ready.at[slot])
             plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, rows], delta_smem.at[slot], do_ready.at[slot])
@@ -142,3 +146,27 @@ def drain_kv_slots(k_consumed, v_consumed, steps, num_stages):
         slot = lax.rem(step, jnp.int32(num_stages))
         plgpu.barrier_wait(k_consumed.at[slot])
         plgpu.barrier_wait(v_consumed.at[slot])
+
+
+def segment_block_ranges(q_seg, kv_seg, block_q: int, block_kv: int, num_q_tiles: int) -> jax.Array:
+    """int32 ``[B, num_q_tiles, 2]``: per ``block_q``-row query tile, ``[first, end)`` of the key blocks whose ids
+    overlap the tile's id range (``[num blocks, 0)`` when none does): a superset of the blocks holding one of its
+    ids, exact for sorted ids (packed documents)."""
+    batch, seq_q = q_seg.shape
+    seq_k = kv_seg.shape[1]
+    num_kv_blocks = pl.cdiv(seq_k, block_kv)
+    big, small = jnp.iinfo(jnp.int32).max, jnp.iinfo(jnp.int32).min
+
+    def spans(ids, block, n):  # min and max id per block, padding ignored
+        pad = n * block - ids.shape[1]
+        lo = jnp.pad(ids, ((0, 0), (0, pad)), constant_values=big).reshape(batch, n, block).min(-1)
+        hi = jnp.pad(ids, ((0, 0), (0, pad)), constant_values=small).reshape(batch, n, block).max(-1)
+        return lo, hi
+
+    q_lo, q_hi = spans(q_seg, block_q, num_q_tiles)
+    k_lo, k_hi = spans(kv_seg, block_kv, num_kv_blocks)
+    overlap = (k_lo[:, None, :] <= q_hi[:, :, None]) & (k_hi[:, None, :] >= q_lo[:, :, None])  # [B, tiles, blocks]
+    blocks = jnp.arange(num_kv_blocks, dtype=jnp.int32)
+    first = jnp.where(overlap, blocks, num_kv_blocks).min(-1)
+    end = jnp.where(overlap, blocks + 1, 0).max(-1)
+    return jnp.stack([first, end], axis=-1).astype(jnp.int32)

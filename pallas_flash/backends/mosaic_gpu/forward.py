@@ -80,6 +80,7 @@ from pallas_flash.backends.mosaic_gpu.common import (
     drain_kv_slots,
     i32,
     launch_params,
+    segment_block_ranges,
     stream_kv_blocks,
     tiled_smem,
 )
@@ -329,30 +330,6 @@ def _pad_seq(x: jax.Array, length: int) -> jax.Array:
 def _padded_length(n: int, block: int) -> int:
     """``n`` rounded up to whole 8-row tiles, and to at least one block."""
     return max(-(-n // 8) * 8, block)
-
-
-def segment_block_ranges(q_seg, kv_seg, block_q: int, block_kv: int, num_q_tiles: int) -> jax.Array:
-    """int32 ``[B, num_q_tiles, 2]``: per ``block_q``-row query tile, ``[first, end)`` of the key blocks whose ids
-    overlap the tile's id range (``[num blocks, 0)`` when none does): a superset of the blocks holding one of its
-    ids, exact for sorted ids (packed documents)."""
-    batch, seq_q = q_seg.shape
-    seq_k = kv_seg.shape[1]
-    num_kv_blocks = pl.cdiv(seq_k, block_kv)
-    big, small = jnp.iinfo(jnp.int32).max, jnp.iinfo(jnp.int32).min
-
-    def spans(ids, block, n):  # min and max id per block, padding ignored
-        pad = n * block - ids.shape[1]
-        lo = jnp.pad(ids, ((0, 0), (0, pad)), constant_values=big).reshape(batch, n, block).min(-1)
-        hi = jnp.pad(ids, ((0, 0), (0, pad)), constant_values=small).reshape(batch, n, block).max(-1)
-        return lo, hi
-
-    q_lo, q_hi = spans(q_seg, block_q, num_q_tiles)
-    k_lo, k_hi = spans(kv_seg, block_kv, num_kv_blocks)
-    overlap = (k_lo[:, None, :] <= q_hi[:, :, None]) & (k_hi[:, None, :] >= q_lo[:, :, None])  # [B, tiles, blocks]
-    blocks = jnp.arange(num_kv_blocks, dtype=jnp.int32)
-    first = jnp.where(overlap, blocks, num_kv_blocks).min(-1)
-    end = jnp.where(overlap, blocks + 1, 0).max(-1)
-    return jnp.stack([first, end], axis=-1).astype(jnp.int32)
 
 
 def mosaic_forward(
