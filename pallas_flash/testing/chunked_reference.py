@@ -95,6 +95,8 @@ def reference_f32(q, k, v, g, causal: bool, grads: bool, budget_bytes: int, *, l
     nb, nk, tq = chunk_plan(B, K, G, Tq, Tk, FACTOR_GRADS if grads else FACTOR_FWD, budget_bytes)
     window = None if local_window_size is None else tuple(int(w) for w in local_window_size)
     run = _chunk_fn(causal, window, logits_soft_cap, grads)
+    q_lens = None if query_seq_lengths is None else jnp.asarray(query_seq_lengths)
+    kv_lens = None if key_value_seq_lengths is None else jnp.asarray(key_value_seq_lengths)
     parts = []  # per batch chunk, per head chunk: [out, dq, dk, dv]
     for b0 in range(0, B, nb):
         b = slice(b0, b0 + nb)
@@ -102,12 +104,12 @@ def reference_f32(q, k, v, g, causal: bool, grads: bool, budget_bytes: int, *, l
         for h0 in range(0, K, nk):
             qh, kh = slice(h0 * G, (h0 + nk) * G), slice(h0, h0 + nk)
             kv_seg = None if kv_segment_ids is None else kv_segment_ids[b]
-            kv_len = None if key_value_seq_lengths is None else jnp.asarray(key_value_seq_lengths)[b]
+            kv_len = None if kv_lens is None else kv_lens[b]
             res = [
                 run(q[b, r : r + tq, qh], k[b, :, kh], v[b, :, kh], g[b, r : r + tq, qh],
                     None if q_segment_ids is None else q_segment_ids[b, r : r + tq], kv_seg, jnp.int32(r),
                     # a chunk's query length counts from its first row
-                    None if query_seq_lengths is None else jnp.maximum(jnp.asarray(query_seq_lengths)[b] - r, 0),
+                    None if q_lens is None else jnp.maximum(q_lens[b] - r, 0),
                     kv_len)
                 for r in range(0, Tq, tq)
             ]
