@@ -82,8 +82,9 @@ def _pallas_flash_mosaic(p: Problem, *, deterministic: bool = True):
     s = p.shape
     q = jax.ShapeDtypeStruct(s.q_shape, DTYPES[p.dtype])  # shapes only: supports() reads no values
     k = jax.ShapeDtypeStruct(s.kv_shape, DTYPES[p.dtype])
+    ids = None if p.doc_lens is None else jax.ShapeDtypeStruct((s.batch, s.seq_q), jax.numpy.int32)
     spec, inputs = attention_call(q, k, k, None, None, is_causal=s.causal, local_window_size=p.window_arg,
-                                  logits_soft_cap=p.soft_cap)
+                                  logits_soft_cap=p.soft_cap, q_segment_ids=ids, kv_segment_ids=ids)
     mosaic = backends.get("mosaic")
     mosaic.supports(q, k, k, inputs, spec)  # NotImplementedError: n/a
     config = None
@@ -219,10 +220,10 @@ IMPLS: dict[str, Impl] = {
              extras=_segment_extras),
         Impl("pallas_flash_mosaic", _pallas_flash_mosaic, "pallas_flash.dot_product_attention(implementation="
              "'mosaic'): the Mosaic GPU (sm_90) forward and backward (deterministic, the default)",
-             applies=lambda p: p.doc_lens is None, extras=_length_extras),
+             extras=_segment_extras),
         Impl("pallas_flash_mosaic_fused", functools.partial(_pallas_flash_mosaic, deterministic=False),
              "the same with MosaicBackwardConfig(deterministic=False): dQ added by TMA reduce-add (run-to-run "
-             "nondeterministic last bits; D=256: n/a)", applies=lambda p: p.doc_lens is None, extras=_length_extras),
+             "nondeterministic last bits; D=256: n/a)", extras=_segment_extras),
         Impl("tokamax_mosaic", _tokamax_mosaic, "tokamax.dot_product_attention(implementation='mosaic'), "
              "tokamax 0.0.17", applies=lambda p: not p.masked),
         Impl("cudnn", _jax_nn("cudnn"), "jax.nn.dot_product_attention(implementation='cudnn')", extras=_mask_extras),

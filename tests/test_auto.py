@@ -52,7 +52,9 @@ def _spec(**kw) -> AttentionSpec:
         (jnp.float16, 64, _spec(), "mosaic"),
         (jnp.float32, 128, _spec(), "triton"),  # the Mosaic kernels take bf16/fp16 only
         (jnp.bfloat16, 96, _spec(), "triton"),  # no table rule for D=96
-        (jnp.bfloat16, 128, _spec(has_segments=True), "triton"),  # a feature the Mosaic kernels lack
+        (jnp.bfloat16, 128, _spec(mask_shape=(1, 1, 256, 256)), "triton"),  # a feature the Mosaic kernels lack
+        (jnp.bfloat16, 128, _spec(has_segments=True, window=(64, 0)), "mosaic"),
+        (jnp.bfloat16, 256, _spec(has_segments=True), "triton"),  # the D=256 Mosaic backward has no segment ids
         (jnp.bfloat16, 128, _spec(q_offset=64), "triton"),
     ],
 )

@@ -167,12 +167,9 @@ def test_registered_as_a_kernel_backend():
 REFUSED = {
     "mask": (dict(mask=np.tril(np.ones((40, 40), bool))[None, None]), "a mask"),
     "bias": (dict(bias=np.zeros((1, 1, 40, 40), np.float32)), "a bias"),
-    "segments": (dict(q_segment_ids=np.zeros((2, 40), np.int32), kv_segment_ids=np.zeros((2, 40), np.int32)),
-                 "segment ids"),
     "alibi": (dict(alibi_slopes=np.full((4,), 0.1, np.float32)), "ALiBi slopes"),
     "soft_cap": (dict(logits_soft_cap=30.0), "a logits soft-cap"),
     "dropout": (dict(dropout_rate=0.1, dropout_rng=jax.random.key(0)), "dropout"),
-    "window": (dict(local_window_size=(8, 0)), "a local window"),
 }
 
 

@@ -10,8 +10,10 @@ aligned to blocks, unsorted ids, rows whose id no key has (O = 0, lse =
 output and log-sum-exp against float64. The D<=128 backward likewise: the
 dK/dV kernel streams the query blocks whose ids overlap its keys' (their ids
 with Q), the dQ kernel the key blocks as the forward; gradients under a
-random cotangent, both dQ modes (D=256 raises ``NotImplementedError``).
-``MosaicBackend.supports`` refuses segment ids until these have passed on a GPU.
+random cotangent, both dQ modes (D=256 raises ``NotImplementedError``, and
+``MosaicBackend.supports`` refuses segment ids at D=256). The last test goes
+through ``pallas_flash.dot_product_attention`` and its ``custom_vjp`` with
+segment ids, a local window and per-batch lengths together.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import pallas_flash as pf
 from pallas_flash.backends.mosaic_gpu import MosaicBackwardConfig, MosaicForwardConfig
 from pallas_flash.backends.mosaic_gpu.backward import mosaic_backward
 from pallas_flash.backends.mosaic_gpu.common import segment_block_ranges
@@ -221,3 +224,36 @@ def test_gpu_segments(name, overlap, fused, seed):
     for label, g, ref in zip(("out", "dq", "dk", "dv"), got, want):
         g, ref = np.asarray(g, np.float64), np.asarray(ref)
         assert np.isfinite(g).all() and rel_err(g, ref) <= tol, f"{label}: relative error {rel_err(g, ref):.3e}"
+
+
+def test_segments_at_head_dim_256_are_refused_by_the_backend():
+    q = jnp.zeros((1, 64, 2, 256), jnp.bfloat16)
+    ids = jnp.zeros((1, 64), jnp.int32)
+    with pytest.raises(NotImplementedError, match="segment ids at head_dim=256"):
+        pf.dot_product_attention(q, q, q, q_segment_ids=ids, kv_segment_ids=ids, implementation="mosaic")
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_public_api_segments_window_and_lengths(causal, seed):
+    """``dot_product_attention(..., implementation="mosaic")`` with packed documents, a local window and per-batch
+    lengths at once, default configs: the output and the gradients through the ``custom_vjp`` under a random
+    cotangent, against float64 (interpret mode on a CPU, compiled on a GPU)."""
+    shape = Shape("p", 2, 1500, 1500, 4, 2, 128) if ON_GPU else Shape("p", 2, 200, 200, 2, 1, 64)
+    q, k, v, ct = random_qkv(shape, jnp.bfloat16, seed)
+    ids, _ = (jnp.asarray(x) for x in _ids("packed", shape.batch, shape.seq_q, shape.seq_k, seed))
+    window = (shape.seq_q // 5, 0 if causal else shape.seq_q // 7)
+    lengths = jnp.asarray([shape.seq_q, shape.seq_q * 2 // 3 + 1], jnp.int32)
+    kwargs = dict(is_causal=causal, local_window_size=window, q_segment_ids=ids, kv_segment_ids=ids,
+                  query_seq_lengths=lengths, key_value_seq_lengths=lengths)
+
+    out, vjp = jax.vjp(lambda q, k, v: pf.dot_product_attention(q, k, v, implementation="mosaic", **kwargs), q, k, v)
+    got = (out, *vjp(ct))
+    with jax.enable_x64(True):
+        f64 = [jnp.asarray(np.asarray(x.astype(jnp.float32), np.float64)) for x in (q, k, v, ct)]
+        ref_out, ref_vjp = jax.vjp(lambda q, k, v: attention_reference(q, k, v, **kwargs), *f64[:3])
+        want = [np.asarray(x) for x in (ref_out, *ref_vjp(f64[3]))]
+    tol = TOLERANCE[jnp.dtype(jnp.bfloat16)]
+    for label, g, r in zip(("out", "dq", "dk", "dv"), got, want):
+        g = np.asarray(g, np.float64)
+        assert g.shape == r.shape and np.isfinite(g).all(), label
+        assert rel_err(g, r) <= tol, f"{label}: relative error {rel_err(g, r):.3e} ({shape}, causal={causal})"

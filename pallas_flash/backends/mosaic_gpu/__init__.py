@@ -13,12 +13,21 @@ depths), ``tune.py`` (the tuner's space).
 
 The kernels compute plain and causal attention with GQA/MQA, any sequence
 lengths (Tq != Tk, not block multiples), head dims 64, 128 and 256, in
-bfloat16 and float16, and per-batch sequence lengths
-(``query_seq_lengths``/``key_value_seq_lengths``: key blocks past a row's key
-length are not loaded; ``tests/test_mosaic_lengths.py``, in interpret mode and
-on the GPU). Everything else (masks, bias, segment ids, ALiBi,
-soft-cap, dropout, windows, position offsets, float32, other head dims, GPUs
-other than compute capability 9.0) is refused by ``supports`` with
+bfloat16 and float16, with
+
+- per-batch sequence lengths (``query_seq_lengths``/``key_value_seq_lengths``:
+  blocks past a row's lengths are not loaded; ``tests/test_mosaic_lengths.py``);
+- local windows (``local_window_size``: each query tile streams only the key
+  blocks its window reaches, and only blocks that cross a window edge are
+  masked; ``tests/test_mosaic_window.py``);
+- segment ids (``q_segment_ids``/``kv_segment_ids``, packed documents: the ids
+  travel by TMA with the K (or Q) blocks, and for sorted ids each tile streams
+  only the blocks its segments span; ``tests/test_mosaic_segments.py``), at head
+  dims 64 and 128 (the head-dim-256 backward has no segment ids yet).
+
+Each is tested in interpret mode and on the GPU. Everything else (masks, bias,
+ALiBi, soft-cap, dropout, position offsets, float32, other head dims, GPUs other
+than compute capability 9.0) is refused by ``supports`` with
 ``NotImplementedError``, so a caller can fall back to ``"triton"``.
 """
 
@@ -35,6 +44,7 @@ from pallas_flash.backends.mosaic_gpu.config import (
     HEAD_DIMS,
     MosaicBackwardConfig,
     MosaicConfig,
+    WIDE_HEAD_DIMS,
     MosaicForwardConfig,
     default_config,
 )
@@ -44,7 +54,7 @@ from pallas_flash.spec import AttentionInputs, AttentionSpec
 SUPPORTED_DTYPES = tuple(jnp.dtype(d) for d in (jnp.bfloat16, jnp.float16))
 COMPUTE_CAPABILITY = "9.0"
 # The optional features (``AttentionSpec.features`` keys) that ``supports`` lets through to the kernels.
-KERNEL_FEATURES: frozenset[str] = frozenset({"lengths"})
+KERNEL_FEATURES: frozenset[str] = frozenset({"lengths", "window", "segments"})
 
 __all__ = ["MosaicBackend", "MosaicConfig", "MosaicForwardConfig", "MosaicBackwardConfig", "default_config"]
 
@@ -74,6 +84,11 @@ class MosaicBackend(KernelBackend):
         if q.shape[-1] not in HEAD_DIMS:
             raise NotImplementedError(
                 f"the Mosaic GPU kernels support head_dim in {HEAD_DIMS}, got query {tuple(q.shape)}"
+            )
+        if spec.has_segments and q.shape[-1] in WIDE_HEAD_DIMS:  # the forward has them, the backward not yet
+            raise NotImplementedError(
+                f"the Mosaic GPU kernels do not implement segment ids at head_dim={q.shape[-1]} "
+                f"(query {tuple(q.shape)}): the head-dim-256 backward has none yet"
             )
         capability = _gpu_compute_capability()
         if capability is not None and capability != COMPUTE_CAPABILITY:
