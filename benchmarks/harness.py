@@ -82,7 +82,7 @@ def _pallas_flash_mosaic(p: Problem, *, deterministic: bool = True):
     s = p.shape
     q = jax.ShapeDtypeStruct(s.q_shape, DTYPES[p.dtype])  # shapes only: supports() reads no values
     k = jax.ShapeDtypeStruct(s.kv_shape, DTYPES[p.dtype])
-    ids = None if p.doc_lens is None else jax.ShapeDtypeStruct((s.batch, s.seq_q), jax.numpy.int32)
+    ids = None if p.doc_lens is None else np.zeros((s.batch, s.seq_q), np.int32)  # supports() reads no values
     spec, inputs = attention_call(q, k, k, None, None, is_causal=s.causal, local_window_size=p.window_arg,
                                   logits_soft_cap=p.soft_cap, q_segment_ids=ids, kv_segment_ids=ids)
     mosaic = backends.get("mosaic")
