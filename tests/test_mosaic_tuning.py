@@ -184,6 +184,33 @@ def test_default_config_without_cache_is_the_heuristic(cache_dir):
     assert got.bwd == MosaicBackwardConfig(block_q=128, num_stages=3, dq_block_kv=128, dq_num_stages=2)
 
 
+@pytest.mark.parametrize("features", [{"window"}, {"lengths"}, {"segments", "window"}])
+def test_features_make_the_d128_forward_take_turns(cache_dir, features):
+    """Tuned or not, a window, lengths or segment ids turn the D=128 forward's overlap off (and nothing else)."""
+    kw = dict(dtype=jnp.bfloat16, causal=False, seq_q=4096, seq_k=4096)
+    plain = _heuristic(128, False)
+    assert plain.fwd.overlap
+    got = mosaic_config.default_config(head_dim=128, features=frozenset(features), gpu="", **kw)
+    assert got == dataclasses.replace(plain, fwd=dataclasses.replace(plain.fwd, overlap=False))
+    tuned = dataclasses.replace(plain, fwd=MosaicForwardConfig(block_kv=64, num_stages=4, overlap=True, persistent=False))
+    _write_cache({mosaic_config.config_key(128, "bfloat16", False, 4096): tuned.to_dict()})
+    got = mosaic_config.default_config(head_dim=128, features=frozenset(features), gpu=GPU, **kw)
+    assert got.fwd == MosaicForwardConfig(block_kv=64, num_stages=4, overlap=False, persistent=False)
+    assert got.bwd == tuned.bwd
+    # other features, and other head dims, keep their config
+    assert mosaic_config.default_config(head_dim=128, features=frozenset({"dropout"}), gpu=GPU, **kw) == tuned
+    assert mosaic_config.default_config(head_dim=256, features=frozenset(features), gpu="", **kw) == _heuristic(256, False)
+
+
+def test_segment_ids_give_the_d64_forward_128_key_blocks(cache_dir):
+    kw = dict(dtype=jnp.bfloat16, causal=True, seq_q=16384, seq_k=16384, gpu="")
+    plain = _heuristic(64, True, 16384)
+    assert plain.fwd.block_kv == 256
+    got = mosaic_config.default_config(head_dim=64, features=frozenset({"segments"}), **kw)
+    assert got == dataclasses.replace(plain, fwd=dataclasses.replace(plain.fwd, block_kv=128, num_stages=3))
+    assert mosaic_config.default_config(head_dim=64, features=frozenset({"window"}), **kw) == plain
+
+
 def test_unreadable_cache_is_ignored(cache_dir):
     mosaic_config.user_cache_path().write_text("{not json")
     got = mosaic_config.default_config(head_dim=128, dtype=jnp.bfloat16, causal=False, seq_q=4096, seq_k=4096, gpu=GPU)

@@ -98,7 +98,8 @@ class MosaicBackend(KernelBackend):
 
     def default_config(self, q, k, spec: AttentionSpec) -> MosaicConfig:
         return default_config(
-            head_dim=q.shape[-1], dtype=q.dtype, causal=spec.causal, seq_q=q.shape[1], seq_k=k.shape[1]
+            head_dim=q.shape[-1], dtype=q.dtype, causal=spec.causal, seq_q=q.shape[1], seq_k=k.shape[1],
+            features=frozenset(spec.features()),
         )
 
     def forward(self, q, k, v, inputs, spec, *, config: MosaicConfig, interpret: bool):

@@ -307,17 +307,34 @@ def _user_entry(head_dim: int, dtype: Any, causal: bool, seq_q: int, gpu: str) -
     return cfg
 
 
+# Features under which a row may see no key, or a key block needs its own bounds (``AttentionSpec.features`` keys).
+# With any of them the D=128 forward takes turns instead of overlapping: the window's extra masked loop made
+# ptxas serialize the overlap's wgmmas (C7513) and spill (H200, D=128, 16k causal, 2026-12-02: window 4096
+# 512 TFLOP/s taking turns vs 360 overlapped; packed documents 339 vs 303; a padded batch 429 vs 411).
+TURN_TAKING_FEATURES = frozenset({"window", "lengths", "segments"})
+# Segment ids at D=64: 128-key blocks in three stages. Masking a 256-key block by id spilled 432 bytes of
+# registers (H200, packed documents, 16k causal, 2026-12-02: 124 TFLOP/s with 256 x 2, 235 with 128 x 3).
+SEGMENTS_D64_FORWARD = dict(block_kv=128, num_stages=3)
+
+
 def default_config(
-    *, head_dim: int, dtype: Any, causal: bool, seq_q: int, seq_k: int, gpu: str | None = None
+    *, head_dim: int, dtype: Any, causal: bool, seq_q: int, seq_k: int, gpu: str | None = None,
+    features: frozenset[str] = frozenset(),
 ) -> MosaicConfig:
     """The config used when the caller passes none.
 
     The user's tuned cache for this GPU (``user_cache_path()``; ``gpu`` defaults to ``gpu_name()``), else the
-    forward's (head dim, dtype, mask and, for the overlap, the key length) and backward's heuristics.
+    forward's (head dim, dtype, mask and, for the overlap, the key length) and backward's heuristics. ``features``
+    (the call's ``AttentionSpec.features`` keys; the tuner times plain and causal calls only): with one of
+    ``TURN_TAKING_FEATURES`` the D=128 forward takes turns, and with segment ids the D=64 forward takes
+    ``SEGMENTS_D64_FORWARD`` blocks, tuned or not.
     """
     gpu = gpu_name() if gpu is None else gpu
-    if gpu:
-        tuned = _user_entry(head_dim, dtype, causal, seq_q, gpu)
-        if tuned is not None:
-            return tuned
-    return MosaicConfig(fwd=_default_forward(head_dim, dtype, causal, seq_k), bwd=_default_backward(head_dim, dtype))
+    config = _user_entry(head_dim, dtype, causal, seq_q, gpu) if gpu else None
+    if config is None:
+        config = MosaicConfig(fwd=_default_forward(head_dim, dtype, causal, seq_k), bwd=_default_backward(head_dim, dtype))
+    if head_dim == 128 and config.fwd.overlap and features & TURN_TAKING_FEATURES:
+        config = dataclasses.replace(config, fwd=dataclasses.replace(config.fwd, overlap=False))
+    if head_dim <= 64 and "segments" in features and config.fwd.block_kv > SEGMENTS_D64_FORWARD["block_kv"]:
+        config = dataclasses.replace(config, fwd=dataclasses.replace(config.fwd, **SEGMENTS_D64_FORWARD))
+    return config
