@@ -4,7 +4,8 @@ A query row sees the keys of its own segment. The launcher gives each 64-row
 query tile the range of key blocks whose ids overlap its own
 (``segment_block_ranges``: exact for sorted ids, as packed documents have; a
 superset otherwise), the memory warpgroup loads each key block's ids with its
-K, and every streamed block is masked by id. Cases: packed documents not
+K, and every streamed block is masked by id but a run of blocks whose keys
+all have the tile's one id (forward and dQ kernel). Cases: packed documents not
 aligned to blocks, unsorted ids, rows whose id no key has (O = 0, lse =
 -inf), causal and not, Tq != Tk, GQA, both schedules, persistent or not;
 output and log-sum-exp against float64. The D<=128 backward likewise: the
@@ -90,8 +91,17 @@ def test_segment_block_ranges():
     q_seg = jnp.asarray([[0] * 64 + [1] * 64 + [5] * 64], jnp.int32)  # tiles: id 0, id 1, id 5 (no key has 5)
     kv_seg = jnp.asarray([[0] * 100 + [1] * 50 + [2] * 106], jnp.int32)
     got = np.asarray(segment_block_ranges(q_seg, kv_seg, 64, 64, 3))
-    # Blocks: [0-63] id 0; [64-127] ids 0,1; [128-191] ids 1,2; [192-255] id 2.
-    np.testing.assert_array_equal(got[0], [[0, 2], [1, 3], [4, 0]])
+    # Blocks: [0-63] id 0; [64-127] ids 0,1; [128-191] ids 1,2; [192-255] id 2. Then the run of blocks of the
+    # tile's one id: block 0 for tile 0, none (empty, at first) for the others.
+    np.testing.assert_array_equal(got[0], [[0, 2, 0, 1], [1, 3, 1, 1], [4, 0, 4, 4]])
+    # One id in blocks 0, 1, 3 and 4 but not 2: not one run, so none; a tile of two ids: none.
+    kv_seg = jnp.asarray([[7] * 128 + [7] * 10 + [8] * 54 + [7] * 128], jnp.int32)
+    q_seg = jnp.asarray([[7] * 64 + [7] * 32 + [8] * 32], jnp.int32)
+    got = np.asarray(segment_block_ranges(q_seg, kv_seg, 64, 64, 2))
+    np.testing.assert_array_equal(got[0], [[0, 5, 0, 0], [0, 5, 0, 0]])
+    kv_seg = jnp.asarray([[7] * 200 + [8] * 56], jnp.int32)  # blocks 0-2 all id 7: one run
+    np.testing.assert_array_equal(np.asarray(segment_block_ranges(q_seg, kv_seg, 64, 64, 2))[0],
+                                  [[0, 4, 0, 3], [0, 4, 0, 0]])
 
 
 @pytest.mark.parametrize(

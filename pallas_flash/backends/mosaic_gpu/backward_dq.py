@@ -140,7 +140,7 @@ def _dq_kernel(
         if left is not None or has_segments:  # inside the CTA's blocks
             kv_first = jnp.clip(kv_first, cta_kv_first, cta_kv_end)
             kv_end = jnp.clip(kv_end, kv_first, cta_kv_end)
-        # Blocks kv_lo .. kv_unmasked - 1 need no mask (those before: the window's left edge).
+        # Blocks kv_lo .. kv_unmasked - 1 need no mask (those before: the window's left edge, other ids).
         kv_unmasked = jnp.int32(num_whole_kv_blocks)
         if right is not None:  # every key <= every row + right
             if right == 0:
@@ -155,8 +155,10 @@ def _dq_kernel(
             kv_unmasked = jnp.maximum(kv_unmasked, kv_lo)
         if q_len_ref is not None or left is not None:
             kv_unmasked = jnp.minimum(kv_unmasked, kv_end)
-        if has_segments:  # every block is masked (by the ids)
-            kv_lo = kv_unmasked = kv_first
+        if has_segments:  # blocks outside the run whose keys all have the tile's one id are masked by id
+            tile = lax.div(q0, jnp.int32(BLOCK_Q))
+            kv_lo = jnp.clip(jnp.maximum(kv_lo, seg_range_ref[batch, tile, 2]), kv_first, kv_end)
+            kv_unmasked = jnp.clip(jnp.minimum(kv_unmasked, seg_range_ref[batch, tile, 3]), kv_lo, kv_end)
         plgpu.barrier_wait(rows_ready.at[wg])
         lse = plgpu.load(lse_smem.at[wg], layout=ROW)
         delta = plgpu.load(delta_smem.at[wg], layout=ROW)
@@ -200,7 +202,7 @@ def _dq_kernel(
                 plgpu.wgmma_wait(0)
                 plgpu.barrier_arrive(k_consumed.at[slot])
 
-            if left is not None:  # the window's left edge
+            if left is not None or has_segments:  # the window's left edge, the blocks of other ids
                 pl.loop(kv_first, kv_lo)(functools.partial(kv_step, masked=True))
             pl.loop(kv_lo, kv_unmasked)(functools.partial(kv_step, masked=False))
             if right is not None or left is not None or has_segments or seq_k % block_kv or kv_len is not None:

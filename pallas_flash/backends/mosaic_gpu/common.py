@@ -149,9 +149,11 @@ def drain_kv_slots(k_consumed, v_consumed, steps, num_stages):
 
 
 def segment_block_ranges(q_seg, kv_seg, block_q: int, block_kv: int, num_q_tiles: int) -> jax.Array:
-    """int32 ``[B, num_q_tiles, 2]``: per ``block_q``-row query tile, ``[first, end)`` of the key blocks whose ids
+    """int32 ``[B, num_q_tiles, 4]``: per ``block_q``-row query tile, ``[first, end)`` of the key blocks whose ids
     overlap the tile's id range (``[num blocks, 0)`` when none does): a superset of the blocks holding one of its
-    ids, exact for sorted ids (packed documents)."""
+    ids, exact for sorted ids (packed documents); then ``[whole_first, whole_end)``, a run of those blocks
+    whose keys all have the tile's one id (no id mask needed; empty, at ``first``, where the tile has several
+    ids or such blocks are not one run)."""
     batch, seq_q = q_seg.shape
     seq_k = kv_seg.shape[1]
     num_kv_blocks = pl.cdiv(seq_k, block_kv)
@@ -169,4 +171,10 @@ def segment_block_ranges(q_seg, kv_seg, block_q: int, block_kv: int, num_q_tiles
     blocks = jnp.arange(num_kv_blocks, dtype=jnp.int32)
     first = jnp.where(overlap, blocks, num_kv_blocks).min(-1)
     end = jnp.where(overlap, blocks + 1, 0).max(-1)
-    return jnp.stack([first, end], axis=-1).astype(jnp.int32)
+    whole = ((q_lo == q_hi)[:, :, None] & (k_lo == k_hi)[:, None, :]
+             & (k_lo[:, None, :] == q_lo[:, :, None]))  # [B, tiles, blocks]: one id, the tile's
+    whole_first = jnp.where(whole, blocks, num_kv_blocks).min(-1)
+    whole_end = jnp.where(whole, blocks + 1, 0).max(-1)
+    one_run = whole.sum(-1) == whole_end - whole_first  # (false where there is none)
+    whole_first, whole_end = jnp.where(one_run, whole_first, first), jnp.where(one_run, whole_end, first)
+    return jnp.stack([first, end, whole_first, whole_end], axis=-1).astype(jnp.int32)

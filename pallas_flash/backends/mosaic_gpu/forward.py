@@ -227,8 +227,10 @@ def _forward_kernel(
         if left is not None:  # every key >= every row - left: kb * block_kv >= q_base + block_q - 1 - left
             lo = jnp.clip(pl.cdiv(jnp.maximum(q_base + block_q - 1 - left, 0), jnp.int32(block_kv)), first, end)
             unmasked = jnp.clip(unmasked, lo, end)
-        if has_segments:  # every block is masked (by the ids)
-            lo = unmasked = first
+        if has_segments:  # blocks outside the run whose keys all have the tile's one id are masked by id
+            tile = lax.div(q_base, jnp.int32(block_q))
+            lo = jnp.clip(jnp.maximum(lo, seg_range_ref[batch, tile, 2]), first, end)
+            unmasked = jnp.clip(jnp.minimum(unmasked, seg_range_ref[batch, tile, 3]), lo, end)
         return cta_first, cta_end, first, lo, unmasked, end
 
     @pl.when(wg < COMPUTE_WGS)

@@ -65,7 +65,7 @@ class ForwardTile:
     wg: Any  # this warpgroup (0 or 1)
     q_base: Any  # its first query row
     kv_start: Any  # the first key block its rows see
-    kv_lo: Any  # blocks kv_lo .. kv_unmasked - 1 need no mask (those before: the window's left edge)
+    kv_lo: Any  # blocks kv_lo .. kv_unmasked - 1 need no mask (those before: the window's left edge, other ids)
     kv_unmasked: Any
     kv_end: Any  # one past the last key block its rows see
     cta_kv_start: Any  # the key blocks the CTA's rows see (the memory warpgroup loads these)
@@ -88,6 +88,10 @@ class ForwardTile:
 
     def slot(self, kb):
         return lax.rem(self.step + kb - self.cta_kv_start, jnp.int32(self.num_stages))
+
+    @property
+    def masks_front(self) -> bool:  # static: blocks kv_start .. kv_lo - 1 are masked (a window's left edge, ids)
+        return self.left is not None or self.kvseg_smem is not None
 
     @property
     def may_start_late(self) -> bool:  # static: this warpgroup's first block may come after the CTA's
@@ -229,7 +233,7 @@ def turn_taking(t: ForwardTile, carry):
         plgpu.barrier_arrive(t.v_consumed.at[slot])
         return acc, m_new, l
 
-    if t.left is not None:  # the window's left edge
+    if t.masks_front:  # the window's left edge, the blocks of other ids
         carry = lax.fori_loop(i32(t.kv_start), i32(t.kv_lo), functools.partial(kv_step, masked=True), carry)
     carry = lax.fori_loop(i32(t.kv_lo), i32(t.kv_unmasked), functools.partial(kv_step, masked=False), carry)
     if t.needs_mask:
@@ -334,7 +338,7 @@ def overlapped(t: ForwardTile, carry):
     # Step j finishes block j's P V and starts block j + 1's S; block j + 1 needs no mask in [kv_lo, kv_unmasked).
     carry = (acc, m, l, p16)
     last_step = i32(t.kv_end) - 1
-    if t.left is not None:  # the window's left edge
+    if t.masks_front:  # the window's left edge, the blocks of other ids
         first_unmasked_step = jnp.clip(i32(t.kv_lo) - 1, i32(t.kv_start), last_step)
         last_unmasked_step = jnp.clip(i32(t.kv_unmasked) - 1, first_unmasked_step, last_step)
         carry = lax.fori_loop(i32(t.kv_start), first_unmasked_step, functools.partial(kv_step, masked=True), carry)
