@@ -488,13 +488,11 @@ def mosaic_backward(
     common = dict(spec=spec, config=config, interpret=interpret)
     segments = None
     if spec.has_segments:  # padded by repeating the last id, so that the padding widens no block's id range
-        if head_dim in WIDE_HEAD_DIMS:
-            raise NotImplementedError(f"the Mosaic GPU backward at head_dim={head_dim} has no segment ids yet")
         segments = (jnp.pad(inputs.q_segment_ids.astype(jnp.int32), ((0, 0), (0, tq_pad - seq_q)), mode="edge"),
                     jnp.pad(inputs.kv_segment_ids.astype(jnp.int32), ((0, 0), (0, tk_pad - seq_k)), mode="edge"))
     if head_dim in WIDE_HEAD_DIMS:  # the role split of ``backward_wide.py``
-        dq, dk, dv = launch_wide(q_p, k_p, v_p, do_p, lse2, delta, kv_lengths, q_lengths, seq_q=seq_q, seq_k=seq_k,
-                                 **common)
+        dq, dk, dv = launch_wide(q_p, k_p, v_p, do_p, lse2, delta, kv_lengths, q_lengths, segments, seq_q=seq_q,
+                                 seq_k=seq_k, **common)
         return Gradients(dq[:, :seq_q], dk[:, :seq_k], dv[:, :seq_k])
     dq, dk, dv = _launch_dkdv(q_p, k_p, v_p, do_p, lse2, delta, kv_lengths, q_lengths, segments, seq_q=seq_q,
                               seq_k=seq_k, **common)
