@@ -190,20 +190,23 @@ def _dkdv_kernel(
         q_blocks = jnp.minimum(pl.cdiv(jnp.maximum(cta_k0 + TILE + left, 0), jnp.int32(block_q)), q_blocks)
     if has_q_lengths:  # blocks past the batch row's query length hold no live row: never streamed
         q_blocks = jnp.minimum(pl.cdiv(q_len_ref[batch], jnp.int32(block_q)), q_blocks)
-    if has_segments:  # the query blocks holding an id of the CTA's keys; all of them masked
+    if has_segments:  # the query blocks holding an id of the CTA's keys; masked by id but the run of their one id
         q_blocks = jnp.minimum(seg_range_ref[batch, tile, 1], q_blocks)
         j_lo = jnp.maximum(jnp.minimum(seg_range_ref[batch, tile, 0], q_blocks), j_lo)
-        j_full = q_blocks
+        j_full = jnp.maximum(jnp.maximum(seg_range_ref[batch, tile, 2], j_full), j_lo)
     if has_q_lengths or left is not None or has_segments:
         j_lo, j_full = jnp.minimum(j_lo, q_blocks), jnp.minimum(j_full, q_blocks)
-    j_unmasked_end = None  # from it on, some row's window ends before some of the CTA's keys
+    j_unmasked_end = None  # from it on, some row's window ends before some of the CTA's keys (or has another id)
     if left is not None:
         j_unmasked_end = jnp.clip(lax.div(jnp.maximum(cta_k0 + left + 1, 0), jnp.int32(block_q)), j_full, q_blocks)
+    if has_segments:
+        j_unmasked_end = jnp.clip(jnp.minimum(seg_range_ref[batch, tile, 3], q_blocks if j_unmasked_end is None
+                                              else j_unmasked_end), j_full, q_blocks)
     key_limit = seq_k if kv_len is None else kv_len  # keys at or past it are masked
     any_masked = right is not None or left is not None or ragged_k or has_kv_lengths or has_segments  # static
     n_q = jnp.maximum(q_blocks - j_lo, 0)  # query blocks per head
     n_masked = j_full - j_lo
-    n_unmasked_end = n_q if left is None else j_unmasked_end - j_lo
+    n_unmasked_end = n_q if j_unmasked_end is None else j_unmasked_end - j_lo
 
     dtype = q_smem.dtype
     head_dim = q_smem.shape[-1]
@@ -317,7 +320,7 @@ def _dkdv_kernel(
                 if any_masked:
                     pl.loop(i32(0), n_masked)(lambda jj: q_step(t0 + jj, jj, masked=True))
                 pl.loop(n_masked, n_unmasked_end)(lambda jj: q_step(t0 + jj, jj, masked=False))
-                if left is not None:  # the windows' left edge
+                if left is not None or has_segments:  # the windows' left edge, the rows of other ids
                     pl.loop(n_unmasked_end, n_q)(lambda jj: q_step(t0 + jj, jj, masked=True))
 
             if fuse_dq:
