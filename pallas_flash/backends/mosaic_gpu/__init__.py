@@ -22,8 +22,10 @@ bfloat16 and float16, with
   masked; ``tests/test_mosaic_window.py``);
 - segment ids (``q_segment_ids``/``kv_segment_ids``, packed documents: the ids
   travel by TMA with the K (or Q) blocks, and for sorted ids each tile streams
-  only the blocks its segments span; ``tests/test_mosaic_segments.py``), at head
-  dims 64 and 128 (the head-dim-256 backward has no segment ids yet).
+  only the blocks its segments span, and the forward and the dQ kernel leave
+  unmasked the blocks wholly inside the tile's one segment;
+  ``tests/test_mosaic_segments.py``), at head dims 64 and 128 (the
+  head-dim-256 backward has no segment ids yet).
 
 Each is tested in interpret mode and on the GPU. Everything else (masks, bias,
 ALiBi, soft-cap, dropout, position offsets, float32, other head dims, GPUs other
