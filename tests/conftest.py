@@ -53,6 +53,28 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+# Each compiled executable holds memory mappings, and jit caches keep them alive: the Mosaic GPU interpreter
+# compiles every kernel's per-warpgroup jaxpr (about 200 mappings per interpreted kernel test), so one pytest
+# process ran past Linux's vm.max_map_count (65530) and XLA aborted the process inside a compile. Past this
+# many mappings, the caches are cleared after a test.
+MAX_MAPPINGS_BEFORE_CLEARING = 30_000
+
+
+def _mappings() -> int:
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:  # not Linux
+        return 0
+
+
+@pytest.fixture(autouse=True)
+def _bounded_compile_caches():
+    yield
+    if _mappings() > MAX_MAPPINGS_BEFORE_CLEARING:
+        jax.clear_caches()
+
+
 @pytest.fixture
 def seed(request) -> int:
     """A fresh seed per test (printed on failure); PALLAS_FLASH_SEED pins it to reproduce one."""
