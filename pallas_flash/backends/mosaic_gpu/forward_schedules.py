@@ -91,7 +91,7 @@ class ForwardTile:
 
     @property
     def masks_front(self) -> bool:  # static: blocks kv_start .. kv_lo - 1 are masked (a window's left edge, ids)
-        return self.left is not None or self.kvseg_smem is not None
+        return self.may_start_late  # the same two cases
 
     @property
     def may_start_late(self) -> bool:  # static: this warpgroup's first block may come after the CTA's
