@@ -3,9 +3,9 @@
 Files: ``forward.py`` (the warp-specialised TMA + wgmma forward kernel, one CTA
 per query tile or persistent, and its launcher), ``forward_schedules.py`` (its
 compute warpgroups' two schedules: turn-taking, and FlashAttention-3's
-intra-warpgroup overlap), ``backward.py`` (the dK/dV kernel, with dQ fused by TMA reductions
-or, in the deterministic mode, the default, the separate dQ kernel of
-``backward_dq.py``), ``backward_wide.py`` (the head-dim-256 backward: the two
+intra-warpgroup overlap), ``backward.py`` (the backward's design and its padding and dispatch),
+``backward_dkdv.py`` (the dK/dV kernel, with dQ fused by TMA reductions or, in the
+deterministic mode, the default, the separate dQ kernel of ``backward_dq.py``), ``backward_wide.py`` (the head-dim-256 backward: the two
 compute warpgroups split by role, not by rows), ``common.py`` (what all the
 kernels share: warpgroup roles, layouts, tiles, the memory warpgroup's
 loops), ``config.py`` (``MosaicConfig``: the kernels' blocks and pipeline

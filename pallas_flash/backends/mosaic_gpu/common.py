@@ -1,6 +1,6 @@
 """What the Mosaic GPU kernels share: warpgroup roles, register split, layouts, shared-memory tiles, the loads.
 
-Every kernel (``forward.py``'s, ``backward.py``'s dK/dV kernel,
+Every kernel (``forward.py``'s, ``backward_dkdv.py``'s dK/dV kernel,
 ``backward_dq.py``'s dQ kernel, ``backward_wide.py``'s two) runs one CTA of
 two compute warpgroups and one memory warpgroup. The memory warpgroup's two
 loops are here: ``stream_kv_blocks`` (the forward and the dQ kernels: K/V
