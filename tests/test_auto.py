@@ -54,7 +54,7 @@ def _spec(**kw) -> AttentionSpec:
         (jnp.bfloat16, 96, _spec(), "triton"),  # no table rule for D=96
         (jnp.bfloat16, 128, _spec(mask_shape=(1, 1, 256, 256)), "triton"),  # a feature the Mosaic kernels lack
         (jnp.bfloat16, 128, _spec(has_segments=True, window=(64, 0)), "mosaic"),
-        (jnp.bfloat16, 256, _spec(has_segments=True), "triton"),  # the D=256 Mosaic backward has no segment ids
+        (jnp.bfloat16, 256, _spec(has_segments=True), "mosaic"),
         (jnp.bfloat16, 128, _spec(q_offset=64), "triton"),
     ],
 )

@@ -11,8 +11,8 @@ aligned to blocks, unsorted ids, rows whose id no key has (O = 0, lse =
 output and log-sum-exp against float64. The D<=128 backward likewise: the
 dK/dV kernel streams the query blocks whose ids overlap its keys' (their ids
 with Q), the dQ kernel the key blocks as the forward; gradients under a
-random cotangent, both dQ modes (D=256 raises ``NotImplementedError``, and
-``MosaicBackend.supports`` refuses segment ids at D=256). The last test goes
+random cotangent, both dQ modes; and the D=256 role split's two kernels
+(``backward_wide.py``), deterministic. The last test goes
 through ``pallas_flash.dot_product_attention`` and its ``custom_vjp`` with
 segment ids, a local window and per-batch lengths together.
 """
@@ -134,6 +134,11 @@ BWD_CASES = {
                                  MosaicBackwardConfig(block_q=128, num_stages=2, dq_block_kv=128, dq_num_stages=2)),
     "unsorted_tq<tk_det": (Shape("s", 2, 200, 333, 2, 1, 64), False, "unsorted",
                            MosaicBackwardConfig(num_stages=2, dq_block_kv=64, dq_num_stages=2)),
+    # D=256: backward_wide.py's role split (64-row tiles on both sides)
+    "packed_causal_d256_gqa2": (Shape("s", 1, 300, 300, 4, 2, 256), True, "packed",
+                                MosaicBackwardConfig(num_stages=2, dq_block_kv=64, dq_num_stages=2)),
+    "unsorted_tq<tk_d256": (Shape("s", 1, 200, 333, 2, 1, 256), False, "unsorted",
+                            MosaicBackwardConfig(num_stages=2, dq_block_kv=64, dq_num_stages=2)),
 }
 
 
@@ -166,26 +171,18 @@ def test_interpret_segments_backward(name, seed):
         assert rel_err(got, ref) <= tol, f"{label}: relative error {rel_err(got, ref):.3e}"
 
 
-def test_segments_backward_at_head_dim_256_is_not_implemented():
-    q = jnp.zeros((1, 64, 2, 256), jnp.bfloat16)
-    ids = jnp.zeros((1, 64), jnp.int32)
-    spec = AttentionSpec(scale=0.1, has_segments=True)
-    with pytest.raises(NotImplementedError, match="head_dim=256 has no segment ids"):
-        mosaic_backward(q, q, q, q, jnp.zeros((1, 2, 64), jnp.float32), q, None, spec=spec,
-                        config=MosaicBackwardConfig(dq_num_stages=2), inputs=AttentionInputs(q_segment_ids=ids, kv_segment_ids=ids))
-
-
 @pytest.mark.parametrize(
-    "config",
-    [MosaicBackwardConfig(block_q=128, num_stages=3, dq_block_kv=128, dq_num_stages=2),
-     MosaicBackwardConfig(num_stages=2, deterministic=False)],
-    ids=["d64_deterministic_rows128", "d64_fused"],
+    "head_dim, config",
+    [(64, MosaicBackwardConfig(block_q=128, num_stages=3, dq_block_kv=128, dq_num_stages=2)),
+     (64, MosaicBackwardConfig(num_stages=2, deterministic=False)),
+     (256, MosaicBackwardConfig(num_stages=2, dq_block_kv=64, dq_num_stages=2))],
+    ids=["d64_deterministic_rows128", "d64_fused", "d256"],
 )
-def test_segments_backward_lowers_for_cuda(config):
+def test_segments_backward_lowers_for_cuda(head_dim, config):
     import re
 
-    q = jnp.zeros((2, 300, 4, 64), jnp.bfloat16)
-    k = jnp.zeros((2, 333, 2, 64), jnp.bfloat16)
+    q = jnp.zeros((2, 300, 4, head_dim), jnp.bfloat16)
+    k = jnp.zeros((2, 333, 2, head_dim), jnp.bfloat16)
     lse2 = jnp.zeros((2, 4, 300), jnp.float32)
     ids = AttentionInputs(q_segment_ids=jnp.zeros((2, 300), jnp.int32), kv_segment_ids=jnp.zeros((2, 333), jnp.int32))
     spec = AttentionSpec(scale=0.1, causal=True, has_segments=True)
@@ -201,6 +198,7 @@ GPU_CASES = {
     "packed_causal_d64_gqa4": (Shape("s", 2, 4096, 4096, 8, 2, 64), True, "packed"),
     "packed_full_d128": (Shape("s", 2, 2000, 2000, 4, 4, 128), False, "packed"),
     "unsorted_tq<tk_d128": (Shape("s", 2, 1500, 1777, 4, 2, 128), False, "unsorted"),
+    "packed_causal_d256_gqa2": (Shape("s", 2, 2000, 2000, 4, 2, 256), True, "packed"),
 }
 
 
@@ -211,11 +209,14 @@ GPU_CASES = {
 def test_gpu_segments(name, overlap, fused, seed):
     """The compiled kernels: output and gradients against float64 (documents of 20-150 rows: many per block)."""
     shape, causal, kind = GPU_CASES[name]
+    wide = shape.head_dim == 256
+    if wide and fused:
+        pytest.skip("head_dim 256: the backward is deterministic in either mode")
     q, k, v, ct = random_qkv(shape, jnp.bfloat16, seed)
     q_seg, kv_seg = (jnp.asarray(x) for x in _ids(kind, shape.batch, shape.seq_q, shape.seq_k, seed))
     spec = AttentionSpec(scale=1.0 / np.sqrt(shape.head_dim), causal=causal, has_segments=True)
     inputs = AttentionInputs(q_segment_ids=q_seg, kv_segment_ids=kv_seg)
-    fwd = MosaicForwardConfig(block_kv=128, num_stages=2, overlap=overlap, persistent=True)
+    fwd = MosaicForwardConfig(block_kv=64 if wide else 128, num_stages=2, overlap=overlap, persistent=not wide)
     bwd = MosaicBackwardConfig(num_stages=2, dq_block_kv=64, dq_num_stages=2, deterministic=not fused)
 
     @jax.jit
@@ -234,13 +235,6 @@ def test_gpu_segments(name, overlap, fused, seed):
     for label, g, ref in zip(("out", "dq", "dk", "dv"), got, want):
         g, ref = np.asarray(g, np.float64), np.asarray(ref)
         assert np.isfinite(g).all() and rel_err(g, ref) <= tol, f"{label}: relative error {rel_err(g, ref):.3e}"
-
-
-def test_segments_at_head_dim_256_are_refused_by_the_backend():
-    q = jnp.zeros((1, 64, 2, 256), jnp.bfloat16)
-    ids = jnp.zeros((1, 64), jnp.int32)
-    with pytest.raises(NotImplementedError, match="segment ids at head_dim=256"):
-        pf.dot_product_attention(q, q, q, q_segment_ids=ids, kv_segment_ids=ids, implementation="mosaic")
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])

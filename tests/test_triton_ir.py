@@ -148,3 +148,31 @@ def test_variant_kernels_verify(case_name, shape, triton_modules):
 
     _lower_fwd_bwd(fn, q, kv, kv, *diff.values(), q)
     _verify(triton_modules, f"variant/{shape.name}/{case_name}")
+
+
+SHIPPED_TABLES = sorted((pathlib.Path(pf.__file__).parent / "backends" / "triton" / "tables").glob("*.json"))
+TABLE_ENTRIES = [(path, key) for path in SHIPPED_TABLES for key in sorted(json.loads(path.read_text()))]
+
+
+@pytest.mark.parametrize(("table", "key"), TABLE_ENTRIES, ids=[f"{p.stem}/{k}" for p, k in TABLE_ENTRIES])
+def test_shipped_table_configs_verify(table, key, triton_modules, tmp_path, monkeypatch):
+    """Each entry of each shipped table is what ``default_config`` returns on that GPU, and lowers and verifies
+    (at a ragged length, GQA 2:1, the entry's head dim and causal)."""
+    monkeypatch.setenv("PALLAS_FLASH_CACHE_DIR", str(tmp_path))  # no user-tuned config in the way
+    head_dim = int(key.split("|")[0][1:])
+    causal = key.split("|")[2] == "causal=True"
+    gpu = {"h100": H100, "h200": "NVIDIA H200"}[table.stem]
+    seq = int(key.split("|n")[1])
+    config = default_config(head_dim=head_dim, dtype=jnp.bfloat16, causal=causal, seq_q=seq, seq_k=seq, gpu=gpu)
+    assert config == pf.FlashConfig.from_dict(json.loads(table.read_text())[key])
+    shape = Shape("table", 1, 333, 333, 4, 2, head_dim)
+    q = jax.ShapeDtypeStruct(shape.q_shape, jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct(shape.kv_shape, jnp.bfloat16)
+
+    def fn(q, k, v):
+        return pf.dot_product_attention(q, k, v, is_causal=causal, implementation="pallas", config=config, interpret=False)
+
+    _lower_fwd_bwd(fn, q, kv, kv, q)
+    for r in triton_modules:
+        r.module.operation.verify()
+    assert len(triton_modules) >= 3

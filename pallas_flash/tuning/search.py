@@ -59,6 +59,7 @@ def fastest(candidates: Iterable[Any], timer: Callable[[Any], float], log) -> tu
         except Exception as e:  # e.g. a tile that does not fit in shared memory
             log(f"    skip {cfg}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
             continue
+        log(f"    {t * 1e3:8.3f} ms  {cfg}")
         if t < best_t:
             best_cfg, best_t = cfg, t
     if best_cfg is None:

@@ -3,9 +3,9 @@
 Files: ``forward.py`` (the warp-specialised TMA + wgmma forward kernel, one CTA
 per query tile or persistent, and its launcher), ``forward_schedules.py`` (its
 compute warpgroups' two schedules: turn-taking, and FlashAttention-3's
-intra-warpgroup overlap), ``backward.py`` (the dK/dV kernel, with dQ fused by TMA reductions
-or, in the deterministic mode, the default, the separate dQ kernel of
-``backward_dq.py``), ``backward_wide.py`` (the head-dim-256 backward: the two
+intra-warpgroup overlap), ``backward.py`` (the backward's design and its padding and dispatch),
+``backward_dkdv.py`` (the dK/dV kernel, with dQ fused by TMA reductions or, in the
+deterministic mode, the default, the separate dQ kernel of ``backward_dq.py``), ``backward_wide.py`` (the head-dim-256 backward: the two
 compute warpgroups split by role, not by rows), ``common.py`` (what all the
 kernels share: warpgroup roles, layouts, tiles, the memory warpgroup's
 loops), ``config.py`` (``MosaicConfig``: the kernels' blocks and pipeline
@@ -22,10 +22,8 @@ bfloat16 and float16, with
   masked; ``tests/test_mosaic_window.py``);
 - segment ids (``q_segment_ids``/``kv_segment_ids``, packed documents: the ids
   travel by TMA with the K (or Q) blocks, and for sorted ids each tile streams
-  only the blocks its segments span, and the forward and the dQ kernel leave
-  unmasked the blocks wholly inside the tile's one segment;
-  ``tests/test_mosaic_segments.py``), at head dims 64 and 128 (the
-  head-dim-256 backward has no segment ids yet).
+  only the blocks its segments span, and blocks wholly inside the tile's one
+  segment go unmasked; ``tests/test_mosaic_segments.py``).
 
 Each is tested in interpret mode and on the GPU. Everything else (masks, bias,
 ALiBi, soft-cap, dropout, position offsets, float32, other head dims, GPUs other
@@ -46,7 +44,6 @@ from pallas_flash.backends.mosaic_gpu.config import (
     HEAD_DIMS,
     MosaicBackwardConfig,
     MosaicConfig,
-    WIDE_HEAD_DIMS,
     MosaicForwardConfig,
     default_config,
 )
@@ -86,11 +83,6 @@ class MosaicBackend(KernelBackend):
         if q.shape[-1] not in HEAD_DIMS:
             raise NotImplementedError(
                 f"the Mosaic GPU kernels support head_dim in {HEAD_DIMS}, got query {tuple(q.shape)}"
-            )
-        if spec.has_segments and q.shape[-1] in WIDE_HEAD_DIMS:  # the forward has them, the backward not yet
-            raise NotImplementedError(
-                f"the Mosaic GPU kernels do not implement segment ids at head_dim={q.shape[-1]} "
-                f"(query {tuple(q.shape)}): the head-dim-256 backward has none yet"
             )
         capability = _gpu_compute_capability()
         if capability is not None and capability != COMPUTE_CAPABILITY:

@@ -56,13 +56,18 @@ from pallas_flash.backends.mosaic_gpu.common import (
     MEMORY_REGISTERS,
     MEMORY_WG,
     ROW,
-    WGMMA,
     bcast,
+    drain_p,
+    hand_over_p,
     i32,
     launch_params,
+    masked_logits,
     mma,
+    p_handover_scratch,
+    segment_block_ranges,
     stream_kv_blocks,
     stream_query_blocks,
+    take_p,
     tiled_smem,
 )
 from pallas_flash.backends.mosaic_gpu.config import BLOCK_Q
@@ -76,63 +81,18 @@ P_WG, DS_WG = 0, 1
 ROWS = BLOCK_Q
 
 
-def _masked_logits(s, row0, col0, *, left, right, seq_k, transposed: bool):
-    """``s`` with ``-inf`` where a key is outside the query's window (``key - query > right``, 0: causal; ``query -
-    key > left``; None: no bound) or ``>= seq_k`` (None: no limit; an int or, with sequence lengths, the batch
-    row's key length); rows/cols counted from ``row0``/``col0``."""
-    q_axis, k_axis = (1, 0) if transposed else (0, 1)
-    q0, k0 = (col0, row0) if transposed else (row0, col0)
-    queries = q0 + plgpu.broadcasted_iota(jnp.int32, s.shape, q_axis, layout=WGMMA)
-    keys = k0 + plgpu.broadcasted_iota(jnp.int32, s.shape, k_axis, layout=WGMMA)
-    visible = None
-    if right == 0:
-        visible = queries >= keys
-    elif right is not None:
-        visible = queries >= keys - right
-    if left is not None:
-        visible = keys >= queries - left if visible is None else visible & (keys >= queries - left)
-    if seq_k is not None:
-        visible = keys < seq_k if visible is None else visible & (keys < seq_k)
-    return s if visible is None else jnp.where(visible, s, -jnp.inf)
-
-
-def _hand_over_p(p, t, p_smem, p_ready, p_consumed):
-    """P warpgroup: write ``p`` into tile ``t % 2`` once the dS warpgroup has read what was there."""
-    pslot = lax.rem(t, jnp.int32(2))
-    pl.when(t >= 2)(lambda: plgpu.barrier_wait(p_consumed.at[pslot]))
-    p_smem.at[pslot][...] = p.astype(p_smem.dtype)
-    plgpu.commit_smem()
-    plgpu.barrier_arrive(p_ready.at[pslot])
-    return pslot
-
-
-def _take_p(t, p_smem, p_ready, p_consumed):
-    """dS warpgroup: tile ``t % 2`` of P, float32, and the tile released."""
-    pslot = lax.rem(t, jnp.int32(2))
-    plgpu.barrier_wait(p_ready.at[pslot])
-    p = plgpu.load(p_smem.at[pslot], layout=WGMMA).astype(jnp.float32)
-    plgpu.barrier_arrive(p_consumed.at[pslot])
-    return p
-
-
-def _drain_p(total, p_consumed):
-    """P warpgroup, at the end: observe the release of the last two tiles too."""
-
-    @pl.loop(jnp.maximum(total - 2, 0), total)
-    def _(t):
-        plgpu.barrier_wait(p_consumed.at[lax.rem(t, jnp.int32(2))])
-
-
 def _dkdv_kernel(
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
     q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, p_smem,
     kv_ready, q_ready, do_ready, q_consumed, do_consumed, p_ready, p_consumed,
-    stage_smem=None, seq_q: int, group: int, num_stages: int, causal: bool, left, right, scale: float,
-    scale_log2: float, has_kv_lengths: bool, has_q_lengths: bool, interpret: bool,
+    stage_smem=None, qseg_smem=None, kseg_smem=None, kseg_ready=None, seq_q: int, group: int, num_stages: int,
+    causal: bool, left, right, scale: float, scale_log2: float, has_kv_lengths: bool, has_q_lengths: bool,
+    has_segments: bool, interpret: bool,
 ):  # fmt: skip
     refs = list(refs)
     kv_len_ref = refs.pop(0) if has_kv_lengths else None
     q_len_ref = refs.pop(0) if has_q_lengths else None
+    q_seg_ref, kv_seg_ref, seg_range_ref = (refs.pop(0) for _ in range(3)) if has_segments else (None,) * 3
     dk_ref, dv_ref = refs
     batch = lax.axis_index("batch")
     kv_head = lax.axis_index("kv_head")
@@ -154,6 +114,9 @@ def _dkdv_kernel(
         q_blocks = jnp.minimum(pl.cdiv(q_len_ref[batch], jnp.int32(ROWS)), q_blocks)
     if has_kv_lengths:  # a tile of keys all past the batch row's key length: dK = dV = 0, nothing streamed
         q_blocks = jnp.where(k0 >= kv_len_ref[batch], jnp.int32(0), q_blocks)
+    if has_segments:  # the query blocks holding an id of these keys
+        q_blocks = jnp.minimum(seg_range_ref[batch, tile, 1], q_blocks)
+        j_lo = jnp.maximum(seg_range_ref[batch, tile, 0], j_lo)
     j_lo = jnp.minimum(j_lo, q_blocks)
     n_q = q_blocks - j_lo  # query blocks per head
     if right == 0:  # the diagonal block
@@ -165,6 +128,9 @@ def _dkdv_kernel(
     n_unmasked_end = n_q  # from it on, some row's window ends before some of the keys
     if left is not None:
         n_unmasked_end = jnp.clip(lax.div(jnp.maximum(k0 + left + 1, 0), jnp.int32(ROWS)) - j_lo, n_masked, n_q)
+    if has_segments:  # outside the run of blocks whose rows all have the keys' one id: masked by id
+        n_masked = jnp.clip(seg_range_ref[batch, tile, 2] - j_lo, n_masked, n_q)
+        n_unmasked_end = jnp.clip(jnp.minimum(n_unmasked_end, seg_range_ref[batch, tile, 3] - j_lo), n_masked, n_q)
     total = group * n_q
     dtype = q_smem.dtype
 
@@ -174,17 +140,21 @@ def _dkdv_kernel(
         @pl.loop(i32(0), i32(group))
         def _head(g):
             t0 = g * n_q
-            if right is not None:
+            if right is not None or has_segments:
                 pl.loop(i32(0), n_masked)(lambda jj: step(t0 + jj, (j_lo + jj) * ROWS, True))
             pl.loop(n_masked, n_unmasked_end)(lambda jj: step(t0 + jj, (j_lo + jj) * ROWS, False))
-            if left is not None:  # the windows' left edge
+            if left is not None or has_segments:  # the windows' left edge, the rows of other ids
                 pl.loop(n_unmasked_end, n_q)(lambda jj: step(t0 + jj, (j_lo + jj) * ROWS, True))
 
     @pl.when(wg == P_WG)
     def _p_warpgroup():  # S^T = K Q^T, P^T, dV += P^T dO
         plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
         plgpu.copy_gmem_to_smem(k_ref.at[batch, keys, kv_head], k_smem, kv_ready.at[P_WG])
+        if has_segments:
+            plgpu.copy_gmem_to_smem(kv_seg_ref.at[batch, keys], kseg_smem, kseg_ready)
+            plgpu.barrier_wait(kseg_ready)
         plgpu.barrier_wait(kv_ready.at[P_WG])
+        k_seg = plgpu.load(kseg_smem, layout=ROW) if has_segments else None
 
         def accumulate(dv_acc):
             def step(t, q0, masked):
@@ -197,11 +167,14 @@ def _dkdv_kernel(
 
                 s = pl.run_scoped(logits, plgpu.ACC((ROWS, ROWS), jnp.float32))
                 if masked:
-                    s = _masked_logits(s, k0, q0, left=left, right=right, seq_k=None, transposed=True)
+                    s = masked_logits(s, k0, q0, left=left, right=right, seq_k=None, transposed=True)
+                    if has_segments:  # the same segment
+                        q_seg = plgpu.load(qseg_smem.at[slot], layout=COL)
+                        s = jnp.where(bcast(k_seg, s.shape, 0) == bcast(q_seg, s.shape, 1), s, -jnp.inf)
                 lse = plgpu.load(lse_smem.at[slot], layout=COL)
                 plgpu.barrier_arrive(q_consumed.at[slot])
                 p = jnp.exp2(s * scale_log2 - bcast(lse, s.shape, 1))
-                pslot = _hand_over_p(p, t, p_smem, p_ready, p_consumed)
+                pslot = hand_over_p(p, t, p_smem, p_ready, p_consumed)
                 plgpu.barrier_wait(do_ready.at[slot])
                 plgpu.wgmma(dv_acc, p_smem.at[pslot], do_smem.at[slot])
                 plgpu.wgmma_wait(0)
@@ -211,7 +184,7 @@ def _dkdv_kernel(
             return dv_acc[...]
 
         dv = pl.run_scoped(accumulate, plgpu.ACC((ROWS, k_smem.shape[-1]), jnp.float32))
-        _drain_p(total, p_consumed)
+        drain_p(total, p_consumed)
         k_smem[...] = dv.astype(dtype)  # K is read by this warpgroup alone
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(k_smem, dv_ref.at[batch, keys, kv_head])
@@ -236,7 +209,7 @@ def _dkdv_kernel(
                 dp = pl.run_scoped(dprobs, plgpu.ACC((ROWS, ROWS), jnp.float32))
                 delta = plgpu.load(delta_smem.at[slot], layout=COL)
                 plgpu.barrier_arrive(do_consumed.at[slot])
-                p = _take_p(t, p_smem, p_ready, p_consumed)
+                p = take_p(t, p_smem, p_ready, p_consumed)
                 ds = (p * (dp - bcast(delta, dp.shape, 1))).astype(dtype)
                 plgpu.barrier_wait(q_ready.at[slot])
                 mma(dk_acc, ds, q_smem.at[slot], stage_smem, interpret)
@@ -258,19 +231,21 @@ def _dkdv_kernel(
             q_ref, do_ref, lse_ref, delta_ref, q_smem=q_smem, do_smem=do_smem, lse_smem=lse_smem,
             delta_smem=delta_smem, q_ready=q_ready, do_ready=do_ready, q_consumed=q_consumed,
             do_consumed=do_consumed, batch=batch, kv_head=kv_head, group=group, j_lo=j_lo, n_q=n_q,
-            block_q=ROWS, num_stages=num_stages)
+            block_q=ROWS, num_stages=num_stages, qseg=None if q_seg_ref is None else (q_seg_ref.at[batch], qseg_smem))
 
 
 def _dq_kernel(
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
     q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, p_smem,
     rows_ready, k_ready, v_ready, k_consumed, v_consumed, p_ready, p_consumed,
-    stage_smem=None, seq_k: int, group: int, num_q_tiles: int, block_kv: int, num_stages: int, causal: bool,
-    left, right, scale: float, scale_log2: float, has_kv_lengths: bool, has_q_lengths: bool, interpret: bool,
+    stage_smem=None, qseg_smem=None, kvseg_smem=None, qseg_ready=None, seq_k: int, group: int, num_q_tiles: int,
+    block_kv: int, num_stages: int, causal: bool, left, right, scale: float, scale_log2: float,
+    has_kv_lengths: bool, has_q_lengths: bool, has_segments: bool, interpret: bool,
 ):  # fmt: skip
     refs = list(refs)
     kv_len_ref = refs.pop(0) if has_kv_lengths else None
     q_len_ref = refs.pop(0) if has_q_lengths else None
+    q_seg_ref, kv_seg_ref, seg_range_ref = (refs.pop(0) for _ in range(3)) if has_segments else (None,) * 3
     (dq_ref,) = refs
     batch = lax.axis_index("batch")
     head = lax.axis_index("head")
@@ -302,6 +277,11 @@ def _dq_kernel(
         kv_first = jnp.minimum(lax.div(jnp.maximum(q0 - left, 0), jnp.int32(block_kv)), kv_end)
         kv_lo = jnp.clip(pl.cdiv(jnp.maximum(q0 + ROWS - 1 - left, 0), jnp.int32(block_kv)), kv_first, kv_end)
         kv_unmasked = jnp.clip(kv_unmasked, kv_lo, kv_end)
+    if has_segments:  # the key blocks holding an id of these rows; masked by id outside the run of the one id
+        kv_end = jnp.minimum(seg_range_ref[batch, tile, 1], kv_end)
+        kv_first = jnp.minimum(jnp.maximum(seg_range_ref[batch, tile, 0], kv_first), kv_end)
+        kv_lo = jnp.clip(jnp.maximum(seg_range_ref[batch, tile, 2], kv_lo), kv_first, kv_end)
+        kv_unmasked = jnp.clip(jnp.minimum(seg_range_ref[batch, tile, 3], kv_unmasked), kv_lo, kv_end)
     dtype = q_smem.dtype
 
     @pl.when(wg == P_WG)
@@ -309,8 +289,12 @@ def _dq_kernel(
         plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
         plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_smem, rows_ready.at[P_WG])
         plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, rows], lse_smem, rows_ready.at[P_WG])
+        if has_segments:
+            plgpu.copy_gmem_to_smem(q_seg_ref.at[batch, rows], qseg_smem, qseg_ready)
+            plgpu.barrier_wait(qseg_ready)
         plgpu.barrier_wait(rows_ready.at[P_WG])
         lse = plgpu.load(lse_smem, layout=ROW)
+        q_seg = plgpu.load(qseg_smem, layout=ROW) if has_segments else None
 
         def step(kb, *, masked: bool):
             t = kb - kv_first  # the ring's and the P tiles' step
@@ -322,17 +306,20 @@ def _dq_kernel(
                 return plgpu.wgmma_accumulator_load(s_acc, wait_n=0)
 
             s = pl.run_scoped(logits, plgpu.ACC((ROWS, block_kv), jnp.float32))
+            kv_seg = plgpu.load(kvseg_smem.at[slot], layout=COL) if masked and has_segments else None
             plgpu.barrier_arrive(k_consumed.at[slot])
             if masked:
-                s = _masked_logits(s, q0, kb * block_kv, left=left, right=right, seq_k=key_limit, transposed=False)
-            _hand_over_p(jnp.exp2(s * scale_log2 - bcast(lse, s.shape, 0)), t, p_smem, p_ready, p_consumed)
+                s = masked_logits(s, q0, kb * block_kv, left=left, right=right, seq_k=key_limit, transposed=False)
+                if has_segments:  # the same segment
+                    s = jnp.where(bcast(q_seg, s.shape, 0) == bcast(kv_seg, s.shape, 1), s, -jnp.inf)
+            hand_over_p(jnp.exp2(s * scale_log2 - bcast(lse, s.shape, 0)), t, p_smem, p_ready, p_consumed)
 
-        if left is not None:  # the window's left edge
+        if left is not None or has_segments:  # the window's left edge, the keys of other ids
             pl.loop(kv_first, kv_lo)(functools.partial(step, masked=True))
         pl.loop(kv_lo, kv_unmasked)(functools.partial(step, masked=False))
-        if right is not None or left is not None or key_limit is not None:
+        if right is not None or left is not None or key_limit is not None or has_segments:
             pl.loop(kv_unmasked, kv_end)(functools.partial(step, masked=True))
-        _drain_p(kv_end - kv_first, p_consumed)
+        drain_p(kv_end - kv_first, p_consumed)
 
     @pl.when(wg == DS_WG)
     def _ds_warpgroup():  # dP = dO V^T, dS, dQ += dS K
@@ -354,7 +341,7 @@ def _dq_kernel(
 
                 dp = pl.run_scoped(dprobs, plgpu.ACC((ROWS, block_kv), jnp.float32))
                 plgpu.barrier_arrive(v_consumed.at[slot])
-                p = _take_p(t, p_smem, p_ready, p_consumed)
+                p = take_p(t, p_smem, p_ready, p_consumed)
                 ds = (p * (dp - bcast(delta, dp.shape, 0))).astype(dtype)
                 plgpu.barrier_wait(k_ready.at[slot])
                 mma(dq_acc, ds, k_smem.at[slot], stage_smem, interpret)
@@ -375,7 +362,8 @@ def _dq_kernel(
         stream_kv_blocks(
             k_ref, v_ref, k_smem=k_smem, v_smem=v_smem, k_ready=k_ready, v_ready=v_ready, k_consumed=k_consumed,
             v_consumed=v_consumed, batch=batch, kv_head=lax.div(head, jnp.int32(group)), num_blocks=kv_end - kv_first,
-            block_kv=block_kv, num_stages=num_stages, first_block=kv_first)
+            block_kv=block_kv, num_stages=num_stages, first_block=kv_first,
+            kseg=None if kv_seg_ref is None else (kv_seg_ref.at[batch], kvseg_smem))
 
 
 def _constants(spec, interpret, group, seq_q: int, seq_k: int):
@@ -384,15 +372,8 @@ def _constants(spec, interpret, group, seq_q: int, seq_k: int):
                 scale_log2=float(spec.scale) * LOG2E, interpret=bool(interpret), group=group)
 
 
-def _p_handover(dtype, cols: int):
-    return dict(
-        p_smem=tiled_smem((2, ROWS, cols), dtype),
-        p_ready=plgpu.Barrier(num_barriers=2),
-        p_consumed=plgpu.Barrier(num_barriers=2),
-    )
-
-
-def launch_dkdv(q, k, v, do, lse2, delta, kv_lengths=None, q_lengths=None, *, spec, config, interpret, seq_q):
+def launch_dkdv(q, k, v, do, lse2, delta, kv_lengths=None, q_lengths=None, segments=None, *, spec, config, interpret,
+                seq_q, seq_k):
     """``(dk, dv)`` of the role-split dK/dV kernel, on arrays padded to whole 64-row tiles."""
     batch, _, num_heads, head_dim = q.shape
     _, tk_pad, num_kv_heads, _ = k.shape
@@ -405,28 +386,36 @@ def launch_dkdv(q, k, v, do, lse2, delta, kv_lengths=None, q_lengths=None, *, sp
         lse_smem=plgpu.SMEM((stages, ROWS), jnp.float32),
         delta_smem=plgpu.SMEM((stages, ROWS), jnp.float32),
         kv_ready=plgpu.Barrier(num_barriers=COMPUTE_WGS),
-        q_ready=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+        q_ready=plgpu.Barrier(num_arrivals=3 if segments else 2, num_barriers=stages),
         do_ready=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
         q_consumed=plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
         do_consumed=plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
-        **_p_handover(dtype, ROWS),
+        **p_handover_scratch(dtype, ROWS, ROWS),
     )
     if interpret:
         scratch["stage_smem"] = tiled_smem((ROWS, ROWS), dtype)
+    operands = [q, k, v, do, lse2, delta, *[x for x in (kv_lengths, q_lengths) if x is not None]]
+    if segments is not None:  # (q ids [B, Tq pad], kv ids [B, Tk pad]); per key tile, its query blocks
+        q_seg, kv_seg = segments
+        scratch.update(qseg_smem=plgpu.SMEM((stages, ROWS), jnp.int32), kseg_smem=plgpu.SMEM((ROWS,), jnp.int32),
+                       kseg_ready=plgpu.Barrier(num_barriers=1))
+        operands += [q_seg, kv_seg, segment_block_ranges(kv_seg[:, :seq_k], q_seg[:, :seq_q], ROWS, ROWS,
+                                                           tk_pad // ROWS)]
     kv_type = jax.ShapeDtypeStruct(k.shape, dtype)
     consts = _constants(spec, interpret, num_heads // num_kv_heads, q.shape[1], k.shape[1])
     return plgpu.kernel(
         functools.partial(_dkdv_kernel, seq_q=seq_q, num_stages=stages, has_kv_lengths=kv_lengths is not None,
-                          has_q_lengths=q_lengths is not None, **consts),
+                          has_q_lengths=q_lengths is not None, has_segments=segments is not None, **consts),
         out_type=(kv_type, kv_type),
         scratch_types=scratch,
         grid=(batch, num_kv_heads, tk_pad // ROWS),
         grid_names=("batch", "kv_head", "kv_tile"),
         **launch_params(interpret),
-    )(q, k, v, do, lse2, delta, *[x for x in (kv_lengths, q_lengths) if x is not None])
+    )(*operands)
 
 
-def launch_dq(q, k, v, do, lse2, delta, kv_lengths=None, q_lengths=None, *, spec, config, interpret, seq_k):
+def launch_dq(q, k, v, do, lse2, delta, kv_lengths=None, q_lengths=None, segments=None, *, spec, config, interpret,
+              seq_q, seq_k):
     """``dq`` of the role-split dQ kernel, on arrays padded to whole 64-row tiles."""
     batch, tq_pad, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
@@ -440,39 +429,50 @@ def launch_dq(q, k, v, do, lse2, delta, kv_lengths=None, q_lengths=None, *, spec
         lse_smem=plgpu.SMEM((ROWS,), jnp.float32),
         delta_smem=plgpu.SMEM((ROWS,), jnp.float32),
         rows_ready=plgpu.Barrier(num_arrivals=2, num_barriers=COMPUTE_WGS),
-        k_ready=plgpu.Barrier(num_barriers=stages),
+        k_ready=plgpu.Barrier(num_arrivals=2 if segments else 1, num_barriers=stages),
         v_ready=plgpu.Barrier(num_barriers=stages),
         k_consumed=plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
         v_consumed=plgpu.Barrier(num_barriers=stages),
-        **_p_handover(dtype, block_kv),
+        **p_handover_scratch(dtype, ROWS, block_kv),
     )
     if interpret:
         scratch["stage_smem"] = tiled_smem((ROWS, block_kv), dtype)
     num_q_tiles = tq_pad // ROWS
+    operands = [q, k, v, do, lse2, delta, *[x for x in (kv_lengths, q_lengths) if x is not None]]
+    if segments is not None:  # (q ids [B, Tq pad], kv ids [B, Tk pad]); per query tile, its key blocks
+        q_seg, kv_seg = segments
+        scratch.update(qseg_smem=plgpu.SMEM((ROWS,), jnp.int32), kvseg_smem=plgpu.SMEM((stages, block_kv), jnp.int32),
+                       qseg_ready=plgpu.Barrier(num_barriers=1))
+        operands += [q_seg, kv_seg, segment_block_ranges(q_seg[:, :seq_q], kv_seg[:, :seq_k], ROWS, block_kv,
+                                                           num_q_tiles)]
     consts = _constants(spec, interpret, num_heads // num_kv_heads, q.shape[1], k.shape[1])
     return plgpu.kernel(
         functools.partial(_dq_kernel, seq_k=seq_k, num_q_tiles=num_q_tiles, block_kv=block_kv, num_stages=stages,
-                          has_kv_lengths=kv_lengths is not None, has_q_lengths=q_lengths is not None, **consts),
+                          has_kv_lengths=kv_lengths is not None, has_q_lengths=q_lengths is not None,
+                          has_segments=segments is not None, **consts),
         out_type=jax.ShapeDtypeStruct(q.shape, dtype),
         scratch_types=scratch,
         grid=(batch, num_heads, num_q_tiles),
         grid_names=("batch", "head", "q_tile"),
         **launch_params(interpret),
-    )(q, k, v, do, lse2, delta, *[x for x in (kv_lengths, q_lengths) if x is not None])
+    )(*operands)
 
 
-def launch_wide(q, k, v, do, lse2, delta, kv_lengths=None, q_lengths=None, *, spec, config, interpret, seq_q, seq_k):
+def launch_wide(q, k, v, do, lse2, delta, kv_lengths=None, q_lengths=None, segments=None, *, spec, config, interpret,
+                seq_q, seq_k):
     """``(dq, dk, dv)`` on arrays padded to whole 64-row tiles (``backward.mosaic_backward`` pads them).
 
     ``kv_lengths`` (int32 ``[B]``, at most ``Tk``): the dQ kernel masks the keys past them; the dK/dV kernel
     skips the key tiles wholly past them and computes every other key's gradients from its own column of P
     alone, so those of the keys past them in the tile across the length are replaced by zeros here (no row
     sees them). ``q_lengths`` (int32 ``[B]``, at most ``Tq``; the rows past them hold zero Q and dO): both
-    kernels skip the query blocks wholly past them.
+    kernels skip the query blocks wholly past them. ``segments``: ``(q ids [B, Tq pad], kv ids [B, Tk pad])``,
+    padded: each kernel streams the blocks whose ids overlap its tile's and masks them by id, but the run of
+    blocks whose ids are all the tile's one id (``common.segment_block_ranges``).
     """
-    common = dict(spec=spec, config=config, interpret=interpret)
-    dk, dv = launch_dkdv(q, k, v, do, lse2, delta, kv_lengths, q_lengths, seq_q=seq_q, **common)
-    dq = launch_dq(q, k, v, do, lse2, delta, kv_lengths, q_lengths, seq_k=seq_k, **common)
+    common = dict(spec=spec, config=config, interpret=interpret, seq_q=seq_q, seq_k=seq_k)
+    dk, dv = launch_dkdv(q, k, v, do, lse2, delta, kv_lengths, q_lengths, segments, **common)
+    dq = launch_dq(q, k, v, do, lse2, delta, kv_lengths, q_lengths, segments, **common)
     if kv_lengths is not None:
         seen = (jnp.arange(k.shape[1])[None, :] < kv_lengths[:, None])[:, :, None, None]
         dk = jnp.where(seen, dk, jnp.zeros((), dk.dtype))

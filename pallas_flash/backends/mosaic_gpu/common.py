@@ -1,6 +1,6 @@
 """What the Mosaic GPU kernels share: warpgroup roles, register split, layouts, shared-memory tiles, the loads.
 
-Every kernel (``forward.py``'s, ``backward.py``'s dK/dV kernel,
+Every kernel (``forward.py``'s, ``backward_dkdv.py``'s dK/dV kernel,
 ``backward_dq.py``'s dQ kernel, ``backward_wide.py``'s two) runs one CTA of
 two compute warpgroups and one memory warpgroup. The memory warpgroup's two
 loops are here: ``stream_kv_blocks`` (the forward and the dQ kernels: K/V
@@ -8,7 +8,10 @@ blocks) and ``stream_query_blocks`` (the dK/dV kernels: Q/dO blocks and their
 ``lse2``/``delta`` rows, over the GQA group's query heads). ``mma`` is the one
 place a backward wgmma takes its left operand from registers: in interpret
 mode (no interpreter rule for that in jax 0.11.2) it is fed from a
-shared-memory copy instead.
+shared-memory copy instead. ``segment_block_ranges`` gives each tile the
+blocks its segment ids reach. The last section holds the head-dim-256 role
+split's pieces: its window/causal mask and the P tiles one warpgroup hands the
+other.
 """
 
 from __future__ import annotations
@@ -178,3 +181,62 @@ def segment_block_ranges(q_seg, kv_seg, block_q: int, block_kv: int, num_q_tiles
     one_run = whole.sum(-1) == whole_end - whole_first  # (false where there is none)
     whole_first, whole_end = jnp.where(one_run, whole_first, first), jnp.where(one_run, whole_end, first)
     return jnp.stack([first, end, whole_first, whole_end], axis=-1).astype(jnp.int32)
+
+
+# --- the head-dim-256 role split (``backward_wide.py``): P handed from one compute warpgroup to the other ---
+
+
+def masked_logits(s, row0, col0, *, left, right, seq_k, transposed: bool):
+    """``s`` with ``-inf`` where a key is outside the query's window (``key - query > right``, 0: causal; ``query -
+    key > left``; None: no bound) or ``>= seq_k`` (None: no limit; an int or, with sequence lengths, the batch
+    row's key length); rows/cols counted from ``row0``/``col0``."""
+    q_axis, k_axis = (1, 0) if transposed else (0, 1)
+    q0, k0 = (col0, row0) if transposed else (row0, col0)
+    queries = q0 + plgpu.broadcasted_iota(jnp.int32, s.shape, q_axis, layout=WGMMA)
+    keys = k0 + plgpu.broadcasted_iota(jnp.int32, s.shape, k_axis, layout=WGMMA)
+    visible = None
+    if right == 0:
+        visible = queries >= keys
+    elif right is not None:
+        visible = queries >= keys - right
+    if left is not None:
+        visible = keys >= queries - left if visible is None else visible & (keys >= queries - left)
+    if seq_k is not None:
+        visible = keys < seq_k if visible is None else visible & (keys < seq_k)
+    return s if visible is None else jnp.where(visible, s, -jnp.inf)
+
+
+def hand_over_p(p, t, p_smem, p_ready, p_consumed):
+    """P warpgroup: write ``p`` into tile ``t % 2`` once the dS warpgroup has read what was there."""
+    pslot = lax.rem(t, jnp.int32(2))
+    pl.when(t >= 2)(lambda: plgpu.barrier_wait(p_consumed.at[pslot]))
+    p_smem.at[pslot][...] = p.astype(p_smem.dtype)
+    plgpu.commit_smem()
+    plgpu.barrier_arrive(p_ready.at[pslot])
+    return pslot
+
+
+def take_p(t, p_smem, p_ready, p_consumed):
+    """dS warpgroup: tile ``t % 2`` of P, float32, and the tile released."""
+    pslot = lax.rem(t, jnp.int32(2))
+    plgpu.barrier_wait(p_ready.at[pslot])
+    p = plgpu.load(p_smem.at[pslot], layout=WGMMA).astype(jnp.float32)
+    plgpu.barrier_arrive(p_consumed.at[pslot])
+    return p
+
+
+def drain_p(total, p_consumed):
+    """P warpgroup, at the end: observe the release of the last two tiles too."""
+
+    @pl.loop(jnp.maximum(total - 2, 0), total)
+    def _(t):
+        plgpu.barrier_wait(p_consumed.at[lax.rem(t, jnp.int32(2))])
+
+
+def p_handover_scratch(dtype, rows: int, cols: int):
+    """The role split's P tiles (two, double-buffered) and the barriers that hand them over."""
+    return dict(
+        p_smem=tiled_smem((2, rows, cols), dtype),
+        p_ready=plgpu.Barrier(num_barriers=2),
+        p_consumed=plgpu.Barrier(num_barriers=2),
+    )

@@ -125,7 +125,7 @@ def padded_head_dim(d: int) -> int:
 
 # Shipped tables, tuned with ``python -m pallas_flash.tuning --backend triton --print-json``: the
 # first whose name occurs in the GPU's device_kind applies. Keys: ``config_key``.
-_SHIPPED_TABLES = {"H100": "h100.json", "H200": "h100.json"}  # same SM and shared memory
+_SHIPPED_TABLES = {"H100": "h100.json", "H200": "h200.json"}
 _TABLES_DIR = pathlib.Path(__file__).parent / "tables"
 
 

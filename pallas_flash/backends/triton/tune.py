@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 from pallas_flash.api import flash_attention
-from pallas_flash.backends.triton.config import FlashConfig, ForwardConfig, default_config
+from pallas_flash.backends.triton.config import FlashConfig, ForwardConfig, default_config, padded_head_dim
 from pallas_flash.tuning.search import Problem, backward_time, fastest, forward_time
 
 # Candidates, (block_q, block_k, num_warps, num_stages) each: the ones that
@@ -38,6 +38,18 @@ DQ_SPACE = [  # the dQ kernel's
     (128, 128, 8, 2),
     (64, 32, 4, 3),
 ]
+# Head dim 256 (padded): every tile holds twice the bytes, so none of the spaces above fits in an
+# H100/H200's 227 KiB of shared memory at 3 stages; smaller blocks and 2 stages.
+WIDE_FWD_SPACE = [(64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2), (128, 64, 8, 2)]
+WIDE_DKDV_SPACE = [(32, 64, 4, 2), (32, 32, 4, 2), (64, 64, 4, 2), (64, 32, 4, 2), (16, 64, 4, 2)]
+WIDE_DQ_SPACE = [(64, 32, 4, 2), (64, 64, 4, 2), (32, 64, 4, 2), (128, 32, 8, 2), (32, 32, 4, 2)]
+
+
+def spaces(head_dim: int) -> tuple[list, list, list]:
+    """The (forward, dK/dV, dQ) candidates for a head dim."""
+    if padded_head_dim(head_dim) > 128:
+        return WIDE_FWD_SPACE, WIDE_DKDV_SPACE, WIDE_DQ_SPACE
+    return FWD_SPACE, DKDV_SPACE, DQ_SPACE
 
 
 def _attention(p: Problem, cfg: FlashConfig):
@@ -56,16 +68,17 @@ def tune_problem(p: Problem, log=print) -> tuple[FlashConfig, dict]:
     """The fastest forward and backward configs for one problem."""
     xs = p.inputs()
     base = default_config(head_dim=p.head_dim, dtype=p.dtype, causal=p.causal, seq_q=p.seq, seq_k=p.seq)
-    fwd_cands = [dataclasses.replace(base, fwd=ForwardConfig(*c)) for c in FWD_SPACE]
+    fwd_space, dkdv_space, dq_space = spaces(p.head_dim)
+    fwd_cands = [dataclasses.replace(base, fwd=ForwardConfig(*c)) for c in fwd_space]
     best_fwd, t_fwd = fastest(fwd_cands, lambda c: _fwd_time(p, c, xs), log)
 
     def with_dkdv(c):
         return FlashConfig(best_fwd.fwd, dataclasses.replace(base.bwd, block_q_dkv=c[0], block_k_dkv=c[1], num_warps_dkv=c[2], num_stages_dkv=c[3]))
 
-    best_dkdv, _ = fastest([with_dkdv(c) for c in DKDV_SPACE], lambda c: _bwd_time(p, c, xs), log)
+    best_dkdv, _ = fastest([with_dkdv(c) for c in dkdv_space], lambda c: _bwd_time(p, c, xs), log)
 
     def with_dq(c):
         return FlashConfig(best_fwd.fwd, dataclasses.replace(best_dkdv.bwd, block_q_dq=c[0], block_k_dq=c[1], num_warps_dq=c[2], num_stages_dq=c[3]))
 
-    best, t_bwd = fastest([with_dq(c) for c in DQ_SPACE], lambda c: _bwd_time(p, c, xs), log)
+    best, t_bwd = fastest([with_dq(c) for c in dq_space], lambda c: _bwd_time(p, c, xs), log)
     return best, {"fwd_ms": t_fwd * 1e3, "bwd_ms": t_bwd * 1e3}
