@@ -1,0 +1,122 @@
+"""Non-finite inputs through the Mosaic GPU kernels: a NaN or inf never vanishes from the rows that see it.
+
+``test_reliability.py`` checks this through ``implementation="pallas"`` at head dim 16, which runs the Triton
+kernels on every GPU; the Mosaic kernels (head dims 64/128/256, bf16/fp16) have their own online softmax
+(``exp2`` with the scale folded in, a running row max, masked and skipped blocks), so they are checked here
+against jax.nn on the same inputs: every row whose jax.nn output is non-finite is non-finite here too, every
+row jax.nn keeps finite stays finite and close, and a NaN reaches the loss and all three gradients.
+
+On a CPU the kernels run in Mosaic GPU interpret mode (the backend's own calls, as ``pallas_flash.op`` makes
+them; D=64, a few cases: each takes seconds); on a GPU the compiled kernels through the public API at
+D 64/128/256, causal and not.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_flash as pf
+from pallas_flash import backends
+from pallas_flash.backends.mosaic_gpu import MosaicBackwardConfig, MosaicConfig, MosaicForwardConfig
+from pallas_flash.spec import AttentionInputs, AttentionSpec
+from pallas_flash.testing.shapes import Shape
+from tests.cases import random_qkv
+from tests.conftest import ON_GPU, TOLERANCE, rel_err
+
+POISONS = {
+    "nan_in_k": ("k", np.nan),
+    "nan_in_q": ("q", np.nan),
+    "nan_in_v": ("v", np.nan),
+    "inf_in_k": ("k", np.inf),
+}
+# In interpret mode: 64-key blocks, so the poisoned key (row 70) sits in the second block and the first
+# block's rows skip it under causal masking; small configs keep the interpreter quick.
+INTERPRET_CONFIG = MosaicConfig(
+    fwd=MosaicForwardConfig(64, 64, 2),
+    bwd=MosaicBackwardConfig(num_stages=2, dq_block_kv=64, dq_num_stages=2),
+)
+POISONED_ROW = 70  # a query row, or the key/value position poisoned
+
+
+def _shape(head_dim: int) -> Shape:
+    if ON_GPU:
+        return Shape("nonfinite", 2, 333, 333, 4, 2, head_dim)
+    return Shape("nonfinite", 1, 150, 150, 2, 1, head_dim)
+
+
+def _mosaic(q, k, v, causal: bool):
+    """``(out, lse)`` from the Mosaic kernels: compiled through the public API on a GPU, interpreted elsewhere."""
+    if ON_GPU:
+        return pf.attention_with_lse(q, k, v, is_causal=causal, implementation="mosaic")
+    spec = AttentionSpec(scale=1.0 / np.sqrt(q.shape[-1]), causal=causal)
+    out, lse2 = backends.get("mosaic").forward(q, k, v, AttentionInputs(), spec, config=INTERPRET_CONFIG,
+                                               interpret=True)
+    return out, lse2 * np.log(2.0)
+
+
+def _poisoned(shape: Shape, name: str, seed: int):
+    which, value = POISONS[name]
+    q, k, v, _ = random_qkv(shape, jnp.bfloat16, seed)
+    arrays = {"q": q, "k": k, "v": v}
+    arrays[which] = arrays[which].at[0, POISONED_ROW, 0, 3].set(value)
+    return arrays["q"], arrays["k"], arrays["v"]
+
+
+FORWARD_CASES = (
+    [pytest.param(name, causal, d, id=f"{name}-{'causal' if causal else 'full'}-d{d}")
+     for name in POISONS for causal in (False, True) for d in (64, 128, 256)]
+    if ON_GPU else
+    [pytest.param(name, True, 64, id=f"{name}-causal-d64") for name in POISONS]
+    + [pytest.param("nan_in_k", False, 64, id="nan_in_k-full-d64")]
+)
+
+
+@pytest.mark.parametrize("name, causal, head_dim", FORWARD_CASES)
+def test_non_finite_inputs_reach_every_row_that_sees_them(name, causal, head_dim, seed):
+    """As jax.nn: a non-finite q, k or v entry makes every row that sees it non-finite; where jax.nn stays
+    finite, so do the kernels, and close to it."""
+    shape = _shape(head_dim)
+    q, k, v = _poisoned(shape, name, seed)
+    got = np.asarray(_mosaic(q, k, v, causal)[0].astype(jnp.float32))
+    want = np.asarray(jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla").astype(jnp.float32))
+    which = POISONS[name][0]
+    # The rows that see the poisoned entry: batch 0; query head 0 (q) or the query heads of KV head 0 (k, v).
+    group = shape.num_heads // shape.num_kv_heads
+    sees = np.zeros(got.shape[:3], bool)
+    if which == "q":
+        sees[0, POISONED_ROW, 0] = True
+    else:
+        sees[0, POISONED_ROW if causal else 0:, :group] = True
+    assert not np.isfinite(want[sees]).all()  # the poison is visible to jax.nn (else this test proves nothing)
+    assert np.array_equal(np.isfinite(got[sees]), np.isfinite(want[sees])), f"a row that sees {name} lost it"
+    # jax.nn also spreads a NaN in V to rows that do not see it (0 * NaN in its P.V); where it is finite, so
+    # are the kernels, and exact to the dtype's tolerance.
+    finite = np.isfinite(want)
+    assert np.isfinite(got[finite]).all()
+    assert rel_err(got[finite], want[finite]) <= TOLERANCE[jnp.dtype(jnp.bfloat16)]
+
+
+@pytest.mark.parametrize("head_dim", (64, 128, 256) if ON_GPU else (64,))
+def test_nan_reaches_the_loss_and_every_gradient(head_dim, seed):
+    """A NaN in one key reaches the loss and dQ, dK and dV (never a finite gradient from a NaN input)."""
+    shape = _shape(head_dim)
+    q, k, v, ct = random_qkv(shape, jnp.bfloat16, seed)
+    k = k.at[0, POISONED_ROW, 0, 0].set(jnp.nan)
+    if ON_GPU:
+        loss = lambda q, k, v: jnp.vdot(_mosaic(q, k, v, True)[0].astype(jnp.float32), ct.astype(jnp.float32))  # noqa: E731
+        value, grads = jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+    else:
+        backend = backends.get("mosaic")
+        spec = AttentionSpec(scale=1.0 / np.sqrt(head_dim), causal=True)
+        out, lse2 = backend.forward(q, k, v, AttentionInputs(), spec, config=INTERPRET_CONFIG, interpret=True)
+        value = jnp.vdot(out.astype(jnp.float32), ct.astype(jnp.float32))
+        dlse = jnp.zeros(lse2.shape, jnp.float32)
+        g = backend.backward(q, k, v, out, lse2, ct, dlse, AttentionInputs(), spec, config=INTERPRET_CONFIG,
+                             interpret=True, want_dbias=False, want_dslopes=False)
+        grads = (g.dq, g.dk, g.dv)
+    assert np.isnan(float(value))
+    for label, g in zip(("dq", "dk", "dv"), grads):
+        assert np.isnan(np.asarray(g.astype(jnp.float32))).any(), f"{label} lost the NaN"
