@@ -120,3 +120,40 @@ def test_nan_reaches_the_loss_and_every_gradient(head_dim, seed):
     assert np.isnan(float(value))
     for label, g in zip(("dq", "dk", "dv"), grads):
         assert np.isnan(np.asarray(g.astype(jnp.float32))).any(), f"{label} lost the NaN"
+
+
+# Batch row 1 holds 100 keys and 90 queries; what its arrays hold past those (padding) is garbage.
+KV_LENGTHS, Q_LENGTHS = (150, 100), (150, 90)
+GARBAGE_ROW = 120  # past both lengths of batch row 1
+
+
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+@pytest.mark.parametrize("head_dim", (64, 128, 256) if ON_GPU else (64,))
+def test_garbage_past_the_lengths_reaches_nothing(which, head_dim, seed):
+    """A NaN in a row past a batch row's query or key length (padding) reaches neither the output nor any
+    gradient, as in the Triton kernels (``test_reliability.py``): a key block straddling the length is loaded
+    whole, and ``0 * NaN`` in its products would otherwise spread the garbage over the whole batch row."""
+    shape = Shape("padded", 2, 150, 150, 2, 1, head_dim)
+    q, k, v, ct = random_qkv(shape, jnp.bfloat16, seed)
+    arrays = {"q": q, "k": k, "v": v}
+    arrays[which] = arrays[which].at[1, GARBAGE_ROW, 0, 5].set(jnp.nan)
+    kv_lengths, q_lengths = jnp.asarray(KV_LENGTHS, jnp.int32), jnp.asarray(Q_LENGTHS, jnp.int32)
+    if ON_GPU:
+        def f(q, k, v):
+            return pf.dot_product_attention(q, k, v, query_seq_lengths=q_lengths, key_value_seq_lengths=kv_lengths,
+                                            implementation="mosaic")
+
+        out, vjp = jax.vjp(f, arrays["q"], arrays["k"], arrays["v"])
+        grads = vjp(ct)
+    else:
+        backend = backends.get("mosaic")
+        spec = AttentionSpec(scale=1.0 / np.sqrt(head_dim), causal=False, has_q_lengths=True, has_kv_lengths=True)
+        inputs = AttentionInputs(q_lengths=q_lengths, kv_lengths=kv_lengths)
+        out, lse2 = backend.forward(arrays["q"], arrays["k"], arrays["v"], inputs, spec, config=INTERPRET_CONFIG,
+                                    interpret=True)
+        g = backend.backward(arrays["q"], arrays["k"], arrays["v"], out, lse2, ct, jnp.zeros(lse2.shape, jnp.float32),
+                             inputs, spec, config=INTERPRET_CONFIG, interpret=True, want_dbias=False,
+                             want_dslopes=False)
+        grads = (g.dq, g.dk, g.dv)
+    for label, x in zip(("out", "dq", "dk", "dv"), (out, *grads)):
+        assert np.isfinite(np.asarray(x.astype(jnp.float32))).all(), f"{label}: the garbage in {which} reached it"

@@ -100,6 +100,20 @@ def test_nan_reaches_the_gradients_and_the_loss(seed):
     assert all(np.isnan(np.asarray(g)).any() for g in grads)
 
 
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+def test_garbage_past_the_lengths_reaches_nothing(which, seed):
+    """Padding: a NaN in a row past a batch row's query or key length reaches neither the output nor any
+    gradient (jax.nn's XLA path spreads it over the row, 0 * NaN; the Mosaic kernels match these,
+    ``test_mosaic_nonfinite.py``)."""
+    q, k, v, ct = random_qkv(SHAPE, jnp.float32, seed)
+    arrays = {"q": q, "k": k, "v": v}
+    arrays[which] = arrays[which].at[1, 36, 0, 3].set(jnp.nan)  # past both lengths of batch row 1
+    lengths = dict(query_seq_lengths=jnp.asarray([37, 30]), key_value_seq_lengths=jnp.asarray([45, 33]))
+    out, *grads = _grads(lambda q, k, v: _pallas(q, k, v, **lengths), arrays["q"], arrays["k"], arrays["v"], ct)
+    for label, x in zip(("out", "dq", "dk", "dv"), (out, *grads)):
+        assert np.isfinite(np.asarray(x)).all(), f"{label}: the garbage in {which} reached it"
+
+
 def test_rows_that_see_no_key_still_give_zeros(seed):
     q, k, v, _ = random_qkv(SHAPE, jnp.float32, seed)
     out = np.asarray(_pallas(q, k, v, key_value_seq_lengths=jnp.asarray([0, 5])))

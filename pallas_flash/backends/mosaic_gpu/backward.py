@@ -83,7 +83,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_flash.backends.base import Gradients, softmax_delta
+from pallas_flash.backends.base import Gradients, softmax_delta, zero_past_lengths
 from pallas_flash.backends.mosaic_gpu.backward_dkdv import launch_dkdv
 from pallas_flash.backends.mosaic_gpu.backward_dq import launch_dq
 from pallas_flash.backends.mosaic_gpu.backward_wide import launch_wide
@@ -131,14 +131,17 @@ def mosaic_backward(
     kv_lengths = q_lengths = None
     if spec.has_kv_lengths:  # clipped to the array: a length past the end means every key
         kv_lengths = clipped_lengths(inputs.kv_lengths, seq_k)
+        # Keys past a batch row's key length have P = dS = 0, but a block straddling the length is loaded
+        # whole: zero K and V there so that whatever those rows hold (NaN included) does not reach
+        # dP = dO V^T, dQ = dS K, or the dK/dV of the keys before the length.
+        k, v = zero_past_lengths(k, kv_lengths), zero_past_lengths(v, kv_lengths)
     if spec.has_q_lengths:
         q_lengths = clipped_lengths(inputs.q_lengths, seq_q)
         # Rows past a batch row's query length see no key: their P and dS are 0 (lse2 = -inf -> +inf below).
         # Zero Q and dO there too, so that whatever those rows hold (NaN included) adds nothing to dK, dV.
         # The kernels also skip the query blocks wholly past a length.
+        q, do = zero_past_lengths(q, q_lengths), zero_past_lengths(do, q_lengths)
         live = jnp.arange(seq_q)[None, :] < q_lengths[:, None]
-        q = jnp.where(live[:, :, None, None], q, jnp.zeros((), q.dtype))
-        do = jnp.where(live[:, :, None, None], do, jnp.zeros((), do.dtype))
         delta = jnp.where(live[:, None, :], delta, 0.0)
     tq_pad, tk_pad = pl.cdiv(seq_q, TILE) * TILE, pl.cdiv(seq_k, TILE) * TILE
     # Padded query rows: zero Q and dO, lse2 = +inf (P = 0 exactly), delta = 0. A row that saw no

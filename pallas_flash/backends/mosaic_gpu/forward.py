@@ -68,6 +68,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_flash.backends.base import zero_past_lengths
 from pallas_flash.backends.mosaic_gpu.common import (
     COMPUTE_REGISTERS,
     COMPUTE_WGS,
@@ -358,6 +359,8 @@ def mosaic_forward(
     block_q, block_kv = config.block_q, config.block_kv
     rows_per_cta = COMPUTE_WGS * block_q
 
+    if spec.has_kv_lengths:  # a straddling block's V rows past the length would give P V = 0 * garbage
+        v = zero_past_lengths(v, clipped_lengths(inputs.kv_lengths, seq_k))
     q_pad = _pad_seq(q, _padded_length(seq_q, rows_per_cta))
     k_pad = _pad_seq(k, _padded_length(seq_k, block_kv))
     v_pad = _pad_seq(v, _padded_length(seq_k, block_kv))

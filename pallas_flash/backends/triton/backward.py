@@ -52,7 +52,7 @@ from pallas_flash.backends.triton.program import (
     visible,
 )
 from pallas_flash.backends.triton.side_inputs import SideInputs, alibi_slope, side_inputs
-from pallas_flash.backends.base import Gradients, softmax_delta
+from pallas_flash.backends.base import Gradients, softmax_delta, zero_past_lengths
 from pallas_flash.spec import LOG2E, AttentionInputs, AttentionSpec
 
 
@@ -294,7 +294,10 @@ def flash_backward(
     group = num_heads // num_kv_heads
     head_dim_padded = padded_head_dim(head_dim)
 
-    # Step 1: the preprocess, in XLA.
+    # Step 1: the preprocess, in XLA. A block straddling a key length is loaded whole: zero K and V past it,
+    # or 0 * garbage there would reach dP = dO V^T and dQ = dS K.
+    if spec.has_kv_lengths:
+        k, v = zero_past_lengths(k, inputs.kv_lengths), zero_past_lengths(v, inputs.kv_lengths)
     delta = softmax_delta(out, do, dlse)
     # +inf for rows that see no key: exp2(s - lse2) is then exactly 0 there.
     lse2 = jnp.where(jnp.isneginf(lse2), jnp.inf, lse2)

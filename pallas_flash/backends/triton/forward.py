@@ -26,6 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_flash.backends.base import zero_past_lengths
 from pallas_flash.backends.triton import blocks, tiles
 from pallas_flash.backends.triton.config import ForwardConfig, padded_head_dim
 from pallas_flash.backends.triton.program import QueryBlock, dropout_keep
@@ -138,6 +139,8 @@ def flash_forward(
     batch, seq_q, num_heads, head_dim = q.shape
     _, seq_k, num_kv_heads, _ = k.shape
     spec = spec.within(seq_q, seq_k)  # window/offset bounds clamped: no int32 overflow in block arithmetic
+    if spec.has_kv_lengths:  # a block straddling a key length is loaded whole: P V there would be 0 * garbage
+        v = zero_past_lengths(v, inputs.kv_lengths)
     group = num_heads // num_kv_heads
     head_dim_padded = padded_head_dim(head_dim)
     block_q = min(config.block_q, max(16, pl.next_power_of_2(seq_q)))
