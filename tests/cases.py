@@ -131,6 +131,15 @@ def build(case: Case, shape: Shape, seed: int):
     return kw, ref, diff
 
 
+# Non-finite entries for the reliability tests: name -> (which of q, k, v; the value put in one entry).
+POISONS = {
+    "nan_in_k": ("k", np.nan),
+    "nan_in_q": ("q", np.nan),
+    "nan_in_v": ("v", np.nan),
+    "inf_in_k": ("k", np.inf),
+}
+
+
 def random_qkv(shape: Shape, dtype, seed: int):
     rng = np.random.default_rng(seed)
 

@@ -23,15 +23,9 @@ from pallas_flash import backends
 from pallas_flash.backends.mosaic_gpu import MosaicBackwardConfig, MosaicConfig, MosaicForwardConfig
 from pallas_flash.spec import AttentionInputs, AttentionSpec
 from pallas_flash.testing.shapes import Shape
-from tests.cases import random_qkv
+from tests.cases import POISONS, random_qkv
 from tests.conftest import ON_GPU, TOLERANCE, rel_err
 
-POISONS = {
-    "nan_in_k": ("k", np.nan),
-    "nan_in_q": ("q", np.nan),
-    "nan_in_v": ("v", np.nan),
-    "inf_in_k": ("k", np.inf),
-}
 # In interpret mode: 64-key blocks, so the poisoned key (row 70) sits in the second block and the first
 # block's rows skip it under causal masking; small configs keep the interpreter quick.
 INTERPRET_CONFIG = MosaicConfig(
@@ -55,6 +49,27 @@ def _mosaic(q, k, v, causal: bool):
     out, lse2 = backends.get("mosaic").forward(q, k, v, AttentionInputs(), spec, config=INTERPRET_CONFIG,
                                                interpret=True)
     return out, lse2 * np.log(2.0)
+
+
+def _mosaic_vjp(q, k, v, ct, *, causal: bool, q_lengths=None, kv_lengths=None):
+    """``(out, (dq, dk, dv))`` from the Mosaic kernels under the output cotangent ``ct``: compiled through the
+    public API on a GPU, the backend's own forward and backward (as ``pallas_flash.op`` calls them) interpreted
+    elsewhere."""
+    if ON_GPU:
+        def f(q, k, v):
+            return pf.dot_product_attention(q, k, v, is_causal=causal, query_seq_lengths=q_lengths,
+                                            key_value_seq_lengths=kv_lengths, implementation="mosaic")
+
+        out, vjp = jax.vjp(f, q, k, v)
+        return out, vjp(ct)
+    backend = backends.get("mosaic")
+    spec = AttentionSpec(scale=1.0 / np.sqrt(q.shape[-1]), causal=causal, has_q_lengths=q_lengths is not None,
+                         has_kv_lengths=kv_lengths is not None)
+    inputs = AttentionInputs(q_lengths=q_lengths, kv_lengths=kv_lengths)
+    out, lse2 = backend.forward(q, k, v, inputs, spec, config=INTERPRET_CONFIG, interpret=True)
+    g = backend.backward(q, k, v, out, lse2, ct, jnp.zeros(lse2.shape, jnp.float32), inputs, spec,
+                         config=INTERPRET_CONFIG, interpret=True, want_dbias=False, want_dslopes=False)
+    return out, (g.dq, g.dk, g.dv)
 
 
 def _poisoned(shape: Shape, name: str, seed: int):
@@ -101,22 +116,13 @@ def test_non_finite_inputs_reach_every_row_that_sees_them(name, causal, head_dim
 
 @pytest.mark.parametrize("head_dim", (64, 128, 256) if ON_GPU else (64,))
 def test_nan_reaches_the_loss_and_every_gradient(head_dim, seed):
-    """A NaN in one key reaches the loss and dQ, dK and dV (never a finite gradient from a NaN input)."""
+    """A NaN in one key reaches the loss (``<out, ct>``) and dQ, dK and dV under that cotangent (never a finite
+    gradient from a NaN input)."""
     shape = _shape(head_dim)
     q, k, v, ct = random_qkv(shape, jnp.bfloat16, seed)
     k = k.at[0, POISONED_ROW, 0, 0].set(jnp.nan)
-    if ON_GPU:
-        loss = lambda q, k, v: jnp.vdot(_mosaic(q, k, v, True)[0].astype(jnp.float32), ct.astype(jnp.float32))  # noqa: E731
-        value, grads = jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
-    else:
-        backend = backends.get("mosaic")
-        spec = AttentionSpec(scale=1.0 / np.sqrt(head_dim), causal=True)
-        out, lse2 = backend.forward(q, k, v, AttentionInputs(), spec, config=INTERPRET_CONFIG, interpret=True)
-        value = jnp.vdot(out.astype(jnp.float32), ct.astype(jnp.float32))
-        dlse = jnp.zeros(lse2.shape, jnp.float32)
-        g = backend.backward(q, k, v, out, lse2, ct, dlse, AttentionInputs(), spec, config=INTERPRET_CONFIG,
-                             interpret=True, want_dbias=False, want_dslopes=False)
-        grads = (g.dq, g.dk, g.dv)
+    out, grads = _mosaic_vjp(q, k, v, ct, causal=True)
+    value = jnp.vdot(out.astype(jnp.float32), ct.astype(jnp.float32))
     assert np.isnan(float(value))
     for label, g in zip(("dq", "dk", "dv"), grads):
         assert np.isnan(np.asarray(g.astype(jnp.float32))).any(), f"{label} lost the NaN"
@@ -137,23 +143,7 @@ def test_garbage_past_the_lengths_reaches_nothing(which, head_dim, seed):
     q, k, v, ct = random_qkv(shape, jnp.bfloat16, seed)
     arrays = {"q": q, "k": k, "v": v}
     arrays[which] = arrays[which].at[1, GARBAGE_ROW, 0, 5].set(jnp.nan)
-    kv_lengths, q_lengths = jnp.asarray(KV_LENGTHS, jnp.int32), jnp.asarray(Q_LENGTHS, jnp.int32)
-    if ON_GPU:
-        def f(q, k, v):
-            return pf.dot_product_attention(q, k, v, query_seq_lengths=q_lengths, key_value_seq_lengths=kv_lengths,
-                                            implementation="mosaic")
-
-        out, vjp = jax.vjp(f, arrays["q"], arrays["k"], arrays["v"])
-        grads = vjp(ct)
-    else:
-        backend = backends.get("mosaic")
-        spec = AttentionSpec(scale=1.0 / np.sqrt(head_dim), causal=False, has_q_lengths=True, has_kv_lengths=True)
-        inputs = AttentionInputs(q_lengths=q_lengths, kv_lengths=kv_lengths)
-        out, lse2 = backend.forward(arrays["q"], arrays["k"], arrays["v"], inputs, spec, config=INTERPRET_CONFIG,
-                                    interpret=True)
-        g = backend.backward(arrays["q"], arrays["k"], arrays["v"], out, lse2, ct, jnp.zeros(lse2.shape, jnp.float32),
-                             inputs, spec, config=INTERPRET_CONFIG, interpret=True, want_dbias=False,
-                             want_dslopes=False)
-        grads = (g.dq, g.dk, g.dv)
+    out, grads = _mosaic_vjp(arrays["q"], arrays["k"], arrays["v"], ct, causal=False,
+                             q_lengths=jnp.asarray(Q_LENGTHS, jnp.int32), kv_lengths=jnp.asarray(KV_LENGTHS, jnp.int32))
     for label, x in zip(("out", "dq", "dk", "dv"), (out, *grads)):
         assert np.isfinite(np.asarray(x.astype(jnp.float32))).all(), f"{label}: the garbage in {which} reached it"

@@ -14,7 +14,7 @@ import pytest
 import pallas_flash as pf
 from pallas_flash.reference import attention_reference
 from pallas_flash.testing.shapes import Shape
-from tests.cases import CONFIG, random_qkv
+from tests.cases import CONFIG, POISONS, random_qkv
 from tests.conftest import TOLERANCE, rel_err
 
 SHAPE = Shape("r", 2, 37, 45, 4, 2, 16)
@@ -44,12 +44,6 @@ def _against_reference(q, k, v, ct, tol=None, **kw):
 # ------------------------------------------------------------------ non-finite values
 
 
-POISONS = {
-    "nan_in_k": ("k", np.nan),
-    "nan_in_q": ("q", np.nan),
-    "nan_in_v": ("v", np.nan),
-    "inf_in_k": ("k", np.inf),
-}
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])

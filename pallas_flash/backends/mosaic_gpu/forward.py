@@ -359,8 +359,11 @@ def mosaic_forward(
     block_q, block_kv = config.block_q, config.block_kv
     rows_per_cta = COMPUTE_WGS * block_q
 
-    if spec.has_kv_lengths:  # a straddling block's V rows past the length would give P V = 0 * garbage
-        v = zero_past_lengths(v, clipped_lengths(inputs.kv_lengths, seq_k))
+    # Clipped to the arrays: a length past the end means the whole row.
+    q_lengths = clipped_lengths(inputs.q_lengths, seq_q) if spec.has_q_lengths else None
+    kv_lengths = clipped_lengths(inputs.kv_lengths, seq_k) if spec.has_kv_lengths else None
+    if kv_lengths is not None:  # a straddling block's V rows past the length would give P V = 0 * garbage
+        v = zero_past_lengths(v, kv_lengths)
     q_pad = _pad_seq(q, _padded_length(seq_q, rows_per_cta))
     k_pad = _pad_seq(k, _padded_length(seq_k, block_kv))
     v_pad = _pad_seq(v, _padded_length(seq_k, block_kv))
@@ -393,11 +396,7 @@ def mosaic_forward(
         has_segments=spec.has_segments,
         interpret=interpret,
     )
-    length_operands = []  # clipped to the arrays: a length past the end means the whole row
-    if spec.has_q_lengths:
-        length_operands.append(clipped_lengths(inputs.q_lengths, seq_q))
-    if spec.has_kv_lengths:
-        length_operands.append(clipped_lengths(inputs.kv_lengths, seq_k))
+    length_operands = [x for x in (q_lengths, kv_lengths) if x is not None]
     if spec.has_segments:
         q_seg = inputs.q_segment_ids.astype(jnp.int32)
         kv_seg = inputs.kv_segment_ids.astype(jnp.int32)
