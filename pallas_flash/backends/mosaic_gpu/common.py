@@ -59,6 +59,41 @@ def clipped_lengths(lengths, seq_len: int):
     return jnp.clip(lengths.astype(jnp.int32), 0, seq_len)
 
 
+def straddling_blocks(x: jax.Array, lengths: jax.Array, block: int) -> jax.Array:
+    """``[B, block, ...]``: per batch row of ``x`` (``[B, T, ...]``), the ``block``-row block holding its length
+    (rows ``(length // block) * block`` on), the rows at or past the length zeroed.
+
+    A kernel loads that block from here instead of ``x`` (``copy_block``): it is the one block it loads whole
+    that reaches past the length, and its rows there (padding garbage, NaN) would give ``0 * NaN`` in the
+    products that follow. A few rows per batch row in XLA, where zeroing all of ``x`` past the lengths would
+    be a pass over the whole array."""
+    starts = (lengths // block) * block
+    rows = starts[:, None] + jnp.arange(block, dtype=starts.dtype)  # [B, block]
+    index = jnp.minimum(rows, x.shape[1] - 1).reshape(rows.shape + (1,) * (x.ndim - 2))
+    tail = jnp.take_along_axis(x, index, axis=1, mode="clip")
+    live = (rows < lengths[:, None]).reshape(index.shape)
+    return jnp.where(live, tail, jnp.zeros((), x.dtype))
+
+
+def copy_block(ref, tail_ref, *, batch, block, block_rows: int, head, dst, barrier, tail_block=None):
+    """TMA: rows ``block * block_rows ..`` of ``ref[batch, :, head]`` into ``dst``, arriving on ``barrier``; the
+    batch row's straddling block (``block == tail_block``) from ``tail_ref[batch, :, head]`` instead
+    (``straddling_blocks``), when there is one."""
+    rows = pl.ds(block * block_rows, block_rows)
+    if tail_ref is None:
+        plgpu.copy_gmem_to_smem(ref.at[batch, rows, head], dst, barrier)
+        return
+    is_tail = block == tail_block
+
+    @pl.when(is_tail)
+    def _from_tail():
+        plgpu.copy_gmem_to_smem(tail_ref.at[batch, pl.ds(0, block_rows), head], dst, barrier)
+
+    @pl.when(jnp.logical_not(is_tail))
+    def _from_ref():
+        plgpu.copy_gmem_to_smem(ref.at[batch, rows, head], dst, barrier)
+
+
 def bcast(x, shape, dim: int):
     return lax.broadcast_in_dim(x, shape, [dim])
 
@@ -110,7 +145,8 @@ def stream_query_blocks(q_ref, do_ref, lse_ref, delta_ref, *, q_smem, do_smem, l
 
 
 def stream_kv_blocks(k_ref, v_ref, *, k_smem, v_smem, k_ready, v_ready, k_consumed, v_consumed, batch, kv_head,
-                     num_blocks, block_kv, num_stages, first_step=0, drain=True, first_block=0, kseg=None):
+                     num_blocks, block_kv, num_stages, first_step=0, drain=True, first_block=0, kseg=None,
+                     k_tail=None, v_tail=None, tail_block=None):
     """Memory warpgroup of the forward and the dQ kernels: key blocks ``first_block .. first_block + num_blocks
     - 1`` of one KV head (``K`` on ``k_ready``, ``V`` on ``v_ready``) into a ring of ``num_stages`` slots, each
     refilled once both compute warpgroups have released it; then (``drain``) the release of the last slots is
@@ -119,6 +155,8 @@ def stream_kv_blocks(k_ref, v_ref, *, k_smem, v_smem, k_ready, v_ready, k_consum
     ``first_step``: ring steps already taken (a persistent kernel's earlier tiles): the ``n``-th block goes to
     slot ``(first_step + n) % num_stages``. Returns the steps taken so far, ``first_step + num_blocks``.
     ``kseg``: ``(ids_ref [Tk], ids_smem [num_stages, block_kv])``, the keys' segment ids, loaded with K.
+    ``k_tail``/``v_tail``: the straddling blocks (``straddling_blocks``) that key block ``tail_block`` is
+    loaded from instead (the batch row's key length over ``block_kv``).
     """
     num_blocks = i32(num_blocks)
 
@@ -129,11 +167,14 @@ def stream_kv_blocks(k_ref, v_ref, *, k_smem, v_smem, k_ready, v_ready, k_consum
         rows = pl.ds((first_block + n) * block_kv, block_kv)
         refill = step >= num_stages
         pl.when(refill)(lambda: plgpu.barrier_wait(k_consumed.at[slot]))
-        plgpu.copy_gmem_to_smem(k_ref.at[batch, rows, kv_head], k_smem.at[slot], k_ready.at[slot])
+        block = first_block + n
+        copy_block(k_ref, k_tail, batch=batch, block=block, block_rows=block_kv, head=kv_head, dst=k_smem.at[slot],
+                   barrier=k_ready.at[slot], tail_block=tail_block)
         if kseg is not None:
             plgpu.copy_gmem_to_smem(kseg[0].at[rows], kseg[1].at[slot], k_ready.at[slot])
         pl.when(refill)(lambda: plgpu.barrier_wait(v_consumed.at[slot]))
-        plgpu.copy_gmem_to_smem(v_ref.at[batch, rows, kv_head], v_smem.at[slot], v_ready.at[slot])
+        copy_block(v_ref, v_tail, batch=batch, block=block, block_rows=block_kv, head=kv_head, dst=v_smem.at[slot],
+                   barrier=v_ready.at[slot], tail_block=tail_block)
 
     steps = first_step + num_blocks
     if drain:

@@ -68,7 +68,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_flash.backends.base import zero_past_lengths
 from pallas_flash.backends.mosaic_gpu.common import (
     COMPUTE_REGISTERS,
     COMPUTE_WGS,
@@ -82,6 +81,7 @@ from pallas_flash.backends.mosaic_gpu.common import (
     i32,
     launch_params,
     segment_block_ranges,
+    straddling_blocks,
     stream_kv_blocks,
     tiled_smem,
 )
@@ -137,6 +137,7 @@ def _forward_kernel(
     refs = list(refs)
     q_len_ref = refs.pop(0) if has_q_lengths else None
     kv_len_ref = refs.pop(0) if has_kv_lengths else None
+    v_tail_ref = refs.pop(0) if has_kv_lengths else None  # the key block straddling each key length, zeroed past it
     # Segment ids: the query rows' and keys' ids, and per 64-row query tile the key blocks that hold one of its ids.
     q_seg_ref, kv_seg_ref, seg_range_ref = (refs.pop(0) for _ in range(3)) if has_segments else (None,) * 3
     out_ref, lse_ref = refs
@@ -310,7 +311,8 @@ def _forward_kernel(
                 k_consumed=k_consumed, v_consumed=v_consumed, batch=batch, kv_head=lax.div(head, jnp.int32(group)),
                 num_blocks=cta_end - cta_first, block_kv=block_kv, num_stages=num_stages,
                 first_step=step, drain=False, first_block=cta_first,
-                kseg=None if kv_seg_ref is None else (kv_seg_ref.at[batch], kvseg_smem))
+                kseg=None if kv_seg_ref is None else (kv_seg_ref.at[batch], kvseg_smem),
+                v_tail=v_tail_ref, tail_block=None if kv_len is None else lax.div(kv_len, jnp.int32(block_kv)))
 
         steps = lax.fori_loop(i32(0), my_tiles, tile_step, i32(0))
         drain_kv_slots(k_consumed, v_consumed, steps, num_stages)
@@ -362,8 +364,6 @@ def mosaic_forward(
     # Clipped to the arrays: a length past the end means the whole row.
     q_lengths = clipped_lengths(inputs.q_lengths, seq_q) if spec.has_q_lengths else None
     kv_lengths = clipped_lengths(inputs.kv_lengths, seq_k) if spec.has_kv_lengths else None
-    if kv_lengths is not None:  # a straddling block's V rows past the length would give P V = 0 * garbage
-        v = zero_past_lengths(v, kv_lengths)
     q_pad = _pad_seq(q, _padded_length(seq_q, rows_per_cta))
     k_pad = _pad_seq(k, _padded_length(seq_k, block_kv))
     v_pad = _pad_seq(v, _padded_length(seq_k, block_kv))
@@ -397,6 +397,8 @@ def mosaic_forward(
         interpret=interpret,
     )
     length_operands = [x for x in (q_lengths, kv_lengths) if x is not None]
+    if kv_lengths is not None:  # a straddling block's V rows past the length would give P V = 0 * garbage
+        length_operands.append(straddling_blocks(v_pad, kv_lengths, block_kv))
     if spec.has_segments:
         q_seg = inputs.q_segment_ids.astype(jnp.int32)
         kv_seg = inputs.kv_segment_ids.astype(jnp.int32)

@@ -48,11 +48,12 @@ from pallas_flash.backends.triton.program import (
     dropout_keep,
     dropout_key,
     key_minus_query,
+    kv_visible_limit,
     log2_logits,
     visible,
 )
 from pallas_flash.backends.triton.side_inputs import SideInputs, alibi_slope, side_inputs
-from pallas_flash.backends.base import Gradients, softmax_delta, zero_past_lengths
+from pallas_flash.backends.base import Gradients, softmax_delta
 from pallas_flash.spec import LOG2E, AttentionInputs, AttentionSpec
 
 
@@ -85,8 +86,10 @@ def _dkdv_kernel(
     qk_scale_log2 = spec.scale * LOG2E
     inv_keep = 1.0 / (1.0 - spec.dropout_rate)
 
-    k = tiles.load_tile(k_ref, k0, block_k, limit=k_tail, dim_mask=dim_mask)
-    v = tiles.load_tile(v_ref, k0, block_k, limit=k_tail, dim_mask=dim_mask)
+    # Keys past the key length read as zero: 0 * garbage (NaN) would otherwise reach dV and dK's products.
+    kv_load_limit = kv_visible_limit(kv_len, k_tail, seq_k)
+    k = tiles.load_tile(k_ref, k0, block_k, limit=kv_load_limit, dim_mask=dim_mask)
+    v = tiles.load_tile(v_ref, k0, block_k, limit=kv_load_limit, dim_mask=dim_mask)
     k_pos = k0 + lax.broadcasted_iota(jnp.int32, (block_k, 1), 0)
     kv_limit = kv_len  # keys past seq_k are never stored, so only kv_len masks
 
@@ -221,13 +224,16 @@ def _dq_kernel(
     delta = tiles.load_row_stat(delta_ref, q0, block_q, limit=q_tail, other=0.0)
     q_pos = q0 + lax.broadcasted_iota(jnp.int32, (block_q, 1), 0)
     qb = qb.with_positions(q_pos)
+    # Keys past the key length read as zero (a block straddling it is a masked one): 0 * garbage (NaN) would
+    # otherwise reach dP = dO V^T and dQ = dS K.
+    kv_load_limit = kv_visible_limit(prog.kv_len, k_tail, seq_k)
 
     def body(kb, carry, *, masked: bool):
         dq, dslope = carry
         k0 = kb * block_k
         limit = k_tail if masked else None
-        k = tiles.load_tile(k_ref, k0, block_k, limit=limit, dim_mask=dim_mask)
-        v = tiles.load_tile(v_ref, k0, block_k, limit=limit, dim_mask=dim_mask)
+        k = tiles.load_tile(k_ref, k0, block_k, limit=kv_load_limit if masked else None, dim_mask=dim_mask)
+        v = tiles.load_tile(v_ref, k0, block_k, limit=kv_load_limit if masked else None, dim_mask=dim_mask)
         k_pos = None  # key positions only where something reads them
         if masked or not spec.plain_logits or spec.has_dropout:
             k_pos = k0 + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
@@ -294,10 +300,7 @@ def flash_backward(
     group = num_heads // num_kv_heads
     head_dim_padded = padded_head_dim(head_dim)
 
-    # Step 1: the preprocess, in XLA. A block straddling a key length is loaded whole: zero K and V past it,
-    # or 0 * garbage there would reach dP = dO V^T and dQ = dS K.
-    if spec.has_kv_lengths:
-        k, v = zero_past_lengths(k, inputs.kv_lengths), zero_past_lengths(v, inputs.kv_lengths)
+    # Step 1: the preprocess, in XLA.
     delta = softmax_delta(out, do, dlse)
     # +inf for rows that see no key: exp2(s - lse2) is then exactly 0 there.
     lse2 = jnp.where(jnp.isneginf(lse2), jnp.inf, lse2)

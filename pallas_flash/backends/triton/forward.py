@@ -26,10 +26,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_flash.backends.base import zero_past_lengths
 from pallas_flash.backends.triton import blocks, tiles
 from pallas_flash.backends.triton.config import ForwardConfig, padded_head_dim
-from pallas_flash.backends.triton.program import QueryBlock, dropout_keep
+from pallas_flash.backends.triton.program import QueryBlock, dropout_keep, kv_visible_limit
 from pallas_flash.backends.triton.side_inputs import SideInputs, side_inputs
 from pallas_flash.spec import LOG2E, AttentionInputs, AttentionSpec
 
@@ -64,13 +63,16 @@ def _fwd_kernel(
     plain = spec.plain_logits and spec.scale > 0
     q_pos = q0 + lax.broadcasted_iota(jnp.int32, (block_q, 1), 0)
     qb = qb.with_positions(q_pos)
+    # Keys past the key length read as zero: a block straddling it is a masked one, and its V rows there would
+    # give P V = 0 * garbage (NaN) over every row.
+    kv_load_limit = kv_visible_limit(prog.kv_len, k_tail, seq_k)
 
     def body(kb, carry, *, masked: bool):
         acc, m, l = carry
         k0 = kb * block_k
         limit = k_tail if masked else None
         k = tiles.load_tile(k_ref, k0, block_k, limit=limit, dim_mask=dim_mask)
-        v = tiles.load_tile(v_ref, k0, block_k, limit=limit, dim_mask=dim_mask)
+        v = tiles.load_tile(v_ref, k0, block_k, limit=kv_load_limit if masked else None, dim_mask=dim_mask)
         s = tiles.dot(q, k, trans_b=True)  # raw logits
         # Key positions only where something reads them: the plain unmasked loop stays index-free.
         k_pos = None
@@ -139,8 +141,6 @@ def flash_forward(
     batch, seq_q, num_heads, head_dim = q.shape
     _, seq_k, num_kv_heads, _ = k.shape
     spec = spec.within(seq_q, seq_k)  # window/offset bounds clamped: no int32 overflow in block arithmetic
-    if spec.has_kv_lengths:  # a block straddling a key length is loaded whole: P V there would be 0 * garbage
-        v = zero_past_lengths(v, inputs.kv_lengths)
     group = num_heads // num_kv_heads
     head_dim_padded = padded_head_dim(head_dim)
     block_q = min(config.block_q, max(16, pl.next_power_of_2(seq_q)))
