@@ -46,18 +46,6 @@ def softmax_delta(out: jax.Array, do: jax.Array, dlse: jax.Array | None) -> jax.
     return delta
 
 
-def zero_past_lengths(x: jax.Array, lengths: jax.Array) -> jax.Array:
-    """``x`` (``[B, T, ...]``) with the rows at or past each batch row's length (``[B]``) set to 0.
-
-    The kernels load a key block that straddles a key length whole; its keys past the length get ``P = 0``
-    and ``dS = 0``, but ``0 * NaN`` is NaN in the products that follow (``P V``, ``dO V^T``, ``dS K``), so
-    whatever those rows hold (padding garbage, NaN) would reach every output row of that batch row. The
-    backends' launchers zero them first (one XLA pass over ``x``, only when the call has lengths).
-    """
-    live = jnp.arange(x.shape[1])[None, :] < lengths[:, None]
-    return jnp.where(live.reshape(live.shape + (1,) * (x.ndim - 2)), x, jnp.zeros((), x.dtype))
-
-
 class Backend(abc.ABC):
     """One implementation of attention. Instances are hashable (they are static arguments under ``jit``)."""
 

@@ -60,11 +60,14 @@ sequences to whole 128-row tiles (zeros; ``lse2`` of padded rows ``+inf`` so
 their ``P`` is exactly 0) and slices the outputs; keys past ``Tk`` are masked
 where they could reach ``dQ``. Per-batch lengths (``inputs``): keys at or past
 a batch row's key length are masked like those past ``Tk`` (a dK/dV tile of
-such keys only writes zeros; the dQ kernel does not load their blocks), and
-the launcher zeroes ``Q``, ``dO`` and ``delta`` on rows past a query length
-(their ``lse2`` is ``-inf``, so ``P`` is 0 there already; the zeros keep
-whatever those rows hold out of dK and dV); query blocks wholly past it are
-not streamed, dQ tiles wholly past it load no key block.
+such keys only writes zeros; the dQ kernel does not load their blocks); rows
+past a query length have ``lse2 = -inf`` (so ``P`` is 0) and ``delta = 0``
+(the launcher); query blocks wholly past it are not streamed, dQ tiles
+wholly past it load no key block. Whatever the rows past a length hold (padding
+garbage, NaN) must not reach a product, where ``0 * NaN`` would spread it: the
+128-row blocks straddling the lengths come from small copies zeroed past them
+(``common.straddling_operands``, ``copy_block``), built by XLA in a few rows
+per batch row, instead of zeroing all of ``Q``, ``K``, ``V`` and ``dO``.
 
 Interpret mode (``interpret=True``: ``plgpu.InterpretGPUParams`` on the CPU)
 runs both kernels with the same pipelines, barriers, masks and arithmetic,
@@ -83,11 +86,11 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_flash.backends.base import Gradients, softmax_delta, zero_past_lengths
+from pallas_flash.backends.base import Gradients, softmax_delta
 from pallas_flash.backends.mosaic_gpu.backward_dkdv import launch_dkdv
 from pallas_flash.backends.mosaic_gpu.backward_dq import launch_dq
 from pallas_flash.backends.mosaic_gpu.backward_wide import launch_wide
-from pallas_flash.backends.mosaic_gpu.common import clipped_lengths
+from pallas_flash.backends.mosaic_gpu.common import clipped_lengths, straddling_operands
 from pallas_flash.backends.mosaic_gpu.config import TILE, WIDE_HEAD_DIMS, MosaicBackwardConfig
 from pallas_flash.spec import AttentionInputs, AttentionSpec
 
@@ -131,16 +134,10 @@ def mosaic_backward(
     kv_lengths = q_lengths = None
     if spec.has_kv_lengths:  # clipped to the array: a length past the end means every key
         kv_lengths = clipped_lengths(inputs.kv_lengths, seq_k)
-        # Keys past a batch row's key length have P = dS = 0, but a block straddling the length is loaded
-        # whole: zero K and V there so that whatever those rows hold (NaN included) does not reach
-        # dP = dO V^T, dQ = dS K, or the dK/dV of the keys before the length.
-        k, v = zero_past_lengths(k, kv_lengths), zero_past_lengths(v, kv_lengths)
     if spec.has_q_lengths:
-        q_lengths = clipped_lengths(inputs.q_lengths, seq_q)
         # Rows past a batch row's query length see no key: their P and dS are 0 (lse2 = -inf -> +inf below).
-        # Zero Q and dO there too, so that whatever those rows hold (NaN included) adds nothing to dK, dV.
-        # The kernels also skip the query blocks wholly past a length.
-        q, do = zero_past_lengths(q, q_lengths), zero_past_lengths(do, q_lengths)
+        # The kernels skip the query blocks wholly past a length.
+        q_lengths = clipped_lengths(inputs.q_lengths, seq_q)
         live = jnp.arange(seq_q)[None, :] < q_lengths[:, None]
         delta = jnp.where(live[:, None, :], delta, 0.0)
     tq_pad, tk_pad = pl.cdiv(seq_q, TILE) * TILE, pl.cdiv(seq_k, TILE) * TILE
@@ -150,7 +147,11 @@ def mosaic_backward(
     delta = _pad_rows(delta, tq_pad, 2)
     q_p, do_p = _pad_rows(q, tq_pad, 1), _pad_rows(do, tq_pad, 1)
     k_p, v_p = _pad_rows(k, tk_pad, 1), _pad_rows(v, tk_pad, 1)
-    common = dict(spec=spec, config=config, interpret=interpret)
+    # A block straddling a length is loaded whole: its rows past the length (whatever they hold, NaN included)
+    # would reach dP = dO V^T, dQ = dS K, dK = dS^T Q and dV = P^T dO through 0 * NaN. The kernels load the
+    # 128-row blocks straddling the lengths from these copies, zeroed past them, instead.
+    tails = straddling_operands(q_p, k_p, v_p, do_p, q_lengths, kv_lengths, TILE)
+    common = dict(spec=spec, config=config, interpret=interpret, tails=tails)
     segments = None
     if spec.has_segments:  # padded by repeating the last id, so that the padding widens no block's id range
         segments = (jnp.pad(inputs.q_segment_ids.astype(jnp.int32), ((0, 0), (0, tq_pad - seq_q)), mode="edge"),

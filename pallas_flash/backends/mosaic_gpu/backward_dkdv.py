@@ -23,9 +23,11 @@ from pallas_flash.backends.mosaic_gpu.common import (
     ROW,
     WGMMA,
     bcast,
+    copy_block,
     i32,
     launch_params,
     mma,
+    pop_tails,
     segment_block_ranges,
     stream_query_blocks,
     tiled_smem,
@@ -83,6 +85,8 @@ def _dkdv_kernel(
     refs = list(refs)
     kv_len_ref = refs.pop(0) if has_kv_lengths else None
     q_len_ref = refs.pop(0) if has_q_lengths else None
+    # The blocks straddling the lengths, zeroed past them (rows there may hold anything: 0 * NaN in the products)
+    k_tail, v_tail, q_tail, do_tail = pop_tails(refs, kv_len_ref, q_len_ref)
     q_seg_ref, kv_seg_ref, seg_range_ref = (refs.pop(0) for _ in range(3)) if has_segments else (None,) * 3
     dq_ref = refs.pop(0) if fuse_dq else None
     dk_ref, dv_ref = refs
@@ -142,8 +146,10 @@ def _dkdv_kernel(
         k0 = cta_k0 + wg * BLOCK_KV
         rows = pl.ds(wg * BLOCK_KV, BLOCK_KV)
         k_tile, v_tile = k_smem.at[rows], v_smem.at[rows]
-        plgpu.copy_gmem_to_smem(k_ref.at[batch, pl.ds(k0, BLOCK_KV), kv_head], k_tile, kv_ready.at[wg])
-        plgpu.copy_gmem_to_smem(v_ref.at[batch, pl.ds(k0, BLOCK_KV), kv_head], v_tile, kv_ready.at[wg])
+        copy_block(k_ref, k_tail, batch=batch, start=k0, block_rows=BLOCK_KV, head=kv_head, dst=k_tile,
+                   barrier=kv_ready.at[wg])
+        copy_block(v_ref, v_tail, batch=batch, start=k0, block_rows=BLOCK_KV, head=kv_head, dst=v_tile,
+                   barrier=kv_ready.at[wg])
         if has_segments:
             plgpu.copy_gmem_to_smem(kv_seg_ref.at[batch, pl.ds(k0, BLOCK_KV)], kseg_smem.at[wg], kv_ready.at[wg])
         stage = None if stage_smem is None else stage_smem.at[wg]
@@ -275,11 +281,13 @@ def _dkdv_kernel(
             delta_smem=delta_smem, q_ready=q_ready, do_ready=do_ready, q_consumed=q_consumed,
             do_consumed=do_consumed, batch=batch, kv_head=kv_head, group=group, j_lo=j_lo, n_q=n_q,
             block_q=block_q, num_stages=num_stages,
-            qseg=None if q_seg_ref is None else (q_seg_ref.at[batch], qseg_smem))
+            qseg=None if q_seg_ref is None else (q_seg_ref.at[batch], qseg_smem), q_tail=q_tail, do_tail=do_tail)
 
 
-def launch_dkdv(q, k, v, do, lse2, delta, kv_lengths, q_lengths, segments, *, spec, config, interpret, seq_q, seq_k):
-    """``(dq or None, dk, dv)`` on padded arrays; ``dq`` only when it is fused (non-deterministic)."""
+def launch_dkdv(q, k, v, do, lse2, delta, kv_lengths, q_lengths, segments, *, spec, config, interpret, seq_q, seq_k,
+                tails=()):
+    """``(dq or None, dk, dv)`` on padded arrays; ``dq`` only when it is fused (non-deterministic). ``tails``:
+    ``common.straddling_operands`` of the lengths given."""
     batch, tq_pad, num_heads, head_dim = q.shape
     _, tk_pad, num_kv_heads, _ = k.shape
     dtype = q.dtype
@@ -303,6 +311,7 @@ def launch_dkdv(q, k, v, do, lse2, delta, kv_lengths, q_lengths, segments, *, sp
     )
     operands = [q, k, v, do, lse2, delta]
     operands += [x for x in (kv_lengths, q_lengths) if x is not None]
+    operands += list(tails)
     if segments is not None:  # (q ids [B, Tq pad], kv ids [B, Tk pad])
         q_seg, kv_seg = segments
         scratch["qseg_smem"] = plgpu.SMEM((stages, block_q), jnp.int32)

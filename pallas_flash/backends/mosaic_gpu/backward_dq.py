@@ -31,8 +31,10 @@ from pallas_flash.backends.mosaic_gpu.common import (
     ROW,
     WGMMA,
     bcast,
+    copy_block,
     launch_params,
     mma,
+    pop_tails,
     segment_block_ranges,
     stream_kv_blocks,
     tiled_smem,
@@ -83,6 +85,8 @@ def _dq_kernel(
     refs = list(refs)
     kv_len_ref = refs.pop(0) if has_kv_lengths else None
     q_len_ref = refs.pop(0) if has_q_lengths else None
+    # The blocks straddling the lengths, zeroed past them (rows there may hold anything: 0 * NaN in the products)
+    k_tail, v_tail, q_tail, do_tail = pop_tails(refs, kv_len_ref, q_len_ref)
     q_seg_ref, kv_seg_ref, seg_range_ref = (refs.pop(0) for _ in range(3)) if has_segments else (None,) * 3
     (dq_ref,) = refs
     batch = lax.axis_index("batch")
@@ -129,8 +133,10 @@ def _dq_kernel(
         q0 = cta_q0 + wg * BLOCK_Q
         rows = pl.ds(q0, BLOCK_Q)
         q_tile, do_tile = q_smem.at[wg], do_smem.at[wg]
-        plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_tile, rows_ready.at[wg])
-        plgpu.copy_gmem_to_smem(do_ref.at[batch, rows, head], do_tile, rows_ready.at[wg])
+        copy_block(q_ref, q_tail, batch=batch, start=q0, block_rows=BLOCK_Q, head=head, dst=q_tile,
+                   barrier=rows_ready.at[wg])
+        copy_block(do_ref, do_tail, batch=batch, start=q0, block_rows=BLOCK_Q, head=head, dst=do_tile,
+                   barrier=rows_ready.at[wg])
         plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, rows], lse_smem.at[wg], rows_ready.at[wg])
         plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, rows], delta_smem.at[wg], rows_ready.at[wg])
         if has_segments:
@@ -233,12 +239,13 @@ def _dq_kernel(
             k_ref, v_ref, k_smem=k_smem, v_smem=v_smem, k_ready=k_ready, v_ready=v_ready, k_consumed=k_consumed,
             v_consumed=v_consumed, batch=batch, kv_head=lax.div(head, jnp.int32(group)),
             num_blocks=cta_kv_end - cta_kv_first, block_kv=block_kv, num_stages=num_stages, first_block=cta_kv_first,
-            kseg=None if kv_seg_ref is None else (kv_seg_ref.at[batch], kvseg_smem))
+            kseg=None if kv_seg_ref is None else (kv_seg_ref.at[batch], kvseg_smem), k_tail=k_tail, v_tail=v_tail)
 
 
 def launch_dq(q, k, v, do, lse2, delta, kv_lengths=None, q_lengths=None, segments=None, *, spec, config, interpret,
-              seq_k):
-    """``dQ`` (``q``'s padded shape and dtype) from padded ``q, k, v, dO`` and padded ``lse2``/``delta`` rows."""
+              seq_k, tails=()):
+    """``dQ`` (``q``'s padded shape and dtype) from padded ``q, k, v, dO`` and padded ``lse2``/``delta`` rows;
+    ``tails``: ``common.straddling_operands`` of the lengths given."""
     batch, tq_pad, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
     dtype = q.dtype
@@ -276,7 +283,7 @@ def launch_dq(q, k, v, do, lse2, delta, kv_lengths=None, q_lengths=None, segment
         has_segments=segments is not None,
         interpret=bool(interpret),
     )
-    operands = [x for x in (kv_lengths, q_lengths) if x is not None]
+    operands = [x for x in (kv_lengths, q_lengths) if x is not None] + list(tails)
     if segments is not None:  # (q ids [B, Tq pad], kv ids [B, Tk pad]), padded
         q_seg, kv_seg = segments
         scratch["qseg_smem"] = plgpu.SMEM((COMPUTE_WGS, BLOCK_Q), jnp.int32)

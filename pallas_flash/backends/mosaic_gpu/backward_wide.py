@@ -57,6 +57,7 @@ from pallas_flash.backends.mosaic_gpu.common import (
     MEMORY_WG,
     ROW,
     bcast,
+    copy_block,
     drain_p,
     hand_over_p,
     i32,
@@ -64,6 +65,7 @@ from pallas_flash.backends.mosaic_gpu.common import (
     masked_logits,
     mma,
     p_handover_scratch,
+    pop_tails,
     segment_block_ranges,
     stream_kv_blocks,
     stream_query_blocks,
@@ -92,6 +94,7 @@ def _dkdv_kernel(
     refs = list(refs)
     kv_len_ref = refs.pop(0) if has_kv_lengths else None
     q_len_ref = refs.pop(0) if has_q_lengths else None
+    k_tail, v_tail, q_tail, do_tail = pop_tails(refs, kv_len_ref, q_len_ref)  # zeroed past the lengths
     q_seg_ref, kv_seg_ref, seg_range_ref = (refs.pop(0) for _ in range(3)) if has_segments else (None,) * 3
     dk_ref, dv_ref = refs
     batch = lax.axis_index("batch")
@@ -149,7 +152,8 @@ def _dkdv_kernel(
     @pl.when(wg == P_WG)
     def _p_warpgroup():  # S^T = K Q^T, P^T, dV += P^T dO
         plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
-        plgpu.copy_gmem_to_smem(k_ref.at[batch, keys, kv_head], k_smem, kv_ready.at[P_WG])
+        copy_block(k_ref, k_tail, batch=batch, start=k0, block_rows=ROWS, head=kv_head, dst=k_smem,
+                   barrier=kv_ready.at[P_WG])
         if has_segments:
             plgpu.copy_gmem_to_smem(kv_seg_ref.at[batch, keys], kseg_smem, kseg_ready)
             plgpu.barrier_wait(kseg_ready)
@@ -193,7 +197,8 @@ def _dkdv_kernel(
     @pl.when(wg == DS_WG)
     def _ds_warpgroup():  # dP^T = V dO^T, dS^T, dK += dS^T Q
         plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
-        plgpu.copy_gmem_to_smem(v_ref.at[batch, keys, kv_head], v_smem, kv_ready.at[DS_WG])
+        copy_block(v_ref, v_tail, batch=batch, start=k0, block_rows=ROWS, head=kv_head, dst=v_smem,
+                   barrier=kv_ready.at[DS_WG])
         plgpu.barrier_wait(kv_ready.at[DS_WG])
 
         def accumulate(dk_acc):
@@ -231,7 +236,8 @@ def _dkdv_kernel(
             q_ref, do_ref, lse_ref, delta_ref, q_smem=q_smem, do_smem=do_smem, lse_smem=lse_smem,
             delta_smem=delta_smem, q_ready=q_ready, do_ready=do_ready, q_consumed=q_consumed,
             do_consumed=do_consumed, batch=batch, kv_head=kv_head, group=group, j_lo=j_lo, n_q=n_q,
-            block_q=ROWS, num_stages=num_stages, qseg=None if q_seg_ref is None else (q_seg_ref.at[batch], qseg_smem))
+            block_q=ROWS, num_stages=num_stages, qseg=None if q_seg_ref is None else (q_seg_ref.at[batch], qseg_smem),
+            q_tail=q_tail, do_tail=do_tail)
 
 
 def _dq_kernel(
@@ -245,6 +251,7 @@ def _dq_kernel(
     refs = list(refs)
     kv_len_ref = refs.pop(0) if has_kv_lengths else None
     q_len_ref = refs.pop(0) if has_q_lengths else None
+    k_tail, v_tail, q_tail, do_tail = pop_tails(refs, kv_len_ref, q_len_ref)  # zeroed past the lengths
     q_seg_ref, kv_seg_ref, seg_range_ref = (refs.pop(0) for _ in range(3)) if has_segments else (None,) * 3
     (dq_ref,) = refs
     batch = lax.axis_index("batch")
@@ -287,7 +294,8 @@ def _dq_kernel(
     @pl.when(wg == P_WG)
     def _p_warpgroup():  # S = Q K^T, P
         plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
-        plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_smem, rows_ready.at[P_WG])
+        copy_block(q_ref, q_tail, batch=batch, start=q0, block_rows=ROWS, head=head, dst=q_smem,
+                   barrier=rows_ready.at[P_WG])
         plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, rows], lse_smem, rows_ready.at[P_WG])
         if has_segments:
             plgpu.copy_gmem_to_smem(q_seg_ref.at[batch, rows], qseg_smem, qseg_ready)
@@ -324,7 +332,8 @@ def _dq_kernel(
     @pl.when(wg == DS_WG)
     def _ds_warpgroup():  # dP = dO V^T, dS, dQ += dS K
         plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
-        plgpu.copy_gmem_to_smem(do_ref.at[batch, rows, head], do_smem, rows_ready.at[DS_WG])
+        copy_block(do_ref, do_tail, batch=batch, start=q0, block_rows=ROWS, head=head, dst=do_smem,
+                   barrier=rows_ready.at[DS_WG])
         plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, rows], delta_smem, rows_ready.at[DS_WG])
         plgpu.barrier_wait(rows_ready.at[DS_WG])
         delta = plgpu.load(delta_smem, layout=ROW)
@@ -363,7 +372,7 @@ def _dq_kernel(
             k_ref, v_ref, k_smem=k_smem, v_smem=v_smem, k_ready=k_ready, v_ready=v_ready, k_consumed=k_consumed,
             v_consumed=v_consumed, batch=batch, kv_head=lax.div(head, jnp.int32(group)), num_blocks=kv_end - kv_first,
             block_kv=block_kv, num_stages=num_stages, first_block=kv_first,
-            kseg=None if kv_seg_ref is None else (kv_seg_ref.at[batch], kvseg_smem))
+            kseg=None if kv_seg_ref is None else (kv_seg_ref.at[batch], kvseg_smem), k_tail=k_tail, v_tail=v_tail)
 
 
 def _constants(spec, interpret, group, seq_q: int, seq_k: int):
@@ -373,7 +382,7 @@ def _constants(spec, interpret, group, seq_q: int, seq_k: int):
 
 
 def launch_dkdv(q, k, v, do, lse2, delta, kv_lengths=None, q_lengths=None, segments=None, *, spec, config, interpret,
-                seq_q, seq_k):
+                seq_q, seq_k, tails=()):
     """``(dk, dv)`` of the role-split dK/dV kernel, on arrays padded to whole 64-row tiles."""
     batch, _, num_heads, head_dim = q.shape
     _, tk_pad, num_kv_heads, _ = k.shape
@@ -394,7 +403,7 @@ def launch_dkdv(q, k, v, do, lse2, delta, kv_lengths=None, q_lengths=None, segme
     )
     if interpret:
         scratch["stage_smem"] = tiled_smem((ROWS, ROWS), dtype)
-    operands = [q, k, v, do, lse2, delta, *[x for x in (kv_lengths, q_lengths) if x is not None]]
+    operands = [q, k, v, do, lse2, delta, *[x for x in (kv_lengths, q_lengths) if x is not None], *tails]
     if segments is not None:  # (q ids [B, Tq pad], kv ids [B, Tk pad]); per key tile, its query blocks
         q_seg, kv_seg = segments
         scratch.update(qseg_smem=plgpu.SMEM((stages, ROWS), jnp.int32), kseg_smem=plgpu.SMEM((ROWS,), jnp.int32),
@@ -415,7 +424,7 @@ def launch_dkdv(q, k, v, do, lse2, delta, kv_lengths=None, q_lengths=None, segme
 
 
 def launch_dq(q, k, v, do, lse2, delta, kv_lengths=None, q_lengths=None, segments=None, *, spec, config, interpret,
-              seq_q, seq_k):
+              seq_q, seq_k, tails=()):
     """``dq`` of the role-split dQ kernel, on arrays padded to whole 64-row tiles."""
     batch, tq_pad, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
@@ -438,7 +447,7 @@ def launch_dq(q, k, v, do, lse2, delta, kv_lengths=None, q_lengths=None, segment
     if interpret:
         scratch["stage_smem"] = tiled_smem((ROWS, block_kv), dtype)
     num_q_tiles = tq_pad // ROWS
-    operands = [q, k, v, do, lse2, delta, *[x for x in (kv_lengths, q_lengths) if x is not None]]
+    operands = [q, k, v, do, lse2, delta, *[x for x in (kv_lengths, q_lengths) if x is not None], *tails]
     if segments is not None:  # (q ids [B, Tq pad], kv ids [B, Tk pad]); per query tile, its key blocks
         q_seg, kv_seg = segments
         scratch.update(qseg_smem=plgpu.SMEM((ROWS,), jnp.int32), kvseg_smem=plgpu.SMEM((stages, block_kv), jnp.int32),
@@ -459,18 +468,18 @@ def launch_dq(q, k, v, do, lse2, delta, kv_lengths=None, q_lengths=None, segment
 
 
 def launch_wide(q, k, v, do, lse2, delta, kv_lengths=None, q_lengths=None, segments=None, *, spec, config, interpret,
-                seq_q, seq_k):
+                seq_q, seq_k, tails=()):
     """``(dq, dk, dv)`` on arrays padded to whole 64-row tiles (``backward.mosaic_backward`` pads them).
 
     ``kv_lengths`` (int32 ``[B]``, at most ``Tk``): the dQ kernel masks the keys past them; the dK/dV kernel
     skips the key tiles wholly past them and computes every other key's gradients from its own column of P
     alone, so those of the keys past them in the tile across the length are replaced by zeros here (no row
-    sees them). ``q_lengths`` (int32 ``[B]``, at most ``Tq``; the rows past them hold zero Q and dO): both
+    sees them). ``q_lengths`` (int32 ``[B]``, at most ``Tq``; the rows past them load as zeros, ``tails``): both
     kernels skip the query blocks wholly past them. ``segments``: ``(q ids [B, Tq pad], kv ids [B, Tk pad])``,
     padded: each kernel streams the blocks whose ids overlap its tile's and masks them by id, but the run of
     blocks whose ids are all the tile's one id (``common.segment_block_ranges``).
     """
-    common = dict(spec=spec, config=config, interpret=interpret, seq_q=seq_q, seq_k=seq_k)
+    common = dict(spec=spec, config=config, interpret=interpret, seq_q=seq_q, seq_k=seq_k, tails=tails)
     dk, dv = launch_dkdv(q, k, v, do, lse2, delta, kv_lengths, q_lengths, segments, **common)
     dq = launch_dq(q, k, v, do, lse2, delta, kv_lengths, q_lengths, segments, **common)
     if kv_lengths is not None:

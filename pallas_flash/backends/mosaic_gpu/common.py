@@ -75,21 +75,51 @@ def straddling_blocks(x: jax.Array, lengths: jax.Array, block: int) -> jax.Array
     return jnp.where(live, tail, jnp.zeros((), x.dtype))
 
 
-def copy_block(ref, tail_ref, *, batch, block, block_rows: int, head, dst, barrier, tail_block=None):
-    """TMA: rows ``block * block_rows ..`` of ``ref[batch, :, head]`` into ``dst``, arriving on ``barrier``; the
-    batch row's straddling block (``block == tail_block``) from ``tail_ref[batch, :, head]`` instead
-    (``straddling_blocks``), when there is one."""
-    rows = pl.ds(block * block_rows, block_rows)
-    if tail_ref is None:
+def straddling_operands(q, k, v, do, q_lengths, kv_lengths, block: int) -> list:
+    """The backward kernels' operands after the lengths: the blocks of ``block`` rows straddling the key
+    lengths in ``k`` and ``v``, then those straddling the query lengths in ``q`` and ``dO`` (``pop_tails``)."""
+    operands = []
+    if kv_lengths is not None:
+        operands += [straddling_blocks(k, kv_lengths, block), straddling_blocks(v, kv_lengths, block)]
+    if q_lengths is not None:
+        operands += [straddling_blocks(q, q_lengths, block), straddling_blocks(do, q_lengths, block)]
+    return operands
+
+
+def pop_tails(refs: list, kv_len_ref, q_len_ref):
+    """``(k_tail, v_tail, q_tail, do_tail)`` for ``copy_block``, popped from a kernel's ``refs`` in the order of
+    ``straddling_operands`` (each None without its lengths)."""
+    k_tail = v_tail = q_tail = do_tail = None
+    if kv_len_ref is not None:
+        k_tail, v_tail = (refs.pop(0), kv_len_ref), (refs.pop(0), kv_len_ref)
+    if q_len_ref is not None:
+        q_tail, do_tail = (refs.pop(0), q_len_ref), (refs.pop(0), q_len_ref)
+    return k_tail, v_tail, q_tail, do_tail
+
+
+def copy_block(ref, tail, *, batch, start, block_rows: int, head, dst, barrier):
+    """TMA: rows ``start .. start + block_rows - 1`` of ``ref[batch, :, head]`` into ``dst``, arriving on
+    ``barrier``. ``tail``: None, or ``(tail_ref, lengths_ref)`` (``tail_ref = straddling_blocks(ref, lengths,
+    tail_rows)``): rows inside the batch row's straddling block then come from ``tail_ref``, zeroed past the
+    length. ``block_rows`` divides ``tail_rows`` and ``start`` is a multiple of it, so a block is in the
+    straddling block or wholly outside it."""
+    rows = pl.ds(start, block_rows)
+    if tail is None:
         plgpu.copy_gmem_to_smem(ref.at[batch, rows, head], dst, barrier)
         return
-    is_tail = block == tail_block
+    tail_ref, lengths_ref = tail
+    tail_rows = tail_ref.shape[1]
+    if tail_rows % block_rows:
+        raise ValueError(f"copy_block: blocks of {block_rows} rows do not tile a straddling block of {tail_rows}")
+    tail_start = lax.div(lengths_ref[batch], jnp.int32(tail_rows)) * tail_rows
+    offset = start - tail_start
+    in_tail = (offset >= 0) & (offset < tail_rows)
 
-    @pl.when(is_tail)
+    @pl.when(in_tail)
     def _from_tail():
-        plgpu.copy_gmem_to_smem(tail_ref.at[batch, pl.ds(0, block_rows), head], dst, barrier)
+        plgpu.copy_gmem_to_smem(tail_ref.at[batch, pl.ds(offset, block_rows), head], dst, barrier)
 
-    @pl.when(jnp.logical_not(is_tail))
+    @pl.when(jnp.logical_not(in_tail))
     def _from_ref():
         plgpu.copy_gmem_to_smem(ref.at[batch, rows, head], dst, barrier)
 
@@ -110,10 +140,12 @@ def mma(acc_ref, a, b_ref, stage, interpret: bool):
 
 def stream_query_blocks(q_ref, do_ref, lse_ref, delta_ref, *, q_smem, do_smem, lse_smem, delta_smem, q_ready,
                         do_ready, q_consumed, do_consumed, batch, kv_head, group, j_lo, n_q, block_q, num_stages,
-                        qseg=None):
+                        qseg=None, q_tail=None, do_tail=None):
     """Memory warpgroup of a dK/dV kernel: for each query head of the KV head's group, query blocks
     ``j_lo .. j_lo + n_q - 1`` (``Q`` and ``lse2`` on ``q_ready``, ``dO`` and ``delta`` on ``do_ready``) into
-    a ring of ``num_stages`` slots, each refilled once both compute warpgroups have released it."""
+    a ring of ``num_stages`` slots, each refilled once both compute warpgroups have released it.
+    ``q_tail``/``do_tail``: ``(tail_ref, q_lengths_ref)``, the blocks straddling the query lengths
+    (``copy_block``), or None."""
     plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
 
     @pl.loop(i32(0), i32(group))
@@ -127,12 +159,15 @@ def stream_query_blocks(q_ref, do_ref, lse_ref, delta_ref, *, q_smem, do_smem, l
             rows = pl.ds((j_lo + jj) * block_q, block_q)
             refill = t >= num_stages
             pl.when(refill)(lambda: plgpu.barrier_wait(q_consumed.at[slot]))
-            plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_smem.at[slot], q_ready.at[slot])
+            start = (j_lo + jj) * block_q
+            copy_block(q_ref, q_tail, batch=batch, start=start, block_rows=block_q, head=head, dst=q_smem.at[slot],
+                       barrier=q_ready.at[slot])
             plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, rows], lse_smem.at[slot], q_ready.at[slot])
             if qseg is not None:  # (ids_ref [Tq], ids_smem [num_stages, block_q]): the rows' segment ids
                 plgpu.copy_gmem_to_smem(qseg[0].at[rows], qseg[1].at[slot], q_ready.at[slot])
             pl.when(refill)(lambda: plgpu.barrier_wait(do_consumed.at[slot]))
-            plgpu.copy_gmem_to_smem(do_ref.at[batch, rows, head], do_smem.at[slot], do_ready.at[slot])
+            copy_block(do_ref, do_tail, batch=batch, start=start, block_rows=block_q, head=head, dst=do_smem.at[slot],
+                       barrier=do_ready.at[slot])
             plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, rows], delta_smem.at[slot], do_ready.at[slot])
 
     total = group * n_q
@@ -146,7 +181,7 @@ def stream_query_blocks(q_ref, do_ref, lse_ref, delta_ref, *, q_smem, do_smem, l
 
 def stream_kv_blocks(k_ref, v_ref, *, k_smem, v_smem, k_ready, v_ready, k_consumed, v_consumed, batch, kv_head,
                      num_blocks, block_kv, num_stages, first_step=0, drain=True, first_block=0, kseg=None,
-                     k_tail=None, v_tail=None, tail_block=None):
+                     k_tail=None, v_tail=None):
     """Memory warpgroup of the forward and the dQ kernels: key blocks ``first_block .. first_block + num_blocks
     - 1`` of one KV head (``K`` on ``k_ready``, ``V`` on ``v_ready``) into a ring of ``num_stages`` slots, each
     refilled once both compute warpgroups have released it; then (``drain``) the release of the last slots is
@@ -155,8 +190,8 @@ def stream_kv_blocks(k_ref, v_ref, *, k_smem, v_smem, k_ready, v_ready, k_consum
     ``first_step``: ring steps already taken (a persistent kernel's earlier tiles): the ``n``-th block goes to
     slot ``(first_step + n) % num_stages``. Returns the steps taken so far, ``first_step + num_blocks``.
     ``kseg``: ``(ids_ref [Tk], ids_smem [num_stages, block_kv])``, the keys' segment ids, loaded with K.
-    ``k_tail``/``v_tail``: the straddling blocks (``straddling_blocks``) that key block ``tail_block`` is
-    loaded from instead (the batch row's key length over ``block_kv``).
+    ``k_tail``/``v_tail``: ``(tail_ref, kv_lengths_ref)``, the blocks straddling the key lengths
+    (``copy_block``), or None.
     """
     num_blocks = i32(num_blocks)
 
@@ -167,14 +202,14 @@ def stream_kv_blocks(k_ref, v_ref, *, k_smem, v_smem, k_ready, v_ready, k_consum
         rows = pl.ds((first_block + n) * block_kv, block_kv)
         refill = step >= num_stages
         pl.when(refill)(lambda: plgpu.barrier_wait(k_consumed.at[slot]))
-        block = first_block + n
-        copy_block(k_ref, k_tail, batch=batch, block=block, block_rows=block_kv, head=kv_head, dst=k_smem.at[slot],
-                   barrier=k_ready.at[slot], tail_block=tail_block)
+        start = (first_block + n) * block_kv
+        copy_block(k_ref, k_tail, batch=batch, start=start, block_rows=block_kv, head=kv_head, dst=k_smem.at[slot],
+                   barrier=k_ready.at[slot])
         if kseg is not None:
             plgpu.copy_gmem_to_smem(kseg[0].at[rows], kseg[1].at[slot], k_ready.at[slot])
         pl.when(refill)(lambda: plgpu.barrier_wait(v_consumed.at[slot]))
-        copy_block(v_ref, v_tail, batch=batch, block=block, block_rows=block_kv, head=kv_head, dst=v_smem.at[slot],
-                   barrier=v_ready.at[slot], tail_block=tail_block)
+        copy_block(v_ref, v_tail, batch=batch, start=start, block_rows=block_kv, head=kv_head, dst=v_smem.at[slot],
+                   barrier=v_ready.at[slot])
 
     steps = first_step + num_blocks
     if drain:

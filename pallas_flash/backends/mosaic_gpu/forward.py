@@ -312,7 +312,7 @@ def _forward_kernel(
                 num_blocks=cta_end - cta_first, block_kv=block_kv, num_stages=num_stages,
                 first_step=step, drain=False, first_block=cta_first,
                 kseg=None if kv_seg_ref is None else (kv_seg_ref.at[batch], kvseg_smem),
-                v_tail=v_tail_ref, tail_block=None if kv_len is None else lax.div(kv_len, jnp.int32(block_kv)))
+                v_tail=None if v_tail_ref is None else (v_tail_ref, kv_len_ref))
 
         steps = lax.fori_loop(i32(0), my_tiles, tile_step, i32(0))
         drain_kv_slots(k_consumed, v_consumed, steps, num_stages)

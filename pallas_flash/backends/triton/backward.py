@@ -40,6 +40,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_flash.backends.base import Gradients, softmax_delta
 from pallas_flash.backends.triton import blocks, tiles
 from pallas_flash.backends.triton.config import BackwardConfig, padded_head_dim
 from pallas_flash.backends.triton.program import (
@@ -53,7 +54,6 @@ from pallas_flash.backends.triton.program import (
     visible,
 )
 from pallas_flash.backends.triton.side_inputs import SideInputs, alibi_slope, side_inputs
-from pallas_flash.backends.base import Gradients, softmax_delta
 from pallas_flash.spec import LOG2E, AttentionInputs, AttentionSpec
 
 
