@@ -38,7 +38,10 @@ Lengths: the sequence lengths need not be block multiples. TMA reads past the
 end of an array give zeros and its writes there are dropped; logits of keys
 ``>= Tk`` are masked in the last key block. (Lengths that are not multiples of
 8, and arrays shorter than one block, are zero-padded by the launcher: the
-tiled TMA copies need whole 8-row tiles.)
+tiled TMA copies need whole 8-row tiles.) Per-batch key lengths: the V block
+straddling a batch row's length comes from a copy zeroed past it
+(``common.straddling_blocks``), so that whatever the padded rows hold cannot
+give ``P V = 0 * NaN``.
 
 Outputs: ``out [B, Tq, N, H]`` and ``lse2 [B, N, Tq]`` float32, the log-sum-exp
 in the log2 domain (``m + log2(l)`` with ``m`` the running max of the scaled
