@@ -148,3 +148,23 @@ def test_garbage_past_the_lengths_reaches_nothing(which, head_dim, seed):
     leaked = [label for label, x in zip(("out", "dq", "dk", "dv"), (out, *grads))
               if not np.isfinite(np.asarray(x.astype(jnp.float32))).all()]
     assert not leaked, f"the garbage in {which} reached {leaked}"
+
+
+@pytest.mark.parametrize("block", [64, 128])
+def test_straddling_blocks_hold_the_rows_of_the_block_across_each_length(block, seed):
+    """The copies the kernels load instead of the block across a length: that block's rows, zeroed from the
+    length on; lengths of 0, a block multiple (the block after it, never loaded: all zeros), inside the last
+    partial block, and the whole array."""
+    from pallas_flash.backends.mosaic_gpu.common import straddling_blocks
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((6, 300, 2, 3)).astype(np.float32)
+    lengths = np.asarray([0, block, 150, 299, 300, int(rng.integers(1, 300))], np.int32)
+    got = np.asarray(straddling_blocks(jnp.asarray(x), jnp.asarray(lengths), block))
+    assert got.shape == (6, block, 2, 3)
+    for b, length in enumerate(lengths):
+        start = (length // block) * block
+        want = np.zeros((block, 2, 3), np.float32)
+        live = max(0, min(length, 300) - start)
+        want[:live] = x[b, start:start + live]
+        np.testing.assert_array_equal(got[b], want, err_msg=f"batch row {b}, length {length}")
