@@ -44,8 +44,6 @@ def _against_reference(q, k, v, ct, tol=None, **kw):
 # ------------------------------------------------------------------ non-finite values
 
 
-
-
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("name", POISONS)
 def test_non_finite_inputs_reach_every_row_that_sees_them(name, causal, seed):

@@ -69,8 +69,8 @@ def straddling_blocks(x: jax.Array, lengths: jax.Array, block: int) -> jax.Array
     be a pass over the whole array."""
     starts = (lengths // block) * block
     rows = starts[:, None] + jnp.arange(block, dtype=starts.dtype)  # [B, block]
-    index = jnp.minimum(rows, x.shape[1] - 1).reshape(rows.shape + (1,) * (x.ndim - 2))
-    tail = jnp.take_along_axis(x, index, axis=1, mode="clip")
+    index = rows.reshape(rows.shape + (1,) * (x.ndim - 2))
+    tail = jnp.take_along_axis(x, index, axis=1, mode="clip")  # rows past the array: zeroed below
     live = (rows < lengths[:, None]).reshape(index.shape)
     return jnp.where(live, tail, jnp.zeros((), x.dtype))
 
@@ -156,10 +156,10 @@ def stream_query_blocks(q_ref, do_ref, lse_ref, delta_ref, *, q_smem, do_smem, l
         def _load(jj):
             t = g * n_q + jj
             slot = lax.rem(t, jnp.int32(num_stages))
-            rows = pl.ds((j_lo + jj) * block_q, block_q)
+            start = (j_lo + jj) * block_q
+            rows = pl.ds(start, block_q)
             refill = t >= num_stages
             pl.when(refill)(lambda: plgpu.barrier_wait(q_consumed.at[slot]))
-            start = (j_lo + jj) * block_q
             copy_block(q_ref, q_tail, batch=batch, start=start, block_rows=block_q, head=head, dst=q_smem.at[slot],
                        barrier=q_ready.at[slot])
             plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, rows], lse_smem.at[slot], q_ready.at[slot])
@@ -199,10 +199,10 @@ def stream_kv_blocks(k_ref, v_ref, *, k_smem, v_smem, k_ready, v_ready, k_consum
     def _load(n):
         step = first_step + n
         slot = lax.rem(step, jnp.int32(num_stages))
-        rows = pl.ds((first_block + n) * block_kv, block_kv)
+        start = (first_block + n) * block_kv
+        rows = pl.ds(start, block_kv)
         refill = step >= num_stages
         pl.when(refill)(lambda: plgpu.barrier_wait(k_consumed.at[slot]))
-        start = (first_block + n) * block_kv
         copy_block(k_ref, k_tail, batch=batch, start=start, block_rows=block_kv, head=kv_head, dst=k_smem.at[slot],
                    barrier=k_ready.at[slot])
         if kseg is not None:
