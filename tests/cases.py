@@ -149,6 +149,32 @@ def random_qkv(shape: Shape, dtype, seed: int):
     return draw(shape.q_shape), draw(shape.kv_shape), draw(shape.kv_shape), draw(shape.q_shape)
 
 
+def reference_vjp_f64(q, k, v, ct, **reference_kwargs):
+    """``(out, dq, dk, dv)`` of ``attention_reference`` in float64 under the cotangent ``ct``, one batch row and
+    one KV head (with its query heads) at a time: a whole ``[B, N, Tq, Tk]`` float64 reference at the GPU
+    suite's 4k shapes holds about 10 GB, which eight pytest workers sharing one GPU ran out of.
+    ``reference_kwargs`` with a leading batch axis (segment ids, lengths) are sliced with the batch row."""
+    batch, _, num_heads, _ = q.shape
+    num_kv_heads = k.shape[2]
+    group = num_heads // num_kv_heads
+    parts = []
+    with jax.enable_x64(True):
+        for b in range(batch):
+            row_kwargs = {name: x[b:b + 1] if getattr(x, "ndim", 0) and x.shape[0] == batch else x
+                          for name, x in reference_kwargs.items()}
+            for h in range(num_kv_heads):
+                heads = slice(h * group, (h + 1) * group)
+                q64, k64, v64, ct64 = (jnp.asarray(np.asarray(x[b:b + 1, :, hs].astype(jnp.float32), np.float64))
+                                       for x, hs in ((q, heads), (k, slice(h, h + 1)), (v, slice(h, h + 1)),
+                                                     (ct, heads)))
+                out, vjp = jax.vjp(lambda q, k, v: attention_reference(q, k, v, **row_kwargs), q64, k64, v64)
+                parts.append([np.asarray(x) for x in (out, *vjp(ct64))])
+        # parts[b * num_kv_heads + h]: out/dq over the heads of group h, dk/dv over KV head h
+        rows = [parts[b * num_kv_heads:(b + 1) * num_kv_heads] for b in range(batch)]
+        return tuple(np.concatenate([np.concatenate([p[i] for p in row], axis=2) for row in rows], axis=0)
+                     for i in range(4))
+
+
 def kernel_fn(kw, diff_names, **extra):
     def fn(q, k, v, *d):
         return pf.dot_product_attention(

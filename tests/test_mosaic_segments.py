@@ -32,7 +32,7 @@ from pallas_flash.backends.mosaic_gpu.forward import mosaic_forward
 from pallas_flash.reference import attention_reference
 from pallas_flash.spec import AttentionInputs, AttentionSpec
 from pallas_flash.testing.shapes import Shape
-from tests.cases import random_qkv
+from tests.cases import random_qkv, reference_vjp_f64
 from tests.conftest import ON_GPU, TOLERANCE, rel_err
 
 
@@ -226,11 +226,7 @@ def test_gpu_segments(name, overlap, fused, seed):
         return out, g.dq, g.dk, g.dv
 
     got = run(q, k, v, ct)
-    with jax.enable_x64(True):
-        f64 = [jnp.asarray(np.asarray(x.astype(jnp.float32), np.float64)) for x in (q, k, v, ct)]
-        ref_out, vjp = jax.vjp(lambda q, k, v: attention_reference(q, k, v, is_causal=causal, q_segment_ids=q_seg,
-                                                                   kv_segment_ids=kv_seg), *f64[:3])
-        want = (ref_out, *vjp(f64[3]))
+    want = reference_vjp_f64(q, k, v, ct, is_causal=causal, q_segment_ids=q_seg, kv_segment_ids=kv_seg)
     tol = TOLERANCE[jnp.dtype(jnp.bfloat16)]
     for label, g, ref in zip(("out", "dq", "dk", "dv"), got, want):
         g, ref = np.asarray(g, np.float64), np.asarray(ref)
@@ -261,3 +257,20 @@ def test_public_api_segments_window_and_lengths(causal, seed):
         g = np.asarray(g, np.float64)
         assert g.shape == r.shape and np.isfinite(g).all(), label
         assert rel_err(g, r) <= tol, f"{label}: relative error {rel_err(g, r):.3e} ({shape}, causal={causal})"
+
+
+def test_reference_by_batch_row_and_kv_head_matches_the_whole_reference(seed):
+    """``reference_vjp_f64`` (the GPU test's reference, one batch row and KV head at a time) equals the reference
+    on the whole arrays: GQA 3, segment ids and lengths sliced with their batch rows."""
+    shape = Shape("r", 2, 37, 45, 6, 2, 16)
+    q, k, v, ct = random_qkv(shape, jnp.float32, seed)
+    q_seg, kv_seg = (jnp.asarray(x) for x in _ids("unsorted", 2, 37, 45, seed))
+    kwargs = dict(is_causal=True, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
+                  key_value_seq_lengths=jnp.asarray([45, 30], jnp.int32))
+    got = reference_vjp_f64(q, k, v, ct, **kwargs)
+    with jax.enable_x64(True):
+        f64 = [jnp.asarray(np.asarray(x, np.float64)) for x in (q, k, v, ct)]
+        out, vjp = jax.vjp(lambda q, k, v: attention_reference(q, k, v, **kwargs), *f64[:3])
+        want = (out, *vjp(f64[3]))
+    for label, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        np.testing.assert_allclose(g, np.asarray(w), rtol=1e-12, atol=1e-12, err_msg=label)
