@@ -176,7 +176,8 @@ def bench_one(opts, impl: str, split: str, pass_: str, mesh, host_sets) -> dict:
     """One (implementation, split, pass): check the sharded call against one device's share, time both."""
     import jax
     import numpy as np
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from pallas_flash.testing.errors import rel_err
     from pallas_flash.tuning.timer import time_fn

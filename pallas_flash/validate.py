@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from pallas_flash import dropout as _dropout
 from pallas_flash.spec import AttentionInputs, AttentionSpec
 
+
 def check_qkv(query, key, value) -> None:
     """Shapes and dtypes of ``[B, T, N, H]`` query, key and value."""
     for name, x in (("query", query), ("key", key), ("value", value)):

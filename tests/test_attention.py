@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 import pallas_flash as pf
-from pallas_flash.testing.shapes import CPU_CASES, GPU_CASES, Shape
 from pallas_flash.reference import attention_reference
+from pallas_flash.testing.shapes import CPU_CASES, GPU_CASES, Shape
 from tests.cases import CONFIG
 from tests.conftest import ON_GPU, TOLERANCE, rel_err
 

@@ -10,8 +10,8 @@ import pallas_flash as pf
 from pallas_flash import dropout as pf_dropout
 from pallas_flash.testing.shapes import Shape
 from tests.cases import CONFIG, SELF, random_qkv
-from tests.conftest import ON_GPU
-from tests.conftest import rel_err
+from tests.conftest import ON_GPU, rel_err
+
 
 def _dropout_out(q, k, v, rate, key, **kw):
     return pf.dot_product_attention(

@@ -40,7 +40,6 @@ import pallas_flash as pf
 from pallas_flash import backends
 from pallas_flash.backends.mosaic_gpu import MosaicBackend, MosaicBackwardConfig, MosaicConfig, MosaicForwardConfig
 from pallas_flash.backends.mosaic_gpu.backward import mosaic_backward
-from pallas_flash.backends.mosaic_gpu.forward import mosaic_forward
 from pallas_flash.backends.mosaic_gpu.config import (
     HEAD_DIMS,
     MAX_SMEM_BYTES,
@@ -48,6 +47,7 @@ from pallas_flash.backends.mosaic_gpu.config import (
     default_config,
     smem_bytes,
 )
+from pallas_flash.backends.mosaic_gpu.forward import mosaic_forward
 from pallas_flash.backends.triton.config import BackwardConfig
 from pallas_flash.reference import attention_reference
 from pallas_flash.spec import AttentionInputs, AttentionSpec

@@ -25,8 +25,7 @@ import pallas_flash as pf
 from pallas_flash import backends
 from pallas_flash.backends.base import KernelBackend
 from pallas_flash.reference import attention_reference
-from pallas_flash.sharding.context import sequence_parallel_attention, sequence_sharding
-from pallas_flash.sharding.context import ring_attention
+from pallas_flash.sharding.context import ring_attention, sequence_parallel_attention, sequence_sharding
 from tests.cases import CONFIG, packed_ids
 from tests.conftest import HOST_DEVICES, ON_GPU, TOLERANCE, rel_err
 

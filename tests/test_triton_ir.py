@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import pytest
 
 import pallas_flash as pf
-from pallas_flash.testing.shapes import GPU_CASES, Shape
 from pallas_flash.backends.triton.config import default_config
+from pallas_flash.testing.shapes import GPU_CASES, Shape
 from tests.cases import ALONE, COMBINED, build
 
 try:
