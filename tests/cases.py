@@ -153,15 +153,19 @@ def reference_vjp_f64(q, k, v, ct, **reference_kwargs):
     """``(out, dq, dk, dv)`` of ``attention_reference`` in float64 under the cotangent ``ct``, one batch row and
     one KV head (with its query heads) at a time: a whole ``[B, N, Tq, Tk]`` float64 reference at the GPU
     suite's 4k shapes holds about 10 GB, which eight pytest workers sharing one GPU ran out of.
-    ``reference_kwargs`` with a leading batch axis (segment ids, lengths) are sliced with the batch row."""
+    Array keyword arguments may only be the per-batch-row ones (segment ids, lengths: sliced with the batch row);
+    a mask, bias or ALiBi slopes has a head axis this does not slice."""
+    per_row = {"q_segment_ids", "kv_segment_ids", "query_seq_lengths", "key_value_seq_lengths"}
+    arrays = {name for name, x in reference_kwargs.items() if getattr(x, "ndim", 0)}
+    if arrays - per_row:
+        raise TypeError(f"reference_vjp_f64 slices only {sorted(per_row)}; got arrays {sorted(arrays - per_row)}")
     batch, _, num_heads, _ = q.shape
     num_kv_heads = k.shape[2]
     group = num_heads // num_kv_heads
     parts = []
     with jax.enable_x64(True):
         for b in range(batch):
-            row_kwargs = {name: x[b:b + 1] if getattr(x, "ndim", 0) and x.shape[0] == batch else x
-                          for name, x in reference_kwargs.items()}
+            row_kwargs = {name: x[b:b + 1] if name in arrays else x for name, x in reference_kwargs.items()}
             for h in range(num_kv_heads):
                 heads = slice(h * group, (h + 1) * group)
                 q64, k64, v64, ct64 = (jnp.asarray(np.asarray(x[b:b + 1, :, hs].astype(jnp.float32), np.float64))

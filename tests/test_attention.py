@@ -15,22 +15,13 @@ import pytest
 import pallas_flash as pf
 from pallas_flash.reference import attention_reference
 from pallas_flash.testing.shapes import CPU_CASES, GPU_CASES, Shape
-from tests.cases import CONFIG
+from tests.cases import CONFIG, random_qkv
 from tests.conftest import ON_GPU, TOLERANCE, rel_err
 
 CASES = GPU_CASES if ON_GPU else CPU_CASES
 DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
-
-
-def random_inputs(shape: Shape, dtype, seed: int):
-    """q, k, v and an output cotangent, standard normal, in ``dtype``."""
-    rng = np.random.default_rng(seed)
-
-    def draw(s):
-        return jnp.asarray(rng.standard_normal(s, dtype=np.float32), dtype)
-
-    return draw(shape.q_shape), draw(shape.kv_shape), draw(shape.kv_shape), draw(shape.q_shape)
+random_inputs = random_qkv  # q, k, v and an output cotangent, standard normal, in the dtype
 
 
 def reference_vjp(q, k, v, ct, **kwargs):

@@ -274,3 +274,9 @@ def test_reference_by_batch_row_and_kv_head_matches_the_whole_reference(seed):
         want = (out, *vjp(f64[3]))
     for label, g, w in zip(("out", "dq", "dk", "dv"), got, want):
         np.testing.assert_allclose(g, np.asarray(w), rtol=1e-12, atol=1e-12, err_msg=label)
+
+
+def test_reference_by_batch_row_and_kv_head_refuses_arrays_with_a_head_axis():
+    q, k, v, ct = random_qkv(Shape("r", 1, 8, 8, 2, 1, 16), jnp.float32, 0)
+    with pytest.raises(TypeError, match="bias"):
+        reference_vjp_f64(q, k, v, ct, bias=jnp.zeros((1, 2, 8, 8)))
