@@ -103,6 +103,20 @@ def worker_main(fn: Callable[[dict], dict], spec_json: str) -> int:
     return 0
 
 
+def probe_platform(module: str, *, measures: str, smoke_flag: str, allow_cpu: bool, env: dict | None = None):
+    """``(info, on_gpu)`` from ``module``'s probe worker (the platform and device JAX finds), or ``None`` after
+    telling the user, when JAX finds no GPU and ``allow_cpu`` (the smoke-run flag) is not set."""
+    info = run_worker(module, {"probe": True}, timeout=180, env=env)
+    if not info.get("ok"):
+        raise RuntimeError(f"could not start JAX: {info['error']}")
+    on_gpu = info["platform"] == "gpu"
+    if not on_gpu and not allow_cpu:
+        print(f"{module} measures {measures}, but JAX found only {info['platform']} ({info['device']}). "
+              f"Run it on a GPU, or pass {smoke_flag} for a tiny smoke run of the script.", file=sys.stderr)
+        return None
+    return info, on_gpu
+
+
 # --- records on disk -----------------------------------------------------------
 
 

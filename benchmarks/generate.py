@@ -209,14 +209,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--batches, --no-cache-tokens and --samples take positive numbers")
 
     t_start = time.perf_counter()
-    info = common.run_worker("benchmarks.generate", {"probe": True}, timeout=180)
-    if not info.get("ok"):
-        raise RuntimeError(f"could not start JAX: {info['error']}")
-    on_gpu = info["platform"] == "gpu"
-    if not on_gpu and not args.quick:
-        print(f"benchmarks.generate measures GPU generation speed, but JAX found only {info['platform']} "
-              f"({info['device']}). Run it on a GPU, or pass --quick for a tiny smoke run of the script.", file=sys.stderr)
+    probed = common.probe_platform("benchmarks.generate", measures="GPU generation speed", smoke_flag="--quick",
+                                   allow_cpu=args.quick)
+    if probed is None:
         return 2
+    info, on_gpu = probed
     specs = plan(args.quick, on_gpu, paths, batches, no_cache_tokens=args.no_cache_tokens, samples=args.samples)
     print(f"device: {info['device']}; {len(specs)} runs", flush=True)
     results = []

@@ -269,14 +269,11 @@ def main(argv: list[str] | None = None) -> int:
         return common.worker_main(_worker, args.worker)
 
     t_start = time.perf_counter()
-    info = common.run_worker("benchmarks.gpt2", {"probe": True}, timeout=180)
-    if not info.get("ok"):
-        raise RuntimeError(f"could not start JAX: {info['error']}")
-    on_gpu = info["platform"] == "gpu"
-    if not on_gpu and not args.quick:
-        print(f"benchmarks.gpt2 measures GPU training speed, but JAX found only {info['platform']} ({info['device']}). "
-              "Run it on a GPU, or pass --quick for a tiny smoke run of the script.", file=sys.stderr)
+    probed = common.probe_platform("benchmarks.gpt2", measures="GPU training speed", smoke_flag="--quick",
+                                   allow_cpu=args.quick)
+    if probed is None:
         return 2
+    info, on_gpu = probed
     impls = tuple(a.strip() for a in (args.attention or "").split(",") if a.strip())
     if args.attention and (not impls or any(a not in IMPLEMENTATIONS for a in impls)):
         p.error(f"--attention takes a comma-separated subset of {IMPLEMENTATIONS}, got {args.attention!r}")

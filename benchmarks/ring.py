@@ -193,14 +193,11 @@ def main(argv: list[str] | None = None) -> int:
         return common.worker_main(_worker, args.worker)
 
     env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={CPU_DEVICES}"} if args.allow_cpu else None
-    info = common.run_worker("benchmarks.ring", {"probe": True}, timeout=180, env=env)
-    if not info.get("ok"):
-        raise RuntimeError(f"could not start JAX: {info['error']}")
-    on_gpu = info["platform"] == "gpu"
-    if not on_gpu and not args.allow_cpu:
-        print(f"benchmarks.ring measures GPUs, but JAX found {info['platform']} ({info['device']}); pass --allow-cpu "
-              "for a smoke run", file=sys.stderr)
+    probed = common.probe_platform("benchmarks.ring", measures="GPUs", smoke_flag="--allow-cpu",
+                                   allow_cpu=args.allow_cpu, env=env)
+    if probed is None:
         return 2
+    info, on_gpu = probed
     layouts = tuple(x.strip() for x in args.layouts.split(",") if x.strip())
     passes = tuple(x.strip() for x in args.only.split(",") if x.strip())
     if not set(layouts) <= set(LAYOUTS) or not set(passes) <= set(PASSES) or not (layouts or args.single):
