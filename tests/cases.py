@@ -165,7 +165,8 @@ def reference_vjp_f64(q, k, v, ct, **reference_kwargs):
     parts = []
     with jax.enable_x64(True):
         for b in range(batch):
-            row_kwargs = {name: x[b:b + 1] if name in arrays else x for name, x in reference_kwargs.items()}
+            row_kwargs = {name: x[b:b + 1] if name in arrays and x.shape[0] == batch else x
+                          for name, x in reference_kwargs.items()}
             for h in range(num_kv_heads):
                 heads = slice(h * group, (h + 1) * group)
                 q64, k64, v64, ct64 = (jnp.asarray(np.asarray(x[b:b + 1, :, hs].astype(jnp.float32), np.float64))
