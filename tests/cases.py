@@ -162,22 +162,20 @@ def reference_vjp_f64(q, k, v, ct, **reference_kwargs):
     batch, _, num_heads, _ = q.shape
     num_kv_heads = k.shape[2]
     group = num_heads // num_kv_heads
-    parts = []
+    out, dq = np.empty(q.shape, np.float64), np.empty(q.shape, np.float64)
+    dk, dv = np.empty(k.shape, np.float64), np.empty(k.shape, np.float64)
     with jax.enable_x64(True):
         for b in range(batch):
             row_kwargs = {name: x[b:b + 1] if name in arrays and x.shape[0] == batch else x
                           for name, x in reference_kwargs.items()}
             for h in range(num_kv_heads):
-                heads = slice(h * group, (h + 1) * group)
-                q64, k64, v64, ct64 = (jnp.asarray(np.asarray(x[b:b + 1, :, hs].astype(jnp.float32), np.float64))
-                                       for x, hs in ((q, heads), (k, slice(h, h + 1)), (v, slice(h, h + 1)),
-                                                     (ct, heads)))
-                out, vjp = jax.vjp(lambda q, k, v: attention_reference(q, k, v, **row_kwargs), q64, k64, v64)
-                parts.append([np.asarray(x) for x in (out, *vjp(ct64))])
-        # parts[b * num_kv_heads + h]: out/dq over the heads of group h, dk/dv over KV head h
-        rows = [parts[b * num_kv_heads:(b + 1) * num_kv_heads] for b in range(batch)]
-        return tuple(np.concatenate([np.concatenate([p[i] for p in row], axis=2) for row in rows], axis=0)
-                     for i in range(4))
+                q_part = (slice(b, b + 1), slice(None), slice(h * group, (h + 1) * group))  # the group's query heads
+                kv_part = (slice(b, b + 1), slice(None), slice(h, h + 1))
+                q64, k64, v64, ct64 = (jnp.asarray(np.asarray(x[part].astype(jnp.float32), np.float64))
+                                       for x, part in ((q, q_part), (k, kv_part), (v, kv_part), (ct, q_part)))
+                o, vjp = jax.vjp(lambda q, k, v: attention_reference(q, k, v, **row_kwargs), q64, k64, v64)
+                out[q_part], (dq[q_part], dk[kv_part], dv[kv_part]) = o, vjp(ct64)
+    return out, dq, dk, dv
 
 
 def kernel_fn(kw, diff_names, **extra):

@@ -21,8 +21,6 @@ from tests.conftest import ON_GPU, TOLERANCE, rel_err
 CASES = GPU_CASES if ON_GPU else CPU_CASES
 DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
-random_inputs = random_qkv  # q, k, v and an output cotangent, standard normal, in the dtype
-
 
 def reference_vjp(q, k, v, ct, **kwargs):
     """Output and (dq, dk, dv) of the float64 reference on the same rounded inputs."""
@@ -40,7 +38,7 @@ def assert_close(name: str, got, want, dtype, seed: int):
 
 
 def check_fn_against_reference(fn, shape: Shape, dtype, seed: int, **ref_kwargs):
-    q, k, v, ct = random_inputs(shape, dtype, seed)
+    q, k, v, ct = random_qkv(shape, dtype, seed)
     out, vjp = jax.vjp(fn, q, k, v)
     grads = vjp(ct)
     assert out.dtype == q.dtype and out.shape == q.shape
@@ -89,7 +87,7 @@ def test_drop_in_api_matches_reference(causal, seed):
 def test_matches_jax_nn_xla(seed):
     """Same semantics as jax.nn.dot_product_attention (causal with Tq > Tk, GQA)."""
     shape = Shape("tq_gt_tk", 2, 40, 24, 4, 2, 32)
-    q, k, v, _ = random_inputs(shape, jnp.float32, seed)
+    q, k, v, _ = random_qkv(shape, jnp.float32, seed)
     ours = pf.dot_product_attention(q, k, v, is_causal=True, implementation="pallas")
     theirs = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
     assert rel_err(ours, theirs) < 1e-4
@@ -108,7 +106,7 @@ def test_default_config_crosses_blocks(seed):
 
 def test_transformations_jit_vmap_grad(seed):
     shape = Shape("small", 1, 24, 20, 2, 1, 16)
-    q, k, v, ct = random_inputs(shape, jnp.float32, seed)
+    q, k, v, ct = random_qkv(shape, jnp.float32, seed)
 
     def loss(q, k, v):
         return jnp.vdot(pf.flash_attention(q, k, v, causal=True), ct)
