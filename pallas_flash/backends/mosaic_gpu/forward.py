@@ -298,7 +298,17 @@ def _forward_kernel(
             plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[batch, head, pl.ds(q_base, block_q)])
             return step + (tile.cta_kv_end - tile.cta_kv_start)
 
+        # The overlapped schedule's token passes from warpgroup to warpgroup across tiles: warpgroup 0 issues
+        # first, and observes warpgroup 1's last hand-over once all tiles are done. (Handed over again at every
+        # tile, warpgroup 1 could pass the token for the next tile before warpgroup 0 had observed its last
+        # hand-over of this one: a barrier of one arrival then completes twice unobserved, and a parity wait
+        # misses a phase, a hang on the GPU. Mosaic GPU's interpreter caught it: "awaiting phase 6, but
+        # barrier is already at phase 7".)
+        if overlap:
+            pl.when(wg == 1)(lambda: plgpu.barrier_arrive(wg_token.at[0]))
         lax.fori_loop(i32(0), my_tiles, tile_step, i32(0))
+        if overlap:
+            pl.when(wg == 0)(lambda: plgpu.barrier_wait(wg_token.at[0]))
         plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == MEMORY_WG)

@@ -9,7 +9,9 @@
   ``S`` is issued together with block ``j``'s ``P V``, and the softmax of ``S``
   runs while ``P V`` is still on the tensor cores (``O`` is rescaled once it has
   landed). ``wg_token[w]`` is warpgroup ``w``'s token to issue, passed to the
-  partner right after it has issued. Masked blocks wait for ``P V`` before
+  partner right after it has issued. The token passes on from tile to tile:
+  ``forward.py`` gives it to warpgroup 0 before the CTA's first tile and takes
+  warpgroup 1's last hand-over after its last. Masked blocks wait for ``P V`` before
   they are masked: masking while it is in flight makes ptxas serialize every
   wgmma of the kernel (its warning C7513).
 
@@ -291,8 +293,6 @@ def overlapped(t: ForwardTile, carry):
             p_tile[...] = p16
             plgpu.commit_smem()
 
-    pl.when(wg == 1)(lambda: plgpu.barrier_arrive(t.wg_token.at[0]))  # warpgroup 0 goes first
-
     if t.may_start_late:
 
         @pl.loop(i32(t.cta_kv_start), i32(t.kv_start))
@@ -369,5 +369,4 @@ def overlapped(t: ForwardTile, carry):
         t.release(kb)
         issue_turn(lambda: None)
 
-    pl.when(wg == 0)(lambda: plgpu.barrier_wait(t.wg_token.at[0]))  # warpgroup 1's last hand-over
     return acc, m, l
