@@ -10,7 +10,8 @@ persistent, overlapped schedule had such a hand-over between tiles and failed
 once in CI out of many runs. Here one warpgroup is slowed on purpose (a 20 ms
 pause before a random 30% of its barrier waits and arrivals), in turn each
 compute warpgroup and the memory warpgroup, and the kernels must still agree
-with the float64 reference. With the old hand-over this failed 7 runs of 10
+with the float64 reference: the persistent forward in both schedules (plain, and
+with a window and per-batch lengths), and three backward kernels. With the old hand-over this failed 7 runs of 10
 with warpgroup 0 lagging.
 
 This relies on the interpreter's ``Barrier`` class (``jax._src``; jax is pinned
@@ -28,6 +29,8 @@ import pytest
 from pallas_flash.backends.mosaic_gpu import MosaicConfig, MosaicForwardConfig
 from tests.conftest import ON_GPU
 from tests.test_mosaic_gpu import BWD_INTERPRET_CASES, INTERPRET_CASES, _check
+from tests.test_mosaic_window import CASES as WINDOW_CASES
+from tests.test_mosaic_window import _check as check_window
 
 pytestmark = pytest.mark.skipif(ON_GPU, reason="interpret mode (the GPU suites run the compiled kernels)")
 
@@ -75,6 +78,17 @@ def test_persistent_forward_with_a_lagging_warpgroup(name, overlap, lagging_wg, 
     lagging(lagging_wg, seed)
     fwd = dataclasses.replace(fwd, overlap=overlap, persistent=True)
     _check(shape, dtype, causal, seed, MosaicConfig(fwd=fwd), grads=False, interpret=True)
+
+
+@pytest.mark.parametrize("lagging_wg", [0, 1, MEMORY_WG], ids=["wg0_lags", "wg1_lags", "memory_lags"])
+@pytest.mark.parametrize("overlap", [False, True], ids=["turns", "overlap"])
+def test_persistent_windowed_forward_with_a_lagging_warpgroup(overlap, lagging_wg, lagging, seed):
+    """A window and per-batch lengths: warpgroup 1 starts a block later than warpgroup 0, rows that see no key,
+    a batch row with no keys at all, so the schedules release blocks only the partner sees, before and after."""
+    shape, causal, window, lengths = WINDOW_CASES["causal_w100_lengths"]
+    lagging(lagging_wg, seed)
+    fwd = MosaicForwardConfig(block_kv=64, num_stages=2, overlap=overlap, persistent=True)
+    check_window(shape, causal, window, lengths, fwd, seed)
 
 
 @pytest.mark.parametrize("lagging_wg", [0, 1, MEMORY_WG], ids=["wg0_lags", "wg1_lags", "memory_lags"])
