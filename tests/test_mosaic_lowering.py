@@ -8,15 +8,27 @@ CPU is a primitive or a layout the compiled path has no lowering for, which
 interpret mode, with its own rules, can miss. The variants: both forward
 schedules, one CTA per tile and persistent, head dims 64/128/256, causal and
 not, with and without per-batch lengths; both backward modes.
+
+Each kernel's lowered module is also kept as a digest (``mosaic_ir_digests.json``:
+the Mosaic GPU module printed without source locations), so that a change meant
+to leave the kernels alone (a refactoring, a comment, the code around the
+``plgpu.kernel`` calls) is proved to on a CPU. After a deliberate kernel change,
+regenerate it with ``PALLAS_FLASH_WRITE_IR_DIGESTS=1`` (as for the Triton IR).
 """
 
 from __future__ import annotations
 
-import re
+import hashlib
+import json
+import os
+import pathlib
 
 import jax
 import jax.numpy as jnp
 import pytest
+from jax._src.interpreters import mlir as jax_mlir
+from jax._src.lib import mosaic_gpu_dialect
+from jax._src.lib.mlir import ir
 
 from pallas_flash.backends.mosaic_gpu import MosaicBackwardConfig, MosaicForwardConfig
 from pallas_flash.backends.mosaic_gpu.backward import mosaic_backward
@@ -32,9 +44,67 @@ def _spec_and_inputs(causal: bool, lengths: bool):
     return spec, inputs if lengths else AttentionInputs()
 
 
+DIGESTS_PATH = pathlib.Path(__file__).with_name("mosaic_ir_digests.json")
+_WRITE_DIGESTS = os.environ.get("PALLAS_FLASH_WRITE_IR_DIGESTS") == "1"
+_KNOWN_DIGESTS = json.loads(DIGESTS_PATH.read_text()) if DIGESTS_PATH.exists() else {}
+_NEW_DIGESTS: dict[str, list[str]] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _write_digests():
+    yield
+    if _WRITE_DIGESTS and _NEW_DIGESTS:
+        merged = {**_KNOWN_DIGESTS, **_NEW_DIGESTS}
+        DIGESTS_PATH.write_text(json.dumps(dict(sorted(merged.items())), indent=1) + "\n")
+
+
+def _custom_calls(op, found: list) -> list:
+    for region in op.regions:
+        for block in region.blocks:
+            for child in block.operations:
+                if child.operation.name == "stablehlo.custom_call":
+                    found.append(child.operation)
+                _custom_calls(child.operation, found)
+    return found
+
+
+def _module_digest(bytecode: bytes) -> str:
+    """The Mosaic GPU module (MLIR bytecode as the custom call holds it) printed without source locations."""
+    context = jax_mlir.make_ir_context()
+    mosaic_gpu_dialect.register_dialect(context)
+    context.allow_unregistered_dialects = True  # the serialized ops (``stable_mosaic_gpu``)
+    with context:
+        module = ir.Module.parse(bytecode)
+        attributes = module.operation.attributes
+        if "mosaic_gpu.dump_basename" in attributes:  # a process-wide counter: it depends on what lowered before
+            del attributes["mosaic_gpu.dump_basename"]
+        text = module.operation.get_asm(enable_debug_info=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
 def _lowered_kernels(fn, *args) -> list[str]:
-    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    return re.findall(r"stablehlo.custom_call @(mosaic_gpu\w*)", text)
+    """Digests of the Mosaic GPU kernels that ``fn`` lowers to for CUDA, in program order."""
+    module = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).compiler_ir("stablehlo")
+    digests = []
+    with module.context:
+        for call in _custom_calls(module.operation, []):
+            if ir.StringAttr(call.attributes["call_target_name"]).value.startswith("mosaic_gpu"):
+                config = ir.DictAttr(call.attributes["mhlo.backend_config"])
+                digests.append(_module_digest(ir.StringAttr(config["module"]).value_bytes))
+    return digests
+
+
+def _check_digests(request, digests: list[str]) -> None:
+    key = request.node.name
+    if _WRITE_DIGESTS:
+        _NEW_DIGESTS[key] = digests
+        return
+    assert key in _KNOWN_DIGESTS, (
+        f"no digest of {key}: regenerate {DIGESTS_PATH.name} with PALLAS_FLASH_WRITE_IR_DIGESTS=1")
+    assert digests == _KNOWN_DIGESTS[key], (
+        f"the Mosaic GPU kernels of {key} changed; if that is meant, regenerate {DIGESTS_PATH.name} "
+        "with PALLAS_FLASH_WRITE_IR_DIGESTS=1"
+    )
 
 
 @pytest.mark.parametrize("lengths", [False, True], ids=["plain", "lengths"])
@@ -49,12 +119,13 @@ def _lowered_kernels(fn, *args) -> list[str]:
     ],
     ids=["d64_turns_persistent", "d128_overlap_persistent", "d128_overlap", "d256_turns"],
 )
-def test_forward_lowers_for_cuda(head_dim, config, causal, lengths):
+def test_forward_lowers_for_cuda(head_dim, config, causal, lengths, request):
     q = jnp.zeros((B, TQ, HEADS, head_dim), jnp.bfloat16)
     k = jnp.zeros((B, TK, KV_HEADS, head_dim), jnp.bfloat16)
     spec, inputs = _spec_and_inputs(causal, lengths)
     kernels = _lowered_kernels(lambda q, k, v: mosaic_forward(q, k, v, inputs, spec=spec, config=config), q, k, k)
     assert len(kernels) == 1, kernels
+    _check_digests(request, kernels)
 
 
 @pytest.mark.parametrize("lengths", [False, True], ids=["plain", "lengths"])
@@ -69,7 +140,7 @@ def test_forward_lowers_for_cuda(head_dim, config, causal, lengths):
     ],
     ids=["d64_deterministic", "d128_deterministic", "d128_fused", "d256"],
 )
-def test_backward_lowers_for_cuda(head_dim, config, kernels, causal, lengths):
+def test_backward_lowers_for_cuda(head_dim, config, kernels, causal, lengths, request):
     q = jnp.zeros((B, TQ, HEADS, head_dim), jnp.bfloat16)
     k = jnp.zeros((B, TK, KV_HEADS, head_dim), jnp.bfloat16)
     lse2 = jnp.zeros((B, HEADS, TQ), jnp.float32)
@@ -78,4 +149,6 @@ def test_backward_lowers_for_cuda(head_dim, config, kernels, causal, lengths):
     def backward(q, k, v, out, lse2, do):
         return mosaic_backward(q, k, v, out, lse2, do, None, spec=spec, config=config, inputs=inputs)[:3]
 
-    assert len(_lowered_kernels(backward, q, k, k, q, lse2, q)) == kernels
+    digests = _lowered_kernels(backward, q, k, k, q, lse2, q)
+    assert len(digests) == kernels, digests
+    _check_digests(request, digests)
