@@ -97,7 +97,9 @@ def _verify(results, key: str) -> None:
     digests = [_digest(r) for r in results]
     if _WRITE_DIGESTS:
         _NEW_DIGESTS[key] = digests
-    elif key in _KNOWN_DIGESTS:
+    else:
+        assert key in _KNOWN_DIGESTS, (
+            f"no digest of {key}: regenerate {DIGESTS_PATH.name} with PALLAS_FLASH_WRITE_IR_DIGESTS=1")
         assert digests == _KNOWN_DIGESTS[key], (
             f"the Triton IR of {key} changed; if that is meant, regenerate {DIGESTS_PATH.name} "
             "with PALLAS_FLASH_WRITE_IR_DIGESTS=1"
