@@ -27,6 +27,7 @@ import time
 import pytest
 
 from pallas_flash.backends.mosaic_gpu import MosaicConfig, MosaicForwardConfig
+from pallas_flash.backends.mosaic_gpu.common import MEMORY_WG
 from tests.conftest import ON_GPU
 from tests.test_mosaic_gpu import BWD_INTERPRET_CASES, INTERPRET_CASES, _check
 from tests.test_mosaic_window import CASES as WINDOW_CASES
@@ -36,7 +37,6 @@ pytestmark = pytest.mark.skipif(ON_GPU, reason="interpret mode (the GPU suites r
 
 LAG_S = 0.02  # a pause long enough for the other warpgroups to run ahead by several barrier phases
 LAG_PROBABILITY = 0.3
-MEMORY_WG = 2  # the CTA's third warpgroup (common.MEMORY_WG)
 
 
 @pytest.fixture

@@ -13,14 +13,12 @@ Each kernel's lowered module is also kept as a digest (``mosaic_ir_digests.json`
 the Mosaic GPU module printed without source locations), so that a change meant
 to leave the kernels alone (a refactoring, a comment, the code around the
 ``plgpu.kernel`` calls) is proved to on a CPU. After a deliberate kernel change,
-regenerate it with ``PALLAS_FLASH_WRITE_IR_DIGESTS=1`` (as for the Triton IR).
+regenerate it with ``PALLAS_FLASH_WRITE_IR_DIGESTS=1`` (``tests/digests.py``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import pathlib
 
 import jax
@@ -34,6 +32,7 @@ from pallas_flash.backends.mosaic_gpu import MosaicBackwardConfig, MosaicForward
 from pallas_flash.backends.mosaic_gpu.backward import mosaic_backward
 from pallas_flash.backends.mosaic_gpu.forward import mosaic_forward
 from pallas_flash.spec import AttentionInputs, AttentionSpec
+from tests.digests import DigestBook
 
 B, TQ, TK, HEADS, KV_HEADS = 2, 300, 333, 4, 2
 
@@ -44,18 +43,13 @@ def _spec_and_inputs(causal: bool, lengths: bool):
     return spec, inputs if lengths else AttentionInputs()
 
 
-DIGESTS_PATH = pathlib.Path(__file__).with_name("mosaic_ir_digests.json")
-_WRITE_DIGESTS = os.environ.get("PALLAS_FLASH_WRITE_IR_DIGESTS") == "1"
-_KNOWN_DIGESTS = json.loads(DIGESTS_PATH.read_text()) if DIGESTS_PATH.exists() else {}
-_NEW_DIGESTS: dict[str, list[str]] = {}
+DIGESTS = DigestBook(pathlib.Path(__file__).with_name("mosaic_ir_digests.json"), "the Mosaic GPU kernels")
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _write_digests():
     yield
-    if _WRITE_DIGESTS and _NEW_DIGESTS:
-        merged = {**_KNOWN_DIGESTS, **_NEW_DIGESTS}
-        DIGESTS_PATH.write_text(json.dumps(dict(sorted(merged.items())), indent=1) + "\n")
+    DIGESTS.write()
 
 
 def _custom_calls(op, found: list) -> list:
@@ -94,19 +88,6 @@ def _lowered_kernels(fn, *args) -> list[str]:
     return digests
 
 
-def _check_digests(request, digests: list[str]) -> None:
-    key = request.node.name
-    if _WRITE_DIGESTS:
-        _NEW_DIGESTS[key] = digests
-        return
-    assert key in _KNOWN_DIGESTS, (
-        f"no digest of {key}: regenerate {DIGESTS_PATH.name} with PALLAS_FLASH_WRITE_IR_DIGESTS=1")
-    assert digests == _KNOWN_DIGESTS[key], (
-        f"the Mosaic GPU kernels of {key} changed; if that is meant, regenerate {DIGESTS_PATH.name} "
-        "with PALLAS_FLASH_WRITE_IR_DIGESTS=1"
-    )
-
-
 @pytest.mark.parametrize("lengths", [False, True], ids=["plain", "lengths"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize(
@@ -125,7 +106,7 @@ def test_forward_lowers_for_cuda(head_dim, config, causal, lengths, request):
     spec, inputs = _spec_and_inputs(causal, lengths)
     kernels = _lowered_kernels(lambda q, k, v: mosaic_forward(q, k, v, inputs, spec=spec, config=config), q, k, k)
     assert len(kernels) == 1, kernels
-    _check_digests(request, kernels)
+    DIGESTS.check(request.node.name, kernels)
 
 
 @pytest.mark.parametrize("lengths", [False, True], ids=["plain", "lengths"])
@@ -151,4 +132,4 @@ def test_backward_lowers_for_cuda(head_dim, config, kernels, causal, lengths, re
 
     digests = _lowered_kernels(backward, q, k, k, q, lse2, q)
     assert len(digests) == kernels, digests
-    _check_digests(request, digests)
+    DIGESTS.check(request.node.name, digests)

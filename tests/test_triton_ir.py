@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pathlib
 import types
 
@@ -27,6 +26,7 @@ import pallas_flash as pf
 from pallas_flash.backends.triton.config import default_config
 from pallas_flash.testing.shapes import GPU_CASES, Shape
 from tests.cases import ALONE, COMBINED, build
+from tests.digests import DigestBook
 
 try:
     from jax._src.pallas.triton import lowering as _lowering
@@ -67,22 +67,15 @@ def _lower_fwd_bwd(fn, *args) -> None:
     jax.jit(fwd_bwd).trace(*args).lower(lowering_platforms=("cuda",))
 
 
-# The Triton IR of every variant, as digests: a refactoring that is meant to
-# leave the kernels alone must leave these byte-identical. After a deliberate
-# kernel change, regenerate with PALLAS_FLASH_WRITE_IR_DIGESTS=1 (and say so in
-# the commit). Digests cover the module text without source locations, and the grid.
-DIGESTS_PATH = pathlib.Path(__file__).with_name("triton_ir_digests.json")
-_WRITE_DIGESTS = os.environ.get("PALLAS_FLASH_WRITE_IR_DIGESTS") == "1"
-_KNOWN_DIGESTS = json.loads(DIGESTS_PATH.read_text()) if DIGESTS_PATH.exists() else {}
-_NEW_DIGESTS: dict[str, list[str]] = {}
+# The Triton IR of every variant, as digests (tests/digests.py). Digests cover the module text without source
+# locations, and the grid.
+DIGESTS = DigestBook(pathlib.Path(__file__).with_name("triton_ir_digests.json"), "the Triton IR")
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _write_digests():
     yield
-    if _WRITE_DIGESTS and _NEW_DIGESTS:
-        merged = {**_KNOWN_DIGESTS, **_NEW_DIGESTS}
-        DIGESTS_PATH.write_text(json.dumps(dict(sorted(merged.items())), indent=1) + "\n")
+    DIGESTS.write()
 
 
 def _digest(result) -> str:
@@ -94,16 +87,7 @@ def _verify(results, key: str) -> None:
     assert len(results) >= 3, f"lowered {len(results)} Triton kernels, expected forward, dK/dV and dQ"
     for r in results:
         r.module.operation.verify()  # raises with the op and its source line on failure
-    digests = [_digest(r) for r in results]
-    if _WRITE_DIGESTS:
-        _NEW_DIGESTS[key] = digests
-    else:
-        assert key in _KNOWN_DIGESTS, (
-            f"no digest of {key}: regenerate {DIGESTS_PATH.name} with PALLAS_FLASH_WRITE_IR_DIGESTS=1")
-        assert digests == _KNOWN_DIGESTS[key], (
-            f"the Triton IR of {key} changed; if that is meant, regenerate {DIGESTS_PATH.name} "
-            "with PALLAS_FLASH_WRITE_IR_DIGESTS=1"
-        )
+    DIGESTS.check(key, [_digest(r) for r in results])
 
 
 def _config(shape: Shape, dtype, causal: bool):
