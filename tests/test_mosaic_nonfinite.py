@@ -168,3 +168,20 @@ def test_straddling_blocks_hold_the_rows_of_the_block_across_each_length(block, 
         live = max(0, min(length, 300) - start)
         want[:live] = x[b, start:start + live]
         np.testing.assert_array_equal(got[b], want, err_msg=f"batch row {b}, length {length}")
+
+
+@pytest.mark.parametrize("block", [64, 128])
+def test_zero_straddling_rows_zeroes_the_block_across_each_length_only(block, seed):
+    """The D=256 backward's clean-up of dK/dV: rows at or past a length inside the block across it become 0,
+    every other row (before the length, and in blocks wholly past it) is left as it was."""
+    from pallas_flash.backends.mosaic_gpu.common import zero_straddling_rows
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((6, 320, 2, 3)).astype(np.float32)
+    lengths = np.asarray([0, block, 150, 319, 320, int(rng.integers(1, 320))], np.int32)
+    got = np.asarray(zero_straddling_rows(jnp.asarray(x), jnp.asarray(lengths), block))
+    want = x.copy()
+    for b, length in enumerate(lengths):
+        start = (length // block) * block
+        want[b, length:start + block] = 0.0
+    np.testing.assert_array_equal(got, want)

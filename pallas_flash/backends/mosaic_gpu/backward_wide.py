@@ -71,6 +71,7 @@ from pallas_flash.backends.mosaic_gpu.common import (
     stream_query_blocks,
     take_p,
     tiled_smem,
+    zero_straddling_rows,
 )
 from pallas_flash.backends.mosaic_gpu.config import BLOCK_Q
 from pallas_flash.spec import LOG2E
@@ -473,8 +474,8 @@ def launch_wide(q, k, v, do, lse2, delta, kv_lengths=None, q_lengths=None, segme
 
     ``kv_lengths`` (int32 ``[B]``, at most ``Tk``): the dQ kernel masks the keys past them; the dK/dV kernel
     skips the key tiles wholly past them and computes every other key's gradients from its own column of P
-    alone, so those of the keys past them in the tile across the length are replaced by zeros here (no row
-    sees them). ``q_lengths`` (int32 ``[B]``, at most ``Tq``; the rows past them load as zeros, ``tails``): both
+    alone, so those of the keys past them in the tile across the length are replaced by zeros here, in that
+    tile only (no row sees them; the tiles wholly past the length come out zero). ``q_lengths`` (int32 ``[B]``, at most ``Tq``; the rows past them load as zeros, ``tails``): both
     kernels skip the query blocks wholly past them. ``segments``: ``(q ids [B, Tq pad], kv ids [B, Tk pad])``,
     padded: each kernel streams the blocks whose ids overlap its tile's and masks them by id, but the run of
     blocks whose ids are all the tile's one id (``common.segment_block_ranges``).
@@ -482,8 +483,6 @@ def launch_wide(q, k, v, do, lse2, delta, kv_lengths=None, q_lengths=None, segme
     common = dict(spec=spec, config=config, interpret=interpret, seq_q=seq_q, seq_k=seq_k, tails=tails)
     dk, dv = launch_dkdv(q, k, v, do, lse2, delta, kv_lengths, q_lengths, segments, **common)
     dq = launch_dq(q, k, v, do, lse2, delta, kv_lengths, q_lengths, segments, **common)
-    if kv_lengths is not None:
-        seen = (jnp.arange(k.shape[1])[None, :] < kv_lengths[:, None])[:, :, None, None]
-        dk = jnp.where(seen, dk, jnp.zeros((), dk.dtype))
-        dv = jnp.where(seen, dv, jnp.zeros((), dv.dtype))
+    if kv_lengths is not None:  # only the tile across the length has rows past it that are not zero
+        dk, dv = (zero_straddling_rows(x, kv_lengths, ROWS) for x in (dk, dv))
     return dq, dk, dv

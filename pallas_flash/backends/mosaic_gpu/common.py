@@ -75,6 +75,16 @@ def straddling_blocks(x: jax.Array, lengths: jax.Array, block: int) -> jax.Array
     return jnp.where(live, tail, jnp.zeros((), x.dtype))
 
 
+def zero_straddling_rows(x: jax.Array, lengths: jax.Array, block: int) -> jax.Array:
+    """``x`` (``[B, T, ...]``) with the rows at or past each batch row's length zeroed in the ``block``-row block
+    holding that length (``straddling_blocks`` written back in place): for a kernel output whose blocks wholly
+    past the length are already zero, the bytes of one block per batch row instead of a pass over ``x``."""
+    starts = (lengths // block) * block
+    rows = starts[:, None] + jnp.arange(block, dtype=starts.dtype)  # [B, block]; rows past T are dropped
+    batch = jnp.arange(x.shape[0], dtype=starts.dtype)[:, None]
+    return x.at[batch, rows].set(straddling_blocks(x, lengths, block), mode="drop")
+
+
 def straddling_operands(q, k, v, do, q_lengths, kv_lengths, block: int) -> list:
     """The backward kernels' operands after the lengths: the blocks of ``block`` rows straddling the key
     lengths in ``k`` and ``v``, then those straddling the query lengths in ``q`` and ``dO`` (``pop_tails``)."""
