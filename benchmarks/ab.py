@@ -81,7 +81,9 @@ def run_side(side: str, directory: pathlib.Path, round_index: int, out: pathlib.
     run_dir = out / "runs" / f"{side}-{round_index}"
     run_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(directory.resolve()), *filter(None, [env.get("PYTHONPATH")])])
+    # The caller's entries (tokamax's, say) made absolute: the run's working directory is the side's.
+    inherited = [str(pathlib.Path(p).resolve()) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join([str(directory.resolve()), *inherited])
     cmd = [sys.executable, "-m", "benchmarks.attention", *bench_args, "--out", str(run_dir.resolve()), "--tag", "ab",
            "--no-plots"]
     with open(run_dir / "log.txt", "w") as log:

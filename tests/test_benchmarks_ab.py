@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import subprocess
 
@@ -87,3 +88,21 @@ def test_checkout_makes_and_replaces_a_worktree(tmp_path, monkeypatch):
     assert (tmp_path / ".ab" / "old" / "f.txt").read_text() == "one"
     assert ab.main(["--checkout", "old=HEAD"]) == 0  # replaced, not refused
     assert (tmp_path / ".ab" / "old" / "f.txt").read_text() == "two"
+
+
+def test_run_side_puts_the_side_first_and_keeps_the_callers_paths_absolute(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_run(cmd, *, check, cwd, env, stdout, stderr):
+        seen.update(cmd=cmd, cwd=cwd, path=env["PYTHONPATH"].split(os.pathsep))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([".", "site", ""]))
+    monkeypatch.setattr(ab.subprocess, "run", fake_run)
+    side = tmp_path / "old"
+    assert ab.run_side("old", pathlib.Path("old"), 0, tmp_path / "out", ["--quick"]) == []
+    assert seen["path"] == [str(side), str(tmp_path), str(tmp_path / "site")]
+    assert seen["cwd"] == pathlib.Path("old") and seen["cmd"][-6:] == ["--quick", "--out",
+                                                                       str(tmp_path / "out" / "runs" / "old-0"),
+                                                                       "--tag", "ab", "--no-plots"]
