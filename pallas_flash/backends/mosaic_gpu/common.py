@@ -59,6 +59,12 @@ def clipped_lengths(lengths, seq_len: int):
     return jnp.clip(lengths.astype(jnp.int32), 0, seq_len)
 
 
+def _straddling_rows(lengths: jax.Array, block: int) -> jax.Array:
+    """``[B, block]``: the row indices of the ``block``-row block holding each batch row's length."""
+    starts = (lengths // block) * block
+    return starts[:, None] + jnp.arange(block, dtype=starts.dtype)
+
+
 def straddling_blocks(x: jax.Array, lengths: jax.Array, block: int) -> jax.Array:
     """``[B, block, ...]``: per batch row of ``x`` (``[B, T, ...]``), the ``block``-row block holding its length
     (rows ``(length // block) * block`` on), the rows at or past the length zeroed.
@@ -67,8 +73,7 @@ def straddling_blocks(x: jax.Array, lengths: jax.Array, block: int) -> jax.Array
     that reaches past the length, and its rows there (padding garbage, NaN) would give ``0 * NaN`` in the
     products that follow. A few rows per batch row in XLA, where zeroing all of ``x`` past the lengths would
     be a pass over the whole array."""
-    starts = (lengths // block) * block
-    rows = starts[:, None] + jnp.arange(block, dtype=starts.dtype)  # [B, block]
+    rows = _straddling_rows(lengths, block)
     index = rows.reshape(rows.shape + (1,) * (x.ndim - 2))
     tail = jnp.take_along_axis(x, index, axis=1, mode="clip")  # rows past the array: zeroed below
     live = (rows < lengths[:, None]).reshape(index.shape)
@@ -79,9 +84,8 @@ def zero_straddling_rows(x: jax.Array, lengths: jax.Array, block: int) -> jax.Ar
     """``x`` (``[B, T, ...]``) with the rows at or past each batch row's length zeroed in the ``block``-row block
     holding that length (``straddling_blocks`` written back in place): for a kernel output whose blocks wholly
     past the length are already zero, the bytes of one block per batch row instead of a pass over ``x``."""
-    starts = (lengths // block) * block
-    rows = starts[:, None] + jnp.arange(block, dtype=starts.dtype)  # [B, block]; rows past T are dropped
-    batch = jnp.arange(x.shape[0], dtype=starts.dtype)[:, None]
+    rows = _straddling_rows(lengths, block)  # rows past T are dropped
+    batch = jnp.arange(x.shape[0], dtype=rows.dtype)[:, None]
     return x.at[batch, rows].set(straddling_blocks(x, lengths, block), mode="drop")
 
 
