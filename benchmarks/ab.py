@@ -35,16 +35,16 @@ from benchmarks import common
 POINT = ["suite", "name", "pass", "impl", "dtype", "head_dim", "seq_q", "seq_k", "batch", "heads", "kv_heads", "causal"]
 
 
-def _named(text: str, what: str) -> tuple[str, str]:
+def _named(text: str, what: str, form: str) -> tuple[str, str]:
     name, sep, value = text.partition("=")
     if not sep or not name or not value:
-        raise argparse.ArgumentTypeError(f"{what} must be NAME={what.split()[-1].upper()}, got {text!r}")
+        raise argparse.ArgumentTypeError(f"{what} must be {form}, got {text!r}")
     return name, value
 
 
 def parse_sides(text: str) -> dict[str, pathlib.Path]:
     """``"old=.ab/old,new=."`` -> ``{"old": Path(".ab/old"), "new": Path(".")}``: two or more distinct names."""
-    sides = dict(_named(part, "each side dir") for part in text.split(","))
+    sides = dict(_named(part, "each side", "NAME=DIR") for part in text.split(","))
     if len(sides) < 2 or len(sides) != len(text.split(",")):
         raise argparse.ArgumentTypeError(f"--sides needs two or more distinct names, got {text!r}")
     return {name: pathlib.Path(d) for name, d in sides.items()}
@@ -113,7 +113,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--sides", type=parse_sides, help="NAME=DIR,NAME=DIR[,...]: the checkouts, the first the baseline")
     p.add_argument("--rounds", type=int, default=3, help="runs per side, interleaved")
     p.add_argument("--out", type=pathlib.Path, help="directory for ab.md, ab.jsonl and each run's files")
-    p.add_argument("--checkout", type=lambda t: _named(t, "--checkout NAME=REV"), action="append", default=[],
+    p.add_argument("--checkout", type=lambda t: _named(t, "--checkout", "NAME=REV"), action="append", default=[],
                    help="NAME=REV: make the side .ab/NAME, a git worktree at REV, and exit (repeatable)")
     args = p.parse_args(argv)
     if not args.checkout:

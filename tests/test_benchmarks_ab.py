@@ -54,6 +54,8 @@ def test_summarise_without_timed_records_says_so():
     (["--sides", "a=.", "--out", "x"], "two or more distinct names"),
     (["--sides", "a=.,b=/nonexistent", "--out", "x"], "no pallas_flash checkout at b=/nonexistent"),
     (["--sides", "a=.,b=.", "--out", "x", "--rounds", "0"], "--rounds must be at least 1"),
+    (["--sides", "a=.,b", "--out", "x"], "each side must be NAME=DIR, got 'b'"),
+    (["--checkout", "old"], "--checkout must be NAME=REV, got 'old'"),
 ])
 def test_bad_cli_input_is_a_clear_error(argv, fragment, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
