@@ -68,15 +68,17 @@ def _pallas_flash(p: Problem):
     return f
 
 
-def _pallas_flash_mosaic(p: Problem, *, deterministic: bool = True):
+def _pallas_flash_mosaic(p: Problem, *, deterministic: bool | None = None):
     """pallas_flash's Mosaic GPU backend: no fallback, so a refused call is n/a rather than another kernel's time.
-    ``deterministic=False``: the backward's fused dQ (TMA reduce-add) instead of the default deterministic dQ kernel."""
+    ``deterministic``: ``None`` the default config (the backward's dQ mode picked by length); ``True``/``False``
+    that mode forced (``mosaic_gpu.config.default_backward``), the forward's config the default."""
     import dataclasses
 
     import jax
 
     import pallas_flash
     from pallas_flash import backends
+    from pallas_flash.backends.mosaic_gpu.config import WIDE_HEAD_DIMS, default_backward
     from pallas_flash.validate import attention_call
 
     s = p.shape
@@ -88,13 +90,12 @@ def _pallas_flash_mosaic(p: Problem, *, deterministic: bool = True):
     mosaic = backends.get("mosaic")
     mosaic.supports(q, k, k, inputs, spec)  # NotImplementedError: n/a
     config = None
-    if not deterministic:
-        from pallas_flash.backends.mosaic_gpu.config import WIDE_HEAD_DIMS
-
-        if s.head_dim in WIDE_HEAD_DIMS:
+    if deterministic is not None:
+        if not deterministic and s.head_dim in WIDE_HEAD_DIMS:
             raise NotImplementedError(f"at head dim {s.head_dim} the Mosaic backward is deterministic only")
         config = mosaic.default_config(q, k, spec)
-        config = dataclasses.replace(config, bwd=dataclasses.replace(config.bwd, deterministic=False))
+        bwd = default_backward(s.head_dim, q.dtype, s.seq_q, s.seq_k, deterministic=deterministic)
+        config = dataclasses.replace(config, bwd=bwd)
 
     def f(q, k, v, **extras):
         return pallas_flash.dot_product_attention(
@@ -219,11 +220,14 @@ IMPLS: dict[str, Impl] = {
         Impl("pallas_flash", _pallas_flash, "pallas_flash.dot_product_attention(implementation='pallas')",
              extras=_segment_extras),
         Impl("pallas_flash_mosaic", _pallas_flash_mosaic, "pallas_flash.dot_product_attention(implementation="
-             "'mosaic'): the Mosaic GPU (sm_90) forward and backward (deterministic, the default)",
-             extras=_segment_extras),
+             "'mosaic'): the Mosaic GPU (sm_90) forward and backward, default configs (the backward's dQ fused by "
+             "TMA reduce-add from N=8k on at D=64/128, else the deterministic dQ kernel)", extras=_segment_extras),
+        Impl("pallas_flash_mosaic_deterministic", functools.partial(_pallas_flash_mosaic, deterministic=True),
+             "the same with the deterministic backward at every length (bit-identical reruns; what "
+             "XLA_FLAGS=--xla_gpu_deterministic_ops=true gives)", extras=_segment_extras),
         Impl("pallas_flash_mosaic_fused", functools.partial(_pallas_flash_mosaic, deterministic=False),
-             "the same with MosaicBackwardConfig(deterministic=False): dQ added by TMA reduce-add (run-to-run "
-             "nondeterministic last bits; D=256: n/a)", extras=_segment_extras),
+             "the same with the fused dQ at every length (TMA reduce-add: run-to-run nondeterministic last bits; "
+             "D=256: n/a)", extras=_segment_extras),
         Impl("tokamax_mosaic", _tokamax_mosaic, "tokamax.dot_product_attention(implementation='mosaic'), "
              "tokamax 0.0.17", applies=lambda p: not p.masked),
         Impl("cudnn", _jax_nn("cudnn"), "jax.nn.dot_product_attention(implementation='cudnn')", extras=_mask_extras),

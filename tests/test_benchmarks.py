@@ -111,7 +111,7 @@ def test_full_masks_and_memory_defaults():
     o = bench.parse_args([])
     assert o.head_dims == (64, 128, 256) and o.seq_lens[0] == 512 and o.seq_lens[-1] == 32768
     assert o.gqa == (1, 4) and o.dtypes == ("bf16", "fp16") and set(o.passes) == {"fwd", "bwd", "fwd_bwd"}
-    assert o.impls == ("pallas_flash", "pallas_flash_mosaic", "pallas_flash_mosaic_fused", "tokamax_mosaic", "cudnn", "xla", "pallas_mha")
+    assert o.impls == ("pallas_flash", "pallas_flash_mosaic", "pallas_flash_mosaic_deterministic", "pallas_flash_mosaic_fused", "tokamax_mosaic", "cudnn", "xla", "pallas_mha")
     m = bench.parse_args(["--memory"])
     assert m.memory and m.suite == "memory" and m.impls == ("pallas_flash", "xla", "cudnn")
     assert m.seq_lens[-1] == 128 * 1024 and m.memory_method == "measured"

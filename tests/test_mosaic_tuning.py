@@ -78,8 +78,8 @@ def test_forward_space_sizes():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_backward_space_fits_in_shared_memory(head_dim, dtype):
-    cands = mosaic_tune.backward_candidates(head_dim, dtype)
-    assert cands and all(c.deterministic for c in cands)  # by default the tuner keeps bit-identical reruns
+    cands = mosaic_tune.backward_candidates(head_dim, dtype, nondeterministic=False)
+    assert cands and all(c.deterministic for c in cands)
     wider = mosaic_tune.backward_candidates(head_dim, dtype, nondeterministic=True)
     assert set(cands) < set(wider) and any(not c.deterministic for c in wider)
     for cfg in wider:
@@ -104,12 +104,90 @@ def test_head_dim_256_backward_space(dtype):
         assert max(backward_smem_bytes(cfg, 256, dtype)) <= mosaic_config.MAX_SMEM_BYTES
 
 
-def test_spaces_include_the_heuristic_defaults():
+def test_spaces_include_the_heuristic_defaults(monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
     for head_dim in HEAD_DIMS:
         for causal in (False, True):
-            cfg = _heuristic(head_dim, causal)
-            assert cfg.fwd in mosaic_tune.forward_candidates(head_dim, jnp.bfloat16)
-            assert cfg.bwd in mosaic_tune.backward_candidates(head_dim, jnp.bfloat16)
+            for seq in (4096, 16384):  # the deterministic and the fused dQ
+                cfg = _heuristic(head_dim, causal, seq)
+                assert cfg.fwd in mosaic_tune.forward_candidates(head_dim, jnp.bfloat16)
+                assert cfg.bwd in mosaic_tune.backward_candidates(head_dim, jnp.bfloat16)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_tuner_searches_the_fused_dq_unless_determinism_is_requested(head_dim, monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    both = mosaic_tune.backward_candidates(head_dim, jnp.bfloat16)
+    assert both == mosaic_tune.backward_candidates(head_dim, jnp.bfloat16, nondeterministic=True)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_deterministic_ops=true")
+    assert mosaic_tune.backward_candidates(head_dim, jnp.bfloat16) == [c for c in both if c.deterministic]
+
+
+# --- the backward's dQ mode ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_default_backward_fuses_dq_at_long_lengths(cache_dir, monkeypatch, head_dim):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    n = mosaic_config.FUSED_DQ_MIN_SEQ
+    fused = MosaicBackwardConfig(block_q=64, num_stages=2, deterministic=False)
+    for causal in (False, True):
+        assert _heuristic(head_dim, causal, n).bwd == fused
+        assert _heuristic(head_dim, causal, 4 * n).bwd == fused
+        short = _heuristic(head_dim, causal, n - 128).bwd
+        assert short.deterministic and short == mosaic_config.default_backward(head_dim, jnp.bfloat16, 1, 1)
+    for seq_q, seq_k in ((n, n // 2), (n // 2, n)):  # both lengths must be long
+        got = mosaic_config.default_config(head_dim=head_dim, dtype=jnp.bfloat16, causal=False, seq_q=seq_q,
+                                           seq_k=seq_k, gpu="")
+        assert got.bwd.deterministic
+    # forced either way, at any length
+    assert mosaic_config.default_backward(head_dim, jnp.bfloat16, 64, 64, deterministic=False) == fused
+    assert mosaic_config.default_backward(head_dim, jnp.bfloat16, n, n, deterministic=True) == short
+
+
+@pytest.mark.parametrize("flag", ["--xla_gpu_deterministic_ops=true", "--xla_gpu_deterministic_ops",
+                                  "--foo=1 --xla_gpu_deterministic_ops=1", "--xla_gpu_deterministic_ops=True"])
+def test_xla_deterministic_ops_keeps_the_deterministic_backward(cache_dir, monkeypatch, flag):
+    monkeypatch.setenv("XLA_FLAGS", flag)
+    assert mosaic_config.deterministic_requested()
+    n = 2 * mosaic_config.FUSED_DQ_MIN_SEQ
+    for head_dim in HEAD_DIMS:
+        want = mosaic_config.default_backward(head_dim, jnp.bfloat16, 1, 1)
+        assert want.deterministic and _heuristic(head_dim, True, n).bwd == want
+
+
+@pytest.mark.parametrize("flags, want", [
+    ("", False),
+    ("--xla_gpu_deterministic_ops=false", False),
+    ("--xla_gpu_deterministic_ops=0", False),
+    ("--xla_gpu_deterministic_ops=true --xla_gpu_deterministic_ops=false", False),  # the last one wins
+    ("--xla_gpu_deterministic_ops=false  --xla_gpu_autotune_level=0 --xla_gpu_deterministic_ops", True),
+    ("--xla_gpu_deterministic_ops_extra=true", False),  # another flag
+])
+def test_deterministic_requested_reads_xla_flags(flags, want, monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", flags)
+    assert mosaic_config.deterministic_requested() is want
+    monkeypatch.delenv("XLA_FLAGS")
+    assert mosaic_config.deterministic_requested(flags) is want
+    assert mosaic_config.deterministic_requested() is False
+
+
+def test_deterministic_requested_refuses_a_value_that_is_not_a_bool(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_deterministic_ops=maybe")
+    with pytest.raises(ValueError, match="xla_gpu_deterministic_ops=maybe"):
+        mosaic_config.deterministic_requested()
+
+
+def test_xla_deterministic_ops_overrides_a_tuned_fused_entry(cache_dir, monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    fused = MosaicBackwardConfig(num_stages=1, deterministic=False)
+    tuned = MosaicConfig(fwd=MosaicForwardConfig(block_kv=64, num_stages=4), bwd=fused)
+    _write_cache({mosaic_config.config_key(128, "bfloat16", True, 4096): tuned.to_dict()})
+    kw = dict(head_dim=128, dtype=jnp.bfloat16, causal=True, seq_q=4096, seq_k=4096, gpu=GPU)
+    assert mosaic_config.default_config(**kw) == tuned
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_deterministic_ops=true")
+    got = mosaic_config.default_config(**kw)
+    assert got.fwd == tuned.fwd and got.bwd == dataclasses.replace(fused, deterministic=True)
 
 
 # --- to_dict / from_dict ---------------------------------------------------------------------

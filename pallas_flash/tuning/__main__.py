@@ -42,9 +42,9 @@ def main(argv=None) -> int:
     ap.add_argument("--causal", choices=["both", "yes", "no"], default="both")
     ap.add_argument("--tokens", type=int, default=16384, help="batch * seq per problem (default 16384)")
     ap.add_argument("--hidden", type=int, default=2048, help="heads * head_dim (default 2048)")
-    ap.add_argument("--nondeterministic-bwd", action="store_true",
-                    help="mosaic: let the backward search include the fused-dQ mode, faster in places but not "
-                         "bit-identical run to run (default: deterministic configs only)")
+    ap.add_argument("--deterministic-bwd", action="store_true",
+                    help="mosaic: keep the backward search to the deterministic mode (bit-identical reruns); by "
+                         "default it includes the fused-dQ mode unless XLA_FLAGS sets --xla_gpu_deterministic_ops")
     ap.add_argument("--print-json", action="store_true", help="print the table instead of writing the user cache")
     args = ap.parse_args(argv)
     if jax.default_backend() != "gpu":
@@ -61,9 +61,9 @@ def main(argv=None) -> int:
         [int(x) for x in args.seq_lens.split(",")],
     ):
         p = tune.Problem(d, jnp.dtype(dt).name, c, n, max(1, args.tokens // n), max(1, args.hidden // d))
-        extra = {"nondeterministic": True} if args.nondeterministic_bwd else {}
+        extra = {"nondeterministic": False} if args.deterministic_bwd else {}
         if extra and args.backend != "mosaic":
-            ap.error("--nondeterministic-bwd applies to --backend mosaic only")
+            ap.error("--deterministic-bwd applies to --backend mosaic only")
         cfg, times = tune.tune_problem(p, log=lambda s: print(s, file=sys.stderr), **extra)
         key = config.config_key(d, dt, c, n)
         table[key] = cfg.to_dict()

@@ -13,6 +13,7 @@ heuristics below. There is no shipped table yet.
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
 from typing import Any
 
@@ -26,6 +27,8 @@ __all__ = [
     "MosaicBackwardConfig",
     "MosaicConfig",
     "default_config",
+    "default_backward",
+    "deterministic_requested",
     "user_cache_path",
     "config_key",
     "gpu_name",
@@ -34,6 +37,7 @@ __all__ = [
     "HEAD_DIMS",
     "WIDE_HEAD_DIMS",
     "MAX_SMEM_BYTES",
+    "FUSED_DQ_MIN_SEQ",
 ]
 
 HEAD_DIMS = (64, 128, 256)
@@ -143,11 +147,10 @@ class MosaicBackwardConfig:
     ``dq_block_kv`` keys per step, ``dq_num_stages`` K/V blocks in flight;
     ``False`` adds ``dQ`` into a float32 buffer by TMA reductions from the
     dK/dV kernel (5 products per block pair; the order of the additions, so the
-    last bits of ``dQ``, may vary run to run). On an H200 (bf16, B*N=16k tokens,
-    fwd+bwd, 2026-12-01) the deterministic mode was 0.93-0.95x the fused mode at
-    N=16k, 0.98-1.02x at 4k and 1.02-1.08x at 1k: bit-identical reruns cost at
-    most ~7%, at long sequences only, so it is
-    the default. At head dim 256 (``backward_wide.py``) both kernels are deterministic whatever
+    last bits of ``dQ``, may vary run to run). A config built by hand is
+    deterministic unless it says otherwise; ``default_config`` picks the faster
+    mode by length (``FUSED_DQ_MIN_SEQ``) unless ``deterministic_requested()``.
+    At head dim 256 (``backward_wide.py``) both kernels are deterministic whatever
     ``deterministic`` says, and ``num_stages``/``dq_num_stages`` are at most 2 (shared memory).
     """
 
@@ -261,8 +264,40 @@ def _default_forward(head_dim: int, dtype: Any, causal: bool, seq_k: int) -> Mos
     return MosaicForwardConfig(block_kv=64, num_stages=2, overlap=overlap)
 
 
-def _default_backward(head_dim: int, dtype: Any) -> MosaicBackwardConfig:
-    """The deterministic mode (see ``MosaicBackwardConfig``). D=128: two Q/dO stages, dQ kernel 64 keys x 3 stages
+def deterministic_requested(xla_flags: str | None = None) -> bool:
+    """Whether ``XLA_FLAGS`` (``xla_flags`` when given) sets ``--xla_gpu_deterministic_ops``, XLA's switch for
+    bit-identical reruns on GPU (it also makes cuDNN's attention backward deterministic): then the default
+    backward is the deterministic mode at every length, over a tuned entry's fused mode too. Read at trace time.
+    A value that is not a bool (``true``/``false``/``1``/``0``, or none: true) raises ``ValueError``."""
+    flags = os.environ.get("XLA_FLAGS", "") if xla_flags is None else xla_flags
+    requested = False
+    for flag in flags.split():
+        name, eq, value = flag.lstrip("-").partition("=")
+        if name != "xla_gpu_deterministic_ops":
+            continue
+        value = value.strip().lower() if eq else "true"
+        if value not in _FLAG_BOOLS:
+            raise ValueError(f"XLA_FLAGS sets {flag!r}: not a boolean (one of {sorted(_FLAG_BOOLS)})")
+        requested = _FLAG_BOOLS[value]  # the last occurrence wins
+    return requested
+
+
+_FLAG_BOOLS = {"true": True, "1": True, "false": False, "0": False}
+# From this length on (query and key length both), the default backward adds dQ by TMA reduce-add from the
+# dK/dV kernel (``deterministic=False``): 5 matrix products per block pair against 7, worth more than the
+# reductions' cost only at long lengths. H200, bf16, B*N = 16k tokens, forward+backward TFLOP/s, deterministic
+# against fused (``results/nvidia-h200/2026-12-03-dq-mode-sweep.md``), D=128: N=16k 491/513 non-causal and 480/509
+# causal, 8k 485/482 and 447/460, 4k 469/469 and 405/418, 2k 446/445 and 353/353.
+FUSED_DQ_MIN_SEQ = 8192
+
+
+def default_backward(
+    head_dim: int, dtype: Any, seq_q: int, seq_k: int, *, deterministic: bool | None = None
+) -> MosaicBackwardConfig:
+    """The backward's heuristic config. ``deterministic``: ``None`` picks the mode, the fused dQ at head dims 64
+    and 128 from ``FUSED_DQ_MIN_SEQ`` on unless ``deterministic_requested()``; ``True``/``False`` force it (at
+    head dim 256 it is always deterministic). The fused mode: 64-row steps, two stages (three do not fit at D=128).
+    The deterministic mode (see ``MosaicBackwardConfig``), D=128: two Q/dO stages, dQ kernel 64 keys x 3 stages
     (H200, N=4k: 498 TFLOP/s fwd+bwd vs 441 with three Q/dO stages, 470 with 64 x 2 and 472 with 128 x 2 dQ blocks);
     D=64: 128 query rows x three Q/dO stages (bwd alone, 2026-12-01: N=16k 379/380 TFLOP/s non-causal/causal vs
     366/360 with 64 rows, 4k 362/334 vs 356/319, 1k 309/234 vs 301/222), dQ kernel 128 keys x 2 stages (361/334
@@ -270,6 +305,10 @@ def _default_backward(head_dim: int, dtype: Any) -> MosaicBackwardConfig:
     D=256: two stages in both kernels, 64-key dQ blocks (the most that fit)."""
     if head_dim in WIDE_HEAD_DIMS:
         return MosaicBackwardConfig(num_stages=2, dq_block_kv=64, dq_num_stages=2, deterministic=True)
+    if deterministic is None:
+        deterministic = min(seq_q, seq_k) < FUSED_DQ_MIN_SEQ or deterministic_requested()
+    if not deterministic:
+        return MosaicBackwardConfig(block_q=BLOCK_Q, num_stages=2, deterministic=False)
     if head_dim <= 64:
         return MosaicBackwardConfig(block_q=128, num_stages=3, dq_block_kv=128, dq_num_stages=2, deterministic=True)
     return MosaicBackwardConfig(num_stages=2, dq_block_kv=64, dq_num_stages=3, deterministic=True)
@@ -324,7 +363,8 @@ def default_config(
     """The config used when the caller passes none.
 
     The user's tuned cache for this GPU (``user_cache_path()``; ``gpu`` defaults to ``gpu_name()``), else the
-    forward's (head dim, dtype, mask and, for the overlap, the key length) and backward's heuristics. ``features``
+    forward's (head dim, dtype, mask and, for the overlap, the key length) and backward's (head dim and
+    lengths) heuristics; under ``deterministic_requested()`` the backward is deterministic either way. ``features``
     (the call's ``AttentionSpec.features`` keys; the tuner times plain and causal calls only): with one of
     ``TURN_TAKING_FEATURES`` the D=128 forward takes turns, and with segment ids the D=64 forward takes
     ``SEGMENTS_D64_FORWARD`` blocks, tuned or not.
@@ -332,7 +372,10 @@ def default_config(
     gpu = gpu_name() if gpu is None else gpu
     config = _user_entry(head_dim, dtype, causal, seq_q, gpu) if gpu else None
     if config is None:
-        config = MosaicConfig(fwd=_default_forward(head_dim, dtype, causal, seq_k), bwd=_default_backward(head_dim, dtype))
+        config = MosaicConfig(fwd=_default_forward(head_dim, dtype, causal, seq_k),
+                              bwd=default_backward(head_dim, dtype, seq_q, seq_k))
+    elif not config.bwd.deterministic and deterministic_requested():  # a tuned fused entry: its blocks, no fusion
+        config = dataclasses.replace(config, bwd=dataclasses.replace(config.bwd, deterministic=True))
     if head_dim == 128 and config.fwd.overlap and features & TURN_TAKING_FEATURES:
         config = dataclasses.replace(config, fwd=dataclasses.replace(config.fwd, overlap=False))
     if head_dim <= 64 and "segments" in features and config.fwd.block_kv > SEGMENTS_D64_FORWARD["block_kv"]:

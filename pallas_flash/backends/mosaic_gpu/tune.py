@@ -28,6 +28,7 @@ from pallas_flash.backends.mosaic_gpu.config import (
     MosaicConfig,
     MosaicForwardConfig,
     default_config,
+    deterministic_requested,
 )
 from pallas_flash.tuning.search import Problem, backward_time, fastest, forward_time
 
@@ -69,10 +70,15 @@ def forward_candidates(head_dim: int, dtype: Any) -> list[MosaicForwardConfig]:
     return _fitting(configs, head_dim, dtype, "forward")
 
 
-def backward_candidates(head_dim: int, dtype: Any, *, nondeterministic: bool = False) -> list[MosaicBackwardConfig]:
+def backward_candidates(
+    head_dim: int, dtype: Any, *, nondeterministic: bool | None = None
+) -> list[MosaicBackwardConfig]:
     """``BWD_SPACE`` as configs, those whose tiles fit for this head dim and dtype; the fused-dQ (run-to-run
-    nondeterministic) ones only with ``nondeterministic``, so that a tuned cache never silently gives up the
-    backward's default bit-identical reruns (and never at head dim 256, where they run the deterministic kernels)."""
+    nondeterministic) ones with ``nondeterministic``, which defaults to ``not deterministic_requested()``, as the
+    default configs do (never at head dim 256, where they would run the deterministic kernels). A tuned fused
+    entry is made deterministic at lookup when determinism is requested later (``default_config``)."""
+    if nondeterministic is None:
+        nondeterministic = not deterministic_requested()
     fused_ok = nondeterministic and head_dim not in WIDE_HEAD_DIMS
     configs = [
         MosaicBackwardConfig(block_q=block_q, num_stages=stages, dq_block_kv=dq_block_kv, dq_num_stages=dq_stages,
@@ -95,9 +101,9 @@ def _bwd_time(p: Problem, cfg: MosaicConfig, xs) -> float:
     return backward_time(_attention(p, cfg), xs)
 
 
-def tune_problem(p: Problem, log=print, *, nondeterministic: bool = False) -> tuple[MosaicConfig, dict]:
+def tune_problem(p: Problem, log=print, *, nondeterministic: bool | None = None) -> tuple[MosaicConfig, dict]:
     """The fastest forward and backward configs for one problem, and their times (``fwd_ms``, ``bwd_ms``);
-    ``nondeterministic`` lets the backward search the fused-dQ mode too (see ``backward_candidates``)."""
+    ``nondeterministic``: whether the backward searches the fused-dQ mode too (see ``backward_candidates``)."""
     xs = p.inputs()
     base = default_config(head_dim=p.head_dim, dtype=p.dtype, causal=p.causal, seq_q=p.seq, seq_k=p.seq)
     fwd_cands = [dataclasses.replace(base, fwd=fwd) for fwd in forward_candidates(p.head_dim, p.dtype)]
