@@ -132,10 +132,12 @@ def test_default_backward_fuses_dq_at_long_lengths(cache_dir, monkeypatch, head_
     n = mosaic_config.FUSED_DQ_MIN_SEQ
     fused = MosaicBackwardConfig(block_q=64, num_stages=2, deterministic=False)
     for causal in (False, True):
-        assert _heuristic(head_dim, causal, n).bwd == fused
-        assert _heuristic(head_dim, causal, 4 * n).bwd == fused
         short = _heuristic(head_dim, causal, n - 128).bwd
         assert short.deterministic and short == mosaic_config.default_backward(head_dim, jnp.bfloat16, 1, 1)
+        # D=64 causal: the fused dQ measured no faster at any length, so it stays deterministic
+        want = short if head_dim == 64 and causal else fused
+        assert _heuristic(head_dim, causal, n).bwd == want
+        assert _heuristic(head_dim, causal, 4 * n).bwd == want
     for seq_q, seq_k in ((n, n // 2), (n // 2, n)):  # both lengths must be long
         got = mosaic_config.default_config(head_dim=head_dim, dtype=jnp.bfloat16, causal=False, seq_q=seq_q,
                                            seq_k=seq_k, gpu="")
@@ -143,6 +145,51 @@ def test_default_backward_fuses_dq_at_long_lengths(cache_dir, monkeypatch, head_
     # forced either way, at any length
     assert mosaic_config.default_backward(head_dim, jnp.bfloat16, 64, 64, deterministic=False) == fused
     assert mosaic_config.default_backward(head_dim, jnp.bfloat16, n, n, deterministic=True) == short
+
+
+@pytest.mark.parametrize("head_dim, causal, kv_groups, features, want", [
+    (128, True, 1, frozenset(), True),
+    (128, False, 1, frozenset({"soft_cap", "offsets"}), True),  # both modes recompute these; the fused one once
+    (128, True, 4, frozenset(), False),  # GQA
+    (128, False, 2, frozenset(), False),
+    (128, True, 1, frozenset({"window"}), False),
+    (128, True, 1, frozenset({"segments"}), False),
+    (128, False, 1, frozenset({"lengths"}), False),
+    (64, False, 1, frozenset(), True),
+    (64, True, 1, frozenset(), False),
+    (256, False, 1, frozenset(), False),  # the wide kernels have no fused mode
+])
+def test_fused_dq_pays_where_it_was_measured_faster(head_dim, causal, kv_groups, features, want, monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    n = 2 * mosaic_config.FUSED_DQ_MIN_SEQ
+    kw = dict(causal=causal, kv_groups=kv_groups, features=features)
+    assert mosaic_config.fused_dq_pays(head_dim, n, n, **kw) is want
+    assert mosaic_config.default_backward(head_dim, jnp.bfloat16, n, n, **kw).deterministic is not want
+    got = mosaic_config.default_config(head_dim=head_dim, dtype=jnp.bfloat16, seq_q=n, seq_k=n, gpu="", **kw)
+    assert got.bwd.deterministic is not want
+
+
+def test_the_backend_passes_the_gqa_ratio_and_features(monkeypatch):
+    """``MosaicBackend.default_config`` reads the K/V groups from the shapes and the features from the spec."""
+    import jax
+
+    from pallas_flash import backends
+    from pallas_flash.validate import attention_call
+
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    monkeypatch.setattr(mosaic_config, "gpu_name", lambda: "")  # no tuned entry: the heuristics
+    n = mosaic_config.FUSED_DQ_MIN_SEQ
+    mosaic = backends.get("mosaic")
+
+    def bwd(kv_heads, **kw):
+        q = jax.ShapeDtypeStruct((1, n, 8, 128), jnp.bfloat16)
+        k = jax.ShapeDtypeStruct((1, n, kv_heads, 128), jnp.bfloat16)
+        spec, _ = attention_call(q, k, k, None, None, is_causal=True, **kw)
+        return mosaic.default_config(q, k, spec).bwd
+
+    assert not bwd(8).deterministic
+    assert bwd(2).deterministic
+    assert bwd(8, local_window_size=(256, 0)).deterministic
 
 
 @pytest.mark.parametrize("flag", ["--xla_gpu_deterministic_ops=true", "--xla_gpu_deterministic_ops",
@@ -176,6 +223,19 @@ def test_deterministic_requested_refuses_a_value_that_is_not_a_bool(monkeypatch)
     monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_deterministic_ops=maybe")
     with pytest.raises(ValueError, match="xla_gpu_deterministic_ops=maybe"):
         mosaic_config.deterministic_requested()
+
+
+@pytest.mark.parametrize("call", [dict(kv_groups=4), dict(features=frozenset({"segments"}))])
+def test_gqa_and_masks_override_a_tuned_fused_entry(cache_dir, monkeypatch, call):
+    """The tuner times plain MHA calls: its fused entry keeps its blocks but not the fusion where that loses."""
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    fused = MosaicBackwardConfig(num_stages=1, deterministic=False)
+    tuned = MosaicConfig(fwd=MosaicForwardConfig(block_kv=64, num_stages=4), bwd=fused)
+    _write_cache({mosaic_config.config_key(128, "bfloat16", True, 4096): tuned.to_dict()})
+    kw = dict(head_dim=128, dtype=jnp.bfloat16, causal=True, seq_q=4096, seq_k=4096, gpu=GPU)
+    assert mosaic_config.default_config(**kw, features=frozenset({"soft_cap"})) == tuned
+    got = mosaic_config.default_config(**kw, **call)
+    assert got.fwd == tuned.fwd and got.bwd == dataclasses.replace(fused, deterministic=True)
 
 
 def test_xla_deterministic_ops_overrides_a_tuned_fused_entry(cache_dir, monkeypatch):

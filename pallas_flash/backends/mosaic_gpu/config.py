@@ -38,6 +38,8 @@ __all__ = [
     "WIDE_HEAD_DIMS",
     "MAX_SMEM_BYTES",
     "FUSED_DQ_MIN_SEQ",
+    "fused_dq_pays",
+    "FUSED_DQ_LOSES",
 ]
 
 HEAD_DIMS = (64, 128, 256)
@@ -289,14 +291,38 @@ _FLAG_BOOLS = {"true": True, "1": True, "false": False, "0": False}
 # against fused (``results/nvidia-h200/2026-12-03-dq-mode-sweep.md``), D=128: N=16k 491/513 non-causal and 480/509
 # causal, 8k 485/482 and 447/460, 4k 469/469 and 405/418, 2k 446/445 and 353/353.
 FUSED_DQ_MIN_SEQ = 8192
+# Where the fused dQ loses even at long lengths (``fused_dq_pays``), H200, bf16, 2026-12-03
+# (``results/nvidia-h200/2026-12-03-{headline,masks,gqa}-d23057d.md``, ``2026-12-03-d64-dq-modes.log``), deterministic
+# against fused TFLOP/s: D=64 causal, backward alone, N=4k 335/315, 8k 365/348, 16k 380/380 (non-causal 16k
+# 378/408); GQA 32:8, D=128, 8k causal, forward+backward 454/425; at 16k causal D=128 with a window of 256 keys
+# 184/133, of 4096 keys 440/361, packed documents (segment ids) 338/276. Padding (lengths) is unmeasured and goes
+# with them (a guess: the same per-block bookkeeping of bounds as the others). A soft-cap and position offsets (ring
+# attention's chunks) keep the length rule: they add work to both modes' recomputation, which the fused one does once.
+FUSED_DQ_LOSES = frozenset({"window", "segments", "lengths"})
+
+
+def fused_dq_pays(
+    head_dim: int, seq_q: int, seq_k: int, *, causal: bool, kv_groups: int = 1,
+    features: frozenset[str] = frozenset(),
+) -> bool:
+    """Whether the default backward fuses dQ into the dK/dV kernel (TMA reduce-add; not deterministic): head dim
+    128, or 64 without the causal mask, both lengths at least ``FUSED_DQ_MIN_SEQ``, one query head per K/V head
+    (``kv_groups`` = query heads / K/V heads) and none of ``FUSED_DQ_LOSES`` in ``features``."""
+    return (
+        (head_dim == 128 or (head_dim == 64 and not causal))
+        and min(seq_q, seq_k) >= FUSED_DQ_MIN_SEQ
+        and kv_groups == 1
+        and not features & FUSED_DQ_LOSES
+    )
 
 
 def default_backward(
-    head_dim: int, dtype: Any, seq_q: int, seq_k: int, *, deterministic: bool | None = None
+    head_dim: int, dtype: Any, seq_q: int, seq_k: int, *, causal: bool = False, kv_groups: int = 1,
+    features: frozenset[str] = frozenset(), deterministic: bool | None = None,
 ) -> MosaicBackwardConfig:
-    """The backward's heuristic config. ``deterministic``: ``None`` picks the mode, the fused dQ at head dims 64
-    and 128 from ``FUSED_DQ_MIN_SEQ`` on unless ``deterministic_requested()``; ``True``/``False`` force it (at
-    head dim 256 it is always deterministic). The fused mode: 64-row steps, two stages (three do not fit at D=128).
+    """The backward's heuristic config. ``deterministic``: ``None`` picks the mode, the fused dQ where
+    ``fused_dq_pays`` for the call (``causal``, ``kv_groups``, ``features``) unless ``deterministic_requested()``;
+    ``True``/``False`` force it (at head dim 256 it is always deterministic). The fused mode: 64-row steps, two stages (three do not fit at D=128).
     The deterministic mode (see ``MosaicBackwardConfig``), D=128: two Q/dO stages, dQ kernel 64 keys x 3 stages
     (H200, N=4k: 498 TFLOP/s fwd+bwd vs 441 with three Q/dO stages, 470 with 64 x 2 and 472 with 128 x 2 dQ blocks);
     D=64: 128 query rows x three Q/dO stages (bwd alone, 2026-12-01: N=16k 379/380 TFLOP/s non-causal/causal vs
@@ -306,7 +332,8 @@ def default_backward(
     if head_dim in WIDE_HEAD_DIMS:
         return MosaicBackwardConfig(num_stages=2, dq_block_kv=64, dq_num_stages=2, deterministic=True)
     if deterministic is None:
-        deterministic = min(seq_q, seq_k) < FUSED_DQ_MIN_SEQ or deterministic_requested()
+        deterministic = deterministic_requested() or not fused_dq_pays(
+            head_dim, seq_q, seq_k, causal=causal, kv_groups=kv_groups, features=features)
     if not deterministic:
         return MosaicBackwardConfig(block_q=BLOCK_Q, num_stages=2, deterministic=False)
     if head_dim <= 64:
@@ -358,23 +385,25 @@ SEGMENTS_D64_FORWARD = dict(block_kv=128, num_stages=3)
 
 def default_config(
     *, head_dim: int, dtype: Any, causal: bool, seq_q: int, seq_k: int, gpu: str | None = None,
-    features: frozenset[str] = frozenset(),
+    features: frozenset[str] = frozenset(), kv_groups: int = 1,
 ) -> MosaicConfig:
     """The config used when the caller passes none.
 
     The user's tuned cache for this GPU (``user_cache_path()``; ``gpu`` defaults to ``gpu_name()``), else the
-    forward's (head dim, dtype, mask and, for the overlap, the key length) and backward's (head dim and
-    lengths) heuristics; under ``deterministic_requested()`` the backward is deterministic either way. ``features``
-    (the call's ``AttentionSpec.features`` keys; the tuner times plain and causal calls only): with one of
+    forward's (head dim, dtype, mask and, for the overlap, the key length) and backward's (``default_backward``)
+    heuristics. The backward is deterministic under ``deterministic_requested()`` and where ``fused_dq_pays`` says
+    no (GQA, ``kv_groups`` > 1; one of ``FUSED_DQ_LOSES``), a tuned fused entry too (its blocks kept). ``features`` (the call's
+    ``AttentionSpec.features`` keys; the tuner times plain and causal MHA calls only): with one of
     ``TURN_TAKING_FEATURES`` the D=128 forward takes turns, and with segment ids the D=64 forward takes
     ``SEGMENTS_D64_FORWARD`` blocks, tuned or not.
     """
     gpu = gpu_name() if gpu is None else gpu
     config = _user_entry(head_dim, dtype, causal, seq_q, gpu) if gpu else None
     if config is None:
-        config = MosaicConfig(fwd=_default_forward(head_dim, dtype, causal, seq_k),
-                              bwd=default_backward(head_dim, dtype, seq_q, seq_k))
-    elif not config.bwd.deterministic and deterministic_requested():  # a tuned fused entry: its blocks, no fusion
+        bwd = default_backward(head_dim, dtype, seq_q, seq_k, causal=causal, kv_groups=kv_groups, features=features)
+        config = MosaicConfig(fwd=_default_forward(head_dim, dtype, causal, seq_k), bwd=bwd)
+    elif not config.bwd.deterministic and (deterministic_requested() or kv_groups != 1 or features & FUSED_DQ_LOSES):
+        # a tuned fused entry (timed on plain MHA): its blocks, no fusion
         config = dataclasses.replace(config, bwd=dataclasses.replace(config.bwd, deterministic=True))
     if head_dim == 128 and config.fwd.overlap and features & TURN_TAKING_FEATURES:
         config = dataclasses.replace(config, fwd=dataclasses.replace(config.fwd, overlap=False))
