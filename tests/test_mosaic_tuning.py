@@ -149,7 +149,7 @@ def test_default_backward_fuses_dq_at_long_lengths(cache_dir, monkeypatch, head_
 
 @pytest.mark.parametrize("head_dim, causal, kv_groups, features, want", [
     (128, True, 1, frozenset(), True),
-    (128, False, 1, frozenset({"soft_cap", "offsets"}), True),  # both modes recompute these; the fused one once
+    (128, True, 1, frozenset({"offsets"}), True),  # ring attention's chunks: the causal diagonal moved
     (128, True, 4, frozenset(), False),  # GQA
     (128, False, 2, frozenset(), False),
     (128, True, 1, frozenset({"window"}), False),
@@ -233,7 +233,7 @@ def test_gqa_and_masks_override_a_tuned_fused_entry(cache_dir, monkeypatch, call
     tuned = MosaicConfig(fwd=MosaicForwardConfig(block_kv=64, num_stages=4), bwd=fused)
     _write_cache({mosaic_config.config_key(128, "bfloat16", True, 4096): tuned.to_dict()})
     kw = dict(head_dim=128, dtype=jnp.bfloat16, causal=True, seq_q=4096, seq_k=4096, gpu=GPU)
-    assert mosaic_config.default_config(**kw, features=frozenset({"soft_cap"})) == tuned
+    assert mosaic_config.default_config(**kw, features=frozenset({"offsets"})) == tuned
     got = mosaic_config.default_config(**kw, **call)
     assert got.fwd == tuned.fwd and got.bwd == dataclasses.replace(fused, deterministic=True)
 

@@ -296,8 +296,8 @@ FUSED_DQ_MIN_SEQ = 8192
 # against fused TFLOP/s: D=64 causal, backward alone, N=4k 335/315, 8k 365/348, 16k 380/380 (non-causal 16k
 # 378/408); GQA 32:8, D=128, 8k causal, forward+backward 454/425; at 16k causal D=128 with a window of 256 keys
 # 184/133, of 4096 keys 440/361, packed documents (segment ids) 338/276. Padding (lengths) is unmeasured and goes
-# with them (a guess: the same per-block bookkeeping of bounds as the others). A soft-cap and position offsets (ring
-# attention's chunks) keep the length rule: they add work to both modes' recomputation, which the fused one does once.
+# with them (a guess: the same per-block bookkeeping of bounds as the others). Position offsets (ring attention's
+# chunks, causal across two chunks) keep the length rule: they only move the causal diagonal.
 FUSED_DQ_LOSES = frozenset({"window", "segments", "lengths"})
 
 
