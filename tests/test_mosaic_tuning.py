@@ -129,7 +129,7 @@ def test_tuner_searches_the_fused_dq_unless_determinism_is_requested(head_dim, m
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_default_backward_fuses_dq_at_long_lengths(cache_dir, monkeypatch, head_dim):
     monkeypatch.delenv("XLA_FLAGS", raising=False)
-    n = mosaic_config.FUSED_DQ_MIN_SEQ
+    n = mosaic_config.FUSED_DQ_MIN_SEQ[head_dim, False]
     fused = MosaicBackwardConfig(block_q=64, num_stages=2, deterministic=False)
     for causal in (False, True):
         short = _heuristic(head_dim, causal, n - 128).bwd
@@ -161,7 +161,7 @@ def test_default_backward_fuses_dq_at_long_lengths(cache_dir, monkeypatch, head_
 ])
 def test_fused_dq_pays_where_it_was_measured_faster(head_dim, causal, kv_groups, features, want, monkeypatch):
     monkeypatch.delenv("XLA_FLAGS", raising=False)
-    n = 2 * mosaic_config.FUSED_DQ_MIN_SEQ
+    n = 16384  # long enough for every head dim's fused mode
     kw = dict(causal=causal, kv_groups=kv_groups, features=features)
     assert mosaic_config.fused_dq_pays(head_dim, n, n, **kw) is want
     assert mosaic_config.default_backward(head_dim, jnp.bfloat16, n, n, **kw).deterministic is not want
@@ -178,7 +178,7 @@ def test_the_backend_passes_the_gqa_ratio_and_features(monkeypatch):
 
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     monkeypatch.setattr(mosaic_config, "gpu_name", lambda: "")  # no tuned entry: the heuristics
-    n = mosaic_config.FUSED_DQ_MIN_SEQ
+    n = mosaic_config.FUSED_DQ_MIN_SEQ[128, True]
     mosaic = backends.get("mosaic")
 
     def bwd(kv_heads, **kw):
@@ -197,7 +197,7 @@ def test_the_backend_passes_the_gqa_ratio_and_features(monkeypatch):
 def test_xla_deterministic_ops_keeps_the_deterministic_backward(cache_dir, monkeypatch, flag):
     monkeypatch.setenv("XLA_FLAGS", flag)
     assert mosaic_config.deterministic_requested()
-    n = 2 * mosaic_config.FUSED_DQ_MIN_SEQ
+    n = 16384  # long enough for every head dim's fused mode
     for head_dim in HEAD_DIMS:
         want = mosaic_config.default_backward(head_dim, jnp.bfloat16, 1, 1)
         assert want.deterministic and _heuristic(head_dim, True, n).bwd == want

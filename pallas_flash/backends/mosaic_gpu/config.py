@@ -151,7 +151,7 @@ class MosaicBackwardConfig:
     dK/dV kernel (5 products per block pair; the order of the additions, so the
     last bits of ``dQ``, may vary run to run). A config built by hand is
     deterministic unless it says otherwise; ``default_config`` picks the faster
-    mode by length (``FUSED_DQ_MIN_SEQ``) unless ``deterministic_requested()``.
+    mode per call (``fused_dq_pays``) unless ``deterministic_requested()``.
     At head dim 256 (``backward_wide.py``) both kernels are deterministic whatever
     ``deterministic`` says, and ``num_stages``/``dq_num_stages`` are at most 2 (shared memory).
     """
@@ -285,12 +285,17 @@ def deterministic_requested(xla_flags: str | None = None) -> bool:
 
 
 _FLAG_BOOLS = {"true": True, "1": True, "false": False, "0": False}
-# From this length on (query and key length both), the default backward adds dQ by TMA reduce-add from the
-# dK/dV kernel (``deterministic=False``): 5 matrix products per block pair against 7, worth more than the
-# reductions' cost only at long lengths. H200, bf16, B*N = 16k tokens, forward+backward TFLOP/s, deterministic
-# against fused (``results/nvidia-h200/2026-12-03-dq-mode-sweep.md``), D=128: N=16k 491/513 non-causal and 480/509
-# causal, 8k 485/482 and 447/460, 4k 469/469 and 405/418, 2k 446/445 and 353/353.
-FUSED_DQ_MIN_SEQ = 8192
+# From these lengths on (query and key length both), by (head dim, causal), the default backward adds dQ by TMA
+# reduce-add from the dK/dV kernel (``deterministic=False``): 5 matrix products per block pair against 7, worth more
+# than the reductions' cost only at long lengths; a pair not listed never does. H200, bf16, B*N = 16k tokens,
+# forward+backward TFLOP/s, deterministic against fused:
+# - D=128 (``results/nvidia-h200/2026-12-03-dq-mode-sweep.md``): N=16k 491/513 non-causal and 480/509 causal, 8k
+#   485/482 and 447/460, 4k 469/469 and 405/418, 2k 446/445 and 353/353 (8k non-causal again, 8 interleaved
+#   rounds: 463/464, ``2026-12-03-thresholds.log``).
+# - D=64 non-causal (``2026-12-03-thresholds.log``, 8 interleaved rounds): 1k 322/317, 2k 350/355, 4k 361/374 and
+#   363/376, 8k 383/396; 16k 398/422 (``2026-12-03-headline-d23057d.md``).
+# - D=64 causal: never (below).
+FUSED_DQ_MIN_SEQ = {(128, False): 8192, (128, True): 8192, (64, False): 4096}
 # Where the fused dQ loses even at long lengths (``fused_dq_pays``), H200, bf16, 2026-12-03
 # (``results/nvidia-h200/2026-12-03-{headline,masks,gqa}-d23057d.md``, ``2026-12-03-d64-dq-modes.log``), deterministic
 # against fused TFLOP/s: D=64 causal, backward alone, N=4k 335/315, 8k 365/348, 16k 380/380 (non-causal 16k
@@ -305,12 +310,13 @@ def fused_dq_pays(
     head_dim: int, seq_q: int, seq_k: int, *, causal: bool, kv_groups: int = 1,
     features: frozenset[str] = frozenset(),
 ) -> bool:
-    """Whether the default backward fuses dQ into the dK/dV kernel (TMA reduce-add; not deterministic): head dim
-    128, or 64 without the causal mask, both lengths at least ``FUSED_DQ_MIN_SEQ``, one query head per K/V head
-    (``kv_groups`` = query heads / K/V heads) and none of ``FUSED_DQ_LOSES`` in ``features``."""
+    """Whether the default backward fuses dQ into the dK/dV kernel (TMA reduce-add; not deterministic): both lengths
+    at least ``FUSED_DQ_MIN_SEQ[head_dim, causal]`` (head dim 128; 64 without the causal mask), one query head per
+    K/V head (``kv_groups`` = query heads / K/V heads) and none of ``FUSED_DQ_LOSES`` in ``features``."""
+    min_seq = FUSED_DQ_MIN_SEQ.get((head_dim, bool(causal)))
     return (
-        (head_dim == 128 or (head_dim == 64 and not causal))
-        and min(seq_q, seq_k) >= FUSED_DQ_MIN_SEQ
+        min_seq is not None
+        and min(seq_q, seq_k) >= min_seq
         and kv_groups == 1
         and not features & FUSED_DQ_LOSES
     )
