@@ -70,8 +70,8 @@ def _pallas_flash(p: Problem):
 
 def _pallas_flash_mosaic(p: Problem, *, deterministic: bool | None = None):
     """pallas_flash's Mosaic GPU backend: no fallback, so a refused call is n/a rather than another kernel's time.
-    ``deterministic``: ``None`` the default config (the backward's dQ mode picked by length); ``True``/``False``
-    that mode forced (``mosaic_gpu.config.default_backward``), the forward's config the default."""
+    ``deterministic``: ``None`` the default config (the backward's dQ mode per call, ``fused_dq_pays``);
+    ``True``/``False`` that mode forced (``mosaic_gpu.config.default_backward``), the forward's config the default."""
     import dataclasses
 
     import jax

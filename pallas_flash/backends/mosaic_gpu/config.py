@@ -328,13 +328,16 @@ def default_backward(
 ) -> MosaicBackwardConfig:
     """The backward's heuristic config. ``deterministic``: ``None`` picks the mode, the fused dQ where
     ``fused_dq_pays`` for the call (``causal``, ``kv_groups``, ``features``) unless ``deterministic_requested()``;
-    ``True``/``False`` force it (at head dim 256 it is always deterministic). The fused mode: 64-row steps, two stages (three do not fit at D=128).
-    The deterministic mode (see ``MosaicBackwardConfig``), D=128: two Q/dO stages, dQ kernel 64 keys x 3 stages
-    (H200, N=4k: 498 TFLOP/s fwd+bwd vs 441 with three Q/dO stages, 470 with 64 x 2 and 472 with 128 x 2 dQ blocks);
-    D=64: 128 query rows x three Q/dO stages (bwd alone, 2026-12-01: N=16k 379/380 TFLOP/s non-causal/causal vs
-    366/360 with 64 rows, 4k 362/334 vs 356/319, 1k 309/234 vs 301/222), dQ kernel 128 keys x 2 stages (361/334
-    TFLOP/s fwd+bwd vs 338/319 with 64 x 3);
-    D=256: two stages in both kernels, 64-key dQ blocks (the most that fit)."""
+    ``True``/``False`` force it (at head dim 256 it is always deterministic).
+
+    - The fused mode: 64-row steps, two stages (three do not fit at D=128).
+    - The deterministic mode (see ``MosaicBackwardConfig``), D=128: two Q/dO stages, dQ kernel 64 keys x 3 stages
+      (H200, N=4k: 498 TFLOP/s fwd+bwd vs 441 with three Q/dO stages, 470 with 64 x 2 and 472 with 128 x 2 dQ
+      blocks). D=64: 128 query rows x three Q/dO stages (bwd alone, 2026-12-01: N=16k 379/380 TFLOP/s
+      non-causal/causal vs 366/360 with 64 rows, 4k 362/334 vs 356/319, 1k 309/234 vs 301/222), dQ kernel
+      128 keys x 2 stages (361/334 TFLOP/s fwd+bwd vs 338/319 with 64 x 3).
+    - D=256: two stages in both kernels, 64-key dQ blocks (the most that fit).
+    """
     if head_dim in WIDE_HEAD_DIMS:
         return MosaicBackwardConfig(num_stages=2, dq_block_kv=64, dq_num_stages=2, deterministic=True)
     if deterministic is None:
@@ -398,8 +401,9 @@ def default_config(
     The user's tuned cache for this GPU (``user_cache_path()``; ``gpu`` defaults to ``gpu_name()``), else the
     forward's (head dim, dtype, mask and, for the overlap, the key length) and backward's (``default_backward``)
     heuristics. The backward is deterministic under ``deterministic_requested()`` and where ``fused_dq_pays`` says
-    no (GQA, ``kv_groups`` > 1; one of ``FUSED_DQ_LOSES``), a tuned fused entry too (its blocks kept). ``features`` (the call's
-    ``AttentionSpec.features`` keys; the tuner times plain and causal MHA calls only): with one of
+    no; a tuned fused entry too (its blocks kept) under the first, with GQA (``kv_groups`` > 1) or with one of
+    ``FUSED_DQ_LOSES``. ``features`` (the call's ``AttentionSpec.features`` keys; the tuner times plain and causal
+    MHA calls only): with one of
     ``TURN_TAKING_FEATURES`` the D=128 forward takes turns, and with segment ids the D=64 forward takes
     ``SEGMENTS_D64_FORWARD`` blocks, tuned or not.
     """
