@@ -306,6 +306,12 @@ FUSED_DQ_MIN_SEQ = {(128, False): 8192, (128, True): 8192, (64, False): 4096}
 FUSED_DQ_LOSES = frozenset({"window", "segments", "lengths"})
 
 
+def _plain_mha(kv_groups: int, features: frozenset[str]) -> bool:
+    """One query head per K/V head and none of ``FUSED_DQ_LOSES``: the calls where the fused dQ can pay, and the
+    only ones the tuner times."""
+    return kv_groups == 1 and not features & FUSED_DQ_LOSES
+
+
 def fused_dq_pays(
     head_dim: int, seq_q: int, seq_k: int, *, causal: bool, kv_groups: int = 1,
     features: frozenset[str] = frozenset(),
@@ -317,8 +323,7 @@ def fused_dq_pays(
     return (
         min_seq is not None
         and min(seq_q, seq_k) >= min_seq
-        and kv_groups == 1
-        and not features & FUSED_DQ_LOSES
+        and _plain_mha(kv_groups, features)
     )
 
 
@@ -403,16 +408,15 @@ def default_config(
     heuristics. The backward is deterministic under ``deterministic_requested()`` and where ``fused_dq_pays`` says
     no; a tuned fused entry too (its blocks kept) under the first, with GQA (``kv_groups`` > 1) or with one of
     ``FUSED_DQ_LOSES``. ``features`` (the call's ``AttentionSpec.features`` keys; the tuner times plain and causal
-    MHA calls only): with one of
-    ``TURN_TAKING_FEATURES`` the D=128 forward takes turns, and with segment ids the D=64 forward takes
-    ``SEGMENTS_D64_FORWARD`` blocks, tuned or not.
+    MHA calls only): with one of ``TURN_TAKING_FEATURES`` the D=128 forward takes turns, and with segment ids the
+    D=64 forward takes ``SEGMENTS_D64_FORWARD`` blocks, tuned or not.
     """
     gpu = gpu_name() if gpu is None else gpu
     config = _user_entry(head_dim, dtype, causal, seq_q, gpu) if gpu else None
     if config is None:
         bwd = default_backward(head_dim, dtype, seq_q, seq_k, causal=causal, kv_groups=kv_groups, features=features)
         config = MosaicConfig(fwd=_default_forward(head_dim, dtype, causal, seq_k), bwd=bwd)
-    elif not config.bwd.deterministic and (deterministic_requested() or kv_groups != 1 or features & FUSED_DQ_LOSES):
+    elif not config.bwd.deterministic and (deterministic_requested() or not _plain_mha(kv_groups, features)):
         # a tuned fused entry (timed on plain MHA): its blocks, no fusion
         config = dataclasses.replace(config, bwd=dataclasses.replace(config.bwd, deterministic=True))
     if head_dim == 128 and config.fwd.overlap and features & TURN_TAKING_FEATURES:
