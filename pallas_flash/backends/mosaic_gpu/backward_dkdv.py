@@ -357,7 +357,7 @@ def launch_dkdv(q, k, v, do, lse2, delta, kv_lengths, q_lengths, segments, *, sp
         scratch_types=scratch,
         grid=(batch, num_kv_heads, num_tiles),
         grid_names=("batch", "kv_head", "kv_tile"),
-        **launch_params(interpret),
+        **launch_params(interpret, "pallas_flash_mosaic_bwd_dkdv"),
     )(*operands)
     dq = None
     if fuse_dq:

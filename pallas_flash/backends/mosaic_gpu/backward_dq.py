@@ -296,5 +296,5 @@ def launch_dq(q, k, v, do, lse2, delta, kv_lengths=None, q_lengths=None, segment
         scratch_types=scratch,
         grid=(batch, num_heads, num_q_tiles),
         grid_names=("batch", "head", "q_tile"),
-        **launch_params(interpret),
+        **launch_params(interpret, "pallas_flash_mosaic_bwd_dq"),
     )(q, k, v, do, lse2, delta, *operands)

@@ -420,7 +420,7 @@ def launch_dkdv(q, k, v, do, lse2, delta, kv_lengths=None, q_lengths=None, segme
         scratch_types=scratch,
         grid=(batch, num_kv_heads, tk_pad // ROWS),
         grid_names=("batch", "kv_head", "kv_tile"),
-        **launch_params(interpret),
+        **launch_params(interpret, "pallas_flash_mosaic_bwd_wide_dkdv"),
     )(*operands)
 
 
@@ -464,7 +464,7 @@ def launch_dq(q, k, v, do, lse2, delta, kv_lengths=None, q_lengths=None, segment
         scratch_types=scratch,
         grid=(batch, num_heads, num_q_tiles),
         grid_names=("batch", "head", "q_tile"),
-        **launch_params(interpret),
+        **launch_params(interpret, "pallas_flash_mosaic_bwd_wide_dq"),
     )(*operands)
 
 

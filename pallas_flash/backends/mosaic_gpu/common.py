@@ -41,14 +41,16 @@ def tiled_smem(shape, dtype, swizzle: int = 128):
     return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, cols)), plgpu.SwizzleTransform(swizzle)))
 
 
-def launch_params(interpret) -> dict:
-    """``plgpu.kernel``'s arguments shared by every kernel here: the three warpgroups, approximate math, and
+def launch_params(interpret, name: str) -> dict:
+    """``plgpu.kernel``'s arguments shared by every kernel here: the three warpgroups, approximate math, the
+    kernel's ``name`` (what profilers show; ``benchmarks.profile`` counts ``pallas_flash*`` as attention), and
     ``interpret``: False (compiled), True (default interpret mode) or an ``InterpretGPUParams`` (e.g. ``detect_races``)."""
     if not isinstance(interpret, plgpu.InterpretGPUParams):
         interpret = plgpu.InterpretGPUParams() if interpret else None
     return dict(
         num_threads=COMPUTE_WGS + 1,
         thread_name="wg",
+        kernel_name=name,
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret,
     )

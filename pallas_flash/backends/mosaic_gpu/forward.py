@@ -451,6 +451,6 @@ def mosaic_forward(
         scratch_types=scratch,
         grid=(num_programs,),
         grid_names=("program",),
-        **launch_params(interpret),
+        **launch_params(interpret, "pallas_flash_mosaic_fwd"),
     )(q_pad, k_pad, v_pad, *length_operands)
     return out[:, :seq_q], lse2[:, :, :seq_q]
