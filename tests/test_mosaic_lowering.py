@@ -88,6 +88,48 @@ def _lowered_kernels(fn, *args) -> list[str]:
     return digests
 
 
+def _kernel_names(fn, *args) -> list[bool]:
+    """Per Mosaic GPU kernel that ``fn`` lowers to, in program order, which of ``KERNEL_NAMES`` its module is named
+    by (Mosaic GPU calls it ``<name>_mosaic_gpu_kernel``)."""
+    module = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).compiler_ir("stablehlo")
+    names = []
+    with module.context:
+        for call in _custom_calls(module.operation, []):
+            if ir.StringAttr(call.attributes["call_target_name"]).value.startswith("mosaic_gpu"):
+                text = ir.StringAttr(ir.DictAttr(call.attributes["mhlo.backend_config"])["module"]).value_bytes
+                names.append([name for name in KERNEL_NAMES if name.encode() + b"_mosaic_gpu" in text])
+    return names
+
+
+KERNEL_NAMES = ("pallas_flash_mosaic_fwd", "pallas_flash_mosaic_bwd_dkdv", "pallas_flash_mosaic_bwd_dq",
+                "pallas_flash_mosaic_bwd_wide_dkdv", "pallas_flash_mosaic_bwd_wide_dq")
+
+
+@pytest.mark.parametrize(
+    "head_dim, bwd, expected",
+    [
+        (128, MosaicBackwardConfig(deterministic=True), ["pallas_flash_mosaic_bwd_dkdv", "pallas_flash_mosaic_bwd_dq"]),
+        (128, MosaicBackwardConfig(deterministic=False), ["pallas_flash_mosaic_bwd_dkdv"]),
+        (256, MosaicBackwardConfig(dq_num_stages=2), ["pallas_flash_mosaic_bwd_wide_dkdv", "pallas_flash_mosaic_bwd_wide_dq"]),
+    ],
+    ids=["deterministic", "fused", "d256"],
+)
+def test_kernels_carry_their_names(head_dim, bwd, expected):
+    """Profilers show each kernel by name (``benchmarks.profile`` counts ``pallas_flash*`` as attention)."""
+    q = jnp.zeros((B, TQ, HEADS, head_dim), jnp.bfloat16)
+    k = jnp.zeros((B, TK, KV_HEADS, head_dim), jnp.bfloat16)
+    lse2 = jnp.zeros((B, HEADS, TQ), jnp.float32)
+    spec, inputs = _spec_and_inputs(True, False)
+    fwd = MosaicForwardConfig(block_kv=64) if head_dim == 256 else MosaicForwardConfig()
+    assert _kernel_names(lambda q, k, v: mosaic_forward(q, k, v, inputs, spec=spec, config=fwd), q, k, k) == [
+        ["pallas_flash_mosaic_fwd"]]
+
+    def backward(q, k, v, out, lse2, do):
+        return mosaic_backward(q, k, v, out, lse2, do, None, spec=spec, config=bwd, inputs=inputs)[:3]
+
+    assert _kernel_names(backward, q, k, k, q, lse2, q) == [[name] for name in expected]
+
+
 @pytest.mark.parametrize("lengths", [False, True], ids=["plain", "lengths"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize(
