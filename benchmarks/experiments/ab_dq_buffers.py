@@ -1,4 +1,7 @@
-"""Backward alone, fused mode: dQ staged in 1 vs 2 float32 buffers per warpgroup (monkeypatched), cuDNN in the same rounds."""
+"""Backward alone, fused mode: dQ staged in 1 vs 2 float32 buffers per warpgroup (monkeypatched), cuDNN in the same rounds.
+
+Needs dq-double-buffer.patch applied. PROBS="D:N:causal[:stages],..." PYTHONPATH=. python3 benchmarks/experiments/ab_dq_buffers.py ROUNDS
+"""
 import dataclasses, os, sys, jax, jax.numpy as jnp, numpy as np
 import pallas_flash as pf
 from pallas_flash.backends.mosaic_gpu import config as mc, backward_dkdv

@@ -1,4 +1,7 @@
-"""Backward alone: one CTA per key tile vs persistent dK/dV kernel (default mode per call), cuDNN in the same rounds."""
+"""Backward alone: one CTA per key tile vs persistent dK/dV kernel (default mode per call), cuDNN in the same rounds.
+
+Needs bwd-persistent.patch applied. FORCE_DET=1 for the deterministic mode; PROBS="D:N:causal,...".
+"""
 import dataclasses, sys, jax, jax.numpy as jnp, numpy as np
 import pallas_flash as pf
 from pallas_flash.backends.mosaic_gpu import config as mc

@@ -1,4 +1,7 @@
-"""Fused backward alone at D=128 16k (and D=64 4k) non-causal: ablations of the dQ path (results wrong, times only)."""
+"""Fused backward alone at D=128 16k and D=64 4k non-causal: ablations of the dQ path (results wrong, times only).
+
+Needs fused-ablation.patch applied. PYTHONPATH=. python3 benchmarks/experiments/ablate_fused.py ROUNDS
+"""
 import dataclasses, os, sys, jax, jax.numpy as jnp, numpy as np
 import pallas_flash as pf
 from pallas_flash.backends.mosaic_gpu import config as mc, backward_dkdv
@@ -6,7 +9,7 @@ from pallas_flash.tuning.timer import time_fn
 from pallas_flash.sharding import partition  # its kernel-trace cache: cleared per variant
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 3
 VARIANTS = ["", "noreduce", "nostore", "noproduct", "nowait", "all", "allnods", "det"]
-for D, N in ((128, 16384),):
+for D, N in ((128, 16384), (64, 4096)):
     B, H = 16384 // N, 2048 // D
     keys = jax.random.split(jax.random.key(1), 4)
     q, k, v, do = (jax.random.normal(kk, (B, N, H, D), jnp.bfloat16) for kk in keys)

@@ -1,4 +1,7 @@
-"""Kernel-level breakdown of the backward (pullback alone) and forward: pallas mosaic (default, det) vs cuDNN."""
+"""Kernel-level breakdown of the backward (pullback alone) and forward: pallas mosaic (default, det) vs cuDNN.
+
+On main: PYTHONPATH=. python3 benchmarks/experiments/profile_backward.py [0,1,...] (problem indices).
+"""
 import sys, jax, jax.numpy as jnp
 from benchmarks.profile import kernel_breakdown
 import pallas_flash as pf
