@@ -108,3 +108,21 @@ def test_cli_errors(argv, fragment, capsys):
     with pytest.raises(SystemExit) as exc:
         bench.main(["--quick", *argv])
     assert exc.value.code == 2 and fragment in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "kernel, expected",
+    [
+        ("pallas_flash_mosaic_bwd_dkdv_mosaic_gpu_kernel", "attention"),  # as the H200 profile names it
+        ("pallas_flash_mosaic_fwd_mosaic_gpu_kernel", "attention"),
+        ("anonymous_mosaic_gpu_kernel", "other"),  # an unnamed Mosaic GPU kernel: not ours to claim
+        ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop", "attention"),
+        ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTT", "matmul"),
+        ("Memset 3", "copy"),
+    ],
+)
+def test_profile_categories(kernel, expected):
+    """The named Mosaic kernels count as attention in the GPT-2 step's breakdown."""
+    from benchmarks import profile
+
+    assert profile.category(kernel) == expected
