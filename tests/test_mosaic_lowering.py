@@ -76,29 +76,28 @@ def _module_digest(bytecode: bytes) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
-def _lowered_kernels(fn, *args) -> list[str]:
-    """Digests of the Mosaic GPU kernels that ``fn`` lowers to for CUDA, in program order."""
+def _mosaic_modules(fn, *args) -> list[bytes]:
+    """The Mosaic GPU modules of the kernels that ``fn`` lowers to for CUDA, in program order."""
     module = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).compiler_ir("stablehlo")
-    digests = []
+    modules = []
     with module.context:
         for call in _custom_calls(module.operation, []):
             if ir.StringAttr(call.attributes["call_target_name"]).value.startswith("mosaic_gpu"):
                 config = ir.DictAttr(call.attributes["mhlo.backend_config"])
-                digests.append(_module_digest(ir.StringAttr(config["module"]).value_bytes))
-    return digests
+                modules.append(ir.StringAttr(config["module"]).value_bytes)
+    return modules
 
 
-def _kernel_names(fn, *args) -> list[bool]:
+def _lowered_kernels(fn, *args) -> list[str]:
+    """Digests of the Mosaic GPU kernels that ``fn`` lowers to for CUDA, in program order."""
+    return [_module_digest(module) for module in _mosaic_modules(fn, *args)]
+
+
+def _kernel_names(fn, *args) -> list[list[str]]:
     """Per Mosaic GPU kernel that ``fn`` lowers to, in program order, which of ``KERNEL_NAMES`` its module is named
     by (Mosaic GPU calls it ``<name>_mosaic_gpu_kernel``)."""
-    module = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).compiler_ir("stablehlo")
-    names = []
-    with module.context:
-        for call in _custom_calls(module.operation, []):
-            if ir.StringAttr(call.attributes["call_target_name"]).value.startswith("mosaic_gpu"):
-                text = ir.StringAttr(ir.DictAttr(call.attributes["mhlo.backend_config"])["module"]).value_bytes
-                names.append([name for name in KERNEL_NAMES if name.encode() + b"_mosaic_gpu" in text])
-    return names
+    return [[name for name in KERNEL_NAMES if name.encode() + b"_mosaic_gpu" in module]
+            for module in _mosaic_modules(fn, *args)]
 
 
 KERNEL_NAMES = ("pallas_flash_mosaic_fwd", "pallas_flash_mosaic_bwd_dkdv", "pallas_flash_mosaic_bwd_dq",
@@ -110,7 +109,8 @@ KERNEL_NAMES = ("pallas_flash_mosaic_fwd", "pallas_flash_mosaic_bwd_dkdv", "pall
     [
         (128, MosaicBackwardConfig(deterministic=True), ["pallas_flash_mosaic_bwd_dkdv", "pallas_flash_mosaic_bwd_dq"]),
         (128, MosaicBackwardConfig(deterministic=False), ["pallas_flash_mosaic_bwd_dkdv"]),
-        (256, MosaicBackwardConfig(dq_num_stages=2), ["pallas_flash_mosaic_bwd_wide_dkdv", "pallas_flash_mosaic_bwd_wide_dq"]),
+        (256, MosaicBackwardConfig(dq_num_stages=2),
+         ["pallas_flash_mosaic_bwd_wide_dkdv", "pallas_flash_mosaic_bwd_wide_dq"]),
     ],
     ids=["deterministic", "fused", "d256"],
 )

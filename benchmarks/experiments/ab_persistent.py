@@ -2,13 +2,12 @@
 
 Needs bwd-persistent.patch applied. FORCE_DET=1 for the deterministic mode; PROBS="D:N:causal,...".
 """
-import dataclasses, sys, jax, jax.numpy as jnp, numpy as np
+import dataclasses, os, sys, jax, jax.numpy as jnp, numpy as np
 import pallas_flash as pf
 from pallas_flash.backends.mosaic_gpu import config as mc
 from pallas_flash.tuning.timer import time_fn
 
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 3
-import os
 probs = [tuple(int(x) for x in p.split(":")) for p in os.environ.get("PROBS", "128:4096:0,128:16384:0,64:4096:0,128:4096:1,64:4096:1,64:16384:1,64:1024:1").split(",")]
 FORCE_DET = os.environ.get("FORCE_DET") == "1"
 rows = []
