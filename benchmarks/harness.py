@@ -222,7 +222,7 @@ IMPLS: dict[str, Impl] = {
         Impl("pallas_flash_mosaic", _pallas_flash_mosaic, "pallas_flash.dot_product_attention(implementation="
              "'mosaic'): the Mosaic GPU (sm_90) forward and backward, default configs (the backward's dQ fused by "
              "TMA reduce-add where `fused_dq_pays`: MHA, no window, ids or lengths, D=128 from N=8k, D=64 "
-             "non-causal from 4k; else the deterministic dQ kernel)", extras=_segment_extras),
+             "non-causal from 1k (128-row steps); else the deterministic dQ kernel)", extras=_segment_extras),
         Impl("pallas_flash_mosaic_deterministic", functools.partial(_pallas_flash_mosaic, deterministic=True),
              "the same with the deterministic backward at every length (bit-identical reruns; what "
              "XLA_FLAGS=--xla_gpu_deterministic_ops=true gives)", extras=_segment_extras),

@@ -90,7 +90,6 @@ def test_forward_config_rejects_bad_values(kwargs, error, match):
     "kwargs, error, match",
     [
         (dict(block_q=96), ValueError, r"block_q=96 must be one of \(64, 128\)"),
-        (dict(block_q=128, deterministic=False), ValueError, "block_q=128 needs deterministic=True"),
         (dict(dq_block_kv=256), ValueError, "dq_block_kv=256 must be 64 or 128"),
         (dict(num_stages=0), ValueError, r"num_stages=0 must be in \[1, 4\]"),
         (dict(dq_num_stages=5), ValueError, r"dq_num_stages=5 must be in \[1, 4\]"),
@@ -143,6 +142,13 @@ def test_shared_memory_budget():
     MosaicBackwardConfig(block_q=128, num_stages=2).check_fits(128, jnp.bfloat16)
     with pytest.raises(ValueError, match="shared memory in the dK/dV kernel at head_dim=128"):
         MosaicBackwardConfig(block_q=128, num_stages=3).check_fits(128, jnp.bfloat16)
+    # The fused dQ with 128-row steps (two dS^T buffers of 128 x 128): two stages fit at D=64, three do not; at
+    # D=128 not even one.
+    MosaicBackwardConfig(block_q=128, num_stages=2, deterministic=False).check_fits(64, jnp.bfloat16)
+    with pytest.raises(ValueError, match="shared memory in the dK/dV kernel at head_dim=64"):
+        MosaicBackwardConfig(block_q=128, num_stages=3, deterministic=False).check_fits(64, jnp.bfloat16)
+    with pytest.raises(ValueError, match="shared memory in the dK/dV kernel at head_dim=128"):
+        MosaicBackwardConfig(block_q=128, num_stages=1, deterministic=False).check_fits(128, jnp.bfloat16)
     with pytest.raises(ValueError, match="at head_dim=256 the backward takes block_q=64"):
         MosaicBackwardConfig(block_q=128, num_stages=1, dq_num_stages=2).check_fits(256, jnp.bfloat16)
     for head_dim in HEAD_DIMS:
@@ -293,6 +299,10 @@ BWD_INTERPRET_CASES = {
         Shape("b", 1, 333, 200, 2, 1, 64), True, jnp.bfloat16,
         MosaicBackwardConfig(block_q=128, num_stages=3, dq_block_kv=128, dq_num_stages=2),
     ),
+    "causal_tq<tk_gqa2_rows128_fused": (
+        Shape("b", 1, 300, 333, 2, 1, 64), True, jnp.bfloat16,
+        MosaicBackwardConfig(block_q=128, num_stages=2, deterministic=False),
+    ),
     "full_ragged_rows128_d128": (
         Shape("b", 2, 100, 150, 2, 2, 128), False, jnp.float16,
         MosaicBackwardConfig(block_q=128, num_stages=2, dq_block_kv=64, dq_num_stages=3),
@@ -327,8 +337,12 @@ def _residuals(shape: Shape, dtype, causal: bool, seed: int):
 
 
 @pytest.mark.skipif(ON_GPU, reason="interpret mode")
-@pytest.mark.parametrize("bwd, head_dim", [(FUSED, 64), (DETERMINISTIC, 64), (DETERMINISTIC, 256)],
-                         ids=["fused", "deterministic", "d256"])
+@pytest.mark.parametrize(
+    "bwd, head_dim",
+    [(FUSED, 64), (MosaicBackwardConfig(block_q=128, num_stages=2, deterministic=False), 64), (DETERMINISTIC, 64),
+     (DETERMINISTIC, 256)],
+    ids=["fused", "fused_rows128", "deterministic", "d256"],
+)
 def test_backward_race_detector(bwd, head_dim, seed):
     """Mosaic GPU interpret mode's happens-before race detector finds no race in either backward kernel."""
     try:
@@ -452,3 +466,12 @@ def test_gpu_every_backward_pipeline_shape(bwd, seed):
     """Each ring depth and dQ key block on a long ragged causal GQA problem: many refills of every slot."""
     shape = Shape("p", 1, 2000, 2500, 4, 2, 128)
     _check(shape, jnp.bfloat16, True, seed, MosaicConfig(bwd=bwd), grads=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_gpu_fused_rows128_d64(causal, seed):
+    """The fused dQ with 128-row query steps (two wgmma M per dQ product), D=64 where it fits, ragged GQA."""
+    shape = Shape("p", 1, 2000, 2500, 4, 2, 64)
+    bwd = MosaicBackwardConfig(block_q=128, num_stages=2, deterministic=False)
+    _check(shape, jnp.bfloat16, causal, seed, MosaicConfig(bwd=bwd), grads=True)

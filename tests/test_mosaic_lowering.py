@@ -159,9 +159,10 @@ def test_forward_lowers_for_cuda(head_dim, config, causal, lengths, request):
         (64, MosaicBackwardConfig(block_q=128, num_stages=3, dq_block_kv=128, dq_num_stages=2), 2),
         (128, MosaicBackwardConfig(num_stages=2, dq_block_kv=64, dq_num_stages=3, deterministic=True), 2),
         (128, MosaicBackwardConfig(num_stages=2, deterministic=False), 1),
+        (64, MosaicBackwardConfig(block_q=128, num_stages=2, deterministic=False), 1),
         (256, MosaicBackwardConfig(num_stages=2, dq_block_kv=64, dq_num_stages=2, deterministic=True), 2),
     ],
-    ids=["d64_deterministic", "d128_deterministic", "d128_fused", "d256"],
+    ids=["d64_deterministic", "d128_deterministic", "d128_fused", "d64_fused_rows128", "d256"],
 )
 def test_backward_lowers_for_cuda(head_dim, config, kernels, causal, lengths, request):
     q = jnp.zeros((B, TQ, HEADS, head_dim), jnp.bfloat16)

@@ -85,12 +85,14 @@ def test_backward_space_fits_in_shared_memory(head_dim, dtype):
     for cfg in wider:
         assert max(backward_smem_bytes(cfg, head_dim, dtype)) <= mosaic_config.MAX_SMEM_BYTES
         assert 1 <= cfg.num_stages <= (3 if cfg.deterministic else 2)
+    # the fused dQ's 128-row steps fit at D=64 only
+    assert {c.block_q for c in wider if not c.deterministic} == ({64, 128} if head_dim == 64 else {64})
 
 
 def test_backward_space_members():
-    assert len(mosaic_tune.BWD_SPACE) == 26
+    assert len(mosaic_tune.BWD_SPACE) == 28
     assert sum(1 for *_, det in mosaic_tune.BWD_SPACE if det) == 24
-    assert {(bq, s, det) for bq, s, _, _, det in mosaic_tune.BWD_SPACE if not det} == {(64, 1, False), (64, 2, False)}
+    assert {(bq, s) for bq, s, _, _, det in mosaic_tune.BWD_SPACE if not det} == {(64, 1), (64, 2), (128, 1), (128, 2)}
     assert {bq for bq, *_, det in mosaic_tune.BWD_SPACE if det} == {64, 128}
 
 
@@ -130,7 +132,7 @@ def test_tuner_searches_the_fused_dq_unless_determinism_is_requested(head_dim, m
 def test_default_backward_fuses_dq_at_long_lengths(cache_dir, monkeypatch, head_dim):
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     n = mosaic_config.FUSED_DQ_MIN_SEQ[head_dim, False]
-    fused = MosaicBackwardConfig(block_q=64, num_stages=2, deterministic=False)
+    fused = MosaicBackwardConfig(block_q=128 if head_dim == 64 else 64, num_stages=2, deterministic=False)
     for causal in (False, True):
         short = _heuristic(head_dim, causal, n - 128).bwd
         assert short.deterministic and short == mosaic_config.default_backward(head_dim, jnp.bfloat16, 1, 1)
@@ -319,6 +321,8 @@ def test_default_config_without_cache_is_the_heuristic(cache_dir):
     assert not mosaic_config.user_cache_path().exists()
     got = mosaic_config.default_config(head_dim=64, dtype=jnp.bfloat16, causal=False, seq_q=1024, seq_k=1024, gpu=GPU)
     assert got.fwd == MosaicForwardConfig(block_kv=256, num_stages=2, persistent=True)
+    assert got.bwd == MosaicBackwardConfig(block_q=128, num_stages=2, deterministic=False)  # fused from 1k at D=64
+    got = mosaic_config.default_config(head_dim=64, dtype=jnp.bfloat16, causal=True, seq_q=1024, seq_k=1024, gpu=GPU)
     assert got.bwd == MosaicBackwardConfig(block_q=128, num_stages=3, dq_block_kv=128, dq_num_stages=2)
 
 

@@ -29,9 +29,10 @@ dK/dV kernel (``backward_dkdv.py``): one CTA per (batch, KV head, 128 keys), thr
   block runs one step late, in the next block's step: a warpgroup then needs
   the partner's ``dS^T`` of a block the partner finished a step ago, instead
   of meeting it every block. Two ``dS^T`` buffers alternate (``ds_consumed``:
-  both warpgroups' dQ has read one), and a third, never written, feeds the
-  product of the first step, which has no block before it and whose result is
-  dropped (a product under a condition is not expressible here). On an H200
+  both warpgroups' dQ has read one); the first step, with no block before it,
+  issues no dQ product (until 2026-12-03 a third buffer, never written, fed a
+  product whose result was dropped: its 16-32 KiB now let 128-row steps fit at
+  D=64, +11-14% bwd alone at N=1k-16k non-causal, ``benchmarks/NOTES.md`` 58). On an H200
   (bf16, bwd alone, 2026-12-01) that schedule took D=128 N=16k from 470 to
   500 TFLOP/s and D=64 from 395 to 412; issuing dQ ahead of dK, rotating
   each CTA's first query block, and starting one warpgroup half a step late

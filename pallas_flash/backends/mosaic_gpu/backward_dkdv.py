@@ -37,9 +37,6 @@ from pallas_flash.spec import LOG2E
 
 __all__ = ["launch_dkdv"]
 
-DS_SPARE = 2  # the dS^T buffers: two in turn, and a third never written (the dropped products read it)
-
-
 def _dkdv_kernel(
     q_ref,
     k_ref,
@@ -174,27 +171,26 @@ def _dkdv_kernel(
             visible = functools.reduce(lambda a, b: a & b, conditions)
             return jnp.where(visible, s, -jnp.inf)
 
-        def dq_product(dq_acc, u):
-            """Issue ``dQ[:, half wg] = dS_u K`` over the CTA's 128 keys (``dS`` read transposed from shared memory);
-            for ``u < 0`` (no such block) from the buffer no one writes, a product whose result is dropped."""
-            buffer = jnp.where(u >= 0, lax.rem(u, jnp.int32(2)), jnp.int32(DS_SPARE))
-            plgpu.wgmma(dq_acc, ds_smem.at[buffer].T, k_smem.at[:, pl.ds(wg * half, half)])
-
         def add_dq_of_block(u):
-            """Block ``u``'s ``dQ`` half (once the partner's ``dS^T`` of it is in), added into global memory (TMA
-            reduction; in interpret mode into the CTA's own slice). ``u < 0``: no such block, the product is dropped."""
-            has_u = u >= 0
-            pl.when(has_u)(lambda: plgpu.barrier_wait(ds_ready.at[lax.rem(u, jnp.int32(2))]))
+            """Block ``u``'s ``dQ`` half, ``dS_u K`` over the CTA's 128 keys (``dS`` read transposed from shared
+            memory, once the partner's ``dS^T`` of it is in), added into global memory (TMA reduction; in interpret
+            mode into the CTA's own slice). Waits for this warpgroup's products in flight (dK's); ``u < 0`` (before
+            the first block) does only that."""
+            @pl.when(u < 0)
+            def _no_block():
+                plgpu.wgmma_wait(0)
 
-            def product(dq_acc):
-                dq_product(dq_acc, u)
-                return plgpu.wgmma_accumulator_load(dq_acc, wait_n=0)
-
-            dq = pl.run_scoped(product, plgpu.ACC((block_q, half), jnp.float32))
-            pl.when(has_u)(lambda: plgpu.barrier_arrive(ds_consumed.at[lax.rem(u, jnp.int32(2))]))
-
-            @pl.when(has_u)
+            @pl.when(u >= 0)
             def _add():
+                parity = lax.rem(u, jnp.int32(2))
+                plgpu.barrier_wait(ds_ready.at[parity])
+
+                def product(dq_acc):
+                    plgpu.wgmma(dq_acc, ds_smem.at[parity].T, k_smem.at[:, pl.ds(wg * half, half)])
+                    return plgpu.wgmma_accumulator_load(dq_acc, wait_n=0)
+
+                dq = pl.run_scoped(product, plgpu.ACC((block_q, half), jnp.float32))
+                plgpu.barrier_arrive(ds_consumed.at[parity])
                 g, jj = lax.div(u, n_q), lax.rem(u, n_q)
                 rows_u, head_u, cols = pl.ds((j_lo + jj) * block_q, block_q), kv_head * group + g, pl.ds(wg * half, half)
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last reduction has read dq_smem
@@ -322,7 +318,7 @@ def launch_dkdv(q, k, v, do, lse2, delta, kv_lengths, q_lengths, segments, *, sp
     dq_ref = None
     if fuse_dq:
         scratch.update(
-            ds_smem=tiled((DS_SPARE + 1, TILE, block_q), dtype),
+            ds_smem=tiled((2, TILE, block_q), dtype),
             dq_smem=tiled_smem((COMPUTE_WGS, block_q, head_dim // 2), jnp.float32),
             ds_ready=plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=2),
             ds_consumed=plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=2),

@@ -128,8 +128,8 @@ def backward_smem_bytes(config: MosaicBackwardConfig, head_dim: int, dtype: Any)
         return dkdv, dq
     # K and V of the CTA's 128 keys, the Q/dO ring and its lse/delta rows.
     dkdv = item * head_dim * (2 * TILE + 2 * stages * bq) + 8 * stages * bq
-    if not config.deterministic:  # three dS^T buffers (two in turn, one spare), the two float32 dQ halves
-        dkdv += item * 3 * TILE * bq + 4 * bq * head_dim
+    if not config.deterministic:  # two dS^T buffers (in turn), the two warpgroups' float32 dQ halves
+        dkdv += item * 2 * TILE * bq + 4 * bq * head_dim
         return dkdv, 0
     # Q and dO of the two warpgroups' 64 rows, the K/V ring, lse/delta rows.
     dq = item * head_dim * (2 * TILE + 2 * config.dq_num_stages * config.dq_block_kv) + 8 * TILE
@@ -141,8 +141,8 @@ class MosaicBackwardConfig:
     """Backward kernels (see ``backward.py``).
 
     dK/dV kernel: a CTA of two compute warpgroups (64 keys each) and one
-    memory warpgroup; ``block_q``: query rows per pipeline step (64, or 128 in the
-    deterministic mode: S^T and dP^T are 64 x ``block_q`` per warpgroup); ``num_stages``:
+    memory warpgroup; ``block_q``: query rows per pipeline step, 64 or 128 (S^T and dP^T
+    are 64 x ``block_q`` per warpgroup; with the fused dQ, 128 fits only at D=64); ``num_stages``:
     Q/dO blocks in flight. ``deterministic``: ``True`` computes ``dQ`` in a
     separate kernel (bit-identical reruns; 7 matrix products per block pair),
     whose CTA of two compute warpgroups (64 query rows each) streams
@@ -171,11 +171,6 @@ class MosaicBackwardConfig:
             raise TypeError(f"MosaicBackwardConfig.deterministic={self.deterministic!r} must be a bool")
         if self.block_q not in BACKWARD_BLOCK_Q:
             raise ValueError(f"MosaicBackwardConfig.block_q={self.block_q} must be one of {BACKWARD_BLOCK_Q}")
-        if self.block_q != BLOCK_Q and not self.deterministic:
-            raise ValueError(
-                f"MosaicBackwardConfig.block_q={self.block_q} needs deterministic=True: the fused dQ product "
-                f"takes {BLOCK_Q} query rows (one wgmma M)"
-            )
         if self.dq_block_kv not in (64, 128):
             raise ValueError(f"MosaicBackwardConfig.dq_block_kv={self.dq_block_kv} must be 64 or 128")
         for name in ("num_stages", "dq_num_stages"):
@@ -292,10 +287,11 @@ _FLAG_BOOLS = {"true": True, "1": True, "false": False, "0": False}
 # - D=128 (``results/nvidia-h200/2026-12-03-dq-mode-sweep.md``): N=16k 491/513 non-causal and 480/509 causal, 8k
 #   485/482 and 447/460, 4k 469/469 and 405/418, 2k 446/445 and 353/353 (8k non-causal again, 8 interleaved
 #   rounds: 463/464, ``2026-12-03-thresholds.log``).
-# - D=64 non-causal (``2026-12-03-thresholds.log``, 8 interleaved rounds): 1k 322/317, 2k 350/355, 4k 361/374 and
-#   363/376, 8k 383/396; 16k 398/422 (``2026-12-03-headline-d23057d.md``).
+# - D=64 non-causal, the fused mode with 128-row steps (``2026-12-03-rows128.log``, backward alone, 3 interleaved
+#   rounds, deterministic/fused with 64-row steps/fused with 128-row steps/cuDNN): 1k 305/305/338/298, 4k
+#   347/371/412/389, 16k 360/396/453/427. (With 64-row steps it had paid from 4k: ``2026-12-03-thresholds.log``.)
 # - D=64 causal: never (below).
-FUSED_DQ_MIN_SEQ = {(128, False): 8192, (128, True): 8192, (64, False): 4096}
+FUSED_DQ_MIN_SEQ = {(128, False): 8192, (128, True): 8192, (64, False): 1024}
 # Where the fused dQ loses even at long lengths (``fused_dq_pays``), H200, bf16, 2026-12-03
 # (``results/nvidia-h200/2026-12-03-{headline,masks,gqa}-d23057d.md``, ``2026-12-03-d64-dq-modes.log``), deterministic
 # against fused TFLOP/s: D=64 causal, backward alone, N=4k 335/315, 8k 365/348, 16k 380/380 (non-causal 16k
@@ -335,7 +331,8 @@ def default_backward(
     ``fused_dq_pays`` for the call (``causal``, ``kv_groups``, ``features``) unless ``deterministic_requested()``;
     ``True``/``False`` force it (at head dim 256 it is always deterministic).
 
-    - The fused mode: 64-row steps, two stages (three do not fit at D=128).
+    - The fused mode: two stages; 64-row steps at D=128 (three stages or 128 rows do not fit), 128 at D=64 (H200,
+      non-causal, bwd alone: +11-14% over 64 rows at N=1k-16k; causal level, 304/307 at 4k).
     - The deterministic mode (see ``MosaicBackwardConfig``), D=128: two Q/dO stages, dQ kernel 64 keys x 3 stages
       (H200, N=4k: 498 TFLOP/s fwd+bwd vs 441 with three Q/dO stages, 470 with 64 x 2 and 472 with 128 x 2 dQ
       blocks). D=64: 128 query rows x three Q/dO stages (bwd alone, 2026-12-01: N=16k 379/380 TFLOP/s
@@ -349,7 +346,7 @@ def default_backward(
         deterministic = deterministic_requested() or not fused_dq_pays(
             head_dim, seq_q, seq_k, causal=causal, kv_groups=kv_groups, features=features)
     if not deterministic:
-        return MosaicBackwardConfig(block_q=BLOCK_Q, num_stages=2, deterministic=False)
+        return MosaicBackwardConfig(block_q=128 if head_dim <= 64 else BLOCK_Q, num_stages=2, deterministic=False)
     if head_dim <= 64:
         return MosaicBackwardConfig(block_q=128, num_stages=3, dq_block_kv=128, dq_num_stages=2, deterministic=True)
     return MosaicBackwardConfig(num_stages=2, dq_block_kv=64, dq_num_stages=3, deterministic=True)

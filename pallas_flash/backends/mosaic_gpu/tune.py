@@ -38,14 +38,15 @@ __all__ = ["BWD_SPACE", "FWD_SPACE", "Problem", "backward_candidates", "forward_
 FWD_SPACE = list(itertools.product((64, 128, 192, 256), (2, 3, 4), (False, True), (False, True)))
 # Backward candidates, (block_q, num_stages, dq_block_kv, dq_num_stages, deterministic) each, before the
 # filter: the deterministic mode (separate dQ kernel) over its query block and its dQ kernel's blocks, and
-# the fused dQ mode (64-row query blocks, no dQ kernel: its dq_* fields are unused and left at their defaults).
+# the fused dQ mode (no dQ kernel: its dq_* fields are unused and left at their defaults; 128-row query blocks fit
+# only at D=64, with up to two stages).
 _DQ_DEFAULTS = (MosaicBackwardConfig.dq_block_kv, MosaicBackwardConfig.dq_num_stages)
 BWD_SPACE = [
     *(
         (block_q, stages, dq_block_kv, dq_stages, True)
         for block_q, stages, dq_block_kv, dq_stages in itertools.product(BACKWARD_BLOCK_Q, (1, 2, 3), (64, 128), (2, 3))
     ),
-    *((BLOCK_Q, stages, *_DQ_DEFAULTS, False) for stages in (1, 2)),
+    *((block_q, stages, *_DQ_DEFAULTS, False) for block_q, stages in itertools.product(BACKWARD_BLOCK_Q, (1, 2))),
 ]
 
 

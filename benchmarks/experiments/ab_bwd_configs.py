@@ -1,0 +1,48 @@
+"""Backward alone under several Mosaic backward configs, interleaved rounds, cuDNN in the same rounds; gradients
+compared with cuDNN's. Configs differ in their fields, so each gets its own kernel trace (no cache clearing needed).
+
+PROBS="D:N:causal,..." VARIANTS="name=block_q:num_stages:deterministic,..." \
+    PYTHONPATH=. python3 benchmarks/experiments/ab_bwd_configs.py ROUNDS
+A variant ``default`` (no fields) takes ``config.default_backward`` for the call.
+"""
+import dataclasses, os, sys
+import jax, jax.numpy as jnp, numpy as np
+import pallas_flash as pf
+from pallas_flash.backends.mosaic_gpu import config as mc
+from pallas_flash.tuning.timer import time_fn
+
+ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 3
+probs = [tuple(int(x) for x in p.split(":")) for p in os.environ.get("PROBS", "64:4096:0").split(",")]
+variants = dict(v.split("=") for v in os.environ.get("VARIANTS", "default=,rows128=128:2:0").split(","))
+rel = lambda a, b: float(jnp.linalg.norm((a.astype(jnp.float32) - b.astype(jnp.float32)).ravel())
+                         / jnp.linalg.norm(b.astype(jnp.float32).ravel()))
+for D, N, causal in probs:
+    causal = bool(causal)
+    B, H = 16384 // N, 2048 // D
+    q, k, v, do = (jax.random.normal(kk, (B, N, H, D), jnp.bfloat16) for kk in jax.random.split(jax.random.key(1), 4))
+    base = mc.default_config(head_dim=D, dtype=q.dtype, causal=causal, seq_q=N, seq_k=N)
+    fns = {}
+    for name, fields in variants.items():
+        bwd = mc.default_backward(D, q.dtype, N, N, causal=causal)
+        if fields:
+            bq, st, det = (int(x) for x in fields.split(":"))
+            bwd = dataclasses.replace(bwd, block_q=bq, num_stages=st, deterministic=bool(det))
+        cfg = dataclasses.replace(base, bwd=bwd)
+        fns[name] = lambda q, k, v, cfg=cfg: pf.dot_product_attention(q, k, v, is_causal=causal, implementation="mosaic",
+                                                                      config=cfg)
+    fns["cudnn"] = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
+    bwds, grads = {}, {}
+    for name, g in fns.items():
+        _, vjp = jax.vjp(g, q, k, v)
+        bwd = jax.jit(lambda vjp, do: vjp(do))
+        grads[name] = jax.block_until_ready(bwd(vjp, do))
+        bwds[name] = (bwd, vjp)
+    flops = 4 * B * H * N * N * D * (0.5 if causal else 1) * 2.5
+    res = {n: [] for n in bwds}
+    for r in range(ROUNDS):
+        for name, (bwd, vjp) in (bwds.items() if r % 2 == 0 else reversed(bwds.items())):
+            res[name].append(flops / time_fn(bwd, [(vjp, do)], min_time=0.3).median_s / 1e12)
+    cells = [f"{n} {np.median(x):.1f} ({np.median(x) / np.median(res['cudnn']):.3f}) {[round(y) for y in x]}"
+             + ("" if n == "cudnn" else f" err {max(rel(a, b) for a, b in zip(grads[n], grads['cudnn'])):.1e}")
+             for n, x in res.items()]
+    print(f"D{D} N{N} c{int(causal)}: " + " | ".join(cells), flush=True)
