@@ -28,9 +28,10 @@ for D, N, causal in probs:
             bq, st, det = (int(x) for x in fields.split(":"))
             bwd = dataclasses.replace(bwd, block_q=bq, num_stages=st, deterministic=bool(det))
         cfg = dataclasses.replace(base, bwd=bwd)
-        fns[name] = lambda q, k, v, cfg=cfg: pf.dot_product_attention(q, k, v, is_causal=causal, implementation="mosaic",
-                                                                      config=cfg)
-    fns["cudnn"] = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
+        fns[name] = lambda q, k, v, cfg=cfg, causal=causal: pf.dot_product_attention(
+            q, k, v, is_causal=causal, implementation="mosaic", config=cfg)
+    fns["cudnn"] = lambda q, k, v, causal=causal: jax.nn.dot_product_attention(q, k, v, is_causal=causal,
+                                                                               implementation="cudnn")
     bwds, grads = {}, {}
     for name, g in fns.items():
         _, vjp = jax.vjp(g, q, k, v)

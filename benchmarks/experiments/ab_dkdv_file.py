@@ -27,11 +27,13 @@ for D, N, causal, *det in probs:
     bwds, grads = {}, {}
     for name, launch in variants.items():
         if launch is None:
-            g = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
+            g = lambda q, k, v, causal=causal: jax.nn.dot_product_attention(q, k, v, is_causal=causal,
+                                                                            implementation="cudnn")
         else:
             backward.launch_dkdv = launch
             partition._trace.cache_clear()
-            g = lambda q, k, v: pf.dot_product_attention(q, k, v, is_causal=causal, implementation="mosaic", config=cfg)
+            g = lambda q, k, v, causal=causal, cfg=cfg: pf.dot_product_attention(
+                q, k, v, is_causal=causal, implementation="mosaic", config=cfg)
         _, vjp = jax.vjp(g, q, k, v)
         bwd = jax.jit(lambda vjp, do: vjp(do))
         grads[name] = jax.block_until_ready(bwd(vjp, do))

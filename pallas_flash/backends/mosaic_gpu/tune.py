@@ -22,7 +22,6 @@ import jax.numpy as jnp
 from pallas_flash.api import dot_product_attention
 from pallas_flash.backends.mosaic_gpu.config import (
     BACKWARD_BLOCK_Q,
-    BLOCK_Q,
     WIDE_HEAD_DIMS,
     MosaicBackwardConfig,
     MosaicConfig,
