@@ -303,6 +303,10 @@ BWD_INTERPRET_CASES = {
         Shape("b", 1, 300, 333, 2, 1, 64), True, jnp.bfloat16,
         MosaicBackwardConfig(block_q=128, num_stages=2, deterministic=False),
     ),
+    "full_ragged_rows128_1stage_fused": (  # one stage: the spare dS^T buffer fits, the 128-row dropped product
+        Shape("b", 1, 200, 150, 2, 2, 64), False, jnp.bfloat16,
+        MosaicBackwardConfig(block_q=128, num_stages=1, deterministic=False),
+    ),
     "full_ragged_rows128_d128": (
         Shape("b", 2, 100, 150, 2, 2, 128), False, jnp.float16,
         MosaicBackwardConfig(block_q=128, num_stages=2, dq_block_kv=64, dq_num_stages=3),

@@ -29,10 +29,11 @@ dK/dV kernel (``backward_dkdv.py``): one CTA per (batch, KV head, 128 keys), thr
   block runs one step late, in the next block's step: a warpgroup then needs
   the partner's ``dS^T`` of a block the partner finished a step ago, instead
   of meeting it every block. Two ``dS^T`` buffers alternate (``ds_consumed``:
-  both warpgroups' dQ has read one); the first step, with no block before it,
-  issues no dQ product (until 2026-12-03 a third buffer, never written, fed a
-  product whose result was dropped: its 16-32 KiB now let 128-row steps fit at
-  D=64, +11-14% bwd alone at N=1k-16k non-causal, ``benchmarks/NOTES.md`` 58). On an H200
+  both warpgroups' dQ has read one). The first step has no block before it:
+  where it fits, a third buffer, never written, feeds it a product whose result
+  is dropped (the schedule measured since 2026-12-01); where it does not (128-row
+  steps at D=64, +11-14% bwd alone at N=1k-16k non-causal, ``benchmarks/NOTES.md``
+  58), that step's product sits under a condition instead. On an H200
   (bf16, bwd alone, 2026-12-01) that schedule took D=128 N=16k from 470 to
   500 TFLOP/s and D=64 from 395 to 412; issuing dQ ahead of dK, rotating
   each CTA's first query block, and starting one warpgroup half a step late

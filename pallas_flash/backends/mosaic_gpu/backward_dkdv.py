@@ -32,7 +32,7 @@ from pallas_flash.backends.mosaic_gpu.common import (
     stream_query_blocks,
     tiled_smem,
 )
-from pallas_flash.backends.mosaic_gpu.config import BLOCK_KV, TILE
+from pallas_flash.backends.mosaic_gpu.config import BLOCK_KV, MAX_SMEM_BYTES, TILE, backward_smem_bytes
 from pallas_flash.spec import LOG2E
 
 __all__ = ["launch_dkdv"]
@@ -72,6 +72,7 @@ def _dkdv_kernel(
     scale: float,
     scale_log2: float,
     fuse_dq: bool,
+    spare_ds: bool,
     left: int | None,
     right: int | None,
     has_kv_lengths: bool,
@@ -171,11 +172,37 @@ def _dkdv_kernel(
             visible = functools.reduce(lambda a, b: a & b, conditions)
             return jnp.where(visible, s, -jnp.inf)
 
+        def add_dq_to_global(dq, u):
+            """Block ``u``'s ``dQ`` half, loaded, added into global memory (TMA reduction; in interpret mode into the
+            CTA's own slice) through this warpgroup's float32 buffer."""
+            g, jj = lax.div(u, n_q), lax.rem(u, n_q)
+            rows_u, head_u, cols = pl.ds((j_lo + jj) * block_q, block_q), kv_head * group + g, pl.ds(wg * half, half)
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last reduction has read dq_smem
+            dq_smem.at[wg][...] = dq
+            plgpu.commit_smem()
+            if interpret:
+                plgpu.copy_smem_to_gmem(dq_smem.at[wg], dq_ref.at[batch, tile, rows_u, head_u, cols])
+            else:
+                plgpu.copy_smem_to_gmem(dq_smem.at[wg], dq_ref.at[batch, rows_u, head_u, cols], reduction_op="add")
+
         def add_dq_of_block(u):
             """Block ``u``'s ``dQ`` half, ``dS_u K`` over the CTA's 128 keys (``dS`` read transposed from shared
-            memory, once the partner's ``dS^T`` of it is in), added into global memory (TMA reduction; in interpret
-            mode into the CTA's own slice). Waits for this warpgroup's products in flight (dK's); ``u < 0`` (before
-            the first block) does only that."""
+            memory, once the partner's ``dS^T`` of it is in), added into global memory. Waits for this warpgroup's
+            products in flight (dK's). ``u < 0`` (before the first block): with ``spare_ds`` a product from the
+            never-written third buffer, dropped; else only the wait."""
+            def product(dq_acc, buffer):
+                plgpu.wgmma(dq_acc, ds_smem.at[buffer].T, k_smem.at[:, pl.ds(wg * half, half)])
+                return plgpu.wgmma_accumulator_load(dq_acc, wait_n=0)
+
+            acc = plgpu.ACC((block_q, half), jnp.float32)
+            if spare_ds:
+                has_u = u >= 0
+                pl.when(has_u)(lambda: plgpu.barrier_wait(ds_ready.at[lax.rem(u, jnp.int32(2))]))
+                dq = pl.run_scoped(lambda dq_acc: product(dq_acc, jnp.where(u >= 0, lax.rem(u, jnp.int32(2)), 2)), acc)
+                pl.when(has_u)(lambda: plgpu.barrier_arrive(ds_consumed.at[lax.rem(u, jnp.int32(2))]))
+                pl.when(has_u)(lambda: add_dq_to_global(dq, u))
+                return
+
             @pl.when(u < 0)
             def _no_block():
                 plgpu.wgmma_wait(0)
@@ -184,22 +211,9 @@ def _dkdv_kernel(
             def _add():
                 parity = lax.rem(u, jnp.int32(2))
                 plgpu.barrier_wait(ds_ready.at[parity])
-
-                def product(dq_acc):
-                    plgpu.wgmma(dq_acc, ds_smem.at[parity].T, k_smem.at[:, pl.ds(wg * half, half)])
-                    return plgpu.wgmma_accumulator_load(dq_acc, wait_n=0)
-
-                dq = pl.run_scoped(product, plgpu.ACC((block_q, half), jnp.float32))
+                dq = pl.run_scoped(functools.partial(product, buffer=parity), acc)
                 plgpu.barrier_arrive(ds_consumed.at[parity])
-                g, jj = lax.div(u, n_q), lax.rem(u, n_q)
-                rows_u, head_u, cols = pl.ds((j_lo + jj) * block_q, block_q), kv_head * group + g, pl.ds(wg * half, half)
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last reduction has read dq_smem
-                dq_smem.at[wg][...] = dq
-                plgpu.commit_smem()
-                if interpret:
-                    plgpu.copy_smem_to_gmem(dq_smem.at[wg], dq_ref.at[batch, tile, rows_u, head_u, cols])
-                else:
-                    plgpu.copy_smem_to_gmem(dq_smem.at[wg], dq_ref.at[batch, rows_u, head_u, cols], reduction_op="add")
+                add_dq_to_global(dq, u)
 
         def accumulate(dk_acc, dv_acc):
             def q_step(t, jj, *, masked: bool):
@@ -316,9 +330,14 @@ def launch_dkdv(q, k, v, do, lse2, delta, kv_lengths, q_lengths, segments, *, sp
         operands += [q_seg, kv_seg, segment_block_ranges(kv_seg[:, :seq_k], q_seg[:, :seq_q], TILE, block_q,
                                                            num_tiles)]
     dq_ref = None
+    # A third dS^T buffer, never written, for the first step's dropped dQ product, where it fits (64-row steps:
+    # the schedule measured and tested on the H200 since 2026-12-01); else that product sits under a condition
+    # (128-row steps at D=64, whose tiles need its 32 KiB). NOTES 58.
+    spare_ds = fuse_dq and (backward_smem_bytes(config, head_dim, dtype)[0] + dtype.itemsize * TILE * block_q
+                            <= MAX_SMEM_BYTES)
     if fuse_dq:
         scratch.update(
-            ds_smem=tiled((2, TILE, block_q), dtype),
+            ds_smem=tiled((3 if spare_ds else 2, TILE, block_q), dtype),
             dq_smem=tiled_smem((COMPUTE_WGS, block_q, head_dim // 2), jnp.float32),
             ds_ready=plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=2),
             ds_consumed=plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=2),
@@ -339,6 +358,7 @@ def launch_dkdv(q, k, v, do, lse2, delta, kv_lengths, q_lengths, segments, *, sp
         scale=float(spec.scale),
         scale_log2=float(spec.scale) * LOG2E,
         fuse_dq=fuse_dq,
+        spare_ds=spare_ds,
         left=spec.within(seq_q, seq_k).left,
         right=spec.within(seq_q, seq_k).right,
         has_kv_lengths=kv_lengths is not None,
