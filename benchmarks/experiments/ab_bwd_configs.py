@@ -9,13 +9,13 @@ import dataclasses, os, sys
 import jax, jax.numpy as jnp, numpy as np
 import pallas_flash as pf
 from pallas_flash.backends.mosaic_gpu import config as mc
-from pallas_flash.tuning.timer import time_fn
+from pallas_flash.testing.errors import rel_err
+
+from benchmarks.experiments.pullbacks import pullback, tflops_rounds
 
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 3
 probs = [tuple(int(x) for x in p.split(":")) for p in os.environ.get("PROBS", "64:4096:0").split(",")]
 variants = dict(v.split("=") for v in os.environ.get("VARIANTS", "default=,rows128=128:2:0").split(","))
-rel = lambda a, b: float(jnp.linalg.norm((a.astype(jnp.float32) - b.astype(jnp.float32)).ravel())
-                         / jnp.linalg.norm(b.astype(jnp.float32).ravel()))
 for D, N, causal in probs:
     causal = bool(causal)
     B, H = 16384 // N, 2048 // D
@@ -34,16 +34,10 @@ for D, N, causal in probs:
                                                                                implementation="cudnn")
     bwds, grads = {}, {}
     for name, g in fns.items():
-        _, vjp = jax.vjp(g, q, k, v)
-        bwd = jax.jit(lambda vjp, do: vjp(do))
-        grads[name] = jax.block_until_ready(bwd(vjp, do))
+        bwd, vjp, grads[name] = pullback(g, q, k, v, do)
         bwds[name] = (bwd, vjp)
-    flops = 4 * B * H * N * N * D * (0.5 if causal else 1) * 2.5
-    res = {n: [] for n in bwds}
-    for r in range(ROUNDS):
-        for name, (bwd, vjp) in (bwds.items() if r % 2 == 0 else reversed(bwds.items())):
-            res[name].append(flops / time_fn(bwd, [(vjp, do)], min_time=0.3).median_s / 1e12)
+    res = tflops_rounds(bwds, do, 4 * B * H * N * N * D * (0.5 if causal else 1) * 2.5, ROUNDS)
     cells = [f"{n} {np.median(x):.1f} ({np.median(x) / np.median(res['cudnn']):.3f}) {[round(y) for y in x]}"
-             + ("" if n == "cudnn" else f" err {max(rel(a, b) for a, b in zip(grads[n], grads['cudnn'])):.1e}")
+             + ("" if n == "cudnn" else f" err {max(rel_err(a, b) for a, b in zip(grads[n], grads['cudnn'])):.1e}")
              for n, x in res.items()]
     print(f"D{D} N{N} c{int(causal)}: " + " | ".join(cells), flush=True)

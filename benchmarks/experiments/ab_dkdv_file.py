@@ -10,7 +10,9 @@ import jax, jax.numpy as jnp, numpy as np
 import pallas_flash as pf
 from pallas_flash.backends.mosaic_gpu import backward, config as mc
 from pallas_flash.sharding import partition
-from pallas_flash.tuning.timer import time_fn
+from pallas_flash.testing.errors import rel_err
+
+from benchmarks.experiments.pullbacks import pullback, tflops_rounds
 
 spec = importlib.util.spec_from_file_location("dkdv_other", sys.argv[1])
 other = importlib.util.module_from_spec(spec)
@@ -34,19 +36,11 @@ for D, N, causal, *det in probs:
             partition._trace.cache_clear()
             g = lambda q, k, v, causal=causal, cfg=cfg: pf.dot_product_attention(
                 q, k, v, is_causal=causal, implementation="mosaic", config=cfg)
-        _, vjp = jax.vjp(g, q, k, v)
-        bwd = jax.jit(lambda vjp, do: vjp(do))
-        grads[name] = jax.block_until_ready(bwd(vjp, do))
+        bwd, vjp, grads[name] = pullback(g, q, k, v, do)
         bwds[name] = (bwd, vjp)
     backward.launch_dkdv = variants["this"]
-    rel = lambda a, b: float(jnp.linalg.norm((a.astype(jnp.float32) - b.astype(jnp.float32)).ravel())
-                             / jnp.linalg.norm(b.astype(jnp.float32).ravel()))
-    errs = {n: max(rel(a, b) for a, b in zip(grads[n], grads["cudnn"])) for n in ("this", "other")}
-    flops = 4 * B * H * N * N * D * (0.5 if causal else 1) * 2.5
-    res = {n: [] for n in variants}
-    for r in range(ROUNDS):
-        for name, (bwd, vjp) in (bwds.items() if r % 2 == 0 else reversed(bwds.items())):
-            res[name].append(flops / time_fn(bwd, [(vjp, do)], min_time=0.3).median_s / 1e12)
+    errs = {n: max(rel_err(a, b) for a, b in zip(grads[n], grads["cudnn"])) for n in ("this", "other")}
+    res = tflops_rounds(bwds, do, 4 * B * H * N * N * D * (0.5 if causal else 1) * 2.5, ROUNDS)
     med = {n: float(np.median(x)) for n, x in res.items()}
     print(f"D{D} N{N} c{int(causal)} {'det' if det else 'fused'}: this {med['this']:.1f} other {med['other']:.1f} "
           f"({med['this'] / med['other'] - 1:+.1%}) cudnn {med['cudnn']:.1f} this/cudnn {med['this'] / med['cudnn']:.3f} "

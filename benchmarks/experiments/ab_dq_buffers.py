@@ -5,8 +5,10 @@ Needs dq-double-buffer.patch applied. PROBS="D:N:causal[:stages],..." PYTHONPATH
 import dataclasses, os, sys, jax, jax.numpy as jnp, numpy as np
 import pallas_flash as pf
 from pallas_flash.backends.mosaic_gpu import config as mc, backward_dkdv
-from pallas_flash.tuning.timer import time_fn
 from pallas_flash.sharding import partition  # its kernel-trace cache: cleared per variant
+from pallas_flash.testing.errors import rel_err
+
+from benchmarks.experiments.pullbacks import pullback, tflops_rounds
 
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 3
 probs = [tuple(int(x) for x in p.split(":")) for p in os.environ.get("PROBS", "64:4096:0,64:16384:0,64:4096:1,64:16384:1,128:16384:0").split(",")]
@@ -31,16 +33,10 @@ for D, N, causal, *stages in probs:
             g = lambda q, k, v: f(q, k, v)
             backward_dkdv.fused_dq_buffers = patch
             partition._trace.cache_clear()
-        _, vjp = jax.vjp(g, q, k, v)
-        bwd = jax.jit(lambda vjp, do: vjp(do))
-        grads[name] = jax.block_until_ready(bwd(vjp, do))
+        bwd, vjp, grads[name] = pullback(g, q, k, v, do)
         backward_dkdv.fused_dq_buffers = real
         bwds[name] = (bwd, vjp)
-    errs = {n: max(float(jnp.linalg.norm((a.astype(jnp.float32) - b.astype(jnp.float32)).ravel()) / jnp.linalg.norm(b.astype(jnp.float32).ravel())) for a, b in zip(grads[n], grads["cudnn"])) for n in ("buf1", "buf2")}
-    flops = 4 * B * H * N * N * D * (0.5 if causal else 1) * 2.5
-    res = {n: [] for n in variants}
-    for r in range(ROUNDS):
-        for name, (bwd, vjp) in (bwds.items() if r % 2 == 0 else reversed(bwds.items())):
-            res[name].append(flops / time_fn(bwd, [(vjp, do)], min_time=0.3).median_s / 1e12)
+    errs = {n: max(rel_err(a, b) for a, b in zip(grads[n], grads["cudnn"])) for n in ("buf1", "buf2")}
+    res = tflops_rounds(bwds, do, 4 * B * H * N * N * D * (0.5 if causal else 1) * 2.5, ROUNDS)
     med = {n: float(np.median(x)) for n, x in res.items()}
     print(f"D{D} N{N} c{int(causal)} stages={bwd_cfg.num_stages} buf1 {med['buf1']:.1f} buf2 {med['buf2']:.1f} ({med['buf2']/med['buf1']-1:+.1%}) cudnn {med['cudnn']:.1f} | buf2/cudnn {med['buf2']/med['cudnn']:.3f} | rounds buf1 {[round(x) for x in res['buf1']]} buf2 {[round(x) for x in res['buf2']]} | err-vs-cudnn {errs['buf1']:.1e}/{errs['buf2']:.1e}", flush=True)

@@ -5,7 +5,9 @@ Needs bwd-persistent.patch applied. FORCE_DET=1 for the deterministic mode; PROB
 import dataclasses, os, sys, jax, jax.numpy as jnp, numpy as np
 import pallas_flash as pf
 from pallas_flash.backends.mosaic_gpu import config as mc
-from pallas_flash.tuning.timer import time_fn
+from pallas_flash.testing.errors import rel_err
+
+from benchmarks.experiments.pullbacks import pullback, tflops_rounds
 
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 3
 probs = [tuple(int(x) for x in p.split(":")) for p in os.environ.get("PROBS", "128:4096:0,128:16384:0,64:4096:0,128:4096:1,64:4096:1,64:16384:1,64:1024:1").split(",")]
@@ -27,16 +29,10 @@ for D, N, causal in probs:
     fns["cudnn"] = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
     bwds, grads = {}, {}
     for name, f in fns.items():
-        _, vjp = jax.vjp(f, q, k, v)
-        bwd = jax.jit(lambda vjp, do: vjp(do))
-        grads[name] = jax.block_until_ready(bwd(vjp, do))
+        bwd, vjp, grads[name] = pullback(f, q, k, v, do)
         bwds[name] = (bwd, vjp)
     diffs = [float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))) for a, b in zip(grads["tile"], grads["pers"])]
-    errs = [float(jnp.linalg.norm((a.astype(jnp.float32) - b.astype(jnp.float32)).ravel()) / jnp.linalg.norm(b.astype(jnp.float32).ravel())) for a, b in zip(grads["pers"], grads["cudnn"])]
-    flops = 4 * B * H * N * N * D * (0.5 if causal else 1) * 2.5
-    res = {n: [] for n in fns}
-    for r in range(ROUNDS):
-        for name, (bwd, vjp) in bwds.items():
-            res[name].append(flops / time_fn(bwd, [(vjp, do)], min_time=0.3).median_s / 1e12)
+    errs = [rel_err(a, b) for a, b in zip(grads["pers"], grads["cudnn"])]
+    res = tflops_rounds(bwds, do, 4 * B * H * N * N * D * (0.5 if causal else 1) * 2.5, ROUNDS, alternate=False)
     med = {n: float(np.median(x)) for n, x in res.items()}
     print(f"D{D} N{N} c{int(causal)} det={base.bwd.deterministic} tile {med['tile']:.1f} pers {med['pers']:.1f} ({med['pers']/med['tile']-1:+.1%}) cudnn {med['cudnn']:.1f} | pers/cudnn {med['pers']/med['cudnn']:.3f} | rounds tile {[round(x) for x in res['tile']]} pers {[round(x) for x in res['pers']]} | tile-pers maxdiff {max(diffs):.2e} err-vs-cudnn {max(errs):.1e}", flush=True)

@@ -5,8 +5,9 @@ Needs fused-ablation.patch applied. PYTHONPATH=. python3 benchmarks/experiments/
 import dataclasses, os, sys, jax, jax.numpy as jnp, numpy as np
 import pallas_flash as pf
 from pallas_flash.backends.mosaic_gpu import config as mc, backward_dkdv
-from pallas_flash.tuning.timer import time_fn
 from pallas_flash.sharding import partition  # its kernel-trace cache: cleared per variant
+
+from benchmarks.experiments.pullbacks import pullback, tflops_rounds
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 3
 VARIANTS = ["", "noreduce", "nostore", "noproduct", "nowait", "all", "allnods", "det"]
 for D, N in ((128, 16384), (64, 4096)):
@@ -21,14 +22,8 @@ for D, N in ((128, 16384), (64, 4096)):
         g = lambda q, k, v, cfg=cfg: pf.dot_product_attention(q, k, v, implementation="mosaic", config=cfg)
         backward_dkdv.ABLATE = "" if det else var
         partition._trace.cache_clear()
-        _, vjp = jax.vjp(g, q, k, v)
-        bwd = jax.jit(lambda vjp, do: vjp(do))
-        jax.block_until_ready(bwd(vjp, do))
+        bwd, vjp, _ = pullback(g, q, k, v, do)
         backward_dkdv.ABLATE = ""
         bwds[var or "fused"] = (bwd, vjp)
-    flops = 4 * B * H * N * N * D * 2.5
-    res = {n: [] for n in bwds}
-    for r in range(ROUNDS):
-        for name, (bwd, vjp) in (bwds.items() if r % 2 == 0 else reversed(bwds.items())):
-            res[name].append(flops / time_fn(bwd, [(vjp, do)], min_time=0.3).median_s / 1e12)
+    res = tflops_rounds(bwds, do, 4 * B * H * N * N * D * 2.5, ROUNDS)
     print(f"D{D} N{N} nc: " + "  ".join(f"{n} {np.median(x):.0f} {[round(y) for y in x]}" for n, x in res.items()), flush=True)
