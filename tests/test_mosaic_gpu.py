@@ -46,6 +46,7 @@ from pallas_flash.backends.mosaic_gpu.config import (
     backward_smem_bytes,
     default_config,
     smem_bytes,
+    spare_ds_fits,
 )
 from pallas_flash.backends.mosaic_gpu.forward import mosaic_forward
 from pallas_flash.backends.triton.config import BackwardConfig
@@ -60,6 +61,8 @@ DTYPES = (jnp.bfloat16, jnp.float16)
 SMALL_BWD = BackwardConfig(16, 16, 16, 16, 4, 1, 4, 1)
 FUSED = MosaicBackwardConfig(num_stages=2, dq_block_kv=64, dq_num_stages=2, deterministic=False)
 DETERMINISTIC = MosaicBackwardConfig(num_stages=2, dq_block_kv=64, dq_num_stages=2, deterministic=True)
+# The fused dQ with 128-row steps (D=64 only): no spare dS^T buffer, the first step's product under a condition.
+FUSED_ROWS128 = MosaicBackwardConfig(block_q=128, num_stages=2, deterministic=False)
 
 
 def _qkv(shape: Shape, dtype=jnp.bfloat16, seed: int = 0):
@@ -144,7 +147,10 @@ def test_shared_memory_budget():
         MosaicBackwardConfig(block_q=128, num_stages=3).check_fits(128, jnp.bfloat16)
     # The fused dQ with 128-row steps (two dS^T buffers of 128 x 128): two stages fit at D=64, three do not; at
     # D=128 not even one.
-    MosaicBackwardConfig(block_q=128, num_stages=2, deterministic=False).check_fits(64, jnp.bfloat16)
+    FUSED_ROWS128.check_fits(64, jnp.bfloat16)
+    assert not spare_ds_fits(FUSED_ROWS128, 64, jnp.bfloat16)  # the first dQ product under a condition
+    assert spare_ds_fits(dataclasses.replace(FUSED_ROWS128, num_stages=1), 64, jnp.bfloat16)
+    assert all(spare_ds_fits(FUSED, d, jnp.bfloat16) for d in (64, 128))  # every 64-row config keeps the spare
     with pytest.raises(ValueError, match="shared memory in the dK/dV kernel at head_dim=64"):
         MosaicBackwardConfig(block_q=128, num_stages=3, deterministic=False).check_fits(64, jnp.bfloat16)
     with pytest.raises(ValueError, match="shared memory in the dK/dV kernel at head_dim=128"):
@@ -299,10 +305,7 @@ BWD_INTERPRET_CASES = {
         Shape("b", 1, 333, 200, 2, 1, 64), True, jnp.bfloat16,
         MosaicBackwardConfig(block_q=128, num_stages=3, dq_block_kv=128, dq_num_stages=2),
     ),
-    "causal_tq<tk_gqa2_rows128_fused": (
-        Shape("b", 1, 300, 333, 2, 1, 64), True, jnp.bfloat16,
-        MosaicBackwardConfig(block_q=128, num_stages=2, deterministic=False),
-    ),
+    "causal_tq<tk_gqa2_rows128_fused": (Shape("b", 1, 300, 333, 2, 1, 64), True, jnp.bfloat16, FUSED_ROWS128),
     "full_ragged_rows128_1stage_fused": (  # one stage: the spare dS^T buffer fits, the 128-row dropped product
         Shape("b", 1, 200, 150, 2, 2, 64), False, jnp.bfloat16,
         MosaicBackwardConfig(block_q=128, num_stages=1, deterministic=False),
@@ -343,8 +346,7 @@ def _residuals(shape: Shape, dtype, causal: bool, seed: int):
 @pytest.mark.skipif(ON_GPU, reason="interpret mode")
 @pytest.mark.parametrize(
     "bwd, head_dim",
-    [(FUSED, 64), (MosaicBackwardConfig(block_q=128, num_stages=2, deterministic=False), 64), (DETERMINISTIC, 64),
-     (DETERMINISTIC, 256)],
+    [(FUSED, 64), (FUSED_ROWS128, 64), (DETERMINISTIC, 64), (DETERMINISTIC, 256)],
     ids=["fused", "fused_rows128", "deterministic", "d256"],
 )
 def test_backward_race_detector(bwd, head_dim, seed):
@@ -477,5 +479,4 @@ def test_gpu_every_backward_pipeline_shape(bwd, seed):
 def test_gpu_fused_rows128_d64(causal, seed):
     """The fused dQ with 128-row query steps (two wgmma M per dQ product), D=64 where it fits, ragged GQA."""
     shape = Shape("p", 1, 2000, 2500, 4, 2, 64)
-    bwd = MosaicBackwardConfig(block_q=128, num_stages=2, deterministic=False)
-    _check(shape, jnp.bfloat16, causal, seed, MosaicConfig(bwd=bwd), grads=True)
+    _check(shape, jnp.bfloat16, causal, seed, MosaicConfig(bwd=FUSED_ROWS128), grads=True)

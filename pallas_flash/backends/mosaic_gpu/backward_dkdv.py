@@ -32,7 +32,7 @@ from pallas_flash.backends.mosaic_gpu.common import (
     stream_query_blocks,
     tiled_smem,
 )
-from pallas_flash.backends.mosaic_gpu.config import BLOCK_KV, MAX_SMEM_BYTES, TILE, backward_smem_bytes
+from pallas_flash.backends.mosaic_gpu.config import BLOCK_KV, TILE, spare_ds_fits
 from pallas_flash.spec import LOG2E
 
 __all__ = ["launch_dkdv"]
@@ -195,7 +195,7 @@ def _dkdv_kernel(
                 return plgpu.wgmma_accumulator_load(dq_acc, wait_n=0)
 
             acc = plgpu.ACC((block_q, half), jnp.float32)
-            if spare_ds:
+            if spare_ds:  # ops in e90c157's order (``u >= 0`` twice): the IR measured and tested then
                 has_u = u >= 0
                 pl.when(has_u)(lambda: plgpu.barrier_wait(ds_ready.at[lax.rem(u, jnp.int32(2))]))
                 dq = pl.run_scoped(lambda dq_acc: product(dq_acc, jnp.where(u >= 0, lax.rem(u, jnp.int32(2)), 2)), acc)
@@ -330,11 +330,9 @@ def launch_dkdv(q, k, v, do, lse2, delta, kv_lengths, q_lengths, segments, *, sp
         operands += [q_seg, kv_seg, segment_block_ranges(kv_seg[:, :seq_k], q_seg[:, :seq_q], TILE, block_q,
                                                            num_tiles)]
     dq_ref = None
-    # A third dS^T buffer, never written, for the first step's dropped dQ product, where it fits (64-row steps:
-    # the schedule measured and tested on the H200 since 2026-12-01); else that product sits under a condition
-    # (128-row steps at D=64, whose tiles need its 32 KiB). NOTES 58.
-    spare_ds = fuse_dq and (backward_smem_bytes(config, head_dim, dtype)[0] + dtype.itemsize * TILE * block_q
-                            <= MAX_SMEM_BYTES)
+    # The first step's dropped dQ product from a never-written third dS^T buffer where it fits (the schedule
+    # measured and tested on the H200 since 2026-12-01), else under a condition. NOTES 58.
+    spare_ds = fuse_dq and spare_ds_fits(config, head_dim, dtype)
     if fuse_dq:
         scratch.update(
             ds_smem=tiled((3 if spare_ds else 2, TILE, block_q), dtype),

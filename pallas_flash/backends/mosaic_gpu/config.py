@@ -34,6 +34,7 @@ __all__ = [
     "gpu_name",
     "smem_bytes",
     "backward_smem_bytes",
+    "spare_ds_fits",
     "HEAD_DIMS",
     "WIDE_HEAD_DIMS",
     "MAX_SMEM_BYTES",
@@ -134,6 +135,14 @@ def backward_smem_bytes(config: MosaicBackwardConfig, head_dim: int, dtype: Any)
     # Q and dO of the two warpgroups' 64 rows, the K/V ring, lse/delta rows.
     dq = item * head_dim * (2 * TILE + 2 * config.dq_num_stages * config.dq_block_kv) + 8 * TILE
     return dkdv, dq
+
+
+def spare_ds_fits(config: MosaicBackwardConfig, head_dim: int, dtype: Any) -> bool:
+    """Whether the fused dK/dV kernel can keep a third dS^T buffer, never written, for its first step's dQ
+    product (dropped) beside the tiles ``backward_smem_bytes`` counts: every 64-row config, and 128 rows with one
+    stage; not 128 rows with two (D=64), whose first product then runs under a condition (``backward_dkdv.py``)."""
+    dkdv, _ = backward_smem_bytes(config, head_dim, dtype)
+    return dkdv + jnp.dtype(dtype).itemsize * TILE * config.block_q <= MAX_SMEM_BYTES
 
 
 @dataclasses.dataclass(frozen=True)
