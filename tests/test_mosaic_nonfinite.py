@@ -130,19 +130,22 @@ def test_nan_reaches_the_loss_and_every_gradient(head_dim, seed):
 
 # Batch row 1 holds 100 keys and 90 queries; what its arrays hold past those (padding) is garbage.
 KV_LENGTHS, Q_LENGTHS = (150, 100), (150, 90)
-GARBAGE_ROW = 120  # past both lengths of batch row 1
+# Rows past batch row 1's lengths: the first past the length (inside the block straddling it), and one past both
+# lengths further on.
+GARBAGE_ROWS = {"first": {"q": Q_LENGTHS[1], "k": KV_LENGTHS[1], "v": KV_LENGTHS[1]}, "inside": dict.fromkeys("qkv", 120)}
 
 
+@pytest.mark.parametrize("row", GARBAGE_ROWS)
 @pytest.mark.parametrize("which", ["q", "k", "v"])
 @pytest.mark.parametrize("head_dim", (64, 128, 256) if ON_GPU else (64,))
-def test_garbage_past_the_lengths_reaches_nothing(which, head_dim, seed):
+def test_garbage_past_the_lengths_reaches_nothing(which, head_dim, row, seed):
     """A NaN in a row past a batch row's query or key length (padding) reaches neither the output nor any
     gradient, as in the Triton kernels (``test_reliability.py``): a key block straddling the length is loaded
     whole, and ``0 * NaN`` in its products would otherwise spread the garbage over the whole batch row."""
     shape = Shape("padded", 2, 150, 150, 2, 1, head_dim)
     q, k, v, ct = random_qkv(shape, jnp.bfloat16, seed)
     arrays = {"q": q, "k": k, "v": v}
-    arrays[which] = arrays[which].at[1, GARBAGE_ROW, 0, 5].set(jnp.nan)
+    arrays[which] = arrays[which].at[1, GARBAGE_ROWS[row][which], 0, 5].set(jnp.nan)
     out, grads = _mosaic_vjp(arrays["q"], arrays["k"], arrays["v"], ct, causal=False,
                              q_lengths=jnp.asarray(Q_LENGTHS, jnp.int32), kv_lengths=jnp.asarray(KV_LENGTHS, jnp.int32))
     leaked = [label for label, x in zip(("out", "dq", "dk", "dv"), (out, *grads))

@@ -92,15 +92,19 @@ def test_nan_reaches_the_gradients_and_the_loss(seed):
     assert all(np.isnan(np.asarray(g)).any() for g in grads)
 
 
+@pytest.mark.parametrize("row", ["first", "last"])
 @pytest.mark.parametrize("which", ["q", "k", "v"])
-def test_garbage_past_the_lengths_reaches_nothing(which, seed):
+def test_garbage_past_the_lengths_reaches_nothing(which, row, seed):
     """Padding: a NaN in a row past a batch row's query or key length reaches neither the output nor any
     gradient (jax.nn's XLA path spreads it over the row, 0 * NaN; the Mosaic kernels match these,
-    ``test_mosaic_nonfinite.py``)."""
+    ``test_mosaic_nonfinite.py``). ``first``: the first row past the length, inside the block that straddles it
+    (it once reached dQ, dK and dV, with the GPU's blocks and the CPU's alike); ``last``: the array's last row."""
     q, k, v, ct = random_qkv(SHAPE, jnp.float32, seed)
     arrays = {"q": q, "k": k, "v": v}
-    arrays[which] = arrays[which].at[1, 36, 0, 3].set(jnp.nan)  # past both lengths of batch row 1
-    lengths = dict(query_seq_lengths=jnp.asarray([37, 30]), key_value_seq_lengths=jnp.asarray([45, 33]))
+    q_len, kv_len = 30, 33
+    position = {"first": q_len if which == "q" else kv_len, "last": arrays[which].shape[1] - 1}[row]
+    arrays[which] = arrays[which].at[1, position, 0, 3].set(jnp.nan)  # past batch row 1's length
+    lengths = dict(query_seq_lengths=jnp.asarray([37, q_len]), key_value_seq_lengths=jnp.asarray([45, kv_len]))
     out, *grads = _grads(lambda q, k, v: _pallas(q, k, v, **lengths), arrays["q"], arrays["k"], arrays["v"], ct)
     leaked = [label for label, x in zip(("out", "dq", "dk", "dv"), (out, *grads)) if not np.isfinite(np.asarray(x)).all()]
     assert not leaked, f"the garbage in {which} reached {leaked}"

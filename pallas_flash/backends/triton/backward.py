@@ -49,9 +49,9 @@ from pallas_flash.backends.triton.program import (
     dropout_keep,
     dropout_key,
     key_minus_query,
-    kv_visible_limit,
     log2_logits,
     visible,
+    visible_limit,
 )
 from pallas_flash.backends.triton.side_inputs import SideInputs, alibi_slope, side_inputs
 from pallas_flash.spec import LOG2E, AttentionInputs, AttentionSpec
@@ -87,11 +87,14 @@ def _dkdv_kernel(
     inv_keep = 1.0 / (1.0 - spec.dropout_rate)
 
     # Keys past the key length read as zero: 0 * garbage (NaN) would otherwise reach dV and dK's products.
-    kv_load_limit = kv_visible_limit(kv_len, k_tail, seq_k)
+    kv_load_limit = visible_limit(kv_len, k_tail, seq_k)
     k = tiles.load_tile(k_ref, k0, block_k, limit=kv_load_limit, dim_mask=dim_mask)
     v = tiles.load_tile(v_ref, k0, block_k, limit=kv_load_limit, dim_mask=dim_mask)
     k_pos = k0 + lax.broadcasted_iota(jnp.int32, (block_k, 1), 0)
     kv_limit = kv_len  # keys past seq_k are never stored, so only kv_len masks
+    # Query rows past the query length read as zero (lse2 as +inf: P = 0) in the masked blocks, where the block
+    # straddling the length is (``q_block_range``): garbage (NaN) there would otherwise reach dK and dV.
+    q_load_limit = visible_limit(prog.q_len, q_tail, seq_q)
 
     lo, full_lo, full_hi, hi = blocks.q_block_range(
         k0,
@@ -118,7 +121,7 @@ def _dkdv_kernel(
     def body(qb, carry, *, g, slope, drop_key, masked: bool):
         dk, dv = carry
         q0 = qb * block_q
-        limit = q_tail if masked else None
+        limit = q_load_limit if masked else None
         q = tiles.load_tile(q_ref, q0, block_q, limit=limit, dim_mask=dim_mask, head=g)
         do = tiles.load_tile(do_ref, q0, block_q, limit=limit, dim_mask=dim_mask, head=g)
         lse2 = tiles.load_row_stat(lse2_ref, q0, block_q, limit=limit, other=jnp.inf, head=g)
@@ -218,15 +221,18 @@ def _dq_kernel(
     qk_scale_log2 = spec.scale * LOG2E
     inv_keep = 1.0 / (1.0 - spec.dropout_rate)
 
-    q = tiles.load_tile(q_ref, q0, block_q, limit=q_tail, dim_mask=dim_mask)
-    do = tiles.load_tile(do_ref, q0, block_q, limit=q_tail, dim_mask=dim_mask)
-    lse2 = tiles.load_row_stat(lse2_ref, q0, block_q, limit=q_tail, other=jnp.inf)
-    delta = tiles.load_row_stat(delta_ref, q0, block_q, limit=q_tail, other=0.0)
+    # Rows past the query length read as zero (lse2 as +inf, so P = 0 there): a query block straddling the length
+    # is computed whole, and garbage (NaN) in those rows would otherwise reach their dQ rows, dS and the slopes.
+    q_load_limit = visible_limit(prog.q_len, q_tail, seq_q)
+    q = tiles.load_tile(q_ref, q0, block_q, limit=q_load_limit, dim_mask=dim_mask)
+    do = tiles.load_tile(do_ref, q0, block_q, limit=q_load_limit, dim_mask=dim_mask)
+    lse2 = tiles.load_row_stat(lse2_ref, q0, block_q, limit=q_load_limit, other=jnp.inf)
+    delta = tiles.load_row_stat(delta_ref, q0, block_q, limit=q_load_limit, other=0.0)
     q_pos = q0 + lax.broadcasted_iota(jnp.int32, (block_q, 1), 0)
     qb = qb.with_positions(q_pos)
     # Keys past the key length read as zero (a block straddling it is a masked one): 0 * garbage (NaN) would
     # otherwise reach dP = dO V^T and dQ = dS K.
-    kv_load_limit = kv_visible_limit(prog.kv_len, k_tail, seq_k)
+    kv_load_limit = visible_limit(prog.kv_len, k_tail, seq_k)
 
     def body(kb, carry, *, masked: bool):
         dq, dslope = carry

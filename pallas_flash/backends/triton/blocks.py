@@ -171,7 +171,7 @@ def q_block_range(
     lo = fdiv(qmin, block_q)
     hi = where_index(qmax > qmin, cdiv(_max(qmax, 0), block_q), lo)
     full_lo = 0 if right is None else cdiv(_max(k1 - right, 0), block_q)
-    full_hi = _min(hi, seq_q // block_q)  # a ragged last query block loads under a row mask
+    full_hi = _min(hi, fdiv(q_valid, block_q))  # a block straddling the query length or Tq loads under a row mask
     if left is not None:
         full_hi = _min(full_hi, fdiv(k0 + left + 1, block_q))
     if seg_range is not None:  # (lo, hi, full_lo, full_hi) of segment_block_ranges

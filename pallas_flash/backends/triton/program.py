@@ -137,11 +137,12 @@ def dropout_keep(key, q_pos, k_pos, *, spec: AttentionSpec):
     return dropout.keep_mask(key, q_pos, k_pos, rate=spec.dropout_rate)
 
 
-def kv_visible_limit(kv_len, k_tail: int | None, seq_k: int):
-    """The exclusive key bound the element mask applies: ``kv_len`` (clipped to ``seq_k``), the ragged tail, or None."""
-    if kv_len is None:
-        return k_tail
-    return kv_len if k_tail is None else jnp.minimum(kv_len, seq_k)
+def visible_limit(length, tail: int | None, seq: int):
+    """The exclusive row bound of a sequence's rows that are real (keys, or query rows): its batch row's ``length``
+    (clipped to ``seq``), the ragged tail, or None. Rows past it load as zeros."""
+    if length is None:
+        return tail
+    return length if tail is None else jnp.minimum(length, seq)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,7 +175,7 @@ class QueryBlock:
         return cls(program, block_q, block_k, seq_q, seq_k, slope, drop_key)
 
     def with_positions(self, q_pos) -> "QueryBlock":
-        kv_limit = kv_visible_limit(self.program.kv_len, self.program.k_tail, self.seq_k)
+        kv_limit = visible_limit(self.program.kv_len, self.program.k_tail, self.seq_k)
         return dataclasses.replace(self, q_pos=q_pos, kv_limit=kv_limit)
 
     def kv_range(self):

@@ -1,0 +1,58 @@
+"""The forward alone under several Mosaic forward configs, interleaved rounds, cuDNN (and tokamax's Mosaic kernel,
+where it is importable) in the same rounds; outputs compared with cuDNN's. Configs differ in their fields, so each
+gets its own kernel trace.
+
+PROBS="D:N:causal,..." VARIANTS="name=block_kv:num_stages:overlap:persistent,..." \
+    PYTHONPATH=. python3 benchmarks/experiments/ab_fwd_configs.py ROUNDS
+A variant ``default`` (no fields) takes ``config.default_config``'s forward for the call.
+"""
+import dataclasses, os, sys
+import jax, jax.numpy as jnp, numpy as np
+import pallas_flash as pf
+from pallas_flash.backends.mosaic_gpu import config as mc
+from pallas_flash.testing.errors import rel_err
+from pallas_flash.tuning.timer import time_fn
+
+ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 3
+probs = [tuple(int(x) for x in p.split(":")) for p in os.environ.get("PROBS", "128:16384:0").split(",")]
+variants = dict(v.split("=") for v in os.environ.get("VARIANTS", "default=,kv192=192:2:1:0").split(","))
+try:
+    import tokamax
+except ImportError:
+    tokamax = None
+for D, N, causal in probs:
+    causal = bool(causal)
+    B, H = 16384 // N, 2048 // D
+    q, k, v = (jax.random.normal(kk, (B, N, H, D), jnp.bfloat16) for kk in jax.random.split(jax.random.key(1), 3))
+    base = mc.default_config(head_dim=D, dtype=q.dtype, causal=causal, seq_q=N, seq_k=N)
+    fns = {}
+    for name, fields in variants.items():
+        cfg = base
+        if fields:
+            bkv, st, ov, pers = (int(x) for x in fields.split(":"))
+            cfg = dataclasses.replace(base, fwd=mc.MosaicForwardConfig(
+                block_kv=bkv, num_stages=st, overlap=bool(ov), persistent=bool(pers)))
+        fns[name] = jax.jit(lambda q, k, v, cfg=cfg, causal=causal: pf.dot_product_attention(
+            q, k, v, is_causal=causal, implementation="mosaic", config=cfg))
+    fns["cudnn"] = jax.jit(lambda q, k, v, causal=causal: jax.nn.dot_product_attention(
+        q, k, v, is_causal=causal, implementation="cudnn"))
+    if tokamax is not None:
+        fns["tokamax"] = jax.jit(lambda q, k, v, causal=causal: tokamax.dot_product_attention(
+            q, k, v, is_causal=causal, implementation="mosaic"))
+    outs = {}
+    for name in list(fns):
+        try:
+            outs[name] = jax.block_until_ready(fns[name](q, k, v))
+        except Exception as e:  # a config that does not compile (registers, shared memory) is reported, not fatal
+            print(f"D{D} N{N} c{int(causal)}: {name} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            del fns[name]
+    flops = 4 * B * H * N * N * D * (0.5 if causal else 1)
+    res = {name: [] for name in fns}
+    for r in range(ROUNDS):
+        items = list(fns.items())
+        for name, f in (reversed(items) if r % 2 else items):
+            res[name].append(flops / time_fn(f, [(q, k, v)], min_time=0.3).median_s / 1e12)
+    cells = [f"{n} {np.median(x):.1f} ({np.median(x) / np.median(res['cudnn']):.3f}) {[round(y) for y in x]}"
+             + ("" if n == "cudnn" else f" err {rel_err(outs[n], outs['cudnn']):.1e}")
+             for n, x in res.items()]
+    print(f"D{D} N{N} c{int(causal)}: " + " | ".join(cells), flush=True)
