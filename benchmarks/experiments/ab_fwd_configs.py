@@ -2,9 +2,10 @@
 where it is importable) in the same rounds; outputs compared with cuDNN's. Configs differ in their fields, so each
 gets its own kernel trace.
 
-PROBS="D:N:causal,..." VARIANTS="name=block_kv:num_stages:overlap:persistent,..." \
+PROBS="D:N:causal,..." VARIANTS="name=block_kv:num_stages:overlap:persistent[:compute_wgs],..." \
     PYTHONPATH=. python3 benchmarks/experiments/ab_fwd_configs.py ROUNDS
-A variant ``default`` (no fields) takes ``config.default_config``'s forward for the call.
+A variant ``default`` (no fields) takes ``config.default_config``'s forward for the call; ``compute_wgs`` needs
+``fwd-three-warpgroups.patch``.
 """
 import dataclasses, os, sys
 import jax, jax.numpy as jnp, numpy as np
@@ -29,9 +30,10 @@ for D, N, causal in probs:
     for name, fields in variants.items():
         cfg = base
         if fields:
-            bkv, st, ov, pers = (int(x) for x in fields.split(":"))
+            bkv, st, ov, pers, *wgs = (int(x) for x in fields.split(":"))
+            extra = dict(compute_wgs=wgs[0]) if wgs else {}
             cfg = dataclasses.replace(base, fwd=mc.MosaicForwardConfig(
-                block_kv=bkv, num_stages=st, overlap=bool(ov), persistent=bool(pers)))
+                block_kv=bkv, num_stages=st, overlap=bool(ov), persistent=bool(pers), **extra))
         fns[name] = jax.jit(lambda q, k, v, cfg=cfg, causal=causal: pf.dot_product_attention(
             q, k, v, is_causal=causal, implementation="mosaic", config=cfg))
     fns["cudnn"] = jax.jit(lambda q, k, v, causal=causal: jax.nn.dot_product_attention(
