@@ -51,7 +51,6 @@ from pallas_flash.backends.triton.program import (
     key_minus_query,
     log2_logits,
     visible,
-    visible_limit,
 )
 from pallas_flash.backends.triton.side_inputs import SideInputs, alibi_slope, side_inputs
 from pallas_flash.spec import LOG2E, AttentionInputs, AttentionSpec
@@ -87,14 +86,14 @@ def _dkdv_kernel(
     inv_keep = 1.0 / (1.0 - spec.dropout_rate)
 
     # Keys past the key length read as zero: 0 * garbage (NaN) would otherwise reach dV and dK's products.
-    kv_load_limit = visible_limit(kv_len, k_tail, seq_k)
+    kv_load_limit = prog.kv_load_limit
     k = tiles.load_tile(k_ref, k0, block_k, limit=kv_load_limit, dim_mask=dim_mask)
     v = tiles.load_tile(v_ref, k0, block_k, limit=kv_load_limit, dim_mask=dim_mask)
     k_pos = k0 + lax.broadcasted_iota(jnp.int32, (block_k, 1), 0)
     kv_limit = kv_len  # keys past seq_k are never stored, so only kv_len masks
     # Query rows past the query length read as zero (lse2 as +inf: P = 0) in the masked blocks, where the block
     # straddling the length is (``q_block_range``): garbage (NaN) there would otherwise reach dK and dV.
-    q_load_limit = visible_limit(prog.q_len, q_tail, seq_q)
+    q_load_limit = prog.q_load_limit
 
     lo, full_lo, full_hi, hi = blocks.q_block_range(
         k0,
@@ -223,7 +222,7 @@ def _dq_kernel(
 
     # Rows past the query length read as zero (lse2 as +inf, so P = 0 there): a query block straddling the length
     # is computed whole, and garbage (NaN) in those rows would otherwise reach their dQ rows, dS and the slopes.
-    q_load_limit = visible_limit(prog.q_len, q_tail, seq_q)
+    q_load_limit = prog.q_load_limit
     q = tiles.load_tile(q_ref, q0, block_q, limit=q_load_limit, dim_mask=dim_mask)
     do = tiles.load_tile(do_ref, q0, block_q, limit=q_load_limit, dim_mask=dim_mask)
     lse2 = tiles.load_row_stat(lse2_ref, q0, block_q, limit=q_load_limit, other=jnp.inf)
@@ -232,7 +231,7 @@ def _dq_kernel(
     qb = qb.with_positions(q_pos)
     # Keys past the key length read as zero (a block straddling it is a masked one): 0 * garbage (NaN) would
     # otherwise reach dP = dO V^T and dQ = dS K.
-    kv_load_limit = visible_limit(prog.kv_len, k_tail, seq_k)
+    kv_load_limit = prog.kv_load_limit
 
     def body(kb, carry, *, masked: bool):
         dq, dslope = carry

@@ -28,7 +28,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_flash.backends.triton import blocks, tiles
 from pallas_flash.backends.triton.config import ForwardConfig, padded_head_dim
-from pallas_flash.backends.triton.program import QueryBlock, dropout_keep, visible_limit
+from pallas_flash.backends.triton.program import QueryBlock, dropout_keep
 from pallas_flash.backends.triton.side_inputs import SideInputs, side_inputs
 from pallas_flash.spec import LOG2E, AttentionInputs, AttentionSpec
 
@@ -65,7 +65,7 @@ def _fwd_kernel(
     qb = qb.with_positions(q_pos)
     # Keys past the key length read as zero: a block straddling it is a masked one, and its V rows there would
     # give P V = 0 * garbage (NaN) over every row.
-    kv_load_limit = visible_limit(prog.kv_len, k_tail, seq_k)
+    kv_load_limit = prog.kv_load_limit
 
     def body(kb, carry, *, masked: bool):
         acc, m, l = carry

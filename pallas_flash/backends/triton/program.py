@@ -47,6 +47,17 @@ class Program:
     seg_range: tuple | None  # (lo, hi, full_lo, full_hi) of the other sequence's blocks
     own_seg: object  # [block, 1] segment ids of the program's own rows, or None
 
+    @property
+    def q_load_limit(self):
+        """The exclusive bound of the query rows that are real: the batch row's query length (clipped to Tq),
+        the ragged tail, or None. Rows past it load as zeros."""
+        return _real_rows(self.q_len, self.q_tail)
+
+    @property
+    def kv_load_limit(self):
+        """The same for the keys: the batch row's key length (clipped to Tk), the ragged tail, or None."""
+        return _real_rows(self.kv_len, self.k_tail)
+
     @classmethod
     def enter(cls, ref, side: SideInputs, *, spec, block_rows: int, block_q: int, block_k: int, seq_q: int,
               seq_k: int, head_dim: int, reverse_blocks: int | None = None, rows: str) -> "Program":
@@ -137,12 +148,11 @@ def dropout_keep(key, q_pos, k_pos, *, spec: AttentionSpec):
     return dropout.keep_mask(key, q_pos, k_pos, rate=spec.dropout_rate)
 
 
-def visible_limit(length, tail: int | None, seq: int):
-    """The exclusive row bound of a sequence's rows that are real (keys, or query rows): its batch row's ``length``
-    (clipped to ``seq``), the ragged tail, or None. Rows past it load as zeros."""
+def _real_rows(length, tail: int | None):
+    """``length`` (a batch row's, or None) clipped to the sequence, whose length ``tail`` is when it is ragged."""
     if length is None:
         return tail
-    return length if tail is None else jnp.minimum(length, seq)
+    return length if tail is None else jnp.minimum(length, tail)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,7 +185,7 @@ class QueryBlock:
         return cls(program, block_q, block_k, seq_q, seq_k, slope, drop_key)
 
     def with_positions(self, q_pos) -> "QueryBlock":
-        kv_limit = visible_limit(self.program.kv_len, self.program.k_tail, self.seq_k)
+        kv_limit = self.program.kv_load_limit
         return dataclasses.replace(self, q_pos=q_pos, kv_limit=kv_limit)
 
     def kv_range(self):
