@@ -12,7 +12,8 @@ import jax, jax.numpy as jnp, numpy as np
 import pallas_flash as pf
 from pallas_flash.backends.mosaic_gpu import config as mc
 from pallas_flash.testing.errors import rel_err
-from pallas_flash.tuning.timer import time_fn
+
+from benchmarks.experiments.pullbacks import timed_rounds
 
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 3
 probs = [tuple(int(x) for x in p.split(":")) for p in os.environ.get("PROBS", "128:16384:0").split(",")]
@@ -48,12 +49,8 @@ for D, N, causal in probs:
         except Exception as e:  # a config that does not compile (registers, shared memory) is reported, not fatal
             print(f"D{D} N{N} c{int(causal)}: {name} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
             del fns[name]
-    flops = 4 * B * H * N * N * D * (0.5 if causal else 1)
-    res = {name: [] for name in fns}
-    for r in range(ROUNDS):
-        items = list(fns.items())
-        for name, f in (reversed(items) if r % 2 else items):
-            res[name].append(flops / time_fn(f, [(q, k, v)], min_time=0.3).median_s / 1e12)
+    res = timed_rounds({name: (f, (q, k, v)) for name, f in fns.items()},
+                       4 * B * H * N * N * D * (0.5 if causal else 1), ROUNDS)
     cells = [f"{n} {np.median(x):.1f} ({np.median(x) / np.median(res['cudnn']):.3f}) {[round(y) for y in x]}"
              + ("" if n == "cudnn" else f" err {rel_err(outs[n], outs['cudnn']):.1e}")
              for n, x in res.items()]
