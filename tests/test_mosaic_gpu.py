@@ -82,6 +82,9 @@ def _qkv(shape: Shape, dtype=jnp.bfloat16, seed: int = 0):
         (dict(num_stages=7), ValueError, "num_stages=7"),
         (dict(block_kv=128.0), TypeError, "block_kv=128.0 must be an int"),
         (dict(num_stages=True), TypeError, "num_stages=True must be an int"),
+        (dict(compute_wgs=4, overlap=True), ValueError, "compute_wgs=4 must be 2 or 3"),
+        (dict(compute_wgs=3), ValueError, "compute_wgs=3 needs overlap=True"),
+        (dict(compute_wgs=3.0, overlap=True), TypeError, "compute_wgs=3.0 must be an int"),
     ],
 )
 def test_forward_config_rejects_bad_values(kwargs, error, match):
@@ -288,6 +291,17 @@ def test_forward_in_interpret_mode(name, overlap, persistent, seed):
     _check(shape, dtype, causal, seed, MosaicConfig(fwd=fwd), grads=False, interpret=True)
 
 
+@pytest.mark.skipif(ON_GPU, reason="the GPU tests below run the compiled kernel")
+@pytest.mark.parametrize("persistent", [False, True], ids=["cta_per_tile", "persistent"])
+@pytest.mark.parametrize("name", ["causal_tq<tk_gqa2", "causal_tq>tk", "full_gqa2_3stages"])
+def test_forward_three_warpgroups_in_interpret_mode(name, persistent, seed):
+    """Three compute warpgroups (192-row CTAs; the token goes round them): causal diagonals where each of the
+    three sees a different number of key blocks, ragged tails, GQA."""
+    shape, causal, dtype, fwd = INTERPRET_CASES[name]
+    fwd = dataclasses.replace(fwd, overlap=True, persistent=persistent, compute_wgs=3)
+    _check(shape, dtype, causal, seed, MosaicConfig(fwd=fwd), grads=False, interpret=True)
+
+
 # The backward on a CPU: 128-key CTAs and 64-row query blocks, GQA groups summed on chip, ragged tails
 # of both sequences (the last key tile's blocks all masked), causal diagonals with Tq < Tk and Tq > Tk,
 # fewer rows than one block; both dQ modes (fused: per-CTA partial sums in interpret mode).
@@ -366,8 +380,9 @@ def test_backward_race_detector(bwd, head_dim, seed):
 
 @pytest.mark.skipif(ON_GPU, reason="interpret mode")
 @pytest.mark.parametrize("persistent", [False, True], ids=["cta_per_tile", "persistent"])
-@pytest.mark.parametrize("overlap", [False, True], ids=["turns", "overlap"])
-def test_forward_race_detector(overlap, persistent, seed):
+@pytest.mark.parametrize("overlap, compute_wgs", [(False, 2), (True, 2), (True, 3)],
+                         ids=["turns", "overlap", "overlap_wgs3"])
+def test_forward_race_detector(overlap, compute_wgs, persistent, seed):
     """The race detector finds no race in either forward schedule (causal, GQA, ragged: skipped blocks and
     a first warpgroup that sees fewer key blocks than its partner)."""
     try:
@@ -378,7 +393,8 @@ def test_forward_race_detector(overlap, persistent, seed):
     spec = AttentionSpec(scale=0.125, causal=True)
     mgpu_interpret.reset_gpu_interpret_mode_state()
     params = plgpu.InterpretGPUParams(detect_races=True)
-    fwd = MosaicForwardConfig(block_kv=64, num_stages=2, overlap=overlap, persistent=persistent)
+    fwd = MosaicForwardConfig(block_kv=64, num_stages=2, overlap=overlap, persistent=persistent,
+                              compute_wgs=compute_wgs)
     out, lse2 = mosaic_forward(q, k, v, AttentionInputs(), spec=spec, config=fwd, interpret=params)
     jax.block_until_ready(out)
     assert not mgpu_interpret.get_races().races_found
@@ -410,12 +426,29 @@ def test_gpu_every_pipeline_shape(block_kv, num_stages, head_dim, overlap, persi
     """Each key block and ring depth, on a long ragged causal problem: many refills of every slot (and, persistent,
     more tiles than SMs: 2 batches x 8 heads x 16 query tiles; GQA 4:1)."""
     fwd = MosaicForwardConfig(block_kv=block_kv, num_stages=num_stages, overlap=overlap, persistent=persistent)
-    if smem_bytes(fwd.block_q, block_kv, num_stages, head_dim, jnp.bfloat16, fwd.q_buffers) > MAX_SMEM_BYTES:
+    _check_long_ragged_forward(fwd, head_dim, True, seed)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("persistent", [False, True], ids=["cta_per_tile", "persistent"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_gpu_three_warpgroups(causal, head_dim, persistent, seed):
+    """Three compute warpgroups (192-row CTAs) on the same long ragged problem, causal and not."""
+    fwd = MosaicForwardConfig(block_kv=128, num_stages=2, overlap=True, persistent=persistent, compute_wgs=3)
+    _check_long_ragged_forward(fwd, head_dim, causal, seed)
+
+
+def _check_long_ragged_forward(fwd: MosaicForwardConfig, head_dim: int, causal: bool, seed: int):
+    """The forward under ``fwd`` against float64 on a long ragged problem (Tq 2000, Tk 2500, GQA 4:1), run twice;
+    a config whose tiles do not fit is skipped."""
+    need = smem_bytes(fwd.block_q, fwd.block_kv, fwd.num_stages, head_dim, jnp.bfloat16, fwd.q_buffers, fwd.compute_wgs)
+    if need > MAX_SMEM_BYTES:
         pytest.skip(f"{fwd} does not fit in shared memory at head_dim={head_dim}")
     config = MosaicConfig(fwd=fwd)
     shape = Shape("p", 2, 2000, 2500, 8, 2, head_dim)
-    out, lse = _check(shape, jnp.bfloat16, True, seed, config, grads=False)
-    again = pf.attention_with_lse(*_qkv(shape, jnp.bfloat16, seed), is_causal=True, implementation="mosaic",
+    out, lse = _check(shape, jnp.bfloat16, causal, seed, config, grads=False)
+    again = pf.attention_with_lse(*_qkv(shape, jnp.bfloat16, seed), is_causal=causal, implementation="mosaic",
                                   config=config)
     # No atomics and no reordering between runs: the forward is bit-identical run to run.
     assert np.array_equal(np.asarray(out), np.asarray(again[0])) and np.array_equal(np.asarray(lse), np.asarray(again[1]))

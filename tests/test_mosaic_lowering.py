@@ -139,8 +139,11 @@ def test_kernels_carry_their_names(head_dim, bwd, expected):
         (128, MosaicForwardConfig(block_kv=128, num_stages=2, overlap=True, persistent=True)),
         (128, MosaicForwardConfig(block_kv=128, num_stages=2, overlap=True, persistent=False)),
         (256, MosaicForwardConfig(block_kv=64, num_stages=2, overlap=False, persistent=False)),
+        (64, MosaicForwardConfig(block_kv=128, num_stages=2, overlap=True, persistent=True, compute_wgs=3)),
+        (64, MosaicForwardConfig(block_kv=128, num_stages=2, overlap=True, persistent=False, compute_wgs=3)),
     ],
-    ids=["d64_turns_persistent", "d128_overlap_persistent", "d128_overlap", "d256_turns"],
+    ids=["d64_turns_persistent", "d128_overlap_persistent", "d128_overlap", "d256_turns", "d64_wgs3_persistent",
+         "d64_wgs3"],
 )
 def test_forward_lowers_for_cuda(head_dim, config, causal, lengths, request):
     q = jnp.zeros((B, TQ, HEADS, head_dim), jnp.bfloat16)

@@ -61,14 +61,16 @@ CASES = {
 
 @pytest.mark.skipif(ON_GPU, reason="interpret mode")
 @pytest.mark.parametrize("persistent", [False, True], ids=["cta_per_tile", "persistent"])
-@pytest.mark.parametrize("overlap", [False, True], ids=["turns", "overlap"])
+@pytest.mark.parametrize("overlap, compute_wgs", [(False, 2), (True, 2), (True, 3)],
+                         ids=["turns", "overlap", "overlap_wgs3"])
 @pytest.mark.parametrize("name", CASES)
-def test_interpret_segments_forward(name, overlap, persistent, seed):
+def test_interpret_segments_forward(name, overlap, compute_wgs, persistent, seed):
     shape, causal, kind = CASES[name]
     q, k, v, _ = random_qkv(shape, jnp.bfloat16, seed)
     q_seg, kv_seg = (jnp.asarray(x) for x in _ids(kind, shape.batch, shape.seq_q, shape.seq_k, seed))
     spec = AttentionSpec(scale=1.0 / np.sqrt(shape.head_dim), causal=causal, has_segments=True)
-    fwd = MosaicForwardConfig(block_kv=64, num_stages=2, overlap=overlap, persistent=persistent)
+    fwd = MosaicForwardConfig(block_kv=64, num_stages=2, overlap=overlap, persistent=persistent,
+                              compute_wgs=compute_wgs)
     out, lse2 = mosaic_forward(q, k, v, AttentionInputs(q_segment_ids=q_seg, kv_segment_ids=kv_seg), spec=spec,
                                config=fwd, interpret=True)
     with jax.enable_x64(True):

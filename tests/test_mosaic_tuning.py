@@ -55,20 +55,20 @@ def test_forward_space_fits_in_shared_memory(head_dim, dtype):
     cands = mosaic_tune.forward_candidates(head_dim, dtype)
     assert cands
     for cfg in cands:
-        assert (cfg.block_kv, cfg.num_stages, cfg.overlap, cfg.persistent) in mosaic_tune.FWD_SPACE
-        need = smem_bytes(cfg.block_q, cfg.block_kv, cfg.num_stages, head_dim, dtype, cfg.q_buffers)
+        assert (cfg.block_kv, cfg.num_stages, cfg.overlap, cfg.persistent, cfg.compute_wgs) in mosaic_tune.FWD_SPACE
+        need = smem_bytes(cfg.block_q, cfg.block_kv, cfg.num_stages, head_dim, dtype, cfg.q_buffers, cfg.compute_wgs)
         assert need <= mosaic_config.MAX_SMEM_BYTES
     # exactly the space's members that fit: none is dropped needlessly
     fitting = {
-        (kv, s, overlap, persistent)
-        for kv, s, overlap, persistent in mosaic_tune.FWD_SPACE
-        if smem_bytes(64, kv, s, head_dim, dtype, 2 if persistent else 1) <= mosaic_config.MAX_SMEM_BYTES
+        (kv, s, overlap, persistent, wgs)
+        for kv, s, overlap, persistent, wgs in mosaic_tune.FWD_SPACE
+        if smem_bytes(64, kv, s, head_dim, dtype, 2 if persistent else 1, wgs) <= mosaic_config.MAX_SMEM_BYTES
     }
-    assert {(c.block_kv, c.num_stages, c.overlap, c.persistent) for c in cands} == fitting
+    assert {(c.block_kv, c.num_stages, c.overlap, c.persistent, c.compute_wgs) for c in cands} == fitting
 
 
 def test_forward_space_sizes():
-    assert len(mosaic_tune.FWD_SPACE) == 48
+    assert len(mosaic_tune.FWD_SPACE) == 60
     sizes = {d: len(mosaic_tune.forward_candidates(d, jnp.bfloat16)) for d in HEAD_DIMS}
     assert sizes[64] > sizes[128] > sizes[256] >= 1
     assert mosaic_tune.forward_candidates(256, jnp.bfloat16) == [
@@ -345,12 +345,32 @@ def test_features_make_the_d128_forward_take_turns(cache_dir, features):
 
 
 def test_segment_ids_give_the_d64_forward_128_key_blocks(cache_dir):
-    kw = dict(dtype=jnp.bfloat16, causal=True, seq_q=16384, seq_k=16384, gpu="")
-    plain = _heuristic(64, True, 16384)
+    kw = dict(dtype=jnp.bfloat16, causal=True, seq_q=4096, seq_k=4096, gpu="")
+    plain = _heuristic(64, True, 4096)
     assert plain.fwd.block_kv == 256
     got = mosaic_config.default_config(head_dim=64, features=frozenset({"segments"}), **kw)
     assert got == dataclasses.replace(plain, fwd=dataclasses.replace(plain.fwd, block_kv=128, num_stages=3))
     assert mosaic_config.default_config(head_dim=64, features=frozenset({"window"}), **kw) == plain
+
+
+@pytest.mark.parametrize("causal, seq, persistent", [(False, 4096, True), (False, 16384, True), (True, 16384, False)])
+def test_long_d64_forwards_take_three_warpgroups_on_plain_calls(cache_dir, causal, seq, persistent):
+    """The D=64 heuristic's three compute warpgroups (from 4k keys, causal from 8k); with any feature, or over fewer
+    keys, two. A tuned three-warpgroup entry gives way to the heuristic's two under a feature as well."""
+    got = _heuristic(64, causal, seq)
+    assert got.fwd == MosaicForwardConfig(block_kv=128, num_stages=2, overlap=True, persistent=persistent,
+                                          compute_wgs=3)
+    shorter = _heuristic(64, causal, seq // 4 if causal else 2048).fwd
+    assert shorter.compute_wgs == 2 and not shorter.overlap
+    kw = dict(head_dim=64, dtype=jnp.bfloat16, causal=causal, seq_q=seq, seq_k=seq)
+    two = mosaic_config._two_warpgroup_d64_forward(causal, seq)
+    assert two.compute_wgs == 2
+    for features in ({"offsets"}, {"window"}, {"lengths"}):
+        assert mosaic_config.default_config(**kw, gpu="", features=frozenset(features)).fwd == two
+    tuned = dataclasses.replace(got, fwd=dataclasses.replace(got.fwd, num_stages=3))
+    _write_cache({mosaic_config.config_key(64, "bfloat16", causal, seq): tuned.to_dict()})
+    assert mosaic_config.default_config(**kw, gpu=GPU) == tuned
+    assert mosaic_config.default_config(**kw, gpu=GPU, features=frozenset({"window"})).fwd == two
 
 
 def test_unreadable_cache_is_ignored(cache_dir):

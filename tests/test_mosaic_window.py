@@ -70,11 +70,13 @@ def _check(shape: Shape, causal: bool, window, lengths: bool, fwd: MosaicForward
 
 @pytest.mark.skipif(ON_GPU, reason="interpret mode")
 @pytest.mark.parametrize("persistent", [False, True], ids=["cta_per_tile", "persistent"])
-@pytest.mark.parametrize("overlap", [False, True], ids=["turns", "overlap"])
+@pytest.mark.parametrize("overlap, compute_wgs", [(False, 2), (True, 2), (True, 3)],
+                         ids=["turns", "overlap", "overlap_wgs3"])
 @pytest.mark.parametrize("name", CASES)
-def test_interpret_window_forward(name, overlap, persistent, seed):
+def test_interpret_window_forward(name, overlap, compute_wgs, persistent, seed):
     shape, causal, window, lengths = CASES[name]
-    fwd = MosaicForwardConfig(block_kv=64, num_stages=2, overlap=overlap, persistent=persistent)
+    fwd = MosaicForwardConfig(block_kv=64, num_stages=2, overlap=overlap, persistent=persistent,
+                              compute_wgs=compute_wgs)
     _check(shape, causal, window, lengths, fwd, seed)
 
 

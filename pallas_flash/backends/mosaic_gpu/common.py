@@ -29,6 +29,8 @@ MEMORY_WG = COMPUTE_WGS
 # Registers per thread after the warpgroups rebalance them (2 * 232 + 40 warps' worth <= 64K).
 COMPUTE_REGISTERS = 232
 MEMORY_REGISTERS = 40
+# The same for the forward with three compute warpgroups (3 * 160 + 32 warps' worth = 64K; FlashAttention-3's split).
+REGISTERS_BY_COMPUTE_WGS = {2: (COMPUTE_REGISTERS, MEMORY_REGISTERS), 3: (160, 32)}
 WGMMA = plgpu.Layout.WGMMA
 ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per row of a wgmma tile
 COL = plgpu.Layout.WGMMA.reduce(0)  # one value per column
@@ -41,14 +43,14 @@ def tiled_smem(shape, dtype, swizzle: int = 128):
     return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, cols)), plgpu.SwizzleTransform(swizzle)))
 
 
-def launch_params(interpret, name: str) -> dict:
+def launch_params(interpret, name: str, compute_wgs: int = COMPUTE_WGS) -> dict:
     """``plgpu.kernel``'s arguments shared by every kernel here: the three warpgroups, approximate math, the
     kernel's ``name`` (what profilers show; ``benchmarks.profile`` counts ``pallas_flash*`` as attention), and
     ``interpret``: False (compiled), True (default interpret mode) or an ``InterpretGPUParams`` (e.g. ``detect_races``)."""
     if not isinstance(interpret, plgpu.InterpretGPUParams):
         interpret = plgpu.InterpretGPUParams() if interpret else None
     return dict(
-        num_threads=COMPUTE_WGS + 1,
+        num_threads=compute_wgs + 1,
         thread_name="wg",
         kernel_name=name,
         compiler_params=plgpu.CompilerParams(approx_math=True),

@@ -62,10 +62,11 @@ BACKWARD_BLOCK_Q = (64, 128)
 TILE = 2 * BLOCK_KV
 
 
-def smem_bytes(block_q: int, block_kv: int, num_stages: int, head_dim: int, dtype: Any, q_buffers: int = 1) -> int:
+def smem_bytes(block_q: int, block_kv: int, num_stages: int, head_dim: int, dtype: Any, q_buffers: int = 1,
+               compute_wgs: int = 2) -> int:
     """Shared memory of the forward's tiles: ``q_buffers`` query tiles per compute warpgroup and the K/V ring."""
     item = jnp.dtype(dtype).itemsize
-    return item * head_dim * (2 * q_buffers * block_q + 2 * num_stages * block_kv)
+    return item * head_dim * (compute_wgs * q_buffers * block_q + 2 * num_stages * block_kv)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +82,10 @@ class MosaicForwardConfig:
     ``persistent``: one CTA per SM walking its share of the query tiles, the
     K/V ring running on across them and the next tile's Q loading during this
     one (a second Q buffer per warpgroup); ``False``: one CTA per tile.
+    ``compute_wgs``: compute warpgroups per CTA, 2 or 3 (FlashAttention-3's
+    choice at D <= 64, where the softmax bounds a block: while one warpgroup
+    runs its softmax the other two keep the tensor cores busy). Three take the
+    overlapped schedule (the token goes round them) and 160 registers each.
     """
 
     block_q: int = BLOCK_Q
@@ -88,13 +93,14 @@ class MosaicForwardConfig:
     num_stages: int = 2
     overlap: bool = False
     persistent: bool = False
+    compute_wgs: int = 2
 
     @property
     def q_buffers(self) -> int:
         return 2 if self.persistent else 1
 
     def __post_init__(self):
-        for name in ("block_q", "block_kv", "num_stages"):
+        for name in ("block_q", "block_kv", "num_stages", "compute_wgs"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise TypeError(f"MosaicForwardConfig.{name}={value!r} must be an int")
@@ -107,10 +113,16 @@ class MosaicForwardConfig:
                 raise TypeError(f"MosaicForwardConfig.{name}={getattr(self, name)!r} must be a bool")
         if not 2 <= self.num_stages <= 6:
             raise ValueError(f"MosaicForwardConfig.num_stages={self.num_stages} must be in [2, 6]")
+        if self.compute_wgs not in (2, 3):
+            raise ValueError(f"MosaicForwardConfig.compute_wgs={self.compute_wgs} must be 2 or 3")
+        if self.compute_wgs == 3 and not self.overlap:
+            raise ValueError("MosaicForwardConfig.compute_wgs=3 needs overlap=True: taking turns is a schedule for "
+                             "two warpgroups")
 
     def check_fits(self, head_dim: int, dtype: Any) -> None:
         """``ValueError`` when the tiles of this config would not fit in one CTA's shared memory."""
-        need = smem_bytes(self.block_q, self.block_kv, self.num_stages, head_dim, dtype, self.q_buffers)
+        need = smem_bytes(self.block_q, self.block_kv, self.num_stages, head_dim, dtype, self.q_buffers,
+                          self.compute_wgs)
         if need > MAX_SMEM_BYTES:
             raise ValueError(
                 f"{self} needs {need} bytes of shared memory at head_dim={head_dim} ({jnp.dtype(dtype).name}), "
@@ -244,6 +256,16 @@ def _part_from_dict(part: type, name: str, fields: Any):
     return part(**fields)
 
 
+# Key lengths from which the D<=64 forward's heuristic takes three compute warpgroups (``_default_forward``).
+THREE_WARPGROUPS_MIN_KEYS = 4096
+THREE_WARPGROUPS_MIN_KEYS_CAUSAL = 8192
+
+
+def _two_warpgroup_d64_forward(causal: bool, seq_k: int) -> MosaicForwardConfig:
+    block_kv, stages = (128, 3) if causal and seq_k <= 2048 else (256, 2)
+    return MosaicForwardConfig(block_kv=block_kv, num_stages=stages, persistent=True)
+
+
 def _default_forward(head_dim: int, dtype: Any, causal: bool, seq_k: int) -> MosaicForwardConfig:
     """The forward's heuristic, from sweeps on an H200 (bf16, B*N = 16k tokens, N = 1k/4k/16k, 2026-12-01).
 
@@ -251,6 +273,9 @@ def _default_forward(head_dim: int, dtype: Any, causal: bool, seq_k: int) -> Mos
       no overlap, which was 5-25% slower at every point (the softmax, not the tensor cores, bounds a
       block). Persistent over one CTA per tile: 332 -> 407 TFLOP/s at N=1k non-causal, 422 -> 443 at 4k,
       438 -> 465 at 16k; causal 239 -> 304 at 1k (128 x 3), 332 -> 387 at 4k, 429 -> 437 at 16k.
+      Long keys take three compute warpgroups (NOTES 63; H200, 2026-12-03, against the two-warpgroup default
+      in the same rounds): non-causal from 4k keys, persistent (4k: 444 vs 436 TFLOP/s, 16k: 475 vs 448; 1k:
+      381 vs 394), causal from 8k keys, one CTA per tile (16k: 433 vs 415; 4k: 358 vs 354; 1k: 217 vs 289).
     - D=128 non-causal: overlap, persistent (1k: 522 vs 506; 4k: 623 vs 593; 16k: 610 vs 613).
     - D=128 causal: one CTA per tile (persistent: 536 vs 581-625 at 16k, its tiles' order costing L2 reuse),
       overlap but over <= 1k keys (16k: 625 vs 592; 4k: 549 vs 509; 1k: 345 vs 379).
@@ -258,8 +283,9 @@ def _default_forward(head_dim: int, dtype: Any, causal: bool, seq_k: int) -> Mos
       (a second Q buffer does not fit).
     """
     if head_dim <= 64:
-        block_kv, stages = (128, 3) if causal and seq_k <= 2048 else (256, 2)
-        return MosaicForwardConfig(block_kv=block_kv, num_stages=stages, persistent=True)
+        if seq_k >= (THREE_WARPGROUPS_MIN_KEYS_CAUSAL if causal else THREE_WARPGROUPS_MIN_KEYS):
+            return MosaicForwardConfig(block_kv=128, num_stages=2, overlap=True, persistent=not causal, compute_wgs=3)
+        return _two_warpgroup_d64_forward(causal, seq_k)
     overlap = not (causal and seq_k <= 1024)
     persistent = not causal
     for block_kv, stages in ((128, 3), (128, 2), (64, 2)):
@@ -415,7 +441,8 @@ def default_config(
     no; a tuned fused entry too (its blocks kept) under the first, with GQA (``kv_groups`` > 1) or with one of
     ``FUSED_DQ_LOSES``. ``features`` (the call's ``AttentionSpec.features`` keys; the tuner times plain and causal
     MHA calls only): with one of ``TURN_TAKING_FEATURES`` the D=128 forward takes turns, and with segment ids the
-    D=64 forward takes ``SEGMENTS_D64_FORWARD`` blocks, tuned or not.
+    D=64 forward takes ``SEGMENTS_D64_FORWARD`` blocks, tuned or not; with any feature a three-warpgroup forward
+    (timed without them) gives way to the two-warpgroup heuristic.
     """
     gpu = gpu_name() if gpu is None else gpu
     config = _user_entry(head_dim, dtype, causal, seq_q, gpu) if gpu else None
@@ -427,6 +454,9 @@ def default_config(
         config = dataclasses.replace(config, bwd=dataclasses.replace(config.bwd, deterministic=True))
     if head_dim == 128 and config.fwd.overlap and features & TURN_TAKING_FEATURES:
         config = dataclasses.replace(config, fwd=dataclasses.replace(config.fwd, overlap=False))
+    if config.fwd.compute_wgs == 3 and features:
+        # three warpgroups were timed on plain and causal calls only: the measured two-warpgroup forward
+        config = dataclasses.replace(config, fwd=_two_warpgroup_d64_forward(causal, seq_k))
     if head_dim <= 64 and "segments" in features and config.fwd.block_kv > SEGMENTS_D64_FORWARD["block_kv"]:
         config = dataclasses.replace(config, fwd=dataclasses.replace(config.fwd, **SEGMENTS_D64_FORWARD))
     return config

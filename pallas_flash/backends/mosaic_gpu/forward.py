@@ -1,20 +1,22 @@
 """FlashAttention forward for Hopper (sm_90): a Pallas kernel on the Mosaic GPU backend.
 
-A CTA computes query tiles of ``2 * block_q`` rows of one (batch, head) with
-three warpgroups (FlashAttention-3's layout):
+A CTA computes query tiles of ``compute_wgs * block_q`` rows of one (batch, head)
+with ``compute_wgs`` compute warpgroups (two, or three: ``MosaicForwardConfig``)
+and one memory warpgroup (FlashAttention-3's layout):
 
 - the memory warpgroup streams the K and V blocks of the tile's KV head with
   TMA into a ring of ``num_stages`` swizzled shared-memory slots. ``k_ready`` /
   ``v_ready`` say a slot has landed; ``k_consumed`` / ``v_consumed`` (one
-  arrival per compute warpgroup) say both compute warpgroups are done with it;
-- two compute warpgroups each own ``block_q`` rows (a TMA-loaded Q tile in
+  arrival per compute warpgroup) say every compute warpgroup is done with it;
+- the compute warpgroups each own ``block_q`` rows (a TMA-loaded Q tile in
   shared memory) and loop over the key blocks: ``S = Q K^T`` by wgmma into
   registers, the online softmax in the log2 domain (``exp2`` with the scale and
   log2(e) folded into one multiply-add), then ``O += P V`` by wgmma with P
-  from registers. The two warpgroups take turns on the tensor cores, so that
-  one warpgroup's softmax overlaps the other's matrix products, in one of the
-  two schedules of ``forward_schedules.py`` (``MosaicForwardConfig.overlap``:
-  FlashAttention-3's intra-warpgroup overlap, or not).
+  from registers. The warpgroups take turns on the tensor cores, so that one
+  warpgroup's softmax overlaps the others' matrix products, in one of the two
+  schedules of ``forward_schedules.py`` (``MosaicForwardConfig.overlap``:
+  FlashAttention-3's intra-warpgroup overlap, or not; three warpgroups take
+  the overlapped one).
 
 Persistent (``MosaicForwardConfig.persistent``): one CTA per SM walks its share
 of the tiles (heads outermost, query tiles innermost, so that the CTAs at work
@@ -72,10 +74,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_flash.backends.mosaic_gpu.common import (
-    COMPUTE_REGISTERS,
-    COMPUTE_WGS,
-    MEMORY_REGISTERS,
-    MEMORY_WG,
+    REGISTERS_BY_COMPUTE_WGS,
     ROW,
     WGMMA,
     bcast,
@@ -127,6 +126,7 @@ def _forward_kernel(
     block_q: int,
     block_kv: int,
     num_stages: int,
+    compute_wgs: int,
     causal: bool,
     left: int | None,
     right: int | None,
@@ -146,7 +146,8 @@ def _forward_kernel(
     out_ref, lse_ref = refs
     program = lax.axis_index("program")
     wg = lax.axis_index("wg")
-    rows_per_cta = COMPUTE_WGS * block_q
+    rows_per_cta = compute_wgs * block_q
+    compute_registers, memory_registers = REGISTERS_BY_COMPUTE_WGS[compute_wgs]
     num_kv_blocks = pl.cdiv(seq_k, block_kv)  # static
     num_whole_kv_blocks = seq_k // block_kv  # static: blocks with no key past Tk
     num_q_buffers = qo_smem.shape[0]  # 2: the next tile's Q loads during this one
@@ -238,18 +239,18 @@ def _forward_kernel(
             unmasked = jnp.clip(jnp.minimum(unmasked, seg_range_ref[batch, tile, 3]), lo, end)
         return cta_first, cta_end, first, lo, unmasked, end
 
-    @pl.when(wg < COMPUTE_WGS)
+    @pl.when(wg < compute_wgs)
     def _compute_warpgroup():
-        plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
+        plgpu.set_max_registers(compute_registers, action="increase")
 
         def load_q(i, buf):
             batch, head, cta_q0 = tile_coords(i)
             rows = pl.ds(cta_q0 + wg * block_q, block_q)
             plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], qo_smem.at[buf, wg],
-                                    q_ready.at[buf * COMPUTE_WGS + wg])
+                                    q_ready.at[buf * compute_wgs + wg])
             if has_segments:
                 plgpu.copy_gmem_to_smem(q_seg_ref.at[batch, rows], qseg_smem.at[buf, wg],
-                                        q_ready.at[buf * COMPUTE_WGS + wg])
+                                        q_ready.at[buf * compute_wgs + wg])
 
         load_q(i32(0), i32(0))
 
@@ -274,13 +275,13 @@ def _forward_kernel(
                 q_smem=q_smem, k_smem=k_smem, v_smem=v_smem, k_ready=k_ready, v_ready=v_ready,
                 k_consumed=k_consumed, v_consumed=v_consumed, wg_turn=wg_turn, wg_token=wg_token, p_smem=p_smem,
                 seq_k=seq_k, block_q=block_q, block_kv=block_kv, num_stages=num_stages, left=left, right=right,
-                scale_log2=scale_log2, interpret=interpret, wg=wg, q_base=q_base, kv_start=first, kv_lo=lo,
+                scale_log2=scale_log2, interpret=interpret, wg=wg, compute_wgs=compute_wgs, q_base=q_base, kv_start=first, kv_lo=lo,
                 kv_unmasked=unmasked, kv_end=end, cta_kv_start=cta_first, cta_kv_end=cta_end, step=step,
                 after_first_s=load_next_q, kv_len=kv_len, q_len=q_len, kvseg_smem=kvseg_smem)
             m = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32), ROW)
             l = plgpu.layout_cast(jnp.zeros((block_q,), jnp.float32), ROW)
             acc = plgpu.layout_cast(jnp.zeros((block_q, q_smem.shape[-1]), jnp.float32), WGMMA)
-            plgpu.barrier_wait(q_ready.at[buf * COMPUTE_WGS + wg])
+            plgpu.barrier_wait(q_ready.at[buf * compute_wgs + wg])
             if has_segments:
                 tile = dataclasses.replace(tile, q_seg=plgpu.load(qseg_smem.at[buf, wg], layout=ROW))
             acc, m, l = (overlapped if overlap else turn_taking)(tile, (acc, m, l))
@@ -298,22 +299,22 @@ def _forward_kernel(
             plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[batch, head, pl.ds(q_base, block_q)])
             return step + (tile.cta_kv_end - tile.cta_kv_start)
 
-        # The overlapped schedule's token passes from warpgroup to warpgroup across tiles: warpgroup 0 issues
-        # first, and observes warpgroup 1's last hand-over once all tiles are done. (Handed over again at every
-        # tile, warpgroup 1 could pass the token for the next tile before warpgroup 0 had observed its last
-        # hand-over of this one: a barrier of one arrival then completes twice unobserved, and a parity wait
-        # misses a phase, a hang on the GPU. Mosaic GPU's interpreter caught it: "awaiting phase 6, but
+        # The overlapped schedule's token passes round the compute warpgroups across tiles: warpgroup 0 issues
+        # first, and observes the last warpgroup's last hand-over once all tiles are done. (Handed over again at
+        # every tile, the last warpgroup could pass the token for the next tile before warpgroup 0 had observed
+        # its last hand-over of this one: a barrier of one arrival then completes twice unobserved, and a parity
+        # wait misses a phase, a hang on the GPU. Mosaic GPU's interpreter caught it: "awaiting phase 6, but
         # barrier is already at phase 7".)
         if overlap:
-            pl.when(wg == 1)(lambda: plgpu.barrier_arrive(wg_token.at[0]))
+            pl.when(wg == compute_wgs - 1)(lambda: plgpu.barrier_arrive(wg_token.at[0]))
         lax.fori_loop(i32(0), my_tiles, tile_step, i32(0))
         if overlap:
             pl.when(wg == 0)(lambda: plgpu.barrier_wait(wg_token.at[0]))
         plgpu.wait_smem_to_gmem(0)
 
-    @pl.when(wg == MEMORY_WG)
+    @pl.when(wg == compute_wgs)  # the memory warpgroup, after the compute ones
     def _memory_warpgroup():
-        plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
+        plgpu.set_max_registers(memory_registers, action="decrease")
 
         def tile_step(i, step):
             batch, head, cta_q0 = tile_coords(i)
@@ -371,8 +372,8 @@ def mosaic_forward(
     batch, seq_q, num_heads, head_dim = q.shape
     _, seq_k, num_kv_heads, _ = k.shape
     config.check_fits(head_dim, q.dtype)
-    block_q, block_kv = config.block_q, config.block_kv
-    rows_per_cta = COMPUTE_WGS * block_q
+    block_q, block_kv, compute_wgs = config.block_q, config.block_kv, config.compute_wgs
+    rows_per_cta = compute_wgs * block_q
 
     # Clipped to the arrays: a length past the end means the whole row.
     q_lengths = clipped_lengths(inputs.q_lengths, seq_q) if spec.has_q_lengths else None
@@ -399,6 +400,7 @@ def mosaic_forward(
         block_q=block_q,
         block_kv=block_kv,
         num_stages=config.num_stages,
+        compute_wgs=compute_wgs,
         causal=spec.causal,
         left=spec.within(seq_q, seq_k).left,
         right=spec.within(seq_q, seq_k).right,
@@ -422,25 +424,25 @@ def mosaic_forward(
         ]
     dtype = q.dtype
     scratch = dict(
-        qo_smem=tiled_smem((config.q_buffers, COMPUTE_WGS, block_q, head_dim), dtype),
+        qo_smem=tiled_smem((config.q_buffers, compute_wgs, block_q, head_dim), dtype),
         k_smem=tiled_smem((config.num_stages, block_kv, head_dim), dtype),
         v_smem=tiled_smem((config.num_stages, block_kv, head_dim), dtype),
-        lse_smem=plgpu.SMEM((COMPUTE_WGS, block_q), jnp.float32),
-        q_ready=plgpu.Barrier(num_arrivals=2 if spec.has_segments else 1, num_barriers=config.q_buffers * COMPUTE_WGS),
+        lse_smem=plgpu.SMEM((compute_wgs, block_q), jnp.float32),
+        q_ready=plgpu.Barrier(num_arrivals=2 if spec.has_segments else 1, num_barriers=config.q_buffers * compute_wgs),
         k_ready=plgpu.Barrier(num_arrivals=2 if spec.has_segments else 1, num_barriers=config.num_stages),
         v_ready=plgpu.Barrier(num_barriers=config.num_stages),
-        k_consumed=plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=config.num_stages),
-        v_consumed=plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=config.num_stages),
+        k_consumed=plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=config.num_stages),
+        v_consumed=plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=config.num_stages),
     )
     if config.overlap:  # each warpgroup's token for issuing wgmmas
-        scratch["wg_token"] = plgpu.Barrier(num_arrivals=1, num_barriers=COMPUTE_WGS)
+        scratch["wg_token"] = plgpu.Barrier(num_arrivals=1, num_barriers=compute_wgs)
     else:  # the rendezvous both warpgroups arrive at to hand the turn over
-        scratch["wg_turn"] = plgpu.Barrier(num_arrivals=COMPUTE_WGS)
+        scratch["wg_turn"] = plgpu.Barrier(num_arrivals=compute_wgs)
     if spec.has_segments:  # the ids of each warpgroup's rows, of each K/V slot's keys
-        scratch["qseg_smem"] = plgpu.SMEM((config.q_buffers, COMPUTE_WGS, block_q), jnp.int32)
+        scratch["qseg_smem"] = plgpu.SMEM((config.q_buffers, compute_wgs, block_q), jnp.int32)
         scratch["kvseg_smem"] = plgpu.SMEM((config.num_stages, block_kv), jnp.int32)
     if interpret:  # P staged through shared memory (see the module docstring)
-        scratch["p_smem"] = tiled_smem((COMPUTE_WGS, block_q, block_kv), dtype)
+        scratch["p_smem"] = tiled_smem((compute_wgs, block_q, block_kv), dtype)
     out_shape = (
         jax.ShapeDtypeStruct(q_pad.shape, dtype),
         jax.ShapeDtypeStruct((batch, num_heads, lse_len), jnp.float32),
@@ -451,6 +453,6 @@ def mosaic_forward(
         scratch_types=scratch,
         grid=(num_programs,),
         grid_names=("program",),
-        **launch_params(interpret, "pallas_flash_mosaic_fwd"),
+        **launch_params(interpret, "pallas_flash_mosaic_fwd", compute_wgs),
     )(q_pad, k_pad, v_pad, *length_operands)
     return out[:, :seq_q], lse2[:, :, :seq_q]

@@ -9,7 +9,7 @@
   ``S`` is issued together with block ``j``'s ``P V``, and the softmax of ``S``
   runs while ``P V`` is still on the tensor cores (``O`` is rescaled once it has
   landed). ``wg_token[w]`` is warpgroup ``w``'s token to issue, passed to the
-  partner right after it has issued. The token passes on from tile to tile:
+  next warpgroup (round the two or three of them) right after it has issued. The token passes on from tile to tile:
   ``forward.py`` gives it to warpgroup 0 before the CTA's first tile and takes
   warpgroup 1's last hand-over after its last. Masked blocks wait for ``P V`` before
   they are masked: masking while it is in flight makes ptxas serialize every
@@ -64,7 +64,8 @@ class ForwardTile:
     right: int | None  # keys j <= i + right (0: causal), or None
     scale_log2: float
     interpret: bool
-    wg: Any  # this warpgroup (0 or 1)
+    wg: Any  # this compute warpgroup (0 .. compute_wgs - 1)
+    compute_wgs: int  # the CTA's compute warpgroups (static: 2, or 3 with the overlapped schedule)
     q_base: Any  # its first query row
     kv_start: Any  # the first key block its rows see
     kv_lo: Any  # blocks kv_lo .. kv_unmasked - 1 need no mask (those before: the window's left edge, other ids)
@@ -155,7 +156,8 @@ class ForwardTile:
 
 
 def turn_taking(t: ForwardTile, carry):
-    """``(acc, m, l)`` after the tile's key blocks: per block S = Q K^T, turn over, softmax, turn back, O += P V."""
+    """``(acc, m, l)`` after the tile's key blocks: per block S = Q K^T, turn over, softmax, turn back, O += P V.
+    Two compute warpgroups (``wg_turn`` is their rendezvous)."""
     dtype = t.q_smem.dtype
     sum_before_pv = t.q_smem.shape[-1] <= 128
 
@@ -264,7 +266,8 @@ def overlapped(t: ForwardTile, carry):
     def issue_turn(issue):
         plgpu.barrier_wait(t.wg_token.at[wg])
         issue()
-        plgpu.barrier_arrive(t.wg_token.at[1 - wg])
+        next_wg = 1 - wg if t.compute_wgs == 2 else lax.rem(wg + 1, i32(t.compute_wgs))  # the token goes round
+        plgpu.barrier_arrive(t.wg_token.at[next_wg])
 
     def scores_and_softmax(kb, m, l, *, masked, pv_ref=None, p16=None):
         """Issue S = Q K_kb^T (and O += P V_{kb-1} into ``pv_ref``); ``(p, m_new, alpha, l_new)`` of S."""

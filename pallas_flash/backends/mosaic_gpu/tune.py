@@ -33,8 +33,12 @@ from pallas_flash.tuning.search import Problem, backward_time, fastest, forward_
 
 __all__ = ["BWD_SPACE", "FWD_SPACE", "Problem", "backward_candidates", "forward_candidates", "tune_problem"]
 
-# Forward candidates, (block_kv, num_stages, overlap, persistent) each, before the shared-memory filter.
-FWD_SPACE = list(itertools.product((64, 128, 192, 256), (2, 3, 4), (False, True), (False, True)))
+# Forward candidates, (block_kv, num_stages, overlap, persistent, compute_wgs) each, before the shared-memory filter:
+# two compute warpgroups, and three (overlapped; with 160 registers each, key blocks up to 128).
+FWD_SPACE = [
+    *((*c, 2) for c in itertools.product((64, 128, 192, 256), (2, 3, 4), (False, True), (False, True))),
+    *((kv, s, True, p, 3) for kv, s, p in itertools.product((64, 128), (2, 3, 4), (False, True))),
+]
 # Backward candidates, (block_q, num_stages, dq_block_kv, dq_num_stages, deterministic) each, before the
 # filter: the deterministic mode (separate dQ kernel) over its query block and its dQ kernel's blocks, and
 # the fused dQ mode (no dQ kernel: its dq_* fields are unused and left at their defaults; 128-row query blocks fit
@@ -65,8 +69,9 @@ def _fitting(configs: list, head_dim: int, dtype: Any, what: str) -> list:
 
 def forward_candidates(head_dim: int, dtype: Any) -> list[MosaicForwardConfig]:
     """``FWD_SPACE`` as configs, those whose tiles fit for this head dim and dtype."""
-    configs = [MosaicForwardConfig(block_kv=block_kv, num_stages=stages, overlap=overlap, persistent=persistent)
-               for block_kv, stages, overlap, persistent in FWD_SPACE]
+    configs = [MosaicForwardConfig(block_kv=block_kv, num_stages=stages, overlap=overlap, persistent=persistent,
+                                   compute_wgs=wgs)
+               for block_kv, stages, overlap, persistent, wgs in FWD_SPACE]
     return _fitting(configs, head_dim, dtype, "forward")
 
 
