@@ -4,8 +4,7 @@ gets its own kernel trace.
 
 PROBS="D:N:causal,..." VARIANTS="name=block_kv:num_stages:overlap:persistent[:compute_wgs],..." \
     PYTHONPATH=. python3 benchmarks/experiments/ab_fwd_configs.py ROUNDS
-A variant ``default`` (no fields) takes ``config.default_config``'s forward for the call; ``compute_wgs`` needs
-``fwd-three-warpgroups.patch``.
+A variant ``default`` (no fields) takes ``config.default_config``'s forward for the call; ``compute_wgs`` defaults to 2.
 """
 import dataclasses, os, sys
 import jax, jax.numpy as jnp, numpy as np
