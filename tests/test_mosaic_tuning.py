@@ -345,22 +345,23 @@ def test_features_make_the_d128_forward_take_turns(cache_dir, features):
 
 
 def test_segment_ids_give_the_d64_forward_128_key_blocks(cache_dir):
-    kw = dict(dtype=jnp.bfloat16, causal=True, seq_q=4096, seq_k=4096, gpu="")
-    plain = _heuristic(64, True, 4096)
+    kw = dict(dtype=jnp.bfloat16, causal=True, seq_q=3072, seq_k=3072, gpu="")
+    plain = _heuristic(64, True, 3072)
     assert plain.fwd.block_kv == 256
     got = mosaic_config.default_config(head_dim=64, features=frozenset({"segments"}), **kw)
     assert got == dataclasses.replace(plain, fwd=dataclasses.replace(plain.fwd, block_kv=128, num_stages=3))
     assert mosaic_config.default_config(head_dim=64, features=frozenset({"window"}), **kw) == plain
 
 
-@pytest.mark.parametrize("causal, seq, persistent", [(False, 4096, True), (False, 16384, True), (True, 16384, False)])
+@pytest.mark.parametrize("causal, seq, persistent",
+                         [(False, 4096, True), (False, 16384, True), (True, 4096, False), (True, 16384, False)])
 def test_long_d64_forwards_take_three_warpgroups_on_plain_calls(cache_dir, causal, seq, persistent):
-    """The D=64 heuristic's three compute warpgroups (from 4k keys, causal from 8k); with any feature, or over fewer
+    """The D=64 heuristic's three compute warpgroups (from 4k keys, causal or not); with any feature, or over fewer
     keys, two. A tuned three-warpgroup entry gives way to the heuristic's two under a feature as well."""
     got = _heuristic(64, causal, seq)
     assert got.fwd == MosaicForwardConfig(block_kv=128, num_stages=2, overlap=True, persistent=persistent,
                                           compute_wgs=3)
-    shorter = _heuristic(64, causal, seq // 4 if causal else 2048).fwd
+    shorter = _heuristic(64, causal, 2048).fwd
     assert shorter.compute_wgs == 2 and not shorter.overlap
     kw = dict(head_dim=64, dtype=jnp.bfloat16, causal=causal, seq_q=seq, seq_k=seq)
     two = mosaic_config._two_warpgroup_d64_forward(causal, seq)

@@ -258,7 +258,7 @@ def _part_from_dict(part: type, name: str, fields: Any):
 
 # Key lengths from which the D<=64 forward's heuristic takes three compute warpgroups (``_default_forward``).
 THREE_WARPGROUPS_MIN_KEYS = 4096
-THREE_WARPGROUPS_MIN_KEYS_CAUSAL = 8192
+THREE_WARPGROUPS_MIN_KEYS_CAUSAL = 4096
 
 
 def _two_warpgroup_d64_forward(causal: bool, seq_k: int) -> MosaicForwardConfig:
@@ -275,7 +275,8 @@ def _default_forward(head_dim: int, dtype: Any, causal: bool, seq_k: int) -> Mos
       438 -> 465 at 16k; causal 239 -> 304 at 1k (128 x 3), 332 -> 387 at 4k, 429 -> 437 at 16k.
       Long keys take three compute warpgroups (NOTES 63; H200, 2026-12-03, against the two-warpgroup default
       in the same rounds): non-causal from 4k keys, persistent (4k: 444 vs 436 TFLOP/s, 16k: 475 vs 448; 1k:
-      381 vs 394), causal from 8k keys, one CTA per tile (16k: 433 vs 415; 4k: 358 vs 354; 1k: 217 vs 289).
+      381 vs 394), causal from 4k keys, one CTA per tile (16k: 433 vs 415; 4k: 361 vs 351 over 7 rounds,
+      NOTES 64; 2k: 310 vs 323; 1k: 217 vs 289).
     - D=128 non-causal: overlap, persistent (1k: 522 vs 506; 4k: 623 vs 593; 16k: 610 vs 613).
     - D=128 causal: one CTA per tile (persistent: 536 vs 581-625 at 16k, its tiles' order costing L2 reuse),
       overlap but over <= 1k keys (16k: 625 vs 592; 4k: 549 vs 509; 1k: 345 vs 379).
