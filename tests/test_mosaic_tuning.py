@@ -30,8 +30,9 @@ DTYPES = (jnp.bfloat16, jnp.float16)
 
 @pytest.fixture
 def cache_dir(tmp_path, monkeypatch):
-    """Both backends' user caches in ``tmp_path``, read afresh."""
+    """Both backends' user caches in ``tmp_path``, read afresh; no shipped Mosaic table (its own tests below)."""
     monkeypatch.setenv("PALLAS_FLASH_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(mosaic_config, "shipped_table", lambda gpu: {})
     triton_config.read_user_table.cache_clear()
     yield tmp_path
     triton_config.read_user_table.cache_clear()
@@ -39,6 +40,12 @@ def cache_dir(tmp_path, monkeypatch):
 
 def _heuristic(head_dim=128, causal=False, seq=4096, dtype=jnp.bfloat16):
     return mosaic_config.default_config(head_dim=head_dim, dtype=dtype, causal=causal, seq_q=seq, seq_k=seq, gpu="")
+
+
+def _heuristic_deterministic(head_dim, causal, seq):
+    want = mosaic_config.default_backward(head_dim, jnp.bfloat16, seq, seq, causal=causal, deterministic=True)
+    assert want.deterministic
+    return want
 
 
 def _write_cache(entries: dict) -> None:
@@ -229,7 +236,8 @@ def test_deterministic_requested_refuses_a_value_that_is_not_a_bool(monkeypatch)
 
 @pytest.mark.parametrize("call", [dict(kv_groups=4), dict(features=frozenset({"segments"}))])
 def test_gqa_and_masks_override_a_tuned_fused_entry(cache_dir, monkeypatch, call):
-    """The tuner times plain MHA calls: its fused entry keeps its blocks but not the fusion where that loses."""
+    """The tuner times plain MHA calls: where the fused dQ loses, its fused entry gives way to the heuristic's
+    deterministic backward (the forward stays)."""
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     fused = MosaicBackwardConfig(num_stages=1, deterministic=False)
     tuned = MosaicConfig(fwd=MosaicForwardConfig(block_kv=64, num_stages=4), bwd=fused)
@@ -237,7 +245,7 @@ def test_gqa_and_masks_override_a_tuned_fused_entry(cache_dir, monkeypatch, call
     kw = dict(head_dim=128, dtype=jnp.bfloat16, causal=True, seq_q=4096, seq_k=4096, gpu=GPU)
     assert mosaic_config.default_config(**kw, features=frozenset({"offsets"})) == tuned
     got = mosaic_config.default_config(**kw, **call)
-    assert got.fwd == tuned.fwd and got.bwd == dataclasses.replace(fused, deterministic=True)
+    assert got.fwd == tuned.fwd and got.bwd == _heuristic_deterministic(128, True, 4096)
 
 
 def test_xla_deterministic_ops_overrides_a_tuned_fused_entry(cache_dir, monkeypatch):
@@ -249,7 +257,7 @@ def test_xla_deterministic_ops_overrides_a_tuned_fused_entry(cache_dir, monkeypa
     assert mosaic_config.default_config(**kw) == tuned
     monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_deterministic_ops=true")
     got = mosaic_config.default_config(**kw)
-    assert got.fwd == tuned.fwd and got.bwd == dataclasses.replace(fused, deterministic=True)
+    assert got.fwd == tuned.fwd and got.bwd == _heuristic_deterministic(128, True, 4096)
 
 
 # --- to_dict / from_dict ---------------------------------------------------------------------
@@ -393,23 +401,29 @@ def test_invalid_cache_entry_raises_naming_the_file(cache_dir):
 
 
 def _fake_times(monkeypatch, fwd_best: MosaicForwardConfig, bwd_best: MosaicBackwardConfig, fail=()):
-    """Forward/backward timers that favour one config each and raise for the configs in ``fail``."""
+    """Forward/backward timers that favour one config each and raise for the configs in ``fail``; ``calls``
+    records each config prepared, ``timed`` each time taken."""
     calls = {"fwd": [], "bwd": []}
+    timed = {"fwd": [], "bwd": []}
 
-    def fwd_time(p, cfg, xs):
-        calls["fwd"].append(cfg)
-        if cfg.fwd in fail:
-            raise RuntimeError("does not compile")
-        return 1.0 if cfg.fwd == fwd_best else 2.0 + cfg.fwd.num_stages
+    def fake(part, best, fast, slow):
+        def prepare(p, cfg, xs):
+            calls[part].append(cfg)
+            if getattr(cfg, part) in fail:
+                raise RuntimeError("does not compile")
+            t = fast if getattr(cfg, part) == best else slow(cfg)
 
-    def bwd_time(p, cfg, xs):
-        calls["bwd"].append(cfg)
-        if cfg.bwd in fail:
-            raise RuntimeError("does not compile")
-        return 0.5 if cfg.bwd == bwd_best else 3.0
+            def timer(min_time):
+                timed[part].append(cfg)
+                return t
 
-    monkeypatch.setattr(mosaic_tune, "_fwd_time", fwd_time)
-    monkeypatch.setattr(mosaic_tune, "_bwd_time", bwd_time)
+            return timer
+
+        return prepare
+
+    monkeypatch.setattr(mosaic_tune, "_fwd_timer", fake("fwd", fwd_best, 1.0, lambda c: 2.0 + c.fwd.num_stages))
+    monkeypatch.setattr(mosaic_tune, "_bwd_timer", fake("bwd", bwd_best, 0.5, lambda c: 3.0))
+    calls["timed"] = timed
     return calls
 
 
@@ -423,15 +437,27 @@ def test_tune_problem_picks_the_fastest(cache_dir, monkeypatch):
     failing = MosaicForwardConfig(block_kv=64, num_stages=2)
     calls = _fake_times(monkeypatch, fwd_best, bwd_best, fail=(failing,))
     logs = []
-    cfg, times = mosaic_tune.tune_problem(_small(64), log=logs.append)
+    search = mosaic_tune.Search(top=2, rounds=3)
+    cfg, times = mosaic_tune.tune_problem(_small(64), log=logs.append, search=search)
     assert cfg.fwd == fwd_best and cfg.bwd == bwd_best
-    assert times == {"fwd_ms": 1000.0, "bwd_ms": 500.0}
+    assert times["fwd_ms"] == 1000.0 and times["bwd_ms"] == 500.0
+    # every candidate of the spaces is prepared (the heuristic's picks are among them)
     assert [c.fwd for c in calls["fwd"]] == mosaic_tune.forward_candidates(64, "bfloat16")
     assert [c.bwd for c in calls["bwd"]] == mosaic_tune.backward_candidates(64, "bfloat16")
     assert all(c.fwd == fwd_best for c in calls["bwd"])  # the backward is searched with the best forward
     skips = [line for line in logs if "skip" in line]
     assert len(skips) == 1 and "does not compile" in skips[0]
-    assert len(logs) == 1 + len(calls["fwd"]) - 1 + len(calls["bwd"])  # each timed candidate is logged with its time
+    # screened once each, then the top 2 and the heuristic's pick in 3 rounds
+    base = mosaic_config.heuristic_config(head_dim=64, dtype="bfloat16", causal=True, seq_q=128, seq_k=128)
+    n_fwd = len(calls["fwd"]) - 1
+    assert len(calls["timed"]["fwd"]) == n_fwd + 3 * 3
+    first_round = calls["timed"]["fwd"][n_fwd:n_fwd + 3]
+    assert first_round[0] == dataclasses.replace(base, fwd=fwd_best) and first_round[2] == base
+    assert first_round[1] not in (first_round[0], base)
+    assert times["fwd_search"]["pick"] == repr(cfg.__class__(fwd=fwd_best, bwd=base.bwd))
+    assert times["fwd_search"]["baseline"] == repr(base)
+    assert len(times["fwd_search"]["screen"]) == n_fwd
+    assert all(len(v) == 3 for v in times["bwd_search"]["confirm"].values())
 
 
 def test_tune_problem_head_dim_256_searches_the_wide_backward(cache_dir, monkeypatch):
@@ -440,7 +466,7 @@ def test_tune_problem_head_dim_256_searches_the_wide_backward(cache_dir, monkeyp
     cfg, times = mosaic_tune.tune_problem(_small(256, causal=False), log=lambda s: None, nondeterministic=True)
     assert cfg == MosaicConfig(fwd=MosaicForwardConfig(block_kv=64, num_stages=2), bwd=bwd_best)
     assert [c.bwd for c in calls["bwd"]] == mosaic_tune.backward_candidates(256, "bfloat16")
-    assert set(times) == {"fwd_ms", "bwd_ms"}
+    assert set(times) == {"fwd_ms", "bwd_ms", "fwd_search", "bwd_search"}
 
 
 def test_tune_problem_raises_when_nothing_compiles(cache_dir, monkeypatch):

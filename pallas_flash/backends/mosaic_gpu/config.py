@@ -6,13 +6,16 @@ at head dims 64 and 128, ``backward_wide.py``'s role split at 256).
 
 ``default_config`` reads the user's tuned cache for this GPU first
 (``python -m pallas_flash.tuning --backend mosaic``, stored in
-``user_cache_path()``, beside the Triton backend's), then falls back to the
-heuristics below. There is no shipped table yet.
+``user_cache_path()``, beside the Triton backend's), then the shipped table
+for this GPU (``tables/<gpu>.json``, made by the same command with ``--out``),
+then falls back to the heuristics below (``heuristic_config``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import os
 import pathlib
 from typing import Any
@@ -20,13 +23,15 @@ from typing import Any
 import jax.numpy as jnp
 
 from pallas_flash.backends.triton import config as triton_config
-from pallas_flash.backends.triton.config import config_key, gpu_name
+from pallas_flash.backends.triton.config import config_key, gpu_name, seq_bucket
 
 __all__ = [
     "MosaicForwardConfig",
     "MosaicBackwardConfig",
     "MosaicConfig",
     "default_config",
+    "heuristic_config",
+    "shipped_table",
     "default_backward",
     "deterministic_requested",
     "user_cache_path",
@@ -430,6 +435,53 @@ TURN_TAKING_FEATURES = frozenset({"window", "lengths", "segments"})
 SEGMENTS_D64_FORWARD = dict(block_kv=128, num_stages=3)
 
 
+# Shipped tables, tuned with ``python -m pallas_flash.tuning --backend mosaic --out tables/<file>``: the first whose
+# name occurs in the GPU's device_kind applies. Keys: ``config_key``.
+SHIPPED_TABLES = {"H200": "h200.json"}
+TABLES_DIR = pathlib.Path(__file__).parent / "tables"
+
+
+@functools.cache
+def shipped_table(gpu: str) -> dict[str, dict[str, Any]]:
+    """The shipped table for ``gpu`` (a device_kind), ``{config_key: MosaicConfig.to_dict()}``; ``{}`` for a GPU
+    none covers."""
+    for name, file in SHIPPED_TABLES.items():
+        if name in gpu:
+            return json.loads((TABLES_DIR / file).read_text())
+    return {}
+
+
+def _shipped_entry(head_dim: int, dtype: Any, causal: bool, seq_q: int, seq_k: int, gpu: str) -> MosaicConfig | None:
+    """The shipped entry for this call: only at a tuned bucket, and only when both lengths fall in it (the table was
+    timed at Tq = Tk = the bucket); fp16 takes bf16's entries (the same tile bytes). Other lengths take the
+    heuristics, whose thresholds (three warpgroups, the fused dQ) sit between the tuned buckets. An entry that does
+    not make a fitting ``MosaicConfig`` raises ``ValueError`` (a packaging mistake; the tests read every entry)."""
+    if seq_bucket(seq_q) != seq_bucket(seq_k):
+        return None
+    table = shipped_table(gpu)
+    names = [jnp.dtype(dtype).name] + (["bfloat16"] if jnp.dtype(dtype) == jnp.float16 else [])
+    for name in names:
+        key = config_key(head_dim, name, causal, seq_q)
+        if key in table:
+            try:
+                cfg = MosaicConfig.from_dict(table[key])
+                cfg.fwd.check_fits(head_dim, dtype)
+                cfg.bwd.check_fits(head_dim, dtype)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"the shipped Mosaic table for {gpu!r} has an invalid entry {key} ({e})") from e
+            return cfg
+    return None
+
+
+def heuristic_config(
+    *, head_dim: int, dtype: Any, causal: bool, seq_q: int, seq_k: int, features: frozenset[str] = frozenset(),
+    kv_groups: int = 1,
+) -> MosaicConfig:
+    """The heuristics' config, before the features' adjustments: ``_default_forward`` and ``default_backward``."""
+    bwd = default_backward(head_dim, dtype, seq_q, seq_k, causal=causal, kv_groups=kv_groups, features=features)
+    return MosaicConfig(fwd=_default_forward(head_dim, dtype, causal, seq_k), bwd=bwd)
+
+
 def default_config(
     *, head_dim: int, dtype: Any, causal: bool, seq_q: int, seq_k: int, gpu: str | None = None,
     features: frozenset[str] = frozenset(), kv_groups: int = 1,
@@ -437,22 +489,28 @@ def default_config(
     """The config used when the caller passes none.
 
     The user's tuned cache for this GPU (``user_cache_path()``; ``gpu`` defaults to ``gpu_name()``), else the
-    forward's (head dim, dtype, mask and, for the overlap, the key length) and backward's (``default_backward``)
-    heuristics. The backward is deterministic under ``deterministic_requested()`` and where ``fused_dq_pays`` says
-    no; a tuned fused entry too (its blocks kept) under the first, with GQA (``kv_groups`` > 1) or with one of
-    ``FUSED_DQ_LOSES``. ``features`` (the call's ``AttentionSpec.features`` keys; the tuner times plain and causal
-    MHA calls only): with one of ``TURN_TAKING_FEATURES`` the D=128 forward takes turns, and with segment ids the
-    D=64 forward takes ``SEGMENTS_D64_FORWARD`` blocks, tuned or not; with any feature a three-warpgroup forward
-    (timed without them) gives way to the two-warpgroup heuristic.
+    shipped table's entry (``_shipped_entry``: at its bucket only), else the forward's (head dim, dtype, mask
+    and, for the overlap, the key length) and backward's (``default_backward``) heuristics. The backward is
+    deterministic under ``deterministic_requested()`` and where ``fused_dq_pays`` says no; where a tuned fused
+    entry (timed on plain MHA) meets the first, GQA (``kv_groups`` > 1) or one of ``FUSED_DQ_LOSES``, the
+    heuristic's deterministic backward replaces it (the fused entry's blocks say nothing of the dQ kernel's).
+    ``features`` (the call's ``AttentionSpec.features`` keys; the tuner times plain and causal MHA calls only):
+    with one of ``TURN_TAKING_FEATURES`` the D=128 forward takes turns, and with segment ids the D=64 forward
+    takes ``SEGMENTS_D64_FORWARD`` blocks, tuned or not; with any feature a three-warpgroup forward (timed
+    without them) gives way to the two-warpgroup heuristic.
     """
     gpu = gpu_name() if gpu is None else gpu
-    config = _user_entry(head_dim, dtype, causal, seq_q, gpu) if gpu else None
+    config = None
+    if gpu:
+        config = _user_entry(head_dim, dtype, causal, seq_q, gpu)
+        if config is None:
+            config = _shipped_entry(head_dim, dtype, causal, seq_q, seq_k, gpu)
     if config is None:
-        bwd = default_backward(head_dim, dtype, seq_q, seq_k, causal=causal, kv_groups=kv_groups, features=features)
-        config = MosaicConfig(fwd=_default_forward(head_dim, dtype, causal, seq_k), bwd=bwd)
+        config = heuristic_config(head_dim=head_dim, dtype=dtype, causal=causal, seq_q=seq_q, seq_k=seq_k,
+                                  features=features, kv_groups=kv_groups)
     elif not config.bwd.deterministic and (deterministic_requested() or not _plain_mha(kv_groups, features)):
-        # a tuned fused entry (timed on plain MHA): its blocks, no fusion
-        config = dataclasses.replace(config, bwd=dataclasses.replace(config.bwd, deterministic=True))
+        bwd = default_backward(head_dim, dtype, seq_q, seq_k, causal=causal, deterministic=True)
+        config = dataclasses.replace(config, bwd=bwd)
     if head_dim == 128 and config.fwd.overlap and features & TURN_TAKING_FEATURES:
         config = dataclasses.replace(config, fwd=dataclasses.replace(config.fwd, overlap=False))
     if config.fwd.compute_wgs == 3 and features:

@@ -2,9 +2,13 @@
 
 The search is coordinate-wise: the forward config alone (timing the forward,
 with the default backward), then the backward config with the best forward
-(timing the backward alone). Each space holds only the candidates whose tiles
-fit in shared memory for the problem's head dim and dtype (``check_fits``);
-a candidate that still fails to compile is skipped with a log line. At head
+(timing the backward alone). Each is ``search.screen_then_confirm``: every
+candidate timed briefly, then the fastest few and the heuristic's pick
+(``config.default_config`` without tables) in interleaved rounds; the
+heuristic's pick stays unless beaten by more than the margin. Each space
+holds only the candidates whose tiles fit in shared memory for the problem's
+head dim and dtype (``check_fits``); a candidate that still fails to compile
+is skipped with a log line. At head
 dim 256 (``backward_wide.py``, deterministic in either mode) the fused-dQ
 candidates are left out: they would run the same kernels. Results are keyed by
 ``config.config_key`` and stored in the user cache (``config.user_cache_path()``)
@@ -26,12 +30,15 @@ from pallas_flash.backends.mosaic_gpu.config import (
     MosaicBackwardConfig,
     MosaicConfig,
     MosaicForwardConfig,
-    default_config,
+    default_backward,
     deterministic_requested,
+    heuristic_config,
 )
-from pallas_flash.tuning.search import Problem, backward_time, fastest, forward_time
+from pallas_flash.tuning.search import Problem, Search, backward_timer, forward_timer, screen_then_confirm
 
-__all__ = ["BWD_SPACE", "FWD_SPACE", "Problem", "backward_candidates", "forward_candidates", "tune_problem"]
+__all__ = [
+    "BWD_SPACE", "FWD_SPACE", "Problem", "Search", "backward_candidates", "forward_candidates", "tune_problem",
+]
 
 # Forward candidates, (block_kv, num_stages, overlap, persistent, compute_wgs) each, before the shared-memory filter:
 # two compute warpgroups, and three (overlapped; with 160 registers each, key blocks up to 128).
@@ -98,22 +105,34 @@ def _attention(p: Problem, cfg: MosaicConfig):
     return lambda q, k, v: dot_product_attention(q, k, v, is_causal=p.causal, implementation="mosaic", config=cfg)
 
 
-def _fwd_time(p: Problem, cfg: MosaicConfig, xs) -> float:
-    return forward_time(_attention(p, cfg), xs)
+def _fwd_timer(p: Problem, cfg: MosaicConfig, xs):
+    return forward_timer(_attention(p, cfg), xs)
 
 
-def _bwd_time(p: Problem, cfg: MosaicConfig, xs) -> float:
-    return backward_time(_attention(p, cfg), xs)
+def _bwd_timer(p: Problem, cfg: MosaicConfig, xs):
+    return backward_timer(_attention(p, cfg), xs)
 
 
-def tune_problem(p: Problem, log=print, *, nondeterministic: bool | None = None) -> tuple[MosaicConfig, dict]:
-    """The fastest forward and backward configs for one problem, and their times (``fwd_ms``, ``bwd_ms``);
-    ``nondeterministic``: whether the backward searches the fused-dQ mode too (see ``backward_candidates``)."""
+def tune_problem(
+    p: Problem, log=print, *, nondeterministic: bool | None = None, search: Search = Search()
+) -> tuple[MosaicConfig, dict]:
+    """The fastest forward and backward configs for one problem, their times (``fwd_ms``, ``bwd_ms``: medians over
+    the confirming rounds) and what each search timed (``fwd_search``, ``bwd_search``: ``screen_then_confirm``'s
+    records). ``nondeterministic``: whether the backward searches the fused-dQ mode too (see
+    ``backward_candidates``); the baseline backward is the heuristic's for the same choice."""
+    if nondeterministic is None:
+        nondeterministic = not deterministic_requested()
     xs = p.inputs()
-    base = default_config(head_dim=p.head_dim, dtype=p.dtype, causal=p.causal, seq_q=p.seq, seq_k=p.seq)
+    base = heuristic_config(head_dim=p.head_dim, dtype=p.dtype, causal=p.causal, seq_q=p.seq, seq_k=p.seq)
+    if not nondeterministic:
+        base = dataclasses.replace(
+            base, bwd=default_backward(p.head_dim, p.dtype, p.seq, p.seq, causal=p.causal, deterministic=True))
     fwd_cands = [dataclasses.replace(base, fwd=fwd) for fwd in forward_candidates(p.head_dim, p.dtype)]
-    best_fwd, t_fwd = fastest(fwd_cands, lambda c: _fwd_time(p, c, xs), log)
+    best_fwd, t_fwd, fwd_record = screen_then_confirm(
+        fwd_cands, lambda c: _fwd_timer(p, c, xs), log, baseline=base, search=search)
     bwd_cands = [dataclasses.replace(best_fwd, bwd=bwd)
                  for bwd in backward_candidates(p.head_dim, p.dtype, nondeterministic=nondeterministic)]
-    best, t_bwd = fastest(bwd_cands, lambda c: _bwd_time(p, c, xs), log)
-    return best, {"fwd_ms": t_fwd * 1e3, "bwd_ms": t_bwd * 1e3}
+    best, t_bwd, bwd_record = screen_then_confirm(
+        bwd_cands, lambda c: _bwd_timer(p, c, xs), log, baseline=dataclasses.replace(best_fwd, bwd=base.bwd),
+        search=search)
+    return best, {"fwd_ms": t_fwd * 1e3, "bwd_ms": t_bwd * 1e3, "fwd_search": fwd_record, "bwd_search": bwd_record}
