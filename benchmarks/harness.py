@@ -70,8 +70,10 @@ def _pallas_flash(p: Problem):
 
 def _pallas_flash_mosaic(p: Problem, *, deterministic: bool | None = None):
     """pallas_flash's Mosaic GPU backend: no fallback, so a refused call is n/a rather than another kernel's time.
-    ``deterministic``: ``None`` the default config (the backward's dQ mode per call, ``fused_dq_pays``);
-    ``True``/``False`` that mode forced (``mosaic_gpu.config.default_backward``), the forward's config the default."""
+    ``deterministic``: ``None`` the default config (the shipped table's at its tuned buckets, else the heuristics:
+    the backward's dQ mode per call, ``fused_dq_pays``); ``True``/``False`` that mode forced: the default's backward
+    where it is already in that mode, else the heuristic's for the mode (``mosaic_gpu.config.default_backward``; what
+    ``XLA_FLAGS=--xla_gpu_deterministic_ops=true`` gives for ``True``), the forward's config the default."""
     import dataclasses
 
     import jax
@@ -94,8 +96,9 @@ def _pallas_flash_mosaic(p: Problem, *, deterministic: bool | None = None):
         if not deterministic and s.head_dim in WIDE_HEAD_DIMS:
             raise NotImplementedError(f"at head dim {s.head_dim} the Mosaic backward is deterministic only")
         config = mosaic.default_config(q, k, spec)
-        bwd = default_backward(s.head_dim, q.dtype, s.seq_q, s.seq_k, deterministic=deterministic)
-        config = dataclasses.replace(config, bwd=bwd)
+        if config.bwd.deterministic != deterministic:
+            bwd = default_backward(s.head_dim, q.dtype, s.seq_q, s.seq_k, causal=s.causal, deterministic=deterministic)
+            config = dataclasses.replace(config, bwd=bwd)
 
     def f(q, k, v, **extras):
         return pallas_flash.dot_product_attention(
@@ -220,9 +223,11 @@ IMPLS: dict[str, Impl] = {
         Impl("pallas_flash", _pallas_flash, "pallas_flash.dot_product_attention(implementation='pallas')",
              extras=_segment_extras),
         Impl("pallas_flash_mosaic", _pallas_flash_mosaic, "pallas_flash.dot_product_attention(implementation="
-             "'mosaic'): the Mosaic GPU (sm_90) forward and backward, default configs (the backward's dQ fused by "
-             "TMA reduce-add where `fused_dq_pays`: MHA, no window, ids or lengths, D=128 from N=8k, D=64 "
-             "non-causal from 1k (128-row steps); else the deterministic dQ kernel)", extras=_segment_extras),
+             "'mosaic'): the Mosaic GPU (sm_90) forward and backward, default configs (the shipped H200 table's at "
+             "its tuned buckets, N 1k/4k/16k with Tq and Tk in one bucket; else the heuristics; the backward's dQ "
+             "fused by TMA reduce-add where `fused_dq_pays` or the table says: MHA, no window, ids or lengths, D=128 "
+             "from N=8k, D=64 non-causal from 1k (128-row steps); else the deterministic dQ kernel)",
+             extras=_segment_extras),
         Impl("pallas_flash_mosaic_deterministic", functools.partial(_pallas_flash_mosaic, deterministic=True),
              "the same with the deterministic backward at every length (bit-identical reruns; what "
              "XLA_FLAGS=--xla_gpu_deterministic_ops=true gives)", extras=_segment_extras),
