@@ -98,15 +98,16 @@ def main(argv=None) -> int:
             continue
         start = time.perf_counter()
         cfg, times = tune.tune_problem(p, log=lambda s: print(s, file=sys.stderr, flush=True), **extra)
+        seconds = time.perf_counter() - start
         table[key] = cfg.to_dict()
-        print(f"{key}: fwd {times['fwd_ms']:.3f} ms, bwd {times['bwd_ms']:.3f} ms, {cfg} "
-              f"({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+        print(f"{key}: fwd {times['fwd_ms']:.3f} ms, bwd {times['bwd_ms']:.3f} ms, {cfg} ({seconds:.0f} s)",
+              file=sys.stderr, flush=True)
         if args.records is not None:
             with args.records.open("a") as f:
-                f.write(json.dumps({"gpu": gpu, "key": key, "problem": vars(p), "config": cfg.to_dict(),
-                                    "seconds": time.perf_counter() - start, **times}) + "\n")
+                f.write(json.dumps({"gpu": gpu, "key": key, "problem": vars(p), "config": table[key],
+                                    "seconds": seconds, **times}) + "\n")
         if args.out is not None:
-            done[key] = cfg.to_dict()
+            done[key] = table[key]
             tmp = args.out.with_name(args.out.name + ".tmp")
             tmp.write_text(json.dumps(done, indent=1, sort_keys=True) + "\n")
             tmp.replace(args.out)  # never a half-written table

@@ -179,11 +179,11 @@ def screen_then_confirm(
         shortlist += [item for item in ranked if item[1] == baseline]
     screened = {repr(cfg): t for t, cfg, _ in screen}
     del ranked, ready, screen  # the other candidates' compiled functions and buffers
-    rounds: dict[int, list[float]] = {i: [] for i in range(len(shortlist))}
+    rounds: list[list[float]] = [[] for _ in shortlist]  # per shortlisted candidate, its time in each round
     for _ in range(search.rounds):
-        for i, (_, _, timer) in enumerate(shortlist):
-            rounds[i].append(timer(search.confirm_s))
-    medians = [statistics.median(rounds[i]) for i in range(len(shortlist))]
+        for times, (_, _, timer) in zip(rounds, shortlist):
+            times.append(timer(search.confirm_s))
+    medians = [statistics.median(times) for times in rounds]
     best = min(range(len(shortlist)), key=lambda i: medians[i])
     base = next((i for i, (_, cfg, _) in enumerate(shortlist) if cfg == baseline), None)
     if base is not None and best != base and medians[best] > medians[base] * (1.0 - search.margin):
@@ -193,7 +193,7 @@ def screen_then_confirm(
         log(f"    confirm {medians[i] * 1e3:8.3f} ms over {search.rounds} rounds  {cfg}{mark}")
     record = {
         "screen": screened,
-        "confirm": {repr(shortlist[i][1]): rounds[i] for i in rounds},
+        "confirm": {repr(cfg): times for times, (_, cfg, _) in zip(rounds, shortlist)},
         "baseline": repr(baseline) if baseline is not None else None,
         "pick": repr(shortlist[best][1]),
     }

@@ -14,14 +14,12 @@ then falls back to the heuristics below (``heuristic_config``).
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import os
-import pathlib
 from typing import Any
 
 import jax.numpy as jnp
 
+from pallas_flash.backends.mosaic_gpu.tables import SHIPPED_TABLES, TABLES_DIR, shipped_table, user_cache_path
 from pallas_flash.backends.triton import config as triton_config
 from pallas_flash.backends.triton.config import config_key, gpu_name, seq_bucket
 
@@ -32,6 +30,8 @@ __all__ = [
     "default_config",
     "heuristic_config",
     "shipped_table",
+    "SHIPPED_TABLES",
+    "TABLES_DIR",
     "default_backward",
     "deterministic_requested",
     "user_cache_path",
@@ -400,13 +400,15 @@ def default_backward(
     return MosaicBackwardConfig(num_stages=2, dq_block_kv=64, dq_num_stages=3, deterministic=True)
 
 
-def user_cache_path() -> pathlib.Path:
-    """Where ``python -m pallas_flash.tuning --backend mosaic`` stores configs tuned on this machine.
-
-    ``mosaic_configs.json`` in the Triton backend's cache folder (``$PALLAS_FLASH_CACHE_DIR``, else
-    ``$XDG_CACHE_HOME/pallas_flash``, else ``~/.cache/pallas_flash``): ``{gpu name: {config_key: to_dict()}}``.
-    """
-    return triton_config.user_cache_path().with_name("mosaic_configs.json")
+def _checked(entry: dict, head_dim: int, dtype: Any, what: str, hint: str = "") -> MosaicConfig:
+    """``entry`` as a ``MosaicConfig`` whose tiles fit; else ``ValueError``: ``{what} is invalid (why){hint}``."""
+    try:
+        cfg = MosaicConfig.from_dict(entry)
+        cfg.fwd.check_fits(head_dim, dtype)
+        cfg.bwd.check_fits(head_dim, dtype)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{what} is invalid ({e}){hint}") from e
+    return cfg
 
 
 def _user_entry(head_dim: int, dtype: Any, causal: bool, seq_q: int, gpu: str) -> MosaicConfig | None:
@@ -420,16 +422,22 @@ def _user_entry(head_dim: int, dtype: Any, causal: bool, seq_q: int, gpu: str) -
     if entry is None:
         return None
     key = config_key(head_dim, dtype, causal, seq_q)
-    try:
-        cfg = MosaicConfig.from_dict(entry)
-        cfg.fwd.check_fits(head_dim, dtype)
-        cfg.bwd.check_fits(head_dim, dtype)
-    except (TypeError, ValueError) as e:
-        raise ValueError(
-            f"the tuned Mosaic config for {gpu!r}, {key} in {path} is invalid ({e}); "
-            "rerun `python -m pallas_flash.tuning --backend mosaic` or delete that file"
-        ) from e
-    return cfg
+    return _checked(entry, head_dim, dtype, f"the tuned Mosaic config for {gpu!r}, {key} in {path}",
+                    "; rerun `python -m pallas_flash.tuning --backend mosaic` or delete that file")
+
+
+def _shipped_entry(head_dim: int, dtype: Any, causal: bool, seq_q: int, seq_k: int, gpu: str) -> MosaicConfig | None:
+    """The shipped entry for this call: only at a tuned bucket, and only when both lengths fall in it (the table was
+    timed at Tq = Tk = the bucket); fp16 takes bf16's entries (the same tile bytes). Other lengths take the
+    heuristics, whose thresholds (three warpgroups, the fused dQ) sit between the tuned buckets. An entry that does
+    not make a fitting ``MosaicConfig`` raises ``ValueError`` (a packaging mistake; the tests read every entry)."""
+    if seq_bucket(seq_q) != seq_bucket(seq_k):
+        return None
+    entry = triton_config.lookup(shipped_table(gpu), head_dim, dtype, causal, seq_q, nearest=False)
+    if entry is None:
+        return None
+    key = config_key(head_dim, dtype, causal, seq_q)
+    return _checked(entry, head_dim, dtype, f"the shipped Mosaic table for {gpu!r}, entry {key}")
 
 
 # Features under which a row may see no key, or a key block needs its own bounds (``AttentionSpec.features`` keys).
@@ -442,50 +450,14 @@ TURN_TAKING_FEATURES = frozenset({"window", "lengths", "segments"})
 SEGMENTS_D64_FORWARD = dict(block_kv=128, num_stages=3)
 
 
-# Shipped tables, tuned with ``python -m pallas_flash.tuning --backend mosaic --out tables/<file>``: the first whose
-# name occurs in the GPU's device_kind applies. Keys: ``config_key``.
-SHIPPED_TABLES = {"H200": "h200.json"}
-TABLES_DIR = pathlib.Path(__file__).parent / "tables"
-
-
-@functools.cache
-def shipped_table(gpu: str) -> dict[str, dict[str, Any]]:
-    """The shipped table for ``gpu`` (a device_kind), ``{config_key: MosaicConfig.to_dict()}``; ``{}`` for a GPU
-    none covers."""
-    for name, file in SHIPPED_TABLES.items():
-        if name in gpu:
-            return json.loads((TABLES_DIR / file).read_text())
-    return {}
-
-
-def _shipped_entry(head_dim: int, dtype: Any, causal: bool, seq_q: int, seq_k: int, gpu: str) -> MosaicConfig | None:
-    """The shipped entry for this call: only at a tuned bucket, and only when both lengths fall in it (the table was
-    timed at Tq = Tk = the bucket); fp16 takes bf16's entries (the same tile bytes). Other lengths take the
-    heuristics, whose thresholds (three warpgroups, the fused dQ) sit between the tuned buckets. An entry that does
-    not make a fitting ``MosaicConfig`` raises ``ValueError`` (a packaging mistake; the tests read every entry)."""
-    if seq_bucket(seq_q) != seq_bucket(seq_k):
-        return None
-    table = shipped_table(gpu)
-    names = [jnp.dtype(dtype).name] + (["bfloat16"] if jnp.dtype(dtype) == jnp.float16 else [])
-    for name in names:
-        key = config_key(head_dim, name, causal, seq_q)
-        if key in table:
-            try:
-                cfg = MosaicConfig.from_dict(table[key])
-                cfg.fwd.check_fits(head_dim, dtype)
-                cfg.bwd.check_fits(head_dim, dtype)
-            except (TypeError, ValueError) as e:
-                raise ValueError(f"the shipped Mosaic table for {gpu!r} has an invalid entry {key} ({e})") from e
-            return cfg
-    return None
-
-
 def heuristic_config(
     *, head_dim: int, dtype: Any, causal: bool, seq_q: int, seq_k: int, features: frozenset[str] = frozenset(),
-    kv_groups: int = 1,
+    kv_groups: int = 1, deterministic: bool | None = None,
 ) -> MosaicConfig:
-    """The heuristics' config, before the features' adjustments: ``_default_forward`` and ``default_backward``."""
-    bwd = default_backward(head_dim, dtype, seq_q, seq_k, causal=causal, kv_groups=kv_groups, features=features)
+    """The heuristics' config, before the features' adjustments: ``_default_forward`` and ``default_backward``
+    (``deterministic`` as there: ``None`` picks the backward's mode)."""
+    bwd = default_backward(head_dim, dtype, seq_q, seq_k, causal=causal, kv_groups=kv_groups, features=features,
+                           deterministic=deterministic)
     return MosaicConfig(fwd=_default_forward(head_dim, dtype, causal, seq_k), bwd=bwd)
 
 

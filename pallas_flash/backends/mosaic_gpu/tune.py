@@ -4,7 +4,7 @@ The search is coordinate-wise: the forward config alone (timing the forward,
 with the default backward), then the backward config with the best forward
 (timing the backward alone). Each is ``search.screen_then_confirm``: every
 candidate timed briefly, then the fastest few and the heuristic's pick
-(``config.default_config`` without tables) in interleaved rounds; the
+(``config.heuristic_config``) in interleaved rounds; the
 heuristic's pick stays unless beaten by more than the margin. Each space
 holds only the candidates whose tiles fit in shared memory for the problem's
 head dim and dtype (``check_fits``); a candidate that still fails to compile
@@ -30,7 +30,6 @@ from pallas_flash.backends.mosaic_gpu.config import (
     MosaicBackwardConfig,
     MosaicConfig,
     MosaicForwardConfig,
-    default_backward,
     deterministic_requested,
     heuristic_config,
 )
@@ -123,10 +122,8 @@ def tune_problem(
     if nondeterministic is None:
         nondeterministic = not deterministic_requested()
     xs = p.inputs()
-    base = heuristic_config(head_dim=p.head_dim, dtype=p.dtype, causal=p.causal, seq_q=p.seq, seq_k=p.seq)
-    if not nondeterministic:
-        base = dataclasses.replace(
-            base, bwd=default_backward(p.head_dim, p.dtype, p.seq, p.seq, causal=p.causal, deterministic=True))
+    base = heuristic_config(head_dim=p.head_dim, dtype=p.dtype, causal=p.causal, seq_q=p.seq, seq_k=p.seq,
+                            deterministic=None if nondeterministic else True)
     fwd_cands = [dataclasses.replace(base, fwd=fwd) for fwd in forward_candidates(p.head_dim, p.dtype)]
     best_fwd, t_fwd, fwd_record = screen_then_confirm(
         fwd_cands, lambda c: _fwd_timer(p, c, xs), log, baseline=base, search=search)

@@ -182,8 +182,9 @@ def _shipped_table(gpu: str) -> dict[str, dict[str, Any]]:
     return {}
 
 
-def lookup(table: dict[str, dict[str, Any]], head_dim: int, dtype: Any, causal: bool, seq_q: int):
-    """Exact key, else the nearest sequence bucket; fp16 uses bf16's entries (same tile bytes)."""
+def lookup(table: dict[str, dict[str, Any]], head_dim: int, dtype: Any, causal: bool, seq_q: int,
+           *, nearest: bool = True):
+    """Exact key, else (``nearest``) the nearest sequence bucket; fp16 uses bf16's entries (same tile bytes)."""
     dtypes = [jax.numpy.dtype(dtype).name]
     if dtypes[0] == "float16":
         dtypes.append("bfloat16")
@@ -191,6 +192,8 @@ def lookup(table: dict[str, dict[str, Any]], head_dim: int, dtype: Any, causal: 
         entry = table.get(config_key(head_dim, dt, causal, seq_q))
         if entry is not None:
             return entry
+        if not nearest:
+            continue
         prefix = config_key(head_dim, dt, causal, seq_q).rsplit("|", 1)[0] + "|n"
         near = sorted(
             (abs(math.log2(int(k[len(prefix):]) / seq_bucket(seq_q))), k) for k in table if k.startswith(prefix)
