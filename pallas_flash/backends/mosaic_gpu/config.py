@@ -288,12 +288,12 @@ def _default_forward(head_dim: int, dtype: Any, causal: bool, seq_k: int) -> Mos
     - D=256: overlap (4k: 629-674 vs 589-602 non-causal, 546 vs 523 causal), 64-key blocks, one CTA per tile
       (a second Q buffer does not fit).
 
-    On the H200 the shipped table (``tables/h200.json``, tuned 2026-12-04, NOTES 65) supersedes these at its
+    On the H200 the shipped table (``tables/h200.json``, tuned 2026-12-04, NOTES 65 and 68) supersedes these at its
     buckets (N 1k/4k/16k, D 64/128; D=256 at 4k). Where they disagree the table holds the later measurement, in
-    interleaved rounds against this heuristic's pick: D=64 causal 4k two warpgroups, 128-key blocks in four stages,
-    persistent (367 vs 342 TFLOP/s for three warpgroups), 16k 256 x 3 one CTA per tile (443 vs 432); D=128
-    non-causal 16k one CTA per tile (600 vs 578), causal 4k taking turns (489 vs 464), 1k overlapped and
-    persistent (358 vs 324). Lengths between the buckets keep the rules above.
+    interleaved rounds against this heuristic's pick: D=64 causal 16k 256 x 3 one CTA per tile (434 vs 426
+    TFLOP/s); D=128 non-causal 16k one CTA per tile (587 vs 573), causal 4k taking turns (a tie, 477 vs 477).
+    Three of the tuner's picks lost in 7 rounds in their own process and went back to these rules (NOTES 68).
+    Lengths between the buckets keep the rules above.
     """
     if head_dim <= 64:
         if seq_k >= (THREE_WARPGROUPS_MIN_KEYS_CAUSAL if causal else THREE_WARPGROUPS_MIN_KEYS):
