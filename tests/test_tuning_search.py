@@ -55,6 +55,25 @@ def test_the_baseline_stays_unless_beaten_by_the_margin(challenger, want):
     assert best == want and t == times[want][0]
 
 
+def test_no_candidate_is_always_timed_last():
+    """Identical kernels, but whichever is timed second in a round reads 5% slow (a clock that drifts within a
+    round): with the order reversed every other round the bias evens out and the baseline (appended last to the
+    shortlist) stays; in a fixed order it would read slow in every round and lose by more than the margin."""
+    calls = []
+
+    def prepare(name):
+        def timer(min_time):
+            calls.append(name)
+            return 1.05 if len(calls) % 2 == 0 else 1.0  # two timed per round (and in the screen)
+
+        return timer
+
+    best, _, record = screen_then_confirm(["a"], prepare, lambda s: None, baseline="base",
+                                          search=Search(top=1, rounds=4, margin=0.01))
+    assert best == "base"
+    assert record["confirm"] == {"'a'": [1.0, 1.05, 1.0, 1.05], "'base'": [1.05, 1.0, 1.05, 1.0]}
+
+
 def test_a_baseline_outside_the_candidates_is_timed_too():
     times = {"a": [1.0], "b": [1.1], "base": [0.8]}
     prepared = []

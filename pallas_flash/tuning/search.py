@@ -9,8 +9,8 @@ compiles. Two ways to pick:
 * ``screen_then_confirm``: every candidate compiled (on ``threads`` threads:
   compiling, not timing, is most of a tuner's time) and timed once, briefly;
   then the ``top`` fastest and a ``baseline`` (the backend's heuristic pick)
-  timed again in ``rounds`` interleaved rounds, each candidate's time the
-  median of its rounds. A candidate replaces the baseline only when it is
+  timed again in ``rounds`` interleaved rounds (every other one in reverse
+  order), each candidate's time the median of its rounds. A candidate replaces the baseline only when it is
   faster by more than ``margin``: a one-pass minimum over tens of candidates
   is biased low by the timing noise (a few percent between identical kernels),
   and a table should not trade a measured heuristic for a lucky sample.
@@ -180,9 +180,12 @@ def screen_then_confirm(
     screened = {repr(cfg): t for t, cfg, _ in screen}
     del ranked, ready, screen  # the other candidates' compiled functions and buffers
     rounds: list[list[float]] = [[] for _ in shortlist]  # per shortlisted candidate, its time in each round
-    for _ in range(search.rounds):
-        for times, (_, _, timer) in zip(rounds, shortlist):
-            times.append(timer(search.confirm_s))
+    for r in range(search.rounds):
+        # Every other round in reverse order, so that no candidate is always timed first or last (the baseline,
+        # appended to the shortlist, used to be last in every round: NOTES 68).
+        order = range(len(shortlist)) if r % 2 == 0 else reversed(range(len(shortlist)))
+        for i in order:
+            rounds[i].append(shortlist[i][2](search.confirm_s))
     medians = [statistics.median(times) for times in rounds]
     best = min(range(len(shortlist)), key=lambda i: medians[i])
     base = next((i for i, (_, cfg, _) in enumerate(shortlist) if cfg == baseline), None)
