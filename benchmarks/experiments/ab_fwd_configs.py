@@ -5,6 +5,7 @@ gets its own kernel trace.
 PROBS="D:N:causal,..." VARIANTS="name=block_kv:num_stages:overlap:persistent[:compute_wgs],..." \
     PYTHONPATH=. python3 benchmarks/experiments/ab_fwd_configs.py ROUNDS
 A variant ``default`` (no fields) takes ``config.default_config``'s forward for the call; ``compute_wgs`` defaults to 2.
+``PEERS=0`` leaves cuDNN and tokamax out of the rounds (ratios are then to the first variant).
 """
 import dataclasses, os, sys
 import jax, jax.numpy as jnp, numpy as np
@@ -36,9 +37,11 @@ for D, N, causal in probs:
                 block_kv=bkv, num_stages=st, overlap=bool(ov), persistent=bool(pers), **extra))
         fns[name] = jax.jit(lambda q, k, v, cfg=cfg, causal=causal: pf.dot_product_attention(
             q, k, v, is_causal=causal, implementation="mosaic", config=cfg))
-    fns["cudnn"] = jax.jit(lambda q, k, v, causal=causal: jax.nn.dot_product_attention(
-        q, k, v, is_causal=causal, implementation="cudnn"))
-    if tokamax is not None:
+    peers = os.environ.get("PEERS", "1") != "0"  # PEERS=0: our configs alone, ratios to the first variant
+    if peers:
+        fns["cudnn"] = jax.jit(lambda q, k, v, causal=causal: jax.nn.dot_product_attention(
+            q, k, v, is_causal=causal, implementation="cudnn"))
+    if peers and tokamax is not None:
         fns["tokamax"] = jax.jit(lambda q, k, v, causal=causal: tokamax.dot_product_attention(
             q, k, v, is_causal=causal, implementation="mosaic"))
     outs = {}
@@ -50,7 +53,8 @@ for D, N, causal in probs:
             del fns[name]
     res = timed_rounds({name: (f, (q, k, v)) for name, f in fns.items()},
                        4 * B * H * N * N * D * (0.5 if causal else 1), ROUNDS)
-    cells = [f"{n} {np.median(x):.1f} ({np.median(x) / np.median(res['cudnn']):.3f}) {[round(y) for y in x]}"
-             + ("" if n == "cudnn" else f" err {rel_err(outs[n], outs['cudnn']):.1e}")
+    ref = "cudnn" if peers else next(iter(variants))
+    cells = [f"{n} {np.median(x):.1f} ({np.median(x) / np.median(res[ref]):.3f}) {[round(y) for y in x]}"
+             + ("" if n == ref else f" err {rel_err(outs[n], outs[ref]):.1e}")
              for n, x in res.items()]
     print(f"D{D} N{N} c{int(causal)}: " + " | ".join(cells), flush=True)
