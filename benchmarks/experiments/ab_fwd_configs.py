@@ -5,7 +5,9 @@ gets its own kernel trace.
 PROBS="D:N:causal,..." VARIANTS="name=block_kv:num_stages:overlap:persistent[:compute_wgs],..." \
     PYTHONPATH=. python3 benchmarks/experiments/ab_fwd_configs.py ROUNDS
 A variant ``default`` (no fields) takes ``config.default_config``'s forward for the call; ``compute_wgs`` defaults to 2.
-``PEERS=0`` leaves cuDNN and tokamax out of the rounds (ratios are then to the first variant).
+``PEERS=0`` leaves cuDNN and tokamax out of the rounds (ratios are then to the first variant); ``PEERS=init`` too,
+after one cuDNN call before the rounds (NOTES 69: does cuDNN's presence in the process, or its kernels between
+ours, slow the persistent forward?).
 """
 import dataclasses, os, sys
 import jax, jax.numpy as jnp, numpy as np
@@ -37,7 +39,9 @@ for D, N, causal in probs:
                 block_kv=bkv, num_stages=st, overlap=bool(ov), persistent=bool(pers), **extra))
         fns[name] = jax.jit(lambda q, k, v, cfg=cfg, causal=causal: pf.dot_product_attention(
             q, k, v, is_causal=causal, implementation="mosaic", config=cfg))
-    peers = os.environ.get("PEERS", "1") != "0"  # PEERS=0: our configs alone, ratios to the first variant
+    peers = os.environ.get("PEERS", "1") == "1"  # 0: our configs alone, ratios to the first variant; init: the same
+    if os.environ.get("PEERS") == "init":  # after one cuDNN call (its process-wide setup) outside the rounds
+        jax.block_until_ready(jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn"))
     if peers:
         fns["cudnn"] = jax.jit(lambda q, k, v, causal=causal: jax.nn.dot_product_attention(
             q, k, v, is_causal=causal, implementation="cudnn"))
