@@ -10,10 +10,11 @@ compiles. Two ways to pick:
   compiling, not timing, is most of a tuner's time) and timed once, briefly;
   then the ``top`` fastest and a ``baseline`` (the backend's heuristic pick)
   timed again in ``rounds`` interleaved rounds (every other one in reverse
-  order), each candidate's time the median of its rounds. A candidate replaces the baseline only when it is
-  faster by more than ``margin``: a one-pass minimum over tens of candidates
-  is biased low by the timing noise (a few percent between identical kernels),
-  and a table should not trade a measured heuristic for a lucky sample.
+  order), each candidate's time the median of its rounds. A candidate
+  replaces the baseline only when it is faster by more than ``margin``: a
+  one-pass minimum over tens of candidates is biased low by the timing noise
+  (a few percent between identical kernels), and a table should not trade a
+  measured heuristic for a lucky sample.
 """
 
 from __future__ import annotations
