@@ -2,9 +2,10 @@
 where it is importable) in the same rounds; outputs compared with cuDNN's. Configs differ in their fields, so each
 gets its own kernel trace.
 
-PROBS="D:N:causal,..." VARIANTS="name=block_kv:num_stages:overlap:persistent[:compute_wgs],..." \
+PROBS="D:N:causal[:B:H],..." VARIANTS="name=block_kv:num_stages:overlap:persistent[:compute_wgs],..." \
     PYTHONPATH=. python3 benchmarks/experiments/ab_fwd_configs.py ROUNDS
-A variant ``default`` (no fields) takes ``config.default_config``'s forward for the call; ``compute_wgs`` defaults to 2.
+B and H default to B*N = 16k tokens and heads*D = 2048 (the headline's shapes). A variant ``default`` (no fields)
+takes ``config.default_config``'s forward for the call; ``compute_wgs`` defaults to 2.
 ``PEERS=0`` leaves cuDNN and tokamax out of the rounds (ratios are then to the first variant); ``PEERS=init`` too,
 after one cuDNN call before the rounds (NOTES 69: does cuDNN's presence in the process, or its kernels between
 ours, slow the persistent forward?).
@@ -24,9 +25,9 @@ try:
     import tokamax
 except ImportError:
     tokamax = None
-for D, N, causal in probs:
+for D, N, causal, *BH in probs:
     causal = bool(causal)
-    B, H = 16384 // N, 2048 // D
+    B, H = BH if BH else (16384 // N, 2048 // D)
     q, k, v = (jax.random.normal(kk, (B, N, H, D), jnp.bfloat16) for kk in jax.random.split(jax.random.key(1), 3))
     base = mc.default_config(head_dim=D, dtype=q.dtype, causal=causal, seq_q=N, seq_k=N)
     fns = {}
@@ -61,4 +62,4 @@ for D, N, causal in probs:
     cells = [f"{n} {np.median(x):.1f} ({np.median(x) / np.median(res[ref]):.3f}) {[round(y) for y in x]}"
              + ("" if n == ref else f" err {rel_err(outs[n], outs[ref]):.1e}")
              for n, x in res.items()]
-    print(f"D{D} N{N} c{int(causal)}: " + " | ".join(cells), flush=True)
+    print(f"D{D} N{N} c{int(causal)} B{B} H{H}: " + " | ".join(cells), flush=True)

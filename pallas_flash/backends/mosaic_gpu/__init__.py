@@ -94,6 +94,7 @@ class MosaicBackend(KernelBackend):
         return default_config(
             head_dim=q.shape[-1], dtype=q.dtype, causal=spec.causal, seq_q=q.shape[1], seq_k=k.shape[1],
             features=frozenset(spec.features()), kv_groups=q.shape[2] // k.shape[2],
+            batch_heads=q.shape[0] * q.shape[2],
         )
 
     def forward(self, q, k, v, inputs, spec, *, config: MosaicConfig, interpret: bool):

@@ -19,33 +19,16 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from pallas_flash.backends.mosaic_gpu.occupancy import SMALL_GRID_CTAS_PER_SM, SMALL_GRID_FORWARD, forward_ctas_per_sm
 from pallas_flash.backends.mosaic_gpu.tables import SHIPPED_TABLES, TABLES_DIR, shipped_table, user_cache_path
 from pallas_flash.backends.triton import config as triton_config
 from pallas_flash.backends.triton.config import config_key, gpu_name, seq_bucket
 
 __all__ = [
-    "MosaicForwardConfig",
-    "MosaicBackwardConfig",
-    "MosaicConfig",
-    "default_config",
-    "heuristic_config",
-    "shipped_table",
-    "SHIPPED_TABLES",
-    "TABLES_DIR",
-    "default_backward",
-    "deterministic_requested",
-    "user_cache_path",
-    "config_key",
-    "gpu_name",
-    "smem_bytes",
-    "backward_smem_bytes",
-    "spare_ds_fits",
-    "HEAD_DIMS",
-    "WIDE_HEAD_DIMS",
-    "MAX_SMEM_BYTES",
-    "FUSED_DQ_MIN_SEQ",
-    "fused_dq_pays",
-    "FUSED_DQ_LOSES",
+    "MosaicForwardConfig", "MosaicBackwardConfig", "MosaicConfig", "default_config", "heuristic_config",
+    "shipped_table", "SHIPPED_TABLES", "TABLES_DIR", "default_backward", "deterministic_requested",
+    "user_cache_path", "config_key", "gpu_name", "smem_bytes", "backward_smem_bytes", "spare_ds_fits", "HEAD_DIMS",
+    "WIDE_HEAD_DIMS", "MAX_SMEM_BYTES", "FUSED_DQ_MIN_SEQ", "fused_dq_pays", "FUSED_DQ_LOSES",
 ]
 
 HEAD_DIMS = (64, 128, 256)
@@ -293,7 +276,8 @@ def _default_forward(head_dim: int, dtype: Any, causal: bool, seq_k: int) -> Mos
     interleaved rounds against this heuristic's pick: D=64 causal 16k 256 x 3 one CTA per tile (434 vs 426
     TFLOP/s); D=128 non-causal 16k one CTA per tile (587 vs 573), causal 4k taking turns (a tie, 477 vs 477).
     Three of the tuner's picks lost in 7 rounds in their own process and went back to these rules (NOTES 68).
-    Lengths between the buckets keep the rules above.
+    Lengths between the buckets keep the rules above. A causal three-warpgroup pick over a small grid gives way to a
+    persistent two-warpgroup forward in ``default_config`` (``occupancy.py``: the rules above were timed at 32 heads).
     """
     if head_dim <= 64:
         if seq_k >= (THREE_WARPGROUPS_MIN_KEYS_CAUSAL if causal else THREE_WARPGROUPS_MIN_KEYS):
@@ -463,7 +447,7 @@ def heuristic_config(
 
 def default_config(
     *, head_dim: int, dtype: Any, causal: bool, seq_q: int, seq_k: int, gpu: str | None = None,
-    features: frozenset[str] = frozenset(), kv_groups: int = 1,
+    features: frozenset[str] = frozenset(), kv_groups: int = 1, batch_heads: int | None = None,
 ) -> MosaicConfig:
     """The config used when the caller passes none.
 
@@ -476,7 +460,9 @@ def default_config(
     ``features`` (the call's ``AttentionSpec.features`` keys; the tuner times plain and causal MHA calls only):
     with one of ``TURN_TAKING_FEATURES`` the D=128 forward takes turns, and with segment ids the D=64 forward
     takes ``SEGMENTS_D64_FORWARD`` blocks, tuned or not; with any feature a three-warpgroup forward (timed
-    without them) gives way to the two-warpgroup heuristic.
+    without them) gives way to the two-warpgroup heuristic. ``batch_heads`` (batch x query heads; ``None``: not
+    known): a causal three-warpgroup forward with one CTA per tile whose grid gives each SM fewer than
+    ``SMALL_GRID_CTAS_PER_SM`` CTAs takes ``occupancy.SMALL_GRID_FORWARD``.
     """
     gpu = gpu_name() if gpu is None else gpu
     config = None
@@ -495,6 +481,9 @@ def default_config(
     if config.fwd.compute_wgs == 3 and features:
         # three warpgroups were timed on plain and causal calls only: the measured two-warpgroup forward
         config = dataclasses.replace(config, fwd=_two_warpgroup_d64_forward(causal, seq_k))
+    if (causal and config.fwd.compute_wgs == 3 and not config.fwd.persistent and batch_heads is not None
+            and forward_ctas_per_sm(batch_heads, seq_q, 3 * config.fwd.block_q) < SMALL_GRID_CTAS_PER_SM):
+        config = dataclasses.replace(config, fwd=MosaicForwardConfig(**SMALL_GRID_FORWARD))
     if head_dim <= 64 and "segments" in features and config.fwd.block_kv > SEGMENTS_D64_FORWARD["block_kv"]:
         config = dataclasses.replace(config, fwd=dataclasses.replace(config.fwd, **SEGMENTS_D64_FORWARD))
     return config

@@ -1,0 +1,46 @@
+"""How many CTAs a call's forward grid gives each SM, and the forward for calls whose grid is small.
+
+A causal forward with one CTA per query tile gives its CTAs unequal work (the last rows see every key), so
+when each SM gets only a few of them, the last wave leaves SMs idle; a persistent kernel, whose CTAs walk
+the tiles longest first, fills them. The three-warpgroup causal forward (192-row tiles, one CTA per tile:
+``config._default_forward``, and the H200 table at D=64 4k) was chosen at B*N = 16k tokens and 32 heads,
+about 21 CTAs per SM at 4k. With fewer heads it loses to the persistent two-warpgroup forward (H200, bf16,
+D=64 causal, forward alone, 7 interleaved rounds, ``benchmarks/experiments/ab_fwd_configs.py``, NOTES 70),
+TFLOP/s, three warpgroups one CTA per tile / two warpgroups persistent 128 x 3 (CTAs per SM of the first):
+4k B=4 H=12 329 / 368 (8), H=20 348 / 362 (13), B=8 H=12 356 / 356 (16), B=4 H=32 357 / 336 (21); 8k B=2
+H=12 385 / 396 (8). GPT-2 124M at T=4096 (B=4, 12 heads) is the first of these.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+
+__all__ = ["sm_count", "forward_ctas_per_sm", "SMALL_GRID_CTAS_PER_SM", "SMALL_GRID_FORWARD"]
+
+# SMs of an H100 SXM / H200, for when no GPU is visible (interpret mode, a CPU tracing for a GPU).
+DEFAULT_SM_COUNT = 132
+# Under this many CTAs per SM a three-warpgroup causal forward with one CTA per tile gives way to
+# ``SMALL_GRID_FORWARD`` (level at 16, +4% at 13, +12% at 8: the table above).
+SMALL_GRID_CTAS_PER_SM = 16
+# The forward taken then: two compute warpgroups, 128-key blocks in three stages, persistent (as fields, so that
+# this module needs no import of ``config``).
+SMALL_GRID_FORWARD = dict(block_kv=128, num_stages=3, overlap=False, persistent=True, compute_wgs=2)
+
+
+@functools.cache
+def sm_count() -> int:
+    """The first GPU's SM count (``DEFAULT_SM_COUNT`` when there is no GPU or it does not say)."""
+    try:
+        devices = jax.devices("gpu")
+    except RuntimeError:
+        return DEFAULT_SM_COUNT
+    count = getattr(devices[0], "core_count", None) if devices else None
+    return count if isinstance(count, int) and count > 0 else DEFAULT_SM_COUNT
+
+
+def forward_ctas_per_sm(batch_heads: int, seq_q: int, rows_per_cta: int, sms: int | None = None) -> float:
+    """CTAs per SM of a forward with one CTA per ``rows_per_cta`` query rows, ``batch_heads`` = batch x query heads."""
+    tiles = -(-seq_q // rows_per_cta)
+    return batch_heads * tiles / (sm_count() if sms is None else sms)
