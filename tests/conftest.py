@@ -84,4 +84,17 @@ def seed(request) -> int:
     return value
 
 
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    """Both backends' user caches in ``tmp_path``, read afresh; no shipped Mosaic table (the Mosaic config tests)."""
+    from pallas_flash.backends.mosaic_gpu import config as mosaic_config
+    from pallas_flash.backends.triton import config as triton_config
+
+    monkeypatch.setenv("PALLAS_FLASH_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(mosaic_config, "shipped_table", lambda gpu: {})
+    triton_config.read_user_table.cache_clear()
+    yield tmp_path
+    triton_config.read_user_table.cache_clear()
+
+
 from pallas_flash.testing.errors import rel_err  # noqa: E402, F401 - re-exported: NaN/inf in x gives inf

@@ -17,7 +17,6 @@ from pallas_flash import backends
 from pallas_flash.backends.mosaic_gpu import config as mosaic_config
 from pallas_flash.backends.mosaic_gpu import occupancy
 from pallas_flash.backends.mosaic_gpu.config import MosaicConfig, MosaicForwardConfig
-from pallas_flash.backends.triton import config as triton_config
 from pallas_flash.validate import attention_call
 
 SMALL = MosaicForwardConfig(**occupancy.SMALL_GRID_FORWARD)
@@ -27,15 +26,6 @@ GPU = "NVIDIA H200"
 @pytest.fixture(autouse=True)
 def h200_sms(monkeypatch):
     monkeypatch.setattr(occupancy, "sm_count", lambda: 132)
-
-
-@pytest.fixture
-def cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("PALLAS_FLASH_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(mosaic_config, "shipped_table", lambda gpu: {})
-    triton_config.read_user_table.cache_clear()
-    yield tmp_path
-    triton_config.read_user_table.cache_clear()
 
 
 def _config(batch_heads, *, causal=True, seq=4096, head_dim=64, gpu="", **kw):

@@ -21,21 +21,10 @@ from pallas_flash.backends.mosaic_gpu.config import (
     backward_smem_bytes,
     smem_bytes,
 )
-from pallas_flash.backends.triton import config as triton_config
 from pallas_flash.tuning import __main__ as tuning_cli
 
 GPU = "NVIDIA H200"
 DTYPES = (jnp.bfloat16, jnp.float16)
-
-
-@pytest.fixture
-def cache_dir(tmp_path, monkeypatch):
-    """Both backends' user caches in ``tmp_path``, read afresh; no shipped Mosaic table (its own tests below)."""
-    monkeypatch.setenv("PALLAS_FLASH_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(mosaic_config, "shipped_table", lambda gpu: {})
-    triton_config.read_user_table.cache_clear()
-    yield tmp_path
-    triton_config.read_user_table.cache_clear()
 
 
 def _heuristic(head_dim=128, causal=False, seq=4096, dtype=jnp.bfloat16):
