@@ -96,3 +96,19 @@ def test_sm_count_falls_back_without_a_gpu(monkeypatch):
         assert occupancy.sm_count() == occupancy.DEFAULT_SM_COUNT
     else:
         assert occupancy.sm_count() >= 1
+
+
+@pytest.mark.gpu
+def test_gpu_the_small_grid_forward_against_float64(seed):
+    """The default config where the rule applies (one batch row, 6 query heads: 6 x 21 tiles, 1 CTA per SM), with
+    lengths that are not block multiples, Tq != Tk in one bucket and GQA 3:1, through the public API: values, lse
+    and gradients against float64."""
+    from pallas_flash.testing.shapes import Shape
+    from tests.test_mosaic_gpu import _check
+
+    shape = Shape("small_grid", 1, 4000, 4100, 6, 2, 64)
+    q = jax.ShapeDtypeStruct((1, 4000, 6, 64), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((1, 4100, 2, 64), jnp.bfloat16)
+    spec, _ = attention_call(q, k, k, None, None, is_causal=True)
+    assert backends.get("mosaic").default_config(q, k, spec).fwd == SMALL
+    _check(shape, jnp.bfloat16, True, seed, None, grads=True)
