@@ -87,6 +87,26 @@ def test_the_backend_passes_batch_times_query_heads(monkeypatch):
     assert fwd(8, 32, 32).compute_wgs == 3
 
 
+@pytest.mark.parametrize("heads, want_small", [(12, True), (32, False)])
+def test_the_tuner_starts_from_what_an_untuned_call_of_its_shape_runs(monkeypatch, heads, want_small):
+    """The tuner's baseline (the pick unless beaten by its margin) has the small-grid forward where a call of the
+    problem's batch and heads gets it; with every candidate equally fast the baseline is kept."""
+    from pallas_flash.backends.mosaic_gpu import tune as mosaic_tune
+
+    def timer(p, cfg, xs):
+        return lambda min_time: 1.0
+
+    monkeypatch.setattr(mosaic_tune, "_fwd_timer", timer)
+    monkeypatch.setattr(mosaic_tune, "_bwd_timer", timer)
+    monkeypatch.setattr(mosaic_tune.Problem, "inputs", lambda self: None)
+    problem = mosaic_tune.Problem(64, "bfloat16", True, 4096, 4, heads)
+    cfg, times = mosaic_tune.tune_problem(problem, log=lambda s: None, search=mosaic_tune.Search(top=1, rounds=1))
+    heuristic = mosaic_config.heuristic_config(head_dim=64, dtype="bfloat16", causal=True, seq_q=4096, seq_k=4096)
+    want = dataclasses.replace(heuristic, fwd=SMALL) if want_small else heuristic
+    assert times["fwd_search"]["baseline"] == repr(want)
+    assert cfg.fwd == want.fwd
+
+
 def test_sm_count_falls_back_without_a_gpu(monkeypatch):
     monkeypatch.undo()  # the real sm_count
     occupancy.sm_count.cache_clear()

@@ -28,7 +28,7 @@ __all__ = [
     "MosaicForwardConfig", "MosaicBackwardConfig", "MosaicConfig", "default_config", "heuristic_config",
     "shipped_table", "SHIPPED_TABLES", "TABLES_DIR", "default_backward", "deterministic_requested",
     "user_cache_path", "config_key", "gpu_name", "smem_bytes", "backward_smem_bytes", "spare_ds_fits", "HEAD_DIMS",
-    "WIDE_HEAD_DIMS", "MAX_SMEM_BYTES", "FUSED_DQ_MIN_SEQ", "fused_dq_pays", "FUSED_DQ_LOSES",
+    "WIDE_HEAD_DIMS", "MAX_SMEM_BYTES", "FUSED_DQ_MIN_SEQ", "fused_dq_pays", "FUSED_DQ_LOSES", "grid_forward",
 ]
 
 HEAD_DIMS = (64, 128, 256)
@@ -434,6 +434,16 @@ TURN_TAKING_FEATURES = frozenset({"window", "lengths", "segments"})
 SEGMENTS_D64_FORWARD = dict(block_kv=128, num_stages=3)
 
 
+def grid_forward(fwd: MosaicForwardConfig, *, causal: bool, seq_q: int, batch_heads: int | None) -> MosaicForwardConfig:
+    """``fwd``, or ``occupancy.SMALL_GRID_FORWARD`` where ``fwd`` is a causal three-warpgroup forward with one CTA per
+    tile whose grid gives each SM fewer than ``SMALL_GRID_CTAS_PER_SM`` CTAs (``batch_heads``: batch x query heads;
+    ``None``: not known, ``fwd``)."""
+    if (causal and fwd.compute_wgs == 3 and not fwd.persistent and batch_heads is not None
+            and forward_ctas_per_sm(batch_heads, seq_q, 3 * fwd.block_q) < SMALL_GRID_CTAS_PER_SM):
+        return MosaicForwardConfig(**SMALL_GRID_FORWARD)
+    return fwd
+
+
 def heuristic_config(
     *, head_dim: int, dtype: Any, causal: bool, seq_q: int, seq_k: int, features: frozenset[str] = frozenset(),
     kv_groups: int = 1, deterministic: bool | None = None,
@@ -481,9 +491,8 @@ def default_config(
     if config.fwd.compute_wgs == 3 and features:
         # three warpgroups were timed on plain and causal calls only: the measured two-warpgroup forward
         config = dataclasses.replace(config, fwd=_two_warpgroup_d64_forward(causal, seq_k))
-    if (causal and config.fwd.compute_wgs == 3 and not config.fwd.persistent and batch_heads is not None
-            and forward_ctas_per_sm(batch_heads, seq_q, 3 * config.fwd.block_q) < SMALL_GRID_CTAS_PER_SM):
-        config = dataclasses.replace(config, fwd=MosaicForwardConfig(**SMALL_GRID_FORWARD))
+    config = dataclasses.replace(config, fwd=grid_forward(config.fwd, causal=causal, seq_q=seq_q,
+                                                          batch_heads=batch_heads))
     if head_dim <= 64 and "segments" in features and config.fwd.block_kv > SEGMENTS_D64_FORWARD["block_kv"]:
         config = dataclasses.replace(config, fwd=dataclasses.replace(config.fwd, **SEGMENTS_D64_FORWARD))
     return config

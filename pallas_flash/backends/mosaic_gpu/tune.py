@@ -4,7 +4,8 @@ The search is coordinate-wise: the forward config alone (timing the forward,
 with the default backward), then the backward config with the best forward
 (timing the backward alone). Each is ``search.screen_then_confirm``: every
 candidate timed briefly, then the fastest few and the heuristic's pick
-(``config.heuristic_config``) in interleaved rounds; the
+(``config.heuristic_config``, its forward for the problem's grid:
+``config.grid_forward``) in interleaved rounds; the
 heuristic's pick stays unless beaten by more than the margin. Each space
 holds only the candidates whose tiles fit in shared memory for the problem's
 head dim and dtype (``check_fits``); a candidate that still fails to compile
@@ -31,6 +32,7 @@ from pallas_flash.backends.mosaic_gpu.config import (
     MosaicConfig,
     MosaicForwardConfig,
     deterministic_requested,
+    grid_forward,
     heuristic_config,
 )
 from pallas_flash.tuning.search import Problem, Search, backward_timer, forward_timer, screen_then_confirm
@@ -124,6 +126,9 @@ def tune_problem(
     xs = p.inputs()
     base = heuristic_config(head_dim=p.head_dim, dtype=p.dtype, causal=p.causal, seq_q=p.seq, seq_k=p.seq,
                             deterministic=None if nondeterministic else True)
+    # what an untuned call of this shape runs (``default_config``): the forward for the problem's grid
+    base = dataclasses.replace(base, fwd=grid_forward(base.fwd, causal=p.causal, seq_q=p.seq,
+                                                      batch_heads=p.batch * p.heads))
     fwd_cands = [dataclasses.replace(base, fwd=fwd) for fwd in forward_candidates(p.head_dim, p.dtype)]
     best_fwd, t_fwd, fwd_record = screen_then_confirm(
         fwd_cands, lambda c: _fwd_timer(p, c, xs), log, baseline=base, search=search)
