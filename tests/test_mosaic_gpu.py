@@ -1,8 +1,7 @@
-"""The Mosaic GPU backend (``implementation="mosaic"``, #14): its configs, what it refuses, its kernels.
+"""The Mosaic GPU backend's kernels (``implementation="mosaic"``, #14); its configs and what it refuses are
+``test_mosaic_config.py``'s.
 
-On a CPU: config validation, ``supports`` (``NotImplementedError`` naming what
-is missing, and the fallback it allows), and the forward and backward kernels
-themselves in Mosaic GPU interpret mode (``plgpu.InterpretGPUParams``: the
+On a CPU: the forward and backward kernels in Mosaic GPU interpret mode (``plgpu.InterpretGPUParams``: the
 three warpgroups run as threads; TMA copies, mbarriers, wgmma and the
 shared-memory rings are simulated, and the interpreter checks that every
 barrier phase is observed; its race detector runs on the backward). Primitives
@@ -38,18 +37,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 import pallas_flash as pf
 from pallas_flash import backends
-from pallas_flash.backends.mosaic_gpu import MosaicBackend, MosaicBackwardConfig, MosaicConfig, MosaicForwardConfig
+from pallas_flash.backends.mosaic_gpu import MosaicBackwardConfig, MosaicConfig, MosaicForwardConfig
 from pallas_flash.backends.mosaic_gpu.backward import mosaic_backward
-from pallas_flash.backends.mosaic_gpu.config import (
-    HEAD_DIMS,
-    MAX_SMEM_BYTES,
-    backward_smem_bytes,
-    default_config,
-    smem_bytes,
-    spare_ds_fits,
-)
+from pallas_flash.backends.mosaic_gpu.config import MAX_SMEM_BYTES, smem_bytes
 from pallas_flash.backends.mosaic_gpu.forward import mosaic_forward
-from pallas_flash.backends.triton.config import BackwardConfig
 from pallas_flash.reference import attention_reference
 from pallas_flash.spec import AttentionInputs, AttentionSpec
 from pallas_flash.testing.shapes import Shape
@@ -57,8 +48,6 @@ from tests.cases import random_qkv
 from tests.conftest import ON_GPU, TOLERANCE, rel_err
 
 DTYPES = (jnp.bfloat16, jnp.float16)
-# A Triton backward config: the wrong type for the Mosaic backend's backward.
-SMALL_BWD = BackwardConfig(16, 16, 16, 16, 4, 1, 4, 1)
 FUSED = MosaicBackwardConfig(num_stages=2, dq_block_kv=64, dq_num_stages=2, deterministic=False)
 DETERMINISTIC = MosaicBackwardConfig(num_stages=2, dq_block_kv=64, dq_num_stages=2, deterministic=True)
 # The fused dQ with 128-row steps (D=64 only): no spare dS^T buffer, the first step's product under a condition.
@@ -67,155 +56,6 @@ FUSED_ROWS128 = MosaicBackwardConfig(block_q=128, num_stages=2, deterministic=Fa
 
 def _qkv(shape: Shape, dtype=jnp.bfloat16, seed: int = 0):
     return random_qkv(shape, dtype, seed)[:3]
-
-
-# --- config --------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "kwargs, error, match",
-    [
-        (dict(block_q=128), ValueError, "block_q=128 must be 64"),
-        (dict(block_kv=96), ValueError, "block_kv=96 must be one of"),
-        (dict(block_kv=512), ValueError, "block_kv=512"),
-        (dict(num_stages=1), ValueError, r"num_stages=1 must be in \[2, 6\]"),
-        (dict(num_stages=7), ValueError, "num_stages=7"),
-        (dict(block_kv=128.0), TypeError, "block_kv=128.0 must be an int"),
-        (dict(num_stages=True), TypeError, "num_stages=True must be an int"),
-        (dict(compute_wgs=4, overlap=True), ValueError, "compute_wgs=4 must be 2 or 3"),
-        (dict(compute_wgs=3), ValueError, "compute_wgs=3 needs overlap=True"),
-        (dict(compute_wgs=3.0, overlap=True), TypeError, "compute_wgs=3.0 must be an int"),
-    ],
-)
-def test_forward_config_rejects_bad_values(kwargs, error, match):
-    with pytest.raises(error, match=match):
-        MosaicForwardConfig(**kwargs)
-
-
-@pytest.mark.parametrize(
-    "kwargs, error, match",
-    [
-        (dict(block_q=96), ValueError, r"block_q=96 must be one of \(64, 128\)"),
-        (dict(dq_block_kv=256), ValueError, "dq_block_kv=256 must be 64 or 128"),
-        (dict(num_stages=0), ValueError, r"num_stages=0 must be in \[1, 4\]"),
-        (dict(dq_num_stages=5), ValueError, r"dq_num_stages=5 must be in \[1, 4\]"),
-        (dict(num_stages=2.0), TypeError, "num_stages=2.0 must be an int"),
-        (dict(deterministic=1), TypeError, "deterministic=1 must be a bool"),
-    ],
-)
-def test_backward_config_rejects_bad_values(kwargs, error, match):
-    with pytest.raises(error, match=match):
-        MosaicBackwardConfig(**kwargs)
-
-
-def test_config_types_are_checked():
-    with pytest.raises(TypeError, match="MosaicConfig.fwd must be a MosaicForwardConfig"):
-        MosaicConfig(fwd=pf.ForwardConfig())
-    with pytest.raises(TypeError, match="MosaicConfig.bwd must be a MosaicBackwardConfig, got BackwardConfig"):
-        MosaicConfig(bwd=SMALL_BWD)
-    q, k, v = _qkv(Shape("c", 1, 64, 64, 2, 1, 64))
-    with pytest.raises(TypeError, match="config must be a .*MosaicConfig for the 'mosaic' backend"):
-        pf.dot_product_attention(q, k, v, implementation="mosaic", config=pf.FlashConfig())
-
-
-def test_shared_memory_budget():
-    """Tiles over the budget are refused before any lowering; every default config fits."""
-    big = MosaicForwardConfig(block_kv=256, num_stages=4)
-    assert smem_bytes(64, 256, 4, 256, jnp.bfloat16) > MAX_SMEM_BYTES
-    with pytest.raises(ValueError, match="shared memory at head_dim=256 .*smaller block_kv, fewer num_stages"):
-        big.check_fits(256, jnp.bfloat16)
-    # A persistent kernel's second Q buffer: fits at D=128 with two 128-key stages, not at D=256.
-    MosaicForwardConfig(block_kv=128, num_stages=2, persistent=True).check_fits(128, jnp.bfloat16)
-    with pytest.raises(ValueError, match="persistent=False"):
-        MosaicForwardConfig(block_kv=64, num_stages=2, persistent=True).check_fits(256, jnp.bfloat16)
-    q, k, v = _qkv(Shape("c", 1, 64, 64, 2, 1, 256))
-    with pytest.raises(ValueError, match="shared memory"):
-        pf.dot_product_attention(q, k, v, implementation="mosaic", config=MosaicConfig(fwd=big))
-    deep = MosaicBackwardConfig(num_stages=3, deterministic=False)  # fused dQ at D=128: K, V, 3 x (Q, dO), dS, dQ > 223 KiB
-    assert backward_smem_bytes(deep, 128, jnp.bfloat16)[0] > MAX_SMEM_BYTES
-    with pytest.raises(ValueError, match="shared memory in the dK/dV kernel at head_dim=128"):
-        deep.check_fits(128, jnp.bfloat16)
-    deep.check_fits(64, jnp.bfloat16)
-    MosaicBackwardConfig(num_stages=3, deterministic=True).check_fits(128, jnp.bfloat16)  # no dS/dQ buffers
-    # D=256 (backward_wide.py): K, V, 2 x (Q, dO) and two P tiles fit; a third stage does not, nor 128-key dQ blocks.
-    MosaicBackwardConfig(num_stages=2, dq_block_kv=64, dq_num_stages=2).check_fits(256, jnp.bfloat16)
-    with pytest.raises(ValueError, match="shared memory in the dK/dV kernel at head_dim=256"):
-        MosaicBackwardConfig(num_stages=3, dq_num_stages=2).check_fits(256, jnp.bfloat16)
-    with pytest.raises(ValueError, match="shared memory in the dQ kernel at head_dim=256"):
-        MosaicBackwardConfig(num_stages=2, dq_block_kv=128, dq_num_stages=1).check_fits(256, jnp.bfloat16)
-    # 128-row query blocks: three stages fit at D=64, two at D=128, none at D=256 (its kernels take 64 rows).
-    MosaicBackwardConfig(block_q=128, num_stages=3).check_fits(64, jnp.bfloat16)
-    MosaicBackwardConfig(block_q=128, num_stages=2).check_fits(128, jnp.bfloat16)
-    with pytest.raises(ValueError, match="shared memory in the dK/dV kernel at head_dim=128"):
-        MosaicBackwardConfig(block_q=128, num_stages=3).check_fits(128, jnp.bfloat16)
-    # The fused dQ with 128-row steps (two dS^T buffers of 128 x 128): two stages fit at D=64, three do not; at
-    # D=128 not even one.
-    FUSED_ROWS128.check_fits(64, jnp.bfloat16)
-    assert not spare_ds_fits(FUSED_ROWS128, 64, jnp.bfloat16)  # the first dQ product under a condition
-    assert spare_ds_fits(dataclasses.replace(FUSED_ROWS128, num_stages=1), 64, jnp.bfloat16)
-    assert all(spare_ds_fits(FUSED, d, jnp.bfloat16) for d in (64, 128))  # every 64-row config keeps the spare
-    with pytest.raises(ValueError, match="shared memory in the dK/dV kernel at head_dim=64"):
-        MosaicBackwardConfig(block_q=128, num_stages=3, deterministic=False).check_fits(64, jnp.bfloat16)
-    with pytest.raises(ValueError, match="shared memory in the dK/dV kernel at head_dim=128"):
-        MosaicBackwardConfig(block_q=128, num_stages=1, deterministic=False).check_fits(128, jnp.bfloat16)
-    with pytest.raises(ValueError, match="at head_dim=256 the backward takes block_q=64"):
-        MosaicBackwardConfig(block_q=128, num_stages=1, dq_num_stages=2).check_fits(256, jnp.bfloat16)
-    for head_dim in HEAD_DIMS:
-        for dtype in DTYPES:
-            for causal in (False, True):
-                cfg = default_config(head_dim=head_dim, dtype=dtype, causal=causal, seq_q=4096, seq_k=4096)
-                cfg.fwd.check_fits(head_dim, dtype)
-                cfg.bwd.check_fits(head_dim, dtype)
-                dataclasses.replace(cfg.bwd, deterministic=True).check_fits(head_dim, dtype)
-
-
-# --- what the backend refuses --------------------------------------------------------------
-
-
-def test_registered_as_a_kernel_backend():
-    assert "mosaic" in backends.names()
-    backend = backends.get("mosaic")
-    assert isinstance(backend, MosaicBackend) and isinstance(backend, backends.KernelBackend)
-    assert hash(backend) == hash(MosaicBackend())
-
-
-REFUSED = {
-    "mask": (dict(mask=np.tril(np.ones((40, 40), bool))[None, None]), "a mask"),
-    "bias": (dict(bias=np.zeros((1, 1, 40, 40), np.float32)), "a bias"),
-    "alibi": (dict(alibi_slopes=np.full((4,), 0.1, np.float32)), "ALiBi slopes"),
-    "soft_cap": (dict(logits_soft_cap=30.0), "a logits soft-cap"),
-    "dropout": (dict(dropout_rate=0.1, dropout_rng=jax.random.key(0)), "dropout"),
-}
-
-
-@pytest.mark.parametrize("name", REFUSED)
-def test_refuses_features_it_does_not_implement(name):
-    kwargs, what = REFUSED[name]
-    q, k, v = _qkv(Shape("r", 2, 40, 40, 4, 2, 64))
-    with pytest.raises(NotImplementedError, match=f"Mosaic GPU kernels do not implement {what}"):
-        pf.dot_product_attention(q, k, v, implementation="mosaic", **kwargs)
-
-
-def test_refuses_offsets_dtypes_and_head_dims():
-    q, k, v = _qkv(Shape("r", 1, 40, 40, 2, 1, 64))
-    with pytest.raises(NotImplementedError, match="position offsets"):
-        pf.attention_with_lse(q, k, v, q_offset=8, implementation="mosaic")
-    q32, k32, v32 = (x.astype(jnp.float32) for x in (q, k, v))
-    with pytest.raises(NotImplementedError, match="bfloat16 and float16, got float32"):
-        pf.dot_product_attention(q32, k32, v32, implementation="mosaic")
-    for head_dim in (32, 80, 192):
-        qd, kd, vd = _qkv(Shape("r", 1, 40, 40, 2, 1, head_dim))
-        with pytest.raises(NotImplementedError, match=rf"head_dim in \(64, 128, 256\), got query \(1, 40, 2, {head_dim}\)"):
-            pf.dot_product_attention(qd, kd, vd, implementation="mosaic")
-
-
-def test_falls_back_to_triton_for_what_it_refuses(seed):
-    shape = Shape("f", 1, 40, 40, 2, 1, 64)
-    q, k, v = _qkv(shape, jnp.bfloat16, seed)
-    kw = dict(is_causal=True, local_window_size=(8, 0))
-    ours = pf.dot_product_attention(q, k, v, implementation=("mosaic", "triton"), **kw)
-    triton = pf.dot_product_attention(q, k, v, implementation="triton", **kw)
-    assert np.array_equal(np.asarray(ours), np.asarray(triton))
 
 
 # --- the kernel against float64 ------------------------------------------------------------------
