@@ -5,7 +5,7 @@ when each SM gets only a few of them, the last wave leaves SMs idle; a persisten
 the tiles longest first, fills them. The three-warpgroup causal forward (192-row tiles, one CTA per tile:
 ``config._default_forward``, and the H200 table at D=64 4k) was chosen at B*N = 16k tokens and 32 heads,
 about 21 CTAs per SM at 4k. With fewer heads it loses to the persistent two-warpgroup forward (H200, bf16,
-D=64 causal, forward alone, 7 interleaved rounds, ``benchmarks/experiments/ab_fwd_configs.py``, NOTES 70),
+D=64 causal, forward alone, 7 interleaved rounds, ``benchmarks/experiments/ab_fwd_configs.py``, NOTES 71),
 TFLOP/s, three warpgroups one CTA per tile / two warpgroups persistent 128 x 3 (CTAs per SM of the first):
 4k B=4 H=12 329 / 368 (8), H=20 348 / 362 (13), B=8 H=12 356 / 356 (16), B=4 H=32 357 / 336 (21); 8k B=2
 H=12 385 / 396 (8). GPT-2 124M at T=4096 (B=4, 12 heads) is the first of these.
