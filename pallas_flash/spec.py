@@ -10,13 +10,15 @@ backend reads the same two records.
 
 Every optional feature is a static field, so a kernel compiled without it
 contains no trace of it: the plain path is the same code as before.
+``DefaultConfig`` marks a call whose caller passed no config: its kernels take
+the default for the arrays they run on (a device's shard, under sharding).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 
@@ -137,3 +139,14 @@ class AttentionInputs(NamedTuple):
     bias: jax.Array | None = None  # float, spec.bias_shape
     alibi_slopes: jax.Array | None = None  # float32 [1 or B, N]
     dropout_seed: jax.Array | None = None  # uint32 [2]
+
+
+@dataclasses.dataclass(frozen=True)
+class DefaultConfig:
+    """The config of a call whose caller passed none: ``config`` is the default for the whole arrays. The kernels
+    take their backend's default for the arrays they run on instead (``KernelBackend.shard_config``, called by
+    ``sharding.partition``): a device's shard may hold fewer batch rows and heads than the call, and a config can
+    depend on those (the Mosaic forward's small-grid rule). ``config`` stays in the static arguments, so that a
+    change of the default (a new tuned cache, ``XLA_FLAGS``) makes a new trace."""
+
+    config: Any

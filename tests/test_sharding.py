@@ -126,6 +126,41 @@ def _check_against_reference(case, out, grads, q, k, v, ct, ref_kw, diff, dtype,
         assert err <= tol, f"{label}: relative error {err:.3e} > {tol:.0e} ({case}, seed={seed})"
 
 
+def test_kernels_take_the_default_config_of_their_shard(monkeypatch, seed):
+    """Without a config each device's kernels take their backend's default for its shard (half the batch and half
+    the heads here), not the whole call's: a config may depend on them (the Mosaic forward's small-grid rule). A
+    config the caller passes is used as it is."""
+    from pallas_flash import backends
+    from pallas_flash.sharding import partition
+
+    triton = type(backends.get("triton"))
+    shard_shapes = []
+    original = triton.shard_config
+
+    def spy(self, q, k, v, inputs, spec):
+        shard_shapes.append((q.shape, k.shape))
+        return original(self, q, k, v, inputs, spec)
+
+    monkeypatch.setattr(triton, "shard_config", spy)
+    mesh, spec = _mesh("batch_x_heads")
+    q, k, v, ct = random_qkv(SHAPE, jnp.float32, seed)
+    for config in (None, CONFIG):
+        shard_shapes.clear()
+        partition._trace.cache_clear()
+
+        def fn(q, k, v, config=config):
+            return pf.dot_product_attention(q, k, v, is_causal=True, implementation="triton", config=config)
+
+        compiled, args = _compile_sharded(fn, mesh, spec, q, k, v, ct)
+        if config is None:  # the kernels on (2 of 4 rows, T, 4 of 8 heads, D); the whole call is traced for its shapes
+            assert ((2, 29, 4, 24), (2, 35, 2, 24)) in shard_shapes
+            assert set(shard_shapes) <= {((2, 29, 4, 24), (2, 35, 2, 24)), ((4, 29, 8, 24), (4, 35, 4, 24))}
+        else:
+            assert shard_shapes == []
+    out, grads = compiled(*args)
+    _check_against_reference("causal", out, grads, q, k, v, ct, dict(is_causal=True), [], jnp.float32, seed)
+
+
 @pytest.mark.parametrize("mesh_name", MESHES)
 def test_partitions_with_no_gather_and_matches_reference(mesh_name, seed):
     mesh, spec = _mesh(mesh_name)

@@ -31,7 +31,7 @@ from typing import Any
 
 from pallas_flash.backends.base import Gradients, KernelBackend
 from pallas_flash.backends.triton.config import gpu_name
-from pallas_flash.spec import AttentionInputs, AttentionSpec
+from pallas_flash.spec import AttentionInputs, AttentionSpec, DefaultConfig
 
 __all__ = ["AutoBackend", "AutoConfig", "table_order"]
 
@@ -124,8 +124,11 @@ class AutoBackend(KernelBackend):
             f"got {type(config).__name__}"
         )
 
+    def shard_config(self, q, k, v, inputs: AttentionInputs, spec: AttentionSpec) -> AutoConfig:
+        return self.plan(q, k, v, inputs, spec)
+
     def attention_with_lse(self, q, k, v, inputs: AttentionInputs, spec: AttentionSpec, *, config=None, interpret=None):
-        config = self.plan(q, k, v, inputs, spec) if config is None else self.adopt(config)
+        config = DefaultConfig(self.plan(q, k, v, inputs, spec)) if config is None else self.adopt(config)
         return super().attention_with_lse(q, k, v, inputs, spec, config=config, interpret=interpret)
 
     def _checked(self, name: str, config, q, k, v, inputs, spec) -> tuple[KernelBackend, Any]:

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_flash import op
-from pallas_flash.spec import AttentionInputs, AttentionSpec
+from pallas_flash.spec import AttentionInputs, AttentionSpec, DefaultConfig
 
 
 class Gradients(NamedTuple):
@@ -75,6 +75,11 @@ class KernelBackend(Backend):
     def default_config(self, q: jax.Array, k: jax.Array, spec: AttentionSpec) -> Any:
         """The config used when the caller passes none (shipped tables, the user's tuned cache, a heuristic)."""
 
+    def shard_config(self, q, k, v, inputs: AttentionInputs, spec: AttentionSpec) -> Any:
+        """The default config for the arrays the kernels run on (a device's shard under ``jit`` with sharded
+        inputs; else the call's): ``default_config``'s."""
+        return self.default_config(q, k, spec)
+
     @abc.abstractmethod
     def forward(self, q, k, v, inputs: AttentionInputs, spec: AttentionSpec, *, config, interpret: bool):
         """``(out [B, Tq, N, H], lse2 [B, N, Tq] float32)``.
@@ -94,8 +99,8 @@ class KernelBackend(Backend):
         if interpret is None:
             interpret = jax.default_backend() != "gpu"
         if config is None:
-            config = self.default_config(q, k, spec)
-        elif not isinstance(config, self.config_type):
+            config = DefaultConfig(self.default_config(q, k, spec))
+        elif not isinstance(config, (self.config_type, DefaultConfig)):
             raise TypeError(
                 f"config must be a {self.config_type.__module__}.{self.config_type.__name__} for the {self.name!r} "
                 f"backend, got {type(config).__name__}"

@@ -69,7 +69,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from pallas_flash import dropout
 from pallas_flash.sharding import ring
-from pallas_flash.spec import AttentionInputs, AttentionSpec
+from pallas_flash.spec import AttentionInputs, AttentionSpec, DefaultConfig
 
 __all__ = ["forward", "backward"]
 
@@ -105,7 +105,10 @@ class Kernels:
         )
         if shard is not None and inputs.dropout_seed is not None:
             inputs = inputs._replace(dropout_seed=dropout.shard_seed(inputs.dropout_seed, shard))
-        common = dict(config=self.config, interpret=self.interpret)
+        config = self.config
+        if isinstance(config, DefaultConfig):  # the caller passed none: the default for these arrays (a shard's)
+            config = self.backend.shard_config(args[0], args[1], args[2], inputs, spec)
+        common = dict(config=config, interpret=self.interpret)
         if self.kind == "forward":
             q, k, v, _ = args
             return self.backend.forward(q, k, v, inputs, spec, **common)
@@ -117,7 +120,8 @@ class Kernels:
 
     def _ring(self, args, axis_name):
         """The ring's forward or backward over ``axis_name`` on this device's contiguous slice of the sequence."""
-        common = dict(axis_name=axis_name, backend=self.backend, config=self.config, interpret=self.interpret)
+        config = None if isinstance(self.config, DefaultConfig) else self.config  # None: the ring's chunks' defaults
+        common = dict(axis_name=axis_name, backend=self.backend, config=config, interpret=self.interpret)
         if self.kind == "forward":
             q, k, v, inputs = args
             return ring.ring_forward(q, k, v, inputs, self.spec, **common)
