@@ -150,8 +150,9 @@ def _call_args(ring: _Ring, call: _Call, inputs: AttentionInputs, kv_segment_ids
     return spec, call_inputs
 
 
-def _config(ring: _Ring, q, k, spec):
-    return ring.config if ring.config is not None else ring.backend.default_config(q, k, spec)
+def _config(ring: _Ring, q, k, v, inputs, spec):
+    """The ring's config, or (None) the backend's default for this chunk pair's arrays."""
+    return ring.config if ring.config is not None else ring.backend.shard_config(q, k, v, inputs, spec)
 
 
 @functools.lru_cache(maxsize=256)
@@ -212,7 +213,7 @@ def _forward_step(ring, calls, q, shard, q_chunks, kv_chunks, inputs, acc, home=
         (qa, qb), (ka, kb) = call.q_rows, call.k_rows
         spec, call_inputs = _call_args(ring, call, inputs, kv_seg, q_chunks, kv_chunks)
         qc, kc, vc = q[:, qa:qb], k[:, ka:kb], v[:, ka:kb]
-        forward = _kernel(ring.backend, "forward", spec, _config(ring, qc, kc, spec), ring.interpret)
+        forward = _kernel(ring.backend, "forward", spec, _config(ring, qc, kc, vc, call_inputs, spec), ring.interpret)
         out, lse = forward(qc, kc, vc, call_inputs)
         if _untouched(call.q_rows, written):
             out = out.astype(jnp.float32)
@@ -280,7 +281,7 @@ def _backward_step(ring, calls, q, shard, q_chunks, kv_chunks, inputs, out, lse2
         (qa, qb), (ka, kb) = call.q_rows, call.k_rows
         spec, call_inputs = _call_args(ring, call, inputs, kv_seg, q_chunks, kv_chunks)
         qc, kc, vc = q[:, qa:qb], k[:, ka:kb], v[:, ka:kb]
-        backward = _kernel(ring.backend, "backward", spec, _config(ring, qc, kc, spec), ring.interpret)
+        backward = _kernel(ring.backend, "backward", spec, _config(ring, qc, kc, vc, call_inputs, spec), ring.interpret)
         g = backward(qc, kc, vc, out[:, qa:qb], lse2[:, :, qa:qb], do[:, qa:qb],
                      None if dlse is None else dlse[:, :, qa:qb], call_inputs)
         add = lambda acc, rows, g, first: g.astype(jnp.float32) if first else acc[:, rows[0]:rows[1]] + g

@@ -439,7 +439,7 @@ def grid_forward(fwd: MosaicForwardConfig, *, causal: bool, seq_q: int, batch_he
     tile whose grid gives each SM fewer than ``SMALL_GRID_CTAS_PER_SM`` CTAs (``batch_heads``: batch x query heads;
     ``None``: not known, ``fwd``)."""
     if (causal and fwd.compute_wgs == 3 and not fwd.persistent and batch_heads is not None
-            and forward_ctas_per_sm(batch_heads, seq_q, 3 * fwd.block_q) < SMALL_GRID_CTAS_PER_SM):
+            and forward_ctas_per_sm(batch_heads, seq_q, fwd.compute_wgs * fwd.block_q) < SMALL_GRID_CTAS_PER_SM):
         return MosaicForwardConfig(**SMALL_GRID_FORWARD)
     return fwd
 
