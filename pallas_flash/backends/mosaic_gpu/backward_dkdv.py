@@ -22,6 +22,7 @@ from pallas_flash.backends.mosaic_gpu.common import (
     MEMORY_WG,
     ROW,
     WGMMA,
+    backward_grid,
     bcast,
     copy_block,
     i32,
@@ -365,12 +366,14 @@ def launch_dkdv(q, k, v, do, lse2, delta, kv_lengths, q_lengths, segments, *, sp
         interpret=bool(interpret),
     )
     kv_type = jax.ShapeDtypeStruct(k.shape, dtype)
+    grid, grid_names = backward_grid(batch, num_kv_heads, num_tiles, causal=spec.causal,
+                                     head_name="kv_head", tile_name="kv_tile")
     dk, dv = plgpu.kernel(
         kernel,
         out_type=(kv_type, kv_type),
         scratch_types=scratch,
-        grid=(batch, num_kv_heads, num_tiles),
-        grid_names=("batch", "kv_head", "kv_tile"),
+        grid=grid,
+        grid_names=grid_names,
         **launch_params(interpret, "pallas_flash_mosaic_bwd_dkdv"),
     )(*operands)
     dq = None

@@ -30,6 +30,7 @@ from pallas_flash.backends.mosaic_gpu.common import (
     MEMORY_WG,
     ROW,
     WGMMA,
+    backward_grid,
     bcast,
     copy_block,
     launch_params,
@@ -290,11 +291,13 @@ def launch_dq(q, k, v, do, lse2, delta, kv_lengths=None, q_lengths=None, segment
         scratch["kvseg_smem"] = plgpu.SMEM((stages, block_kv), jnp.int32)
         operands += [q_seg, kv_seg, segment_block_ranges(q_seg[:, : q.shape[1]], kv_seg[:, :seq_k], BLOCK_Q, block_kv,
                                                            tq_pad // BLOCK_Q)]
+    grid, grid_names = backward_grid(batch, num_heads, num_q_tiles, causal=spec.causal,
+                                     head_name="head", tile_name="q_tile")
     return plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct(q.shape, dtype),
         scratch_types=scratch,
-        grid=(batch, num_heads, num_q_tiles),
-        grid_names=("batch", "head", "q_tile"),
+        grid=grid,
+        grid_names=grid_names,
         **launch_params(interpret, "pallas_flash_mosaic_bwd_dq"),
     )(q, k, v, do, lse2, delta, *operands)

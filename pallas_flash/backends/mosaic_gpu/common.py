@@ -43,6 +43,20 @@ def tiled_smem(shape, dtype, swizzle: int = 128):
     return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, cols)), plgpu.SwizzleTransform(swizzle)))
 
 
+# Experiment (benchmarks/experiments/bwd-by-length.patch, NOTES 72): under causal, the backward kernels' grids put the
+# tile outermost, so that the GPU hands out every head's longest tiles first (a CTA of a GQA group's dK/dV at key
+# tile 0 does group x all query blocks); False: heads outermost, tiles innermost (the kernels as measured).
+BACKWARD_BY_LENGTH = False
+
+
+def backward_grid(batch: int, heads: int, tiles: int, *, causal: bool, head_name: str, tile_name: str):
+    """``(grid, grid_names)`` of a backward kernel with one CTA per (batch row, head, tile): Pallas runs the last
+    grid axis fastest, and under ``BACKWARD_BY_LENGTH`` and causal that is the head, not the tile."""
+    if causal and BACKWARD_BY_LENGTH:
+        return (tiles, batch, heads), (tile_name, "batch", head_name)
+    return (batch, heads, tiles), ("batch", head_name, tile_name)
+
+
 def launch_params(interpret, name: str, compute_wgs: int = COMPUTE_WGS) -> dict:
     """``plgpu.kernel``'s arguments shared by every kernel here: the three warpgroups, approximate math, the
     kernel's ``name`` (what profilers show; ``benchmarks.profile`` counts ``pallas_flash*`` as attention), and
