@@ -1,5 +1,6 @@
-"""Backward alone with the backward kernels' grid by length or heads outermost (``common.BACKWARD_BY_LENGTH``),
-interleaved rounds, cuDNN in the same rounds; gradients compared with cuDNN's. Needs bwd-by-length.patch applied.
+"""Backward alone with the backward kernels' grids heads outermost, by length (tiles outermost) under the small-grid
+rule (``occupancy.SMALL_GRID_BACKWARD_CTAS_PER_SM``, ``THRESHOLD`` CTAs per SM, default the module's), and by length
+always; interleaved rounds, cuDNN in the same rounds; gradients compared with cuDNN's.
 
 PROBS="D:N:causal:B:H[:KVH],..." PYTHONPATH=. python3 benchmarks/experiments/ab_bwd_order.py ROUNDS
 Default problems: GQA 32:8 at 8k causal, GPT-2 124M's (D=64 causal, 12 heads, T=1k and 4k) and the headline's
@@ -8,15 +9,18 @@ causal points at 4k and 16k. Each variant is traced with the switch set and the 
 import os, sys
 import jax, jax.numpy as jnp, numpy as np
 import pallas_flash as pf
-from pallas_flash.backends.mosaic_gpu import common
+from pallas_flash.backends.mosaic_gpu import occupancy
 from pallas_flash.sharding import partition  # its kernel-trace cache: cleared per variant
 from pallas_flash.testing.errors import rel_err
 
 from benchmarks.experiments.pullbacks import pullback, tflops_rounds
 
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 5
-DEFAULT = ("128:8192:1:2:32:8,64:4096:1:4:12,64:1024:1:16:12,64:4096:1:4:32,64:16384:1:1:32,128:4096:1:4:16,"
-           "128:16384:1:1:16")
+THRESHOLD = float(os.environ.get("THRESHOLD", occupancy.SMALL_GRID_BACKWARD_CTAS_PER_SM))
+# The first A/B (NOTES 73): GQA 32:8 8k causal, GPT-2's D=64 causal 12 heads at 1k and 4k, the headline's causal 4k
+# and 16k; then grids near the threshold (CTAs per SM of the dK/dV grid: 7.8 to 23) and long ones with few heads.
+DEFAULT = ("128:8192:1:2:32:8,64:4096:1:4:12,64:4096:1:4:20,64:4096:1:8:12,64:8192:1:2:12,128:4096:1:2:16,"
+           "128:4096:1:4:16,128:16384:1:1:8,64:16384:1:1:12,128:4096:1:4:32:8")
 for prob in os.environ.get("PROBS", DEFAULT).split(","):
     D, N, causal, B, H, *KVH = (int(x) for x in prob.split(":"))
     causal, kvh = bool(causal), (KVH[0] if KVH else H)
@@ -24,13 +28,13 @@ for prob in os.environ.get("PROBS", DEFAULT).split(","):
     q, do = (jax.random.normal(kk, (B, N, H, D), jnp.bfloat16) for kk in (keys[0], keys[3]))
     k, v = (jax.random.normal(kk, (B, N, kvh, D), jnp.bfloat16) for kk in keys[1:3])
     bwds, grads = {}, {}
-    for name, by_length in (("heads_outer", False), ("by_length", True)):
-        common.BACKWARD_BY_LENGTH = by_length
+    for name, threshold in (("heads_outer", 0), (f"rule<{THRESHOLD:g}", THRESHOLD), ("by_length", 1e9)):
+        occupancy.SMALL_GRID_BACKWARD_CTAS_PER_SM = threshold
         partition._trace.cache_clear()
         f = lambda q, k, v: pf.dot_product_attention(q, k, v, is_causal=causal, implementation="mosaic")
         bwd, vjp, grads[name] = pullback(f, q, k, v, do)
         bwds[name] = (bwd, vjp)
-    common.BACKWARD_BY_LENGTH = False
+    occupancy.SMALL_GRID_BACKWARD_CTAS_PER_SM = THRESHOLD
     f = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
     bwd, vjp, grads["cudnn"] = pullback(f, q, k, v, do)
     bwds["cudnn"] = (bwd, vjp)

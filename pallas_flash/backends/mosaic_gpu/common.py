@@ -24,6 +24,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_flash.backends.mosaic_gpu import occupancy
+
 COMPUTE_WGS = 2
 MEMORY_WG = COMPUTE_WGS
 # Registers per thread after the warpgroups rebalance them (2 * 232 + 40 warps' worth <= 64K).
@@ -43,16 +45,11 @@ def tiled_smem(shape, dtype, swizzle: int = 128):
     return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, cols)), plgpu.SwizzleTransform(swizzle)))
 
 
-# Experiment (benchmarks/experiments/bwd-by-length.patch, NOTES 72): under causal, the backward kernels' grids put the
-# tile outermost, so that the GPU hands out every head's longest tiles first (a CTA of a GQA group's dK/dV at key
-# tile 0 does group x all query blocks); False: heads outermost, tiles innermost (the kernels as measured).
-BACKWARD_BY_LENGTH = False
-
-
 def backward_grid(batch: int, heads: int, tiles: int, *, causal: bool, head_name: str, tile_name: str):
-    """``(grid, grid_names)`` of a backward kernel with one CTA per (batch row, head, tile): Pallas runs the last
-    grid axis fastest, and under ``BACKWARD_BY_LENGTH`` and causal that is the head, not the tile."""
-    if causal and BACKWARD_BY_LENGTH:
+    """``(grid, grid_names)`` of a backward kernel with one CTA per (batch row, head, tile). Pallas runs the last
+    grid axis fastest; under causal with a small grid (``occupancy.backward_by_length``) that is the head, so the
+    GPU hands out every head's longest tiles first, else the tile (heads outermost)."""
+    if occupancy.backward_by_length(batch * heads * tiles, causal=causal):
         return (tiles, batch, heads), (tile_name, "batch", head_name)
     return (batch, heads, tiles), ("batch", head_name, tile_name)
 

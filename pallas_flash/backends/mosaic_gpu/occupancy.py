@@ -17,7 +17,8 @@ import functools
 
 import jax
 
-__all__ = ["sm_count", "forward_ctas_per_sm", "SMALL_GRID_CTAS_PER_SM", "SMALL_GRID_FORWARD"]
+__all__ = ["sm_count", "forward_ctas_per_sm", "SMALL_GRID_CTAS_PER_SM", "SMALL_GRID_FORWARD",
+           "backward_by_length", "SMALL_GRID_BACKWARD_CTAS_PER_SM"]
 
 # SMs of an H100 SXM / H200, for when no GPU is visible (interpret mode, a CPU tracing for a GPU).
 DEFAULT_SM_COUNT = 132
@@ -44,3 +45,16 @@ def forward_ctas_per_sm(batch_heads: int, seq_q: int, rows_per_cta: int, sms: in
     """CTAs per SM of a forward with one CTA per ``rows_per_cta`` query rows, ``batch_heads`` = batch x query heads."""
     tiles = -(-seq_q // rows_per_cta)
     return batch_heads * tiles / (sm_count() if sms is None else sms)
+
+
+# Under causal, a backward kernel (one CTA per batch row, head and 128-row tile) whose grid gives each SM fewer
+# than this many CTAs puts the tile outermost, so that every head's longest tiles start first (``common.
+# backward_grid``). With heads outermost the last head's longest tiles start last and the last wave leaves SMs
+# idle; with many CTAs per SM the by-length order loses instead: the concurrent CTAs span more heads, and more of
+# their Q/dO or K/V falls out of L2 (NOTES 73).
+SMALL_GRID_BACKWARD_CTAS_PER_SM = 14
+
+
+def backward_by_length(ctas: int, *, causal: bool, sms: int | None = None) -> bool:
+    """Whether a backward kernel's grid of ``ctas`` CTAs runs tiles outermost (``SMALL_GRID_BACKWARD_CTAS_PER_SM``)."""
+    return causal and ctas < SMALL_GRID_BACKWARD_CTAS_PER_SM * (sm_count() if sms is None else sms)
