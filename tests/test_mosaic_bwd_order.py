@@ -1,4 +1,4 @@
-"""The backward kernels' grid by length (``common.BACKWARD_BY_LENGTH``, the experiment of bwd-by-length.patch).
+"""The backward kernels' grids by length under causal when small (``occupancy.backward_by_length``).
 
 Interpret mode on the CPU: the order of the CTAs changes, nothing they compute, so the deterministic gradients are
 bit-identical to those with heads outermost, and the fused mode's (summed per CTA in interpret mode) likewise.
@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_flash.backends.mosaic_gpu import common
+from pallas_flash.backends.mosaic_gpu import common, occupancy
 from pallas_flash.backends.mosaic_gpu.backward import mosaic_backward
 from pallas_flash.backends.mosaic_gpu.config import MosaicBackwardConfig
 from pallas_flash.testing.shapes import Shape
@@ -19,12 +19,20 @@ from tests.conftest import ON_GPU
 from tests.test_mosaic_gpu import _residuals
 
 
-def test_the_grid_puts_the_tile_outermost_only_under_causal(monkeypatch):
+def test_the_grid_puts_the_tile_outermost_only_under_causal_and_below_the_threshold(monkeypatch):
+    monkeypatch.setattr(occupancy, "sm_count", lambda: 132)
     kw = dict(head_name="head", tile_name="q_tile")
-    assert common.backward_grid(2, 8, 5, causal=True, **kw) == ((2, 8, 5), ("batch", "head", "q_tile"))
-    monkeypatch.setattr(common, "BACKWARD_BY_LENGTH", True)
-    assert common.backward_grid(2, 8, 5, causal=True, **kw) == ((5, 2, 8), ("q_tile", "batch", "head"))
-    assert common.backward_grid(2, 8, 5, causal=False, **kw) == ((2, 8, 5), ("batch", "head", "q_tile"))
+    # GPT-2 124M at T=4096 (B=4, 12 heads, 32 tiles): 11.6 CTAs per SM; 32 heads: 31 per SM
+    assert common.backward_grid(4, 12, 32, causal=True, **kw) == ((32, 4, 12), ("q_tile", "batch", "head"))
+    assert common.backward_grid(4, 12, 32, causal=False, **kw) == ((4, 12, 32), ("batch", "head", "q_tile"))
+    assert common.backward_grid(4, 32, 32, causal=True, **kw) == ((4, 32, 32), ("batch", "head", "q_tile"))
+    # the boundary: 14 x 132 = 1848 CTAs
+    assert occupancy.backward_by_length(1847, 64, causal=True)
+    assert not occupancy.backward_by_length(1848, 64, causal=True)
+    assert not occupancy.backward_by_length(1847, 64, causal=True, sms=100)
+    # 16k rows (128 tiles) per head: heads outermost at any grid
+    assert not occupancy.backward_by_length(1024, 128, causal=True)
+    assert common.backward_grid(1, 8, 128, causal=True, **kw) == ((1, 8, 128), ("batch", "head", "q_tile"))
 
 
 @pytest.mark.skipif(ON_GPU, reason="interpret mode")
@@ -34,8 +42,9 @@ def test_the_grid_puts_the_tile_outermost_only_under_causal(monkeypatch):
 def test_by_length_changes_no_bit(monkeypatch, bwd, seed):
     """Causal, GQA 2:1, ragged, Tq != Tk, several key and query tiles."""
     q, k, v, out, lse2, do, dlse, spec = _residuals(Shape("o", 2, 300, 270, 4, 2, 64), jnp.bfloat16, True, seed)
+    monkeypatch.setattr(occupancy, "SMALL_GRID_BACKWARD_CTAS_PER_SM", 0)
     want = jax.block_until_ready(mosaic_backward(q, k, v, out, lse2, do, dlse, spec=spec, config=bwd, interpret=True))
-    monkeypatch.setattr(common, "BACKWARD_BY_LENGTH", True)
+    monkeypatch.setattr(occupancy, "SMALL_GRID_BACKWARD_CTAS_PER_SM", 1e9)
     grids = []  # what the launchers asked for: both kernels (one when dQ is fused), tiles outermost
     from pallas_flash.backends.mosaic_gpu import backward_dkdv, backward_dq
     for module in (backward_dkdv, backward_dq):

@@ -49,7 +49,7 @@ def backward_grid(batch: int, heads: int, tiles: int, *, causal: bool, head_name
     """``(grid, grid_names)`` of a backward kernel with one CTA per (batch row, head, tile). Pallas runs the last
     grid axis fastest; under causal with a small grid (``occupancy.backward_by_length``) that is the head, so the
     GPU hands out every head's longest tiles first, else the tile (heads outermost)."""
-    if occupancy.backward_by_length(batch * heads * tiles, causal=causal):
+    if occupancy.backward_by_length(batch * heads * tiles, tiles, causal=causal):
         return (tiles, batch, heads), (tile_name, "batch", head_name)
     return (batch, heads, tiles), ("batch", head_name, tile_name)
 

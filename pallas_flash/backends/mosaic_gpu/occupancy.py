@@ -18,7 +18,7 @@ import functools
 import jax
 
 __all__ = ["sm_count", "forward_ctas_per_sm", "SMALL_GRID_CTAS_PER_SM", "SMALL_GRID_FORWARD",
-           "backward_by_length", "SMALL_GRID_BACKWARD_CTAS_PER_SM"]
+           "backward_by_length", "SMALL_GRID_BACKWARD_CTAS_PER_SM", "BY_LENGTH_MAX_TILES"]
 
 # SMs of an H100 SXM / H200, for when no GPU is visible (interpret mode, a CPU tracing for a GPU).
 DEFAULT_SM_COUNT = 132
@@ -53,8 +53,12 @@ def forward_ctas_per_sm(batch_heads: int, seq_q: int, rows_per_cta: int, sms: in
 # idle; with many CTAs per SM the by-length order loses instead: the concurrent CTAs span more heads, and more of
 # their Q/dO or K/V falls out of L2 (NOTES 73).
 SMALL_GRID_BACKWARD_CTAS_PER_SM = 14
+# ... and only up to this many tiles per head (8k rows): at 16k it lost 2-3% even at 8-12 CTAs per SM (NOTES 73).
+BY_LENGTH_MAX_TILES = 64
 
 
-def backward_by_length(ctas: int, *, causal: bool, sms: int | None = None) -> bool:
-    """Whether a backward kernel's grid of ``ctas`` CTAs runs tiles outermost (``SMALL_GRID_BACKWARD_CTAS_PER_SM``)."""
-    return causal and ctas < SMALL_GRID_BACKWARD_CTAS_PER_SM * (sm_count() if sms is None else sms)
+def backward_by_length(ctas: int, tiles: int, *, causal: bool, sms: int | None = None) -> bool:
+    """Whether a causal backward kernel's grid of ``ctas`` CTAs, ``tiles`` per head, runs tiles outermost
+    (``SMALL_GRID_BACKWARD_CTAS_PER_SM``, ``BY_LENGTH_MAX_TILES``)."""
+    return (causal and tiles <= BY_LENGTH_MAX_TILES
+            and ctas < SMALL_GRID_BACKWARD_CTAS_PER_SM * (sm_count() if sms is None else sms))
