@@ -1,4 +1,5 @@
-"""How many CTAs a call's forward grid gives each SM, and the forward for calls whose grid is small.
+"""How many CTAs a call's grid gives each SM: the forward for calls whose grid is small, and the order in which the
+backward kernels hand out their CTAs.
 
 A causal forward with one CTA per query tile gives its CTAs unequal work (the last rows see every key), so
 when each SM gets only a few of them, the last wave leaves SMs idle; a persistent kernel, whose CTAs walk
@@ -47,13 +48,18 @@ def forward_ctas_per_sm(batch_heads: int, seq_q: int, rows_per_cta: int, sms: in
     return batch_heads * tiles / (sm_count() if sms is None else sms)
 
 
-# Under causal, a backward kernel (one CTA per batch row, head and 128-row tile) whose grid gives each SM fewer
-# than this many CTAs puts the tile outermost, so that every head's longest tiles start first (``common.
-# backward_grid``). With heads outermost the last head's longest tiles start last and the last wave leaves SMs
-# idle; with many CTAs per SM the by-length order loses instead: the concurrent CTAs span more heads, and more of
-# their Q/dO or K/V falls out of L2 (NOTES 73).
+# Under causal, a backward kernel (one CTA per batch row, head and 128-row tile) whose grid gives each SM fewer than
+# this many CTAs puts the tile outermost, so that every head's longest tiles start first (``common.backward_grid``).
+# With heads outermost the last head's longest tiles start last and the last wave leaves SMs idle. H200, bf16,
+# backward alone, 5 interleaved rounds (``benchmarks/experiments/ab_bwd_order.py``, NOTES 73), heads outermost -> this
+# rule, TFLOP/s (the dK/dV grid's CTAs per SM): GQA 32:8 D=128 8k B=2 409 -> 423 (7.8; its dQ grid, 31, stays), D=64
+# 4k B=4 H=12 307 -> 319 (11.6), D=128 4k B=2 H=16 361 -> 374 (7.8), D=64 8k B=2 H=12 340 -> 344 (11.6); GQA 32:8
+# D=128 4k B=4 388 -> 384 (7.8, inside the rounds' spread). Tiles outermost at every grid lost 1-6% from 15.5 CTAs per
+# SM up (D=64 4k B=4 H=32: 330 -> 311, B=8 H=12: 323 -> 304), where the CTAs at work at once span more heads and their
+# rows fall out of L2.
 SMALL_GRID_BACKWARD_CTAS_PER_SM = 14
-# ... and only up to this many tiles per head (8k rows): at 16k it lost 2-3% even at 8-12 CTAs per SM (NOTES 73).
+# ... and only up to this many tiles per head (8k rows): at 16k it lost 2-3% even at 8-12 CTAs per SM (D=128 B=1
+# H=8: 471 -> 460; D=64 B=1 H=12: 371 -> 359).
 BY_LENGTH_MAX_TILES = 64
 
 
