@@ -2,7 +2,7 @@
 
 ``kernel_breakdown(run, steps)`` traces one call of ``run()`` (``steps`` steps, waited
 for) and sums each kernel's duration on the GPU plane's compute streams, grouped by
-name: ``attention`` (``pallas_flash_*``, cuDNN's fused attention, JAX's Pallas ``mha``),
+name: ``attention`` (``pallas_flash_*``, cuDNN's fused attention and its passes beside it, JAX's Pallas ``mha``),
 ``matmul`` (cuBLAS/cuBLASLt/CUTLASS GEMMs), ``copy`` (memcpy/memset) and ``other``
 (XLA's fusions: elementwise, reductions, layer norms, the optimizer, XLA's unfused
 attention). Without a GPU plane (a CPU run) the result is ``None``.
@@ -22,7 +22,11 @@ CATEGORIES = ("attention", "matmul", "copy", "other")
 def category(kernel: str) -> str:
     """The group of a GPU kernel, by its name."""
     k = kernel.lower()
-    if k.startswith("pallas_flash") or "sdpa" in k or "flash_fprop" in k or "flash_bprop" in k or k.startswith("cudnn") or k == "mha" or k.startswith("mha_"):
+    # cuDNN's: its fused kernels (``cudnn_generated_...sdpa...``) and the passes beside them (``void cudnn::fusion::
+    # compute_dot_do_o_specialized<...>``, ``convert_dq_to_16bits``); the memset of its float32 dQ stays a copy
+    if k.startswith("pallas_flash") or "sdpa" in k or "flash_fprop" in k or "flash_bprop" in k or "cudnn" in k:
+        return "attention"
+    if k == "mha" or k.startswith("mha_"):  # JAX's Pallas (Triton) attention
         return "attention"
     if any(s in k for s in ("gemm", "xmma", "nvjet", "cutlass", "wgmma")):
         return "matmul"

@@ -117,6 +117,10 @@ def test_cli_errors(argv, fragment, capsys):
         ("pallas_flash_mosaic_fwd_mosaic_gpu_kernel", "attention"),
         ("anonymous_mosaic_gpu_kernel", "other"),  # an unnamed Mosaic GPU kernel: not ours to claim
         ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop", "attention"),
+        # cuDNN's passes beside its kernel, as the H200 profile names them (gpt2-2026-12-04-3cb91b1.jsonl)
+        ("void cudnn::fusion::compute_dot_do_o_specialized<true, 64>(void const*, float*, int)", "attention"),
+        ("void cudnn::fusion::convert_dq_to_16bits<true>(void const*, void*, unsigned int)", "attention"),
+        ("loop_convert_fusion_24", "other"),
         ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTT", "matmul"),
         ("Memset 3", "copy"),
     ],
