@@ -3,8 +3,8 @@ rule (``occupancy.SMALL_GRID_BACKWARD_CTAS_PER_SM``, ``THRESHOLD`` CTAs per SM, 
 always; interleaved rounds, cuDNN in the same rounds; gradients compared with cuDNN's.
 
 PROBS="D:N:causal:B:H[:KVH],..." PYTHONPATH=. python3 benchmarks/experiments/ab_bwd_order.py ROUNDS
-Default problems: GQA 32:8 at 8k causal, GPT-2 124M's (D=64 causal, 12 heads, T=1k and 4k) and the headline's
-causal points at 4k and 16k. Each variant is traced with the switch set and the kernel-trace cache cleared (NOTES 53).
+Default problems: those of the second A/B (NOTES 73), below. Each variant is traced with the switch set and the
+kernel-trace cache cleared (NOTES 53).
 """
 import os, sys
 import jax, jax.numpy as jnp, numpy as np
@@ -17,8 +17,8 @@ from benchmarks.experiments.pullbacks import pullback, tflops_rounds
 
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 5
 THRESHOLD = float(os.environ.get("THRESHOLD", occupancy.SMALL_GRID_BACKWARD_CTAS_PER_SM))
-# The first A/B (NOTES 73): GQA 32:8 8k causal, GPT-2's D=64 causal 12 heads at 1k and 4k, the headline's causal 4k
-# and 16k; then grids near the threshold (CTAs per SM of the dK/dV grid: 7.8 to 23) and long ones with few heads.
+# The second A/B (NOTES 73; the first, on GQA, GPT-2's and the headline's causal points, is in its log): grids near
+# the threshold (CTAs per SM of the dK/dV grid: 7.8 to 23) and long ones with few heads.
 DEFAULT = ("128:8192:1:2:32:8,64:4096:1:4:12,64:4096:1:4:20,64:4096:1:8:12,64:8192:1:2:12,128:4096:1:2:16,"
            "128:4096:1:4:16,128:16384:1:1:8,64:16384:1:1:12,128:4096:1:4:32:8")
 for prob in os.environ.get("PROBS", DEFAULT).split(","):
