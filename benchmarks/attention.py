@@ -28,7 +28,6 @@ import argparse
 import datetime
 import pathlib
 import shlex
-import signal
 import sys
 import time
 import warnings
@@ -265,6 +264,11 @@ def _report_from(opts: argparse.Namespace) -> int:
     if not records:
         print("no records in " + ", ".join(opts.report_from), file=sys.stderr)
         return 1
+    devices = list(dict.fromkeys(m["device"] for m in metas if m.get("device")))
+    if len(devices) > 1:  # one report's tables, header and ratios are one device's
+        print(f"--report-from: the files come from {len(devices)} devices ({'; '.join(devices)}); "
+              "merge the runs of one device at a time", file=sys.stderr)
+        return 2
     meta = dict(metas[-1]) if metas else {"device": "?", "device_slug": "unknown"}
     for field, join in (("command", "` ; `".join), ("method", lambda ms: "\n".join(f"Run {i}:\n\n{m}" for i, m in enumerate(ms, 1)))):
         values = list(dict.fromkeys(m[field] for m in metas if m.get(field)))
@@ -287,14 +291,6 @@ def _report_from(opts: argparse.Namespace) -> int:
 
 
 # --- running ------------------------------------------------------------------------------
-
-
-class _Terminated(Exception):
-    """Raised from the SIGTERM handler so that a killed run still writes its report."""
-
-
-def _on_sigterm(signum, frame):
-    raise _Terminated(f"signal {signum}")
 
 
 def memory_record(opts: argparse.Namespace, impl: str, seq: int) -> dict:
@@ -356,31 +352,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{dev['device']}: {len(work)} {'points' if opts.memory else 'problems'} x {len(opts.impls)} impls"
           f"{'' if opts.memory else f' x {len(opts.passes)} passes'} -> {stem}.*", flush=True)
     status = "complete"
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     tty = sys.stderr.isatty()  # sparse progress updates in captured logs
     progress = tqdm(total=len(work), unit="cfg", mininterval=0.5 if tty else 30.0, dynamic_ncols=tty, file=sys.stderr)
     key = jax.random.key(opts.seed)
-    try:
-        for i, item in enumerate(work):
-            if opts.time_budget is not None and time.monotonic() - start > opts.time_budget:
-                status = f"partial: time budget of {opts.time_budget:g} s reached, {len(work) - i} of {len(work)} not run"
-                break
-            if opts.memory:
-                progress.set_postfix_str(f"memory {item[0]} N={item[1]}", refresh=False)
-                on_record(memory_record(opts, *item))
-            else:
-                progress.set_postfix_str(report.where(item.fields()), refresh=False)
-                harness.bench_problem(item, opts.impls, opts, jax.random.fold_in(key, i), on_record)
-                jax.clear_caches()
-            if pending:
-                progress.write("\n".join(pending))
-                pending.clear()
-            progress.update(1)
-    except (KeyboardInterrupt, _Terminated) as e:
-        status = f"partial: interrupted ({type(e).__name__} {e}) after {len(records)} records"
-    finally:
-        progress.close()
-        signal.signal(signal.SIGTERM, previous)
+    with common.sigterm_raises():
+        try:
+            for i, item in enumerate(work):
+                if opts.time_budget is not None and time.monotonic() - start > opts.time_budget:
+                    status = f"partial: time budget of {opts.time_budget:g} s reached, {len(work) - i} of {len(work)} not run"
+                    break
+                if opts.memory:
+                    progress.set_postfix_str(f"memory {item[0]} N={item[1]}", refresh=False)
+                    on_record(memory_record(opts, *item))
+                else:
+                    progress.set_postfix_str(report.where(item.fields()), refresh=False)
+                    harness.bench_problem(item, opts.impls, opts, jax.random.fold_in(key, i), on_record)
+                    jax.clear_caches()
+                if pending:
+                    progress.write("\n".join(pending))
+                    pending.clear()
+                progress.update(1)
+        except (KeyboardInterrupt, common.Terminated) as e:
+            status = f"partial: interrupted ({type(e).__name__} {e}) after {len(records)} records"
+        finally:
+            progress.close()
     meta = _meta(opts, dev, status)
     common.append_jsonl(jsonl, meta)
     paths = report.write_report(records, meta, stem, plots=opts.plots)

@@ -3,10 +3,12 @@ and the one way to run a measurement in a fresh process (peak-memory statistics 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
 import re
+import signal
 import subprocess
 import sys
 from typing import Any, Callable, Iterable
@@ -145,6 +147,24 @@ def load_jsonl(paths: Iterable[pathlib.Path]) -> tuple[list[dict], list[dict]]:
                     raise ValueError(f"{p}:{ln}: not JSON ({e})") from None
                 (metas if obj.get("kind") == "meta" else records).append(obj)
     return records, metas
+
+
+class Terminated(Exception):
+    """Raised by ``sigterm_raises``'s handler, so that a killed run still writes what it measured."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def sigterm_raises():
+    """Within the block SIGTERM raises ``Terminated`` (catch it with ``KeyboardInterrupt``); restored after."""
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def unique_stem(out_dir: pathlib.Path, base: str) -> pathlib.Path:

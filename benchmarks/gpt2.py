@@ -6,13 +6,16 @@ once per attention backend (``pallas``, ``xla``, ``cudnn``), each in a fresh
 process (``benchmarks.common.run_worker``) so that peak-memory numbers do not mix.
 Reports tokens/s (steps dispatched back to back as ``python -m train`` runs them,
 timed in windows of 10 synchronised at their ends; the median window, after the
-warm-up steps and compilation), MFU (``6 N + 12 L T D`` FLOPs per token over a 989
-TFLOP/s dense bf16 peak, H100/H200) and peak GPU memory (``peak_bytes_in_use``).
+warm-up steps and compilation), MFU (``6 N + 12 L T D`` FLOPs per token over the
+GPU's dense bf16 peak, ``train.config.peak_flops``; none for a GPU not in its table)
+and peak GPU memory (``peak_bytes_in_use``).
 At T=1024 the ``pallas`` and ``xla`` runs go on to 300 steps from the same seed and
 data (``train.data``) and their loss curves are compared and plotted.
 
 Writes ``benchmarks/results/<device>/gpt2-<date>.md`` (tables), ``.png`` (loss
-curves) and ``.jsonl`` (a meta line, then one line per run). About 5-8 minutes on
+curves) and ``.jsonl`` (a meta line, one line per run as it finishes, a closing meta
+line with the status); a second run the same day gets ``gpt2-<date>-2``. Interrupted
+(Ctrl-C, SIGTERM), it writes what it has, marked partial, and exits 130. About 5-8 minutes on
 an H100, most of it compiling. Run from the repository root::
 
     PYTHONPATH=. python3 -m benchmarks.gpt2            # full report (GPU)
@@ -41,7 +44,6 @@ import pandas as pd
 from benchmarks import common
 
 IMPLEMENTATIONS = ("pallas", "triton", "mosaic", "xla", "cudnn")
-PEAK_FLOPS = 989e12  # H100/H200 SXM dense bf16
 TIMING_WINDOW = 10  # steps per timed window; tokens/s comes from the median window
 
 
@@ -89,7 +91,7 @@ def _worker(spec_dict: dict) -> dict[str, Any]:
 
     from models import gpt2
     from train import data as data_lib
-    from train.config import TrainConfig
+    from train.config import TrainConfig, peak_flops
     from train.step import init_train_state, make_optimizer, make_train_step
 
     spec = RunSpec(**spec_dict)
@@ -140,9 +142,10 @@ def _worker(spec_dict: dict) -> dict[str, Any]:
     step_s = statistics.median(times)
     tokens_per_s = spec.batch_size * spec.seq_len / step_s
     fpt = gpt2.flops_per_token(mcfg, spec.seq_len)
+    peak = peak_flops(dev)
     return dict(
         info, params=gpt2.param_count(mcfg), flops_per_token=fpt, step_s_median=step_s, step_s_all=times,
-        tokens_per_s=tokens_per_s, mfu=tokens_per_s * fpt / PEAK_FLOPS if dev.platform == "gpu" else None,
+        tokens_per_s=tokens_per_s, mfu=tokens_per_s * fpt / peak if peak else None, peak_flops=peak,
         peak_bytes=(dev.memory_stats() or {}).get("peak_bytes_in_use"), compile_s=compile_s,
         losses=losses[: total if spec.loss_steps else spec.warmup_steps + spec.timed_steps], profile=profile)
 
@@ -159,6 +162,11 @@ def _table(rows: list[dict], left: str) -> list[str]:
     df = pd.DataFrame(rows)
     align = ["left" if c == left else "right" for c in df.columns]
     return df.to_markdown(index=False, disable_numparse=True, colalign=align).splitlines()
+
+
+def _curve_spec(specs: list[RunSpec]) -> RunSpec:
+    """The first run that goes on to a loss curve (the plan gives them all the same length and steps)."""
+    return next(s for s in specs if s.loss_steps)
 
 
 def _curves(specs: list[RunSpec], results: list[dict]) -> dict[str, list[float]]:
@@ -191,6 +199,9 @@ def render_markdown(info: dict[str, Any], specs: list[RunSpec], results: list[di
                     png_name: str | None, quick: bool) -> str:
     ok = [r for r in results if r.get("ok")]
     n_params = ok[0]["params"] if ok else None
+    peaks = sorted({r["peak_flops"] for r in ok if r.get("peak_flops")})
+    peak_text = " or ".join(f"{p / 1e12:.0f}" for p in peaks) + " TFLOP/s (the GPU's dense bf16 peak)" if peaks else \
+        "the GPU's dense bf16 peak (not known for this device: no MFU)"
     lines = [
         f"# GPT-2 training throughput by attention backend{' (quick smoke run)' if quick else ''}", "",
         f"- device: {info['device']} ({info['platform']}), JAX {info['jax_version']}, {datetime.datetime.now():%Y-%m-%d %H:%M}",
@@ -198,7 +209,7 @@ def render_markdown(info: dict[str, Any], specs: list[RunSpec], results: list[di
         + ", bf16 compute, fp32 parameters, AdamW; one jitted train step (`train.step.make_train_step`)",
         f"- tokens/s from the median of {-(-specs[0].timed_steps // TIMING_WINDOW)} windows of up to {TIMING_WINDOW} "
         f"steps dispatched back to back (as `python -m train` runs), after {specs[0].warmup_steps} warm-up steps; "
-        f"MFU = tokens/s x (6N + 12LTD) / {PEAK_FLOPS / 1e12:.0f} TFLOP/s; peak memory = `peak_bytes_in_use`, "
+        f"MFU = tokens/s x (6N + 12LTD) / {peak_text}; peak memory = `peak_bytes_in_use`, "
         "one fresh process per row", ""]
     by_key = {(s.seq_len, s.attention): r for s, r in zip(specs, results)}
     rows = []
@@ -217,7 +228,8 @@ def render_markdown(info: dict[str, Any], specs: list[RunSpec], results: list[di
     lines += _profile_lines(specs, results)
     curves = _curves(specs, results)
     if curves:
-        lines += ["", f"## Loss, {specs[0].loss_steps} steps at T={specs[0].seq_len}, same seed and data", ""]
+        curve_spec = _curve_spec(specs)
+        lines += ["", f"## Loss, {curve_spec.loss_steps} steps at T={curve_spec.seq_len}, same seed and data", ""]
         for name, losses in curves.items():
             tail = losses[-min(20, len(losses)):]
             lines.append(f"- {name}: first {losses[0]:.4f}, mean of the last {len(tail)} steps {sum(tail) / len(tail):.4f}")
@@ -237,7 +249,7 @@ def plot_losses(specs: list[RunSpec], results: list[dict[str, Any]], path: pathl
     plt = common.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     pd.DataFrame({k: pd.Series(v, index=range(1, len(v) + 1)) for k, v in curves.items()}).plot(ax=axes[0], linewidth=1)
-    axes[0].set(xlabel="step", ylabel="training loss (nats/token)", title=f"GPT-2 T={specs[0].seq_len}: loss by attention backend")
+    axes[0].set(xlabel="step", ylabel="training loss (nats/token)", title=f"GPT-2 T={_curve_spec(specs).seq_len}: loss by attention backend")
     if "pallas" in curves and "xla" in curves:
         diff = [a - b for a, b in zip(curves["pallas"], curves["xla"])]
         axes[1].plot(range(1, len(diff) + 1), diff, linewidth=1, color="tab:red")
@@ -289,28 +301,39 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--seq-lens {args.seq_lens} selects none of this plan's sequence lengths")
     print(f"device: {info['device']}; {len(specs)} runs", flush=True)
 
-    results = []
-    for s in specs:
-        t0 = time.perf_counter()
-        # Room for the xla T=4096 run.
-        r = common.run_worker("benchmarks.gpt2", dataclasses.asdict(s), args.timeout, {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.92"})
-        results.append(r)
-        what = (f"{r['tokens_per_s']:,.0f} tokens/s, peak {_gib(r['peak_bytes'])} GiB, compile {r['compile_s']:.0f}s"
-                if r.get("ok") else r["error"])
-        print(f"  T={s.seq_len} batch={s.batch_size} {s.attention}: {what} [{time.perf_counter() - t0:.0f}s]", flush=True)
-
     folder = args.out_dir / info["device_slug"]
     folder.mkdir(parents=True, exist_ok=True)
-    stem = folder / (f"gpt2-{datetime.date.today().isoformat()}" + ("-quick" if args.quick else ""))
+    stem = common.unique_stem(folder, f"gpt2-{datetime.date.today().isoformat()}" + ("-quick" if args.quick else ""))
+    jsonl = stem.with_suffix(".jsonl")
+    common.append_jsonl(jsonl, dict(info, kind="meta", status="running"))
+    results, status = [], "complete"
+    with common.sigterm_raises():
+        try:
+            for s in specs:
+                t0 = time.perf_counter()
+                # Room for the xla T=4096 run.
+                r = common.run_worker("benchmarks.gpt2", dataclasses.asdict(s), args.timeout,
+                                      {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.92"})
+                results.append(r)
+                common.append_jsonl(jsonl, {"spec": dataclasses.asdict(s), **r})  # kept if a later run is killed
+                what = (f"{r['tokens_per_s']:,.0f} tokens/s, peak {_gib(r['peak_bytes'])} GiB, compile {r['compile_s']:.0f}s"
+                        if r.get("ok") else r["error"])
+                print(f"  T={s.seq_len} batch={s.batch_size} {s.attention}: {what} [{time.perf_counter() - t0:.0f}s]",
+                      flush=True)
+        except (KeyboardInterrupt, common.Terminated) as e:
+            status = f"partial: interrupted ({type(e).__name__} {e}) after {len(results)} of {len(specs)} runs"
+    common.append_jsonl(jsonl, dict(info, kind="meta", status=status))
+    ran = specs[: len(results)]
     png = stem.with_suffix(".png")
-    has_png = plot_losses(specs, results, png)
-    md = render_markdown(info, specs, results, png.name if has_png else None, args.quick)
+    has_png = plot_losses(ran, results, png) if results else False
+    md = render_markdown(info, ran, results, png.name if has_png else None, args.quick) if results else ""
+    if status != "complete":
+        md = f"**{status}**\n\n" + md
     stem.with_suffix(".md").write_text(md)
-    stem.with_suffix(".jsonl").unlink(missing_ok=True)
-    for rec in [dict(info, kind="meta")] + [{"spec": dataclasses.asdict(s), **r} for s, r in zip(specs, results)]:
-        common.append_jsonl(stem.with_suffix(".jsonl"), rec)
     print("\n" + md)
-    print(f"wrote {stem}.md" + (", .png" if has_png else "") + f", .jsonl in {time.perf_counter() - t_start:.0f}s")
+    print(f"{status}; wrote {stem}.md" + (", .png" if has_png else "") + f", .jsonl in {time.perf_counter() - t_start:.0f}s")
+    if status != "complete":
+        return 130
     return 0 if all(r.get("ok") for r in results) or on_gpu else 1
 
 

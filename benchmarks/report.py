@@ -169,10 +169,20 @@ def window_speedups(records: Sequence[dict], pairs) -> list[str]:
 
 
 def memory_markdown(records: Sequence[dict], impls: Sequence[str] = (), fmt: str = "pipe") -> str:
-    """Peak memory (GiB) against N: measured and/or compiled-analysis columns per impl."""
+    """Peak memory (GiB) against N: measured and/or compiled-analysis columns per impl, one table per problem
+    (batch, heads, head dim, causal, dtype: runs merged by ``--report-from`` may differ in them); of two records
+    of one impl at one point, the later wins."""
     mem = [r for r in records if r.get("kind") == "memory"]
     if not mem:
         return ""
+    problem = ("batch", "heads", "head_dim", "causal", "dtype")
+    groups: dict[tuple, list[dict]] = {}
+    for r in mem:
+        groups.setdefault(tuple(r.get(k) for k in problem), []).append(r)
+    return "\n".join(_memory_table(group, impls, fmt) for group in groups.values())
+
+
+def _memory_table(mem: Sequence[dict], impls: Sequence[str], fmt: str) -> str:
     measured = any(r.get("peak_bytes") is not None or r.get("method") == "measured" for r in mem)
 
     def cell(r, field):

@@ -392,6 +392,31 @@ def test_harness_statuses_with_fake_impls(monkeypatch):
         assert word in problems
 
 
+def test_memory_report_keeps_each_problem_apart(tmp_path, capsys):
+    """Runs merged by ``--report-from`` may differ in dtype: each problem gets its own table, none is dropped or
+    labelled with another's dtype. Runs of different devices are not merged into one report."""
+
+    def mem(dtype, seq, gib):
+        return dict(kind="memory", impl="pallas_flash", method="measured", status="ok", seq_q=seq, seq_k=seq, batch=1,
+                    heads=16, kv_heads=16, head_dim=128, causal=True, dtype=dtype, gqa=1, io_bytes=2**30,
+                    peak_bytes=gib * 2**30, analysis_bytes=gib * 2**30)
+
+    recs = [mem("bf16", 1024, 1), mem("bf16", 2048, 2), mem("fp32", 1024, 3), mem("fp32", 2048, 5)]
+    tables = report.memory_markdown(recs).split("Peak device memory")[1:]
+    assert len(tables) == 2 and "bf16" in tables[0] and "fp32" in tables[1]
+    assert [r[2] for r in _rows(tables[0])[2:]] == ["1.00", "2.00"]  # under the header and its rule
+    assert [r[2] for r in _rows(tables[1])[2:]] == ["3.00", "5.00"]
+
+    files = []
+    for name, device in (("a", "NVIDIA H100 80GB HBM3"), ("b", "NVIDIA H200")):
+        files.append(tmp_path / f"{name}.jsonl")
+        common.append_jsonl(files[-1], dict(kind="meta", device=device, device_slug=common.slug(device)))
+        common.append_jsonl(files[-1], mem("bf16", 1024, 1))
+    assert bench.main(["--report-from", *map(str, files), "--no-plots"]) == 2
+    assert "the files come from 2 devices" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "b.jsonl"]  # nothing written
+
+
 def test_main_dry_run_writes_report(tmp_path, capsys):
     rc = bench.main(TINY + ["--impls", "xla,cudnn", "--gqa", "1,2", "--out", str(tmp_path / "{device}"), "--tag", "smoke"])
     assert rc == 0

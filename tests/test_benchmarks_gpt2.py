@@ -110,6 +110,49 @@ def test_cli_errors(argv, fragment, capsys):
     assert exc.value.code == 2 and fragment in capsys.readouterr().err
 
 
+def test_loss_heading_names_the_run_with_the_curve():
+    """With cuDNN first in the plan (no loss curve), the heading takes its steps from the xla run that has one."""
+    specs = bench._plan(quick=False, on_gpu=True, impls=("cudnn", "xla"))
+    assert [s.loss_steps for s in specs[:2]] == [0, 300]
+    results = [_ok(1000.0, [3.0] * 35), _ok(900.0, [3.0] * 300)] + [_ok(800.0, [3.0] * 35)] * (len(specs) - 2)
+    md = bench.render_markdown(INFO, specs, results, None, False)
+    assert "## Loss, 300 steps at T=1024" in md
+    assert "MFU = tokens/s x (6N + 12LTD) / the GPU's dense bf16 peak (not known for this device" in md
+    md = bench.render_markdown(INFO, specs, [dict(r, peak_flops=989e12) for r in results], None, False)
+    assert "/ 989 TFLOP/s (the GPU's dense bf16 peak)" in md
+
+
+def test_runs_keep_their_records(tmp_path, monkeypatch, capsys):
+    """A second run the same day writes new files beside the first's; each run's record is on disk as soon as it
+    finishes, and an interrupted run still writes its report, marked partial (nothing measured is lost)."""
+    import json
+
+    calls = []
+
+    def fake_worker(module, spec, timeout, env=None):  # no subprocess: one record per spec, the fourth interrupted
+        if spec.get("probe"):
+            return dict(ok=True, device="cpu", device_slug="cpu", platform="cpu", jax_version="0")
+        calls.append(spec)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return dict(_ok(1000.0 * len(calls), [3.0, 2.9]), device="cpu", platform="cpu", jax_version="0", peak_flops=None)
+
+    monkeypatch.setattr(common, "run_worker", fake_worker)
+    argv = ["--quick", "--attention", "xla", "--loss-steps", "0", "--out-dir", str(tmp_path)]
+    assert bench.main(argv) == 0
+    assert bench.main(argv) == 130  # its second spec is interrupted
+    stems = sorted(p.stem for p in (tmp_path / "cpu").glob("*.jsonl"))
+    assert len(stems) == 2 and stems[1] == stems[0] + "-2"
+    for stem, n_records, status in ((stems[0], 2, "complete"), (stems[1], 1, "partial: interrupted")):
+        lines = [json.loads(ln) for ln in (tmp_path / "cpu" / f"{stem}.jsonl").read_text().splitlines()]
+        assert [ln.get("kind") for ln in lines] == ["meta"] + [None] * n_records + ["meta"]
+        assert lines[0]["status"] == "running" and lines[-1]["status"].startswith(status)
+        md = (tmp_path / "cpu" / f"{stem}.md").read_text()
+        assert ("**partial: interrupted" in md) == (status != "complete")
+    assert [json.loads(ln)["tokens_per_s"] for ln in (tmp_path / "cpu" / f"{stems[0]}.jsonl").read_text()
+            .splitlines()[1:3]] == [1000.0, 2000.0]
+
+
 @pytest.mark.parametrize(
     "kernel, expected",
     [

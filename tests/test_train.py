@@ -75,6 +75,8 @@ def test_peak_flops_table():
 
     assert peak_flops(Dev("gpu", "NVIDIA H100 80GB HBM3")) == 989e12
     assert peak_flops(Dev("gpu", "NVIDIA H200")) == 989e12
+    assert peak_flops(Dev("gpu", "NVIDIA H100 PCIe")) == 756e12  # not the SXM part's 989
+    assert peak_flops(Dev("gpu", "NVIDIA H100 NVL")) == 835e12
     assert peak_flops(Dev("gpu", "NVIDIA A100-SXM4-80GB")) == 312e12
     assert peak_flops(Dev("cpu", "cpu")) is None
     assert peak_flops(Dev("gpu", "Tesla T4")) is None
@@ -258,6 +260,38 @@ def test_data_formats(tmp_path):
     (tmp_path / "empty.txt").write_bytes(b"")
     with pytest.raises(ValueError, match="empty"):
         data_lib.load_data(tmp_path / "empty.txt")
+
+    # A token folder without a readable train.bin is an error, not a folder of bytes to train on.
+    no_train = tmp_path / "no_train"
+    no_train.mkdir()
+    np.arange(300, dtype=np.uint16).tofile(no_train / "val.bin")
+    with pytest.raises(ValueError, match=r"holds token files \(val.bin\) but no readable train.bin"):
+        data_lib.load_data(no_train)
+    (no_train / "train.bin").symlink_to(tmp_path / "gone.bin")  # a broken link
+    with pytest.raises(ValueError, match=r"\(train.bin, val.bin\) but no readable train.bin"):
+        data_lib.load_data(no_train)
+
+
+def test_empty_paths_are_refused(capsys):
+    """An unset shell variable gives ``--out ""`` (the default run folder would be used) or ``--data ""`` (the
+    working directory's bytes would be trained on): argparse refuses both, naming the flag."""
+    for flag in ("--out", "--data"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([flag, ""])
+        assert f"argument {flag}: must be a non-empty path" in capsys.readouterr().err
+
+
+def test_metrics_log_appends_after_a_last_line_without_newline(tmp_path):
+    """A hand-repaired metrics.jsonl may end without a newline: the next record goes on a line of its own."""
+    from train.run_folder import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 10, "loss": 3.0}\n{"step": 20, "loss": 2.5}')
+    log = MetricsLog(path, enabled=True)
+    log.write({"step": 22, "loss": 2.4})
+    log.write({"step": 24, "loss": 2.3})
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [10, 20, 22, 24]
+    assert [s for s, _ in MetricsLog(path, enabled=True).lines] == [10, 20, 22, 24]
 
 
 def test_train_on_a_text_file(tmp_path):

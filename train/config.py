@@ -19,10 +19,15 @@ from models import gpt2
 
 ATTENTION_CHOICES = ("auto", "pallas", "triton", "mosaic", "xla", "cudnn")
 
-#: Dense bf16 peak FLOP/s by a substring of ``device.device_kind``.
+#: Dense bf16 peak FLOP/s by a substring of ``device.device_kind``, the first match wins (so the PCIe and NVL
+#: H100s and the NVL H200, with lower clocks or fewer SMs than the SXM parts, come before "H200" and "H100").
+#: NVIDIA's data sheets.
 PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
-    ("H200", 989e12),
-    ("H100", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H200 NVL", 835e12),
+    ("H200", 989e12),  # SXM, and GH200
+    ("H100", 989e12),  # SXM
     ("A100", 312e12),
 )
 
@@ -98,6 +103,8 @@ _non_negative_int = _checked(int, lambda v: v >= 0, "non-negative integer")
 # Finite: an infinite or NaN learning rate, decay or clip turns the loss into NaN.
 _positive_float = _checked(float, lambda v: math.isfinite(v) and v > 0, "positive finite number")
 _non_negative_float = _checked(float, lambda v: math.isfinite(v) and v >= 0, "non-negative finite number")
+# An unset shell variable gives "": --out would fall back to the default run folder, --data to the working directory.
+_path = _checked(str, lambda v: bool(v.strip()), "non-empty path")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,10 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-clip", type=_positive_float, help="global-norm clip (default 1.0)")
     p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"),
                    help="compute dtype; auto = bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--data", help="text file/folder (bytes) or folder with train.bin/val.bin "
+    p.add_argument("--data", type=_path, help="text file/folder (bytes) or folder with train.bin/val.bin "
                    "(uint16 tokens); default: the Python stdlib's sources")
     p.add_argument("--vocab-size", type=_positive_int, help="vocabulary of .bin token data (default 50304)")
-    p.add_argument("--out", help="run folder for metrics and checkpoints (default out/<config>)")
+    p.add_argument("--out", type=_path, help="run folder for metrics and checkpoints (default out/<config>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--eval-every", type=_non_negative_int, help="steps between evaluations, 0 = only at the end")
     p.add_argument("--eval-batches", type=_positive_int, help="validation batches per evaluation (default 8)")

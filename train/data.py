@@ -162,6 +162,11 @@ def load_data(
         raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
 
     vocab = vocab_size or GPT2_VOCAB
+    token_files = sorted(f.name for f in path.glob("*.bin")) if path.is_dir() else []
+    if token_files and not (path / "train.bin").is_file():  # else it would train on these files' bytes
+        raise ValueError(
+            f"--data folder {path} holds token files ({', '.join(token_files)}) but no readable train.bin: a token "
+            "folder needs train.bin (uint16 ids; val.bin is optional)")
     if path.is_dir() and (path / "train.bin").is_file():
         train = _tokens_memmap(path / "train.bin", vocab)
         if (path / "val.bin").is_file():

@@ -90,10 +90,13 @@ class MetricsLog:
         self.path = path
         self.enabled = enabled
         self.lines: list[tuple[int, str]] = []  # (step, line) of the records there
+        self._unterminated = False  # the last record has no newline (a hand repair): the next write adds one
         if enabled and path.exists():
-            for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            text = path.read_text(errors="replace")
+            for number, line in enumerate(text.splitlines(), 1):
                 if line.strip():
                     self.lines.append((self._step(line, number), line))
+            self._unterminated = bool(text) and not text.endswith("\n")
 
     def _step(self, line: str, number: int) -> int:
         try:
@@ -112,8 +115,10 @@ class MetricsLog:
         if self.enabled and any(s > step for s, _ in self.lines):
             self.lines = [(s, line) for s, line in self.lines if s <= step]
             write_text_atomic(self.path, "".join(line + "\n" for _, line in self.lines))
+            self._unterminated = False
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
             with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write("\n" * self._unterminated + json.dumps(record) + "\n")
+            self._unterminated = False
