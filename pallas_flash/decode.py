@@ -278,7 +278,8 @@ def decode_attention(
     check_values(spec, kv_lengths, block_tables)
     lengths = jnp.asarray(kv_lengths)
     if lengths.dtype != jnp.int32:  # int32 lengths go to the kernel as they are; it clips them itself
-        lengths = jnp.clip(lengths, 0, spec.capacity).astype(jnp.int32)
+        # The bound in the lengths' own dtype: a capacity past it would wrap (300 as uint8 is 44).
+        lengths = jnp.clip(lengths, 0, min(spec.capacity, jnp.iinfo(lengths.dtype).max)).astype(jnp.int32)
     tables = None if block_tables is None else jnp.asarray(block_tables).astype(jnp.int32)
     if spec.batch == 0 or spec.num_heads == 0:
         return jnp.zeros(q.shape, q.dtype)

@@ -104,8 +104,8 @@ class FlashMultiHeadAttention(KVCache, nnx.Module):
       in_kv_features: features of ``inputs_k``/``inputs_v``; defaults to
         ``in_features``.
       is_causal: apply a causal mask by default (a call may override).
-      dropout_rate: attention-probability dropout (needs a backend that
-        supports it: not the Pallas path yet).
+      dropout_rate: attention-probability dropout (the Pallas kernels;
+        jax.nn's backends have none and raise ``NotImplementedError``).
       deterministic: default for the call's ``deterministic``.
       implementation: forwarded to :func:`pallas_flash.dot_product_attention`.
       local_window_size: sliding-window attention, forwarded to the kernel.
@@ -240,6 +240,29 @@ class FlashMultiHeadAttention(KVCache, nnx.Module):
         self.cached_key: nnx.Cache | None = nnx.data(None)
         self.cached_value: nnx.Cache | None = nnx.data(None)
         self.cache_index: nnx.Cache | None = nnx.data(None)
+
+    def set_view(
+        self,
+        deterministic: bool | None = None,
+        decode: bool | None = None,
+        batch_size: int | tuple[int] | None = None,
+        max_length: int | None = None,
+    ) -> None:
+        """What ``nnx.view(model, deterministic=..., decode=...)`` sets, as for ``nnx.MultiHeadAttention``:
+        ``deterministic`` (dropout off), ``decode`` (the KV cache by default); turning ``decode`` on without a
+        cache makes one for ``batch_size`` x ``max_length`` tokens (``init_cache``)."""
+        if deterministic is not None:
+            self.deterministic = deterministic
+        if decode is not None:
+            self.decode = decode
+            if decode and self.cached_key is None:
+                if batch_size is None or max_length is None:
+                    raise TypeError("batch_size and max_length must be given to make the KV cache (decode=True)")
+                if isinstance(batch_size, tuple):
+                    if len(batch_size) != 1:
+                        raise NotImplementedError(f"one batch axis in the KV cache, got batch_size {batch_size}")
+                    (batch_size,) = batch_size
+                self.init_cache((batch_size, max_length, self.in_features))
 
     def __call__(
         self,

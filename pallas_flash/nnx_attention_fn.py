@@ -72,8 +72,13 @@ def make_attention_fn(
       implementation: forwarded to :func:`pallas_flash.dot_product_attention`:
         ``None`` (auto), ``"pallas"``, ``"xla"``, ``"cudnn"`` or a sequence
         tried in order.
-      is_causal: always apply a causal mask, in addition to the ``is_causal``
-        that Flax passes per call (they are OR-ed).
+      is_causal: apply a causal mask to every self-attention call (query and
+        key/value of one length), in addition to the ``is_causal`` that Flax
+        passes per call (they are OR-ed). A call whose lengths differ gets
+        only what Flax passes: in a decode step over ``nnx.MultiHeadAttention``'s
+        cache Flax passes ``is_causal=False`` and a mask of the slots written
+        so far, and a causal mask there (aligned top-left, as in
+        ``jax.nn.dot_product_attention``) would hide every key but the first.
       scale: logit scale; ``None`` means ``1/sqrt(head_dim)`` like Flax.
       local_window_size: sliding window, forwarded to the kernel.
 
@@ -139,7 +144,7 @@ def make_attention_fn(
             bias=_as_4d(bias, batch_shape, "bias"),
             mask=_as_4d(mask, batch_shape, "mask"),
             scale=scale,
-            is_causal=bool(default_causal or is_causal),
+            is_causal=bool(is_causal or (default_causal and query.shape[-3] == key.shape[-3])),
             local_window_size=local_window_size,
             implementation=implementation,
             **dropout,

@@ -195,10 +195,24 @@ def test_nan_within_length_propagates_and_garbage_past_it_does_not(implementatio
 
 
 @pytest.mark.parametrize("implementation", ["pallas", "xla"])
+@pytest.mark.parametrize("dtype", ["uint8", "int8", "int16"])
+def test_narrow_integer_lengths(implementation, dtype):
+    """Lengths of a dtype narrower than the capacity: the clip's bound must not wrap (300 as uint8 is 44)."""
+    q = jnp.zeros((1, 1, 1, 16))  # every logit 0: the output is the mean of the visible values
+    k = jnp.ones((1, 300, 1, 16))
+    v = jnp.broadcast_to(jnp.arange(300.0)[None, :, None, None], (1, 300, 1, 16))
+    out = decode_attention(q, k, v, jnp.asarray([100], dtype), implementation=implementation)
+    np.testing.assert_allclose(np.asarray(out), 49.5, rtol=1e-5)  # mean of 0..99
+
+
+@pytest.mark.parametrize("implementation", ["pallas", "xla"])
 def test_traced_out_of_range_values(implementation, seed):
     """Under jit nothing raises: lengths clip to the capacity, rows before position 0 give zeros, bad pages are not seen."""
     case = Case(3, 2, 4, 2, 64, 48, jnp.float32, page_size=16, splits=2)
     q, k, v, tables, _ = draw(case, seed)
+    # A last page of NaN, which no table names: a page id past the pool is clamped onto it before it is masked,
+    # and its V times p = 0 must not reach a row (0 * NaN).
+    k, v = (jnp.concatenate([x, jnp.full_like(x[:1], jnp.nan)]) for x in (k, v))
     f = jax.jit(lambda q, k, v, t, n: run(case, q, k, v, t, n, implementation))
     bad_tables = tables.at[2, 1].set(10_000)  # sequence 2's keys 16..31 lie on a page that does not exist
     out = np.asarray(f(q, k, v, bad_tables, jnp.asarray([60, 1, 40], jnp.int32)))

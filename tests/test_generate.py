@@ -90,6 +90,10 @@ def test_generate_errors():
         gpt2.generate(model, prompt, -1)
     with pytest.raises(ValueError, match="prompt"):
         gpt2.generate(model, jnp.zeros((1, 2, 3), jnp.int32), 2)
+    for bad in (model.config.vocab_size, -3):  # past the embedding table it embeds as NaN, below it as garbage
+        with pytest.raises(ValueError, match=rf"prompt \(shape \(2,\)\) holds token ids outside \[0, vocab_size="
+                                             rf"{model.config.vocab_size}\): \[{bad}\]"):
+            gpt2.generate(model, jnp.asarray([5, bad]), 2)
     with pytest.raises(ValueError, match="init_cache"):
         model(prompt, decode=True)
     if len(jax.devices()) >= 2:  # a model whose attention is a ring over a sharded sequence does not generate

@@ -182,6 +182,35 @@ def test_attention_fn_extra_batch_dims_and_default_causal():
     _assert_close(ours(x, mask=mask)[..., :20, :], ref(x, mask=mask, is_causal=True)[..., :20, :])
 
 
+def test_attention_fn_default_causal_under_flax_decode():
+    """In a decode step over its cache Flax passes ``is_causal=False`` and a mask of the slots written so far; the
+    default causal mask (top-left aligned, one query row) would hide every key but the first."""
+    x = _x()
+    full = _flax_mha()(x, is_causal=True)
+    for attention_fn in (make_attention_fn("xla", is_causal=True), make_attention_fn("xla")):
+        layer = _flax_mha(attention_fn=attention_fn)
+        layer.init_cache((B, T, F))
+        steps = jnp.concatenate([layer(x[:, t:t + 1], decode=True) for t in range(T)], axis=1)
+        _assert_close(steps, full, 1e-5)
+
+
+def test_layer_follows_nnx_view():
+    """``nnx.view(model, deterministic=True)`` turns the layer's dropout off (as for ``nnx.MultiHeadAttention``),
+    alone or inside a model; ``decode=True`` makes the cache."""
+    layer = FlashMultiHeadAttention(N, F, dropout_rate=0.5, deterministic=False, implementation="xla",
+                                    rngs=nnx.Rngs(0))
+    model = nnx.Sequential(layer, nnx.Dropout(0.1, rngs=nnx.Rngs(1)))
+    for viewed in (nnx.view(layer, deterministic=True), nnx.view(model, deterministic=True).layers[0]):
+        assert viewed.deterministic is True
+        x = _x()
+        _assert_close(viewed(x), viewed(x), 0)  # no dropout (the xla backend has none and would raise)
+    assert layer.deterministic is False  # the view, not the layer, changed
+    cached = nnx.view(layer, decode=True, batch_size=B, max_length=T)
+    assert cached.decode is True and cached.cached_key.shape[:2] == (B, T)
+    with pytest.raises(TypeError, match="batch_size and max_length"):
+        nnx.view(layer, decode=True)
+
+
 def test_attention_fn_rejects_sow_weights():
     layer = _flax_mha(attention_fn=flash_attention_fn)
     with pytest.raises(ValueError, match="sow_weights"):

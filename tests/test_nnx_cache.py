@@ -128,6 +128,9 @@ def test_cache_errors():
         layer(jnp.ones((B, 7, F)), prefill=True)
     with pytest.raises(ValueError, match=r"\[batch, max_length\] = \(3, 6\)"):
         layer(jnp.ones((2, 1, F)), decode=True)
+    for bad in ([4, 6, 4], [-1, 3, 4]):  # outside [0, the prompt's length]: not clipped silently
+        with pytest.raises(ValueError, match=r"key_value_seq_lengths must be in \[0, 4\]"):
+            layer(x, prefill=True, key_value_seq_lengths=jnp.asarray(bad))
     layer(x, prefill=True)
     with pytest.raises(ValueError, match=r"overflows: 3 new token\(s\) after \[4, 4, 4\] cached, max_length 6"):
         layer(jnp.ones((B, 3, F)), decode=True)

@@ -158,6 +158,8 @@ def _split_kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, *out_refs, spec,
         else:
             k = plgpu.load(k_view, mask=load_mask, other=0.0)
             v = plgpu.load(v_view, mask=load_mask, other=0.0)
+        if page_ok is not None:  # an invalid page's keys get p = 0 below, but 0 * NaN in its V would reach P V
+            v = jnp.where(page_ok, v, jnp.zeros_like(v))
         x = tiles.dot(q, k, trans_b=True)  # [block_rows, block_k] raw q.k
         if spec.soft_cap is not None:
             x = jnp.tanh(x * (spec.scale / spec.soft_cap)) * (spec.soft_cap * LOG2E)
