@@ -13,7 +13,9 @@ the kernels (no ``Tq x Tk`` mask or bias is ever built for them). The
 they have no soft-cap or dropout and raise ``NotImplementedError`` for those.
 
 One deliberate difference from jax.nn's ``"xla"``: a query row that can see no
-key at all outputs zeros (jax.nn averages every value uniformly there).
+key at all outputs zeros (jax.nn averages every value uniformly there), from
+the kernels and from this library's ``"xla"`` backend alike, so that a fallback
+does not change it.
 
 Under ``jax.jit`` with sharded inputs the kernel backends partition
 (``pallas_flash.sharding.partition``): batch and heads run per shard, and a
@@ -33,6 +35,8 @@ import warnings
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
+from jax import lax
 
 from pallas_flash import backends, validate
 from pallas_flash.backends.base import KernelBackend
@@ -75,11 +79,13 @@ def dot_product_attention(
     dropout_rng: jax.Array | None = None,
     config: FlashConfig | None = None,
     interpret: bool | None = None,
-) -> jax.Array:
+    return_residual: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Scaled dot-product attention, ``jax.nn.dot_product_attention``'s drop-in.
 
     Args:
-      query: ``[B, Tq, N, H]``.
+      query: ``[B, Tq, N, H]``, or ``[Tq, N, H]`` without a batch axis (as jax.nn; then key and value have
+        none either, segment ids are ``[T]`` and lengths ``[1]``).
       key, value: ``[B, Tk, K, H]``, ``N % K == 0`` (GQA/MQA when ``K < N``).
       bias: additive float logit bias, broadcastable to ``[B, N, Tq, Tk]``
         (each dim 1 or full, as jax.nn); differentiable. The kernels read
@@ -112,12 +118,33 @@ def dot_product_attention(
         gives the same result; rate 0 is exactly no dropout.
       config: explicit kernel block config of the chosen kernel backend.
       interpret: force Pallas interpret mode on or off (kernel backends only).
+      return_residual: also return jax.nn's residual, the log-sum-exp of each
+        row's scaled, biased and masked logits (natural log), ``[B, Tq, N]``
+        in the key's dtype and without gradient, as jax.nn does; ``-inf`` for
+        a row that sees no key (for :func:`combine` and a differentiable lse,
+        use :func:`attention_with_lse`).
 
     Returns:
       ``[B, Tq, N, H]`` in the query's dtype, sharded like the query under
       ``jit`` (a sequence-sharded query runs context-parallel: see the module
-      docstring).
+      docstring); with ``return_residual``, ``(output, residual)``.
     """
+    if jnp.ndim(query) == 3:  # jax.nn's unbatched call: add the batch axis, run, drop it
+        if jnp.ndim(key) != 3 or jnp.ndim(value) != 3:
+            raise ValueError(f"query {jnp.shape(query)} has rank 3 (no batch axis), so key and value must too, or all "
+                             f"have rank 4 [batch, seq, heads, head_dim]; got key {jnp.shape(key)} and value "
+                             f"{jnp.shape(value)}")
+        batched = lambda x: x if x is None or jnp.ndim(x) != 1 else jnp.asarray(x)[None]  # noqa: E731
+        result = dot_product_attention(
+            query[None], key[None], value[None], bias, mask, scale=scale, is_causal=is_causal,
+            query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
+            local_window_size=local_window_size, implementation=implementation,
+            q_segment_ids=batched(q_segment_ids), kv_segment_ids=batched(kv_segment_ids),
+            alibi_slopes=alibi_slopes, logits_soft_cap=logits_soft_cap, dropout_rate=dropout_rate,
+            dropout_rng=dropout_rng, config=config, interpret=interpret, return_residual=return_residual)
+        return jax.tree.map(lambda x: x[0], result)
+    if not isinstance(return_residual, bool):
+        raise TypeError(f"return_residual must be a bool, got {return_residual!r}")
     spec, inputs = validate.attention_call(
         query, key, value, bias, mask,
         scale=scale,
@@ -138,12 +165,29 @@ def dot_product_attention(
     for i, (name, backend) in enumerate(zip(order, chosen)):
         try:
             backend.supports(query, key, value, inputs, spec)
-            return backend.attention(query, key, value, inputs, spec, config=config, interpret=interpret)
+            try:
+                if not return_residual:
+                    return backend.attention(query, key, value, inputs, spec, config=config, interpret=interpret)
+                if isinstance(backend, KernelBackend):
+                    out, lse = backend.attention_with_lse(query, key, value, inputs, spec, config=config,
+                                                          interpret=interpret)
+                    return out, lax.stop_gradient(jnp.swapaxes(lse, 1, 2).astype(key.dtype))  # [B, Tq, N]
+                return backend.attention(query, key, value, inputs, spec, return_residual=True)
+            except TypeError as e:  # jax.jvp / jax.jacfwd reaching the kernels' custom_vjp
+                if not isinstance(backend, KernelBackend) or _FORWARD_MODE_ERROR not in str(e):
+                    raise
+                raise NotImplementedError(
+                    f"the {name} kernels have a custom VJP and no forward-mode derivative (jax.jvp, jax.jacfwd); "
+                    "implementation='xla' has one") from e
         except NotImplementedError as e:  # from supports, or from a delegate's own limits (cuDNN)
             reasons.append(f"{name}: {e}")
             if implementation is None and i + 1 < len(order):  # only the automatic choice warns
                 warnings.warn(f"pallas_flash: falling back from {name!r} to {order[i + 1]!r} attention ({e})", stacklevel=2)
     raise NotImplementedError("no implementation supports this call: " + "; ".join(reasons))
+
+
+#: What JAX raises when forward-mode autodiff meets a ``jax.custom_vjp`` function (jax 0.11).
+_FORWARD_MODE_ERROR = "can't apply forward-mode autodiff (jvp) to a custom_vjp function"
 
 
 def _kernel_backend(implementation: str) -> KernelBackend:

@@ -43,7 +43,7 @@ def combine(outs: Sequence[jax.Array], lses: Sequence[jax.Array]) -> tuple[jax.A
     top = jnp.where(jnp.isfinite(top), top, 0.0)
     weights = jnp.exp(lse_parts - top)  # [P, B, N, Tq]; 0 for parts a row does not see
     total = jnp.sum(weights, axis=0)
-    seen = total > 0
+    seen = total != 0  # a NaN total (a part's NaN lse) stays NaN in lse and out; only an empty row is -inf
     lse = jnp.where(seen, top + jnp.log(jnp.where(seen, total, 1.0)), -jnp.inf)
     scale = weights / jnp.where(seen, total, 1.0)  # [P, B, N, Tq]
     out = sum(

@@ -40,6 +40,8 @@ def check_qkv(query, key, value) -> None:
         raise ValueError(f"query and key must have the same batch size, got query {query.shape} and key {key.shape}")
     if Hk != H:
         raise ValueError(f"query and key must have the same head_dim, got query {query.shape} and key {key.shape}")
+    if H == 0:  # (the default scale 1/sqrt(head_dim) would divide by zero)
+        raise ValueError(f"head_dim must be at least 1, got query {query.shape}")
     if (K == 0 and N != 0) or (K != 0 and N % K != 0):
         raise ValueError(
             f"the number of query heads ({N}) must be a multiple of the number of key/value heads ({K}); "

@@ -40,8 +40,10 @@ ENTRY_POINTS = {
         (lambda: (qkv()[0], *qkv(dtype=jnp.bfloat16)[1:]), TypeError, ["dtype", "float32", "bfloat16"]),
         (lambda: tuple(x.astype(jnp.int32) for x in qkv()), TypeError, ["query", "floating", "int32"]),
         (lambda: ([[1.0]], *qkv()[1:]), TypeError, ["query", "array"]),
+        (lambda: qkv(h=0), ValueError, ["head_dim must be at least 1", "(1, 8, 2, 0)"]),
     ],
-    ids=["rank", "head_dim", "heads_not_divisible", "batch", "kv_shape", "dtype_mismatch", "int_dtype", "not_array"],
+    ids=["rank", "head_dim", "heads_not_divisible", "batch", "kv_shape", "dtype_mismatch", "int_dtype", "not_array",
+         "head_dim_zero"],
 )
 def test_bad_input_raises_named_error(entry, make, error, words):
     with pytest.raises(error) as info:

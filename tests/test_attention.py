@@ -93,6 +93,37 @@ def test_matches_jax_nn_xla(seed):
     assert rel_err(ours, theirs) < 1e-4
 
 
+@pytest.mark.parametrize("implementation", ["pallas", "xla"])
+def test_unbatched_inputs_and_the_residual_as_jax_nn(implementation, seed):
+    """jax.nn's ``[T, N, H]`` call (no batch axis), values and gradients under a random cotangent; and its
+    ``return_residual``: the lse of each row's scaled, masked logits, ``[B, Tq, N]`` in the key's dtype, no
+    gradient; ``-inf`` where a row sees no key (jax.nn: the lse of its large negative fill)."""
+    shape = Shape("tq_gt_tk_gqa", 2, 40, 24, 4, 2, 32)
+    q, k, v, ct = random_qkv(shape, jnp.float32, seed)
+    kw = dict(is_causal=True, scale=0.3)
+    ours = lambda q, k, v: pf.dot_product_attention(q, k, v, implementation=implementation, **kw)  # noqa: E731
+    theirs = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla", **kw)  # noqa: E731
+    out, vjp = jax.vjp(ours, q[1], k[1], v[1])
+    want, want_vjp = jax.vjp(theirs, q[1], k[1], v[1])
+    assert out.shape == want.shape == q.shape[1:]
+    for a, b in zip((out, *vjp(ct[1])), (want, *want_vjp(ct[1]))):
+        assert rel_err(a, b) < 1e-4
+
+    lengths = jnp.asarray([24, 0], jnp.int32)  # batch row 1 sees no key
+    out, res = pf.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation=implementation,
+                                        return_residual=True, **kw)
+    want, want_res = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation="xla",
+                                                  return_residual=True, **kw)
+    assert res.shape == want_res.shape == q.shape[:3] and res.dtype == want_res.dtype
+    assert rel_err(out[0], want[0]) < 1e-4 and rel_err(res[0], want_res[0]) < 1e-5
+    assert np.all(np.asarray(out[1]) == 0) and np.all(np.isneginf(np.asarray(res[1])))
+    grad = jax.grad(lambda q: pf.dot_product_attention(q, k, v, implementation=implementation, return_residual=True,
+                                                       **kw)[1][0].sum())(q)
+    assert np.all(np.asarray(grad) == 0)  # stop_gradient, as jax.nn
+    unbatched = pf.dot_product_attention(q[0], k[0], v[0], implementation=implementation, return_residual=True, **kw)
+    assert [x.shape for x in unbatched] == [q.shape[1:], q.shape[1:3]]
+
+
 def test_default_config_crosses_blocks(seed):
     """The shipped default blocks (not the forced small ones) over several blocks and ragged tails."""
     shape = Shape("default_blocks", 1, 300, 200, 2, 1, 64)

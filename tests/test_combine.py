@@ -102,6 +102,10 @@ def test_combine_edge_cases():
     # A NaN in a part that a row sees reaches that row's output.
     o, _ = pf.combine([out.at[0, 0].set(jnp.nan), out], [lse, lse])
     assert np.isnan(np.asarray(o)[0, 0, 0, 0])
+    # A NaN lse (a part whose row saw a NaN logit) stays NaN in the merged lse and out, not "-inf, sees no key".
+    o, l = pf.combine([out, out], [lse.at[0, 0, 0].set(jnp.nan), lse])
+    assert np.isnan(np.asarray(l)[0, 0, 0]) and np.isnan(np.asarray(o)[0, 0, 0]).all()
+    assert np.isfinite(np.asarray(l)[0, 0, 2]) and np.isfinite(np.asarray(o)[0, 2]).all()  # other rows untouched
     with pytest.raises(ValueError, match="lse"):
         pf.combine([out], [lse[:, :, :2]])
     with pytest.raises(ValueError, match="as many"):

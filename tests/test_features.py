@@ -99,6 +99,31 @@ def test_rows_that_see_no_key_output_zeros_and_finite_grads(seed):
     assert np.abs(out[:-1, Tq // 2 :]).sum() > 0  # the other rows did attend
 
 
+def test_xla_backend_gives_rows_that_see_no_key_zeros_as_the_kernels(seed):
+    """``implementation=None`` falls back to ``"xla"`` for what the kernels refuse: a row that sees no key (its
+    segment has none, a mask or window hides every key, key length 0) must not become jax.nn's average of every
+    value (for segment ids, other documents'). Values and gradients under a random cotangent, as the kernels."""
+    shape = SELF
+    B, Tq, N, _ = shape.q_shape
+    Tk = shape.seq_k
+    q, k, v, ct = random_qkv(shape, jnp.float32, seed)
+    q_ids = np.zeros((B, Tq), np.int32)
+    q_ids[:, :5] = 7  # no key has id 7
+    mask = np.ones((B, 1, Tq, Tk), bool)
+    mask[:, :, 5:9] = False
+    kw = dict(q_segment_ids=jnp.asarray(q_ids), kv_segment_ids=jnp.zeros((B, Tk), jnp.int32), mask=jnp.asarray(mask),
+              key_value_seq_lengths=jnp.asarray([Tk] * (B - 1) + [0], jnp.int32), local_window_size=(4, 4))
+    results = {}
+    for impl in ("pallas", "xla"):
+        fn = lambda q, k, v, impl=impl: pf.dot_product_attention(q, k, v, implementation=impl, **kw)  # noqa: E731
+        out, vjp = jax.vjp(fn, q, k, v)
+        results[impl] = (out, *vjp(ct))
+    for ours, xla in zip(results["pallas"], results["xla"]):
+        assert rel_err(xla, ours) < 1e-4
+    out = np.asarray(results["xla"][0])
+    assert np.all(out[:, :9] == 0.0) and np.all(out[-1] == 0.0) and np.all(out[:, 9:, :][:-1].any(axis=-1))
+
+
 def test_query_lengths_zero_padded_rows_like_jax_nn(seed):
     """jax.nn semantics: padded query rows output zeros; kv lengths, mask and bias as jax.nn xla."""
     shape = SELF

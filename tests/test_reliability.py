@@ -191,6 +191,15 @@ def test_second_order_derivatives_say_what_to_use():
     # The named alternative works.
     xla_loss = lambda q: pf.dot_product_attention(q, k, v, implementation="xla").sum()  # noqa: E731
     assert jax.hessian(xla_loss)(q).shape == q.shape * 2
+    # Forward mode meets the kernels' custom VJP: NotImplementedError (JAX's TypeError before), so the automatic
+    # choice falls back to xla, with the same tangent as jax.nn's.
+    tangent = jax.random.normal(jax.random.key(1), q.shape)
+    with pytest.raises(NotImplementedError, match="no forward-mode derivative"):
+        jax.jvp(lambda q: _pallas(q, k, v), (q,), (tangent,))
+    with pytest.warns(UserWarning, match="falling back from 'pallas' to 'xla'.*forward-mode"):
+        _, ours = jax.jvp(lambda q: pf.dot_product_attention(q, k, v), (q,), (tangent,))
+    _, theirs = jax.jvp(lambda q: jax.nn.dot_product_attention(q, k, v), (q,), (tangent,))
+    assert rel_err(ours, theirs) < 1e-5
 
 
 # ------------------------------------------------------------------ saturation

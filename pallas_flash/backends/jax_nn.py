@@ -3,7 +3,9 @@
 They take the same validated call as the kernels. jax.nn has no segment ids
 or ALiBi, so these are expressed as a dense mask and bias (built here, of size
 ``Tq x Tk``); it has no soft-cap, dropout or position offsets, and refuses
-those with ``NotImplementedError``. They are differentiable through jax.nn's
+those with ``NotImplementedError``. A query row that sees no key gets zeros from
+``"xla"``, as from the kernels (jax.nn itself averages every value there);
+``"cudnn"`` gives what cuDNN gives. They are differentiable through jax.nn's
 own autodiff; ``config`` and ``interpret`` do not apply.
 """
 
@@ -22,6 +24,24 @@ def alibi_bias(slopes, seq_q: int, seq_k: int):
     """ALiBi as a dense ``[1 or B, N, Tq, Tk]`` float32 bias: ``slope * (j - i)``."""
     rel = (jnp.arange(seq_k)[None, :] - jnp.arange(seq_q)[:, None]).astype(jnp.float32)
     return slopes.astype(jnp.float32)[:, :, None, None] * rel
+
+
+def rows_seeing_a_key(seq_q: int, seq_k: int, mask, kv_lengths, spec: AttentionSpec):
+    """``[B or 1, Tq, N or 1, 1]`` bool: whether a query row sees at least one key under ``mask`` (``[B or 1,
+    N or 1, Tq, Tk]`` or None), the key lengths, the causal mask and the window, as jax.nn applies them."""
+    i = jnp.arange(seq_q)[:, None]
+    j = jnp.arange(seq_k)[None, :]
+    visible = jnp.ones((1, 1, seq_q, seq_k), bool)
+    if spec.causal:
+        visible = visible & (j <= i)
+    if spec.window is not None:
+        left, right = spec.window
+        visible = visible & (j >= i - left) & (j <= i + right)
+    if kv_lengths is not None:
+        visible = visible & (j < kv_lengths[:, None, None, None])
+    if mask is not None:
+        visible = visible & mask
+    return jnp.transpose(visible.any(axis=-1), (0, 2, 1))[..., None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +65,9 @@ class JaxNnBackend(Backend):
         if spec.q_offset or spec.k_offset:
             raise NotImplementedError(f"jax.nn {impl} attention has no position offsets")
 
-    def attention(self, q, k, v, inputs: AttentionInputs, spec: AttentionSpec, *, config=None, interpret=None):
+    def attention(self, q, k, v, inputs: AttentionInputs, spec: AttentionSpec, *, config=None, interpret=None,
+                  return_residual: bool = False):
+        """The output, or with ``return_residual`` jax.nn's ``(output, lse [B, Tq, N])``."""
         del config, interpret  # kernel-backend options
         mask, bias = inputs.mask, inputs.bias
         if spec.has_segments:  # jax.nn has no segment ids: express them as a mask
@@ -56,7 +78,7 @@ class JaxNnBackend(Backend):
             alibi = alibi_bias(inputs.alibi_slopes, q.shape[1], k.shape[1])
             bias = alibi if bias is None else bias + alibi.astype(bias.dtype)
         try:
-            return jax.nn.dot_product_attention(
+            out = jax.nn.dot_product_attention(
                 q,
                 k,
                 v,
@@ -68,8 +90,19 @@ class JaxNnBackend(Backend):
                 key_value_seq_lengths=inputs.kv_lengths,
                 local_window_size=spec.window,
                 implementation=self.implementation,
+                return_residual=return_residual,
             )
         except (ValueError, TypeError) as e:
             if self.implementation == "cudnn":  # cuDNN's own limits (head dims, dtypes, masks)
                 raise NotImplementedError(f"jax.nn cudnn attention does not support this call: {e}") from e
             raise
+        if self.implementation == "xla" and (mask is not None or spec.window is not None or inputs.kv_lengths is not None):
+            # jax.nn's softmax over a row whose logits are all masked averages every value (for segment ids: the
+            # other documents'); the kernels give such a row zeros, and so does this backend, so that a fallback
+            # from them (implementation=None) keeps the result. The mask is dense here anyway, as are the logits.
+            seen = rows_seeing_a_key(q.shape[1], k.shape[1], mask, inputs.kv_lengths, spec)
+            if return_residual:  # the kernels' lse of such a row is -inf; jax.nn's that of its large negatives
+                out, lse = out
+                return jnp.where(seen, out, jnp.zeros((), out.dtype)), jnp.where(seen[..., 0], lse, -jnp.inf)
+            out = jnp.where(seen, out, jnp.zeros((), out.dtype))
+        return out
