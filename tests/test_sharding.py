@@ -201,6 +201,32 @@ def test_multi_query_attention_partitions(seed):
     _check_against_reference("mqa", out, grads, q, k, v, ct, dict(is_causal=True), [], jnp.float32, seed)
 
 
+@pytest.mark.parametrize("explicit", [False, True], ids=["auto", "explicit"])
+def test_multi_query_attention_shards_the_query_heads(explicit, seed):
+    """MQA with the query heads sharded (tensor parallelism) and the one K/V head replicated: each device runs its
+    quarter of the heads (no gather); dK/dV are the sums over the head shards, in the primals' shardings."""
+    kind = AxisType.Explicit if explicit else AxisType.Auto
+    mesh = jax.make_mesh((4,), ("x",), axis_types=(kind,))
+    shape = Shape("mqa_tp", 2, 21, 21, 8, 1, 16)
+    q, k, v, ct = random_qkv(shape, jnp.float32, seed)
+    put = lambda x, s: jax.device_put(x, NamedSharding(mesh, s))  # noqa: E731
+    args = [put(q, P(None, None, "x")), put(k, P()), put(v, P()), put(ct, P(None, None, "x"))]
+
+    def fn(q, k, v):
+        return pf.dot_product_attention(q, k, v, is_causal=True, implementation="pallas", config=CONFIG)
+
+    with jax.set_mesh(mesh):
+        compiled = jax.jit(_fwd_bwd(fn)).lower(*args).compile()
+        hlo = compiled.as_text()
+        out, grads = compiled(*args)
+    assert _collectives(hlo) == [], _collectives(hlo)
+    assert "all-reduce" in hlo  # dK/dV summed over the head shards
+    assert out.sharding.is_equivalent_to(args[0].sharding, 4)
+    for got, x in zip(grads, args[:3]):
+        assert got.sharding.is_equivalent_to(x.sharding, got.ndim), f"{got.sharding} != {x.sharding}"
+    _check_against_reference("mqa_tp", out, grads, q, k, v, ct, dict(is_causal=True), [], jnp.float32, seed)
+
+
 SIDE_CASES = {
     # A bias and [N] slopes broadcast over the (sharded) batch: their gradients are summed over batch shards.
     "lengths_segments_bias_b_alibi_n": Case(
@@ -282,6 +308,53 @@ def test_explicit_mesh_axes(seed):
     for got, x in zip((out, *grads[:3]), args[:3] * 2):
         assert got.sharding.is_equivalent_to(x.sharding, got.ndim), f"{got.sharding} != {x.sharding}"
     _check_against_reference("explicit", out, grads, q, k, v, ct, dict(is_causal=True), [("bias", bias)], jnp.float32, seed)
+
+
+def test_the_same_call_under_another_mesh(seed):
+    """The kernels' trace is cached by call and shapes; the same call under ``jax.set_mesh`` of another mesh must
+    take that mesh (the cached result types carried the first mesh: a compile error, or the output on it)."""
+    q, k, v, _ = random_qkv(Shape("remesh", 4, 16, 16, 4, 4, 16), jnp.float32, seed)
+    want = attention_reference(*(np.asarray(x, np.float64) for x in (q, k, v)))
+    for shape, names, spec in (((4,), ("x",), P("x")), ((2, 2), ("data", "model"), P("data", None, "model")),
+                               ((4,), ("y",), P("y"))):
+        mesh = jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(names))
+        args = [jax.device_put(x, NamedSharding(mesh, spec)) for x in (q, k, v)]
+        with jax.set_mesh(mesh):
+            out = jax.jit(_attention)(*args)  # a fresh jit: only the kernels' trace is shared
+        assert out.sharding.mesh.axis_names == names and out.sharding.is_equivalent_to(args[0].sharding, 4)
+        assert rel_err(out, want) <= TOLERANCE[jnp.dtype(jnp.float32)]
+
+
+def test_explicit_gradients_take_the_primals_shardings(seed):
+    """Under Explicit axes the kernels run on the rule's shardings (k/v follow a sequence-sharded q: the ring); the
+    custom VJP's cotangents must come back in the primals' types (replicated k/v here), or jax.grad fails."""
+    mesh = jax.make_mesh((4,), ("x",), axis_types=(AxisType.Explicit,))
+    shape = Shape("ring_explicit", 1, 32, 32, 2, 2, 16)
+    q, k, v, ct = random_qkv(shape, jnp.float32, seed)
+    put = lambda x, s: jax.device_put(x, NamedSharding(mesh, s))  # noqa: E731
+    args = [put(q, P(None, "x")), put(k, P()), put(v, P()), put(ct, P(None, "x"))]
+
+    def fn(q, k, v):
+        return pf.dot_product_attention(q, k, v, is_causal=True, implementation="pallas", config=CONFIG)
+
+    with jax.set_mesh(mesh):
+        out, grads = jax.jit(_fwd_bwd(fn))(*args)
+    for got, x in zip(grads, args[:3]):
+        assert got.sharding.is_equivalent_to(x.sharding, got.ndim), f"{got.sharding} != {x.sharding}"
+    _check_against_reference("ring_explicit", out, grads, q, k, v, ct, dict(is_causal=True), [], jnp.float32, seed)
+
+
+def test_mosaic_interpret_mode_under_explicit_axes(seed):
+    """The Mosaic interpreter runs unpartitioned (a CPU path): under Explicit axes its inputs are replicated first
+    (it cannot index sharded types: a Pallas TypeError before)."""
+    mesh = jax.make_mesh((2,), ("x",), axis_types=(AxisType.Explicit,), devices=jax.devices()[:2])
+    q, k, v, _ = random_qkv(Shape("mosaic_explicit", 2, 16, 16, 2, 2, 64), jnp.bfloat16, seed)
+    put = lambda x: jax.device_put(x, NamedSharding(mesh, P("x")))  # noqa: E731
+    with jax.set_mesh(mesh):
+        out = jax.jit(lambda q, k, v: pf.dot_product_attention(q, k, v, is_causal=True, implementation="mosaic"))(
+            put(q), put(k), put(v))
+    want = attention_reference(*(np.asarray(x, np.float64) for x in (q, k, v)), is_causal=True)
+    assert rel_err(np.asarray(out, np.float32), want) <= TOLERANCE[jnp.dtype(jnp.bfloat16)]
 
 
 def test_vmap_over_a_sharded_leading_axis(seed):

@@ -176,15 +176,17 @@ def _factors(kernels: Kernels, args) -> tuple[tuple, tuple, int, tuple]:
     num_kv_heads = k.shape[2]
     group = num_heads // num_kv_heads if num_kv_heads else 1
     if group == 1:
-        heads = HEADS
-    elif num_kv_heads == 1:  # MQA: Shardy allows no size-1 factor inside a compound one; the group is every head
-        heads = GROUP
+        heads, kv_heads = HEADS, HEADS
+    elif num_kv_heads == 1:
+        # MQA: the query heads shard on their own, each shard's reading the one K/V head (replicated); dK/dV,
+        # without the factor, are summed over its shards. (A compound factor cannot hold the size-1 KV head.)
+        heads, kv_heads = HEADS, f"{OWN}_kv_head"
     else:
-        heads = CompoundFactor(HEADS, GROUP)
+        heads, kv_heads = CompoundFactor(HEADS, GROUP), HEADS
     limits = tuple(ring.ring_limits(kernels.spec, q.shape, k.shape))
     keys = KEYS if limits else SEQ
     q_f = (BATCH, SEQ, heads, "h")
-    kv_f = (BATCH, keys, HEADS, "h")
+    kv_f = (BATCH, keys, kv_heads, "h")
     stat_f = (BATCH, heads, SEQ)
     own = iter(f"{OWN}{i}" for i in range(1000))  # a factor of its own for each broadcast (size-1) dim
 
@@ -299,7 +301,7 @@ def _check(call: Call, mesh, axes) -> None:
             f"{_size(mesh, b_axes)}, which does not divide batch {batch}; shard it over axes whose size divides it"
         )
     n = _size(mesh, h_axes)
-    if num_heads % n or num_kv_heads % n:
+    if num_heads % n or (num_kv_heads != 1 and num_kv_heads % n):  # MQA: every shard reads the one K/V head
         raise ValueError(
             f"pallas_flash: the heads (query {q_shape}, key {k_shape}) are sharded over mesh axes {h_axes} of size "
             f"{n}; each shard must hold whole GQA groups, so the query heads ({num_heads}) and the key/value heads "
@@ -384,7 +386,10 @@ def _bind(call: Call, leaves):
 
 
 def _abstract_eval(*avals, call: Call, jaxpr):
-    return jaxpr.out_avals
+    # Shapes and dtypes alone: ``_trace``'s cached jaxpr may come from a trace under another mesh context, whose
+    # abstract mesh its avals carry (a later call of the same shapes under ``jax.set_mesh`` of another mesh
+    # would get that mesh's output shardings, or fail to compile).
+    return [jax.core.ShapedArray(a.shape, a.dtype, weak_type=a.weak_type) for a in jaxpr.out_avals]
 
 
 def _batch(args, dims, *, call: Call, jaxpr):
@@ -451,7 +456,10 @@ def _run_explicit(call: Call, mesh, leaves):
 def _apply(kernels: Kernels, args):
     if kernels.interpret and kernels.backend.interpret_has_effects:
         # An interpreter with ordered host callbacks does not lower inside ``custom_partitioning``: the kernels
-        # run on the whole arrays (a CPU test path; sharded inputs are gathered around them).
+        # run on the whole arrays (a CPU test path; sharded inputs are gathered around them, and under Explicit
+        # axes, whose sharded types the interpreter cannot index, replicated first).
+        if _explicit_mesh(jax.tree.leaves(args)) is not None:
+            args = jax.tree.map(lambda x: jax.sharding.reshard(x, PartitionSpec()), args)
         return kernels(args)
     leaves, in_tree = jax.tree.flatten(args)
     in_factors, out_factors, group, limits = _factors(kernels, args)
@@ -475,4 +483,11 @@ def backward(backend, q, k, v, out, lse2, do, dlse, inputs: AttentionInputs, spe
              interpret: bool, want_dbias: bool, want_dslopes: bool):
     """``backend.backward`` (``Gradients``), partitioned over sharded batch and heads (and sequence: the ring)."""
     kernels = Kernels("backward", backend, spec, config, interpret, want_dbias, want_dslopes)
-    return _apply(kernels, (q, k, v, out, lse2, do, dlse, inputs))
+    grads = _apply(kernels, (q, k, v, out, lse2, do, dlse, inputs))
+    if _explicit_mesh([q]) is None:
+        return grads
+    # Under Explicit axes the kernels ran on the rule's shardings; a custom_vjp's cotangents must have the
+    # primals' types (q, k and v may be sharded differently: tensor-parallel MQA, a sequence-sharded q).
+    like = lambda g, x: g if g is None or x is None else jax.sharding.reshard(g, jax.typeof(x).sharding.spec)  # noqa: E731
+    return grads._replace(dq=like(grads.dq, q), dk=like(grads.dk, k), dv=like(grads.dv, v),
+                          dbias=like(grads.dbias, inputs.bias), dslopes=like(grads.dslopes, inputs.alibi_slopes))
