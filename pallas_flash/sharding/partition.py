@@ -7,9 +7,10 @@ backend's own) wrap the backend's kernels in ``custom_partitioning`` with a
 Shardy sharding rule, as JAX's cuDNN attention does:
 
 - every array's dims are named by factors: ``b`` batch, ``k`` the KV heads
-  (query heads are ``(k g)``: KV head major, ``g`` the GQA group; ``g``
-  alone with one KV head, as Shardy allows no size-1 factor in a compound
-  one), ``t``/``s``
+  (query heads are ``(k g)``: KV head major, ``g`` the GQA group; with one
+  KV head (MQA) the query heads are ``k`` alone and the KV head a size-1
+  factor of its own, as Shardy allows none in a compound factor: the query
+  heads then shard, every shard reading the replicated K/V), ``t``/``s``
   query/key positions, ``h`` head dim; a size-1 (broadcast) dim of a mask,
   bias or slopes gets a factor of its own. ``b`` and ``k`` may be sharded on
   any mesh axes; ``h`` and ``g`` are replicated.
@@ -29,7 +30,8 @@ Shardy sharding rule, as JAX's cuDNN attention does:
   the sequence raises ``NotImplementedError`` naming what the ring lacks.
 - the partition callback runs the kernels on each device's shard. A shard of
   heads keeps whole GQA groups: query and KV heads must both divide by the
-  size of the head axes, the batch by the size of the batch axes and the
+  size of the head axes (under MQA the query heads alone; dK/dV are then
+  ``psum``-ed over the head axes), the batch by the size of the batch axes and the
   sequence by the size of the sequence axes, else a ``ValueError`` naming the
   axes (raised while XLA partitions, so ``jit``'s
   compile reports it inside a ``JaxRuntimeError``; under ``Explicit`` axes a
