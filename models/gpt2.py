@@ -100,8 +100,11 @@ class GPTConfig:
             raise ValueError(
                 f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
             )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
+        if self.attention is not None and not isinstance(self.attention, (str, list, tuple)):
+            raise ValueError(f"GPTConfig.attention must be None, a backend name or a sequence of them, "
+                             f"got {self.attention!r}")
         choices = (self.attention,) if isinstance(self.attention, str) else self.attention
         if isinstance(self.attention, list):  # from JSON: keep the dataclass hashable
             object.__setattr__(self, "attention", tuple(self.attention))
@@ -115,12 +118,13 @@ class GPTConfig:
         for name in ("dtype", "param_dtype", "residual_dtype"):
             if name == "residual_dtype" and self.residual_dtype is None:
                 continue
+            value = getattr(self, name)
             try:
-                jnp.dtype(getattr(self, name))
+                floating = value is not None and jnp.issubdtype(jnp.dtype(value), jnp.floating)
             except TypeError:
-                raise ValueError(
-                    f"GPTConfig.{name} must name a dtype, got {getattr(self, name)!r}"
-                ) from None
+                floating = False
+            if not floating:  # an int8 residual stream would silently zero the model
+                raise ValueError(f"GPTConfig.{name} must name a float dtype, got {value!r}")
 
     @property
     def head_dim(self) -> int:
@@ -148,7 +152,7 @@ def _dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
     if rng is None or rate == 0.0:
         return x
     keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+    return (x * (keep / (1.0 - rate)).astype(x.dtype)).astype(x.dtype)  # a product: a dropped NaN stays NaN
 
 
 class MLP(nnx.Module):
@@ -330,7 +334,8 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
       labels: int ``[...]`` in ``[0, V)``.
 
     Returns:
-      float32 losses of shape ``labels.shape``.
+      float32 losses of shape ``labels.shape``; NaN (and a NaN gradient row)
+      for a label outside ``[0, V)``.
 
     Same values as ``optax.softmax_cross_entropy_with_integer_labels`` on the
     float32 logits, but its gradient ``softmax(logits) - onehot(label)`` is
@@ -356,7 +361,10 @@ def _cross_entropy_fwd(logits, labels):
     )  # [...], [...]
     lse = m + jnp.log(s)  # [...]
     picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]  # [...]
-    return lse - picked.astype(jnp.float32), (logits, labels, lse)
+    # A label outside [0, V) (a negative one would wrap to a class) gives NaN, in the gradient too.
+    valid = (labels >= 0) & (labels < logits.shape[-1])
+    loss = jnp.where(valid, lse - picked.astype(jnp.float32), jnp.nan)
+    return loss, (logits, labels, lse)
 
 
 def _max_sumexp(a, b):
@@ -371,6 +379,7 @@ def _max_sumexp(a, b):
 
 def _cross_entropy_bwd(res, g):
     logits, labels, lse = res
+    g = jnp.where((labels >= 0) & (labels < logits.shape[-1]), g, jnp.nan)  # [...]: as the forward's loss
     probs = jnp.exp(logits.astype(jnp.float32) - lse[..., None])  # [..., V]
     onehot = labels[..., None] == jnp.arange(logits.shape[-1])  # [..., V]
     dlogits = (probs - onehot) * g[..., None]

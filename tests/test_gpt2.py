@@ -217,6 +217,34 @@ def test_config_errors():
         gpt2.GPTConfig(residual_dtype="half-ish")
     with pytest.raises(ValueError, match="n_layer"):
         gpt2.GPTConfig(n_layer=0)
+    # A dtype that parses but is not a float (an int8 residual stream zeroed the model), or none at all.
+    for field, value in (("residual_dtype", "int8"), ("dtype", "int32"), ("param_dtype", "bool"), ("dtype", None)):
+        with pytest.raises(ValueError, match=f"GPTConfig.{field} must name a float dtype"):
+            gpt2.GPTConfig(**{field: value})
+    with pytest.raises(ValueError, match="GPTConfig.attention must be None, a backend name"):
+        gpt2.GPTConfig(attention=1)
+    with pytest.raises(ValueError, match="GPTConfig.dropout must be a number"):
+        gpt2.GPTConfig(dropout="0.1")
+
+
+def test_cross_entropy_out_of_range_labels_are_nan_both_ways():
+    """A label outside [0, V): NaN loss and NaN gradient row (a negative one wrapped to a class in the loss, and
+    matched none in the gradient); the other rows are untouched."""
+    logits = jax.random.normal(jax.random.key(0), (4, 7))
+    labels = jnp.asarray([1, -1, 7, 3])
+    loss, vjp = jax.vjp(lambda x: gpt2.cross_entropy(x, labels), logits)
+    (grad,) = vjp(jnp.ones(4))
+    assert np.isnan(np.asarray(loss)[1:3]).all() and np.isfinite(np.asarray(loss)[[0, 3]]).all()
+    assert np.isnan(np.asarray(grad)[1:3]).all() and np.isfinite(np.asarray(grad)[[0, 3]]).all()
+
+
+def test_dropout_keeps_a_nan():
+    """Inverted dropout as a product: a NaN in a dropped entry stays NaN (a select put 0 there)."""
+    x = jnp.full((4, 8), jnp.nan)
+    assert np.isnan(np.asarray(gpt2._dropout(x, 0.5, jax.random.key(0)))).all()
+    y = jnp.ones((64, 64))
+    out = np.asarray(gpt2._dropout(y, 0.25, jax.random.key(1)))
+    assert set(np.unique(out).tolist()) <= {0.0, np.float32(1 / 0.75)} and 0.6 < (out > 0).mean() < 0.9
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU: compares the compiled Pallas kernels with XLA")

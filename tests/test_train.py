@@ -82,6 +82,27 @@ def test_peak_flops_table():
     assert peak_flops(Dev("gpu", "Tesla T4")) is None
 
 
+def test_weight_decay_takes_matrices_and_embeddings_only():
+    """AdamW decays kernels and embeddings, never biases or norms: the attention's q/k/v biases are 2-D
+    ([heads, head_dim]), so a rule by rank decayed them. One step on zero gradients: what moves is decay."""
+    import jax
+    import jax.numpy as jnp
+
+    from models import gpt2
+    from train.step import init_train_state, make_optimizer
+
+    tx, _ = make_optimizer(TrainConfig(lr=1.0, warmup=0, steps=10, weight_decay=0.5))
+    mcfg = gpt2.GPTConfig(vocab_size=37, block_size=16, n_layer=1, n_head=2, n_embd=32, dtype="float32")
+    params, _ = init_train_state(mcfg, tx, jax.random.key(0))
+    params = jax.tree.map(lambda p: p + 1.0, params)  # biases start at zero: make their decay visible
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    leaves = jax.tree_util.tree_flatten_with_path(updates)[0]
+    decayed = sorted(jax.tree_util.keystr(p) for p, u in leaves if bool(jnp.any(u != 0)))
+    names = sorted(jax.tree_util.keystr(p) for p, _ in leaves)
+    assert decayed == [n for n in names if n.endswith("['kernel']") or n.endswith("['embedding']")]
+    assert any("['attn']['query']['bias']" in n for n in names)  # a 2-D bias exists, and is not decayed
+
+
 def test_tiny_run_learns_and_logs(tiny_run):
     out, summary = tiny_run
     assert summary["attention"] == "xla" and summary["step"] == 20
@@ -324,6 +345,11 @@ def test_grad_accumulation_matches_one_big_batch():
     np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # Micro-batches that do not match grad_accum: an error naming both shapes, not three of four dropped.
+    with pytest.raises(ValueError, match=r"grad_accum=1.*got x \(2, 2, 16\) and y \(2, 2, 16\)"):
+        jax.jit(one)(params, tx.init(params), x.reshape(2, 2, 16), y.reshape(2, 2, 16), 0, key)
+    with pytest.raises(ValueError, match=r"grad_accum=2.*got x \(2, 2, 16\) and y \(2, 4, 8\)"):
+        jax.jit(two)(params, tx.init(params), x.reshape(2, 2, 16), y.reshape(2, 4, 8), 0, key)
 
 
 # ---------------------------------------------------------------- the CLI never loses or corrupts a run

@@ -25,14 +25,26 @@ def make_optimizer(cfg: TrainConfig) -> tuple[optax.GradientTransformation, opta
         end_value=cfg.lr * cfg.min_lr_ratio,
     )
 
-    def decay_mask(params):  # decay matrices and embeddings, not biases or norms
-        return jax.tree.map(lambda p: p.ndim >= 2, params)
-
     tx = optax.chain(
         optax.clip_by_global_norm(cfg.grad_clip),
         optax.adamw(schedule, b1=cfg.beta1, b2=cfg.beta2, weight_decay=cfg.weight_decay, mask=decay_mask),
     )
     return tx, schedule
+
+
+def decay_mask(params):
+    """Which parameters AdamW decays: matrices and embeddings (``kernel``, ``embedding``), not biases or norms.
+    By name, not rank: the attention's query/key/value biases are ``[heads, head_dim]`` arrays."""
+    return jax.tree_util.tree_map_with_path(lambda path, p: _leaf_name(path) in ("kernel", "embedding"), params)
+
+
+def _leaf_name(path) -> str:
+    """The last named key of a pytree path (``.../attn/key/bias`` -> ``bias``)."""
+    for key in reversed(path):
+        name = getattr(key, "key", getattr(key, "name", None))
+        if isinstance(name, str) and name != "value":  # nnx Variables may add a ``.value`` level
+            return name
+    return ""
 
 
 def init_train_state(mcfg: gpt2.GPTConfig, tx: optax.GradientTransformation, key: jax.Array):
@@ -88,6 +100,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, gr
     grad_fn = jax.value_and_grad(loss_fn)
 
     def train_step(params, opt_state, x, y, step, base_key, positions=None):
+        if x.ndim != 3 or x.shape[0] != grad_accum or y.shape != x.shape:  # else micro-batches would be dropped
+            raise ValueError(f"x and y must be [grad_accum={grad_accum}, batch, seq] token ids of one shape, "
+                             f"got x {x.shape} and y {y.shape}")
         key = jax.random.fold_in(base_key, step)  # dropout randomness of this step
         if grad_accum == 1:
             loss, grads = grad_fn(params, x[0], y[0], key, positions)
