@@ -90,6 +90,27 @@ def test_a_backend_config_runs_that_backend_for_both_passes():
         a.adopt(pf.ForwardConfig())
 
 
+def test_auto_with_a_mosaic_config_in_interpret_mode(seed):
+    """``"auto"`` handed a Mosaic config runs the Mosaic interpreter, whose ordered host callbacks
+    ``custom_partitioning`` cannot lower: it must run unpartitioned, as ``"mosaic"`` does (a KeyError before).
+    Values and gradients under a random cotangent, eager and under jit, equal to ``"mosaic"``'s."""
+    q, k, v, do = random_qkv(Shape("m", 1, 40, 40, 2, 2, 64), jnp.bfloat16, seed)
+    cfg = MosaicConfig()
+
+    def run(name, jit):
+        f = lambda q, k, v: pf.dot_product_attention(q, k, v, is_causal=True, implementation=name, config=cfg)  # noqa: E731
+        out, vjp = jax.vjp(jax.jit(f) if jit else f, q, k, v)
+        return (out, *vjp(do))
+
+    want = run("mosaic", False)
+    for jit in (False, True):
+        for a, b in zip(run("auto", jit), want):
+            assert np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    with jax.enable_x64(True):
+        ref = pf.attention_reference(*(jnp.asarray(np.asarray(x, np.float64)) for x in (q, k, v)), is_causal=True)
+    assert rel_err(want[0], ref) < TOLERANCE[jnp.dtype(jnp.bfloat16)]
+
+
 def test_a_plan_run_on_a_call_its_backend_refuses_falls_back(seed):
     """A plan made for one spec, run on a spec with offsets (a ring's chunk pair): the Triton kernels run it."""
     q, k, v, _ = random_qkv(Shape("o", 1, 24, 24, 2, 2, 64), jnp.bfloat16, seed)

@@ -142,6 +142,60 @@ def test_out_resumes_and_records_append(tmp_path, monkeypatch, capsys):
     assert "skipped" in capsys.readouterr().err
 
 
+def _fake_tuner(monkeypatch, fail_at=None):
+    """The command with a fake GPU and ``tune_problem`` (the ``fail_at``-th problem raises); the problems tuned."""
+    tuned = []
+
+    def fake_tune(p, log=print, **kw):
+        tuned.append((p.head_dim, p.causal, p.seq))
+        if len(tuned) == fail_at:
+            raise RuntimeError("no candidate config compiled")
+        return MosaicConfig(fwd=MosaicForwardConfig(block_kv=64, num_stages=2)), {"fwd_ms": 1.0, "bwd_ms": 2.0}
+
+    monkeypatch.setattr(tuning_cli.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(mosaic_config, "gpu_name", lambda: GPU)
+    monkeypatch.setattr(mosaic_tune, "tune_problem", fake_tune)
+    return tuned
+
+
+def test_the_user_cache_is_saved_after_each_problem(no_user_cache, monkeypatch):
+    """A later problem's failure keeps what the earlier ones tuned, merged into the entries already there."""
+    path = mosaic_config.user_cache_path()
+    path.write_text(json.dumps({"other GPU": {"k": {"fwd": {}}}}))
+    tuned = _fake_tuner(monkeypatch, fail_at=3)
+    with pytest.raises(RuntimeError, match="no candidate"):
+        tuning_cli.main(["--backend", "mosaic", "--head-dims", "64", "--seq-lens", "1024,4096"])
+    cache = json.loads(path.read_text())
+    assert cache["other GPU"] == {"k": {"fwd": {}}} and len(tuned) == 3
+    assert sorted(cache[GPU]) == sorted(mosaic_config.config_key(64, "bfloat16", False, n) for n in (1024, 4096))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seq-lens", "0"], "--seq-lens takes positive integers"),
+    (["--head-dims", "64,x"], "--head-dims takes comma-separated integers"),
+    (["--head-dims", "96"], "this backend's kernels take head dims (64, 128, 256)"),
+    (["--dtypes", "bf16"], "'bf16' is not a dtype"),
+    (["--dtypes", "float32"], "the mosaic kernels take bfloat16, float16"),
+    (["--seq-lens", "3000,4096"], "share a sequence bucket"),
+    (["--tokens", "0"], "--tokens and --hidden take positive integers"),
+])
+def test_bad_arguments_stop_before_any_tuning(no_user_cache, monkeypatch, capsys, argv, message):
+    tuned = _fake_tuner(monkeypatch)
+    with pytest.raises(SystemExit):
+        tuning_cli.main(["--backend", "mosaic", *argv])
+    assert message in capsys.readouterr().err and tuned == []
+
+
+def test_a_broken_user_cache_stops_before_any_tuning(no_user_cache, monkeypatch, capsys):
+    path = mosaic_config.user_cache_path()
+    path.write_text('{"NVIDIA H200": {')  # cut short
+    tuned = _fake_tuner(monkeypatch)
+    with pytest.raises(SystemExit):
+        tuning_cli.main(["--backend", "mosaic", "--head-dims", "64", "--seq-lens", "1024"])
+    assert "is not readable JSON" in capsys.readouterr().err and tuned == []
+    assert path.read_text() == '{"NVIDIA H200": {'  # left for the user to fix
+
+
 def test_search_options_are_for_the_mosaic_backend(monkeypatch):
     monkeypatch.setattr(tuning_cli.jax, "default_backend", lambda: "gpu")
     with pytest.raises(SystemExit):

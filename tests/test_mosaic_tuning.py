@@ -191,7 +191,8 @@ def test_the_backend_passes_the_gqa_ratio_and_features(monkeypatch):
 
 
 @pytest.mark.parametrize("flag", ["--xla_gpu_deterministic_ops=true", "--xla_gpu_deterministic_ops",
-                                  "--foo=1 --xla_gpu_deterministic_ops=1", "--xla_gpu_deterministic_ops=True"])
+                                  "--foo=1 --xla_gpu_deterministic_ops=1", "--xla_gpu_deterministic_ops=True",
+                                  "--xla_gpu_exclude_nondeterministic_ops=true"])  # the flag XLA's guide names
 def test_xla_deterministic_ops_keeps_the_deterministic_backward(cache_dir, monkeypatch, flag):
     monkeypatch.setenv("XLA_FLAGS", flag)
     assert mosaic_config.deterministic_requested()
@@ -208,6 +209,9 @@ def test_xla_deterministic_ops_keeps_the_deterministic_backward(cache_dir, monke
     ("--xla_gpu_deterministic_ops=true --xla_gpu_deterministic_ops=false", False),  # the last one wins
     ("--xla_gpu_deterministic_ops=false  --xla_gpu_autotune_level=0 --xla_gpu_deterministic_ops", True),
     ("--xla_gpu_deterministic_ops_extra=true", False),  # another flag
+    ("--xla_gpu_exclude_nondeterministic_ops", True),
+    ("--xla_gpu_exclude_nondeterministic_ops=false --xla_gpu_deterministic_ops=0", False),
+    ("--xla_gpu_exclude_nondeterministic_ops=1 --xla_gpu_deterministic_ops=false", True),  # either one asks
 ])
 def test_deterministic_requested_reads_xla_flags(flags, want, monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", flags)
@@ -369,6 +373,33 @@ def test_long_d64_forwards_take_three_warpgroups_on_plain_calls(cache_dir, causa
     _write_cache({mosaic_config.config_key(64, "bfloat16", causal, seq): tuned.to_dict()})
     assert mosaic_config.default_config(**kw, gpu=GPU) == tuned
     assert mosaic_config.default_config(**kw, gpu=GPU, features=frozenset({"window"})).fwd == two
+
+
+def test_a_tuned_d128_three_warpgroup_forward_stays_valid(cache_dir):
+    """The tuner's D=128 space holds three-warpgroup forwards. Tuned into the cache, the rules applied after the
+    lookup must keep a config that is valid and fits at D=128: the small-grid rule's forward (D=64's, which does
+    not fit there) is for D <= 64, and under a feature the D=128 heuristic's two warpgroups replace it."""
+    fwd = MosaicForwardConfig(block_kv=64, num_stages=2, overlap=True, persistent=False, compute_wgs=3)
+    _write_cache({mosaic_config.config_key(128, "bfloat16", True, 1024): MosaicConfig(fwd=fwd).to_dict()})
+    kw = dict(head_dim=128, dtype=jnp.bfloat16, causal=True, seq_q=1024, seq_k=1024, gpu=GPU)
+    assert mosaic_config.default_config(**kw, batch_heads=256).fwd == fwd  # the tuned problem's own (small) grid
+    for features in ({"lengths"}, {"window"}, {"offsets"}):
+        got = mosaic_config.default_config(**kw, features=frozenset(features)).fwd
+        assert got == mosaic_config._default_forward(128, jnp.bfloat16, True, 1024)  # two warpgroups, taking turns
+        got.check_fits(128, jnp.bfloat16)
+
+
+def test_lookup_takes_the_nearest_bucket_and_skips_malformed_keys():
+    """The nearest sequence bucket of the same (head dim, dtype, causal); fp16 takes bf16's; a hand-edited key whose
+    bucket is not a number ("n1k") is no bucket (it made the lookup raise a bare int() error)."""
+    from pallas_flash.backends.triton import config as triton_config
+
+    key = lambda n, dt="bfloat16": mosaic_config.config_key(128, dt, True, n)  # noqa: E731
+    table = {key(1024): {"a": 1}, key(16384): {"a": 2}, key(4096).replace("n4096", "n1k"): {"a": 3}}
+    assert triton_config.lookup(table, 128, jnp.bfloat16, True, 2048) == {"a": 1}
+    assert triton_config.lookup(table, 128, jnp.float16, True, 8192 * 2) == {"a": 2}  # bf16's entry
+    assert triton_config.lookup(table, 128, jnp.bfloat16, True, 4096, nearest=False) is None
+    assert triton_config.lookup(table, 128, jnp.bfloat16, False, 4096) is None  # not causal: none
 
 
 def test_unreadable_cache_is_ignored(cache_dir):

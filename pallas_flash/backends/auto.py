@@ -124,6 +124,12 @@ class AutoBackend(KernelBackend):
             f"got {type(config).__name__}"
         )
 
+    def interpret_effects(self, config, kind: str) -> bool:
+        """The picked backend's: a Mosaic pass in interpret mode runs unpartitioned, as ``"mosaic"`` does."""
+        config = config.config if isinstance(config, DefaultConfig) else config
+        name = config.forward if kind == "forward" else config.backward
+        return self._backend(name).interpret_has_effects
+
     def shard_config(self, q, k, v, inputs: AttentionInputs, spec: AttentionSpec) -> AutoConfig:
         return self.plan(q, k, v, inputs, spec)
 

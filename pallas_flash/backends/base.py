@@ -71,6 +71,11 @@ class KernelBackend(Backend):
     # ``custom_partitioning`` cannot lower: interpreted calls then run unpartitioned (``sharding.partition``).
     interpret_has_effects: bool = False
 
+    def interpret_effects(self, config, kind: str) -> bool:
+        """Whether the ``kind`` pass (``"forward"``/``"backward"``) with ``config`` runs ordered host callbacks in
+        interpret mode (``interpret_has_effects``; ``"auto"`` asks the backend it picked for that pass)."""
+        return self.interpret_has_effects
+
     @abc.abstractmethod
     def default_config(self, q: jax.Array, k: jax.Array, spec: AttentionSpec) -> Any:
         """The config used when the caller passes none (shipped tables, the user's tuned cache, a heuristic)."""

@@ -456,7 +456,7 @@ def _run_explicit(call: Call, mesh, leaves):
 
 
 def _apply(kernels: Kernels, args):
-    if kernels.interpret and kernels.backend.interpret_has_effects:
+    if kernels.interpret and kernels.backend.interpret_effects(kernels.config, kernels.kind):
         # An interpreter with ordered host callbacks does not lower inside ``custom_partitioning``: the kernels
         # run on the whole arrays (a CPU test path; sharded inputs are gathered around them, and under Explicit
         # axes, whose sharded types the interpreter cannot index, replicated first).

@@ -42,6 +42,55 @@ from pallas_flash.tuning.search import Search
 TUNERS = {"triton": (triton_tune, triton_config), "mosaic": (mosaic_tune, mosaic_config)}
 
 
+# The dtypes each backend's kernels take (the Mosaic kernels: 16-bit only).
+DTYPES = {"triton": ("bfloat16", "float16", "float32"), "mosaic": ("bfloat16", "float16")}
+
+
+def _positive_ints(ap, flag: str, text: str, allowed=None) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        ap.error(f"{flag} takes comma-separated integers, got {text!r}")
+    if any(v <= 0 for v in values):
+        ap.error(f"{flag} takes positive integers, got {text!r}")
+    if allowed is not None and any(v not in allowed for v in values):
+        ap.error(f"{flag}: this backend's kernels take head dims {allowed}, got {text!r}")
+    return values
+
+
+def _dtypes(ap, text: str, backend: str) -> list[str]:
+    names = []
+    for x in text.split(","):
+        try:
+            names.append(jnp.dtype(x).name)
+        except TypeError:
+            ap.error(f"--dtypes: {x!r} is not a dtype (use bfloat16, float16 or float32)")
+    if any(n not in DTYPES[backend] for n in names):
+        ap.error(f"--dtypes: the {backend} kernels take {', '.join(DTYPES[backend])}, got {text!r}")
+    return names
+
+
+def _read_json(ap, path: pathlib.Path, what: str) -> dict:
+    """``path``'s JSON object (``{}`` when there is none), read before any tuning: a broken file stops the run
+    before it has anything to lose."""
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        ap.error(f"{what} {path} is not readable JSON ({e}); fix or delete it, then run again")
+    if not isinstance(data, dict):
+        ap.error(f"{what} {path} is not a JSON object; fix or delete it, then run again")
+    return data
+
+
+def _write_json(path: pathlib.Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    tmp.replace(path)  # never a half-written table
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pallas_flash.tuning", description=__doc__.splitlines()[0])
     ap.add_argument("--backend", choices=sorted(TUNERS), default="triton", help="which backend's configs to tune")
@@ -68,31 +117,38 @@ def main(argv=None) -> int:
     search_args = {name: getattr(args, name) for name in ("top", "rounds", "margin", "threads")}
     if args.backend != "mosaic" and any(v != getattr(defaults, k) for k, v in search_args.items()):
         ap.error("--top, --rounds, --margin and --threads apply to --backend mosaic only")
+    if args.deterministic_bwd and args.backend != "mosaic":
+        ap.error("--deterministic-bwd applies to --backend mosaic only")
     try:
         search = Search(**search_args)
     except ValueError as e:
         ap.error(str(e))
+    if args.tokens <= 0 or args.hidden <= 0:
+        ap.error(f"--tokens and --hidden take positive integers, got {args.tokens} and {args.hidden}")
+    tune, config = TUNERS[args.backend]
+    head_dims = _positive_ints(ap, "--head-dims", args.head_dims,
+                               mosaic_config.HEAD_DIMS if args.backend == "mosaic" else None)
+    seq_lens = _positive_ints(ap, "--seq-lens", args.seq_lens)
+    dtypes = _dtypes(ap, args.dtypes, args.backend)
+    causals = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
+    problems = list(itertools.product(head_dims, dtypes, causals, seq_lens))
+    keys = [config.config_key(*problem) for problem in problems]
+    if len(set(keys)) != len(keys):  # two lengths in one bucket: the second would overwrite the first's entry
+        ap.error(f"--seq-lens {args.seq_lens}: some lengths share a sequence bucket (keys {sorted(keys)}); give "
+                 "one length per bucket")
     if jax.default_backend() != "gpu":
         print("pallas_flash.tuning needs an NVIDIA GPU: there is nothing to tune in interpret mode.", file=sys.stderr)
         return 2
-    tune, config = TUNERS[args.backend]
     gpu = config.gpu_name()
-    causals = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
     table: dict[str, dict] = {}
-    done = json.loads(args.out.read_text()) if args.out is not None and args.out.exists() else {}
-    for d, dt, c, n in itertools.product(
-        [int(x) for x in args.head_dims.split(",")],
-        args.dtypes.split(","),
-        causals,
-        [int(x) for x in args.seq_lens.split(",")],
-    ):
-        p = tune.Problem(d, jnp.dtype(dt).name, c, n, max(1, args.tokens // n), max(1, args.hidden // d))
+    done = _read_json(ap, args.out, "--out") if args.out is not None else {}
+    cache_path = config.user_cache_path()
+    cache = {} if args.out is not None or args.print_json else _read_json(ap, cache_path, "the user cache")
+    for (d, dt, c, n), key in zip(problems, keys):
+        p = tune.Problem(d, dt, c, n, max(1, args.tokens // n), max(1, args.hidden // d))
         extra = {"nondeterministic": False} if args.deterministic_bwd else {}
-        if extra and args.backend != "mosaic":
-            ap.error("--deterministic-bwd applies to --backend mosaic only")
         if args.backend == "mosaic":
             extra["search"] = search
-        key = config.config_key(d, dt, c, n)
         if key in done:
             print(f"{key}: in {args.out} already, skipped", file=sys.stderr, flush=True)
             continue
@@ -106,23 +162,19 @@ def main(argv=None) -> int:
             with args.records.open("a") as f:
                 f.write(json.dumps({"gpu": gpu, "key": key, "problem": vars(p), "config": table[key],
                                     "seconds": seconds, **times}) + "\n")
+        # Saved after each problem: a later problem's failure keeps what was tuned before it.
         if args.out is not None:
             done[key] = table[key]
-            tmp = args.out.with_name(args.out.name + ".tmp")
-            tmp.write_text(json.dumps(done, indent=1, sort_keys=True) + "\n")
-            tmp.replace(args.out)  # never a half-written table
+            _write_json(args.out, done)
+        elif not args.print_json:
+            cache.setdefault(gpu, {})[key] = table[key]
+            _write_json(cache_path, cache)
     if args.out is not None:
         print(f"{args.out} holds {len(done)} configs for {gpu!r}")
-        return 0
-    if args.print_json:
+    elif args.print_json:
         print(json.dumps(table, indent=1, sort_keys=True))
-        return 0
-    path = config.user_cache_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    cache = json.loads(path.read_text()) if path.exists() else {}
-    cache.setdefault(gpu, {}).update(table)
-    path.write_text(json.dumps(cache, indent=1, sort_keys=True))
-    print(f"wrote {len(table)} configs for {gpu!r} to {path}")
+    else:
+        print(f"wrote {len(table)} configs for {gpu!r} to {cache_path}")
     return 0
 
 

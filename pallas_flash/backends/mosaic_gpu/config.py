@@ -294,23 +294,26 @@ def _default_forward(head_dim: int, dtype: Any, causal: bool, seq_k: int) -> Mos
 
 
 def deterministic_requested(xla_flags: str | None = None) -> bool:
-    """Whether ``XLA_FLAGS`` (``xla_flags`` when given) sets ``--xla_gpu_deterministic_ops``, XLA's switch for
-    bit-identical reruns on GPU (it also makes cuDNN's attention backward deterministic): then the default
-    backward is the deterministic mode at every length, over a tuned entry's fused mode too. Read at trace time.
-    A value that is not a bool (``true``/``false``/``1``/``0``, or none: true) raises ``ValueError``."""
+    """Whether ``XLA_FLAGS`` (``xla_flags`` when given) asks for bit-identical reruns on GPU: XLA's
+    ``--xla_gpu_deterministic_ops`` or ``--xla_gpu_exclude_nondeterministic_ops`` (the one XLA's determinism guide
+    names; both also make cuDNN's attention backward deterministic). Then the default backward is the
+    deterministic mode at every length, over a tuned entry's fused mode too. Read at trace time. A value that is
+    not a bool (``true``/``false``/``1``/``0``, or none: true) raises ``ValueError``; of one flag given twice
+    the last counts."""
     flags = os.environ.get("XLA_FLAGS", "") if xla_flags is None else xla_flags
-    requested = False
+    requested = dict.fromkeys(_DETERMINISM_FLAGS, False)
     for flag in flags.split():
         name, eq, value = flag.lstrip("-").partition("=")
-        if name != "xla_gpu_deterministic_ops":
+        if name not in requested:
             continue
         value = value.strip().lower() if eq else "true"
         if value not in _FLAG_BOOLS:
             raise ValueError(f"XLA_FLAGS sets {flag!r}: not a boolean (one of {sorted(_FLAG_BOOLS)})")
-        requested = _FLAG_BOOLS[value]  # the last occurrence wins
-    return requested
+        requested[name] = _FLAG_BOOLS[value]
+    return any(requested.values())
 
 
+_DETERMINISM_FLAGS = ("xla_gpu_deterministic_ops", "xla_gpu_exclude_nondeterministic_ops")
 _FLAG_BOOLS = {"true": True, "1": True, "false": False, "0": False}
 # From these lengths on (query and key length both), by (head dim, causal), the default backward adds dQ by TMA
 # reduce-add from the dK/dV kernel (``deterministic=False``): 5 matrix products per block pair against 7, worth more
@@ -434,11 +437,13 @@ TURN_TAKING_FEATURES = frozenset({"window", "lengths", "segments"})
 SEGMENTS_D64_FORWARD = dict(block_kv=128, num_stages=3)
 
 
-def grid_forward(fwd: MosaicForwardConfig, *, causal: bool, seq_q: int, batch_heads: int | None) -> MosaicForwardConfig:
+def grid_forward(fwd: MosaicForwardConfig, *, causal: bool, seq_q: int, batch_heads: int | None,
+                 head_dim: int = 64) -> MosaicForwardConfig:
     """``fwd``, or ``occupancy.SMALL_GRID_FORWARD`` where ``fwd`` is a causal three-warpgroup forward with one CTA per
     tile whose grid gives each SM fewer than ``SMALL_GRID_CTAS_PER_SM`` CTAs (``batch_heads``: batch x query heads;
-    ``None``: not known, ``fwd``)."""
-    if (causal and fwd.compute_wgs == 3 and not fwd.persistent and batch_heads is not None
+    ``None``: not known, ``fwd``). At head dims up to 64 only: the rule and its forward were measured there (at
+    D=128 its 128-key blocks in three stages do not fit, and the small grids showed no tail, NOTES 71)."""
+    if (head_dim <= 64 and causal and fwd.compute_wgs == 3 and not fwd.persistent and batch_heads is not None
             and forward_ctas_per_sm(batch_heads, seq_q, fwd.compute_wgs * fwd.block_q) < SMALL_GRID_CTAS_PER_SM):
         return MosaicForwardConfig(**SMALL_GRID_FORWARD)
     return fwd
@@ -486,13 +491,16 @@ def default_config(
     elif not config.bwd.deterministic and (deterministic_requested() or not _plain_mha(kv_groups, features)):
         bwd = default_backward(head_dim, dtype, seq_q, seq_k, causal=causal, deterministic=True)
         config = dataclasses.replace(config, bwd=bwd)
+    if config.fwd.compute_wgs == 3 and features:
+        # three warpgroups were timed on plain and causal calls only: the measured two-warpgroup forward (a tuned
+        # cache may hold a D=128 one: then the D=128 heuristic's, which has two)
+        two = _two_warpgroup_d64_forward(causal, seq_k) if head_dim <= 64 else _default_forward(
+            head_dim, dtype, causal, seq_k)
+        config = dataclasses.replace(config, fwd=two)
     if head_dim == 128 and config.fwd.overlap and features & TURN_TAKING_FEATURES:
         config = dataclasses.replace(config, fwd=dataclasses.replace(config.fwd, overlap=False))
-    if config.fwd.compute_wgs == 3 and features:
-        # three warpgroups were timed on plain and causal calls only: the measured two-warpgroup forward
-        config = dataclasses.replace(config, fwd=_two_warpgroup_d64_forward(causal, seq_k))
     config = dataclasses.replace(config, fwd=grid_forward(config.fwd, causal=causal, seq_q=seq_q,
-                                                          batch_heads=batch_heads))
+                                                          batch_heads=batch_heads, head_dim=head_dim))
     if head_dim <= 64 and "segments" in features and config.fwd.block_kv > SEGMENTS_D64_FORWARD["block_kv"]:
         config = dataclasses.replace(config, fwd=dataclasses.replace(config.fwd, **SEGMENTS_D64_FORWARD))
     return config

@@ -128,7 +128,7 @@ def tune_problem(
                             deterministic=None if nondeterministic else True)
     # what an untuned call of this shape runs (``default_config``): the forward for the problem's grid
     base = dataclasses.replace(base, fwd=grid_forward(base.fwd, causal=p.causal, seq_q=p.seq,
-                                                      batch_heads=p.batch * p.heads))
+                                                      batch_heads=p.batch * p.heads, head_dim=p.head_dim))
     fwd_cands = [dataclasses.replace(base, fwd=fwd) for fwd in forward_candidates(p.head_dim, p.dtype)]
     best_fwd, t_fwd, fwd_record = screen_then_confirm(
         fwd_cands, lambda c: _fwd_timer(p, c, xs), log, baseline=base, search=search)

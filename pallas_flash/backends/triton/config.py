@@ -195,8 +195,9 @@ def lookup(table: dict[str, dict[str, Any]], head_dim: int, dtype: Any, causal: 
         if not nearest:
             continue
         prefix = config_key(head_dim, dt, causal, seq_q).rsplit("|", 1)[0] + "|n"
+        buckets = {k: k[len(prefix):] for k in table if k.startswith(prefix)}  # a hand-edited "n1k" is no bucket
         near = sorted(
-            (abs(math.log2(int(k[len(prefix):]) / seq_bucket(seq_q))), k) for k in table if k.startswith(prefix)
+            (abs(math.log2(int(n) / seq_bucket(seq_q))), k) for k, n in buckets.items() if n.isdigit() and int(n) > 0
         )
         if near:
             return table[near[0][1]]
