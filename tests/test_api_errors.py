@@ -77,8 +77,17 @@ def test_bad_keyword_raises_named_error(kwargs, error, word):
 def test_config_validation_names_the_field():
     with pytest.raises(ValueError, match="block_q=24"):
         pf.ForwardConfig(block_q=24)
-    with pytest.raises(ValueError, match="num_warps=3"):
+    with pytest.raises(ValueError, match="num_warps_dq=3"):  # the field's own name, not "num_warps"
         pf.BackwardConfig(num_warps_dq=3)
+    with pytest.raises(ValueError, match="num_stages_dkv=9"):
+        pf.BackwardConfig(num_stages_dkv=9)
+    for kw in (dict(num_warps=4.0), dict(num_stages=True), dict(num_stages="2")):
+        with pytest.raises(TypeError, match=f"{next(iter(kw))}=.* must be an int"):
+            pf.ForwardConfig(**kw)
+    with pytest.raises(TypeError, match="FlashConfig.fwd must be a ForwardConfig, got BackwardConfig"):
+        pf.FlashConfig(fwd=pf.BackwardConfig())
+    with pytest.raises(TypeError, match="FlashConfig.bwd must be a BackwardConfig, got NoneType"):
+        pf.FlashConfig(bwd=None)
 
 
 @pytest.mark.parametrize(

@@ -402,6 +402,18 @@ def test_lookup_takes_the_nearest_bucket_and_skips_malformed_keys():
     assert triton_config.lookup(table, 128, jnp.bfloat16, False, 4096) is None  # not causal: none
 
 
+def test_an_invalid_triton_cache_entry_raises_naming_the_file(cache_dir):
+    """The Triton backend's cache, like the Mosaic one's: an entry that parses but makes no config (here without
+    "bwd") is an error naming the file, not a bare KeyError on every call of that shape."""
+    from pallas_flash.backends.triton import config as triton_config
+
+    key = triton_config.config_key(64, "bfloat16", True, 1024)
+    triton_config.user_cache_path().write_text(json.dumps({GPU: {key: {"fwd": {"block_q": 64}}}}))
+    triton_config.read_user_table.cache_clear()
+    with pytest.raises(ValueError, match=r"the tuned cache .*tuned\.json holds an invalid Triton config .*d64\|bfloat16"):
+        triton_config.default_config(head_dim=64, dtype=jnp.bfloat16, causal=True, seq_q=1024, seq_k=1024, gpu=GPU)
+
+
 def test_unreadable_cache_is_ignored(cache_dir):
     mosaic_config.user_cache_path().write_text("{not json")
     got = mosaic_config.default_config(head_dim=128, dtype=jnp.bfloat16, causal=False, seq_q=4096, seq_k=4096, gpu=GPU)

@@ -110,6 +110,35 @@ def test_garbage_past_the_lengths_reaches_nothing(which, row, seed):
     assert not leaked, f"the garbage in {which} reached {leaked}"
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("row", ["first", "last"])
+def test_a_bias_past_the_query_length_reaches_nothing(value, row, seed):
+    """A NaN or +inf bias entry in a query row past the length (padding): the dQ kernel computes the block that
+    straddles the length whole, and read the bias there (``exp2(NaN - lse2)``), so dQ, dbias and the ALiBi slopes'
+    gradient turned NaN. Every output and gradient stays finite, and the rows before the length match float64."""
+    q, k, v, ct = random_qkv(SHAPE, jnp.float32, seed)
+    q_len = 30
+    position = {"first": q_len, "last": SHAPE.seq_q - 1}[row]
+    bias = jax.random.normal(jax.random.key(seed), (SHAPE.batch, SHAPE.num_heads, SHAPE.seq_q, SHAPE.seq_k))
+    bias = bias.at[1, :, position, 3].set(value)
+    slopes = jnp.full((SHAPE.num_heads,), 0.1, jnp.float32)
+    kw = dict(query_seq_lengths=jnp.asarray([37, q_len]))
+
+    def fn(q, k, v, bias, slopes):
+        return pf.dot_product_attention(q, k, v, bias, implementation="pallas", config=CONFIG, alibi_slopes=slopes,
+                                        **kw)
+
+    out, vjp = jax.vjp(fn, q, k, v, bias, slopes)
+    grads = vjp(ct)
+    leaked = [label for label, x in zip(("out", "dq", "dk", "dv", "dbias", "dslopes"), (out, *grads))
+              if not np.isfinite(np.asarray(x)).all()]
+    assert not leaked, f"the {value} bias reached {leaked}"
+    with jax.enable_x64(True):
+        f64 = [jnp.asarray(np.asarray(x, np.float64)) for x in (q, k, v, jnp.where(jnp.isfinite(bias), bias, 0.0))]
+        want = attention_reference(*f64, alibi_slopes=np.asarray(slopes, np.float64), **kw)
+    assert rel_err(out, np.asarray(want)) <= TOLERANCE[jnp.dtype(jnp.float32)]
+
+
 def test_rows_that_see_no_key_still_give_zeros(seed):
     q, k, v, _ = random_qkv(SHAPE, jnp.float32, seed)
     out = np.asarray(_pallas(q, k, v, key_value_seq_lengths=jnp.asarray([0, 5])))

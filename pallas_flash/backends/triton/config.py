@@ -41,11 +41,15 @@ def _check_blocks(**blocks: int) -> None:
             raise ValueError(f"{name}={value} must be a power of two >= 16")
 
 
-def _check_launch(num_warps: int, num_stages: int) -> None:
-    if num_warps not in (1, 2, 4, 8, 16):
-        raise ValueError(f"num_warps={num_warps} must be one of 1, 2, 4, 8, 16")
-    if not 1 <= num_stages <= 8:
-        raise ValueError(f"num_stages={num_stages} must be in [1, 8]")
+def _check_launch(**fields: int) -> None:
+    """``num_warps*`` and ``num_stages*`` fields, by their names."""
+    for name, value in fields.items():
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{name}={value!r} must be an int")
+        if name.startswith("num_warps") and value not in (1, 2, 4, 8, 16):
+            raise ValueError(f"{name}={value} must be one of 1, 2, 4, 8, 16")
+        if name.startswith("num_stages") and not 1 <= value <= 8:
+            raise ValueError(f"{name}={value} must be in [1, 8]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +63,7 @@ class ForwardConfig:
 
     def __post_init__(self):
         _check_blocks(block_q=self.block_q, block_k=self.block_k)
-        _check_launch(self.num_warps, self.num_stages)
+        _check_launch(num_warps=self.num_warps, num_stages=self.num_stages)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,8 +92,8 @@ class BackwardConfig:
             block_q_dq=self.block_q_dq,
             block_k_dq=self.block_k_dq,
         )
-        _check_launch(self.num_warps_dkv, self.num_stages_dkv)
-        _check_launch(self.num_warps_dq, self.num_stages_dq)
+        _check_launch(num_warps_dkv=self.num_warps_dkv, num_stages_dkv=self.num_stages_dkv,
+                      num_warps_dq=self.num_warps_dq, num_stages_dq=self.num_stages_dq)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +102,11 @@ class FlashConfig:
 
     fwd: ForwardConfig = ForwardConfig()
     bwd: BackwardConfig = BackwardConfig()
+
+    def __post_init__(self):
+        for name, value, want in (("fwd", self.fwd, ForwardConfig), ("bwd", self.bwd, BackwardConfig)):
+            if not isinstance(value, want):
+                raise TypeError(f"FlashConfig.{name} must be a {want.__name__}, got {type(value).__name__}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"fwd": dataclasses.asdict(self.fwd), "bwd": dataclasses.asdict(self.bwd)}
@@ -224,8 +233,15 @@ def default_config(
     """
     gpu = gpu_name() if gpu is None else gpu
     if gpu:
-        for table in (read_user_table(user_cache_path(), gpu), _shipped_table(gpu)):
+        for source, table in (("the tuned cache " + str(user_cache_path()), read_user_table(user_cache_path(), gpu)),
+                              ("the shipped table", _shipped_table(gpu))):
             entry = lookup(table, head_dim, dtype, causal, seq_q)
-            if entry is not None:
+            if entry is None:
+                continue
+            try:
                 return FlashConfig.from_dict(entry)
+            except (KeyError, TypeError, ValueError) as e:  # a stale or hand-edited entry: to be fixed, not ignored
+                raise ValueError(
+                    f"{source} holds an invalid Triton config for {gpu!r} near {config_key(head_dim, dtype, causal, seq_q)}"
+                    f" ({type(e).__name__}: {e}); rerun `python -m pallas_flash.tuning` or delete that file") from None
     return _heuristic(head_dim, dtype)

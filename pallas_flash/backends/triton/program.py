@@ -197,12 +197,15 @@ class QueryBlock:
         )
 
     def logits(self, s, k0, k_pos, k_limit):
-        """``log2_logits`` of the raw tile ``s`` at key block ``k0``, with its bias tile."""
+        """``log2_logits`` of the raw tile ``s`` at key block ``k0``, with its bias tile (rows past the query
+        length read as 0: the dQ kernel computes a straddling block whole, and a NaN or +inf there would give
+        ``exp2(NaN - lse2)`` in a row whose P must be 0)."""
         p = self.program
         bias = None
         if p.side.bias is not None:
             bias = tiles.load_qk_tile(
-                p.side.bias, p.start, k0, self.block_q, self.block_k, q_limit=p.q_tail, k_limit=k_limit, other=0.0
+                p.side.bias, p.start, k0, self.block_q, self.block_k, q_limit=p.q_load_limit, k_limit=k_limit,
+                other=0.0,
             )
         return log2_logits(s, spec=p.spec, q_pos=self.q_pos, k_pos=k_pos, bias=bias, slope=self.slope)
 
