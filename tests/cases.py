@@ -214,8 +214,14 @@ def check(case: Case, shape: Shape, dtype, seed: int, **extra):
     # scale of its own: the kernel's rounding noise (dP - delta cancelling) is measured against the call's largest
     # q/k/v gradient instead of as an absolute norm.
     grad_scale = max(float(np.linalg.norm(g)) for g in ref_grads[:3])
+    half = jnp.dtype(dtype).itemsize == 2
     for label, got, want in zip(labels, (out, *grads), (ref_out, *ref_grads)):
-        if label == "dalibi_slopes":
+        if half and label in ("dq", "dk") and grad_scale > 0:
+            # In 16 bits dQ and dK carry the rounding of O to the input dtype through delta = rowsum(dO * O), as
+            # cuDNN's do (README, precision limits: a share of the gradient norm). Where dS cancels, dQ and dK are
+            # small beside dV and that share is a large part of them: measured against the largest gradient then.
+            err = np.linalg.norm(np.asarray(got, np.float64) - want) / max(float(np.linalg.norm(want)), grad_scale)
+        elif label == "dalibi_slopes":
             err = np.linalg.norm(np.asarray(got, np.float64) - want) / _slope_grad_scale(
                 shape, ref_kw, dict(zip(names, f64[3:])), f64[:3], ct
             )
