@@ -136,8 +136,9 @@ def generate(
     if prompt.ndim not in (1, 2) or prompt.size == 0:
         raise ValueError(f"prompt must be non-empty token ids of shape [P] or [batch, P], got {prompt.shape}")
     vocab = model.config.vocab_size
-    if not isinstance(prompt, jax.core.Tracer) and bool(((prompt < 0) | (prompt >= vocab)).any()):
-        bad = prompt[(prompt < 0) | (prompt >= vocab)]
+    outside = (prompt < 0) | (prompt >= vocab)
+    if not isinstance(prompt, jax.core.Tracer) and bool(outside.any()):
+        bad = prompt[outside]
         raise ValueError(f"prompt (shape {prompt.shape}) holds token ids outside [0, vocab_size={vocab}): "
                          f"{bad[:8].tolist()}")  # else an id past the table embeds as NaN, one below as garbage
     batched = prompt.ndim == 2

@@ -152,7 +152,7 @@ def _dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
     if rng is None or rate == 0.0:
         return x
     keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-    return (x * (keep / (1.0 - rate)).astype(x.dtype)).astype(x.dtype)  # a product: a dropped NaN stays NaN
+    return x * (keep / (1.0 - rate)).astype(x.dtype)  # a product: a dropped NaN stays NaN
 
 
 class MLP(nnx.Module):

@@ -88,10 +88,10 @@ class KVCache:
         if lengths is None:
             lengths = jnp.full((B,), Tq, jnp.int32)
         elif not isinstance(lengths, jax.core.Tracer):
-            bad = (jnp.asarray(lengths) < 0) | (jnp.asarray(lengths) > Tq)
-            if bool(bad.any()):  # under jit they are clipped to [0, Tq]
+            given = jnp.asarray(lengths)
+            if bool(((given < 0) | (given > Tq)).any()):  # under jit they are clipped to [0, Tq]
                 raise ValueError(f"key_value_seq_lengths must be in [0, {Tq}] (the prompt's length) for prefill, "
-                                 f"got {jnp.asarray(lengths).tolist()}")
+                                 f"got {given.tolist()}")
         out = pallas_flash.dot_product_attention(
             query, key, value, scale=self.scale, is_causal=True, key_value_seq_lengths=lengths,
             local_window_size=self.local_window_size, implementation=self.implementation,

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_flash.backends.base import Backend
+from pallas_flash.reference import visibility_mask
 from pallas_flash.spec import AttentionInputs, AttentionSpec
 
 
@@ -24,24 +25,6 @@ def alibi_bias(slopes, seq_q: int, seq_k: int):
     """ALiBi as a dense ``[1 or B, N, Tq, Tk]`` float32 bias: ``slope * (j - i)``."""
     rel = (jnp.arange(seq_k)[None, :] - jnp.arange(seq_q)[:, None]).astype(jnp.float32)
     return slopes.astype(jnp.float32)[:, :, None, None] * rel
-
-
-def rows_seeing_a_key(seq_q: int, seq_k: int, mask, kv_lengths, spec: AttentionSpec):
-    """``[B or 1, Tq, N or 1, 1]`` bool: whether a query row sees at least one key under ``mask`` (``[B or 1,
-    N or 1, Tq, Tk]`` or None), the key lengths, the causal mask and the window, as jax.nn applies them."""
-    i = jnp.arange(seq_q)[:, None]
-    j = jnp.arange(seq_k)[None, :]
-    visible = jnp.ones((1, 1, seq_q, seq_k), bool)
-    if spec.causal:
-        visible = visible & (j <= i)
-    if spec.window is not None:
-        left, right = spec.window
-        visible = visible & (j >= i - left) & (j <= i + right)
-    if kv_lengths is not None:
-        visible = visible & (j < kv_lengths[:, None, None, None])
-    if mask is not None:
-        visible = visible & mask
-    return jnp.transpose(visible.any(axis=-1), (0, 2, 1))[..., None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +83,10 @@ class JaxNnBackend(Backend):
             # jax.nn's softmax over a row whose logits are all masked averages every value (for segment ids: the
             # other documents'); the kernels give such a row zeros, and so does this backend, so that a fallback
             # from them (implementation=None) keeps the result. The mask is dense here anyway, as are the logits.
-            seen = rows_seeing_a_key(q.shape[1], k.shape[1], mask, inputs.kv_lengths, spec)
+            visible = visibility_mask(q.shape[1], k.shape[1], batch=q.shape[0], causal=spec.causal,
+                                      local_window_size=spec.window, key_value_seq_lengths=inputs.kv_lengths,
+                                      mask=mask)  # [B, 1 or N, Tq, Tk], the segments in ``mask``
+            seen = jnp.transpose(visible.any(axis=-1), (0, 2, 1))[..., None]  # [B, Tq, 1 or N, 1]
             if return_residual:  # the kernels' lse of such a row is -inf; jax.nn's that of its large negatives
                 out, lse = out
                 return jnp.where(seen, out, jnp.zeros((), out.dtype)), jnp.where(seen[..., 0], lse, -jnp.inf)
