@@ -258,5 +258,7 @@ def test_glue_errors():
     with pytest.raises(ValueError, match="whole GQA groups"):
         sequence_parallel_attention(x, x[:, :, :1], x[:, :, :1], mesh=mesh_of(4, ("seq", "model"), (2, 2)),
                                     seq_axis="seq", head_axis="model")
+    with pytest.raises(NotImplementedError, match=r"needs Tq == Tk, got query \(1, 20, 2, 16\) and key \(1, 8, 2, 16\)"):
+        sequence_parallel_attention(x, x[:, :8], x[:, :8], mesh=mesh, seq_axis="seq")  # cross-attention: fall back
     with pytest.raises(ValueError, match="needs mesh and seq_axis"):
         jax.jit(lambda x: sequence_parallel_attention(x, x, x))(x)  # an unsharded (Auto) array: nothing to read

@@ -241,7 +241,9 @@ def sequence_parallel_attention(
     kv_heads = key.shape[2]
     parts = n * (2 if layout == "zigzag" else 1)
     if key.shape[1] != seq:
-        raise ValueError(f"sequence parallel attention needs Tq == Tk, got query {tuple(query.shape)} and key {tuple(key.shape)}")
+        raise NotImplementedError(  # cross-attention over a ring is not built; callers can fall back
+            f"sequence parallel attention needs Tq == Tk, got query {tuple(query.shape)} and key {tuple(key.shape)}"
+        )
     if seq % parts:
         raise ValueError(
             f"the {layout} layout over {n} devices of mesh axis {seq_axis!r} cuts the sequence into {parts} equal "

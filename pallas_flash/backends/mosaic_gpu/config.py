@@ -14,12 +14,12 @@ then falls back to the heuristics below (``heuristic_config``).
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 import jax.numpy as jnp
 
 from pallas_flash.backends.mosaic_gpu.occupancy import SMALL_GRID_CTAS_PER_SM, SMALL_GRID_FORWARD, forward_ctas_per_sm
+from pallas_flash.backends.mosaic_gpu.determinism import deterministic_requested
 from pallas_flash.backends.mosaic_gpu.tables import SHIPPED_TABLES, TABLES_DIR, shipped_table, user_cache_path
 from pallas_flash.backends.triton import config as triton_config
 from pallas_flash.backends.triton.config import config_key, gpu_name, seq_bucket
@@ -293,28 +293,6 @@ def _default_forward(head_dim: int, dtype: Any, causal: bool, seq_k: int) -> Mos
     return MosaicForwardConfig(block_kv=64, num_stages=2, overlap=overlap)
 
 
-def deterministic_requested(xla_flags: str | None = None) -> bool:
-    """Whether ``XLA_FLAGS`` (``xla_flags`` when given) asks for bit-identical reruns on GPU: XLA's
-    ``--xla_gpu_deterministic_ops`` or ``--xla_gpu_exclude_nondeterministic_ops`` (the one XLA's determinism guide
-    names; both also make cuDNN's attention backward deterministic). Then the default backward is the
-    deterministic mode at every length, over a tuned entry's fused mode too. Read at trace time. A value that is
-    not a bool (``true``/``false``/``1``/``0``, or none: true) raises ``ValueError``; of one flag given twice
-    the last counts."""
-    flags = os.environ.get("XLA_FLAGS", "") if xla_flags is None else xla_flags
-    requested = dict.fromkeys(_DETERMINISM_FLAGS, False)
-    for flag in flags.split():
-        name, eq, value = flag.lstrip("-").partition("=")
-        if name not in requested:
-            continue
-        value = value.strip().lower() if eq else "true"
-        if value not in _FLAG_BOOLS:
-            raise ValueError(f"XLA_FLAGS sets {flag!r}: not a boolean (one of {sorted(_FLAG_BOOLS)})")
-        requested[name] = _FLAG_BOOLS[value]
-    return any(requested.values())
-
-
-_DETERMINISM_FLAGS = ("xla_gpu_deterministic_ops", "xla_gpu_exclude_nondeterministic_ops")
-_FLAG_BOOLS = {"true": True, "1": True, "false": False, "0": False}
 # From these lengths on (query and key length both), by (head dim, causal), the default backward adds dQ by TMA
 # reduce-add from the dK/dV kernel (``deterministic=False``): 5 matrix products per block pair against 7, worth more
 # than the reductions' cost only at long lengths; a pair not listed never does. H200, bf16, B*N = 16k tokens,
