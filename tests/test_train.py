@@ -4,6 +4,7 @@ a run (the last section). The data, the sampler and the metrics log alone: test_
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -141,7 +142,7 @@ def test_checkpoints_between_evaluations_keep_tokens_per_s_sound(tmp_path):
     assert all(r["tokens_per_s"] > 0 for r in train[1:]), [r["tokens_per_s"] for r in train]
 
 
-def test_resume_after_a_kill_is_exact(tiny_run, tmp_path):
+def test_resume_after_a_kill_is_exact(tiny_run, tmp_path, capsys):
     original, _ = tiny_run
     out = tmp_path / "run"
     shutil.copytree(original, out)
@@ -155,8 +156,12 @@ def test_resume_after_a_kill_is_exact(tiny_run, tmp_path):
     for step in want:
         np.testing.assert_allclose(got[step], want[step], rtol=1e-5, err_msg=f"step {step}")
 
-    # Train longer: continues at step 20 and appends.
+    assert "learning-rate schedule" not in capsys.readouterr().out  # same --steps: the same schedule, no word
+    # Train longer: continues at step 20 and appends; the stretched schedule's jump is said.
     summary = main(["--resume", "--out", str(out), "--steps", "24", "--sample-tokens", "0"])
+    said = capsys.readouterr().out
+    assert re.search(r"--steps 20 -> 24: the learning-rate schedule now decays to step 24; at step 20 the learning "
+                     r"rate moves from [0-9.e-]+ to [0-9.e-]+", said), said
     assert summary["resumed_from"] == 20 and summary["step"] == 24
     steps = [r["step"] for r in _records(out) if "loss" in r]
     assert steps == list(range(2, 25, 2))

@@ -178,6 +178,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             parallel = _check_run(cfg, platform)
             if restored.step >= cfg.steps:
                 return _nothing_to_train(cfg, restored, ckpt, say)
+            _say_schedule_change(meta["train_config"], cfg, restored.step, say)
             data = _load_data(cfg)
             return _train(cfg, data, ckpt, restored, parallel=parallel, platform=platform, say=say)
 
@@ -223,6 +224,17 @@ def _load_data(cfg: TrainConfig) -> data_lib.TokenData:
     data = data_lib.load_data(cfg.data, vocab_size=cfg.vocab_size)
     data_lib.check_length(data, cfg.seq_len)
     return data
+
+
+def _say_schedule_change(saved: dict[str, Any], cfg: TrainConfig, step: int, say) -> None:
+    """A resume with another ``--steps`` stretches the cosine decay to the new length, so the learning rate moves
+    at the resumed step: say by how much (the run stays as asked; nanoGPT's schedule behaves alike)."""
+    if saved.get("steps") == cfg.steps:
+        return
+    old = make_optimizer(TrainConfig(**saved))[1](step)
+    new = make_optimizer(cfg)[1](step)
+    say(f"--steps {saved.get('steps')} -> {cfg.steps}: the learning-rate schedule now decays to step {cfg.steps}; "
+        f"at step {step} the learning rate moves from {float(old):.3g} to {float(new):.3g}")
 
 
 def _nothing_to_train(cfg: TrainConfig, restored: Restored, ckpt: Checkpointer, say) -> dict[str, Any]:
