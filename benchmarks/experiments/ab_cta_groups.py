@@ -1,10 +1,11 @@
 """Forward and backward alone, causal, with the one-CTA-per-tile kernels' CTAs handed out by length within groups of
-G (batch row, head) pairs (``occupancy.HEAD_GROUP``, cta-groups.patch) against the default order (the backward by
-length on small grids, else heads outermost; the forward heads outermost); interleaved rounds, cuDNN in the same
+G (batch row, head) pairs (``occupancy.BACKWARD_HEAD_GROUP`` and ``FORWARD_HEAD_GROUP`` both set to G) against no
+groups ("default" here: the backward by length on small grids, else heads outermost; the forward heads outermost;
+the library's default since NOTES 76 is the backward in groups of 4); interleaved rounds, cuDNN in the same
 rounds; outputs and gradients compared with cuDNN's. The forward's persistent configs keep their own order, so a
 forward column equal to the default's is the same kernel.
 
-PROBS="D:N:B:H[:KVH],..." GROUPS="4,8,16" PYTHONPATH=. python3 benchmarks/experiments/ab_cta_groups.py ROUNDS
+PROBS="D:N:B:H[:KVH],..." HEAD_GROUPS="4,8,16" PYTHONPATH=. python3 benchmarks/experiments/ab_cta_groups.py ROUNDS
 Default problems: the headline's causal points (B*N = 16k tokens, heads x D = 2048), GPT-2 124M's 4k (12 heads) and
 GQA 32:8 at 8k. Each variant is traced with the switch set and the kernel-trace cache cleared (NOTES 53).
 """
@@ -17,12 +18,12 @@ from pallas_flash.testing.errors import rel_err
 
 from benchmarks.experiments.pullbacks import pullback, timed_rounds
 
-if not hasattr(occupancy, "HEAD_GROUP"):
-    sys.exit("needs benchmarks/experiments/cta-groups.patch applied (occupancy.HEAD_GROUP)")
+DEFAULTS = occupancy.BACKWARD_HEAD_GROUP, occupancy.FORWARD_HEAD_GROUP
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 5
 DEFAULT = ("64:1024:16:32,64:4096:4:32,64:16384:1:32,128:1024:16:16,128:4096:4:16,128:16384:1:16,64:4096:4:12,"
            "128:8192:2:32:8")
-GROUPS = [int(g) for g in os.environ.get("GROUPS", "4,8,16").split(",")]
+# HEAD_GROUPS, not GROUPS: bash ignores assignments to GROUPS (its own array), so GROUPS=4,8 never reached the script
+GROUPS = [int(g) for g in os.environ.get("HEAD_GROUPS", "4,8,16").split(",")]
 for prob in os.environ.get("PROBS", DEFAULT).split(","):
     D, N, B, H, *KVH = (int(x) for x in prob.split(":"))
     kvh = KVH[0] if KVH else H
@@ -31,7 +32,7 @@ for prob in os.environ.get("PROBS", DEFAULT).split(","):
     k, v = (jax.random.normal(kk, (B, N, kvh, D), jnp.bfloat16) for kk in keys[1:3])
     fwds, bwds, outs, grads = {}, {}, {}, {}
     for name, group in [("default", None)] + [(f"G{g}", g) for g in GROUPS]:
-        occupancy.HEAD_GROUP = group
+        occupancy.BACKWARD_HEAD_GROUP = occupancy.FORWARD_HEAD_GROUP = group
         partition._trace.cache_clear()
         f = lambda q, k, v: pf.dot_product_attention(q, k, v, is_causal=True, implementation="mosaic")
         fwd = jax.jit(f)
@@ -39,7 +40,7 @@ for prob in os.environ.get("PROBS", DEFAULT).split(","):
         fwds[name] = (fwd, (q, k, v))
         bwd, vjp, grads[name] = pullback(f, q, k, v, do)
         bwds[name] = (bwd, (vjp, do))
-    occupancy.HEAD_GROUP = None
+    occupancy.BACKWARD_HEAD_GROUP, occupancy.FORWARD_HEAD_GROUP = DEFAULTS
     f = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
     fwd = jax.jit(f)
     outs["cudnn"] = jax.block_until_ready(fwd(q, k, v))

@@ -22,6 +22,7 @@ from pallas_flash.backends.mosaic_gpu.common import (
     MEMORY_WG,
     ROW,
     WGMMA,
+    CtaOrder,
     backward_grid,
     bcast,
     copy_block,
@@ -79,6 +80,7 @@ def _dkdv_kernel(
     has_kv_lengths: bool,
     has_q_lengths: bool,
     has_segments: bool,
+    order: CtaOrder,
     interpret: bool,
 ):
     refs = list(refs)
@@ -89,9 +91,7 @@ def _dkdv_kernel(
     q_seg_ref, kv_seg_ref, seg_range_ref = (refs.pop(0) for _ in range(3)) if has_segments else (None,) * 3
     dq_ref = refs.pop(0) if fuse_dq else None
     dk_ref, dv_ref = refs
-    batch = lax.axis_index("batch")
-    kv_head = lax.axis_index("kv_head")
-    tile = lax.axis_index("kv_tile")
+    batch, kv_head, tile = order.coords()
     wg = lax.axis_index("wg")
     cta_k0 = tile * TILE
     num_q_blocks = pl.cdiv(seq_q, block_q)  # static
@@ -346,8 +346,10 @@ def launch_dkdv(q, k, v, do, lse2, delta, kv_lengths, q_lengths, segments, *, sp
         operands.append(dq_ref)
     if interpret:
         scratch["stage_smem"] = tiled((COMPUTE_WGS, BLOCK_KV, block_q), dtype)
+    order = backward_grid(batch, num_kv_heads, num_tiles, causal=spec.causal, head_name="kv_head", tile_name="kv_tile")
     kernel = functools.partial(
         _dkdv_kernel,
+        order=order,
         seq_q=seq_q,
         seq_k=seq_k,
         group=num_heads // num_kv_heads,
@@ -366,14 +368,12 @@ def launch_dkdv(q, k, v, do, lse2, delta, kv_lengths, q_lengths, segments, *, sp
         interpret=bool(interpret),
     )
     kv_type = jax.ShapeDtypeStruct(k.shape, dtype)
-    grid, grid_names = backward_grid(batch, num_kv_heads, num_tiles, causal=spec.causal,
-                                     head_name="kv_head", tile_name="kv_tile")
     dk, dv = plgpu.kernel(
         kernel,
         out_type=(kv_type, kv_type),
         scratch_types=scratch,
-        grid=grid,
-        grid_names=grid_names,
+        grid=order.grid,
+        grid_names=order.grid_names,
         **launch_params(interpret, "pallas_flash_mosaic_bwd_dkdv"),
     )(*operands)
     dq = None

@@ -30,6 +30,7 @@ from pallas_flash.backends.mosaic_gpu.common import (
     MEMORY_WG,
     ROW,
     WGMMA,
+    CtaOrder,
     backward_grid,
     bcast,
     copy_block,
@@ -81,6 +82,7 @@ def _dq_kernel(
     has_kv_lengths: bool,
     has_q_lengths: bool,
     has_segments: bool,
+    order: CtaOrder,
     interpret: bool,
 ):
     refs = list(refs)
@@ -90,9 +92,7 @@ def _dq_kernel(
     k_tail, v_tail, q_tail, do_tail = pop_tails(refs, kv_len_ref, q_len_ref)
     q_seg_ref, kv_seg_ref, seg_range_ref = (refs.pop(0) for _ in range(3)) if has_segments else (None,) * 3
     (dq_ref,) = refs
-    batch = lax.axis_index("batch")
-    head = lax.axis_index("head")
-    tile = lax.axis_index("q_tile")
+    batch, head, tile = order.coords()
     if causal:  # the longest rows first
         tile = num_q_tiles - 1 - tile
     wg = lax.axis_index("wg")
@@ -267,8 +267,10 @@ def launch_dq(q, k, v, do, lse2, delta, kv_lengths=None, q_lengths=None, segment
     )
     if interpret:
         scratch["stage_smem"] = tiled_smem((COMPUTE_WGS, BLOCK_Q, block_kv), dtype)
+    order = backward_grid(batch, num_heads, num_q_tiles, causal=spec.causal, head_name="head", tile_name="q_tile")
     kernel = functools.partial(
         _dq_kernel,
+        order=order,
         seq_k=seq_k,
         group=num_heads // num_kv_heads,
         num_q_tiles=num_q_tiles,
@@ -291,13 +293,11 @@ def launch_dq(q, k, v, do, lse2, delta, kv_lengths=None, q_lengths=None, segment
         scratch["kvseg_smem"] = plgpu.SMEM((stages, block_kv), jnp.int32)
         operands += [q_seg, kv_seg, segment_block_ranges(q_seg[:, : q.shape[1]], kv_seg[:, :seq_k], BLOCK_Q, block_kv,
                                                            tq_pad // BLOCK_Q)]
-    grid, grid_names = backward_grid(batch, num_heads, num_q_tiles, causal=spec.causal,
-                                     head_name="head", tile_name="q_tile")
     return plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct(q.shape, dtype),
         scratch_types=scratch,
-        grid=grid,
-        grid_names=grid_names,
+        grid=order.grid,
+        grid_names=order.grid_names,
         **launch_params(interpret, "pallas_flash_mosaic_bwd_dq"),
     )(q, k, v, do, lse2, delta, *operands)

@@ -16,6 +16,7 @@ other.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -45,13 +46,55 @@ def tiled_smem(shape, dtype, swizzle: int = 128):
     return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, cols)), plgpu.SwizzleTransform(swizzle)))
 
 
-def backward_grid(batch: int, heads: int, tiles: int, *, causal: bool, head_name: str, tile_name: str):
-    """``(grid, grid_names)`` of a backward kernel with one CTA per (batch row, head, tile). Pallas runs the last
-    grid axis fastest; under causal with a small grid (``occupancy.backward_by_length``) that is the head, so the
-    GPU hands out every head's longest tiles first, else the tile (heads outermost)."""
-    if occupancy.backward_by_length(batch * heads * tiles, tiles, causal=causal):
-        return (tiles, batch, heads), (tile_name, "batch", head_name)
-    return (batch, heads, tiles), ("batch", head_name, tile_name)
+@dataclasses.dataclass(frozen=True)
+class CtaOrder:
+    """The grid of a backward kernel with one CTA per (batch row, head, tile), and the order the GPU hands its CTAs
+    out in. Pallas runs the last grid axis fastest. ``group`` None: heads outermost, the grid (batch, head, tile);
+    else by length within groups of ``group`` (batch row, head) pairs, group after group: (tile, batch, head) when
+    the group is every pair, else (group, tile, pair in the group)."""
+
+    batch: int
+    heads: int
+    tiles: int
+    group: int | None
+    head_name: str
+    tile_name: str
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        if self.group is None:
+            return self.batch, self.heads, self.tiles
+        if self.group == self.batch * self.heads:
+            return self.tiles, self.batch, self.heads
+        return self.batch * self.heads // self.group, self.tiles, self.group
+
+    @property
+    def grid_names(self) -> tuple[str, str, str]:
+        if self.group is None:
+            return "batch", self.head_name, self.tile_name
+        if self.group == self.batch * self.heads:
+            return self.tile_name, "batch", self.head_name
+        return "head_group", self.tile_name, "in_group"
+
+    def coords(self):
+        """``(batch, head, tile)`` of this CTA (inside the kernel)."""
+        if self.group is None or self.group == self.batch * self.heads:
+            return lax.axis_index("batch"), lax.axis_index(self.head_name), lax.axis_index(self.tile_name)
+        pair = lax.axis_index("head_group") * self.group + lax.axis_index("in_group")
+        heads = jnp.int32(self.heads)
+        return lax.div(pair, heads), lax.rem(pair, heads), lax.axis_index(self.tile_name)
+
+
+def backward_grid(batch: int, heads: int, tiles: int, *, causal: bool, head_name: str, tile_name: str) -> CtaOrder:
+    """The ``CtaOrder`` of a backward kernel: under causal by length within groups of ``occupancy.BACKWARD_HEAD_GROUP``
+    (batch row, head) pairs (the largest divisor of the pairs up to it); where that is 1 (no group, or no divisor),
+    by length over every pair when the grid is small (``occupancy.backward_by_length``); else heads outermost."""
+    pairs = batch * heads
+    target = occupancy.BACKWARD_HEAD_GROUP
+    group = occupancy.group_size(pairs, target) if causal and target is not None else 1
+    if group == 1:
+        group = pairs if occupancy.backward_by_length(pairs * tiles, tiles, causal=causal) else None
+    return CtaOrder(batch, heads, tiles, group, head_name, tile_name)
 
 
 def launch_params(interpret, name: str, compute_wgs: int = COMPUTE_WGS) -> dict:

@@ -73,6 +73,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_flash.backends.mosaic_gpu import occupancy
 from pallas_flash.backends.mosaic_gpu.common import (
     REGISTERS_BY_COMPUTE_WGS,
     ROW,
@@ -123,6 +124,7 @@ def _forward_kernel(
     num_q_tiles: int,
     num_tiles: int,
     num_programs: int,
+    head_group: int | None,
     block_q: int,
     block_kv: int,
     num_stages: int,
@@ -169,6 +171,11 @@ def _forward_kernel(
         if causal and persistent:
             bh = lax.rem(t, jnp.int32(batch_heads))
             q_tile = lax.div(t, jnp.int32(batch_heads))
+        elif head_group is not None:  # by length within groups of head_group pairs
+            group_tiles = jnp.int32(head_group * num_q_tiles)
+            in_group = lax.rem(t, group_tiles)
+            bh = lax.div(t, group_tiles) * head_group + lax.rem(in_group, jnp.int32(head_group))
+            q_tile = lax.div(in_group, jnp.int32(head_group))
         else:
             bh = lax.div(t, jnp.int32(num_q_tiles))
             q_tile = lax.rem(t, jnp.int32(num_q_tiles))
@@ -389,6 +396,10 @@ def mosaic_forward(
     else:
         num_programs = num_tiles
 
+    head_group = None  # by length within groups of pairs (``occupancy.FORWARD_HEAD_GROUP``): causal, one CTA per tile
+    if spec.causal and not config.persistent and occupancy.FORWARD_HEAD_GROUP is not None:
+        head_group = occupancy.group_size(batch * num_heads, occupancy.FORWARD_HEAD_GROUP)
+        head_group = None if head_group == 1 else head_group
     kernel = functools.partial(
         _forward_kernel,
         seq_k=seq_k,
@@ -397,6 +408,7 @@ def mosaic_forward(
         num_q_tiles=num_q_tiles,
         num_tiles=num_tiles,
         num_programs=num_programs,
+        head_group=head_group,
         block_q=block_q,
         block_kv=block_kv,
         num_stages=config.num_stages,

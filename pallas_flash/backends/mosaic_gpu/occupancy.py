@@ -19,7 +19,8 @@ import functools
 import jax
 
 __all__ = ["sm_count", "forward_ctas_per_sm", "SMALL_GRID_CTAS_PER_SM", "SMALL_GRID_FORWARD",
-           "backward_by_length", "SMALL_GRID_BACKWARD_CTAS_PER_SM", "BY_LENGTH_MAX_TILES"]
+           "backward_by_length", "SMALL_GRID_BACKWARD_CTAS_PER_SM", "BY_LENGTH_MAX_TILES", "BACKWARD_HEAD_GROUP",
+           "FORWARD_HEAD_GROUP", "group_size"]
 
 # SMs of an H100 SXM / H200, for when no GPU is visible (interpret mode, a CPU tracing for a GPU).
 DEFAULT_SM_COUNT = 132
@@ -68,3 +69,25 @@ def backward_by_length(ctas: int, tiles: int, *, causal: bool, sms: int | None =
     (``SMALL_GRID_BACKWARD_CTAS_PER_SM``, ``BY_LENGTH_MAX_TILES``)."""
     return (causal and tiles <= BY_LENGTH_MAX_TILES
             and ctas < SMALL_GRID_BACKWARD_CTAS_PER_SM * (sm_count() if sms is None else sms))
+
+
+# Under causal the backward's two kernels hand out their CTAs by length within groups of this many (batch row, head)
+# pairs, group after group: the longest tiles of a group's heads first, then the next length (``common.CtaOrder``).
+# Heads outermost leaves a tail (the last head's longest tile starts when its head comes up); tiles outermost streams
+# every head's rows at once, past L2 (entry 73's losses above); FlashAttention-3's scheduler goes by length within
+# a few heads too. H200, bf16, backward alone, 5 interleaved rounds (``benchmarks/experiments/ab_cta_groups.py``,
+# NOTES 76), TFLOP/s, the rules above / groups of 4 / 8 / 16 / cuDNN: D=64 4k B=4 H=32 327 / 328 / 328 / 323 / 330;
+# 16k B=1 H=32 364 / 369 / 368 / 363 / 394; D=128 4k B=4 H=16 380 / 393 / 393 / 385 / 399; 16k B=1 H=16 468 / 473 /
+# 462 / 454 / 482; D=64 4k B=4 H=12 (GPT-2) 316 / 328 / 311 / 315 / 306; GQA 32:8 D=128 8k B=2 420 / 431 / 423 /
+# 421 / 448. None: the small-grid rule alone (``backward_by_length``), which also decides when the pairs have no
+# divisor from 2 to the group (a prime count of pairs).
+BACKWARD_HEAD_GROUP: int | None = 4
+# The one-CTA-per-tile causal forward (not persistent) in such groups too; None: heads outermost. Groups lost there
+# (same run, forward alone, heads outermost / groups of 4 / 8): D=128 16k 572 / 553 / 555, D=64 16k 435 / 432 / 427,
+# level elsewhere (D=64 4k 357 / 361 / 365, D=128 4k 488 / 486 / 487): so None. The knob stays for A/Bs.
+FORWARD_HEAD_GROUP: int | None = None
+
+
+def group_size(batch_heads: int, target: int) -> int:
+    """The largest divisor of ``batch_heads`` at most ``target`` (groups of equal size: a grid is a box)."""
+    return max(d for d in range(1, min(target, batch_heads) + 1) if batch_heads % d == 0)
