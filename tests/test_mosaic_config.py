@@ -24,7 +24,9 @@ from pallas_flash.backends.mosaic_gpu.config import (
     spare_ds_fits,
 )
 from pallas_flash.backends.triton.config import BackwardConfig
+from pallas_flash.reference import attention_reference
 from pallas_flash.testing.shapes import Shape
+from tests.conftest import TOLERANCE, rel_err
 from tests.test_mosaic_gpu import DTYPES, FUSED, FUSED_ROWS128, _qkv
 
 # A Triton backward config: the wrong type for the Mosaic backend's backward.
@@ -169,6 +171,22 @@ def test_refuses_offsets_dtypes_and_head_dims():
         qd, kd, vd = _qkv(Shape("r", 1, 40, 40, 2, 1, head_dim))
         with pytest.raises(NotImplementedError, match=rf"head_dim in \(64, 128, 256\), got query \(1, 40, 2, {head_dim}\)"):
             pf.dot_product_attention(qd, kd, vd, implementation="mosaic")
+
+
+@pytest.mark.parametrize("scale", [-0.125, 0.0])
+def test_refuses_a_scale_that_is_not_positive_and_the_default_falls_back(scale, seed):
+    """The Mosaic kernels mask logits to -inf before the scale, so a scale <= 0 turned every masked block (causal, a
+    ragged tail) into NaN. They refuse it; the default takes the Triton kernels, right against float64."""
+    shape = Shape("s", 1, 65, 65, 2, 1, 64)
+    q, k, v = _qkv(shape, jnp.bfloat16, seed)
+    with pytest.raises(NotImplementedError, match=f"positive scale, got scale={scale}"):
+        pf.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation="mosaic")
+    out = pf.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation=("mosaic", "triton"))
+    with jax.enable_x64(True):
+        f64 = [jnp.asarray(np.asarray(x.astype(jnp.float32), np.float64)) for x in (q, k, v)]
+        want = np.asarray(attention_reference(*f64, scale=scale, is_causal=True))
+    assert np.isfinite(np.asarray(out, np.float32)).all()
+    assert rel_err(np.asarray(out, np.float64), want) <= TOLERANCE[jnp.dtype(jnp.bfloat16)]
 
 
 def test_falls_back_to_triton_for_what_it_refuses(seed):

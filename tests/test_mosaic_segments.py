@@ -66,11 +66,30 @@ CASES = {
 @pytest.mark.parametrize("name", CASES)
 def test_interpret_segments_forward(name, overlap, compute_wgs, persistent, seed):
     shape, causal, kind = CASES[name]
-    q, k, v, _ = random_qkv(shape, jnp.bfloat16, seed)
-    q_seg, kv_seg = (jnp.asarray(x) for x in _ids(kind, shape.batch, shape.seq_q, shape.seq_k, seed))
-    spec = AttentionSpec(scale=1.0 / np.sqrt(shape.head_dim), causal=causal, has_segments=True)
+    q_seg, kv_seg = _ids(kind, shape.batch, shape.seq_q, shape.seq_k, seed)
     fwd = MosaicForwardConfig(block_kv=64, num_stages=2, overlap=overlap, persistent=persistent,
                               compute_wgs=compute_wgs)
+    _check_forward(shape, causal, q_seg, kv_seg, fwd, seed)
+
+
+@pytest.mark.skipif(ON_GPU, reason="interpret mode")
+@pytest.mark.parametrize("persistent", [False, True], ids=["cta_per_tile", "persistent"])
+def test_interpret_segments_three_warpgroups_see_the_middle_tiles_blocks(persistent, seed):
+    """A three-warpgroup CTA streams the key blocks of all three of its query tiles: here only the middle tile's
+    id (5) is in the second key block, which the first and last tiles (id 0) never see. Reading the outer two
+    tiles' ranges alone gave the middle rows O = 0 and lse = -inf."""
+    shape = Shape("s", 1, 192, 128, 3, 1, 64)
+    q_seg = np.repeat([0, 5, 0], 64)[None].astype(np.int32)
+    kv_seg = np.repeat([0, 5], 64)[None].astype(np.int32)
+    fwd = MosaicForwardConfig(block_kv=64, num_stages=2, overlap=True, persistent=persistent, compute_wgs=3)
+    _check_forward(shape, False, q_seg, kv_seg, fwd, seed)
+
+
+def _check_forward(shape, causal, q_seg, kv_seg, fwd, seed):
+    """The forward in interpret mode against float64: values and lse, -inf where a row sees no key."""
+    q, k, v, _ = random_qkv(shape, jnp.bfloat16, seed)
+    q_seg, kv_seg = jnp.asarray(q_seg), jnp.asarray(kv_seg)
+    spec = AttentionSpec(scale=1.0 / np.sqrt(shape.head_dim), causal=causal, has_segments=True)
     out, lse2 = mosaic_forward(q, k, v, AttentionInputs(q_segment_ids=q_seg, kv_segment_ids=kv_seg), spec=spec,
                                config=fwd, interpret=True)
     with jax.enable_x64(True):

@@ -78,6 +78,8 @@ class MosaicBackend(KernelBackend):
         features = [phrase for key, phrase in spec.features().items() if key not in KERNEL_FEATURES]
         if features:
             raise NotImplementedError(f"the Mosaic GPU kernels do not implement {', '.join(features)}")
+        if not spec.scale > 0:  # masked logits are -inf before the scale: a scale <= 0 would make them +inf or NaN
+            raise NotImplementedError(f"the Mosaic GPU kernels need a positive scale, got scale={spec.scale}")
         if jnp.dtype(q.dtype) not in SUPPORTED_DTYPES:
             raise NotImplementedError(f"the Mosaic GPU kernels support bfloat16 and float16, got {q.dtype}")
         if q.shape[-1] not in HEAD_DIMS:

@@ -194,9 +194,12 @@ def _forward_kernel(
     may_see_nothing = (has_q_lengths or has_kv_lengths or has_segments or left is not None
                        or (right is not None and right < 0))
 
-    def kv_block_range(q_start, q_end, q_len, kv_len, batch=None):
-        """``(first, end)``: the key blocks that rows ``q_start .. q_end - 1`` see (at least one where
-        ``may_see_nothing``). Python ints where static: a jnp constant inside the tile loop does not lower."""
+    def kv_block_range(q_start, rows, q_len, kv_len, batch=None):
+        """``(first, end)``: the key blocks that rows ``q_start .. q_start + rows - 1`` see (at least one where
+        ``may_see_nothing``); ``rows`` is static (a CTA's or a warpgroup's, from a tile boundary). Python ints where
+        static: a jnp constant inside the tile loop does not lower."""
+        q_end = q_start + rows
+        tiles_between = max(rows // block_q - 2, 0)  # query tiles strictly between the first and the last
         end = num_kv_blocks
         if right == 0:  # causal: the last row's last key is q_end - 1
             end = jnp.minimum(pl.cdiv(q_end, jnp.int32(block_kv)), end)
@@ -209,10 +212,17 @@ def _forward_kernel(
         first = 0
         if left is not None:  # the first row's first key is q_start - left
             first = jnp.minimum(lax.div(jnp.maximum(q_start - left, 0), jnp.int32(block_kv)), num_kv_blocks - 1)
-        if has_segments:  # the blocks holding an id of these rows (those of 1 or 2 query tiles)
+        if has_segments:  # the blocks holding an id of these rows: the union over their query tiles
             t0, t1 = lax.div(q_start, jnp.int32(block_q)), lax.div(q_end - 1, jnp.int32(block_q))
-            first = jnp.maximum(jnp.minimum(seg_range_ref[batch, t0, 0], seg_range_ref[batch, t1, 0]), first)
-            end = jnp.minimum(jnp.maximum(seg_range_ref[batch, t0, 1], seg_range_ref[batch, t1, 1]), end)
+            middle = [t0 + i for i in range(1, tiles_between + 1)]  # a three-warpgroup CTA's (unsorted ids need it)
+            seg_first = jnp.minimum(seg_range_ref[batch, t0, 0], seg_range_ref[batch, t1, 0])
+            for t in middle:
+                seg_first = jnp.minimum(seg_first, seg_range_ref[batch, t, 0])
+            first = jnp.maximum(seg_first, first)
+            seg_end = jnp.maximum(seg_range_ref[batch, t0, 1], seg_range_ref[batch, t1, 1])
+            for t in middle:
+                seg_end = jnp.maximum(seg_end, seg_range_ref[batch, t, 1])
+            end = jnp.minimum(seg_end, end)
             first = jnp.minimum(first, num_kv_blocks - 1)
         if may_see_nothing:
             end = jnp.maximum(end, first + 1)
@@ -221,8 +231,8 @@ def _forward_kernel(
     def tile_ranges(cta_q0, q_base, q_len, kv_len, batch):
         """``(cta_first, cta_end, first, lo, unmasked, end)``: the CTA's key blocks, then this warpgroup's (inside
         the CTA's), of which ``lo .. unmasked - 1`` need no mask."""
-        cta_first, cta_end = kv_block_range(cta_q0, cta_q0 + rows_per_cta, q_len, kv_len, batch)
-        first, end = kv_block_range(q_base, q_base + block_q, q_len, kv_len, batch)
+        cta_first, cta_end = kv_block_range(cta_q0, rows_per_cta, q_len, kv_len, batch)
+        first, end = kv_block_range(q_base, block_q, q_len, kv_len, batch)
         if may_see_nothing:  # its one masked block inside the CTA's
             first = jnp.minimum(first, cta_end - 1)
             end = jnp.clip(end, first + 1, cta_end)
@@ -326,7 +336,7 @@ def _forward_kernel(
         def tile_step(i, step):
             batch, head, cta_q0 = tile_coords(i)
             q_len, kv_len = lengths(batch)
-            cta_first, cta_end = kv_block_range(cta_q0, cta_q0 + rows_per_cta, q_len, kv_len, batch)
+            cta_first, cta_end = kv_block_range(cta_q0, rows_per_cta, q_len, kv_len, batch)
             return stream_kv_blocks(
                 k_ref, v_ref, k_smem=k_smem, v_smem=v_smem, k_ready=k_ready, v_ready=v_ready,
                 k_consumed=k_consumed, v_consumed=v_consumed, batch=batch, kv_head=lax.div(head, jnp.int32(group)),
