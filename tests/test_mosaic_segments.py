@@ -85,7 +85,8 @@ def test_segments_three_warpgroups_see_the_middle_tiles_blocks(persistent, seed)
 
 
 def _check_forward(shape, causal, q_seg, kv_seg, fwd, seed):
-    """The forward in interpret mode against float64: values and lse, -inf where a row sees no key."""
+    """The forward (interpret mode on the CPU, compiled on a GPU) against float64: values and lse, -inf where a row
+    sees no key."""
     q, k, v, _ = random_qkv(shape, jnp.bfloat16, seed)
     q_seg, kv_seg = jnp.asarray(q_seg), jnp.asarray(kv_seg)
     spec = AttentionSpec(scale=1.0 / np.sqrt(shape.head_dim), causal=causal, has_segments=True)

@@ -61,20 +61,22 @@ class CtaOrder:
     tile_name: str
 
     @property
-    def grid(self) -> tuple[int, int, int]:
+    def axes(self) -> tuple[tuple[int, str], tuple[int, str], tuple[int, str]]:
+        """``(size, name)`` of each grid axis, outermost first."""
+        pairs = self.batch * self.heads
         if self.group is None:
-            return self.batch, self.heads, self.tiles
-        if self.group == self.batch * self.heads:
-            return self.tiles, self.batch, self.heads
-        return self.batch * self.heads // self.group, self.tiles, self.group
+            return (self.batch, "batch"), (self.heads, self.head_name), (self.tiles, self.tile_name)
+        if self.group == pairs:
+            return (self.tiles, self.tile_name), (self.batch, "batch"), (self.heads, self.head_name)
+        return (pairs // self.group, "head_group"), (self.tiles, self.tile_name), (self.group, "in_group")
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        return tuple(size for size, _ in self.axes)
 
     @property
     def grid_names(self) -> tuple[str, str, str]:
-        if self.group is None:
-            return "batch", self.head_name, self.tile_name
-        if self.group == self.batch * self.heads:
-            return self.tile_name, "batch", self.head_name
-        return "head_group", self.tile_name, "in_group"
+        return tuple(name for _, name in self.axes)
 
     def coords(self):
         """``(batch, head, tile)`` of this CTA (inside the kernel)."""

@@ -199,7 +199,6 @@ def _forward_kernel(
         ``may_see_nothing``); ``rows`` is static (a CTA's or a warpgroup's, from a tile boundary). Python ints where
         static: a jnp constant inside the tile loop does not lower."""
         q_end = q_start + rows
-        tiles_between = max(rows // block_q - 2, 0)  # query tiles strictly between the first and the last
         end = num_kv_blocks
         if right == 0:  # causal: the last row's last key is q_end - 1
             end = jnp.minimum(pl.cdiv(q_end, jnp.int32(block_kv)), end)
@@ -214,15 +213,9 @@ def _forward_kernel(
             first = jnp.minimum(lax.div(jnp.maximum(q_start - left, 0), jnp.int32(block_kv)), num_kv_blocks - 1)
         if has_segments:  # the blocks holding an id of these rows: the union over their query tiles
             t0, t1 = lax.div(q_start, jnp.int32(block_q)), lax.div(q_end - 1, jnp.int32(block_q))
-            middle = [t0 + i for i in range(1, tiles_between + 1)]  # a three-warpgroup CTA's (unsorted ids need it)
-            seg_first = jnp.minimum(seg_range_ref[batch, t0, 0], seg_range_ref[batch, t1, 0])
-            for t in middle:
-                seg_first = jnp.minimum(seg_first, seg_range_ref[batch, t, 0])
-            first = jnp.maximum(seg_first, first)
-            seg_end = jnp.maximum(seg_range_ref[batch, t0, 1], seg_range_ref[batch, t1, 1])
-            for t in middle:
-                seg_end = jnp.maximum(seg_end, seg_range_ref[batch, t, 1])
-            end = jnp.minimum(seg_end, end)
+            tiles = [t0, t1] + [t0 + i for i in range(1, rows // block_q - 1)]  # a three-warpgroup CTA's middle too
+            first = jnp.maximum(functools.reduce(jnp.minimum, (seg_range_ref[batch, t, 0] for t in tiles)), first)
+            end = jnp.minimum(functools.reduce(jnp.maximum, (seg_range_ref[batch, t, 1] for t in tiles)), end)
             first = jnp.minimum(first, num_kv_blocks - 1)
         if may_see_nothing:
             end = jnp.maximum(end, first + 1)
