@@ -1,9 +1,10 @@
 """Backward alone under several Mosaic backward configs, interleaved rounds, cuDNN in the same rounds; gradients
 compared with cuDNN's. Configs differ in their fields, so each gets its own kernel trace (no cache clearing needed).
 
-PROBS="D:N:causal,..." VARIANTS="name=block_q:num_stages:deterministic,..." \
+PROBS="D:N:causal,..." VARIANTS="name=block_q:num_stages:deterministic[:field=value...],..." \
     PYTHONPATH=. python3 benchmarks/experiments/ab_bwd_configs.py ROUNDS
-A variant ``default`` (no fields) takes ``config.default_backward`` for the call.
+A variant ``default`` (no fields) takes ``config.default_backward`` for the call; further ``field=value`` items set
+other ``MosaicBackwardConfig`` fields (strings as written, digits as ints), e.g. ``a3=64:3:0:dq_add=atomic_v2``.
 """
 import dataclasses, os, sys
 import jax, jax.numpy as jnp, numpy as np
@@ -25,8 +26,9 @@ for D, N, causal in probs:
     for name, fields in variants.items():
         bwd = mc.default_backward(D, q.dtype, N, N, causal=causal)
         if fields:
-            bq, st, det = (int(x) for x in fields.split(":"))
-            bwd = dataclasses.replace(bwd, block_q=bq, num_stages=st, deterministic=bool(det))
+            bq, st, det, *extra = fields.split(":")
+            extra = {key: int(value) if value.isdigit() else value for key, value in (x.split("=") for x in extra)}
+            bwd = dataclasses.replace(bwd, block_q=int(bq), num_stages=int(st), deterministic=bool(int(det)), **extra)
         cfg = dataclasses.replace(base, bwd=bwd)
         fns[name] = lambda q, k, v, cfg=cfg, causal=causal: pf.dot_product_attention(
             q, k, v, is_causal=causal, implementation="mosaic", config=cfg)
