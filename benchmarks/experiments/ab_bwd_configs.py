@@ -1,8 +1,9 @@
 """Backward alone under several Mosaic backward configs, interleaved rounds, cuDNN in the same rounds; gradients
 compared with cuDNN's. Configs differ in their fields, so each gets its own kernel trace (no cache clearing needed).
 
-PROBS="D:N:causal,..." VARIANTS="name=block_q:num_stages:deterministic[:field=value...],..." \
+PROBS="D:N:causal[:kv_heads],..." VARIANTS="name=block_q:num_stages:deterministic[:field=value...],..." \
     PYTHONPATH=. python3 benchmarks/experiments/ab_bwd_configs.py ROUNDS
+B*N = 16k tokens, 2048 / D query heads, as many K/V heads unless ``kv_heads`` says (GQA: ``128:8192:1:8`` is 32:8).
 A variant ``default`` (no fields) takes ``config.default_backward`` for the call; further ``field=value`` items set
 other ``MosaicBackwardConfig`` fields (strings as written, digits as ints), e.g. ``a3=64:3:0:dq_add=atomic_v2``.
 """
@@ -17,14 +18,16 @@ from benchmarks.experiments.pullbacks import pullback, tflops_rounds
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 3
 probs = [tuple(int(x) for x in p.split(":")) for p in os.environ.get("PROBS", "64:4096:0").split(",")]
 variants = dict(v.split("=") for v in os.environ.get("VARIANTS", "default=,rows128=128:2:0").split(","))
-for D, N, causal in probs:
+for D, N, causal, *kv in probs:
     causal = bool(causal)
     B, H = 16384 // N, 2048 // D
-    q, k, v, do = (jax.random.normal(kk, (B, N, H, D), jnp.bfloat16) for kk in jax.random.split(jax.random.key(1), 4))
-    base = mc.default_config(head_dim=D, dtype=q.dtype, causal=causal, seq_q=N, seq_k=N)
+    KVH = kv[0] if kv else H
+    q, do, k, v = (jax.random.normal(kk, (B, N, H if i < 2 else KVH, D), jnp.bfloat16)
+                   for i, kk in enumerate(jax.random.split(jax.random.key(1), 4)))
+    base = mc.default_config(head_dim=D, dtype=q.dtype, causal=causal, seq_q=N, seq_k=N, kv_groups=H // KVH)
     fns = {}
     for name, fields in variants.items():
-        bwd = mc.default_backward(D, q.dtype, N, N, causal=causal)
+        bwd = mc.default_backward(D, q.dtype, N, N, causal=causal, kv_groups=H // KVH)
         if fields:
             bq, st, det, *extra = fields.split(":")
             extra = {key: int(value) if value.isdigit() else value for key, value in (x.split("=") for x in extra)}
@@ -42,4 +45,4 @@ for D, N, causal in probs:
     cells = [f"{n} {np.median(x):.1f} ({np.median(x) / np.median(res['cudnn']):.3f}) {[round(y) for y in x]}"
              + ("" if n == "cudnn" else f" err {max(rel_err(a, b) for a, b in zip(grads[n], grads['cudnn'])):.1e}")
              for n, x in res.items()]
-    print(f"D{D} N{N} c{int(causal)}: " + " | ".join(cells), flush=True)
+    print(f"D{D} N{N} c{int(causal)}" + (f" GQA {H}:{KVH}" if KVH != H else "") + ": " + " | ".join(cells), flush=True)
