@@ -188,3 +188,59 @@ def test_zero_straddling_rows_zeroes_the_block_across_each_length_only(block, se
         start = (length // block) * block
         want[b, length:start + block] = 0.0
     np.testing.assert_array_equal(got, want)
+
+
+# Rows whose keys all lie past the batch row's key length (their window starts past it, or their segment's keys are
+# all past it) see no key: the forward still runs one fully masked key block for them, which has to lie inside the key
+# length, where the rows are real or the zeroed copy of the block across it (a block wholly past it held padding, and
+# 0 * NaN in its P V made those rows NaN, and through delta the dK of valid keys and, fused, their dQ: NOTES 79).
+# Batch row 0: 192 queries and keys, keys past 64 (or past 1) are padding; 64-key blocks and 64-row tiles.
+SEE_NOTHING_T = 192
+SEE_NOTHING_CASES = {
+    "window": (64, dict(local_window_size=(0, 0))),
+    "causal_window": (1, dict(is_causal=True, local_window_size=(5, 0))),
+    "segments": (64, dict(q_segment_ids=np.repeat([0, 1, 2], 64)[None], kv_segment_ids=np.repeat([0, 1, 2], 64)[None])),
+}
+SEE_NOTHING_CONFIGS = {
+    "turns_deterministic": MosaicConfig(fwd=MosaicForwardConfig(64, 64, 2), bwd=INTERPRET_CONFIG.bwd),
+    "overlap_fused": MosaicConfig(fwd=MosaicForwardConfig(64, 64, 2, overlap=True),
+                                  bwd=MosaicBackwardConfig(num_stages=2, deterministic=False)),
+}
+
+
+@pytest.mark.parametrize("config", SEE_NOTHING_CONFIGS)
+@pytest.mark.parametrize("case", SEE_NOTHING_CASES)
+def test_rows_that_see_no_key_past_the_key_length_stay_clean(case, config, seed):
+    """NaN padding past the key length: the output is 0 on the rows that see no key and matches the float64
+    reference on clean inputs everywhere, values and gradients under a random cotangent."""
+    kv_len, kwargs = SEE_NOTHING_CASES[case]
+    kwargs = {name: jnp.asarray(x, jnp.int32) if "segment" in name else x for name, x in kwargs.items()}
+    shape = Shape("see_nothing", 1, SEE_NOTHING_T, SEE_NOTHING_T, 2, 1, 64)
+    q, k, v, ct = random_qkv(shape, jnp.bfloat16, seed)
+    lengths = dict(key_value_seq_lengths=jnp.asarray([kv_len], jnp.int32))
+
+    def mosaic(q, k, v):
+        return pf.dot_product_attention(q, k, v, implementation="mosaic", config=SEE_NOTHING_CONFIGS[config],
+                                        **lengths, **kwargs)
+
+    def reference(q, k, v):
+        return pf.dot_product_attention(q, k, v, implementation="xla", **lengths, **kwargs)
+
+    padded = {name: x.at[:, kv_len:].set(jnp.nan) for name, x in (("k", k), ("v", v))}
+    out, vjp = jax.vjp(mosaic, q, padded["k"], padded["v"])
+    grads = [g[:, :kv_len] if label != "dq" else g for label, g in zip(("dq", "dk", "dv"), vjp(ct))]
+    with jax.enable_x64(True):
+        f64 = [jnp.asarray(x, jnp.float64) for x in (q, k, v, ct)]
+        want_out, want_vjp = jax.vjp(reference, *f64[:3])
+        want_grads = [g[:, :kv_len] if label != "dq" else g
+                      for label, g in zip(("dq", "dk", "dv"), want_vjp(f64[3]))]
+        want_out, want_grads = np.asarray(want_out), [np.asarray(g) for g in want_grads]
+    got_out = np.asarray(out.astype(jnp.float32))
+    assert np.isfinite(got_out).all(), f"NaN padding reached rows {np.where(~np.isfinite(got_out).all(axis=(0, 2, 3)))[0]}"
+    assert np.abs(want_out[0, 128:]).max() == 0.0  # the reference's rows that see no key
+    tol = TOLERANCE[jnp.dtype(jnp.bfloat16)]
+    for label, got, want in zip(("out", "dq", "dk", "dv"), (got_out, *grads), (want_out, *want_grads)):
+        got = np.asarray(jnp.asarray(got).astype(jnp.float32))
+        assert np.isfinite(got).all(), f"{label}: NaN padding reached it"
+        err = rel_err(got, want)
+        assert err <= tol, f"{label}: relative error {err:.3e} > {tol:.0e} ({case}, {config})"

@@ -218,6 +218,9 @@ def _forward_kernel(
             end = jnp.minimum(functools.reduce(jnp.maximum, (seg_range_ref[batch, t, 1] for t in tiles)), end)
             first = jnp.minimum(first, num_kv_blocks - 1)
         if may_see_nothing:
+            if kv_len is not None:  # rows whose keys all lie past the key length: their block inside it (a block
+                # wholly past it is loaded raw, and its padding would reach O as 0 * NaN; this one is clean or zeroed)
+                first = jnp.minimum(first, jnp.maximum(pl.cdiv(kv_len, jnp.int32(block_kv)) - 1, 0))
             end = jnp.maximum(end, first + 1)
         return first, end
 
