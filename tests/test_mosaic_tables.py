@@ -176,7 +176,7 @@ def test_the_user_cache_is_saved_after_each_problem(no_user_cache, monkeypatch):
     (["--head-dims", "96"], "this backend's kernels take head dims (64, 128, 256)"),
     (["--dtypes", "bf16"], "'bf16' is not a dtype"),
     (["--dtypes", "float32"], "the mosaic kernels take bfloat16, float16"),
-    (["--seq-lens", "3000,4096"], "share a sequence bucket"),
+    (["--seq-lens", "3000,4096"], "give problems that share a key (d128|bfloat16|causal=False|n4096"),
     (["--tokens", "0"], "--tokens and --hidden take positive integers"),
 ])
 def test_bad_arguments_stop_before_any_tuning(no_user_cache, monkeypatch, capsys, argv, message):
@@ -194,6 +194,45 @@ def test_a_broken_user_cache_stops_before_any_tuning(no_user_cache, monkeypatch,
         tuning_cli.main(["--backend", "mosaic", "--head-dims", "64", "--seq-lens", "1024"])
     assert "is not readable JSON" in capsys.readouterr().err and tuned == []
     assert path.read_text() == '{"NVIDIA H200": {'  # left for the user to fix
+
+
+def test_two_runs_writing_one_cache_keep_each_others_entries(no_user_cache, monkeypatch):
+    """Two tuning runs on one machine (two GPUs, two shells) write one user cache: each entry is merged into the
+    file as it is then, under a lock, so the run finishing last keeps what the other wrote meanwhile (each used to
+    rewrite the whole file from its copy read at start)."""
+    tuned = _fake_tuner(monkeypatch)
+    inner = mosaic_tune.tune_problem
+
+    def tune_while_another_run_finishes(p, log=print, **kw):
+        if p.head_dim == 64 and not tuned:  # run A is tuning d64 while run B tunes d128 from start to end
+            tuning_cli.main(["--backend", "mosaic", "--head-dims", "128", "--seq-lens", "1024", "--causal", "no"])
+        return inner(p, log, **kw)
+
+    monkeypatch.setattr(mosaic_tune, "tune_problem", tune_while_another_run_finishes)
+    tuning_cli.main(["--backend", "mosaic", "--head-dims", "64", "--seq-lens", "1024", "--causal", "no"])
+    cache = json.loads(mosaic_config.user_cache_path().read_text())
+    assert sorted(cache[GPU]) == sorted(mosaic_config.config_key(d, "bfloat16", False, 1024) for d in (64, 128))
+    assert [p.name for p in no_user_cache.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_records_in_a_new_folder_and_the_entry_saved_first(tmp_path, monkeypatch):
+    """``--records`` in a folder that does not exist yet: made before any tuning (the first problem's append used to
+    raise after its tuning, before its entry was saved)."""
+    _fake_tuner(monkeypatch)
+    out, records = tmp_path / "table.json", tmp_path / "new" / "records.jsonl"
+    assert tuning_cli.main(["--backend", "mosaic", "--head-dims", "64", "--seq-lens", "1024", "--causal", "no",
+                            "--out", str(out), "--records", str(records)]) == 0
+    assert len(json.loads(out.read_text())) == 1 and len(records.read_text().splitlines()) == 1
+
+
+def test_head_dims_that_pad_alike_and_out_with_print_json_are_refused(no_user_cache, monkeypatch, capsys):
+    monkeypatch.setattr(tuning_cli.jax, "default_backend", lambda: "gpu")
+    with pytest.raises(SystemExit):
+        tuning_cli.main(["--backend", "triton", "--head-dims", "96,128", "--seq-lens", "1024"])
+    assert "--head-dims 96,128 and --seq-lens 1024 give problems that share a key" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        tuning_cli.main(["--backend", "mosaic", "--out", "t.json", "--print-json"])
+    assert "--out and --print-json: give one" in capsys.readouterr().err
 
 
 def test_search_options_are_for_the_mosaic_backend(monkeypatch):

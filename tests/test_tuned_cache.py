@@ -125,22 +125,58 @@ def test_lookup_takes_the_nearest_bucket_and_skips_malformed_keys():
     assert triton_config.lookup(table, 128, jnp.bfloat16, False, 4096) is None  # not causal: none
 
 
-def test_an_invalid_triton_cache_entry_raises_naming_the_file(cache_dir):
+def test_an_invalid_triton_cache_entry_raises_naming_the_file(cache_dir, monkeypatch):
     """The Triton backend's cache, like the Mosaic one's: an entry that parses but makes no config (here without
     "bwd") is an error naming the file, not a bare KeyError on every call of that shape."""
     from pallas_flash.backends.triton import config as triton_config
 
-    key = triton_config.config_key(64, "bfloat16", True, 1024)
+    key = triton_config.config_key(64, "bfloat16", True, 16384)
     triton_config.user_cache_path().write_text(json.dumps({GPU: {key: {"fwd": {"block_q": 64}}}}))
     triton_config.read_user_table.cache_clear()
-    with pytest.raises(ValueError, match=r"the tuned cache .*tuned\.json holds an invalid Triton config .*d64\|bfloat16"):
+    # reached from 1024 through the nearest bucket: the message names the key the file holds
+    with pytest.raises(ValueError, match=r"the tuned cache .*tuned\.json holds an invalid Triton config .* at "
+                                         r"d64\|bfloat16\|causal=True\|n16384 \(looked up for d64\|bfloat16\|causal=True\|n1024"):
         triton_config.default_config(head_dim=64, dtype=jnp.bfloat16, causal=True, seq_q=1024, seq_k=1024, gpu=GPU)
+    # and the tuner the message sends the user to starts from the heuristics, not from that entry
+    from pallas_flash.backends.triton import tune as triton_tune
+
+    seen = []
+
+    def first(candidates, timer, log):
+        candidates = list(candidates)
+        seen.append(candidates[0])
+        return candidates[0], 1e-3
+
+    monkeypatch.setattr(triton_tune, "fastest", first)
+    triton_tune.tune_problem(triton_tune.Problem(64, "bfloat16", True, 1024, 1, 1), log=lambda s: None)
+    assert seen[0].bwd == triton_config.heuristic_config(64, jnp.bfloat16).bwd
 
 
-def test_unreadable_cache_is_ignored(cache_dir):
-    mosaic_config.user_cache_path().write_text("{not json")
-    got = mosaic_config.default_config(head_dim=128, dtype=jnp.bfloat16, causal=False, seq_q=4096, seq_k=4096, gpu=GPU)
-    assert got.fwd == _heuristic(128, False).fwd
+@pytest.mark.parametrize("text, match", [
+    ("{not json", "is not readable JSON"),
+    (json.dumps({GPU: [1, 2]}), "is not a JSON object of"),
+    (json.dumps([GPU]), "is not a JSON object of"),
+])
+def test_an_unreadable_cache_raises_naming_the_file(cache_dir, text, match):
+    """A truncated or hand-broken cache is an error naming the file, as an invalid entry is, not a silent fall back
+    to the heuristics (every tuned config in it would be dropped without a word)."""
+    mosaic_config.user_cache_path().write_text(text)
+    with pytest.raises(ValueError, match=f"the tuned cache .*mosaic_configs.json {match}.*fix or delete that file"):
+        mosaic_config.default_config(head_dim=128, dtype=jnp.bfloat16, causal=False, seq_q=4096, seq_k=4096, gpu=GPU)
+
+
+def test_a_tuned_entry_applies_at_its_bucket_with_both_lengths_in_it(cache_dir):
+    """As the shipped table's: a 16k entry (here a fused-dQ backward and three warpgroups) is not carried to 512 keys
+    or to Tq = 16k, Tk = 128, where the heuristics' thresholds say otherwise (the fused dQ would change the mode)."""
+    tuned = MosaicConfig(fwd=MosaicForwardConfig(block_kv=128, num_stages=2, overlap=True, compute_wgs=3),
+                         bwd=mosaic_config.MosaicBackwardConfig(block_q=128, num_stages=2, deterministic=False))
+    _write_cache({mosaic_config.config_key(64, "bfloat16", False, 16384): tuned.to_dict()})
+    kw = dict(head_dim=64, dtype=jnp.bfloat16, causal=False, gpu=GPU)
+    assert mosaic_config.default_config(**kw, seq_q=16384, seq_k=16384) == tuned
+    for seq_q, seq_k in ((512, 512), (16384, 128)):
+        got = mosaic_config.default_config(**kw, seq_q=seq_q, seq_k=seq_k)
+        want = mosaic_config.heuristic_config(head_dim=64, dtype=jnp.bfloat16, causal=False, seq_q=seq_q, seq_k=seq_k)
+        assert got == want and got.bwd.deterministic
 
 
 def test_invalid_cache_entry_raises_naming_the_file(cache_dir):

@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from pallas_flash.tuning.search import Search, screen_then_confirm
+from pallas_flash.tuning.search import Search, fastest, screen_then_confirm
 
 
 def _scripted(times: dict[str, list[float]], prepared: list | None = None, fail=()):
@@ -119,3 +119,19 @@ def test_threads_prepare_each_candidate_once_and_pick_the_same():
 def test_search_rejects_bad_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Search(**kwargs)
+
+
+def test_a_non_finite_time_never_wins():
+    """A timer's NaN or inf (a failure, not a time) is skipped in the screen, puts a candidate last in the
+    confirming rounds, and never comes back as the pick; ``fastest`` skips it too."""
+    times = {"a": float("nan"), "b": 1.0, "c": 2.0}
+    pick, t, _ = screen_then_confirm(list(times), lambda c: (lambda s: times[c]), lambda s: None,
+                                     search=Search(top=3, rounds=2))
+    assert (pick, t) == ("b", 1.0)
+    assert fastest(list(times), lambda c: times[c], lambda s: None) == ("b", 1.0)
+    confirm = {"a": iter([0.5, float("inf"), 0.5, 0.5]), "b": iter([1.0] * 4)}  # "a": fine in the screen only
+    pick, t, _ = screen_then_confirm(["a", "b"], lambda c: (lambda s: next(confirm[c])), lambda s: None,
+                                     search=Search(top=2, rounds=3))
+    assert (pick, t) == ("b", 1.0)
+    with pytest.raises(RuntimeError, match="finite time"):
+        screen_then_confirm(["a"], lambda c: (lambda s: float("nan")), lambda s: None)

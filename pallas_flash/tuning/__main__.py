@@ -14,7 +14,8 @@ reads first (before the shipped table, where the backend has one).
 file already holds and skipping their problems (how
 ``backends/<name>/tables/*.json`` are made, over as many runs as it takes).
 ``--records FILE`` appends every time the search took, one JSON line per
-problem. The Mosaic search confirms its shortlist in interleaved rounds
+problem. Each entry is merged into the file as it stands, under a lock
+(``<file>.lock``), so two runs writing one cache or table keep each other's. The Mosaic search confirms its shortlist in interleaved rounds
 (``--top``, ``--rounds``, ``--margin``) and compiles on ``--threads`` threads
 (``pallas_flash.tuning.search``).
 """
@@ -22,10 +23,14 @@ problem. The Mosaic search confirms its shortlist in interleaved rounds
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import itertools
 import json
+import os
 import pathlib
 import sys
+import tempfile
 import time
 
 import jax
@@ -84,11 +89,42 @@ def _read_json(ap, path: pathlib.Path, what: str) -> dict:
     return data
 
 
-def _write_json(path: pathlib.Path, data: dict) -> None:
+@contextlib.contextmanager
+def _locked(path: pathlib.Path):
+    """Hold an exclusive lock on ``path``'s lock file (``<name>.lock`` beside it): two tuning runs writing one file
+    (two GPUs of a host, two shells) take turns."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    tmp.replace(path)  # never a half-written table
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _save_entry(path: pathlib.Path, key: str, entry: dict, gpu: str | None = None) -> dict:
+    """Add ``entry`` at ``key`` (in ``gpu``'s section for the user cache) to the JSON table at ``path``, and return
+    the table written. Under the lock the file is read again, so entries another run wrote since this one started
+    are kept; it is written to a temporary file of this process and moved into place, never half-written. A file
+    made unreadable meanwhile raises ``ValueError`` with the entry in the message, so that it is not lost."""
+    with _locked(path):
+        try:
+            data = json.loads(path.read_text()) if path.exists() else {}
+            if not isinstance(data, dict) or not isinstance(data.get(gpu, {}) if gpu else {}, dict):
+                raise ValueError("not a JSON object of tables")
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path} became unreadable during the run ({e}); this problem's entry, to add by hand: "
+                             f"{json.dumps({key: entry})}") from None
+        (data.setdefault(gpu, {}) if gpu else data)[key] = entry
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(data, indent=1, sort_keys=True) + "\n")
+            os.replace(tmp, path)
+        except BaseException:
+            pathlib.Path(tmp).unlink(missing_ok=True)
+            raise
+    return data
 
 
 def main(argv=None) -> int:
@@ -117,6 +153,8 @@ def main(argv=None) -> int:
     search_args = {name: getattr(args, name) for name in ("top", "rounds", "margin", "threads")}
     if args.backend != "mosaic" and any(v != getattr(defaults, k) for k, v in search_args.items()):
         ap.error("--top, --rounds, --margin and --threads apply to --backend mosaic only")
+    if args.out is not None and args.print_json:
+        ap.error("--out and --print-json: give one (--out writes the table to a file, --print-json prints it)")
     if args.deterministic_bwd and args.backend != "mosaic":
         ap.error("--deterministic-bwd applies to --backend mosaic only")
     try:
@@ -133,9 +171,11 @@ def main(argv=None) -> int:
     causals = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
     problems = list(itertools.product(head_dims, dtypes, causals, seq_lens))
     keys = [config.config_key(*problem) for problem in problems]
-    if len(set(keys)) != len(keys):  # two lengths in one bucket: the second would overwrite the first's entry
-        ap.error(f"--seq-lens {args.seq_lens}: some lengths share a sequence bucket (keys {sorted(keys)}); give "
-                 "one length per bucket")
+    if len(set(keys)) != len(keys):  # two problems with one key: the second would overwrite the first's entry
+        shared = sorted({key for key in keys if keys.count(key) > 1})
+        ap.error(f"--head-dims {args.head_dims} and --seq-lens {args.seq_lens} give problems that share a key "
+                 f"({', '.join(shared)}): head dims that pad to the same size, or lengths in one sequence bucket; "
+                 "give one of each")
     if jax.default_backend() != "gpu":
         print("pallas_flash.tuning needs an NVIDIA GPU: there is nothing to tune in interpret mode.", file=sys.stderr)
         return 2
@@ -143,7 +183,10 @@ def main(argv=None) -> int:
     table: dict[str, dict] = {}
     done = _read_json(ap, args.out, "--out") if args.out is not None else {}
     cache_path = config.user_cache_path()
-    cache = {} if args.out is not None or args.print_json else _read_json(ap, cache_path, "the user cache")
+    if args.out is None and not args.print_json:
+        _read_json(ap, cache_path, "the user cache")  # a broken cache stops the run before any tuning
+    if args.records is not None:  # its folder, before any tuning (a record is written after each problem)
+        args.records.parent.mkdir(parents=True, exist_ok=True)
     for (d, dt, c, n), key in zip(problems, keys):
         p = tune.Problem(d, dt, c, n, max(1, args.tokens // n), max(1, args.hidden // d))
         extra = {"nondeterministic": False} if args.deterministic_bwd else {}
@@ -158,17 +201,15 @@ def main(argv=None) -> int:
         table[key] = cfg.to_dict()
         print(f"{key}: fwd {times['fwd_ms']:.3f} ms, bwd {times['bwd_ms']:.3f} ms, {cfg} ({seconds:.0f} s)",
               file=sys.stderr, flush=True)
+        # Saved after each problem: a later problem's failure keeps what was tuned before it.
+        if args.out is not None:
+            done = _save_entry(args.out, key, table[key])
+        elif not args.print_json:
+            _save_entry(cache_path, key, table[key], gpu=gpu)
         if args.records is not None:
             with args.records.open("a") as f:
                 f.write(json.dumps({"gpu": gpu, "key": key, "problem": vars(p), "config": table[key],
                                     "seconds": seconds, **times}) + "\n")
-        # Saved after each problem: a later problem's failure keeps what was tuned before it.
-        if args.out is not None:
-            done[key] = table[key]
-            _write_json(args.out, done)
-        elif not args.print_json:
-            cache.setdefault(gpu, {})[key] = table[key]
-            _write_json(cache_path, cache)
     if args.out is not None:
         print(f"{args.out} holds {len(done)} configs for {gpu!r}")
     elif args.print_json:

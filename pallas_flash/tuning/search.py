@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import math
 import statistics
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -98,6 +99,9 @@ def fastest(candidates: Iterable[Any], timer: Callable[[Any], float], log) -> tu
         except Exception as e:  # e.g. a tile that does not fit in shared memory
             log(f"    skip {cfg}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
             continue
+        if not math.isfinite(t):  # a timer's failure, never a winner
+            log(f"    skip {cfg}: its time is {t}")
+            continue
         log(f"    {t * 1e3:8.3f} ms  {cfg}")
         if t < best_t:
             best_cfg, best_t = cfg, t
@@ -172,8 +176,13 @@ def screen_then_confirm(
     screen = []  # (seconds, candidate, timer)
     for cfg, timer in ready:
         t = timer(search.screen_s)
+        if not math.isfinite(t):  # a timer's failure: not a candidate (nor, then, the baseline)
+            log(f"    skip {cfg}: its time is {t}")
+            continue
         log(f"    {t * 1e3:8.3f} ms  {cfg}")
         screen.append((t, cfg, timer))
+    if not screen:
+        raise RuntimeError("no candidate config gave a finite time")
     ranked = sorted(screen, key=lambda item: item[0])
     shortlist = ranked[: search.top]
     if baseline is not None and all(cfg != baseline for _, cfg, _ in shortlist):
@@ -187,7 +196,10 @@ def screen_then_confirm(
         order = range(len(shortlist)) if r % 2 == 0 else reversed(range(len(shortlist)))
         for i in order:
             rounds[i].append(shortlist[i][2](search.confirm_s))
-    medians = [statistics.median(times) for times in rounds]
+    # a non-finite time in a round (a timer's failure) puts the candidate last
+    medians = [statistics.median(times) if all(map(math.isfinite, times)) else math.inf for times in rounds]
+    if not any(map(math.isfinite, medians)):
+        raise RuntimeError("no shortlisted candidate gave finite times in the confirming rounds")
     best = min(range(len(shortlist)), key=lambda i: medians[i])
     base = next((i for i, (_, cfg, _) in enumerate(shortlist) if cfg == baseline), None)
     if base is not None and best != base and medians[best] > medians[base] * (1.0 - search.margin):

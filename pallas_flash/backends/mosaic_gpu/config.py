@@ -376,32 +376,38 @@ def _checked(entry: dict, head_dim: int, dtype: Any, what: str, hint: str = "") 
     return cfg
 
 
-def _user_entry(head_dim: int, dtype: Any, causal: bool, seq_q: int, gpu: str) -> MosaicConfig | None:
-    """The cache's config for this key (the nearest sequence bucket, as the Triton backend's lookup), validated.
+def _bucket_entry(table: dict, head_dim: int, dtype: Any, causal: bool, seq_q: int, seq_k: int):
+    """``(key, entry)`` of a tuned table for this call, or None: only at a tuned bucket, and only when both lengths
+    fall in it (tables are timed at Tq = Tk = the bucket); fp16 takes bf16's entries (the same tile bytes). Other
+    lengths take the heuristics, whose thresholds (three warpgroups, the fused dQ) sit between the tuned buckets: a
+    16k entry's fused dQ at 512 keys would change the backward's mode, not only its speed."""
+    if seq_bucket(seq_q) != seq_bucket(seq_k):
+        return None
+    return triton_config.lookup_with_key(table, head_dim, dtype, causal, seq_q, nearest=False)
+
+
+def _user_entry(head_dim: int, dtype: Any, causal: bool, seq_q: int, seq_k: int, gpu: str) -> MosaicConfig | None:
+    """The user cache's config for this call (``_bucket_entry``'s rule, as the shipped table's), validated.
 
     An entry that does not make a ``MosaicConfig`` whose tiles fit raises ``ValueError`` naming the file and
     key: a stale or hand-edited cache should be fixed (or deleted), not silently ignored.
     """
     path = user_cache_path()
-    entry = triton_config.lookup(triton_config.read_user_table(path, gpu), head_dim, dtype, causal, seq_q)
-    if entry is None:
+    found = _bucket_entry(triton_config.read_user_table(path, gpu), head_dim, dtype, causal, seq_q, seq_k)
+    if found is None:
         return None
-    key = config_key(head_dim, dtype, causal, seq_q)
+    key, entry = found
     return _checked(entry, head_dim, dtype, f"the tuned Mosaic config for {gpu!r}, {key} in {path}",
                     "; rerun `python -m pallas_flash.tuning --backend mosaic` or delete that file")
 
 
 def _shipped_entry(head_dim: int, dtype: Any, causal: bool, seq_q: int, seq_k: int, gpu: str) -> MosaicConfig | None:
-    """The shipped entry for this call: only at a tuned bucket, and only when both lengths fall in it (the table was
-    timed at Tq = Tk = the bucket); fp16 takes bf16's entries (the same tile bytes). Other lengths take the
-    heuristics, whose thresholds (three warpgroups, the fused dQ) sit between the tuned buckets. An entry that does
-    not make a fitting ``MosaicConfig`` raises ``ValueError`` (a packaging mistake; the tests read every entry)."""
-    if seq_bucket(seq_q) != seq_bucket(seq_k):
+    """The shipped entry for this call (``_bucket_entry``'s rule). An entry that does not make a fitting
+    ``MosaicConfig`` raises ``ValueError`` (a packaging mistake; the tests read every entry)."""
+    found = _bucket_entry(shipped_table(gpu), head_dim, dtype, causal, seq_q, seq_k)
+    if found is None:
         return None
-    entry = triton_config.lookup(shipped_table(gpu), head_dim, dtype, causal, seq_q, nearest=False)
-    if entry is None:
-        return None
-    key = config_key(head_dim, dtype, causal, seq_q)
+    key, entry = found
     return _checked(entry, head_dim, dtype, f"the shipped Mosaic table for {gpu!r}, entry {key}")
 
 
@@ -460,7 +466,7 @@ def default_config(
     gpu = gpu_name() if gpu is None else gpu
     config = None
     if gpu:
-        config = _user_entry(head_dim, dtype, causal, seq_q, gpu)
+        config = _user_entry(head_dim, dtype, causal, seq_q, seq_k, gpu)
         if config is None:
             config = _shipped_entry(head_dim, dtype, causal, seq_q, seq_k, gpu)
     if config is None:

@@ -138,6 +138,11 @@ _SHIPPED_TABLES = {"H100": "h100.json", "H200": "h200.json"}
 _TABLES_DIR = pathlib.Path(__file__).parent / "tables"
 
 
+def heuristic_config(head_dim: int, dtype: Any) -> FlashConfig:
+    """The heuristic config by head dim and dtype, with no table read (the tuner's starting point)."""
+    return _heuristic(head_dim, dtype)
+
+
 def _heuristic(head_dim: int, dtype: Any) -> FlashConfig:
     """For GPUs and shapes no table covers: the H100 winners by head dim, smaller tiles where they would not fit."""
     d = padded_head_dim(head_dim)
@@ -172,14 +177,20 @@ def config_key(head_dim: int, dtype: Any, causal: bool, seq_q: int) -> str:
 @functools.cache
 def read_user_table(path: pathlib.Path, gpu: str) -> dict[str, dict[str, Any]]:
     """This GPU's entries of a tuned cache (``{gpu name: {config_key: config dict}}``, this backend's or the
-    Mosaic backend's); a missing or unreadable file has none. Read once per process."""
+    Mosaic backend's); a missing file has none. Read once per process. A file that is not such a JSON object
+    (truncated, hand-edited) raises ``ValueError`` naming it: its tuned configs would otherwise be dropped
+    without a word, as an invalid entry would not be (``default_config``)."""
     if not path.exists():
         return {}
+    fix = "fix or delete that file (`python -m pallas_flash.tuning` writes it anew)"
     try:
-        table = json.loads(path.read_text()).get(gpu, {})
-    except (OSError, ValueError, AttributeError):
-        return {}
-    return table if isinstance(table, dict) else {}
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"the tuned cache {path} is not readable JSON ({type(e).__name__}: {e}); {fix}") from None
+    if not isinstance(data, dict) or not isinstance(data.get(gpu, {}), dict):
+        raise ValueError(f"the tuned cache {path} is not a JSON object of {{gpu name: {{config key: config}}}} "
+                         f"(its entry for {gpu!r} or the file itself is not an object); {fix}")
+    return data.get(gpu, {})
 
 
 @functools.cache
@@ -191,26 +202,34 @@ def _shipped_table(gpu: str) -> dict[str, dict[str, Any]]:
     return {}
 
 
-def lookup(table: dict[str, dict[str, Any]], head_dim: int, dtype: Any, causal: bool, seq_q: int,
-           *, nearest: bool = True):
-    """Exact key, else (``nearest``) the nearest sequence bucket; fp16 uses bf16's entries (same tile bytes)."""
+def lookup_with_key(table: dict[str, dict[str, Any]], head_dim: int, dtype: Any, causal: bool, seq_q: int,
+                    *, nearest: bool = True) -> tuple[str, dict[str, Any]] | None:
+    """``(key, entry)``: the exact key, else (``nearest``) the nearest sequence bucket's; fp16 uses bf16's entries
+    (same tile bytes). The key is the one found, so an error about the entry can name what the file holds."""
     dtypes = [jax.numpy.dtype(dtype).name]
     if dtypes[0] == "float16":
         dtypes.append("bfloat16")
     for dt in dtypes:
-        entry = table.get(config_key(head_dim, dt, causal, seq_q))
-        if entry is not None:
-            return entry
+        key = config_key(head_dim, dt, causal, seq_q)
+        if table.get(key) is not None:
+            return key, table[key]
         if not nearest:
             continue
-        prefix = config_key(head_dim, dt, causal, seq_q).rsplit("|", 1)[0] + "|n"
+        prefix = key.rsplit("|", 1)[0] + "|n"
         buckets = {k: k[len(prefix):] for k in table if k.startswith(prefix)}  # a hand-edited "n1k" is no bucket
         near = sorted(
             (abs(math.log2(int(n) / seq_bucket(seq_q))), k) for k, n in buckets.items() if n.isdigit() and int(n) > 0
         )
         if near:
-            return table[near[0][1]]
+            return near[0][1], table[near[0][1]]
     return None
+
+
+def lookup(table: dict[str, dict[str, Any]], head_dim: int, dtype: Any, causal: bool, seq_q: int,
+           *, nearest: bool = True):
+    """``lookup_with_key``'s entry alone (None when there is none)."""
+    found = lookup_with_key(table, head_dim, dtype, causal, seq_q, nearest=nearest)
+    return None if found is None else found[1]
 
 
 def gpu_name() -> str:
@@ -235,13 +254,15 @@ def default_config(
     if gpu:
         for source, table in (("the tuned cache " + str(user_cache_path()), read_user_table(user_cache_path(), gpu)),
                               ("the shipped table", _shipped_table(gpu))):
-            entry = lookup(table, head_dim, dtype, causal, seq_q)
-            if entry is None:
+            found = lookup_with_key(table, head_dim, dtype, causal, seq_q)
+            if found is None:
                 continue
+            key, entry = found
             try:
                 return FlashConfig.from_dict(entry)
             except (KeyError, TypeError, ValueError) as e:  # a stale or hand-edited entry: to be fixed, not ignored
                 raise ValueError(
-                    f"{source} holds an invalid Triton config for {gpu!r} near {config_key(head_dim, dtype, causal, seq_q)}"
-                    f" ({type(e).__name__}: {e}); rerun `python -m pallas_flash.tuning` or delete that file") from None
+                    f"{source} holds an invalid Triton config for {gpu!r} at {key} (looked up for "
+                    f"{config_key(head_dim, dtype, causal, seq_q)}; {type(e).__name__}: {e}); rerun "
+                    "`python -m pallas_flash.tuning` or delete that file") from None
     return _heuristic(head_dim, dtype)

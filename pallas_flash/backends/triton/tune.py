@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 from pallas_flash.api import flash_attention
-from pallas_flash.backends.triton.config import FlashConfig, ForwardConfig, default_config, padded_head_dim
+from pallas_flash.backends.triton.config import FlashConfig, ForwardConfig, heuristic_config, padded_head_dim
 from pallas_flash.tuning.search import Problem, backward_time, fastest, forward_time
 
 # Candidates, (block_q, block_k, num_warps, num_stages) each: the ones that
@@ -67,7 +67,9 @@ def _bwd_time(p: Problem, cfg: FlashConfig, xs) -> float:
 def tune_problem(p: Problem, log=print) -> tuple[FlashConfig, dict]:
     """The fastest forward and backward configs for one problem."""
     xs = p.inputs()
-    base = default_config(head_dim=p.head_dim, dtype=p.dtype, causal=p.causal, seq_q=p.seq, seq_k=p.seq)
+    # the heuristic, not ``default_config``: a broken or stale tuned entry, which the error for it tells the user to
+    # retune, must not stop the retuning
+    base = heuristic_config(p.head_dim, p.dtype)
     fwd_space, dkdv_space, dq_space = spaces(p.head_dim)
     fwd_cands = [dataclasses.replace(base, fwd=ForwardConfig(*c)) for c in fwd_space]
     best_fwd, t_fwd = fastest(fwd_cands, lambda c: _fwd_time(p, c, xs), log)
