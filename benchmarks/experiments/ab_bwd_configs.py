@@ -1,9 +1,10 @@
 """Backward alone under several Mosaic backward configs, interleaved rounds, cuDNN in the same rounds; gradients
 compared with cuDNN's. Configs differ in their fields, so each gets its own kernel trace (no cache clearing needed).
 
-PROBS="D:N:causal[:kv_heads],..." VARIANTS="name=block_q:num_stages:deterministic[:field=value...],..." \
+PROBS="D:N:causal[:kv_heads[:heads]],..." VARIANTS="name=block_q:num_stages:deterministic[:field=value...],..." \
     PYTHONPATH=. python3 benchmarks/experiments/ab_bwd_configs.py ROUNDS
-B*N = 16k tokens, 2048 / D query heads, as many K/V heads unless ``kv_heads`` says (GQA: ``128:8192:1:8`` is 32:8).
+B*N = 16k tokens, 2048 / D query heads unless ``heads`` says, as many K/V heads unless ``kv_heads`` says (GQA 32:8 at
+D=128, the headline's GQA point: ``128:8192:1:8:32``).
 A variant ``default`` (no fields) takes ``config.default_backward`` for the call; further ``field=value`` items set
 other ``MosaicBackwardConfig`` fields (strings as written, digits as ints), e.g. ``a3=64:3:0:dq_add=atomic_v2``.
 """
@@ -20,7 +21,7 @@ probs = [tuple(int(x) for x in p.split(":")) for p in os.environ.get("PROBS", "6
 variants = dict(v.split("=") for v in os.environ.get("VARIANTS", "default=,rows128=128:2:0").split(","))
 for D, N, causal, *kv in probs:
     causal = bool(causal)
-    B, H = 16384 // N, 2048 // D
+    B, H = 16384 // N, kv[1] if len(kv) > 1 else 2048 // D
     KVH = kv[0] if kv else H
     q, do, k, v = (jax.random.normal(kk, (B, N, H if i < 2 else KVH, D), jnp.bfloat16)
                    for i, kk in enumerate(jax.random.split(jax.random.key(1), 4)))
