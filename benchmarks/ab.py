@@ -17,7 +17,10 @@ device machine has no git history), e.g. before a device call::
 Everything after ``--`` goes to ``benchmarks.attention`` unchanged (each side's own copy of it, so the flags
 must exist on every side); ``--out`` and ``--tag`` are set per run. A reference implementation (cuDNN) among
 the impls shows how much the machine itself drifted between the sides. Writes ``ab.md`` and ``ab.jsonl``
-(every timed record, with its side and round) under ``--out``.
+(every timed record, with its side and round, and one ``kind: "run"`` line per run) under ``--out``; a later
+invocation into the same ``--out`` writes ``ab-2.*``, ``ab-3.*``..., and tags its runs' files the same way
+(``runs/<side>-<round>/<date>-ab-2.jsonl`` and ``ab-2.log``), so it reads only its own runs and keeps the
+earlier ones' files. A run that exits non-zero or writes no records is reported as failed, not used.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -76,22 +80,45 @@ def summarise(records: list[dict], sides: list[str]) -> pd.DataFrame:
     return table.reset_index()
 
 
-def run_side(side: str, directory: pathlib.Path, round_index: int, out: pathlib.Path, bench_args: list[str]) -> list[dict]:
-    """One ``benchmarks.attention`` run in ``directory`` (its own ``pallas_flash`` and harness); its records."""
+def invocation_name(out: pathlib.Path) -> str:
+    """``"ab"``, else ``"ab-2"``, ``"ab-3"``...: the first name that no report in ``out`` and no run's file in its
+    run directories uses yet. It names this invocation's report and is each run's ``--tag``, so that each run's
+    records file (``<date>-<name>.jsonl``) and log are new files, apart from every earlier invocation's."""
+    files = [p.name for p in [*out.glob("*"), *out.glob("runs/*/*")]]
+    k = 1
+    while True:
+        name = "ab" if k == 1 else f"ab-{k}"
+        # name.md/.jsonl/.log, or a run's <date>-name.jsonl (-2, -3... where benchmarks.attention found it taken)
+        used = re.compile(rf"({name}|.*-{name}(-\d+)?)\.\w+")
+        if not any(used.fullmatch(f) for f in files):
+            return name
+        k += 1
+
+
+def run_side(side: str, directory: pathlib.Path, round_index: int, out: pathlib.Path, bench_args: list[str],
+             name: str = "ab") -> tuple[list[dict], dict]:
+    """One ``benchmarks.attention`` run in ``directory`` (its own ``pallas_flash`` and harness), tagged ``name``:
+    ``(records, run)``, where ``run`` says how it went (``status`` "ok" or why it failed, its files). The records
+    are those of the file this run wrote, and none where it failed."""
     run_dir = out / "runs" / f"{side}-{round_index}"
     run_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     # The caller's entries (tokamax's, say) made absolute: the run's working directory is the side's.
     inherited = [str(pathlib.Path(p).resolve()) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join([str(directory.resolve()), *inherited])
-    cmd = [sys.executable, "-m", "benchmarks.attention", *bench_args, "--out", str(run_dir.resolve()), "--tag", "ab",
+    cmd = [sys.executable, "-m", "benchmarks.attention", *bench_args, "--out", str(run_dir.resolve()), "--tag", name,
            "--no-plots"]
-    with open(run_dir / "log.txt", "w") as log:
+    log_path = run_dir / f"{name}.log"
+    with open(log_path, "x") as log:  # "x": never over an earlier run's log
         rc = subprocess.run(cmd, check=False, cwd=directory, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-    if rc != 0:
-        print(f"  {side} round {round_index}: exit {rc}, see {run_dir / 'log.txt'}", flush=True)
-    records, _ = common.load_jsonl(sorted(run_dir.glob("*.jsonl")))
-    return [{**r, "side": side, "round": round_index} for r in records]
+    files = sorted(run_dir.glob(f"*-{name}.jsonl"))  # <date>-<name>.jsonl: the name is new, so this run's alone
+    run = dict(kind="run", side=side, round=round_index, exit=rc, log=str(log_path), records=[str(f) for f in files])
+    if rc != 0 or len(files) != 1:
+        why = f"exit {rc}" if rc != 0 else f"{len(files)} records files named *-{name}.jsonl, expected 1"
+        print(f"  {side} round {round_index + 1}: failed ({why}), see {log_path}", flush=True)
+        return [], dict(run, status=f"failed: {why}")
+    records, _ = common.load_jsonl(files)
+    return [{**r, "side": side, "round": round_index} for r in records], dict(run, status="ok")
 
 
 def checkout(name: str, rev: str, root: pathlib.Path) -> pathlib.Path:
@@ -112,7 +139,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--sides", type=parse_sides, help="NAME=DIR,NAME=DIR[,...]: the checkouts, the first the baseline")
     p.add_argument("--rounds", type=int, default=3, help="runs per side, interleaved")
-    p.add_argument("--out", type=pathlib.Path, help="directory for ab.md, ab.jsonl and each run's files")
+    p.add_argument("--out", type=pathlib.Path,
+                   help="directory for ab.md and ab.jsonl (ab-2.*, ab-3.*... when taken) and each run's files")
     p.add_argument("--checkout", type=lambda t: _named(t, "--checkout", "NAME=REV"), action="append", default=[],
                    help="NAME=REV: make the side .ab/NAME, a git worktree at REV, and exit (repeatable)")
     args = p.parse_args(argv)
@@ -135,22 +163,34 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     names = list(args.sides)
     args.out.mkdir(parents=True, exist_ok=True)
-    records = []
+    name = invocation_name(args.out)
+    jsonl = args.out / f"{name}.jsonl"
+    common.append_jsonl(jsonl, dict(kind="meta", name=name, sides={n: str(d) for n, d in args.sides.items()},
+                                    rounds=args.rounds, bench_args=bench_args))
+    records, failed = [], []
     for r in range(args.rounds):
         for side in order(names, r):
             print(f"round {r + 1}/{args.rounds}: {side} ({args.sides[side]})", flush=True)
-            new = run_side(side, args.sides[side], r, args.out, bench_args)
-            for rec in new:
-                common.append_jsonl(args.out / "ab.jsonl", rec)
+            new, run = run_side(side, args.sides[side], r, args.out, bench_args, name)
+            for rec in [*new, run]:
+                common.append_jsonl(jsonl, rec)
             records += new
-    table = summarise(records, names)
+            if run["status"] != "ok":
+                failed.append(f"- `{side}` round {r + 1}: {run['status']}, see `{run['log']}`")
     text = (f"# Interleaved A/B ({args.rounds} rounds)\n\n- **Sides**: "
             + ", ".join(f"`{n}` = `{d}`" for n, d in args.sides.items())
-            + f"\n- **Benchmark args**: `{' '.join(bench_args)}`\n\nTFLOP/s per round (in run order) and median\n\n"
-            + table.to_markdown(index=False, floatfmt=".4g") + "\n")
-    (args.out / "ab.md").write_text(text)
+            + f"\n- **Benchmark args**: `{' '.join(bench_args)}`\n\n"
+            + ("**Failed runs** (left out of the table):\n\n" + "\n".join(failed) + "\n\n" if failed else ""))
+    try:
+        table = summarise(records, names)
+        text += "TFLOP/s per round (in run order) and median\n\n" + table.to_markdown(index=False, floatfmt=".4g")
+        text += "\n"
+    except ValueError as e:  # every run failed: the report says so
+        text += f"No table: {e}\n"
+    (args.out / f"{name}.md").write_text(text)
     print(text)
-    return 0
+    print(f"wrote {args.out / f'{name}.md'}, {jsonl}")
+    return 1 if len(failed) == args.rounds * len(names) else 0
 
 
 if __name__ == "__main__":

@@ -103,8 +103,79 @@ def test_run_side_puts_the_side_first_and_keeps_the_callers_paths_absolute(tmp_p
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([".", "site", ""]))
     monkeypatch.setattr(ab.subprocess, "run", fake_run)
     side = tmp_path / "old"
-    assert ab.run_side("old", pathlib.Path("old"), 0, tmp_path / "out", ["--quick"]) == []
+    records, run = ab.run_side("old", pathlib.Path("old"), 0, tmp_path / "out", ["--quick"], "ab-2")
+    assert records == [] and run["status"].startswith("failed: 0 records files")  # it wrote none
     assert seen["path"] == [str(side), str(tmp_path), str(tmp_path / "site")]
     assert seen["cwd"] == pathlib.Path("old") and seen["cmd"][-6:] == ["--quick", "--out",
                                                                        str(tmp_path / "out" / "runs" / "old-0"),
-                                                                       "--tag", "ab", "--no-plots"]
+                                                                       "--tag", "ab-2", "--no-plots"]
+
+
+def _fake_attention(tflops: dict, exits: dict | None = None):
+    """A stand-in for ``benchmarks.attention``'s process: one record at ``tflops[side]`` in
+    ``--out/<date>-<--tag>.jsonl``, as the real one names it; the exit status ``exits.get(side, 0)``."""
+
+    def fake_run(cmd, *, check, cwd, env, stdout, stderr):
+        out, tag = pathlib.Path(cmd[cmd.index("--out") + 1]), cmd[cmd.index("--tag") + 1]
+        side = out.name.split("-")[0]
+        stem = ab.common.unique_stem(out, f"2026-01-01-{tag}")
+        ab.common.append_jsonl(stem.with_suffix(".jsonl"), dict(kind="meta"))
+        ab.common.append_jsonl(stem.with_suffix(".jsonl"), _rec(None, None, tflops[side]))
+        stdout.write(f"{side} {tag}\n")
+        return subprocess.CompletedProcess(cmd, (exits or {}).get(side, 0))
+
+    return fake_run
+
+
+def _sides(tmp_path):
+    for s in ("a", "b"):
+        (tmp_path / s / "pallas_flash").mkdir(parents=True)
+    return ["--sides", f"a={tmp_path / 'a'},b={tmp_path / 'b'}", "--rounds", "1", "--out", str(tmp_path / "out")]
+
+
+def test_a_second_ab_into_the_same_out_reads_only_its_own_runs(tmp_path, monkeypatch):
+    """The first invocation's run files are not this one's records; its report, records and logs stay as they were."""
+    argv, out = _sides(tmp_path), tmp_path / "out"
+    monkeypatch.setattr(ab.subprocess, "run", _fake_attention(dict(a=100.0, b=100.0)))
+    assert ab.main(argv) == 0
+    first = {p: p.read_text() for p in out.rglob("*") if p.is_file()}
+    monkeypatch.setattr(ab.subprocess, "run", _fake_attention(dict(a=100.0, b=200.0)))  # side b changed: +100 %
+    assert ab.main(argv) == 0
+    assert {p: p.read_text() for p in first} == first
+    row = [ln.split("|") for ln in (out / "ab-2.md").read_text().splitlines() if "| mosaic" in ln][0]
+    assert [c.strip() for c in row[-6:-1]] == ["100", "100", "200", "200", "100"]  # a, a median, b, b median, b vs a %
+    assert sorted(p.name for p in (out / "runs" / "b-0").iterdir()) == [
+        "2026-01-01-ab-2.jsonl", "2026-01-01-ab.jsonl", "ab-2.log", "ab.log"]
+    assert (out / "runs" / "b-0" / "ab.log").read_text() == "b ab\n"
+    lines = [json.loads(x) for x in (out / "ab-2.jsonl").read_text().splitlines()]
+    assert [r["tflops"] for r in lines if r.get("tflops")] == [100.0, 200.0]
+
+
+def test_a_failed_run_is_reported_failed_not_filled_from_other_files(tmp_path, monkeypatch):
+    argv, out = _sides(tmp_path), tmp_path / "out"
+    monkeypatch.setattr(ab.subprocess, "run", _fake_attention(dict(a=100.0, b=100.0)))
+    assert ab.main(argv) == 0
+    # Side b crashes this time (after writing a record): its round is failed, neither its record nor the earlier
+    # invocation's stands in for it.
+    monkeypatch.setattr(ab.subprocess, "run", _fake_attention(dict(a=100.0, b=200.0), exits=dict(b=1)))
+    assert ab.main(argv) == 0
+    report = (out / "ab-2.md").read_text()
+    assert "**Failed runs**" in report and "`b` round 1: failed: exit 1" in report
+    row = [ln.split("|") for ln in report.splitlines() if "| mosaic" in ln][0]
+    assert [c.strip() for c in row[-5:-1]] == ["100", "100", "", ""]  # a, a median, b, b median: b has no rounds
+    runs = [json.loads(x) for x in (out / "ab-2.jsonl").read_text().splitlines() if '"run"' in x]
+    assert [(r["side"], r["status"]) for r in runs] == [("a", "ok"), ("b", "failed: exit 1")]
+    # Every run failing: the report says so (no traceback), and the exit status is 1.
+    monkeypatch.setattr(ab.subprocess, "run", _fake_attention(dict(a=1.0, b=1.0), exits=dict(a=2, b=2)))
+    assert ab.main(argv) == 1
+    assert "No table: no timed records" in (out / "ab-3.md").read_text()
+
+
+def test_invocation_name_skips_every_name_in_use(tmp_path):
+    assert ab.invocation_name(tmp_path) == "ab"
+    (tmp_path / "table.md").write_text("")  # an unrelated file is no reason to move on
+    assert ab.invocation_name(tmp_path) == "ab"
+    (tmp_path / "runs" / "a-0").mkdir(parents=True)
+    (tmp_path / "runs" / "a-0" / "2026-01-01-ab-2.jsonl").write_text("")  # from before: tag ab, name taken
+    (tmp_path / "runs" / "a-0" / "2026-01-01-ab.jsonl").write_text("")
+    assert ab.invocation_name(tmp_path) == "ab-3"
