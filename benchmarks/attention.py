@@ -259,8 +259,24 @@ def _out_stem(opts: argparse.Namespace, device_slug: str) -> pathlib.Path:
     return common.unique_stem(out_dir, datetime.date.today().isoformat() + (f"-{tag}" if tag else ""))
 
 
+def _load_runs(paths: Sequence[str]) -> tuple[list[dict], list[dict], list[dict]]:
+    """(records, metas, runs) of the files: each record gets ``run``, its file's name (the path where two names
+    are alike; a record from an earlier merge keeps its own), and ``runs`` describes each run."""
+    records, metas, runs = [], [], []
+    names = [pathlib.Path(p).name for p in paths]
+    for path, name in zip(paths, names):
+        label = name if names.count(name) == 1 else str(path)
+        recs, ms = common.load_jsonl([path])
+        last = ms[-1] if ms else {}
+        runs += last.get("runs") or [dict(run=label, commit=last.get("commit"), date=last.get("date"),
+                                          status=last.get("status"))]
+        records += [dict(r, run=r.get("run") or label) for r in recs]
+        metas += ms
+    return records, metas, runs
+
+
 def _report_from(opts: argparse.Namespace) -> int:
-    records, metas = common.load_jsonl(opts.report_from)
+    records, metas, runs = _load_runs(opts.report_from)
     if not records:
         print("no records in " + ", ".join(opts.report_from), file=sys.stderr)
         return 1
@@ -276,6 +292,8 @@ def _report_from(opts: argparse.Namespace) -> int:
             meta[field] = join(values)
     meta["impls"] = report.impl_order((r["impl"] for r in records), [i for m in metas for i in m.get("impls", [])])
     meta["status"] = "merged from " + ", ".join(pathlib.Path(p).name for p in opts.report_from)
+    meta["runs"] = runs  # each record's ``run``: ratios only within one run, duplicates listed
+    meta["commit"] = ", ".join(dict.fromkeys(r["commit"] or "unknown" for r in runs))
     meta["speedups"] = harness.WINDOW_SPEEDUPS
     if opts.out or opts.tag:
         stem = _out_stem(argparse.Namespace(**dict(vars(opts), suite="attention")), meta.get("device_slug", "unknown"))

@@ -10,6 +10,10 @@ A record is one flat dict (one line of the raw ``.jsonl``):
 * ``kind == "memory"``: one (implementation, N) point of the peak-memory sweep:
   ``peak_bytes`` (measured) and/or ``analysis_bytes`` (the compiled executable's
   memory analysis) and ``io_bytes`` (inputs and outputs alone).
+
+Records merged from several runs (``benchmarks.attention --report-from``) carry ``run``, the run they come from:
+a ratio column compares two implementations of one run only, and of two records of one cell the later is shown
+and the earlier listed under Duplicates.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ BASELINE = "cudnn"  # the ratio columns divide by this implementation
 GIB = 1024**3
 LABELS = {"attention": ["D", "N", "B", "heads", "causal"], "masks": ["problem", "setup", "visible"]}
 NONE = "—"
+OTHER_RUN = "runs differ"  # a ratio cell whose two measurements come from different runs of a merge
 
 
 # --- cells -------------------------------------------------------------------------
@@ -93,7 +98,7 @@ def speed_frame(records: Sequence[dict]) -> pd.DataFrame:
             continue
         suite = r.get("suite", "attention")
         row = dict(suite=suite, dtype=r["dtype"], gqa=r.get("gqa", 1), pass_=r["pass"], impl=r["impl"],
-                   head_dim=r["head_dim"], causal_=r["causal"], seq=r["seq_q"], status=r["status"],
+                   run=r.get("run", ""), head_dim=r["head_dim"], causal_=r["causal"], seq=r["seq_q"], status=r["status"],
                    tflops=r["tflops"] if r["status"] == "ok" else math.nan,
                    tf=speed_cell(r), ms=time_cell(r), err=err_cell(r))
         if suite == "masks":
@@ -109,7 +114,8 @@ def speed_frame(records: Sequence[dict]) -> pd.DataFrame:
 
 
 def speed_groups(df: pd.DataFrame):
-    """``[((suite, dtype, gqa, pass), frame)]`` in report order, each frame with a ``row`` number; a later duplicate wins."""
+    """``[((suite, dtype, gqa, pass), frame)]`` in report order, each frame with a ``row`` number; a later duplicate
+    wins (``duplicates`` lists the others)."""
     if df.empty:
         return []
     out = []
@@ -127,15 +133,17 @@ def group_title(key: tuple) -> str:
 
 
 def pivot(g: pd.DataFrame, value: str, impls: Sequence[str], ratios: bool = False, fill: str | None = NONE) -> pd.DataFrame:
-    """Row labels, then one column per implementation (and ``impl/cudnn`` TFLOP/s ratios)."""
+    """Row labels, then one column per implementation (and ``impl/cudnn`` TFLOP/s ratios, where both cells come from
+    one run)."""
     suite = g["suite"].iloc[0]
     labels = g.drop_duplicates("row").set_index("row").sort_index()[LABELS[suite]]
     wide = lambda col: g.pivot(index="row", columns="impl", values=col).reindex(index=labels.index, columns=impls)  # noqa: E731
     table = labels.join(wide(value) if fill is None else wide(value).fillna(fill))
     if ratios and BASELINE in impls:
-        num = wide("tflops").astype(float)
+        num, run = wide("tflops").astype(float), wide("run")
         for i in (i for i in impls if i != BASELINE):
-            table[f"{i}/{BASELINE}"] = (num[i] / num[BASELINE]).map(lambda x: NONE if x != x else f"{x:.2f}×")
+            ratio = (num[i] / num[BASELINE]).map(lambda x: NONE if x != x else f"{x:.2f}×")
+            table[f"{i}/{BASELINE}"] = ratio.where((ratio == NONE) | (run[i] == run[BASELINE]), OTHER_RUN)
     return table
 
 
@@ -149,9 +157,12 @@ def speed_markdown(records: Sequence[dict], impls: Sequence[str] = ()) -> str:
     parts = []
     for key, g in speed_groups(speed_frame(records)):
         order = impl_order(g["impl"], impls)
+        tf = pivot(g, "tf", order, ratios=True)
+        cross = (tf == OTHER_RUN).any().any()
         parts += [f"### {group_title(key)}\n",
                   "TFLOP/s (higher is better; `*` = not checked against a reference, see the error table)\n",
-                  to_markdown(pivot(g, "tf", order, ratios=True)) + "\n",
+                  to_markdown(tf) + "\n" + (f"\n`{OTHER_RUN}`: the two were measured in different runs of this merge; "
+                                             "no ratio across runs.\n" if cross else ""),
                   "Median time per call (ms)\n", to_markdown(pivot(g, "ms", order)) + "\n",
                   "Relative error ‖x − ref‖/‖ref‖ (max over the checked outputs)\n", to_markdown(pivot(g, "err", order)) + "\n"]
     return "\n".join(parts)
@@ -205,6 +216,36 @@ def _memory_table(mem: Sequence[dict], impls: Sequence[str], fmt: str) -> str:
             f"{'causal' if r['causal'] else 'not causal'}, {r['dtype']}.\n\n" + to_markdown(table, fmt) + "\n")
 
 
+def _cell(r: dict) -> tuple:
+    """The table cell a record fills (a later record of the same cell replaces it in the tables)."""
+    if r.get("kind") == "memory":
+        return ("memory", *(r.get(k) for k in ("batch", "heads", "head_dim", "causal", "dtype", "seq_q", "impl")))
+    point = r["name"] if r.get("suite") == "masks" else tuple(r[k] for k in ("head_dim", "causal", "seq_q", "seq_k",
+                                                                           "batch", "heads", "kv_heads"))
+    return ("speed", r.get("suite", "attention"), r["dtype"], r.get("gqa", 1), r["pass"], r["impl"], point)
+
+
+def duplicates(records: Sequence[dict]) -> list[tuple[dict, dict]]:
+    """``(earlier, shown)`` for each speed or memory record that a later one of the same cell replaces in the tables."""
+    last = {_cell(r): r for r in records if r.get("kind") in ("speed", "memory")}
+    return [(r, last[_cell(r)]) for r in records if r.get("kind") in ("speed", "memory") and last[_cell(r)] is not r]
+
+
+def duplicates_markdown(records: Sequence[dict]) -> str:
+    """One line per record replaced by a later one of the same cell: nothing is dropped without a note."""
+
+    def value(r):
+        if r.get("kind") == "memory":
+            return f"{gib(r.get('peak_bytes', r.get('analysis_bytes')))} GiB" if r["status"] == "ok" else r["status"]
+        return f"{speed_cell(r)} TFLOP/s" if r["status"] == "ok" else r["status"]
+
+    def source(r):
+        return f" (run `{r['run']}`)" if r.get("run") else ""
+
+    return "".join(f"- **{old['impl']}** {old.get('pass') or 'memory'} {where(old)}: {value(old)}{source(old)}; "
+                   f"the tables show {value(new)}{source(new)}\n" for old, new in duplicates(records))
+
+
 def problems_markdown(records: Sequence[dict]) -> str:
     """Every non-ok record, identical messages grouped, so nothing is silently dropped."""
     bad = [r for r in records if r.get("status") not in (None, "ok")]
@@ -231,6 +272,8 @@ def render_markdown(records: Sequence[dict], meta: dict) -> str:
              ("JAX", f"jax {meta.get('jax_version', '?')}, jaxlib {meta.get('jaxlib_version', '?')}"),
              ("Date", meta.get("date", "?")), ("Command", f"`{meta.get('command', '?')}`"),
              ("Commit", meta.get("commit") or "unknown")] + ([("Run", meta["status"])] if meta.get("status") else [])
+    facts += [("Runs", "".join(f"\n  - `{r['run']}`: commit {r.get('commit') or 'unknown'}, {r.get('date') or '?'}, "
+                               f"{r.get('status') or '?'}" for r in meta["runs"]))] if meta.get("runs") else []
     out = [f"# Attention benchmark: {meta.get('device', '?')}\n", "\n".join(f"- **{k}**: {v}" for k, v in facts) + "\n"]
     if meta.get("method"):
         out.append("## Method\n\n" + meta["method"].strip() + "\n")
@@ -243,6 +286,10 @@ def render_markdown(records: Sequence[dict], meta: dict) -> str:
     memory = memory_markdown(records, meta.get("impls", ()))
     if memory:
         out.append("## Peak memory\n\n" + memory)
+    dups = duplicates_markdown(records)
+    if dups:
+        out.append("## Duplicates\n\nRecords of a cell that a later record replaces in the tables (both are in the "
+                   ".jsonl):\n\n" + dups)
     out.append("## Problems (FAIL, OOM, n/a, ERR)\n\n" + problems_markdown(records))
     if meta.get("plots"):
         out.append("## Plots\n\n" + "\n".join(f"![{p}]({p})" for p in meta["plots"]) + "\n")
@@ -260,6 +307,8 @@ def summary_text(records: Sequence[dict], impls: Sequence[str] = (), speedups=()
     bad = pd.Series([r["status"] for r in records if r.get("status") not in (None, "ok")], dtype=object).value_counts()
     if len(bad):
         parts.append("problems: " + ", ".join(f"{n} {s}" for s, n in sorted(bad.items())) + " (details in the .md)")
+    if duplicates(records):
+        parts.append(f"{len(duplicates(records))} record(s) replaced by a later one of the same cell (listed in the .md)")
     text = "\n\n".join(parts)
     return text if len(text) <= max_chars else "… (summary cut; the full tables are in the .md)\n" + text[-max_chars:]
 

@@ -346,6 +346,33 @@ def test_memory_report_keeps_each_problem_apart(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "b.jsonl"]  # nothing written
 
 
+def test_report_from_ratios_only_within_one_run_and_lists_duplicates(tmp_path, capsys):
+    """Merged runs: pallas_flash/cudnn never divides one run's number by another's, and a cell's earlier record
+    (replaced in the tables by a later run's) is listed, not dropped without a note."""
+    runs = {"a": [_speed_rec("cudnn", 100.0), _speed_rec("pallas_flash", 110.0), _speed_rec("cudnn", 200.0, n=4096),
+                  _speed_rec("pallas_flash", 100.0, n=4096)],
+            "b": [_speed_rec("pallas_flash", 300.0)]}
+    for name, recs in runs.items():
+        common.append_jsonl(tmp_path / f"{name}.jsonl", dict(kind="meta", device="H100", device_slug="h100",
+                                                             commit=f"{name * 4}111", impls=["pallas_flash", "cudnn"]))
+        for r in recs:
+            common.append_jsonl(tmp_path / f"{name}.jsonl", r)
+    assert bench.main(["--report-from", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--no-plots"]) == 0
+    assert "1 record(s) replaced" in capsys.readouterr().out
+    text = (tmp_path / "a-merged.md").read_text()
+    rows = _rows(text)
+    assert ["128", "1k", "16", "16", "no", "300.0", "100.0", "runs differ"] in rows  # not 3.00×
+    assert ["128", "4k", "16", "16", "no", "100.0", "200.0", "0.50×"] in rows  # both from run a
+    assert "- **pallas_flash** fwd bf16 D=128 N=1k: 110.0 TFLOP/s (run `a.jsonl`); the tables show 300.0 TFLOP/s " \
+           "(run `b.jsonl`)" in text
+    assert "**Commit**: aaaa111, bbbb111" in text and "`b.jsonl`: commit bbbb111" in text
+    # Merging the merged file again keeps each record's run: still no ratio across runs.
+    assert bench.main(["--report-from", str(tmp_path / "a-merged.jsonl"), "--no-plots"]) == 0
+    again = (tmp_path / "a-merged-merged.md").read_text()
+    assert ["128", "1k", "16", "16", "no", "300.0", "100.0", "runs differ"] in _rows(again)
+    assert "`a.jsonl`: commit aaaa111" in again and "the tables show 300.0 TFLOP/s (run `b.jsonl`)" in again
+
+
 def test_main_dry_run_writes_report(tmp_path, capsys):
     rc = bench.main(TINY + ["--impls", "xla,cudnn", "--gqa", "1,2", "--out", str(tmp_path / "{device}"), "--tag", "smoke"])
     assert rc == 0
