@@ -240,7 +240,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--batches", help="comma-separated batch sizes (default 1,8,32)")
     p.add_argument("--tokens", help="comma-separated cached tokens per sequence, e.g. 1k,8k (default 1k,8k,32k,128k)")
     p.add_argument("--impls", help=f"comma-separated from {','.join(IMPLS)} (default {','.join(DEFAULT_IMPLS)})")
-    p.add_argument("--page-size", type=int, default=64)
+    p.add_argument("--page-size", type=int, default=64, help="tokens per page of the paged cache, a multiple of 16")
     p.add_argument("--min-time", type=float, help="seconds of timed samples per cell (default 0.3, --quick 0.15)")
     p.add_argument("--max-sets", type=int, default=24, help="most input sets rotated over (small caches)")
     p.add_argument("--layers", type=int, default=1,
@@ -257,12 +257,16 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         a.tokens = tuple(tok(t) for t in a.tokens.split(",")) if a.tokens else d["tokens"]
     except ValueError:
         p.error("--batches and --tokens take comma-separated integers (tokens may end in k)")
+    if min(a.batches) < 1 or min(a.tokens) < 1:
+        p.error(f"--batches and --tokens must be positive, got {a.batches} and {a.tokens}")
     a.impls = tuple(a.impls.split(",")) if a.impls else DEFAULT_IMPLS
     for i in a.impls:
         if i not in IMPLS:
             p.error(f"--impls: unknown {i!r}; choose from {', '.join(IMPLS)}")
-    if any(t % a.page_size for t in a.tokens) or a.page_size % 16:
-        p.error("--page-size must be a multiple of 16 dividing every --tokens value")
+    if a.page_size < 16 or a.page_size % 16 or any(t % a.page_size for t in a.tokens):
+        p.error(f"--page-size must be a positive multiple of 16 dividing every --tokens value, got {a.page_size}")
+    if a.time_budget is not None and not a.time_budget > 0:
+        p.error(f"--time-budget must be positive, got {a.time_budget:g}")
     a.min_time = a.min_time if a.min_time is not None else d["min_time"]
     a.argv = tuple(argv)
     return a

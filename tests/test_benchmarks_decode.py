@@ -30,3 +30,16 @@ def test_table_ratios_are_cudnn_time_over_each():
     t = bench.table(recs, ["pallas_flash", "cudnn", "xla"])
     row = t.iloc[0]
     assert row["pallas_flash vs cuDNN"] == "2.00x" and row["xla ms"] == "OOM" and row["tokens"] == "8k"
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--page-size", "0"], "--page-size must be a positive multiple of 16 dividing every --tokens value, got 0"),
+    (["--page-size", "-64"], "--page-size must be a positive multiple of 16"),
+    (["--page-size", "48"], "--page-size must be a positive multiple of 16 dividing every --tokens value, got 48"),
+    (["--batches", "0"], "--batches and --tokens must be positive"),
+    (["--time-budget", "0"], "--time-budget must be positive"),
+])
+def test_bad_values_are_usage_errors_naming_the_flag(argv, fragment, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(argv)
+    assert e.value.code == 2 and fragment in capsys.readouterr().err
