@@ -236,11 +236,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.decode", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help="B 1,8 x tokens 8k,32k, 0.15 s of samples per cell")
-    p.add_argument("--sweep", action="store_true", help="the split kernel's launch variants at a few points, and cuDNN")
+    p.add_argument("--sweep", action="store_true", help="the split kernel's launch variants and cuDNN at its own "
+                   "points (B 1,8 x 128k tokens): not with --batches, --tokens, --impls, --page-size")
     p.add_argument("--batches", help="comma-separated batch sizes (default 1,8,32)")
     p.add_argument("--tokens", help="comma-separated cached tokens per sequence, e.g. 1k,8k (default 1k,8k,32k,128k)")
     p.add_argument("--impls", help=f"comma-separated from {','.join(IMPLS)} (default {','.join(DEFAULT_IMPLS)})")
-    p.add_argument("--page-size", type=int, default=64, help="tokens per page of the paged cache, a multiple of 16")
+    p.add_argument("--page-size", type=int, help="tokens per page of the paged cache, a multiple of 16 (default 64)")
     p.add_argument("--min-time", type=float, help="seconds of timed samples per cell (default 0.3, --quick 0.15)")
     p.add_argument("--max-sets", type=int, default=24, help="most input sets rotated over (small caches)")
     p.add_argument("--layers", type=int, default=1,
@@ -250,6 +251,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--out", help="output directory (default benchmarks/results/<device>)")
     p.add_argument("--tag", help="file name suffix: <date>-decode-<tag>")
     a = p.parse_args(list(argv))
+    if a.sweep:  # its points and impls are its own: a flag choosing others would be ignored
+        given = [f for f in ("batches", "tokens", "impls", "page_size") if getattr(a, f) is not None]
+        if given:
+            p.error(f"--sweep times its own points and implementations; drop "
+                    f"{', '.join('--' + f.replace('_', '-') for f in given)} (or run without --sweep)")
     d = QUICK if a.quick else FULL
     try:
         tok = lambda t: int(t[:-1]) * 1024 if t.lower().endswith("k") else int(t)
@@ -263,6 +269,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     for i in a.impls:
         if i not in IMPLS:
             p.error(f"--impls: unknown {i!r}; choose from {', '.join(IMPLS)}")
+    a.page_size = a.page_size if a.page_size is not None else 64
     if a.page_size < 16 or a.page_size % 16 or any(t % a.page_size for t in a.tokens):
         p.error(f"--page-size must be a positive multiple of 16 dividing every --tokens value, got {a.page_size}")
     if a.time_budget is not None and not a.time_budget > 0:

@@ -43,3 +43,14 @@ def test_bad_values_are_usage_errors_naming_the_flag(argv, fragment, capsys):
     with pytest.raises(SystemExit) as e:
         bench.parse_args(argv)
     assert e.value.code == 2 and fragment in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--sweep", "--impls", "xla", "--batches", "2", "--tokens", "1k"], "drop --batches, --tokens, --impls"),
+    (["--sweep", "--page-size", "32"], "drop --page-size"),
+])
+def test_sweep_refuses_the_flags_it_would_ignore(argv, named, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(argv)
+    assert e.value.code == 2 and named in capsys.readouterr().err
+    assert bench.parse_args(["--sweep", "--quick", "--layers", "4"]).sweep  # the flags it uses are fine
