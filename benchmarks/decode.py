@@ -214,8 +214,10 @@ def write_report(records, meta, stem, impls) -> str:
     notes = "\n".join(f"- `{i}`: {IMPLS[i][1] if i in IMPLS else 'split kernel variant ' + i}" for i in impls)
     problems = [f"- {r['impl']} B={r['batch']} tokens={r['tokens']}: {r['status']} {r.get('message', '')} "
                 f"(err {r.get('err')})" for r in records if r["status"] != "ok"]
+    problems += [f"- B={b} tokens={_tokens(t)}: not run, the time budget of {meta['time_budget']:g} s was reached"
+                 for b, t in meta.get("skipped", ())]
     text = (f"# Decode attention, {meta['device']}\n\n{meta['date']}; `{meta['command']}`; commit {meta['commit']}; "
-            f"jax {meta['jax_version']}.\n\n"
+            f"jax {meta['jax_version']}; {meta.get('status', 'complete')}.\n\n"
             f"Tq = 1 new token per sequence, {HEADS} query heads over {KV_HEADS} KV heads, D = {HEAD_DIM}, bf16, every "
             f"sequence holding `tokens` cached tokens (kv_lengths = tokens); paged: page_size {meta['page_size']}, "
             "pages shuffled. Each cell checked against the 'xla' path's output (relative error below "
@@ -247,7 +249,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=1,
                    help="time one decode step of this many layers (distinct caches) in one jitted call; per-layer time")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--time-budget", type=float, help="start no new point after this many seconds")
+    p.add_argument("--time-budget", type=float, help="start no new point after this many seconds (the points not run "
+                   "are listed in the .md and the .jsonl's last meta line)")
     p.add_argument("--out", help="output directory (default benchmarks/results/<device>)")
     p.add_argument("--tag", help="file name suffix: <date>-decode-<tag>")
     a = p.parse_args(list(argv))
@@ -303,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stem = common.unique_stem(out_dir, f"{datetime.date.today().isoformat()}-{tag}")
     meta = dict(kind="meta", **dev, date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
                 command="PYTHONPATH=. python3 -m benchmarks.decode " + shlex.join(opts.argv), commit=common.git_commit(),
-                page_size=opts.page_size, layers=opts.layers)
+                page_size=opts.page_size, layers=opts.layers, time_budget=opts.time_budget, status="running")
     common.append_jsonl(stem.with_suffix(".jsonl"), meta)
     records: list[dict] = []
 
@@ -313,12 +316,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         ms = f"{rec['time_s'] * 1e3:.4g} ms {rec['kv_tbps']:.2f} TB/s" if rec["status"] == "ok" else rec["status"]
         print(f"B={rec['batch']:>3} tokens={rec['tokens']:>6} {rec['impl']:<28} {ms} err={rec.get('err')}", flush=True)
 
+    skipped = []
     for batch, tokens in points:
         if opts.time_budget is not None and time.monotonic() - start > opts.time_budget:
             print(f"time budget reached; skipping B={batch} tokens={tokens}")
+            skipped.append((batch, tokens))
             continue
         bench_point(batch, tokens, impls, opts, on_record)
         jax.clear_caches()
+    status = (f"partial: time budget of {opts.time_budget:g} s reached, {len(skipped)} of {len(points)} points not run"
+              if skipped else "complete")
+    meta = dict(meta, status=status, skipped=skipped)  # the last meta line: how the run ended
+    common.append_jsonl(stem.with_suffix(".jsonl"), meta)
     print("\n" + write_report(records, meta, stem, list(impls)))
     print(f"{time.monotonic() - start:.0f} s; wrote {stem}.md, .jsonl")
     return 0

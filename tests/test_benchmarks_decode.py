@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from benchmarks import decode as bench
@@ -54,3 +56,33 @@ def test_sweep_refuses_the_flags_it_would_ignore(argv, named, capsys):
         bench.parse_args(argv)
     assert e.value.code == 2 and named in capsys.readouterr().err
     assert bench.parse_args(["--sweep", "--quick", "--layers", "4"]).sweep  # the flags it uses are fine
+
+
+def test_time_budget_records_the_points_it_skips(tmp_path, monkeypatch):
+    """A point not run for the time budget is named in the .md and in the .jsonl's last meta line."""
+    import types
+
+    import jax
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(bench.common, "device_info", lambda: dict(device="FAKE", device_slug="fake", jax_version="x"))
+    clock = iter(range(0, 1000, 10))  # 10 s per call: the first point starts within 15 s, the others not
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(monotonic=lambda: next(clock)))
+
+    def fake_point(batch, tokens, impls, opts, on_record):
+        for name in impls:
+            on_record(dict(kind="decode", batch=batch, tokens=tokens, impl=name, status="ok", time_s=1e-3, kv_tbps=1.0))
+
+    monkeypatch.setattr(bench, "bench_point", fake_point)
+    argv = ["--batches", "1,8,32", "--tokens", "1k", "--impls", "xla", "--time-budget", "15", "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
+    (jsonl,) = tmp_path.glob("*-decode.jsonl")
+    lines = [json.loads(x) for x in jsonl.read_text().splitlines()]
+    assert [r["batch"] for r in lines if r["kind"] == "decode"] == [1]
+    assert lines[0]["status"] == "running" and lines[-1]["kind"] == "meta"
+    assert lines[-1]["status"] == "partial: time budget of 15 s reached, 2 of 3 points not run"
+    assert lines[-1]["skipped"] == [[8, 1024], [32, 1024]]
+    md = jsonl.with_suffix(".md").read_text()
+    assert "partial: time budget of 15 s reached, 2 of 3 points not run" in md
+    assert "- B=8 tokens=1k: not run, the time budget of 15 s was reached" in md
+    assert "- B=32 tokens=1k: not run" in md
