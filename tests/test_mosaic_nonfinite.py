@@ -236,7 +236,8 @@ def test_rows_that_see_no_key_past_the_key_length_stay_clean(case, config, seed)
                       for label, g in zip(("dq", "dk", "dv"), want_vjp(f64[3]))]
         want_out, want_grads = np.asarray(want_out), [np.asarray(g) for g in want_grads]
     got_out = np.asarray(out.astype(jnp.float32))
-    assert np.isfinite(got_out).all(), f"NaN padding reached rows {np.where(~np.isfinite(got_out).all(axis=(0, 2, 3)))[0]}"
+    nan_rows = np.where(~np.isfinite(got_out).all(axis=(0, 2, 3)))[0]
+    assert np.isfinite(got_out).all(), f"NaN padding reached rows {nan_rows}"
     assert np.abs(want_out[0, 128:]).max() == 0.0  # the reference's rows that see no key
     tol = TOLERANCE[jnp.dtype(jnp.bfloat16)]
     for label, got, want in zip(("out", "dq", "dk", "dv"), (got_out, *grads), (want_out, *want_grads)):

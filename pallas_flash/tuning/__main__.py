@@ -15,8 +15,9 @@ file already holds and skipping their problems (how
 ``backends/<name>/tables/*.json`` are made, over as many runs as it takes).
 ``--records FILE`` appends every time the search took, one JSON line per
 problem. Each entry is merged into the file as it stands, under a lock
-(``<file>.lock``), so two runs writing one cache or table keep each other's. The Mosaic search confirms its shortlist in interleaved rounds
-(``--top``, ``--rounds``, ``--margin``) and compiles on ``--threads`` threads
+(``<file>.lock``), so two runs writing one cache or table keep each other's.
+The Mosaic search confirms its shortlist in interleaved rounds (``--top``,
+``--rounds``, ``--margin``) and compiles on ``--threads`` threads
 (``pallas_flash.tuning.search``).
 """
 

@@ -451,8 +451,8 @@ def default_config(
     """The config used when the caller passes none.
 
     The user's tuned cache for this GPU (``user_cache_path()``; ``gpu`` defaults to ``gpu_name()``), else the
-    shipped table's entry (each at its bucket only, both lengths in it: ``_bucket_entry``), else the forward's (head dim, dtype, mask
-    and, for the overlap, the key length) and backward's (``default_backward``) heuristics. The backward is
+    shipped table's entry (each at its bucket only, both lengths in it: ``_bucket_entry``), else the forward's
+    (head dim, dtype, mask and, for the overlap, the key length) and backward's (``default_backward``) heuristics. The backward is
     deterministic under ``deterministic_requested()`` and where ``fused_dq_pays`` says no; where a tuned fused
     entry (timed on plain MHA) meets the first, GQA (``kv_groups`` > 1) or one of ``FUSED_DQ_LOSES``, the
     heuristic's deterministic backward replaces it (the fused entry's blocks say nothing of the dQ kernel's).
