@@ -120,8 +120,8 @@ def test_lookup_takes_the_nearest_bucket_and_skips_malformed_keys():
 
     key = lambda n, dt="bfloat16": mosaic_config.config_key(128, dt, True, n)  # noqa: E731
     table = {key(1024): {"a": 1}, key(16384): {"a": 2}, key(4096).replace("n4096", "n1k"): {"a": 3}}
-    assert triton_config.lookup(table, 128, jnp.bfloat16, True, 2048) == {"a": 1}
-    assert triton_config.lookup(table, 128, jnp.float16, True, 8192 * 2) == {"a": 2}  # bf16's entry
+    assert triton_config.lookup(table, 128, jnp.bfloat16, True, 2048) == (key(1024), {"a": 1})
+    assert triton_config.lookup(table, 128, jnp.float16, True, 8192 * 2) == (key(16384), {"a": 2})  # bf16's entry
     assert triton_config.lookup(table, 128, jnp.bfloat16, True, 4096, nearest=False) is None
     assert triton_config.lookup(table, 128, jnp.bfloat16, False, 4096) is None  # not causal: none
 

@@ -76,18 +76,13 @@ def _dtypes(ap, text: str, backend: str) -> list[str]:
     return names
 
 
-def _read_json(ap, path: pathlib.Path, what: str) -> dict:
-    """``path``'s JSON object (``{}`` when there is none), read before any tuning: a broken file stops the run
-    before it has anything to lose."""
-    if not path.exists():
-        return {}
+def _read_json(ap, path: pathlib.Path, what: str, gpu: str | None = None) -> dict:
+    """``path``'s table (``triton_config.read_table_file``; ``{}`` when there is none), read before any tuning: a
+    broken file stops the run before it has anything to lose."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        ap.error(f"{what} {path} is not readable JSON ({e}); fix or delete it, then run again")
-    if not isinstance(data, dict):
-        ap.error(f"{what} {path} is not a JSON object; fix or delete it, then run again")
-    return data
+        return triton_config.read_table_file(path, gpu)
+    except ValueError as e:
+        ap.error(f"{what} {e}; fix or delete it, then run again")
 
 
 @contextlib.contextmanager
@@ -110,11 +105,9 @@ def _save_entry(path: pathlib.Path, key: str, entry: dict, gpu: str | None = Non
     made unreadable meanwhile raises ``ValueError`` with the entry in the message, so that it is not lost."""
     with _locked(path):
         try:
-            data = json.loads(path.read_text()) if path.exists() else {}
-            if not isinstance(data, dict) or not isinstance(data.get(gpu, {}) if gpu else {}, dict):
-                raise ValueError("not a JSON object of tables")
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{path} became unreadable during the run ({e}); this problem's entry, to add by hand: "
+            data = triton_config.read_table_file(path, gpu)
+        except ValueError as e:
+            raise ValueError(f"{e}, since this run started; this problem's entry, to add by hand: "
                              f"{json.dumps({key: entry})}") from None
         (data.setdefault(gpu, {}) if gpu else data)[key] = entry
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
@@ -185,7 +178,7 @@ def main(argv=None) -> int:
     done = _read_json(ap, args.out, "--out") if args.out is not None else {}
     cache_path = config.user_cache_path()
     if args.out is None and not args.print_json:
-        _read_json(ap, cache_path, "the user cache")  # a broken cache stops the run before any tuning
+        _read_json(ap, cache_path, "the user cache", gpu)  # a broken cache stops the run before any tuning
     if args.records is not None:  # its folder, before any tuning (a record is written after each problem)
         args.records.parent.mkdir(parents=True, exist_ok=True)
     for (d, dt, c, n), key in zip(problems, keys):

@@ -383,7 +383,7 @@ def _bucket_entry(table: dict, head_dim: int, dtype: Any, causal: bool, seq_q: i
     16k entry's fused dQ at 512 keys would change the backward's mode, not only its speed."""
     if seq_bucket(seq_q) != seq_bucket(seq_k):
         return None
-    return triton_config.lookup_with_key(table, head_dim, dtype, causal, seq_q, nearest=False)
+    return triton_config.lookup(table, head_dim, dtype, causal, seq_q, nearest=False)
 
 
 def _user_entry(head_dim: int, dtype: Any, causal: bool, seq_q: int, seq_k: int, gpu: str) -> MosaicConfig | None:
@@ -452,8 +452,8 @@ def default_config(
 
     The user's tuned cache for this GPU (``user_cache_path()``; ``gpu`` defaults to ``gpu_name()``), else the
     shipped table's entry (each at its bucket only, both lengths in it: ``_bucket_entry``), else the forward's
-    (head dim, dtype, mask and, for the overlap, the key length) and backward's (``default_backward``) heuristics. The backward is
-    deterministic under ``deterministic_requested()`` and where ``fused_dq_pays`` says no; where a tuned fused
+    (head dim, dtype, mask and, for the overlap, the key length) and backward's (``default_backward``) heuristics.
+    The backward is deterministic under ``deterministic_requested()`` and where ``fused_dq_pays`` says no; where a tuned fused
     entry (timed on plain MHA) meets the first, GQA (``kv_groups`` > 1) or one of ``FUSED_DQ_LOSES``, the
     heuristic's deterministic backward replaces it (the fused entry's blocks say nothing of the dQ kernel's).
     ``features`` (the call's ``AttentionSpec.features`` keys; the tuner times plain and causal MHA calls only):

@@ -139,12 +139,8 @@ _TABLES_DIR = pathlib.Path(__file__).parent / "tables"
 
 
 def heuristic_config(head_dim: int, dtype: Any) -> FlashConfig:
-    """The heuristic config by head dim and dtype, with no table read (the tuner's starting point)."""
-    return _heuristic(head_dim, dtype)
-
-
-def _heuristic(head_dim: int, dtype: Any) -> FlashConfig:
-    """For GPUs and shapes no table covers: the H100 winners by head dim, smaller tiles where they would not fit."""
+    """For GPUs and shapes no table covers, and the tuner's starting point (no table read): the H100 winners by head
+    dim, smaller tiles where they would not fit."""
     d = padded_head_dim(head_dim)
     itemsize = jax.numpy.dtype(dtype).itemsize
     if itemsize >= 4 or d > 128:
@@ -174,23 +170,34 @@ def config_key(head_dim: int, dtype: Any, causal: bool, seq_q: int) -> str:
     return f"d{padded_head_dim(head_dim)}|{jax.numpy.dtype(dtype).name}|causal={bool(causal)}|n{seq_bucket(seq_q)}"
 
 
-@functools.cache
-def read_user_table(path: pathlib.Path, gpu: str) -> dict[str, dict[str, Any]]:
-    """This GPU's entries of a tuned cache (``{gpu name: {config_key: config dict}}``, this backend's or the
-    Mosaic backend's); a missing file has none. Read once per process. A file that is not such a JSON object
-    (truncated, hand-edited) raises ``ValueError`` naming it: its tuned configs would otherwise be dropped
-    without a word, as an invalid entry would not be (``default_config``)."""
+def read_table_file(path: pathlib.Path, gpu: str | None = None) -> dict[str, Any]:
+    """The JSON object of a tuned table (``{config_key: config dict}``) or, with ``gpu``, of a tuned cache
+    (``{gpu name: {config_key: config dict}}``, whose ``gpu`` section must be an object too); ``{}`` for a missing
+    file. ``ValueError`` (``"<path> is not ..."``) for a file that is not one (truncated, hand-edited)."""
     if not path.exists():
         return {}
-    fix = "fix or delete that file (`python -m pallas_flash.tuning` writes it anew)"
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise ValueError(f"the tuned cache {path} is not readable JSON ({type(e).__name__}: {e}); {fix}") from None
-    if not isinstance(data, dict) or not isinstance(data.get(gpu, {}), dict):
-        raise ValueError(f"the tuned cache {path} is not a JSON object of {{gpu name: {{config key: config}}}} "
-                         f"(its entry for {gpu!r} or the file itself is not an object); {fix}")
-    return data.get(gpu, {})
+        raise ValueError(f"{path} is not readable JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict) or (gpu is not None and not isinstance(data.get(gpu, {}), dict)):
+        what = "{gpu name: {config key: config}}" if gpu is not None else "{config key: config}"
+        raise ValueError(f"{path} is not a JSON object of {what}"
+                         + (f" (its entry for {gpu!r} or the file itself is not an object)" if gpu is not None else ""))
+    return data
+
+
+@functools.cache
+def read_user_table(path: pathlib.Path, gpu: str) -> dict[str, dict[str, Any]]:
+    """This GPU's entries of a tuned cache (``read_table_file``; this backend's or the Mosaic backend's); a missing
+    file has none. Read once per process. A file that is not such a JSON object raises ``ValueError`` naming it:
+    its tuned configs would otherwise be dropped without a word, as an invalid entry would not be
+    (``default_config``)."""
+    try:
+        return read_table_file(path, gpu).get(gpu, {})
+    except ValueError as e:
+        raise ValueError(f"the tuned cache {e}; fix or delete that file (`python -m pallas_flash.tuning` writes it "
+                         "anew)") from None
 
 
 @functools.cache
@@ -202,8 +209,8 @@ def _shipped_table(gpu: str) -> dict[str, dict[str, Any]]:
     return {}
 
 
-def lookup_with_key(table: dict[str, dict[str, Any]], head_dim: int, dtype: Any, causal: bool, seq_q: int,
-                    *, nearest: bool = True) -> tuple[str, dict[str, Any]] | None:
+def lookup(table: dict[str, dict[str, Any]], head_dim: int, dtype: Any, causal: bool, seq_q: int,
+           *, nearest: bool = True) -> tuple[str, dict[str, Any]] | None:
     """``(key, entry)``: the exact key, else (``nearest``) the nearest sequence bucket's; fp16 uses bf16's entries
     (same tile bytes). The key is the one found, so an error about the entry can name what the file holds."""
     dtypes = [jax.numpy.dtype(dtype).name]
@@ -224,12 +231,6 @@ def lookup_with_key(table: dict[str, dict[str, Any]], head_dim: int, dtype: Any,
             return near[0][1], table[near[0][1]]
     return None
 
-
-def lookup(table: dict[str, dict[str, Any]], head_dim: int, dtype: Any, causal: bool, seq_q: int,
-           *, nearest: bool = True):
-    """``lookup_with_key``'s entry alone (None when there is none)."""
-    found = lookup_with_key(table, head_dim, dtype, causal, seq_q, nearest=nearest)
-    return None if found is None else found[1]
 
 
 def gpu_name() -> str:
@@ -254,7 +255,7 @@ def default_config(
     if gpu:
         for source, table in (("the tuned cache " + str(user_cache_path()), read_user_table(user_cache_path(), gpu)),
                               ("the shipped table", _shipped_table(gpu))):
-            found = lookup_with_key(table, head_dim, dtype, causal, seq_q)
+            found = lookup(table, head_dim, dtype, causal, seq_q)
             if found is None:
                 continue
             key, entry = found
@@ -265,4 +266,4 @@ def default_config(
                     f"{source} holds an invalid Triton config for {gpu!r} at {key} (looked up for "
                     f"{config_key(head_dim, dtype, causal, seq_q)}; {type(e).__name__}: {e}); rerun "
                     "`python -m pallas_flash.tuning` or delete that file") from None
-    return _heuristic(head_dim, dtype)
+    return heuristic_config(head_dim, dtype)
