@@ -453,9 +453,9 @@ def default_config(
     The user's tuned cache for this GPU (``user_cache_path()``; ``gpu`` defaults to ``gpu_name()``), else the
     shipped table's entry (each at its bucket only, both lengths in it: ``_bucket_entry``), else the forward's
     (head dim, dtype, mask and, for the overlap, the key length) and backward's (``default_backward``) heuristics.
-    The backward is deterministic under ``deterministic_requested()`` and where ``fused_dq_pays`` says no; where a tuned fused
-    entry (timed on plain MHA) meets the first, GQA (``kv_groups`` > 1) or one of ``FUSED_DQ_LOSES``, the
-    heuristic's deterministic backward replaces it (the fused entry's blocks say nothing of the dQ kernel's).
+    The backward is deterministic under ``deterministic_requested()`` and where ``fused_dq_pays`` says no; where a
+    tuned fused entry (timed on plain MHA) meets the first, GQA (``kv_groups`` > 1) or one of ``FUSED_DQ_LOSES``,
+    the heuristic's deterministic backward replaces it (the fused entry's blocks say nothing of the dQ kernel's).
     ``features`` (the call's ``AttentionSpec.features`` keys; the tuner times plain and causal MHA calls only):
     with one of ``TURN_TAKING_FEATURES`` the D=128 forward takes turns, and with segment ids the D=64 forward
     takes ``SEGMENTS_D64_FORWARD`` blocks, tuned or not; with any feature a three-warpgroup forward (timed
