@@ -307,8 +307,9 @@ def summary_text(records: Sequence[dict], impls: Sequence[str] = (), speedups=()
     bad = pd.Series([r["status"] for r in records if r.get("status") not in (None, "ok")], dtype=object).value_counts()
     if len(bad):
         parts.append("problems: " + ", ".join(f"{n} {s}" for s, n in sorted(bad.items())) + " (details in the .md)")
-    if duplicates(records):
-        parts.append(f"{len(duplicates(records))} record(s) replaced by a later one of the same cell (listed in the .md)")
+    replaced = len(duplicates(records))
+    if replaced:
+        parts.append(f"{replaced} record(s) replaced by a later one of the same cell (listed in the .md)")
     text = "\n\n".join(parts)
     return text if len(text) <= max_chars else "… (summary cut; the full tables are in the .md)\n" + text[-max_chars:]
 
