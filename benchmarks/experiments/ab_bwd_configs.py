@@ -18,7 +18,7 @@ from benchmarks.experiments.pullbacks import pullback, tflops_rounds
 
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 3
 probs = [tuple(int(x) for x in p.split(":")) for p in os.environ.get("PROBS", "64:4096:0").split(",")]
-variants = dict(v.split("=") for v in os.environ.get("VARIANTS", "default=,rows128=128:2:0").split(","))
+variants = dict(v.split("=", 1) for v in os.environ.get("VARIANTS", "default=,rows128=128:2:0").split(","))
 for D, N, causal, *kv in probs:
     causal = bool(causal)
     B, H = 16384 // N, kv[1] if len(kv) > 1 else 2048 // D
