@@ -196,3 +196,29 @@ def test_falls_back_to_triton_for_what_it_refuses(seed):
     ours = pf.dot_product_attention(q, k, v, implementation=("mosaic", "triton"), **kw)
     triton = pf.dot_product_attention(q, k, v, implementation="triton", **kw)
     assert np.array_equal(np.asarray(ours), np.asarray(triton))
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="interpret mode's host threads: CPU only")
+def test_interpret_mode_refuses_more_warpgroups_than_host_threads(monkeypatch):
+    """Mosaic GPU's interpreter runs each warpgroup on a host thread; one more than the host runs at once hangs
+    (2 CPUs, 1 CPU device: 4 warpgroups), so the launcher refuses it, naming the counts, and the backend's default
+    config on a host without a GPU keeps to two compute warpgroups where three would not fit."""
+    from pallas_flash.backends import mosaic_gpu
+    from pallas_flash.backends.mosaic_gpu import common
+    from pallas_flash.spec import AttentionSpec
+
+    monkeypatch.setattr(common.os, "sched_getaffinity", lambda pid: {0, 1})
+    assert common.interpret_warpgroups() == max(2, len(jax.devices("cpu"))) + 1
+    q, k, v = _qkv(Shape("w", 1, 4096, 4096, 2, 2, 64), jnp.bfloat16, 0)
+    spec = AttentionSpec(scale=0.125, causal=False)
+    three = MosaicForwardConfig(block_kv=128, num_stages=2, overlap=True, persistent=True, compute_wgs=3)
+    for host, want in ((3, 2), (4, 3)):
+        monkeypatch.setattr(common, "interpret_warpgroups", lambda host=host: host)
+        monkeypatch.setattr(mosaic_gpu, "interpret_warpgroups", lambda host=host: host)
+        assert backends.get("mosaic").default_config(q, k, spec).fwd.compute_wgs == want  # the heuristic's 3 at 4k
+        assert common.launch_params(True, "k", 2)["num_threads"] == 3
+        assert common.launch_params(False, "k", 3)["num_threads"] == 4  # compiled: no host threads involved
+    monkeypatch.setattr(common, "interpret_warpgroups", lambda: 3)
+    with pytest.raises(NotImplementedError, match="pallas_flash_mosaic_fwd runs 4 warpgroups.*only 3 at once"):
+        pf.dot_product_attention(q[:, :200], k[:, :200], v[:, :200], implementation="mosaic",
+                                 config=MosaicConfig(fwd=three), interpret=True)

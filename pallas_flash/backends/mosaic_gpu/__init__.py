@@ -40,6 +40,7 @@ import jax.numpy as jnp
 
 from pallas_flash.backends.base import Gradients, KernelBackend
 from pallas_flash.backends.mosaic_gpu.backward import mosaic_backward
+from pallas_flash.backends.mosaic_gpu.common import COMPUTE_WGS, interpret_warpgroups
 from pallas_flash.backends.mosaic_gpu.config import (
     HEAD_DIMS,
     MosaicBackwardConfig,
@@ -93,11 +94,17 @@ class MosaicBackend(KernelBackend):
             )
 
     def default_config(self, q, k, spec: AttentionSpec) -> MosaicConfig:
-        return default_config(
+        config = default_config(
             head_dim=q.shape[-1], dtype=q.dtype, causal=spec.causal, seq_q=q.shape[1], seq_k=k.shape[1],
             features=frozenset(spec.features()), kv_groups=q.shape[2] // k.shape[2],
             batch_heads=q.shape[0] * q.shape[2],
         )
+        if (jax.default_backend() != "gpu" and config.fwd.compute_wgs + 1 > interpret_warpgroups()
+                and config.fwd.compute_wgs > COMPUTE_WGS):
+            # No GPU: the kernels run in interpret mode, where three compute warpgroups buy nothing and may not
+            # fit the host's threads (a hang); two compute the same attention.
+            config = dataclasses.replace(config, fwd=dataclasses.replace(config.fwd, compute_wgs=COMPUTE_WGS))
+        return config
 
     def forward(self, q, k, v, inputs, spec, *, config: MosaicConfig, interpret: bool):
         return mosaic_forward(q, k, v, inputs, spec=spec, config=config.fwd, interpret=interpret)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -99,12 +100,38 @@ def backward_grid(batch: int, heads: int, tiles: int, *, causal: bool, head_name
     return CtaOrder(batch, heads, tiles, group, head_name, tile_name)
 
 
+def interpret_warpgroups() -> int:
+    """How many warpgroups of one CTA Mosaic GPU's interpreter can run on this host. It runs each warpgroup on a
+    host thread of its own, as an XLA computation on the CPU client, which runs as many at once as the larger of
+    the schedulable CPUs and the CPU devices, plus the calling thread's; a warpgroup beyond that waits for a
+    thread that the others, blocked on barriers only it would arrive at, never give back: a hang, not an error
+    (jax 0.11.2; measured: 2 CPUs and 1 device run 3 warpgroups and hang on 4, 1 CPU hangs on 3 unless
+    ``--xla_force_host_platform_device_count`` is 2 or more)."""
+    return max(_host_cpus(), len(jax.devices("cpu"))) + 1
+
+
+def _host_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def launch_params(interpret, name: str, compute_wgs: int = COMPUTE_WGS) -> dict:
     """``plgpu.kernel``'s arguments shared by every kernel here: the three warpgroups, approximate math, the
     kernel's ``name`` (what profilers show; ``benchmarks.profile`` counts ``pallas_flash*`` as attention), and
-    ``interpret``: False (compiled), True (default interpret mode) or an ``InterpretGPUParams`` (e.g. ``detect_races``)."""
+    ``interpret``: False (compiled), True (default interpret mode) or an ``InterpretGPUParams`` (e.g. ``detect_races``).
+    ``NotImplementedError`` where the interpreter would hang for want of host threads (``interpret_warpgroups``)."""
     if not isinstance(interpret, plgpu.InterpretGPUParams):
         interpret = plgpu.InterpretGPUParams() if interpret else None
+    if interpret is not None and compute_wgs + 1 > interpret_warpgroups():
+        raise NotImplementedError(
+            f"{name} runs {compute_wgs + 1} warpgroups, and Mosaic GPU's interpret mode can run only "
+            f"{interpret_warpgroups()} at once on this host (one host thread each: the larger of its "
+            f"{_host_cpus()} CPUs and {len(jax.devices('cpu'))} CPU devices, plus one); more would hang. Use a "
+            "config with fewer compute warpgroups, or more CPU devices (XLA_FLAGS="
+            "--xla_force_host_platform_device_count=4, set before JAX starts)"
+        )
     return dict(
         num_threads=compute_wgs + 1,
         thread_name="wg",
