@@ -203,7 +203,6 @@ def test_interpret_mode_refuses_more_warpgroups_than_host_threads(monkeypatch):
     """Mosaic GPU's interpreter runs each warpgroup on a host thread; one more than the host runs at once hangs
     (2 CPUs, 1 CPU device: 4 warpgroups), so the launcher refuses it, naming the counts, and the backend's default
     config on a host without a GPU keeps to two compute warpgroups where three would not fit."""
-    from pallas_flash.backends import mosaic_gpu
     from pallas_flash.backends.mosaic_gpu import common
     from pallas_flash.spec import AttentionSpec
 
@@ -214,7 +213,6 @@ def test_interpret_mode_refuses_more_warpgroups_than_host_threads(monkeypatch):
     three = MosaicForwardConfig(block_kv=128, num_stages=2, overlap=True, persistent=True, compute_wgs=3)
     for host, want in ((3, 2), (4, 3)):
         monkeypatch.setattr(common, "interpret_warpgroups", lambda host=host: host)
-        monkeypatch.setattr(mosaic_gpu, "interpret_warpgroups", lambda host=host: host)
         assert backends.get("mosaic").default_config(q, k, spec).fwd.compute_wgs == want  # the heuristic's 3 at 4k
         assert common.launch_params(True, "k", 2)["num_threads"] == 3
         assert common.launch_params(False, "k", 3)["num_threads"] == 4  # compiled: no host threads involved

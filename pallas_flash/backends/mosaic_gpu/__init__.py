@@ -39,8 +39,8 @@ import jax
 import jax.numpy as jnp
 
 from pallas_flash.backends.base import Gradients, KernelBackend
+from pallas_flash.backends.mosaic_gpu import common
 from pallas_flash.backends.mosaic_gpu.backward import mosaic_backward
-from pallas_flash.backends.mosaic_gpu.common import COMPUTE_WGS, interpret_warpgroups
 from pallas_flash.backends.mosaic_gpu.config import (
     HEAD_DIMS,
     MosaicBackwardConfig,
@@ -99,11 +99,10 @@ class MosaicBackend(KernelBackend):
             features=frozenset(spec.features()), kv_groups=q.shape[2] // k.shape[2],
             batch_heads=q.shape[0] * q.shape[2],
         )
-        if (jax.default_backend() != "gpu" and config.fwd.compute_wgs + 1 > interpret_warpgroups()
-                and config.fwd.compute_wgs > COMPUTE_WGS):
+        if jax.default_backend() != "gpu" and not common.interpret_fits(config.fwd.compute_wgs):
             # No GPU: the kernels run in interpret mode, where three compute warpgroups buy nothing and may not
             # fit the host's threads (a hang); two compute the same attention.
-            config = dataclasses.replace(config, fwd=dataclasses.replace(config.fwd, compute_wgs=COMPUTE_WGS))
+            config = dataclasses.replace(config, fwd=dataclasses.replace(config.fwd, compute_wgs=common.COMPUTE_WGS))
         return config
 
     def forward(self, q, k, v, inputs, spec, *, config: MosaicConfig, interpret: bool):

@@ -110,6 +110,11 @@ def interpret_warpgroups() -> int:
     return max(_host_cpus(), len(jax.devices("cpu"))) + 1
 
 
+def interpret_fits(compute_wgs: int) -> bool:
+    """Whether a kernel of ``compute_wgs`` compute warpgroups and the memory warpgroup runs in interpret mode here."""
+    return compute_wgs + 1 <= interpret_warpgroups()
+
+
 def _host_cpus() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -124,7 +129,7 @@ def launch_params(interpret, name: str, compute_wgs: int = COMPUTE_WGS) -> dict:
     ``NotImplementedError`` where the interpreter would hang for want of host threads (``interpret_warpgroups``)."""
     if not isinstance(interpret, plgpu.InterpretGPUParams):
         interpret = plgpu.InterpretGPUParams() if interpret else None
-    if interpret is not None and compute_wgs + 1 > interpret_warpgroups():
+    if interpret is not None and not interpret_fits(compute_wgs):
         raise NotImplementedError(
             f"{name} runs {compute_wgs + 1} warpgroups, and Mosaic GPU's interpret mode can run only "
             f"{interpret_warpgroups()} at once on this host (one host thread each: the larger of its "

@@ -232,7 +232,6 @@ def lookup(table: dict[str, dict[str, Any]], head_dim: int, dtype: Any, causal: 
     return None
 
 
-
 def gpu_name() -> str:
     """The name of the first GPU (``""`` when there is none)."""
     try:
