@@ -57,13 +57,13 @@ def on_gpu() -> bool:
     return jax.default_backend() == "gpu"
 
 
-def _pallas_flash(p: Problem):
+def _pallas_flash(p: Problem, implementation: str = "pallas"):
     import pallas_flash
 
     def f(q, k, v, **extras):
         return pallas_flash.dot_product_attention(
             q, k, v, is_causal=p.shape.causal, local_window_size=p.window_arg, logits_soft_cap=p.soft_cap,
-            implementation="pallas", **extras)
+            implementation=implementation, **extras)
 
     return f
 
@@ -222,6 +222,9 @@ IMPLS: dict[str, Impl] = {
     for i in (
         Impl("pallas_flash", _pallas_flash, "pallas_flash.dot_product_attention(implementation='pallas')",
              extras=_segment_extras),
+        Impl("pallas_flash_triton", functools.partial(_pallas_flash, implementation="triton"),
+             "pallas_flash.dot_product_attention(implementation='triton'): the Pallas Triton kernels, default "
+             "configs (the shipped table for this GPU, else the heuristics)", extras=_segment_extras),
         Impl("pallas_flash_mosaic", _pallas_flash_mosaic, "pallas_flash.dot_product_attention(implementation="
              "'mosaic'): the Mosaic GPU (sm_90) forward and backward, default configs (the shipped H200 table's at "
              "its tuned buckets, N 1k/4k/16k with Tq and Tk in one bucket; else the heuristics; the backward's dQ "

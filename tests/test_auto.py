@@ -28,6 +28,10 @@ def test_table_orders_per_gpu_and_pass():
     assert auto.table_order("bwd", 128, True, 4096, gpu=H200) == ("mosaic", "triton")
     assert auto.table_order("bwd", 256, True, 4096, gpu=H200) == ("mosaic", "triton")
     assert auto.table_order("bwd", 96, True, 4096, gpu=H200) == ("triton",)  # no Mosaic kernels at D=96
+    for h100 in ("NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe"):  # the H100's own table: the same sm_90 kernels
+        assert auto.table_order("fwd", 64, True, 1024, gpu=h100) == ("mosaic", "triton")
+        assert auto.table_order("bwd", 128, False, 16384, gpu=h100) == ("mosaic", "triton")
+        assert auto.table_order("bwd", 96, False, 16384, gpu=h100) == ("triton",)
     assert auto.table_order("fwd", 128, True, 4096, gpu="NVIDIA A100-SXM4-80GB") == ("triton",)  # no table
     assert auto.table_order("fwd", 128, True, 4096, gpu="") == ("triton",)  # no GPU: interpret mode
 
