@@ -32,6 +32,10 @@ BASELINE = "cudnn"  # the ratio columns divide by this implementation
 GIB = 1024**3
 LABELS = {"attention": ["D", "N", "B", "heads", "causal"], "masks": ["problem", "setup", "visible"]}
 NONE = "—"
+# A cell whose samples' interquartile range exceeds this share of their median is marked ``~``: something disturbed
+# the run (in 1494 cells of the Dec 4-5 runs the 99th percentile was 14%; the two above 20%, 36% and 49%, were
+# outliers against the same kernel's other runs, NOTES 88).
+NOISY_SPREAD = 0.2
 OTHER_RUN = "runs differ"  # a ratio cell whose two measurements come from different runs of a merge
 
 
@@ -47,12 +51,17 @@ def gib(x) -> str:
     return NONE if x is None or x != x else f"{x / GIB:.2f}"
 
 
+def noisy(r: dict) -> bool:
+    """Whether the cell's timing samples spread more than ``NOISY_SPREAD`` (interquartile range over the median)."""
+    return (r.get("timing") or {}).get("iqr_rel", 0.0) > NOISY_SPREAD
+
+
 def speed_cell(r: dict) -> str:
-    """TFLOP/s, ``*`` when not checked against a reference; the status otherwise."""
+    """TFLOP/s, ``*`` when not checked against a reference, ``~`` when its samples are ``noisy``; else the status."""
     if r["status"] != "ok":
         return r["status"]
     t = r["tflops"]
-    return (f"{t:.1f}" if t >= 10 else f"{t:.3g}") + ("" if r.get("checked") else "*")
+    return (f"{t:.1f}" if t >= 10 else f"{t:.3g}") + ("" if r.get("checked") else "*") + ("~" if noisy(r) else "")
 
 
 def time_cell(r: dict) -> str:
@@ -160,7 +169,8 @@ def speed_markdown(records: Sequence[dict], impls: Sequence[str] = ()) -> str:
         tf = pivot(g, "tf", order, ratios=True)
         cross = (tf == OTHER_RUN).any().any()
         parts += [f"### {group_title(key)}\n",
-                  "TFLOP/s (higher is better; `*` = not checked against a reference, see the error table)\n",
+                  "TFLOP/s (higher is better; `*` = not checked against a reference, see the error table; `~` = samples "
+                  f"spread more than {NOISY_SPREAD:.0%} of their median: a disturbed measurement, rerun it)\n",
                   to_markdown(tf) + "\n" + (f"\n`{OTHER_RUN}`: the two were measured in different runs of this merge; "
                                              "no ratio across runs.\n" if cross else ""),
                   "Median time per call (ms)\n", to_markdown(pivot(g, "ms", order)) + "\n",

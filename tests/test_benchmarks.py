@@ -227,6 +227,8 @@ def test_cells():
     assert report.speed_cell(ok) == "312.4"
     assert report.speed_cell(dict(ok, checked=False)) == "312.4*"
     assert report.speed_cell(dict(ok, tflops=1.234)) == "1.23"
+    assert report.speed_cell(dict(ok, timing=dict(iqr_rel=0.05))) == "312.4"
+    assert report.speed_cell(dict(ok, checked=False, timing=dict(iqr_rel=0.49))) == "312.4*~"
     assert report.speed_cell(dict(status="OOM")) == "OOM"
     assert report.time_cell(ok) == "12.3"
     assert report.err_cell(ok) == "3.0e-03"
