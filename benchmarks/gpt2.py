@@ -79,6 +79,23 @@ def _plan(quick: bool, on_gpu: bool, impls: tuple[str, ...], *, loss_steps: int 
 # ---------------------------------------------------------------- worker side
 
 
+def _pallas_kernels(mcfg, spec: RunSpec) -> str | None:
+    """For ``attention="pallas"``: the kernel backend ``"auto"`` picks for each pass of the model's attention on this
+    GPU (``pallas_flash/backends/auto_tables/``), e.g. ``"fwd mosaic, bwd mosaic"``; ``None`` for other backends."""
+    if spec.attention != "pallas":
+        return None
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_flash.backends.auto import AutoBackend
+    from pallas_flash.spec import AttentionInputs, AttentionSpec
+
+    head_dim = mcfg.n_embd // mcfg.n_head
+    q = jax.ShapeDtypeStruct((spec.batch_size, spec.seq_len, mcfg.n_head, head_dim), jnp.dtype(mcfg.dtype))
+    attn = AttentionSpec(scale=head_dim**-0.5, causal=True)
+    return ", ".join(f"{p} {AutoBackend().choose(p, q, q, q, AttentionInputs(), attn)}" for p in ("fwd", "bwd"))
+
+
 def _worker(spec_dict: dict) -> dict[str, Any]:
     """Train ``spec`` in this process; return the measurements (``{"probe": true}``: the device alone)."""
     import jax
@@ -147,7 +164,8 @@ def _worker(spec_dict: dict) -> dict[str, Any]:
         info, params=gpt2.param_count(mcfg), flops_per_token=fpt, step_s_median=step_s, step_s_all=times,
         tokens_per_s=tokens_per_s, mfu=tokens_per_s * fpt / peak if peak else None, peak_flops=peak,
         peak_bytes=(dev.memory_stats() or {}).get("peak_bytes_in_use"), compile_s=compile_s,
-        losses=losses[: total if spec.loss_steps else spec.warmup_steps + spec.timed_steps], profile=profile)
+        losses=losses[: total if spec.loss_steps else spec.warmup_steps + spec.timed_steps], profile=profile,
+        kernels=_pallas_kernels(mcfg, spec))
 
 
 # ---------------------------------------------------------------- parent side
@@ -210,7 +228,13 @@ def render_markdown(info: dict[str, Any], specs: list[RunSpec], results: list[di
         f"- tokens/s from the median of {-(-specs[0].timed_steps // TIMING_WINDOW)} windows of up to {TIMING_WINDOW} "
         f"steps dispatched back to back (as `python -m train` runs), after {specs[0].warmup_steps} warm-up steps; "
         f"MFU = tokens/s x (6N + 12LTD) / {peak_text}; peak memory = `peak_bytes_in_use`, "
-        "one fresh process per row", ""]
+        "one fresh process per row"]
+    kernels = {s.seq_len: r["kernels"] for s, r in zip(specs, results) if r.get("ok") and r.get("kernels")}
+    if kernels:  # which kernels "pallas" ran: auto's choice per pass, from the auto table for this GPU
+        lines.append("- `pallas` ran (`implementation=\"pallas\"`, per pass the backend "
+                     "`pallas_flash/backends/auto_tables/` lists first for this GPU): "
+                     + "; ".join(f"T={t}: {k}" for t, k in sorted(kernels.items())))
+    lines.append("")
     by_key = {(s.seq_len, s.attention): r for s, r in zip(specs, results)}
     rows = []
     for s, r in zip(specs, results):

@@ -169,8 +169,9 @@ def speed_markdown(records: Sequence[dict], impls: Sequence[str] = ()) -> str:
         tf = pivot(g, "tf", order, ratios=True)
         cross = (tf == OTHER_RUN).any().any()
         parts += [f"### {group_title(key)}\n",
-                  "TFLOP/s (higher is better; `*` = not checked against a reference, see the error table; `~` = samples "
-                  f"spread more than {NOISY_SPREAD:.0%} of their median: a disturbed measurement, rerun it)\n",
+                  "TFLOP/s (higher is better; `*` = not checked against a reference, see the error table; "
+                  f"`~` = samples spread more than {NOISY_SPREAD:.0%} of their median: a disturbed measurement, "
+                  "rerun it)\n",
                   to_markdown(tf) + "\n" + (f"\n`{OTHER_RUN}`: the two were measured in different runs of this merge; "
                                              "no ratio across runs.\n" if cross else ""),
                   "Median time per call (ms)\n", to_markdown(pivot(g, "ms", order)) + "\n",

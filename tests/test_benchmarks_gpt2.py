@@ -41,8 +41,28 @@ def test_benchmark_report_helpers(tmp_path):
     assert ["1024", "16", "pallas", "200,000", "40.0%", "100.0", "1.00", "30.0", "2.00x"] in rows
     assert ["1024", "16", "cudnn", "failed: OOM / x", "", "", "", "", ""] in rows
     assert "max |pallas - xla|" in md and "![loss curves](x.png)" in md
+    assert "`pallas` ran" not in md  # no record says which kernels it ran
+    results[0] = _ok(200e3, [5.0, 4.0], kernels="fwd mosaic, bwd mosaic")
+    assert "T=1024: fwd mosaic, bwd mosaic" in bench.render_markdown(INFO, specs, results, "x.png", quick=False)
     assert bench.plot_losses(specs, results, tmp_path / "x.png")
     assert (tmp_path / "x.png").stat().st_size > 0
+
+
+def test_pallas_kernels_names_auto_choice_per_pass(monkeypatch):
+    """The worker records which kernel backend "pallas" ran for each pass: the auto table's for this GPU."""
+    import dataclasses
+
+    from models import gpt2
+    from pallas_flash.backends import auto, mosaic_gpu
+
+    cfg = dataclasses.replace(gpt2.get_config("gpt2"), dtype="bfloat16")
+    spec = bench.RunSpec(model="gpt2", seq_len=1024, batch_size=16, attention="pallas", warmup_steps=1, timed_steps=1)
+    assert bench._pallas_kernels(cfg, dataclasses.replace(spec, attention="cudnn")) is None
+    monkeypatch.setattr(auto, "gpu_name", lambda: "NVIDIA A100-SXM4-80GB")  # no auto table: Triton
+    assert bench._pallas_kernels(cfg, spec) == "fwd triton, bwd triton"
+    monkeypatch.setattr(auto, "gpu_name", lambda: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(mosaic_gpu, "_gpu_compute_capability", lambda: "9.0")
+    assert bench._pallas_kernels(cfg, spec) == "fwd mosaic, bwd mosaic"
 
 
 XSPACE = """
