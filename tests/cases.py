@@ -221,6 +221,13 @@ def check(case: Case, shape: Shape, dtype, seed: int, **extra):
             # cuDNN's do (README, precision limits: a share of the gradient norm). Where dS cancels, dQ and dK are
             # small beside dV and that share is a large part of them: measured against the largest gradient then.
             err = np.linalg.norm(np.asarray(got, np.float64) - want) / max(float(np.linalg.norm(want)), grad_scale)
+        elif half and label == "dbias":
+            # dbias is dS = P * (dP - delta) summed over the bias's broadcast axes: in 16 bits it carries delta's
+            # rounding (O rounded to the input dtype) as dQ and dK do, and where the two terms cancel that is a
+            # large share of it. Measured against the terms' magnitudes (``_bias_grad_scale``).
+            denom = max(float(np.linalg.norm(want)), _bias_grad_scale(shape, ref_kw, dict(zip(names, f64[3:])),
+                                                                       f64[:3], ct, ref_out, np.shape(want)))
+            err = np.linalg.norm(np.asarray(got, np.float64) - want) / (denom if denom > 0 else 1.0)
         elif label == "dalibi_slopes":
             err = np.linalg.norm(np.asarray(got, np.float64) - want) / _slope_grad_scale(
                 shape, ref_kw, dict(zip(names, f64[3:])), f64[:3], ct
@@ -231,6 +238,38 @@ def check(case: Case, shape: Shape, dtype, seed: int, **extra):
             err = rel_err(got, want)
         assert err <= tol, f"{label}: relative error {err:.3e} > {tol:.0e} ({case}, {jnp.dtype(dtype).name}, seed={seed})"
     return out, grads
+
+
+def _bias_grad_scale(shape: Shape, ref_kw, diff64, qkv64, ct, out64, bias_shape) -> float:
+    """The norm of |P dP| + |P delta| summed over the bias's broadcast axes: the terms whose difference is dbias.
+
+    Each logit's gradient is dS = P * dP - P * delta with delta = rowsum(dO * O). A difference of terms each
+    accurate to a relative ``tol`` is accurate to ``tol`` times the sum of their magnitudes, which is the
+    denominator (as ``_slope_grad_scale`` argues for ALiBi). From the float64 reference: dS as the gradient of a
+    zero bias added to the logits under the cotangent, P as the gradient of the rows' summed log-sum-exp.
+    """
+    B, Tq, N, _ = shape.q_shape
+    Tk = shape.seq_k
+    kw = {**ref_kw, **diff64}
+    base = kw.pop("bias")
+    with jax.enable_x64(True):
+
+        def with_probe(probe, lse=False):
+            return attention_reference(*qkv64, bias=jnp.asarray(base, jnp.float64) + probe, return_lse=lse, **kw)
+
+        zero = jnp.zeros((B, N, Tq, Tk), jnp.float64)
+        _, vjp = jax.vjp(with_probe, zero)
+        (ds,) = vjp(jnp.asarray(np.asarray(ct, np.float64)))
+        def summed_lse(probe):  # rows that see no key (lse = -inf) add nothing
+            lse = with_probe(probe, lse=True)[1]
+            return jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
+
+        p = jax.grad(summed_lse)(zero)
+    ds, p = np.asarray(ds), np.nan_to_num(np.asarray(p))
+    delta = np.einsum("bind,bind->bni", np.asarray(ct, np.float64), np.asarray(out64))[..., None]  # [B, N, Tq, 1]
+    terms = np.abs(ds + p * delta) + np.abs(p * delta)  # |P dP| + |P delta|
+    axes = tuple(i for i, n in enumerate(bias_shape) if n == 1 and terms.shape[i] != 1)
+    return float(np.linalg.norm(terms.sum(axis=axes, keepdims=True)))
 
 
 def _slope_grad_scale(shape: Shape, ref_kw, diff64, qkv64, ct) -> float:

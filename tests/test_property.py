@@ -10,7 +10,7 @@ compares the output and every gradient with a random cotangent. Sized for CI
 from __future__ import annotations
 
 import jax.numpy as jnp
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pallas_flash.testing.shapes import Shape
@@ -58,6 +58,10 @@ def problems(draw):
 
 @settings(max_examples=12, deadline=None, derandomize=False, suppress_health_check=[HealthCheck.too_slow])
 @given(problems())
+# Drawn in CI on 2026-12-05: two query rows that see two keys each, so dbias (= dS) is the small difference of
+# P dP and P delta; in bf16 it failed a plain relative error (4.4e-2) on delta's rounding alone (tests.cases).
+@example((Case(kv_lengths=True, segments="random", bias=(1, 1, 1, 1), bias_grad=True),
+          Shape("drawn", batch=1, seq_q=2, seq_k=8, num_heads=1, num_kv_heads=1, head_dim=16), jnp.bfloat16, 200))
 def test_random_feature_combinations_match_the_reference(problem):
     case, shape, dtype, seed = problem
     check(case, shape, dtype, seed)
