@@ -240,6 +240,24 @@ def check(case: Case, shape: Shape, dtype, seed: int, **extra):
     return out, grads
 
 
+def _reference_ds(shape: Shape, ref_kw, diff64, qkv64, ct):
+    """dS of the float64 reference under ``ct`` (the gradient of a zero ``[B, N, Tq, Tk]`` probe added to the
+    logits, over any bias), with the probed reference ``with_probe(probe, lse=False)`` and the zero probe."""
+    B, Tq, N, _ = shape.q_shape
+    kw = {**ref_kw, **diff64}
+    base = kw.pop("bias", None)
+    with jax.enable_x64(True):
+
+        def with_probe(probe, lse=False):
+            bias = probe if base is None else jnp.asarray(base, jnp.float64) + probe
+            return attention_reference(*qkv64, bias=bias, return_lse=lse, **kw)
+
+        zero = jnp.zeros((B, N, Tq, shape.seq_k), jnp.float64)
+        _, vjp = jax.vjp(with_probe, zero)
+        (ds,) = vjp(jnp.asarray(np.asarray(ct, np.float64)))
+    return np.asarray(ds), with_probe, zero
+
+
 def _bias_grad_scale(shape: Shape, ref_kw, diff64, qkv64, ct, out64, bias_shape) -> float:
     """The norm of |P dP| + |P delta| summed over the bias's broadcast axes: the terms whose difference is dbias.
 
@@ -248,24 +266,14 @@ def _bias_grad_scale(shape: Shape, ref_kw, diff64, qkv64, ct, out64, bias_shape)
     denominator (as ``_slope_grad_scale`` argues for ALiBi). From the float64 reference: dS as the gradient of a
     zero bias added to the logits under the cotangent, P as the gradient of the rows' summed log-sum-exp.
     """
-    B, Tq, N, _ = shape.q_shape
-    Tk = shape.seq_k
-    kw = {**ref_kw, **diff64}
-    base = kw.pop("bias")
+    ds, with_probe, zero = _reference_ds(shape, ref_kw, diff64, qkv64, ct)
     with jax.enable_x64(True):
 
-        def with_probe(probe, lse=False):
-            return attention_reference(*qkv64, bias=jnp.asarray(base, jnp.float64) + probe, return_lse=lse, **kw)
-
-        zero = jnp.zeros((B, N, Tq, Tk), jnp.float64)
-        _, vjp = jax.vjp(with_probe, zero)
-        (ds,) = vjp(jnp.asarray(np.asarray(ct, np.float64)))
         def summed_lse(probe):  # rows that see no key (lse = -inf) add nothing
             lse = with_probe(probe, lse=True)[1]
             return jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
 
-        p = jax.grad(summed_lse)(zero)
-    ds, p = np.asarray(ds), np.nan_to_num(np.asarray(p))
+        p = np.nan_to_num(np.asarray(jax.grad(summed_lse)(zero)))
     delta = np.einsum("bind,bind->bni", np.asarray(ct, np.float64), np.asarray(out64))[..., None]  # [B, N, Tq, 1]
     terms = np.abs(ds + p * delta) + np.abs(p * delta)  # |P dP| + |P delta|
     axes = tuple(i for i, n in enumerate(bias_shape) if n == 1 and terms.shape[i] != 1)
@@ -283,18 +291,8 @@ def _slope_grad_scale(shape: Shape, ref_kw, diff64, qkv64, ct) -> float:
     dS comes from the float64 reference, as the gradient of a zero bias added
     to the logits.
     """
-    B, Tq, N, _ = shape.q_shape
-    Tk = shape.seq_k
-    kw = {**ref_kw, **diff64}
-    base = kw.pop("bias", None)
-    with jax.enable_x64(True):
-
-        def with_probe(probe):
-            bias = probe if base is None else jnp.asarray(base, jnp.float64) + probe
-            return attention_reference(*qkv64, bias=bias, **kw)
-
-        _, vjp = jax.vjp(with_probe, jnp.zeros((B, N, Tq, Tk), jnp.float64))
-        (ds,) = vjp(jnp.asarray(np.asarray(ct, np.float64)))
+    ds = _reference_ds(shape, ref_kw, diff64, qkv64, ct)[0]
+    Tq, Tk = shape.seq_q, shape.seq_k
     dist = np.abs(np.arange(Tk)[None, :] - np.arange(Tq)[:, None])  # [Tq, Tk]
     terms = (np.abs(np.asarray(ds)) * dist).sum(axis=(2, 3))  # [B, N]
     if np.ndim(diff64["alibi_slopes"]) == 1:  # [N] slopes: one sum over the batch too
