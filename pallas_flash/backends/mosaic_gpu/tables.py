@@ -18,7 +18,7 @@ __all__ = ["SHIPPED_TABLES", "TABLES_DIR", "shipped_table", "user_cache_path"]
 
 # Shipped tables, tuned with ``python -m pallas_flash.tuning --backend mosaic --out tables/<file>``: the first whose
 # name occurs in the GPU's device_kind applies. Keys: ``config_key``.
-SHIPPED_TABLES = {"H200": "h200.json"}
+SHIPPED_TABLES = {"H200": "h200.json", "H100": "h100.json"}
 TABLES_DIR = pathlib.Path(__file__).parent / "tables"
 
 
