@@ -33,12 +33,35 @@ def test_table_orders_per_gpu_and_pass():
         assert auto.table_order("bwd", 128, False, 16384, gpu=h100) == ("mosaic", "triton")
         assert auto.table_order("bwd", 96, False, 16384, gpu=h100) == ("triton",)
     assert auto.table_order("fwd", 128, True, 4096, gpu="NVIDIA A100-SXM4-80GB") == ("triton",)  # no table
+    assert auto.table_order("fwd", 128, True, 4096, gpu="NVIDIA A100-SXM4-80GB", capability="8.0") == ("triton",)
     assert auto.table_order("fwd", 128, True, 4096, gpu="") == ("triton",)  # no GPU: interpret mode
+
+
+@pytest.mark.parametrize("gpu", ["NVIDIA H800", "NVIDIA H20"])
+def test_other_hopper_parts_take_the_architecture_table(gpu):
+    """A Hopper part no named table covers runs the sm_90 kernels (``sm90.json``); without its compute capability
+    (or with another one) only the named tables apply, and none does."""
+    for pass_, head_dim in (("fwd", 64), ("fwd", 256), ("bwd", 128)):
+        assert auto.table_order(pass_, head_dim, True, 4096, gpu=gpu, capability="9.0") == ("mosaic", "triton")
+    assert auto.table_order("fwd", 96, True, 4096, gpu=gpu, capability="9.0") == ("triton",)  # no Mosaic D=96
+    assert auto.table_order("fwd", 128, True, 4096, gpu=gpu) == ("triton",)
+    assert auto.table_order("fwd", 128, True, 4096, gpu=gpu, capability="8.9") == ("triton",)
+
+
+def test_a_named_table_comes_before_the_architecture_one(monkeypatch):
+    """The H200's table is the whole of its GPU's: a pass it sends to Triton stays there on an sm_90 part."""
+    h200 = {"gpu": "H200", "rules": [{"pass": "fwd", "order": ["triton"]}]}
+    sm90 = {"compute_capability": "9.0", "rules": [{"pass": "fwd", "order": ["mosaic", "triton"]}]}
+    monkeypatch.setattr(auto, "_tables", lambda: (sm90, h200))
+    assert auto.table_order("fwd", 128, True, 4096, gpu=H200, capability="9.0") == ("triton",)
+    assert auto.table_order("bwd", 128, True, 4096, gpu=H200, capability="9.0") == ("triton",)  # no rule: fallback
+    assert auto.table_order("fwd", 128, True, 4096, gpu="NVIDIA H800", capability="9.0") == ("mosaic", "triton")
 
 
 def test_every_table_names_registered_kernel_backends():
     for table in auto._tables():
-        assert table["gpu"] and table["rules"]
+        assert ("gpu" in table) != ("compute_capability" in table), "a table names a GPU or an architecture"
+        assert (table.get("gpu") or table.get("compute_capability")) and table["rules"] and table["source"]
         for rule in table["rules"]:
             assert rule["pass"] in ("fwd", "bwd")
             for name in rule["order"]:

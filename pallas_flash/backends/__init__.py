@@ -4,7 +4,7 @@
 them. Registered now: ``"triton"`` (the Pallas kernels lowered through
 Triton), ``"mosaic"`` (the Pallas Mosaic GPU kernels for Hopper, forward and
 backward), ``"auto"`` (per pass, the fastest of those two that implements
-the call, from the shipped table ``auto_tables/<gpu>.json``), ``"xla"`` and
+the call, from the shipped table ``auto_tables/<gpu>.json`` or its architecture's), ``"xla"`` and
 ``"cudnn"`` (``jax.nn.dot_product_attention``).
 ``"pallas"`` names the default Pallas backend, ``"auto"``.
 """

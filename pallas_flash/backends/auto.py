@@ -17,8 +17,13 @@ wins::
        ...]}
 
 A rule matches on ``pass`` and, where present, ``head_dims``, ``causal`` and
-``min_seq``/``max_seq`` (the query length). No rule, no table for this GPU, or
-no GPU (interpret mode on a CPU): ``"triton"``.
+``min_seq``/``max_seq`` (the query length). A table names its GPU (``"gpu"``,
+matched in the device kind) or, for the parts no named table covers, an
+architecture (``"compute_capability"``: ``sm90.json`` sends the other Hopper
+parts, H800 or H20, to the sm_90 kernels measured on the H100 and H200). The
+first named table that matches is the GPU's whole table; the architecture's
+applies only where none does. No rule, no table for this GPU, or no GPU
+(interpret mode on a CPU): ``"triton"``.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ import functools
 import json
 import pathlib
 from typing import Any
+
+import jax
 
 from pallas_flash.backends.base import Gradients, KernelBackend
 from pallas_flash.backends.triton.config import gpu_name
@@ -54,14 +61,31 @@ def _tables() -> tuple[dict, ...]:
     return tuple(json.loads(p.read_text()) for p in sorted(TABLES.glob("*.json")))
 
 
-def table_order(pass_: str, head_dim: int, causal: bool, seq_q: int, gpu: str | None = None) -> tuple[str, ...]:
-    """The backends the shipped table lists for one pass of a call on ``gpu`` (this machine's by default), fastest first."""
-    gpu = gpu_name() if gpu is None else gpu
-    if not gpu:
-        return (FALLBACK,)
-    for table in _tables():
-        if table["gpu"] not in gpu:
-            continue
+def gpu_capability() -> str:
+    """The first GPU's compute capability (``"9.0"``; ``""`` when there is no GPU)."""
+    try:
+        devs = jax.devices("gpu")
+    except RuntimeError:
+        return ""
+    return str(getattr(devs[0], "compute_capability", "")) if devs else ""
+
+
+def _table_for(gpu: str, capability: str) -> dict | None:
+    """The table of ``gpu`` (a device kind): the first naming it, else the one of its compute capability."""
+    named = [t for t in _tables() if "gpu" in t and t["gpu"] in gpu]
+    by_arch = [t for t in _tables() if capability and t.get("compute_capability") == capability]
+    return (named or by_arch or [None])[0]
+
+
+def table_order(
+    pass_: str, head_dim: int, causal: bool, seq_q: int, gpu: str | None = None, capability: str = ""
+) -> tuple[str, ...]:
+    """The backends the shipped table lists for one pass of a call, fastest first: on this machine's GPU, or on
+    ``gpu`` (a device kind) of compute ``capability`` (none given: only the tables naming ``gpu`` apply)."""
+    if gpu is None:
+        gpu, capability = gpu_name(), gpu_capability()
+    table = _table_for(gpu, capability) if gpu else None
+    if table is not None:
         for rule in table["rules"]:
             if rule["pass"] != pass_:
                 continue
