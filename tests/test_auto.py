@@ -48,6 +48,16 @@ def test_other_hopper_parts_take_the_architecture_table(gpu):
     assert auto.table_order("fwd", 128, True, 4096, gpu=gpu, capability="8.9") == ("triton",)
 
 
+def test_gpu_capability_reads_this_machine():
+    """``"9.0"``-style on a GPU (what ``sm90.json`` matches), ``""`` without one."""
+    capability = auto.gpu_capability()
+    if jax.default_backend() == "gpu":
+        major, minor = capability.split(".")
+        assert major.isdigit() and minor.isdigit(), capability
+    else:
+        assert capability == ""
+
+
 def test_a_named_table_comes_before_the_architecture_one(monkeypatch):
     """The H200's table is the whole of its GPU's: a pass it sends to Triton stays there on an sm_90 part."""
     h200 = {"gpu": "H200", "rules": [{"pass": "fwd", "order": ["triton"]}]}
