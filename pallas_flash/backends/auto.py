@@ -34,10 +34,8 @@ import json
 import pathlib
 from typing import Any
 
-import jax
-
 from pallas_flash.backends.base import Gradients, KernelBackend
-from pallas_flash.backends.triton.config import gpu_name
+from pallas_flash.backends.triton.config import gpu_capability, gpu_name
 from pallas_flash.spec import AttentionInputs, AttentionSpec, DefaultConfig
 
 __all__ = ["AutoBackend", "AutoConfig", "table_order"]
@@ -59,15 +57,6 @@ class AutoConfig:
 @functools.lru_cache(maxsize=None)
 def _tables() -> tuple[dict, ...]:
     return tuple(json.loads(p.read_text()) for p in sorted(TABLES.glob("*.json")))
-
-
-def gpu_capability() -> str:
-    """The first GPU's compute capability (``"9.0"``; ``""`` when there is no GPU)."""
-    try:
-        devs = jax.devices("gpu")
-    except RuntimeError:
-        return ""
-    return str(getattr(devs[0], "compute_capability", "")) if devs else ""
 
 
 def _table_for(gpu: str, capability: str) -> dict | None:

@@ -49,6 +49,7 @@ from pallas_flash.backends.mosaic_gpu.config import (
     default_config,
 )
 from pallas_flash.backends.mosaic_gpu.forward import mosaic_forward
+from pallas_flash.backends.triton.config import gpu_capability
 from pallas_flash.spec import AttentionInputs, AttentionSpec
 
 SUPPORTED_DTYPES = tuple(jnp.dtype(d) for d in (jnp.bfloat16, jnp.float16))
@@ -63,7 +64,7 @@ def _gpu_compute_capability() -> str | None:
     """The first GPU's compute capability (``"9.0"``), or None without a GPU."""
     if jax.default_backend() != "gpu":
         return None
-    return getattr(jax.devices()[0], "compute_capability", None)
+    return gpu_capability() or None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -241,6 +241,15 @@ def gpu_name() -> str:
     return devs[0].device_kind if devs else ""
 
 
+def gpu_capability() -> str:
+    """The first GPU's compute capability (``"9.0"``; ``""`` when there is none)."""
+    try:
+        devs = jax.devices("gpu")
+    except RuntimeError:
+        return ""
+    return str(getattr(devs[0], "compute_capability", "")) if devs else ""
+
+
 def default_config(
     *, head_dim: int, dtype: Any, causal: bool, seq_q: int, seq_k: int, gpu: str | None = None
 ) -> FlashConfig:
