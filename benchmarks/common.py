@@ -175,20 +175,28 @@ def unique_stem(out_dir: pathlib.Path, base: str) -> pathlib.Path:
     return stem
 
 
-def git_commit() -> str | None:
+# Untracked files here can change what a run measures; elsewhere (a script at the root, results) they cannot.
+CODE_DIRS = ("pallas_flash", "benchmarks", "models", "train", ":(exclude)benchmarks/results")
+
+
+def git_commit(repo: pathlib.Path = REPO) -> str | None:
     """Short HEAD, marked when the checkout has uncommitted changes; None without git.
 
+    Changes are edits to tracked files anywhere and new files in the code's folders
+    (``CODE_DIRS``): an untracked driver script at the root or a results file is not one.
     ``PALLAS_FLASH_COMMIT`` overrides it: a copied tree (the GPU machine gets the
     working tree with a ``.git`` that may be stale) is told its commit by the caller.
     """
     if os.environ.get("PALLAS_FLASH_COMMIT"):
         return os.environ["PALLAS_FLASH_COMMIT"]
     try:
-        run = lambda *a: subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, timeout=5)  # noqa: E731
+        run = lambda *a: subprocess.run(["git", *a], cwd=repo, capture_output=True, text=True, timeout=5)  # noqa: E731
         sha = run("rev-parse", "--short", "HEAD")
         if sha.returncode:
             return None
-        return sha.stdout.strip() + (" (with uncommitted changes)" if run("status", "--porcelain").stdout.strip() else "")
+        edited = run("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        added = run("status", "--porcelain", "--", *CODE_DIRS).stdout.strip()
+        return sha.stdout.strip() + (" (with uncommitted changes)" if edited or added else "")
     except Exception:  # no git on the machine, or not a checkout
         return None
 

@@ -285,6 +285,33 @@ def test_unique_stem_and_jsonl(tmp_path):
     assert common.load_jsonl([tmp_path / "a.jsonl"]) == ([{"kind": "speed", "y": 2.0}], [{"kind": "meta", "x": "bfloat16"}])
 
 
+def test_git_commit_marks_code_changes_only(tmp_path, monkeypatch):
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None:
+        pytest.skip("no git on this machine")
+    monkeypatch.delenv("PALLAS_FLASH_COMMIT", raising=False)
+    git = lambda *a: subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *a], cwd=tmp_path,  # noqa: E731
+                                    check=True, capture_output=True)
+    git("init", "-q")
+    (tmp_path / "pallas_flash").mkdir()
+    (tmp_path / "pallas_flash" / "op.py").write_text("x = 1\n")
+    git("add", "-A")
+    git("commit", "-qm", "first")
+    clean = common.git_commit(tmp_path)
+    assert clean and "uncommitted" not in clean
+    (tmp_path / "driver.sh").write_text("echo\n")  # a script at the root: not the code measured
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "benchmarks" / "results" / "run.md").write_text("x")
+    assert common.git_commit(tmp_path) == clean
+    (tmp_path / "pallas_flash" / "new.py").write_text("y = 2\n")  # new code
+    assert common.git_commit(tmp_path) == clean + " (with uncommitted changes)"
+    (tmp_path / "pallas_flash" / "new.py").unlink()
+    (tmp_path / "pallas_flash" / "op.py").write_text("x = 2\n")  # an edit to tracked code
+    assert common.git_commit(tmp_path) == clean + " (with uncommitted changes)"
+
+
 # --- dry runs of the harness --------------------------------------------------------------------
 
 
