@@ -12,7 +12,8 @@ reads first (before the shipped table, where the backend has one).
 ``--print-json`` prints the result in the shipped table's format instead;
 ``--out FILE`` writes it there after each problem, keeping the entries the
 file already holds and skipping their problems (how
-``backends/<name>/tables/*.json`` are made, over as many runs as it takes).
+``backends/<name>/tables/*.json`` are made, over as many runs as it takes);
+with ``--retune`` it tunes those problems again and replaces their entries.
 ``--records FILE`` appends every time the search took, one JSON line per
 problem. Each entry is merged into the file as it stands, under a lock
 (``<file>.lock``), so two runs writing one cache or table keep each other's.
@@ -136,6 +137,8 @@ def main(argv=None) -> int:
     ap.add_argument("--print-json", action="store_true", help="print the table instead of writing the user cache")
     ap.add_argument("--out", type=pathlib.Path, help="write the table to this file after each problem (resuming: "
                     "problems whose key it holds are skipped) instead of the user cache")
+    ap.add_argument("--retune", action="store_true", help="with --out: tune the problems whose key the file holds "
+                    "as well, replacing their entries (a shipped table checked again on new kernels or a new GPU)")
     ap.add_argument("--records", type=pathlib.Path, help="append every time taken, a JSON line per problem")
     defaults = Search()
     ap.add_argument("--top", type=int, default=defaults.top, help="mosaic: candidates confirmed after the screen")
@@ -149,6 +152,8 @@ def main(argv=None) -> int:
         ap.error("--top, --rounds, --margin and --threads apply to --backend mosaic only")
     if args.out is not None and args.print_json:
         ap.error("--out and --print-json: give one (--out writes the table to a file, --print-json prints it)")
+    if args.retune and args.out is None:
+        ap.error("--retune applies to --out (the user cache is always written over)")
     if args.deterministic_bwd and args.backend != "mosaic":
         ap.error("--deterministic-bwd applies to --backend mosaic only")
     try:
@@ -186,7 +191,7 @@ def main(argv=None) -> int:
         extra = {"nondeterministic": False} if args.deterministic_bwd else {}
         if args.backend == "mosaic":
             extra["search"] = search
-        if key in done:
+        if key in done and not args.retune:
             print(f"{key}: in {args.out} already, skipped", file=sys.stderr, flush=True)
             continue
         start = time.perf_counter()
