@@ -43,7 +43,10 @@ def visibility_mask(
     if causal:
         vis = vis & (gj <= gi)
     if local_window_size is not None:
-        left, right = local_window_size
+        # A side wider than every distance between positions is no limit: clipped there, so that int32 positions
+        # cannot overflow (a window of 2**31 - 1, "no limit", would wrap ``gi - left``).
+        reach = seq_q + seq_k + abs(q_offset) + abs(k_offset)
+        left, right = (min(int(w), reach) for w in local_window_size)
         vis = vis & (gj >= gi - left) & (gj <= gi + right)
     if query_seq_lengths is not None:
         vis = vis & (qi < jnp.asarray(query_seq_lengths)[:, None, None, None])

@@ -11,12 +11,16 @@ backend does not implement is that backend's ``supports`` to refuse, with
 from __future__ import annotations
 
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_flash import dropout as _dropout
 from pallas_flash.spec import AttentionInputs, AttentionSpec
+
+INT32_MAX = 2**31 - 1
 
 
 def check_qkv(query, key, value) -> None:
@@ -55,21 +59,27 @@ def check_scale(scale, head_dim: int) -> float:
     try:
         scale = float(scale)
     except (TypeError, ValueError):
-        raise TypeError(f"scale must be a Python number (static), got {type(scale).__name__}") from None
+        raise TypeError(f"scale must be a Python number (static), got {type(scale).__name__}; for a learned "
+                        "temperature t, pass query * t") from None
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
     return scale
 
 
+def _is_int(x) -> bool:
+    """A Python or NumPy integer, not a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
+
+
 def window(local_window_size) -> tuple[int, int] | None:
     if local_window_size is None:
         return None
-    if isinstance(local_window_size, int) and not isinstance(local_window_size, bool):
+    if _is_int(local_window_size):
         left = right = local_window_size
     elif (
         isinstance(local_window_size, (tuple, list))
         and len(local_window_size) == 2
-        and all(isinstance(w, int) and not isinstance(w, bool) for w in local_window_size)
+        and all(_is_int(w) for w in local_window_size)
     ):
         left, right = local_window_size
     else:
@@ -79,15 +89,27 @@ def window(local_window_size) -> tuple[int, int] | None:
     return int(left), int(right)
 
 
+def _wide_ints(x):
+    """``x`` as an array; NumPy and Python integers as NumPy int64 (``jnp.asarray`` would wrap them to int32)."""
+    if isinstance(x, jax.Array):
+        return x
+    x = np.asarray(x)
+    return x.astype(np.int64) if np.issubdtype(x.dtype, np.integer) and x.dtype != np.uint64 else x
+
+
 def _lengths(name: str, lengths, batch: int):
     if lengths is None:
         return None
-    lengths = jnp.asarray(lengths)
+    lengths = _wide_ints(lengths)
     if lengths.shape != (batch,):
         raise ValueError(f"{name} must have shape [batch] = ({batch},), got {lengths.shape}")
     if not jnp.issubdtype(lengths.dtype, jnp.integer):
         raise TypeError(f"{name} must be an integer array, got {lengths.dtype}")
-    return lengths.astype(jnp.int32)
+    if lengths.dtype != jnp.int32:  # a length past the sequence is the whole sequence, below 0 none: clip, never wrap
+        xp = np if isinstance(lengths, np.ndarray) else jnp
+        lo = 0 if jnp.issubdtype(lengths.dtype, jnp.unsignedinteger) else -INT32_MAX - 1
+        lengths = xp.clip(lengths, lo, INT32_MAX)
+    return jnp.asarray(lengths).astype(jnp.int32)
 
 
 def _segments(q_segment_ids, kv_segment_ids, batch: int, seq_q: int, seq_k: int):
@@ -95,13 +117,19 @@ def _segments(q_segment_ids, kv_segment_ids, batch: int, seq_q: int, seq_k: int)
         return None, None
     if q_segment_ids is None or kv_segment_ids is None:
         raise ValueError("q_segment_ids and kv_segment_ids must be given together")
-    q_ids, kv_ids = jnp.asarray(q_segment_ids), jnp.asarray(kv_segment_ids)
+    q_ids, kv_ids = _wide_ints(q_segment_ids), _wide_ints(kv_segment_ids)
     for name, ids, t in (("q_segment_ids", q_ids, seq_q), ("kv_segment_ids", kv_ids, seq_k)):
         if ids.shape != (batch, t):
             raise ValueError(f"{name} must have shape [batch, seq] = ({batch}, {t}), got {ids.shape}")
         if not jnp.issubdtype(ids.dtype, jnp.integer):
             raise TypeError(f"{name} must be an integer array, got {ids.dtype}")
-    return q_ids.astype(jnp.int32), kv_ids.astype(jnp.int32)
+        # The kernels compare int32 ids: a wider one would wrap onto another document's. Checked where the
+        # values are known (a traced id array of a wider dtype is the caller's to keep in range).
+        if ids.dtype != jnp.int32 and ids.size and not isinstance(ids, jax.core.Tracer):
+            lo, hi = int(np.min(ids)), int(np.max(ids))
+            if lo < -INT32_MAX - 1 or hi > INT32_MAX:
+                raise ValueError(f"{name} must fit int32 (the kernels compare int32 ids), got values in [{lo}, {hi}]")
+    return jnp.asarray(q_ids).astype(jnp.int32), jnp.asarray(kv_ids).astype(jnp.int32)
 
 
 def _dense(name: str, x, shape: tuple[int, int, int, int], *, boolean: bool):
@@ -175,8 +203,6 @@ def _dropout_args(dropout_rate, dropout_rng):
         raise TypeError(f"dropout_rng must be a jax.random key, got {getattr(dropout_rng, 'dtype', type(dropout_rng))}: {e}") from None
     return rate, seed
 
-
-INT32_MAX = 2**31 - 1
 
 
 def _offset(name: str, value, length: int) -> int:

@@ -39,7 +39,7 @@ ENTRY_POINTS = {
         (lambda: (qkv()[0], qkv()[1], qkv(tk=9)[2]), ValueError, ["value", "(1, 8, 2, 16)", "(1, 9, 2, 16)"]),
         (lambda: (qkv()[0], *qkv(dtype=jnp.bfloat16)[1:]), TypeError, ["dtype", "float32", "bfloat16"]),
         (lambda: tuple(x.astype(jnp.int32) for x in qkv()), TypeError, ["query", "floating", "int32"]),
-        (lambda: ([[1.0]], *qkv()[1:]), TypeError, ["query", "array"]),
+        (lambda: ("q", *qkv()[1:]), TypeError, ["query", "array", "str"]),  # (lists are arrays, as in jax.nn)
         (lambda: qkv(h=0), ValueError, ["head_dim must be at least 1", "(1, 8, 2, 0)"]),
     ],
     ids=["rank", "head_dim", "heads_not_divisible", "batch", "kv_shape", "dtype_mismatch", "int_dtype", "not_array",

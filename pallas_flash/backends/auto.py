@@ -147,7 +147,15 @@ class AutoBackend(KernelBackend):
         return self.plan(q, k, v, inputs, spec)
 
     def attention_with_lse(self, q, k, v, inputs: AttentionInputs, spec: AttentionSpec, *, config=None, interpret=None):
-        config = DefaultConfig(self.plan(q, k, v, inputs, spec)) if config is None else self.adopt(config)
+        if config is None:
+            config = DefaultConfig(self.plan(q, k, v, inputs, spec))
+        elif not isinstance(config, AutoConfig):
+            # The user's config of one backend asks for that backend: where it refuses the call, refuse too (as
+            # implementation=<that backend> does) rather than run the other backend without the config.
+            config = self.adopt(config)
+            self._backend(config.forward).supports(q, k, v, inputs, spec)
+        else:
+            config = self.adopt(config)
         return super().attention_with_lse(q, k, v, inputs, spec, config=config, interpret=interpret)
 
     def _checked(self, name: str, config, q, k, v, inputs, spec) -> tuple[KernelBackend, Any]:

@@ -57,9 +57,12 @@ class JaxNnBackend(Backend):
             q_ids, kv_ids = inputs.q_segment_ids, inputs.kv_segment_ids
             seg_mask = q_ids[:, None, :, None] == kv_ids[:, None, None, :]
             mask = seg_mask if mask is None else (mask & seg_mask)
-        if spec.has_alibi:  # nor ALiBi: express it as a bias
+        if spec.has_alibi:  # nor ALiBi: express it as a bias, in float32 as the kernels add it
             alibi = alibi_bias(inputs.alibi_slopes, q.shape[1], k.shape[1])
-            bias = alibi if bias is None else bias + alibi.astype(bias.dtype)
+            bias = alibi if bias is None else bias.astype(jnp.float32) + alibi
+        # A window side wider than every distance is no limit; jax.nn adds it to int32 positions, so a wide one
+        # (2**31 - 1 means "no limit") would wrap: clipped to the distances there are.
+        window = None if spec.window is None else tuple(min(w, q.shape[1] + k.shape[1]) for w in spec.window)
         try:
             out = jax.nn.dot_product_attention(
                 q,
@@ -71,7 +74,7 @@ class JaxNnBackend(Backend):
                 is_causal=spec.causal,
                 query_seq_lengths=inputs.q_lengths,
                 key_value_seq_lengths=inputs.kv_lengths,
-                local_window_size=spec.window,
+                local_window_size=window,
                 implementation=self.implementation,
                 return_residual=return_residual,
             )
@@ -79,12 +82,14 @@ class JaxNnBackend(Backend):
             if self.implementation == "cudnn":  # cuDNN's own limits (head dims, dtypes, masks)
                 raise NotImplementedError(f"jax.nn cudnn attention does not support this call: {e}") from e
             raise
-        if self.implementation == "xla" and (mask is not None or spec.window is not None or inputs.kv_lengths is not None):
+        if self.implementation == "xla" and (mask is not None or window is not None or inputs.kv_lengths is not None
+                                            or inputs.q_lengths is not None):
             # jax.nn's softmax over a row whose logits are all masked averages every value (for segment ids: the
             # other documents'); the kernels give such a row zeros, and so does this backend, so that a fallback
             # from them (implementation=None) keeps the result. The mask is dense here anyway, as are the logits.
             visible = visibility_mask(q.shape[1], k.shape[1], batch=q.shape[0], causal=spec.causal,
-                                      local_window_size=spec.window, key_value_seq_lengths=inputs.kv_lengths,
+                                      local_window_size=window, query_seq_lengths=inputs.q_lengths,
+                                      key_value_seq_lengths=inputs.kv_lengths,
                                       mask=mask)  # [B, 1 or N, Tq, Tk], the segments in ``mask``
             seen = jnp.transpose(visible.any(axis=-1), (0, 2, 1))[..., None]  # [B, Tq, 1 or N, 1]
             if return_residual:  # the kernels' lse of such a row is -inf; jax.nn's that of its large negatives
