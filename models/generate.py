@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import numbers
+import operator
 from typing import TYPE_CHECKING
 
 import jax
@@ -88,6 +91,31 @@ def _generate_with_cache(graphdef, state, prompt, rng, *, new_tokens: int, sampl
     return jax.lax.fori_loop(P + 1, total, step, (buf, cache, rng))[0]
 
 
+def _check_sampling(temperature, top_k) -> tuple[float, int | None]:
+    """``temperature`` a finite real >= 0 and ``top_k`` ``None`` or an int >= 1 (not bools), as Python numbers.
+
+    Both are static (the sampler is part of the compiled loop's key); a NaN temperature would sample token 0.
+    """
+    if not isinstance(temperature, numbers.Real) or isinstance(temperature, bool):
+        raise TypeError(f"temperature must be a real number, got {type(temperature).__name__} {temperature!r}")
+    temperature = float(temperature)
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
+    if top_k is None:
+        return temperature, None
+    k = None
+    if not isinstance(top_k, bool):
+        try:
+            k = operator.index(top_k)
+        except TypeError:
+            pass
+    if k is None:
+        raise TypeError(f"top_k must be None or an int >= 1, got {type(top_k).__name__} {top_k!r}")
+    if k < 1:
+        raise ValueError(f"top_k must be None or an int >= 1, got {k}")
+    return temperature, k
+
+
 def generate(
     model: GPT,
     prompt: jax.Array,
@@ -101,7 +129,9 @@ def generate(
 ) -> jax.Array:
     """Sample ``max_new_tokens`` after ``prompt``: int ``[P]`` -> ``[P + new]``, ``[B, P]`` -> ``[B, P + new]``.
 
-    ``temperature=0`` is greedy decoding; otherwise top-k sampling. One jitted
+    ``temperature`` (a finite real ``>= 0``): ``0`` is greedy decoding;
+    otherwise top-k sampling, ``top_k`` an int ``>= 1`` or ``None`` (the
+    whole vocabulary). One jitted
     call per (model, shapes, options); repeated calls reuse the compiled loop.
 
     With the KV cache (``use_cache=True``): the prompt is prefilled with the
@@ -124,10 +154,7 @@ def generate(
             "order; build the model without context_parallel (same parameters: nnx.merge its graphdef with them)")
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be None or a positive int, got {top_k!r}")
+    temperature, top_k = _check_sampling(temperature, top_k)
     if use_cache not in (None, True, False):
         raise ValueError(f"use_cache must be None, True or False, got {use_cache!r}")
     if decode_implementation not in ("pallas", "xla"):
@@ -154,7 +181,7 @@ def generate(
         out = prompt
     else:
         graphdef, state = nnx.split(model)
-        kw = dict(new_tokens=max_new_tokens, sample=_Sampler(float(temperature), top_k))
+        kw = dict(new_tokens=max_new_tokens, sample=_Sampler(temperature, top_k))
         if use_cache is False or total > block:
             out = _generate_without_cache(graphdef, state, prompt, rng, **kw)
         else:

@@ -9,7 +9,8 @@ logits per query row),
 exactly the attention over all keys. Ring attention (key blocks arriving
 around a ring) and split-K decoding (the cache split across programs) both
 merge this way. Rows that see no key in a part have ``lse_i = -inf`` and
-weight 0; rows that see no key anywhere stay ``lse = -inf``, ``out = 0``.
+weight 0, and whatever that part's ``out_i`` holds there (NaN included) is
+ignored; rows that see no key anywhere stay ``lse = -inf``, ``out = 0``.
 Differentiable in every ``out_i`` and ``lse_i`` (plain ``jax.numpy``).
 """
 
@@ -27,11 +28,16 @@ def combine(outs: Sequence[jax.Array], lses: Sequence[jax.Array]) -> tuple[jax.A
     """Merge partial results: ``outs[i]`` ``[B, Tq, N, H]`` and ``lses[i]`` ``[B, N, Tq]`` -> ``(out, lse)``.
 
     ``out`` has the dtype of ``outs[0]`` and is accumulated in float32;
-    ``lse`` is float32.
+    ``lse`` is float32. Both must be floating arrays.
     """
     if len(outs) != len(lses) or not outs:
         raise ValueError(f"combine needs as many outputs as log-sum-exps, at least one; got {len(outs)} and {len(lses)}")
     for i, (o, l) in enumerate(zip(outs, lses)):
+        for name, x in ((f"outs[{i}]", o), (f"lses[{i}]", l)):
+            if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+                raise TypeError(f"{name} must be an array, got {type(x).__name__}")
+            if not jnp.issubdtype(x.dtype, jnp.floating):
+                raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
         if o.ndim != 4 or l.shape != (o.shape[0], o.shape[2], o.shape[1]):
             raise ValueError(
                 f"part {i}: out must be [B, Tq, N, H] and lse [B, N, Tq]; got out {tuple(o.shape)} and lse {tuple(l.shape)}"
@@ -45,9 +51,8 @@ def combine(outs: Sequence[jax.Array], lses: Sequence[jax.Array]) -> tuple[jax.A
     total = jnp.sum(weights, axis=0)
     seen = total != 0  # a NaN total (a part's NaN lse) stays NaN in lse and out; only an empty row is -inf
     lse = jnp.where(seen, top + jnp.log(jnp.where(seen, total, 1.0)), -jnp.inf)
-    scale = weights / jnp.where(seen, total, 1.0)  # [P, B, N, Tq]
-    out = sum(
-        o.astype(jnp.float32) * jnp.swapaxes(s, 1, 2)[..., None]  # [B, Tq, N, 1]
-        for o, s in zip(outs, scale)
-    )
+    scale = jnp.swapaxes(weights / jnp.where(seen, total, 1.0), 2, 3)[..., None]  # [P, B, Tq, N, 1]
+    # A part's rows with lse -inf saw no key: weight 0, and their outputs are zeroed so that 0 * NaN cannot reach.
+    empty = jnp.swapaxes(lse_parts == -jnp.inf, 2, 3)[..., None]  # [P, B, Tq, N, 1]
+    out = sum(jnp.where(e, 0.0, o.astype(jnp.float32)) * s for o, s, e in zip(outs, scale, empty))
     return out.astype(outs[0].dtype), lse

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -85,6 +86,23 @@ def _check_soft_cap(cap) -> float | None:
     return cap
 
 
+def _check_num_splits(num_splits) -> int | None:
+    """``None`` or a positive integer (a NumPy integer too, not a bool), as a Python int: it shapes the grid."""
+    if num_splits is None:
+        return None
+    index = None
+    if not isinstance(num_splits, (bool, np.bool_)):
+        try:
+            index = operator.index(num_splits)
+        except TypeError:
+            pass
+    if index is None:
+        raise TypeError(f"num_splits must be None or a positive int, got {type(num_splits).__name__} {num_splits!r}")
+    if index < 1:
+        raise ValueError(f"num_splits must be None or a positive int, got {index}")
+    return index
+
+
 def decode_spec(q, k_cache, v_cache, kv_lengths, block_tables, *, scale, logits_soft_cap, local_window_size) -> DecodeSpec:
     """Check a call's static properties (shapes, dtypes, ranks, options); the ``DecodeSpec``."""
     for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("kv_lengths", kv_lengths)):
@@ -102,6 +120,8 @@ def decode_spec(q, k_cache, v_cache, kv_lengths, block_tables, *, scale, logits_
     _, rows, K, Hk = k_cache.shape
     if Hk != H:
         raise ValueError(f"q and the cache must have the same head_dim, got q {tuple(q.shape)} and k_cache {tuple(k_cache.shape)}")
+    if H < 1:
+        raise ValueError(f"head_dim must be at least 1, got q {tuple(q.shape)}")
     if K == 0 or N % K != 0:
         raise ValueError(
             f"the query heads ({N}) must be a multiple of the cache's KV heads ({K}); "
@@ -124,6 +144,10 @@ def decode_spec(q, k_cache, v_cache, kv_lengths, block_tables, *, scale, logits_
             raise ValueError(f"block_tables must have shape [batch, max_pages] with batch {B}, got {tuple(block_tables.shape)}")
         if rows < 1:
             raise ValueError(f"a paged cache [pages, page_size, K, H] needs page_size >= 1, got k_cache {tuple(k_cache.shape)}")
+        if k_cache.shape[0] < 1:
+            raise ValueError(
+                f"a paged cache [pages, page_size, K, H] needs at least one page, got k_cache {tuple(k_cache.shape)}"
+            )
         page_size, num_pages = rows, k_cache.shape[0]
         capacity = block_tables.shape[1] * page_size
     if Tq > capacity:
@@ -260,19 +284,22 @@ def decode_attention(
       implementation: ``"pallas"`` (the split-K Triton kernel; in interpret
         mode where there is no GPU) or ``"xla"`` (plain ``jax.numpy``).
       num_splits: ``"pallas"`` only: how many programs share each sequence's
-        keys (``None`` picks one from B, K and the cache size to fill the GPU).
+        keys, an integer ``>= 1`` (``None`` picks one from B, K and the cache
+        size to fill the GPU).
       interpret: ``"pallas"`` only: force Pallas interpret mode on or off.
 
     Returns:
       ``[B, Tq, N, H]`` in ``q``'s dtype.
 
-    A NaN or infinity in the cache within a sequence's length reaches the rows
-    that read it; what lies past a length (or on an invalid page) never does.
+    A NaN or infinity in the cache within a sequence's length reaches every
+    row that sees its key. One at a key within the length that a row does not
+    see (before the row's window, or a newer token after the row) may or may
+    not reach that row, depending on the implementation and block boundaries.
+    What lies past a length (or on an invalid page) never reaches any row.
     """
     if implementation not in _IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {_IMPLEMENTATIONS}, got {implementation!r}")
-    if num_splits is not None and (not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 1):
-        raise ValueError(f"num_splits must be None or a positive int, got {num_splits!r}")
+    num_splits = _check_num_splits(num_splits)
     spec = decode_spec(q, k_cache, v_cache, kv_lengths, block_tables, scale=scale, logits_soft_cap=logits_soft_cap,
                        local_window_size=local_window_size)
     check_values(spec, kv_lengths, block_tables)

@@ -80,7 +80,13 @@ def make_attention_fn(
         so far, and a causal mask there (aligned top-left, as in
         ``jax.nn.dot_product_attention``) would hide every key but the first.
       scale: logit scale; ``None`` means ``1/sqrt(head_dim)`` like Flax.
-      local_window_size: sliding window, forwarded to the kernel.
+      local_window_size: sliding window, forwarded to the kernel, for calls
+        whose query and key/value have one length. Other calls raise
+        ``NotImplementedError``: in a decode step over
+        ``nnx.MultiHeadAttention``'s cache the query's position in the cache
+        is not passed to ``attention_fn``, and the window (measured from query
+        row 0) would be wrong. ``FlashMultiHeadAttention`` decodes with
+        windows over its own cache.
 
     The returned function takes Flax's calling convention: ``query, key,
     value`` of shape ``[batch..., length, heads, head_dim]`` (key/value may have
@@ -125,6 +131,14 @@ def make_attention_fn(
             raise ValueError(
                 f"query, key and value must have the same rank, got shapes "
                 f"{query.shape}, {key.shape}, {value.shape}"
+            )
+        if local_window_size is not None and query.shape[-3] != key.shape[-3]:
+            raise NotImplementedError(
+                f"local_window_size={local_window_size!r} with query length {query.shape[-3]} != key/value length "
+                f"{key.shape[-3]} (query {query.shape}, key {key.shape}): in a decode step over "
+                "nnx.MultiHeadAttention's cache the window would be measured from query row 0, not from the "
+                "query's position in the cache; use pallas_flash.nnx.FlashMultiHeadAttention, whose KV cache "
+                "decodes with windows"
             )
         dropout = dropout_kwargs(dropout_rate, dropout_rng, deterministic)
 

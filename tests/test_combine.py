@@ -112,6 +112,35 @@ def test_combine_edge_cases():
         pf.combine([out, out], [lse])
 
 
+def test_combine_ignores_what_an_unseen_part_holds(seed):
+    """Causal queries 0..4 over three key parts: the last two are seen by no row (lse -inf) and hold NaN outputs,
+    which must not reach the merge (0 * NaN); a NaN in a part a row sees (finite lse) must."""
+    rng = np.random.default_rng(seed)
+    q, k, v = (rng.standard_normal(s) for s in ((2, 5, 3, 8), (2, 24, 3, 8), (2, 24, 3, 8)))
+    with jax.enable_x64(True):
+        whole, whole_lse = attention_reference(*(jnp.asarray(x) for x in (q, k, v)), is_causal=True, return_lse=True)
+        parts = [attention_reference(jnp.asarray(q), jnp.asarray(k[:, a:a + 8]), jnp.asarray(v[:, a:a + 8]),
+                                     is_causal=True, k_offset=a, return_lse=True) for a in (0, 8, 16)]
+    lses = [jnp.asarray(l, jnp.float32) for _, l in parts]
+    assert np.isneginf(np.asarray(lses[1])).all() and np.isneginf(np.asarray(lses[2])).all()
+    outs = [jnp.asarray(parts[0][0], jnp.float32)] + [jnp.full((2, 5, 3, 8), jnp.nan)] * 2
+    out, lse = pf.combine(outs, lses)
+    assert rel_err(out, np.asarray(whole)) < TOLERANCE[jnp.dtype(jnp.float32)]
+    assert rel_err(lse, np.asarray(whole_lse)) < TOLERANCE[jnp.dtype(jnp.float32)]
+    out, _ = pf.combine([outs[0].at[1, 3, 2, 0].set(jnp.nan)] + outs[1:], lses)
+    assert np.isnan(np.asarray(out)[1, 3, 2, 0]) and np.isfinite(np.delete(np.asarray(out)[1, 3], 2, axis=0)).all()
+
+
+def test_combine_bad_types():
+    out, lse = jnp.ones((1, 2, 3, 4)), jnp.zeros((1, 3, 2))
+    with pytest.raises(TypeError, match=r"outs\[0\] must be an array, got list"):
+        pf.combine([[1.0]], [lse])
+    with pytest.raises(TypeError, match=r"lses\[1\] must be an array, got float"):
+        pf.combine([out, out], [lse, 0.0])
+    with pytest.raises(TypeError, match=r"outs\[1\] must have a floating dtype, got int32"):
+        pf.combine([out, out.astype(jnp.int32)], [lse, lse])
+
+
 def test_attention_with_lse_needs_a_kernel_backend():
     q, k, v, _ = random_qkv(SHAPE, jnp.float32, 0)
     with pytest.raises(ValueError, match="kernel backend"):

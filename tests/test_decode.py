@@ -194,6 +194,17 @@ def test_nan_within_length_propagates_and_garbage_past_it_does_not(implementatio
     assert np.isfinite(out[[0, 2]]).all()
 
 
+@pytest.mark.parametrize("splits, page_size", [(1, None), (3, 16)], ids=["one_split", "paged_three_splits"])
+def test_under_enable_x64(splits, page_size, seed):
+    """With jax_enable_x64 the kernel's indices stay int32 (``pl.num_programs`` is int64 there)."""
+    case = Case(2, 2, 4, 2, 16, 48, jnp.float32, page_size=page_size, splits=splits, window=20)
+    q, k, v, tables, lengths = draw(case, seed, lengths=np.array([48, 29]))
+    with jax.enable_x64(True):
+        out = run(case, q, k, v, tables, lengths)
+    assert out.dtype == jnp.float32
+    assert rel_err(out, ref_of(case, q, k, v, tables, lengths)) < TOLERANCE[jnp.dtype(jnp.float32)]
+
+
 @pytest.mark.parametrize("implementation", ["pallas", "xla"])
 @pytest.mark.parametrize("dtype", ["uint8", "int8", "int16"])
 def test_narrow_integer_lengths(implementation, dtype):
@@ -239,6 +250,7 @@ def _args(B=2, Tq=1, N=4, K=2, H=64, S=32, dtype=jnp.float32):
     (lambda a: (a[0].astype(jnp.int32),) + a[1:], TypeError, "q must have a floating dtype"),
     (lambda a: (a[0], a[1], a[2][:, :16]) + a[3:], ValueError, "same shape"),
     (lambda a: (a[0][..., :32],) + a[1:], ValueError, "same head_dim"),
+    (lambda a: tuple(x[..., :0] for x in a[:3]) + a[3:], ValueError, r"head_dim must be at least 1, got q \(2, 1, 4"),
     (lambda a: (a[0][:, :, :3],) + a[1:], ValueError, r"multiple of the cache's KV heads"),
     (lambda a: (a[0][:1],) + a[1:], ValueError, "q's batch size"),
     (lambda a: (jnp.zeros((2, 33, 4, 64)),) + a[1:], ValueError, "more than the cache holds"),
@@ -262,6 +274,12 @@ def test_bad_options_and_paging_raise():
         decode_attention(q, k, v, n, implementation="cudnn")
     with pytest.raises(ValueError, match="num_splits"):
         decode_attention(q, k, v, n, num_splits=0)
+    for bad in (2.0, True, "2"):
+        with pytest.raises(TypeError, match="num_splits must be None or a positive int"):
+            decode_attention(q, k, v, n, num_splits=bad)
+    # Any integer, a NumPy one too.
+    np.testing.assert_array_equal(decode_attention(q, k, v, n, num_splits=np.int64(2)),
+                                  decode_attention(q, k, v, n, num_splits=2))
     with pytest.raises(ValueError, match="logits_soft_cap"):
         decode_attention(q, k, v, n, logits_soft_cap=-1.0)
     with pytest.raises(TypeError, match="local_window_size"):
@@ -270,6 +288,11 @@ def test_bad_options_and_paging_raise():
         decode_attention(q, pool, pool, n, block_tables=tables.astype(jnp.float32))
     with pytest.raises(ValueError, match="block_tables must have shape"):
         decode_attention(q, pool, pool, n, block_tables=tables[0])
+    empty_pool = jnp.zeros((0, 16, 2, 64))
+    for implementation in ("pallas", "xla"):
+        with pytest.raises(ValueError, match=r"at least one page, got k_cache \(0, 16, 2, 64\)"):
+            decode_attention(q, empty_pool, empty_pool, jnp.asarray([0, 0]), block_tables=tables,
+                             implementation=implementation)
     with pytest.raises(ValueError, match=r"block_tables\[1, 1\] = 6 is not a page"):
         decode_attention(q, pool, pool, n, block_tables=tables.at[1, 1].set(6))
     # A bad id past the sequence's length is never read: fine.

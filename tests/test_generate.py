@@ -88,6 +88,16 @@ def test_generate_errors():
         gpt2.generate(model, prompt, 2, use_cache="yes")
     with pytest.raises(ValueError, match="top_k"):
         gpt2.generate(model, prompt, 2, top_k=0)
+    for bad in (float("nan"), float("inf"), -0.5):  # a NaN temperature would sample token 0 every step
+        with pytest.raises(ValueError, match="temperature must be finite and >= 0"):
+            gpt2.generate(model, prompt, 2, temperature=bad)
+    for bad in ("0.5", True, None):
+        with pytest.raises(TypeError, match="temperature must be a real number"):
+            gpt2.generate(model, prompt, 2, temperature=bad)
+    for bad in (True, 2.0, "3"):
+        with pytest.raises(TypeError, match="top_k must be None or an int >= 1"):
+            gpt2.generate(model, prompt, 2, top_k=bad)
+    assert generate_lib._check_sampling(np.float32(0.5), np.int64(3)) == (0.5, 3)  # NumPy scalars are numbers
     with pytest.raises(ValueError, match="max_new_tokens"):
         gpt2.generate(model, prompt, -1)
     with pytest.raises(ValueError, match="prompt"):

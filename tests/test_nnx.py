@@ -194,6 +194,21 @@ def test_attention_fn_default_causal_under_flax_decode():
         _assert_close(steps, full, 1e-5)
 
 
+def test_attention_fn_window_under_flax_decode_raises():
+    """A window is measured from query row 0; in a decode step over Flax's cache (one query row, the whole cache as
+    keys) that is not the query's position, so it refuses rather than attend to the wrong keys. Over the whole
+    sequence the window still reaches the kernel: it matches Flax with the causal window as a mask."""
+    x = _x()
+    i, j = jnp.arange(T)[:, None], jnp.arange(T)[None, :]
+    window_mask = (j <= i) & (i - j <= 3)
+    layer = _flax_mha(attention_fn=make_attention_fn("xla", is_causal=True, local_window_size=(3, 0)))
+    _assert_close(layer(x), _flax_mha()(x, mask=window_mask), 1e-5)
+    layer.init_cache((B, T, F))
+    with pytest.raises(NotImplementedError, match=r"local_window_size=\(3, 0\) with query length 1 != key/value "
+                                                  rf"length {T}"):
+        layer(x[:, :1], decode=True)
+
+
 def test_layer_follows_nnx_view():
     """``nnx.view(model, deterministic=True)`` turns the layer's dropout off (as for ``nnx.MultiHeadAttention``),
     alone or inside a model; ``decode=True`` makes the cache."""

@@ -105,7 +105,9 @@ def choose_splits(spec, block_k: int, config: DecodeConfig, sm_count: int | None
 
 def _split_kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, *out_refs, spec, block_k: int, block_rows: int,
                   single: bool):
-    b, s, num_splits = pl.program_id(0), pl.program_id(2), pl.num_programs(2)
+    # num_programs is int64 under jax_enable_x64 (program_id stays int32): the kernel indexes in int32 throughout.
+    b, s = pl.program_id(0), pl.program_id(2)
+    num_splits = lax.convert_element_type(pl.num_programs(2), jnp.int32)
     rows, G, Tq = spec.seq_q * spec.group, spec.group, spec.seq_q
     head_dim_padded = q_ref.shape[-1]
     dim_mask = tiles.col_mask(spec.head_dim, head_dim_padded)
