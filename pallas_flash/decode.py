@@ -24,7 +24,6 @@ with concrete arrays, the same cases raise ``ValueError``.
 from __future__ import annotations
 
 import dataclasses
-import math
 import operator
 
 import jax
@@ -72,18 +71,6 @@ def _is_traced(x) -> bool:
 def _check_array(name: str, x) -> None:
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         raise TypeError(f"{name} must be an array, got {type(x).__name__}")
-
-
-def _check_soft_cap(cap) -> float | None:
-    if cap is None:
-        return None
-    try:
-        cap = float(cap)
-    except (TypeError, ValueError):
-        raise TypeError(f"logits_soft_cap must be a Python number (static), got {type(cap).__name__}") from None
-    if not (math.isfinite(cap) and cap > 0):
-        raise ValueError(f"logits_soft_cap must be positive and finite, got {cap}")
-    return cap
 
 
 def _check_num_splits(num_splits) -> int | None:
@@ -159,7 +146,7 @@ def decode_spec(q, k_cache, v_cache, kv_lengths, block_tables, *, scale, logits_
     window = validate.window(local_window_size)
     return DecodeSpec(
         batch=B, seq_q=Tq, num_heads=N, num_kv_heads=K, head_dim=H, capacity=capacity, page_size=page_size,
-        num_pages=num_pages, scale=validate.check_scale(scale, H), soft_cap=_check_soft_cap(logits_soft_cap),
+        num_pages=num_pages, scale=validate.check_scale(scale, H), soft_cap=validate.check_soft_cap(logits_soft_cap),
         window_left=None if window is None else window[0],
     )
 

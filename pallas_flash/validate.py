@@ -176,7 +176,8 @@ def _static_float(name: str, value, *, default):
         raise TypeError(f"{name} must be a Python number (static), got {type(value).__name__}") from None
 
 
-def _soft_cap(logits_soft_cap):
+def check_soft_cap(logits_soft_cap) -> float | None:
+    """A static soft-cap: ``None``, or a positive finite Python number."""
     cap = _static_float("logits_soft_cap", logits_soft_cap, default=None)
     if cap is not None and not (math.isfinite(cap) and cap > 0):
         raise ValueError(f"logits_soft_cap must be a positive finite number, got {logits_soft_cap!r}")
@@ -254,7 +255,7 @@ def attention_call(
         mask_shape=None if mask is None else tuple(mask.shape),
         bias_shape=None if bias is None else tuple(bias.shape),
         has_alibi=slopes is not None,
-        soft_cap=_soft_cap(logits_soft_cap),
+        soft_cap=check_soft_cap(logits_soft_cap),
         dropout_rate=rate,
         q_offset=_offset("q_offset", q_offset, Tq),
         k_offset=_offset("k_offset", k_offset, Tk),

@@ -2,8 +2,8 @@
 
 On four host CPU devices (conftest), interpret mode: q, k, v (with the
 cotangent and the segment ids) sharded on the sequence over a mesh axis, alone
-(a 1-D mesh of 4), over both axes of a 2 x 2 mesh, or beside batch or head
-sharding on a second axis, under ``Auto`` axes (``custom_partitioning``'s
+(a 1-D mesh of 4), over both axes of a 2 x 2 mesh (listed in the mesh's order
+or not), or beside batch or head sharding on a second axis, under ``Auto`` axes (``custom_partitioning``'s
 lower_fn runs the ring) and ``Explicit`` axes (``shard_map`` at trace time).
 Each case checks that the compiled forward and forward+backward move K/V with
 collective-permutes and hold no all-gather, all-to-all or all-reduce; that the
@@ -39,6 +39,7 @@ GATHERS = ("all-gather", "all-to-all", "all-reduce")
 MESHES = {  # name: (mesh shape, axis names, query spec); k/v and the cotangent follow the query
     "seq": ((4,), ("seq",), P(None, "seq")),
     "seq_over_both_axes": ((2, 2), ("data", "seq"), P(None, ("data", "seq"))),
+    "seq_over_both_axes_against_mesh_order": ((2, 2), ("data", "seq"), P(None, ("seq", "data"))),
     "data_x_seq": ((2, 2), ("data", "seq"), P("data", "seq")),
     "seq_x_heads": ((2, 2), ("seq", "heads"), P(None, "seq", "heads")),
 }
@@ -47,6 +48,10 @@ CASES = {  # name: (mesh, Explicit axes, causal, [B, T, N, K, H], features)
     "seq_auto_causal_gqa": ("seq", False, True, (1, 4 * 12, 4, 2, 24), set()),
     "seq_explicit_lengths_segments": ("seq", True, False, (2, 4 * 10, 2, 1, 16), {"lengths", "segments"}),
     "seq_over_both_axes_auto_causal_lengths": ("seq_over_both_axes", False, True, (1, 4 * 9, 2, 2, 16), {"lengths"}),
+    "seq_over_both_axes_against_mesh_order_auto_causal": ("seq_over_both_axes_against_mesh_order", False, True,
+                                                          (1, 4 * 8, 2, 1, 16), set()),
+    "seq_over_both_axes_against_mesh_order_explicit_gqa_lengths": ("seq_over_both_axes_against_mesh_order", True,
+                                                                   False, (1, 4 * 8, 4, 2, 16), {"lengths"}),
     "data_x_seq_auto_causal_segments_lengths": ("data_x_seq", False, True, (2, 2 * 20, 2, 2, 16),
                                                 {"segments", "lengths"}),
     "data_x_seq_explicit_causal_gqa": ("data_x_seq", True, True, (2, 2 * 18, 4, 1, 16), set()),

@@ -210,6 +210,33 @@ def test_sequence_parallel_attention_on_a_data_by_seq_mesh(seed):
         assert err <= tol, f"{label}: relative error {err:.3e} > {tol:.0e} (seed={seed})"
 
 
+def test_sequence_parallel_attention_reshards_its_inputs_under_explicit_axes(seed):
+    """Explicit axes: k/v replicated, lengths replicated (as ``jnp.array`` gives them), segment ids on the batch
+    axis only; the glue puts each on its spec (the sequence of k/v and ids, the batch) before the ring."""
+    mesh = mesh_of(4, ("data", "seq"), (2, 2), AxisType.Explicit)
+    shape = (2, 2 * 16, 2, 1, 16)
+    q, k, v, ct = random_inputs(shape, jnp.float32, seed)
+    side = side_inputs({"segments", "lengths"}, shape[0], shape[1], seed)
+    put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))  # noqa: E731
+    placed = {name: put(x, P("data") if name.endswith("segment_ids") else P()) for name, x in side.items()}
+
+    def fwd_bwd(q, k, v, side):
+        fn = lambda q, k, v: sequence_parallel_attention(q, k, v, is_causal=True, config=CONFIG, **side)  # noqa: E731
+        out, vjp = jax.vjp(fn, q, k, v)
+        return out, vjp(put(ct, P("data", "seq")))
+
+    with jax.set_mesh(mesh):
+        out, grads = jax.jit(fwd_bwd)(put(q, P("data", "seq")), put(k, P()), put(v, P()), placed)
+    with jax.enable_x64(True):
+        f64 = [jnp.asarray(np.asarray(x, np.float64)) for x in (q, k, v)]
+        r_out, r_vjp = jax.vjp(lambda q, k, v: attention_reference(q, k, v, is_causal=True, **side), *f64)
+        r_grads = r_vjp(jnp.asarray(np.asarray(ct, np.float64)))
+    tol = TOLERANCE[jnp.dtype(jnp.float32)]
+    for label, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), (r_out, *r_grads)):
+        err = rel_err(np.asarray(got), np.asarray(want))
+        assert err <= tol, f"{label}: relative error {err:.3e} > {tol:.0e} (seed={seed})"
+
+
 def _trace_ring(shape_q=(1, 16, 2, 16), shape_k=None, n=4, check_vma=False, **kwargs):
     q = jnp.zeros((shape_q[0], shape_q[1] * n, *shape_q[2:]))
     k = jnp.zeros((shape_q[0], (shape_k or shape_q)[1] * n, *(shape_k or shape_q)[2:]))
@@ -231,9 +258,14 @@ def test_errors():
         _trace_ring(implementation="xla")
     with pytest.raises(ValueError, match="number of key/value heads"):
         _trace_ring(shape_k=(1, 16, 3, 16))
-    for feature in (dict(local_window_size=4), dict(logits_soft_cap=2.0), dict(dropout_rate=0.1)):
-        with pytest.raises(NotImplementedError, match="ring attention supports"):
+    # Refused whatever the value: a window of 0 (each query sees itself), mask=False (hides every key), arrays.
+    for feature in (dict(local_window_size=4), dict(local_window_size=0), dict(logits_soft_cap=2.0),
+                    dict(dropout_rate=0.1), dict(mask=False), dict(mask=jnp.ones((1, 1, 64, 64), bool)),
+                    dict(bias=jnp.zeros((1, 1, 64, 64))), dict(alibi_slopes=jnp.ones((2,)))):
+        with pytest.raises(NotImplementedError, match=f"ring attention supports.*not {next(iter(feature))}"):
             _trace_ring(**feature)
+    with pytest.raises(ValueError, match="logits_soft_cap must be a positive finite number, got 0.0"):
+        _trace_ring(logits_soft_cap=0.0)
     with pytest.raises(NotImplementedError, match="head_dim"):
         _trace_ring(shape_q=(1, 16, 2, 8))
     q = jnp.zeros((1, 4 * 16, 2, 16))

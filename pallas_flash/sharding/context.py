@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Hashable, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import NamedSharding
+from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from pallas_flash import validate
@@ -49,8 +49,14 @@ def _kernel_backend(implementation) -> KernelBackend:
     return backend
 
 
-def _refuse_unsupported(features: dict) -> None:
-    used = [name for name, value in features.items() if value is not None and value is not False and value != 0.0]
+def _refuse_unsupported(local_window_size, bias, mask, alibi_slopes, logits_soft_cap, dropout_rate) -> None:
+    """Refuse the options the ring lacks (``NotImplementedError``), after checking the static ones as
+    ``dot_product_attention`` does (``ValueError``/``TypeError``). An array counts as given whatever its value
+    (``mask=False`` hides every key), and so does ``local_window_size=0`` (each query sees itself)."""
+    given = dict(local_window_size=validate.window(local_window_size), bias=bias, mask=mask,
+                 alibi_slopes=alibi_slopes, logits_soft_cap=validate.check_soft_cap(logits_soft_cap),
+                 dropout_rate=validate.check_dropout_rate(dropout_rate) or None)
+    used = [name for name, value in given.items() if value is not None]
     if used:
         raise NotImplementedError(
             f"ring attention supports causal masking, lengths and segment ids; not {', '.join(used)} "
@@ -103,13 +109,14 @@ def ring_attention(
       return_lse: also return the natural log-sum-exp ``[B, N, T_local]``
         (differentiable).
       local_window_size, bias, mask, alibi_slopes, logits_soft_cap,
-        dropout_rate: not supported (``NotImplementedError``).
+        dropout_rate: not supported (``NotImplementedError`` for any value
+        given, ``mask=False`` and a window of 0 included; an invalid soft-cap,
+        window or rate raises ``ValueError`` as ``dot_product_attention``).
 
     Returns:
       ``[B, T_local, N, H]`` in ``q``'s dtype (and the lse with ``return_lse``).
     """
-    _refuse_unsupported(dict(local_window_size=local_window_size, bias=bias, mask=mask, alibi_slopes=alibi_slopes,
-                             logits_soft_cap=logits_soft_cap, dropout_rate=dropout_rate))
+    _refuse_unsupported(local_window_size, bias, mask, alibi_slopes, logits_soft_cap, dropout_rate)
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     backend = _kernel_backend(implementation)
@@ -215,8 +222,11 @@ def sequence_parallel_attention(
     ``jit``). ``layout="zigzag"`` means the arrays are already in zigzag
     order (``pallas_flash.zigzag(x, n)``, ``n`` the size of ``seq_axis``);
     segment ids are in the same order as the arrays, lengths count positions
-    of the original order. ``options``: ``ring_attention``'s other keywords
-    (``is_causal``, ``scale``, ``implementation``, ``config``, ``interpret``...).
+    of the original order. Under ``Explicit`` mesh axes every input is
+    resharded onto the spec the ring takes (``jax.sharding.reshard``: k/v,
+    lengths or segment ids may come replicated). ``options``:
+    ``ring_attention``'s other keywords (``is_causal``, ``scale``,
+    ``implementation``, ``config``, ``interpret``...).
     """
     if mesh is None or seq_axis is None:
         found = sequence_sharding(query)
@@ -257,14 +267,19 @@ def sequence_parallel_attention(
             f"{head_axis!r} (each shard keeps whole GQA groups)"
         )
     qkv_spec = P(batch_axis, seq_axis, head_axis, None)
-    extras = {name: x for name, x in dict(q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-                                          query_seq_lengths=query_seq_lengths,
-                                          key_value_seq_lengths=key_value_seq_lengths).items() if x is not None}
+    extras = {name: jnp.asarray(x) for name, x in dict(q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+                                                       query_seq_lengths=query_seq_lengths,
+                                                       key_value_seq_lengths=key_value_seq_lengths).items()
+              if x is not None}
     extra_specs = {name: P(batch_axis, seq_axis) if name.endswith("segment_ids") else P(batch_axis) for name in extras}
     out_specs = (qkv_spec, P(batch_axis, head_axis, seq_axis)) if return_lse else qkv_spec
 
     def local(q, k, v, extras):
         return ring_attention(q, k, v, axis_name=seq_axis, layout=layout, return_lse=return_lse, **extras, **options)
 
-    return jax.shard_map(local, mesh=mesh, in_specs=(qkv_spec, qkv_spec, qkv_spec, extra_specs),
-                         out_specs=out_specs, check_vma=False)(query, key, value, extras)
+    args, in_specs = (query, key, value, extras), (qkv_spec, qkv_spec, qkv_spec, extra_specs)
+    if AxisType.Explicit in tuple(getattr(mesh, "axis_types", ())):  # shard_map then takes only its in_specs' types
+        leaves, tree = jax.tree.flatten(args)
+        specs = tree.flatten_up_to(in_specs)
+        args = tree.unflatten(jax.sharding.reshard(x, NamedSharding(mesh, s)) for x, s in zip(leaves, specs))
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)

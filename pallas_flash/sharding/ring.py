@@ -224,9 +224,24 @@ def _forward_step(ring, calls, q, shard, q_chunks, kv_chunks, inputs, acc, home=
 
 
 def _pass_on(ring: _Ring, x):
-    """Send ``x`` (a pytree) to the next device of the ring; receive the previous one's."""
-    n = ring.size
-    return lax.ppermute(x, ring.axis_name, perm=[(d, (d + 1) % n) for d in range(n)])
+    """Send ``x`` (a pytree) to the next device of the ring; receive the previous one's.
+
+    Over several mesh axes the ring's order is ``lax.axis_index(axis_name)``'s (the caller's order of the axes),
+    while ``ppermute`` wants the axes in the mesh's order: positions are mapped from the one to the other."""
+    n, names = ring.size, ring.axis_name
+    if not isinstance(names, tuple):
+        return lax.ppermute(x, names, perm=[(d, (d + 1) % n) for d in range(n)])
+    mesh_order = tuple(a for a in jax.sharding.get_abstract_mesh().axis_names if a in names)
+    order = mesh_order if sorted(mesh_order) == sorted(names) else names
+    sizes = {a: lax.axis_size(a) for a in names}
+
+    def position(r):  # ring position r (names' order) -> its index in ``order``
+        coords = {}
+        for a in reversed(names):
+            r, coords[a] = divmod(r, sizes[a])
+        return functools.reduce(lambda i, a: i * sizes[a] + coords[a], order, 0)
+
+    return lax.ppermute(x, order, perm=[(position(d), position((d + 1) % n)) for d in range(n)])
 
 
 def _run_step(ring: _Ring, step, s: int, me, shard, carry):
