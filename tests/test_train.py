@@ -83,6 +83,22 @@ def test_peak_flops_table():
     assert peak_flops(Dev("gpu", "Tesla T4")) is None
 
 
+def test_seed_must_fit_32_bits_and_flags_are_never_abbreviated(capsys):
+    """jax.random.key(2**32) is key(0) (another run's seed, silently), 2**64 fails after config.json is written;
+    and an abbreviation (--resume --step 70) must not pass for --steps."""
+    assert build_parser().parse_args(["--seed", str(2**32 - 1)]).seed == 2**32 - 1
+    for value in (str(2**32), str(2**64), "-1"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["--seed", value])
+        assert f"argument --seed: must be a non-negative integer below 2**32, got {value}" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"--seed must be a non-negative integer below 2\*\*32, got 4294967296"):
+        validate_config(TrainConfig(seed=2**32))
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--resume", "--step", "70"])
+    assert "unrecognized arguments: --step 70" in capsys.readouterr().err
+    assert build_parser().parse_args(["--steps=70"]).steps == 70
+
+
 def test_weight_decay_takes_matrices_and_embeddings_only():
     """AdamW decays kernels and embeddings, never biases or norms: the attention's q/k/v biases are 2-D
     ([heads, head_dim]), so a rule by rank decayed them. One step on zero gradients: what moves is decay."""
@@ -411,4 +427,99 @@ def test_resume_past_steps_says_there_is_nothing_to_train(tiny_run, tmp_path, ca
     summary = main(["--resume", "--out", str(out)])
     assert summary["step"] == 20 and summary["loss"] is None
     assert "nothing to train: the checkpoint at step 20" in capsys.readouterr().out
+    assert _snapshot(out) == before
+
+
+# Another process: a tiny run that is sent SIGTERM as its step-10 checkpoint is being written.
+_SIGTERM_AT_SAVE = textwrap.dedent("""
+    import os, signal, sys
+    from train import checkpoint, loop
+    save = checkpoint.Checkpointer.save
+    def save_then_sigterm(self, step, state, meta):
+        save(self, step, state, meta)  # returns before the write is done
+        if step == 10:
+            os.kill(os.getpid(), signal.SIGTERM)
+    checkpoint.Checkpointer.save = save_then_sigterm
+    sys.exit(loop.cli(sys.argv[1:]))
+""")
+
+
+def test_sigterm_finishes_the_checkpoint_being_saved(tmp_path):
+    """SIGTERM (SLURM, Kubernetes, docker stop) stops a run as Ctrl-C does: the checkpoint being written is
+    finished, the run says it was interrupted, exit code 143; the handler before the run is restored."""
+    import signal
+
+    out = tmp_path / "term"
+    proc = subprocess.run([sys.executable, "-c", _SIGTERM_AT_SAVE, *TINY_ARGS, "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    assert "interrupted (SIGTERM); --resume continues" in proc.stderr
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["10"]
+    from train.checkpoint import Checkpointer
+
+    with Checkpointer(out / "checkpoints") as ckpt:
+        assert ckpt.restore_meta(10)["step"] == 10
+
+    before = signal.getsignal(signal.SIGTERM)
+    assert cli(["--out", str(tmp_path / "term" / "config.json")]) == 2  # a user error: the handler is put back
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def _edit_meta(step_dir, edit):
+    """Rewrite the JSON meta of checkpoint ``step_dir`` through ``edit(meta)`` (as an older or other run's)."""
+    path = pathlib.Path(step_dir) / "meta" / "metadata"
+    meta = json.loads(path.read_text())
+    edit(meta)
+    path.write_text(json.dumps(meta))
+
+
+def test_resume_refuses_other_data_and_a_run_folder_inside_its_data(tmp_path, capsys):
+    """A run folder inside a byte --data folder would train on its own checkpoints: refused. A resume re-reads
+    --data: other bytes there (same length) are refused, naming --data; the same data resumes, as does a
+    checkpoint saved before fingerprints were."""
+    text = tmp_path / "data" / "input.txt"
+    text.parent.mkdir()
+    text.write_bytes(b"the quick brown fox jumps over the lazy dog. " * 50)
+    inside = tmp_path / "data" / "run"
+    err = _cli_error(capsys, TINY_ARGS + ["--data", str(text.parent), "--out", str(inside)])
+    assert f"--out {inside} is inside the --data folder {text.parent}" in err
+    assert not inside.exists()
+
+    out = tmp_path / "run"
+    main(TINY_ARGS + ["--data", str(text), "--out", str(out), "--steps", "4", "--checkpoint-every", "2",
+                      "--eval-every", "0"])
+    shutil.rmtree(out / "checkpoints" / "4")
+    original = text.read_bytes()
+    text.write_bytes(original.replace(b"fox", b"cat"))
+    before, _ = _snapshot(out), capsys.readouterr()
+    err = _cli_error(capsys, ["--resume", "--out", str(out)])
+    assert f"--data {text} is not the data the checkpoint at step 2 was trained on (blake2b '" in err
+    assert _snapshot(out) == before
+    text.write_bytes(original)
+    assert main(["--resume", "--out", str(out), "--steps", "6"])["resumed_from"] == 2
+    _edit_meta(out / "checkpoints" / "6", lambda meta: meta.pop("data"))  # an older checkpoint
+    assert main(["--resume", "--out", str(out), "--steps", "8"])["resumed_from"] == 6
+
+
+def test_a_checkpoints_folder_that_cannot_be_written_fails_before_training(tmp_path, capsys):
+    """A file where OUT/checkpoints should be: one line naming the folder before any step is trained (it was
+    found only at the second save, after training, and then hung in Orbax)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoints").write_text("in the way")
+    err = _cli_error(capsys, TINY_ARGS + ["--out", str(out)])
+    assert f"--out: cannot write checkpoints to {out / 'checkpoints'} (a file is in the way)" in err
+    assert not (out / "metrics.jsonl").exists() and not (out / "config.json").exists()
+
+
+def test_resume_keeps_the_checkpoints_dtype(tiny_run, tmp_path, capsys):
+    """--dtype auto resolves on the platform at hand: a checkpoint trained in the other dtype (a GPU run resumed
+    on a CPU, or the reverse; faked in its meta) is refused, naming --dtype, and nothing is written."""
+    out = _copy_run(tiny_run, tmp_path)
+    other = "float32" if ON_GPU else "bfloat16"
+    _edit_meta(out / "checkpoints" / "20", lambda meta: meta["model_config"].update(dtype=other))
+    before = _snapshot(out)
+    err = _cli_error(capsys, ["--resume", "--out", str(out), "--steps", "24"])
+    assert f"--dtype auto is {'bfloat16' if ON_GPU else 'float32'} on " in err
+    assert f"but the checkpoint was trained in {other}" in err
     assert _snapshot(out) == before

@@ -30,6 +30,12 @@ mistake is one line ``error: ...`` naming the flag or file, exit code 2.
 damaged ones and moves them to ``checkpoints.corrupt/``. A loss or gradient
 that turns NaN or infinite stops the run with exit code 1, naming the step; no
 checkpoint of a non-finite state is ever saved, so the last one stays good.
+Ctrl-C (exit code 130) and SIGTERM (143; SLURM, Kubernetes, ``docker stop``)
+stop it once the checkpoint being written is on disk. The checkpoints folder
+is probed for writing before training. Every checkpoint records its data (kind,
+split lengths, a hash of the tokens): ``--resume`` on other data, or where
+``--dtype auto`` means another dtype, is refused; so is an ``--out`` inside a
+byte ``--data`` folder (the run would train on its own checkpoints).
 
 Batch sizes are global: ``--batch-size`` sequences per micro-step over all
 devices, ``--grad-accum`` micro-steps per optimizer step (accumulated inside

@@ -16,6 +16,8 @@ the steps that will be saved again).
 from __future__ import annotations
 
 import pathlib
+import shutil
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -57,6 +59,18 @@ class Checkpointer:
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
         )
+
+    def check_writable(self) -> None:
+        """Make the folder and a probe folder and file in it, then remove them: a folder that cannot take a
+        checkpoint (read-only, a file in the way) fails here, before training, not at the first save."""
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            probe = pathlib.Path(tempfile.mkdtemp(prefix=".write-probe-", dir=self.directory))
+            (probe / "probe").write_bytes(b"probe")
+            shutil.rmtree(probe)
+        except OSError as e:
+            why = "a file is in the way" if self.directory.is_file() else e.strerror or str(e)
+            raise ValueError(f"--out: cannot write checkpoints to {self.directory} ({why})") from None
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()

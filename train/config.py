@@ -100,6 +100,9 @@ def _checked(parse: Callable[[str], Any], test: Callable[[Any], bool], what: str
 
 _positive_int = _checked(int, lambda v: v > 0, "positive integer")
 _non_negative_int = _checked(int, lambda v: v >= 0, "non-negative integer")
+# jax.random.key takes 32 bits: key(2**32) is key(0), and 2**64 fails after the run folder is written.
+SEED_LIMIT = 2**32
+_seed = _checked(int, lambda v: 0 <= v < SEED_LIMIT, "non-negative integer below 2**32")
 # Finite: an infinite or NaN learning rate, decay or clip turns the loss into NaN.
 _positive_float = _checked(float, lambda v: math.isfinite(v) and v > 0, "positive finite number")
 _non_negative_float = _checked(float, lambda v: math.isfinite(v) and v >= 0, "non-negative finite number")
@@ -113,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train GPT-2 with pallas_flash attention (see the docstring of train/__init__.py).",
         argument_default=argparse.SUPPRESS,  # only explicit flags override defaults
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # else --step 70 would be taken as --steps 70
     )
     p.add_argument("--config", choices=sorted(gpt2.PRESETS),
                    help="model preset (default: gpt2 with a GPU, tiny without)")
@@ -144,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=_positive_int, help="steps between metric records (default 10)")
     p.add_argument("--checkpoint-every", type=_non_negative_int,
                    help="steps between checkpoints, 0 = only at the end (tiny 200, gpt2 500)")
-    p.add_argument("--seed", type=_non_negative_int, help="initialisation, data order and dropout seed (default 0)")
+    p.add_argument("--seed", type=_seed, help="initialisation, data order and dropout seed (default 0)")
     p.add_argument("--sample-tokens", type=_non_negative_int, help="length of the final text sample (default 200)")
     p.add_argument("--multihost", action="store_true",
                    help="call jax.distributed.initialize() first (multi-host data parallel)")
@@ -190,6 +194,8 @@ def validate_config(cfg: TrainConfig) -> None:
         raise ValueError(f"min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio}")
     if cfg.weight_decay < 0:
         raise ValueError(f"--weight-decay must be >= 0, got {cfg.weight_decay}")
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not 0 <= cfg.seed < SEED_LIMIT:
+        raise ValueError(f"--seed must be a non-negative integer below 2**32, got {cfg.seed!r}")
 
 
 def peak_flops(device: jax.Device) -> float | None:
@@ -248,6 +254,15 @@ def resolve_dtype(requested: str, platform: str) -> str:
     if requested != "auto":
         return requested
     return "bfloat16" if platform == "gpu" else "float32"
+
+
+def check_resumed_dtype(requested: str, saved: str | None, platform: str) -> None:
+    """``--dtype auto`` resolves on the platform at hand: a resumed run must still compute in the checkpoint's
+    dtype (``saved``, its model config's; a CPU run resumed on a GPU would switch float32 to bfloat16)."""
+    dtype = resolve_dtype(requested, platform)
+    if saved is not None and dtype != saved:
+        raise ValueError(f"--dtype {requested} is {dtype} on {platform}, but the checkpoint was trained in {saved}; "
+                         f"a resumed run keeps its dtype: resume it where --dtype {requested} is {saved}")
 
 
 def model_config(cfg: TrainConfig, *, vocab_size: int, attention: str, dtype: str) -> gpt2.GPTConfig:

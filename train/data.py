@@ -13,6 +13,10 @@ Sources (:func:`load_data`):
 * a ``.bin`` file: ``uint16`` tokens, memory-mapped.
 * any other folder: all its files' bytes, in sorted path order.
 
+A run folder (``--out``) inside a byte folder is refused (:func:`check_out_outside`): the run would train on
+its own checkpoints. :attr:`TokenData.fingerprint` (kind, split lengths, a hash of the tokens) goes into every
+checkpoint; :func:`check_fingerprint` refuses to resume on other data.
+
 Unless the source has its own ``val.bin``, the last 5% of the stream is the
 validation split. Token files are checked when loaded: a whole number of
 ``uint16`` values, every id below the vocabulary (an id past it would turn
@@ -26,8 +30,11 @@ so resuming a run reproduces exactly the batches it would have seen.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import pathlib
 import sysconfig
+from typing import Any
 
 import numpy as np
 
@@ -36,7 +43,9 @@ __all__ = [
     "BatchSampler",
     "GPT2_VOCAB",
     "TokenData",
+    "check_fingerprint",
     "check_length",
+    "check_out_outside",
     "eval_batches",
     "load_data",
     "stdlib_bytes",
@@ -67,6 +76,36 @@ class TokenData:
         if self.kind == "bytes":
             return bytes(tokens.astype(np.uint8).tolist()).decode("utf-8", errors="replace")
         return " ".join(str(int(t)) for t in tokens)
+
+    @functools.cached_property
+    def fingerprint(self) -> dict[str, Any]:
+        """What a checkpoint records of its data: kind, vocabulary, split lengths, a hash of every token."""
+        digest, chunk = hashlib.blake2b(digest_size=16), 1 << 24
+        for tokens in (self.train, self.val):
+            for begin in range(0, len(tokens), chunk):
+                digest.update(np.ascontiguousarray(tokens[begin:begin + chunk]))
+        return {"kind": self.kind, "vocab_size": self.vocab_size, "train_tokens": len(self.train),
+                "val_tokens": len(self.val), "blake2b": digest.hexdigest()}
+
+
+def check_fingerprint(saved: dict[str, Any] | None, data: TokenData, checkpoint: str) -> None:
+    """``data`` is what ``checkpoint`` was trained on (``saved``, its fingerprint; None: older, not recorded)."""
+    if saved is None:
+        return
+    changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in data.fingerprint.items() if saved.get(k) != v]
+    if changed:
+        raise ValueError(f"--data {data.source} is not the data {checkpoint} was trained on ({'; '.join(changed)}); "
+                         f"resume on that data, or start a new run in another --out")
+
+
+def check_out_outside(source: str | pathlib.Path | None, out: str | pathlib.Path) -> None:
+    """A byte folder is read whole: a run folder inside it would train on its own checkpoints and metrics."""
+    path = pathlib.Path(source) if source is not None else None
+    if path is None or not path.is_dir() or (path / "train.bin").is_file():
+        return
+    if pathlib.Path(out).resolve().is_relative_to(path.resolve()):
+        raise ValueError(f"--out {out} is inside the --data folder {path}, all of whose files are training data: "
+                         f"the run would train on its own checkpoints; choose an --out outside it")
 
 
 def stdlib_bytes(max_bytes: int = DEFAULT_STDLIB_BYTES) -> tuple[bytes, int]:

@@ -2,7 +2,9 @@
 
 What a run does and writes is described in :mod:`train` (``train/__init__.py``).
 :func:`cli` is ``python -m train``: a user error is one line on stderr and
-exit code 2, a loss that turns non-finite exit code 1.
+exit code 2, a loss that turns non-finite exit code 1; Ctrl-C (SIGINT) exit code
+130 and SIGTERM (SLURM, Kubernetes, ``docker stop``) 143, the shell's 128 + signal,
+once the checkpoint being saved is on disk.
 
 What protects a run:
 
@@ -21,13 +23,16 @@ What protects a run:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import math
 import os
 import pathlib
+import signal
 import sys
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -47,6 +52,7 @@ from train.config import (
     TrainConfig,
     build_parser,
     check_attention,
+    check_resumed_dtype,
     make_config,
     model_config,
     peak_flops,
@@ -69,6 +75,29 @@ from train.step import (
 
 class Diverged(RuntimeError):
     """The loss, the gradient or the state turned non-finite (exit code 1)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, stopping the run as Ctrl-C does (exit code 143)."""
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM raises :class:`Terminated` meanwhile, so the checkpoint being saved is finished (not lost) on the
+    way out; later ones are ignored until then. The previous handler is restored after."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread takes signals
+        yield
+        return
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the save short
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class LossWatch:
@@ -175,11 +204,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             state, meta, corrupt = ckpt.restore_newest_intact(abstract_for, warn=_say(is_main, sys.stderr))
             restored = Restored(int(meta["step"]), state, meta, corrupt)
             cfg = resumed_config(meta["train_config"], args)
+            check_resumed_dtype(cfg.dtype, meta["model_config"].get("dtype"), platform)
             parallel = _check_run(cfg, platform)
             if restored.step >= cfg.steps:
                 return _nothing_to_train(cfg, restored, ckpt, say)
             _say_schedule_change(meta["train_config"], cfg, restored.step, say)
             data = _load_data(cfg)
+            data_lib.check_fingerprint(meta.get("data"), data, f"the checkpoint at step {restored.step}")
             return _train(cfg, data, ckpt, restored, parallel=parallel, platform=platform, say=say)
 
     cfg = make_config(args, has_gpu=has_gpu)
@@ -221,6 +252,7 @@ def _check_run(cfg: TrainConfig, platform: str) -> Parallel:
 
 
 def _load_data(cfg: TrainConfig) -> data_lib.TokenData:
+    data_lib.check_out_outside(cfg.data, cfg.out)
     data = data_lib.load_data(cfg.data, vocab_size=cfg.vocab_size)
     data_lib.check_length(data, cfg.seq_len)
     return data
@@ -262,6 +294,8 @@ def _train(cfg: TrainConfig, data: data_lib.TokenData, ckpt: Checkpointer, resto
         )
     attention, why = resolve_attention(cfg.attention, platform, cfg.context_parallel)
     dtype = resolve_dtype(cfg.dtype, platform)
+    ckpt.check_writable()  # not at the first save, after training
+    data_print = data.fingerprint  # for the checkpoints' meta: the tokens are hashed now, not at the first save
 
     # ---- the run folder: everything checked, now write ----
     if restored is not None:
@@ -336,6 +370,7 @@ def _train(cfg: TrainConfig, data: data_lib.TokenData, ckpt: Checkpointer, resto
             "tokens_seen": step * tokens_per_step,
             "train_config": dataclasses.asdict(cfg),
             "model_config": dataclasses.asdict(mcfg),
+            "data": data_print,
         }
         ckpt.save(step, (params, opt_state), meta)
 
@@ -409,14 +444,16 @@ def _progress(*, total: int, initial: int, enabled: bool):
 def cli(argv: list[str] | None = None) -> int:
     """``python -m train``: run :func:`main`; errors are one line on stderr. Returns the exit code."""
     try:
-        main(argv)
+        with _sigterm_interrupts():
+            main(argv)
     except Diverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except (ValueError, OSError) as e:  # user errors: one clear line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted; --resume continues from the last checkpoint in --out", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print(f"interrupted{' (SIGTERM)' if isinstance(e, Terminated) else ''}; --resume continues from the last "
+              f"checkpoint in --out", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     return 0
