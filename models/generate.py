@@ -18,12 +18,13 @@ import dataclasses
 import functools
 import math
 import numbers
-import operator
 from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from pallas_flash import validate
 
 if TYPE_CHECKING:  # models.gpt2 re-exports generate, so it imports this module
     from models.gpt2 import GPT
@@ -101,19 +102,7 @@ def _check_sampling(temperature, top_k) -> tuple[float, int | None]:
     temperature = float(temperature)
     if not (math.isfinite(temperature) and temperature >= 0):
         raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
-    if top_k is None:
-        return temperature, None
-    k = None
-    if not isinstance(top_k, bool):
-        try:
-            k = operator.index(top_k)
-        except TypeError:
-            pass
-    if k is None:
-        raise TypeError(f"top_k must be None or an int >= 1, got {type(top_k).__name__} {top_k!r}")
-    if k < 1:
-        raise ValueError(f"top_k must be None or an int >= 1, got {k}")
-    return temperature, k
+    return temperature, validate.optional_positive_int("top_k", top_k)
 
 
 def generate(

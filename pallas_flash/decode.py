@@ -24,7 +24,6 @@ with concrete arrays, the same cases raise ``ValueError``.
 from __future__ import annotations
 
 import dataclasses
-import operator
 
 import jax
 import jax.numpy as jnp
@@ -71,23 +70,6 @@ def _is_traced(x) -> bool:
 def _check_array(name: str, x) -> None:
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         raise TypeError(f"{name} must be an array, got {type(x).__name__}")
-
-
-def _check_num_splits(num_splits) -> int | None:
-    """``None`` or a positive integer (a NumPy integer too, not a bool), as a Python int: it shapes the grid."""
-    if num_splits is None:
-        return None
-    index = None
-    if not isinstance(num_splits, (bool, np.bool_)):
-        try:
-            index = operator.index(num_splits)
-        except TypeError:
-            pass
-    if index is None:
-        raise TypeError(f"num_splits must be None or a positive int, got {type(num_splits).__name__} {num_splits!r}")
-    if index < 1:
-        raise ValueError(f"num_splits must be None or a positive int, got {index}")
-    return index
 
 
 def decode_spec(q, k_cache, v_cache, kv_lengths, block_tables, *, scale, logits_soft_cap, local_window_size) -> DecodeSpec:
@@ -286,7 +268,7 @@ def decode_attention(
     """
     if implementation not in _IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {_IMPLEMENTATIONS}, got {implementation!r}")
-    num_splits = _check_num_splits(num_splits)
+    num_splits = validate.optional_positive_int("num_splits", num_splits)  # it shapes the grid
     spec = decode_spec(q, k_cache, v_cache, kv_lengths, block_tables, scale=scale, logits_soft_cap=logits_soft_cap,
                        local_window_size=local_window_size)
     check_values(spec, kv_lengths, block_tables)

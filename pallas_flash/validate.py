@@ -71,6 +71,18 @@ def _is_int(x) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
 
 
+def optional_positive_int(name: str, value) -> int | None:
+    """``None``, or a positive Python or NumPy integer (not a bool) as a Python int; ``TypeError``/``ValueError``
+    naming ``name`` otherwise."""
+    if value is None:
+        return None
+    if not _is_int(value):
+        raise TypeError(f"{name} must be None or a positive int, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be None or a positive int, got {value}")
+    return int(value)
+
+
 def window(local_window_size) -> tuple[int, int] | None:
     if local_window_size is None:
         return None

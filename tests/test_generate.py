@@ -95,7 +95,7 @@ def test_generate_errors():
         with pytest.raises(TypeError, match="temperature must be a real number"):
             gpt2.generate(model, prompt, 2, temperature=bad)
     for bad in (True, 2.0, "3"):
-        with pytest.raises(TypeError, match="top_k must be None or an int >= 1"):
+        with pytest.raises(TypeError, match="top_k must be None or a positive int"):
             gpt2.generate(model, prompt, 2, top_k=bad)
     assert generate_lib._check_sampling(np.float32(0.5), np.int64(3)) == (0.5, 3)  # NumPy scalars are numbers
     with pytest.raises(ValueError, match="max_new_tokens"):
