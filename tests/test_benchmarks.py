@@ -292,8 +292,9 @@ def test_git_commit_marks_code_changes_only(tmp_path, monkeypatch):
     if shutil.which("git") is None:
         pytest.skip("no git on this machine")
     monkeypatch.delenv("PALLAS_FLASH_COMMIT", raising=False)
-    git = lambda *a: subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *a], cwd=tmp_path,  # noqa: E731
-                                    check=True, capture_output=True)
+    def git(*a):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *a], cwd=tmp_path, check=True,
+                       capture_output=True)
     git("init", "-q")
     (tmp_path / "pallas_flash").mkdir()
     (tmp_path / "pallas_flash" / "op.py").write_text("x = 1\n")
