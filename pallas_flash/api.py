@@ -129,9 +129,7 @@ def dot_product_attention(
       ``jit`` (a sequence-sharded query runs context-parallel: see the module
       docstring); with ``return_residual``, ``(output, residual)``.
     """
-    # NumPy arrays and lists as jax.nn takes them (NumPy float64 becomes float32 unless x64 is on).
-    query, key, value, bias, mask = (_as_array(name, x) for name, x in
-                                     (("query", query), ("key", key), ("value", value), ("bias", bias), ("mask", mask)))
+    query, key, value, bias, mask = _as_arrays(query, key, value, bias, mask)
     if jnp.ndim(query) == 3:  # jax.nn's unbatched call: add the batch axis, run, drop it
         if jnp.ndim(key) != 3 or jnp.ndim(value) != 3:
             raise ValueError(f"query {jnp.shape(query)} has rank 3 (no batch axis), so key and value must too, or all "
@@ -189,14 +187,20 @@ def dot_product_attention(
     raise NotImplementedError("no implementation supports this call: " + "; ".join(reasons))
 
 
-def _as_array(name: str, x):
-    """``x`` as a JAX array (``None`` kept), or a ``TypeError`` naming the argument."""
-    if x is None or isinstance(x, jax.Array):
-        return x
-    try:
-        return jnp.asarray(x)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be an array, got {type(x).__name__}") from None
+def _as_arrays(query, key, value, bias, mask):
+    """The arrays as JAX arrays (``None`` kept), as jax.nn takes NumPy arrays and lists (NumPy float64 becomes
+    float32 unless x64 is on); a ``TypeError`` naming the argument that is not one."""
+
+    def as_array(name: str, x):
+        if x is None or isinstance(x, jax.Array):
+            return x
+        try:
+            return jnp.asarray(x)
+        except (TypeError, ValueError):
+            raise TypeError(f"{name} must be an array, got {type(x).__name__}") from None
+
+    return (as_array("query", query), as_array("key", key), as_array("value", value), as_array("bias", bias),
+            as_array("mask", mask))
 
 
 #: What JAX raises when forward-mode autodiff meets a ``jax.custom_vjp`` function (jax 0.11).
@@ -240,8 +244,7 @@ def attention_with_lse(
     ``q_offset == k_offset``).
     """
     bias, mask = features.pop("bias", None), features.pop("mask", None)
-    query, key, value, bias, mask = (_as_array(name, x) for name, x in
-                                     (("query", query), ("key", key), ("value", value), ("bias", bias), ("mask", mask)))
+    query, key, value, bias, mask = _as_arrays(query, key, value, bias, mask)
     spec, inputs = validate.attention_call(
         query, key, value, bias, mask,
         scale=scale, is_causal=is_causal, local_window_size=local_window_size,

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from pallas_flash import validate
+
 __all__ = ["combine"]
 
 
@@ -34,8 +36,7 @@ def combine(outs: Sequence[jax.Array], lses: Sequence[jax.Array]) -> tuple[jax.A
         raise ValueError(f"combine needs as many outputs as log-sum-exps, at least one; got {len(outs)} and {len(lses)}")
     for i, (o, l) in enumerate(zip(outs, lses)):
         for name, x in ((f"outs[{i}]", o), (f"lses[{i}]", l)):
-            if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-                raise TypeError(f"{name} must be an array, got {type(x).__name__}")
+            validate.check_array(name, x)
             if not jnp.issubdtype(x.dtype, jnp.floating):
                 raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
         if o.ndim != 4 or l.shape != (o.shape[0], o.shape[2], o.shape[1]):

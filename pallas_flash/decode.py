@@ -67,15 +67,10 @@ def _is_traced(x) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
-def _check_array(name: str, x) -> None:
-    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-        raise TypeError(f"{name} must be an array, got {type(x).__name__}")
-
-
 def decode_spec(q, k_cache, v_cache, kv_lengths, block_tables, *, scale, logits_soft_cap, local_window_size) -> DecodeSpec:
     """Check a call's static properties (shapes, dtypes, ranks, options); the ``DecodeSpec``."""
     for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("kv_lengths", kv_lengths)):
-        _check_array(name, x)
+        validate.check_array(name, x)
     for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if x.ndim != 4:
             raise ValueError(f"{name} must have rank 4, got shape {tuple(x.shape)}")
@@ -106,7 +101,7 @@ def decode_spec(q, k_cache, v_cache, kv_lengths, block_tables, *, scale, logits_
             )
         capacity, page_size, num_pages = rows, None, None
     else:
-        _check_array("block_tables", block_tables)
+        validate.check_array("block_tables", block_tables)
         if not jnp.issubdtype(block_tables.dtype, jnp.integer):
             raise TypeError(f"block_tables must be an integer array of page ids, got {block_tables.dtype}")
         if block_tables.ndim != 2 or block_tables.shape[0] != B:

@@ -23,11 +23,16 @@ from pallas_flash.spec import AttentionInputs, AttentionSpec
 INT32_MAX = 2**31 - 1
 
 
+def check_array(name: str, x) -> None:
+    """``x`` has a shape and a dtype (a JAX or NumPy array), else a ``TypeError`` naming ``name``."""
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"{name} must be an array, got {type(x).__name__}")
+
+
 def check_qkv(query, key, value) -> None:
     """Shapes and dtypes of ``[B, T, N, H]`` query, key and value."""
     for name, x in (("query", query), ("key", key), ("value", value)):
-        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-            raise TypeError(f"{name} must be an array, got {type(x).__name__}")
+        check_array(name, x)
         if x.ndim != 4:
             raise ValueError(f"{name} must have rank 4 [batch, seq, heads, head_dim], got shape {tuple(x.shape)}")
         if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -102,11 +107,9 @@ def window(local_window_size) -> tuple[int, int] | None:
 
 
 def _wide_ints(x):
-    """``x`` as an array; NumPy and Python integers as NumPy int64 (``jnp.asarray`` would wrap them to int32)."""
-    if isinstance(x, jax.Array):
-        return x
-    x = np.asarray(x)
-    return x.astype(np.int64) if np.issubdtype(x.dtype, np.integer) and x.dtype != np.uint64 else x
+    """``x`` as an array: a JAX array as it is, anything else through NumPy, whose integers keep their width
+    (``jnp.asarray`` would wrap int64 to int32 without x64)."""
+    return x if isinstance(x, jax.Array) else np.asarray(x)
 
 
 def _lengths(name: str, lengths, batch: int):
@@ -215,7 +218,6 @@ def _dropout_args(dropout_rate, dropout_rng):
     except (TypeError, ValueError) as e:
         raise TypeError(f"dropout_rng must be a jax.random key, got {getattr(dropout_rng, 'dtype', type(dropout_rng))}: {e}") from None
     return rate, seed
-
 
 
 def _offset(name: str, value, length: int) -> int:

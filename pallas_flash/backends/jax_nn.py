@@ -60,9 +60,10 @@ class JaxNnBackend(Backend):
         if spec.has_alibi:  # nor ALiBi: express it as a bias, in float32 as the kernels add it
             alibi = alibi_bias(inputs.alibi_slopes, q.shape[1], k.shape[1])
             bias = alibi if bias is None else bias.astype(jnp.float32) + alibi
-        # A window side wider than every distance is no limit; jax.nn adds it to int32 positions, so a wide one
-        # (2**31 - 1 means "no limit") would wrap: clipped to the distances there are.
-        window = None if spec.window is None else tuple(min(w, q.shape[1] + k.shape[1]) for w in spec.window)
+        # jax.nn adds the window to int32 positions, so a wide one (2**31 - 1 means "no limit") would wrap: its
+        # bounds clamped to these lengths, as the kernels take them (no offsets here: ``supports`` refuses them).
+        within = spec.within(q.shape[1], k.shape[1])
+        window = None if spec.window is None else (within.left, within.right)
         try:
             out = jax.nn.dot_product_attention(
                 q,
