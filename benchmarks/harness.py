@@ -229,7 +229,8 @@ IMPLS: dict[str, Impl] = {
              "'mosaic'): the Mosaic GPU (sm_90) forward and backward, default configs (the shipped table for this "
              "GPU, H200 or H100, at its tuned buckets, N 1k/4k/16k with Tq and Tk in one bucket; else the heuristics; "
              "the backward's dQ fused by TMA reduce-add where `fused_dq_pays` or the table says: MHA, no window, "
-             "ids or lengths, D=128 from N=8k, D=64 non-causal from 1k (128-row steps); else the deterministic dQ kernel)",
+             "ids or lengths, D=128 from N=8k, D=64 non-causal from 1k (128-row steps); else the deterministic dQ "
+             "kernel)",
              extras=_segment_extras),
         Impl("pallas_flash_mosaic_deterministic", functools.partial(_pallas_flash_mosaic, deterministic=True),
              "the same with the deterministic backward at every length (bit-identical reruns; what "
