@@ -237,6 +237,22 @@ def test_sequence_parallel_attention_reshards_its_inputs_under_explicit_axes(see
         assert err <= tol, f"{label}: relative error {err:.3e} > {tol:.0e} (seed={seed})"
 
 
+def test_sequence_parallel_attention_clips_numpy_lengths_past_int32():
+    """A NumPy int64 length past int32 ("all keys") is clipped as dot_product_attention clips it, not wrapped by a
+    conversion to a JAX array before the ring."""
+    mesh = mesh_of(4)
+    q, k, v, _ = random_inputs((2, 4 * 16, 2, 1, 16), jnp.float32, 0)
+    lengths = np.array([2**40 + 5, 37], np.int64)  # jnp.asarray without x64 would make the first 5
+    put = lambda x: jax.device_put(x, NamedSharding(mesh, P(None, "seq")))  # noqa: E731
+    with jax.set_mesh(mesh):
+        out = jax.jit(lambda q, k, v: sequence_parallel_attention(
+            q, k, v, mesh=mesh, seq_axis="seq", is_causal=True, config=CONFIG, key_value_seq_lengths=lengths,
+        ))(put(q), put(k), put(v))
+    with jax.enable_x64(True):
+        f64 = [jnp.asarray(np.asarray(x, np.float64)) for x in (q, k, v)]
+        want = attention_reference(*f64, is_causal=True, key_value_seq_lengths=np.array([64, 37]))
+    assert rel_err(np.asarray(out), np.asarray(want)) <= TOLERANCE[jnp.dtype(jnp.float32)]
+
 def _trace_ring(shape_q=(1, 16, 2, 16), shape_k=None, n=4, check_vma=False, **kwargs):
     q = jnp.zeros((shape_q[0], shape_q[1] * n, *shape_q[2:]))
     k = jnp.zeros((shape_q[0], (shape_k or shape_q)[1] * n, *(shape_k or shape_q)[2:]))

@@ -267,10 +267,15 @@ def sequence_parallel_attention(
             f"{head_axis!r} (each shard keeps whole GQA groups)"
         )
     qkv_spec = P(batch_axis, seq_axis, head_axis, None)
-    extras = {name: jnp.asarray(x) for name, x in dict(q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-                                                       query_seq_lengths=query_seq_lengths,
-                                                       key_value_seq_lengths=key_value_seq_lengths).items()
-              if x is not None}
+    # As dot_product_attention reads them (int32; lengths clipped, never wrapped), before shard_map splits them.
+    batch = query.shape[0]
+    q_ids, kv_ids = validate._segments(q_segment_ids, kv_segment_ids, batch, query.shape[1], key.shape[1])
+    extras = {name: x for name, x in dict(q_segment_ids=q_ids, kv_segment_ids=kv_ids,
+                                          query_seq_lengths=validate._lengths("query_seq_lengths", query_seq_lengths,
+                                                                              batch),
+                                          key_value_seq_lengths=validate._lengths("key_value_seq_lengths",
+                                                                                  key_value_seq_lengths, batch),
+                                          ).items() if x is not None}
     extra_specs = {name: P(batch_axis, seq_axis) if name.endswith("segment_ids") else P(batch_axis) for name in extras}
     out_specs = (qkv_spec, P(batch_axis, head_axis, seq_axis)) if return_lse else qkv_spec
 
