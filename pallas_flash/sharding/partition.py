@@ -46,12 +46,11 @@ Shardy sharding rule, as JAX's cuDNN attention does:
 
 The partitioned call is a primitive with a batching rule, so ``vmap`` adds a
 leading (shardable) factor per level instead of failing. Under a mesh whose
-axes are ``Explicit`` the shardings are in the types at trace time; there the
-same per-shard function runs in ``jax.shard_map`` (``custom_partitioning``
-never sees an explicitly sharded type, which Pallas' interpret mode cannot
-slice). A backend whose interpret mode has ordered effects (Mosaic GPU's) runs
-interpreted calls unpartitioned. On a mesh mixing ``Explicit`` and ``Auto`` axes only the explicit ones
-partition the kernels; inputs sharded on its auto axes are gathered.
+axes are ``Explicit`` the same per-shard function runs in ``jax.shard_map``
+(``explicit.py``, with the same batching rule). A backend whose interpret mode
+has ordered effects (Mosaic GPU's) runs interpreted calls unpartitioned. On a
+mesh mixing ``Explicit`` and ``Auto`` axes only the explicit ones partition the
+kernels; inputs sharded on its auto axes are gathered.
 """
 
 from __future__ import annotations
@@ -67,10 +66,10 @@ import jax.numpy as jnp
 from jax._src import dispatch
 from jax.experimental.custom_partitioning import ArrayMapping, CompoundFactor, SdyShardingRule, custom_partitioning
 from jax.interpreters import batching, mlir
-from jax.sharding import AxisType, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
 from pallas_flash import dropout
-from pallas_flash.sharding import ring
+from pallas_flash.sharding import explicit, ring  # explicit reads this module at call time only
 from pallas_flash.spec import AttentionInputs, AttentionSpec, DefaultConfig
 
 __all__ = ["forward", "backward"]
@@ -394,7 +393,7 @@ def _abstract_eval(*avals, call: Call, jaxpr):
     return [jax.core.ShapedArray(a.shape, a.dtype, weak_type=a.weak_type) for a in jaxpr.out_avals]
 
 
-def _batch(args, dims, *, call: Call, jaxpr):
+def _vmapped(call: Call, args, dims) -> tuple[Call, list]:
     """``vmap``: the mapped dims move to the front and become one more (shardable) factor."""
     axes = tuple(None if d is None else 0 for d in dims)
     args = [a if d is None else jnp.moveaxis(a, d, 0) for a, d in zip(args, dims)]
@@ -405,6 +404,11 @@ def _batch(args, dims, *, call: Call, jaxpr):
         in_factors=tuple(f if ax is None else (name,) + f for f, ax in zip(call.in_factors, axes)),
         out_factors=tuple((name,) + f for f in call.out_factors),
     )
+    return mapped, args
+
+
+def _batch(args, dims, *, call: Call, jaxpr):
+    mapped, args = _vmapped(call, args, dims)
     outs = _bind(mapped, args)
     return outs, (0,) * len(outs)
 
@@ -433,34 +437,12 @@ dispatch.prim_requires_devices_during_lowering.add(partitioned_p)
 # Entry points (pallas_flash.op calls these in place of the backend's forward and backward).
 
 
-def _explicit_mesh(leaves):
-    """The mesh of the leaves' types when it has ``Explicit`` axes (shardings known at trace time), else None."""
-    mesh = getattr(jax.typeof(leaves[0]).sharding, "mesh", None)
-    if mesh is None or mesh.empty or AxisType.Explicit not in tuple(mesh.axis_types):
-        return None
-    return mesh
-
-
-def _run_explicit(call: Call, mesh, leaves):
-    """Under ``Explicit`` axes: the same per-shard function in ``shard_map``, the specs read from the types."""
-    specs = [_spec_of(jax.typeof(x).sharding, x.ndim) for x in leaves]
-    axes = _sharded_factors(call, mesh, specs, explicit=True)
-    in_specs = tuple(_pspec(f, axes) for f in call.in_factors)
-    out_specs = tuple(_pspec(f, axes) for f in call.out_factors)
-    leaves = [
-        x if tuple(jax.typeof(x).sharding.spec) == tuple(s) else jax.sharding.reshard(x, s)
-        for x, s in zip(leaves, in_specs)
-    ]
-    run = jax.shard_map(_per_shard(call, axes), mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
-    return run(*leaves)
-
-
 def _apply(kernels: Kernels, args):
     if kernels.interpret and kernels.backend.interpret_effects(kernels.config, kernels.kind):
         # An interpreter with ordered host callbacks does not lower inside ``custom_partitioning``: the kernels
         # run on the whole arrays (a CPU test path; sharded inputs are gathered around them, and under Explicit
         # axes, whose sharded types the interpreter cannot index, replicated first).
-        if _explicit_mesh(jax.tree.leaves(args)) is not None:
+        if explicit.mesh_of(jax.tree.leaves(args)) is not None:
             args = jax.tree.map(lambda x: jax.sharding.reshard(x, PartitionSpec()), args)
         return kernels(args)
     leaves, in_tree = jax.tree.flatten(args)
@@ -468,9 +450,9 @@ def _apply(kernels: Kernels, args):
     q, k = args[0], args[1]
     out_tree = _out_tree(kernels, in_tree, tuple((x.shape, x.dtype) for x in leaves))
     call = Call(kernels, in_tree, in_factors, out_factors, group, tuple(q.shape), tuple(k.shape), ring_limits=limits)
-    mesh = _explicit_mesh(leaves)
+    mesh = explicit.mesh_of(leaves)
     if mesh is not None:
-        outs = _run_explicit(call, mesh, leaves)
+        outs = explicit.bind(call, mesh, leaves)
     else:
         outs = _bind(call, leaves)
     return jax.tree.unflatten(out_tree, outs)
@@ -486,7 +468,7 @@ def backward(backend, q, k, v, out, lse2, do, dlse, inputs: AttentionInputs, spe
     """``backend.backward`` (``Gradients``), partitioned over sharded batch and heads (and sequence: the ring)."""
     kernels = Kernels("backward", backend, spec, config, interpret, want_dbias, want_dslopes)
     grads = _apply(kernels, (q, k, v, out, lse2, do, dlse, inputs))
-    if _explicit_mesh([q]) is None:
+    if explicit.mesh_of([q]) is None:
         return grads
     # Under Explicit axes the kernels ran on the rule's shardings; a custom_vjp's cotangents must have the
     # primals' types (q, k and v may be sharded differently: tensor-parallel MQA, a sequence-sharded q).
