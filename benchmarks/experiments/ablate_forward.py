@@ -1,0 +1,45 @@
+"""The Mosaic forward alone with parts of its softmax dropped (results wrong, times only): where its time goes.
+
+Needs forward-ablation.patch applied. PROBS="D:N:causal,..." PYTHONPATH=. python3 benchmarks/experiments/ablate_forward.py ROUNDS
+Variants: the shipped kernel; without the O rescale, the row sum, the row max, the exp2; without all four;
+with ``LAZY_RESCALE`` 0 (exact: O rescaled only when a row's max grew) and 8 (FlashAttention-4's threshold).
+Each variant is compiled with ``forward_schedules.ABLATE`` set and the kernel-trace cache cleared; cuDNN in the rounds.
+"""
+import os, sys
+import jax, jax.numpy as jnp, numpy as np
+import pallas_flash as pf
+from pallas_flash.testing.errors import rel_err
+from pallas_flash.backends.mosaic_gpu import forward_schedules
+from pallas_flash.sharding import partition  # its kernel-trace cache: cleared per variant
+
+from benchmarks.experiments.pullbacks import timed_rounds
+
+ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 3
+probs = [tuple(int(x) for x in p.split(":")) for p in os.environ.get("PROBS", "128:16384:0").split(",")]
+VARIANTS = {"shipped": (), "rescale": ("rescale",), "sum": ("sum",), "max": ("max",), "exp": ("exp",),
+            "all4": ("rescale", "sum", "max", "exp"), "lazy0": 0.0, "lazy8": 8.0}
+VARIANTS = {n: VARIANTS[n] for n in os.environ.get("VARIANTS", ",".join(VARIANTS)).split(",")}
+for D, N, causal in probs:
+    causal = bool(causal)
+    B, H = 16384 // N, 2048 // D
+    q, k, v = (jax.random.normal(kk, (B, N, H, D), jnp.bfloat16) for kk in jax.random.split(jax.random.key(1), 3))
+    fns = {}
+    for name, parts in VARIANTS.items():
+        lazy = isinstance(parts, float)  # a LAZY_RESCALE threshold (a real variant: results checked)
+        forward_schedules.ABLATE = frozenset() if lazy else frozenset(parts)
+        forward_schedules.LAZY_RESCALE = parts if lazy else None
+        partition._trace.cache_clear()
+        f = jax.jit(lambda q, k, v, causal=causal: pf.dot_product_attention(
+            q, k, v, is_causal=causal, implementation="mosaic"))
+        jax.block_until_ready(f(q, k, v))  # compiles under this ABLATE
+        fns[name] = f
+    forward_schedules.ABLATE, forward_schedules.LAZY_RESCALE = frozenset(), None
+    outs = {n: f(q, k, v) for n, f in fns.items()}
+    fns["cudnn"] = jax.jit(lambda q, k, v, causal=causal: jax.nn.dot_product_attention(
+        q, k, v, is_causal=causal, implementation="cudnn"))
+    res = timed_rounds({n: (f, (q, k, v)) for n, f in fns.items()}, 4 * B * H * N * N * D * (0.5 if causal else 1),
+                       ROUNDS)
+    ref = fns["cudnn"](q, k, v)
+    print(f"D{D} N{N} c{int(causal)}: " + " | ".join(
+        f"{n} {np.median(x):.0f} {[round(y) for y in x]}"
+        + (f" err {rel_err(outs[n], ref):.1e}" if n in outs else "") for n, x in res.items()), flush=True)
