@@ -24,9 +24,16 @@ __all__ = ["mesh_of", "bind"]
 
 
 def mesh_of(leaves):
-    """The mesh of the leaves' types when it has ``Explicit`` axes (shardings known at trace time), else None."""
+    """The mesh of the leaves' types when it has ``Explicit`` axes (shardings known at trace time), else None.
+
+    Leaves whose types carry no mesh (plain arrays) under ``jax.set_mesh`` of a mesh with Explicit axes take that
+    mesh, replicated on it (as ``jax.jit`` treats them there): traced under its Explicit context, the interpreted
+    kernels' values carry the mesh and their plain refs do not, which their stores rejected (a ShardingTypeError).
+    """
     mesh = getattr(jax.typeof(leaves[0]).sharding, "mesh", None)
-    if mesh is None or mesh.empty or AxisType.Explicit not in tuple(mesh.axis_types):
+    if mesh is None or mesh.empty:
+        mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or AxisType.Explicit not in tuple(mesh.axis_types):
         return None
     return mesh
 
