@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -277,3 +278,63 @@ def test_resume_keeps_the_checkpoints_dtype(tiny_run, tmp_path, capsys):
     assert f"--dtype auto is {'bfloat16' if ON_GPU else 'float32'} on " in err
     assert f"but the checkpoint was trained in {other}" in err
     assert _snapshot(out) == before
+
+
+# Another process: a tiny run whose checkpoints folder is made read-only once its step-10 checkpoint is on disk.
+_READ_ONLY_AT_SAVE = textwrap.dedent("""
+    import os, sys
+    from train import checkpoint, loop
+    save = checkpoint.Checkpointer.save
+    def read_only_then_save(self, step, state, meta):
+        if step == 20:
+            self.wait()
+            os.chmod(self.directory, 0o555)
+        save(self, step, state, meta)
+    checkpoint.Checkpointer.save = read_only_then_save
+    sys.exit(loop.cli(sys.argv[1:]))
+""")
+
+
+def test_a_checkpoints_folder_lost_mid_run_stops_the_run_at_once(tmp_path):
+    """The checkpoints folder made read-only, deleted or replaced by a file after the startup probe: the next save
+    fails at once with one line naming the folder, and the checkpoints saved before still read back. (Orbax made
+    the step folder in a background thread: its writer threads then waited 5 minutes for it before the process
+    could exit, and a deleted folder was silently made anew.)"""
+    import jax.numpy as jnp
+
+    from train.checkpoint import Checkpointer
+
+    # Read-only: Orbax's own write fails. Root writes anyway, so the run goes without that capability.
+    command = [sys.executable, "-c", _READ_ONLY_AT_SAVE, *TINY_ARGS, "--out", str(tmp_path / "run")]
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("root writes into a read-only folder, and setpriv (to drop that) is missing")
+        command = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *command]
+    folder = tmp_path / "run" / "checkpoints"
+    try:
+        proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=200,
+                              env=dict(os.environ, PYTHONPATH=str(REPO)))
+    finally:
+        if folder.exists():
+            folder.chmod(0o755)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    err = [line for line in proc.stderr.strip().splitlines() if "%|" not in line]
+    assert err[-1] == f"error: cannot write checkpoints to {folder} any more (Permission denied)", err[-5:]
+    with Checkpointer(folder) as ckpt:
+        assert ckpt.all_steps() == [10]
+        state, meta = ckpt.restore(None, 10)
+        assert meta["step"] == 10 and all_finite(state)
+
+    # Deleted, or a file in its place: said as such (Orbax made a new folder, or failed in the background).
+    with Checkpointer(tmp_path / "small") as ckpt:
+        ckpt.save(1, {"w": jnp.ones(4)}, {"step": 1})
+        ckpt.wait()
+        moved = tmp_path / "moved"
+        ckpt.directory.rename(moved)
+        for why in ("it was deleted or moved", "a file is in the way"):
+            message = f"cannot write checkpoints to {ckpt.directory} any more ({why})"
+            with pytest.raises(OSError, match=f"^{re.escape(message)}$"):
+                ckpt.save(2, {"w": jnp.ones(4)}, {"step": 2})
+            ckpt.directory.write_text("in the way")
+    with Checkpointer(moved) as ckpt:
+        assert ckpt.all_steps() == [1] and ckpt.restore(None, 1)[1] == {"step": 1}

@@ -11,10 +11,14 @@ folder) does not read back: :meth:`Checkpointer.restore_newest_intact` then
 falls back to the newest one that does, and :meth:`Checkpointer.set_aside`
 moves the damaged ones to ``checkpoints.corrupt/`` (kept, out of the way of
 the steps that will be saved again).
+
+A folder lost mid-run (deleted, made read-only, a file in its place) fails the next save at once, naming it;
+the checkpoints saved before are not touched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 import shutil
 import tempfile
@@ -55,9 +59,13 @@ class Checkpointer:
 
     def __init__(self, directory: str | pathlib.Path, *, max_to_keep: int = 2):
         self.directory = pathlib.Path(directory).absolute()
+        # The step folder is made in save(), not in a background thread: where it cannot be made (the folder
+        # deleted, replaced or made read-only mid-run), save() fails at once. Made in the background, Orbax's
+        # writer threads waited for it (their 5-minute barrier timeout), and the process could not exit meanwhile.
+        sync_folders = ocp.AsyncOptions(create_directories_asynchronously=False)
         self._manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, async_options=sync_folders),
         )
 
     def check_writable(self) -> None:
@@ -81,14 +89,20 @@ class Checkpointer:
         return sorted(self._manager.all_steps())
 
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
-        """Start writing checkpoint ``step`` (returns before the write finishes)."""
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
-            ),
-            force=True,
-        )
+        """Start writing checkpoint ``step`` (returns before the write finishes).
+
+        A folder gone or not writable any more raises ``OSError`` naming it, at once; the checkpoints saved before
+        are left as they are (Orbax deletes old ones only once a newer one is written).
+        """
+        self._check_folder()
+        with self._write_errors():
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+                ),
+                force=True,
+            )
 
     def restore_meta(self, step: int | None = None) -> dict[str, Any]:
         """Only the JSON part (cheap: no arrays are read)."""
@@ -168,7 +182,23 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Block until pending saves are on disk."""
-        self._manager.wait_until_finished()
+        with self._write_errors():
+            self._manager.wait_until_finished()
+
+    def _check_folder(self) -> None:
+        if not self.directory.is_dir():  # deleted, moved or replaced mid-run: Orbax would make a new one
+            why = "a file is in the way" if self.directory.exists() else "it was deleted or moved"
+            raise OSError(f"cannot write checkpoints to {self.directory} any more ({why})")
+
+    @contextlib.contextmanager
+    def _write_errors(self):
+        """Orbax failing to write a checkpoint (an OSError, TensorStore's ValueError) as one line naming the folder."""
+        try:
+            yield
+        except (OSError, ValueError) as e:
+            self._check_folder()  # the likeliest cause, said plainly
+            why = e.strerror if isinstance(e, OSError) and e.strerror else _one_line(e)
+            raise OSError(f"cannot write checkpoints to {self.directory} any more ({why})") from e
 
     def close(self) -> None:
         """Wait for pending saves, then release Orbax's threads."""
