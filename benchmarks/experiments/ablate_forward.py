@@ -15,7 +15,7 @@ from pallas_flash.sharding import partition  # its kernel-trace cache: cleared p
 from benchmarks.experiments.pullbacks import timed_rounds
 
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 3
-probs = [tuple(int(x) for x in p.split(":")) for p in os.environ.get("PROBS", "128:16384:0").split(",")]
+probs = [tuple(int(x) for x in p.split(":")) for p in os.environ.get("PROBS", "128:16384:0").split(",") if p]
 VARIANTS = {"shipped": (), "rescale": ("rescale",), "sum": ("sum",), "max": ("max",), "exp": ("exp",),
             "all4": ("rescale", "sum", "max", "exp"), "lazy0": 0.0, "lazy8": 8.0}
 VARIANTS = {n: VARIANTS[n] for n in os.environ.get("VARIANTS", ",".join(VARIANTS)).split(",")}
@@ -43,3 +43,31 @@ for D, N, causal in probs:
     print(f"D{D} N{N} c{int(causal)}: " + " | ".join(
         f"{n} {np.median(x):.0f} {[round(y) for y in x]}"
         + (f" err {rel_err(outs[n], ref):.1e}" if n in outs else "") for n, x in res.items()), flush=True)
+
+if os.environ.get("GROWTH", "1") == "1":  # the lazy rescale compiled, on logits that grow along the keys
+    from pallas_flash.backends.mosaic_gpu import MosaicConfig, MosaicForwardConfig
+    from pallas_flash.reference import attention_reference
+
+    for D, causal in ((64, False), (128, True)):
+        rng = np.random.default_rng(D)
+        T = int(os.environ.get("GROWTH_T", "1000"))  # not a block multiple
+        q = rng.standard_normal((2, T, 4, D)) * 0.3 + 1.0
+        k = rng.standard_normal((2, T, 4, D)) * 0.3 + np.linspace(0, 3.0, T)[None, :, None, None]
+        v = rng.standard_normal((2, T, 4, D))
+        q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
+        with jax.enable_x64(True):
+            ref = np.asarray(attention_reference(
+                *(jnp.asarray(np.asarray(x.astype(jnp.float32), np.float64)) for x in (q, k, v)), is_causal=causal))
+        errs = []
+        for lazy in (None, 0.0, 8.0):
+            for ov, wgs in ((False, 2), (True, 2), (True, 3)):
+                forward_schedules.LAZY_RESCALE = lazy
+                partition._trace.cache_clear()
+                cfg = MosaicConfig(fwd=MosaicForwardConfig(64, 128, 2, overlap=ov, compute_wgs=wgs))
+                try:
+                    out = pf.dot_product_attention(q, k, v, is_causal=causal, implementation="mosaic", config=cfg)
+                    errs.append(f"{lazy}/{'ov' if ov else 'turns'}{wgs} {rel_err(out, ref):.2e}")
+                except Exception as e:  # a config that does not fit (registers, shared memory)
+                    errs.append(f"{lazy}/{'ov' if ov else 'turns'}{wgs} failed {type(e).__name__}")
+        forward_schedules.LAZY_RESCALE = None
+        print(f"growth D{D} c{int(causal)}: " + " | ".join(errs), flush=True)
