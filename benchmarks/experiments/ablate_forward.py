@@ -1,7 +1,8 @@
 """The Mosaic forward alone with parts of its softmax dropped (results wrong, times only): where its time goes.
 
 Needs forward-ablation.patch applied.
-PROBS="D:N:causal,..." VARIANTS="shipped,rescale,..." PYTHONPATH=. python3 benchmarks/experiments/ablate_forward.py ROUNDS
+PROBS="D:N:causal,..." VARIANTS="shipped,rescale,..." PYTHONPATH=. python3 \
+    benchmarks/experiments/ablate_forward.py ROUNDS
 Variants: the shipped kernel; without the O rescale, the row sum, the row max, the exp2; without all four;
 with ``LAZY_RESCALE`` 0 (exact: O rescaled only when a row's max grew) and 8 (FlashAttention-4's threshold).
 Each variant is compiled with ``forward_schedules.ABLATE`` set and the kernel-trace cache cleared; cuDNN in the rounds.
