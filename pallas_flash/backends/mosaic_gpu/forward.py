@@ -118,6 +118,7 @@ def _forward_kernel(
     p_smem=None,
     qseg_smem=None,
     kvseg_smem=None,
+    seq_q: int,
     seq_k: int,
     group: int,
     num_heads: int,
@@ -250,6 +251,12 @@ def _forward_kernel(
             tile = lax.div(q_base, jnp.int32(block_q))
             lo = jnp.clip(jnp.maximum(lo, seg_range_ref[batch, tile, 2]), first, end)
             unmasked = jnp.clip(jnp.minimum(unmasked, seg_range_ref[batch, tile, 3]), lo, end)
+        if seq_q % rows_per_cta:  # static: the last tile has rows past Tq
+            # A warpgroup whose rows all lie past Tq (two of three at N = 2**k) is padding that is never stored:
+            # one key block keeps its pipeline and turns as for any tile; the partner's others it only releases.
+            end = jnp.where(q_base >= seq_q, first + 1, end)
+            lo = jnp.minimum(lo, end)
+            unmasked = jnp.clip(unmasked, lo, end)
         return cta_first, cta_end, first, lo, unmasked, end
 
     @pl.when(wg < compute_wgs)
@@ -408,6 +415,7 @@ def mosaic_forward(
         head_group = None if head_group == 1 else head_group
     kernel = functools.partial(
         _forward_kernel,
+        seq_q=seq_q,
         seq_k=seq_k,
         group=num_heads // num_kv_heads,
         num_heads=num_heads,
