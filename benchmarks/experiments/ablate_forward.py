@@ -4,7 +4,8 @@ Needs forward-ablation.patch applied.
 PROBS="D:N:causal,..." VARIANTS="shipped,rescale,..." PYTHONPATH=. python3 \
     benchmarks/experiments/ablate_forward.py ROUNDS
 Variants: the shipped kernel; without the O rescale, the row sum, the row max, the exp2; without all four;
-with ``LAZY_RESCALE`` 0 (exact: O rescaled only when a row's max grew) and 8 (FlashAttention-4's threshold).
+with ``LAZY_RESCALE`` 0 (exact: O rescaled only when a row's max grew) and 8 (FlashAttention-4's threshold);
+``padall``: warpgroups wholly past Tq compute all the CTA's key blocks, as before NOTES 101 (exact, slower).
 Each variant is compiled with ``forward_schedules.ABLATE`` set and the kernel-trace cache cleared; cuDNN in the rounds.
 Then (``GROWTH=0`` skips it) the lazy variants compiled, on logits that grow along the keys, against float64.
 """
@@ -20,7 +21,7 @@ from benchmarks.experiments.pullbacks import timed_rounds
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 3
 probs = [tuple(int(x) for x in p.split(":")) for p in os.environ.get("PROBS", "128:16384:0").split(",") if p]
 VARIANTS = {"shipped": (), "rescale": ("rescale",), "sum": ("sum",), "max": ("max",), "exp": ("exp",),
-            "all4": ("rescale", "sum", "max", "exp"), "lazy0": 0.0, "lazy8": 8.0}
+            "all4": ("rescale", "sum", "max", "exp"), "lazy0": 0.0, "lazy8": 8.0, "padall": ("padded",)}
 VARIANTS = {n: VARIANTS[n] for n in os.environ.get("VARIANTS", ",".join(VARIANTS)).split(",")}
 for D, N, causal in probs:
     causal = bool(causal)
