@@ -4,7 +4,9 @@ Needs forward-ablation.patch applied.
 PROBS="D:N:causal,..." VARIANTS="shipped,rescale,..." PYTHONPATH=. python3 \
     benchmarks/experiments/ablate_forward.py ROUNDS
 Variants: the shipped kernel; without the O rescale, the row sum, the row max, the exp2; without all four;
-with ``LAZY_RESCALE`` 0 (exact: O rescaled only when a row's max grew) and 8 (FlashAttention-4's threshold);
+with ``LAZY_RESCALE`` 0 (O rescaled only when a row's max grew) and 8 (FlashAttention-4's threshold): on the H200
+``lazy8`` was 11% slower and, compiled, wrong with the overlapped schedule and two warpgroups (NOTES 102), so
+do not land it as it is;
 ``padall``: warpgroups wholly past Tq compute all the CTA's key blocks, as before NOTES 101 (exact, slower).
 Each variant is compiled with ``forward_schedules.ABLATE`` set and the kernel-trace cache cleared; cuDNN in the rounds.
 Then (``GROWTH=0`` skips it) the lazy variants compiled, on logits that grow along the keys, against float64.
