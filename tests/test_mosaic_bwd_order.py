@@ -1,7 +1,7 @@
 """The order the one-CTA-per-tile kernels hand out their CTAs in: under causal the backward's by length within groups
 of (batch row, head) pairs (``occupancy.BACKWARD_HEAD_GROUP``), else by length over every pair when its grid is small
-(``occupancy.backward_by_length``); the forward, when it is not persistent, in groups only when
-``occupancy.FORWARD_HEAD_GROUP`` is set (an A/B knob).
+(``occupancy.backward_by_length``); the forward in groups only when ``occupancy.FORWARD_HEAD_GROUP`` (one CTA per
+tile) or ``PERSISTENT_FORWARD_HEAD_GROUP`` (persistent) is set (A/B knobs).
 
 Interpret mode on the CPU: the order of the CTAs changes, nothing they compute, so the deterministic gradients and
 the forward's output are bit-identical in every order, and the fused mode's (summed per CTA in interpret mode)
@@ -51,6 +51,7 @@ def test_the_backwards_groups(monkeypatch):
     kw = dict(head_name="head", tile_name="q_tile")
     assert occupancy.group_size(12, 8) == 6 and occupancy.group_size(128, 8) == 8 and occupancy.group_size(7, 4) == 1
     assert occupancy.BACKWARD_HEAD_GROUP == 4 and occupancy.FORWARD_HEAD_GROUP is None  # the defaults measured
+    assert occupancy.PERSISTENT_FORWARD_HEAD_GROUP is None  # not yet measured (NOTES 105)
     # 4 x 32 pairs in 32 groups of 4: (group, tile, pair in the group); not under causal: heads outermost
     assert _grid(common.backward_grid(4, 32, 32, causal=True, **kw)) == ((32, 32, 4), ("head_group", "q_tile",
                                                                                         "in_group"))
@@ -99,40 +100,46 @@ def test_the_backward_order_changes_no_bit(monkeypatch, bwd, order, seed):
 
 
 @pytest.mark.skipif(ON_GPU, reason="interpret mode")
+@pytest.mark.parametrize("persistent", [False, True], ids=["per_tile", "persistent"])
 @pytest.mark.parametrize("compute_wgs", [2, 3])
-def test_the_forwards_groups_change_no_bit(monkeypatch, compute_wgs, seed):
-    """The one-CTA-per-tile causal forward in groups of 2 and 3 of the 6 (batch row, head) pairs against heads
-    outermost: GQA 3:1, Tq > Tk (the causal diagonal off the corner), ragged, several query tiles per head."""
+def test_the_forwards_groups_change_no_bit(monkeypatch, compute_wgs, persistent, seed):
+    """The causal forward in groups of 2 and 3 of the 6 (batch row, head) pairs against its order without groups
+    (one CTA per tile: heads outermost; persistent, 3 CTAs here: by length over every pair): GQA 3:1, Tq > Tk (the
+    causal diagonal off the corner), ragged, several query tiles per head."""
     q, k, v, *_, spec = _residuals(Shape("f", 2, 400, 300, 3, 1, 64), jnp.bfloat16, True, seed)
     fwd = MosaicForwardConfig(block_q=64, block_kv=64, num_stages=2, overlap=compute_wgs == 3,
-                              compute_wgs=compute_wgs)
+                              persistent=persistent, compute_wgs=compute_wgs)
+    knob = "PERSISTENT_FORWARD_HEAD_GROUP" if persistent else "FORWARD_HEAD_GROUP"
     run = lambda: jax.block_until_ready(mosaic_forward(q, k, v, AttentionInputs(), spec=spec, config=fwd,
                                                        interpret=True))
     want = run()
     assert bool(jnp.isfinite(want[0].astype(jnp.float32)).all())
     for group in (2, 3):
-        monkeypatch.setattr(occupancy, "FORWARD_HEAD_GROUP", group)
+        monkeypatch.setattr(occupancy, knob, group)
         for got, ref in zip(run(), want):
             np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(ref.astype(jnp.float32)))
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("persistent", [False, True], ids=["per_tile", "persistent"])
 @pytest.mark.parametrize("group", [2, 3])
 @pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "fused"])
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_gpu_groups_against_float64(monkeypatch, head_dim, deterministic, group, seed):
-    """Compiled, in groups of 2 and 3 (batch row, head) pairs: the one-CTA-per-tile forward (12 pairs) and the
-    backward's kernels (dK/dV 4 pairs, dQ 12), causal, GQA 3:1, Tq != Tk, ragged: values, lse and gradients against
-    float64 through the public API."""
+def test_gpu_groups_against_float64(monkeypatch, head_dim, deterministic, group, persistent, seed):
+    """Compiled, in groups of 2 and 3 (batch row, head) pairs: the forward (12 pairs; one CTA per tile, or
+    persistent) and the backward's kernels (dK/dV 4 pairs, dQ 12), causal, GQA 3:1, Tq != Tk, ragged: values, lse
+    and gradients against float64 through the public API."""
     from pallas_flash.backends.mosaic_gpu.config import MosaicConfig
     from pallas_flash.sharding import partition
     from tests.test_mosaic_gpu import _check
 
     bwd = (MosaicBackwardConfig(block_q=64, num_stages=2, dq_block_kv=64, dq_num_stages=2) if deterministic
            else MosaicBackwardConfig(block_q=64, num_stages=2, deterministic=False))
-    config = MosaicConfig(fwd=MosaicForwardConfig(block_q=64, block_kv=128, num_stages=2), bwd=bwd)
+    config = MosaicConfig(fwd=MosaicForwardConfig(block_q=64, block_kv=128, num_stages=2, persistent=persistent),
+                          bwd=bwd)
     monkeypatch.setattr(occupancy, "BACKWARD_HEAD_GROUP", group)
     monkeypatch.setattr(occupancy, "FORWARD_HEAD_GROUP", group)
+    monkeypatch.setattr(occupancy, "PERSISTENT_FORWARD_HEAD_GROUP", group)
     partition._trace.cache_clear()  # traces are cached by call, not by the order
     try:
         _check(Shape("g", 2, 1000, 1100, 6, 2, head_dim), jnp.bfloat16, True, seed, config, grads=True)

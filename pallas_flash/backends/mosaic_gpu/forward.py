@@ -167,16 +167,19 @@ def _forward_kernel(
         equal length at a time and finish together: striding over the first order, a CTA would keep the
         long tiles of each head whenever the stride is near a multiple of their number (0.75x cuDNN at
         D=128, N=16k on an H200). One CTA per tile keeps the first order: by length, 5-16% slower there.
+        With ``head_group`` (causal; ``occupancy.FORWARD_HEAD_GROUP`` or ``PERSISTENT_FORWARD_HEAD_GROUP``):
+        by length within groups of that many pairs, group after group, so that a head's tiles run close
+        together in time and its K/V stays in L2 between them.
         """
         t = program + i * num_programs
-        if causal and persistent:
-            bh = lax.rem(t, jnp.int32(batch_heads))
-            q_tile = lax.div(t, jnp.int32(batch_heads))
-        elif head_group is not None:  # by length within groups of head_group pairs
+        if head_group is not None:  # by length within groups of head_group pairs
             group_tiles = jnp.int32(head_group * num_q_tiles)
             in_group = lax.rem(t, group_tiles)
             bh = lax.div(t, group_tiles) * head_group + lax.rem(in_group, jnp.int32(head_group))
             q_tile = lax.div(in_group, jnp.int32(head_group))
+        elif causal and persistent:
+            bh = lax.rem(t, jnp.int32(batch_heads))
+            q_tile = lax.div(t, jnp.int32(batch_heads))
         else:
             bh = lax.div(t, jnp.int32(num_q_tiles))
             q_tile = lax.rem(t, jnp.int32(num_q_tiles))
@@ -409,9 +412,11 @@ def mosaic_forward(
     else:
         num_programs = num_tiles
 
-    head_group = None  # by length within groups of pairs (``occupancy.FORWARD_HEAD_GROUP``): causal, one CTA per tile
-    if spec.causal and not config.persistent and occupancy.FORWARD_HEAD_GROUP is not None:
-        head_group = occupancy.group_size(batch * num_heads, occupancy.FORWARD_HEAD_GROUP)
+    # Causal: by length within groups of (batch row, head) pairs, one knob per kind of grid (None: no groups)
+    group_target = occupancy.PERSISTENT_FORWARD_HEAD_GROUP if config.persistent else occupancy.FORWARD_HEAD_GROUP
+    head_group = None
+    if spec.causal and group_target is not None:
+        head_group = occupancy.group_size(batch * num_heads, group_target)
         head_group = None if head_group == 1 else head_group
     kernel = functools.partial(
         _forward_kernel,

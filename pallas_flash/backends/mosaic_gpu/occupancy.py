@@ -20,7 +20,7 @@ import jax
 
 __all__ = ["sm_count", "forward_ctas_per_sm", "SMALL_GRID_CTAS_PER_SM", "SMALL_GRID_FORWARD",
            "backward_by_length", "SMALL_GRID_BACKWARD_CTAS_PER_SM", "BY_LENGTH_MAX_TILES", "BACKWARD_HEAD_GROUP",
-           "FORWARD_HEAD_GROUP", "group_size"]
+           "FORWARD_HEAD_GROUP", "PERSISTENT_FORWARD_HEAD_GROUP", "group_size"]
 
 # SMs of an H100 SXM / H200, for when no GPU is visible (interpret mode, a CPU tracing for a GPU).
 DEFAULT_SM_COUNT = 132
@@ -86,6 +86,13 @@ BACKWARD_HEAD_GROUP: int | None = 4
 # (same run, forward alone, heads outermost / groups of 4 / 8): D=128 16k 572 / 553 / 555, D=64 16k 435 / 432 / 427,
 # level elsewhere (D=64 4k 357 / 361 / 365, D=128 4k 488 / 486 / 487): so None. The knob stays for A/Bs.
 FORWARD_HEAD_GROUP: int | None = None
+# The persistent causal forward in such groups; None: by length over every pair (``forward.py``'s ``tile_coords``).
+# Not yet measured (NOTES 105). Over every pair, a head's tiles run about (pairs / SMs) rounds apart, and at D=64
+# causal 1k (512 pairs, 256 KiB of K/V each) its K/V is evicted from L2 between them: every tile reads its K/V
+# from HBM, about 700 MB per call against 256 MB read once. That would explain why this forward runs 15% slower on
+# an H100 (3.35 TB/s) than on an H200 (4.8 TB/s) while cuDNN's runs level (NOTES 105). The knob is for A/Bs
+# (``benchmarks/experiments/ab_persistent_groups.py``).
+PERSISTENT_FORWARD_HEAD_GROUP: int | None = None
 
 
 def group_size(batch_heads: int, target: int) -> int:
