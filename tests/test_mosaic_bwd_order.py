@@ -51,7 +51,7 @@ def test_the_backwards_groups(monkeypatch):
     kw = dict(head_name="head", tile_name="q_tile")
     assert occupancy.group_size(12, 8) == 6 and occupancy.group_size(128, 8) == 8 and occupancy.group_size(7, 4) == 1
     assert occupancy.BACKWARD_HEAD_GROUP == 4 and occupancy.FORWARD_HEAD_GROUP is None  # the defaults measured
-    assert occupancy.PERSISTENT_FORWARD_HEAD_GROUP is None  # not yet measured (NOTES 105)
+    assert occupancy.PERSISTENT_FORWARD_HEAD_GROUP is None and not occupancy.PERSISTENT_FORWARD_SNAKE  # NOTES 105
     # 4 x 32 pairs in 32 groups of 4: (group, tile, pair in the group); not under causal: heads outermost
     assert _grid(common.backward_grid(4, 32, 32, causal=True, **kw)) == ((32, 32, 4), ("head_group", "q_tile",
                                                                                         "in_group"))
@@ -100,24 +100,74 @@ def test_the_backward_order_changes_no_bit(monkeypatch, bwd, order, seed):
 
 
 @pytest.mark.skipif(ON_GPU, reason="interpret mode")
-@pytest.mark.parametrize("persistent", [False, True], ids=["per_tile", "persistent"])
 @pytest.mark.parametrize("compute_wgs", [2, 3])
-def test_the_forwards_groups_change_no_bit(monkeypatch, compute_wgs, persistent, seed):
-    """The causal forward in groups of 2 and 3 of the 6 (batch row, head) pairs against its order without groups
-    (one CTA per tile: heads outermost; persistent, 3 CTAs here: by length over every pair): GQA 3:1, Tq > Tk (the
-    causal diagonal off the corner), ragged, several query tiles per head."""
+def test_the_forwards_groups_change_no_bit(monkeypatch, compute_wgs, seed):
+    """The one-CTA-per-tile causal forward in groups of 2 and 3 of the 6 (batch row, head) pairs against heads
+    outermost: GQA 3:1, Tq > Tk (the causal diagonal off the corner), ragged, several query tiles per head."""
     q, k, v, *_, spec = _residuals(Shape("f", 2, 400, 300, 3, 1, 64), jnp.bfloat16, True, seed)
     fwd = MosaicForwardConfig(block_q=64, block_kv=64, num_stages=2, overlap=compute_wgs == 3,
-                              persistent=persistent, compute_wgs=compute_wgs)
-    knob = "PERSISTENT_FORWARD_HEAD_GROUP" if persistent else "FORWARD_HEAD_GROUP"
+                              compute_wgs=compute_wgs)
     run = lambda: jax.block_until_ready(mosaic_forward(q, k, v, AttentionInputs(), spec=spec, config=fwd,
                                                        interpret=True))
     want = run()
     assert bool(jnp.isfinite(want[0].astype(jnp.float32)).all())
     for group in (2, 3):
-        monkeypatch.setattr(occupancy, knob, group)
+        monkeypatch.setattr(occupancy, "FORWARD_HEAD_GROUP", group)
         for got, ref in zip(run(), want):
             np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(ref.astype(jnp.float32)))
+
+
+@pytest.mark.skipif(ON_GPU, reason="interpret mode")
+@pytest.mark.parametrize("compute_wgs", [2, 3])
+def test_the_persistent_forwards_orders_change_no_bit(monkeypatch, compute_wgs, seed):
+    """The persistent causal forward (3 CTAs here) in groups of 2 and 5 of its 10 (batch row, head) pairs, with
+    and without the snake, against by length over every pair: GQA 5:1, Tq > Tk, ragged; 50 or 40 tiles, so that
+    the last round is partial (a CTA's tile count under the snake)."""
+    q, k, v, *_, spec = _residuals(Shape("p", 2, 600, 500, 5, 1, 64), jnp.bfloat16, True, seed)
+    fwd = MosaicForwardConfig(block_q=64, block_kv=64, num_stages=2, overlap=compute_wgs == 3, persistent=True,
+                              compute_wgs=compute_wgs)
+    run = lambda: jax.block_until_ready(mosaic_forward(q, k, v, AttentionInputs(), spec=spec, config=fwd,
+                                                       interpret=True))
+    want = run()
+    assert bool(jnp.isfinite(want[0].astype(jnp.float32)).all())
+    for group, snake in ((2, False), (5, False), (None, True), (2, True)):
+        monkeypatch.setattr(occupancy, "PERSISTENT_FORWARD_HEAD_GROUP", group)
+        monkeypatch.setattr(occupancy, "PERSISTENT_FORWARD_SNAKE", snake)
+        for got, ref in zip(run(), want):
+            np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(ref.astype(jnp.float32)))
+
+
+def test_the_persistent_schedule_and_its_auto_group():
+    """``occupancy.persistent_schedule`` hands every tile out once, each CTA as many as the kernel's ``my_tiles``
+    gives it; "auto" groups only past the K/V bytes that fit, and never unbalances the CTAs beyond the slack."""
+    for pairs, q_tiles, ctas in ((10, 5, 3), (512, 8, 132), (48, 32, 132), (7, 3, 4)):
+        for group in (None, occupancy.group_size(pairs, 4)):
+            for snake in (False, True):
+                cta, rounds, pair, rank = occupancy.persistent_schedule(pairs, q_tiles, group, ctas, snake)
+                assert len(set(zip(pair.tolist(), rank.tolist()))) == pairs * q_tiles
+                assert ((rank >= 0) & (rank < q_tiles)).all() and ((pair >= 0) & (pair < pairs)).all()
+                full, rest = divmod(pairs * q_tiles, ctas)
+                lane_in_last = np.arange(ctas) if not snake or full % 2 == 0 else ctas - 1 - np.arange(ctas)
+                np.testing.assert_array_equal(np.bincount(cta, minlength=ctas), full + (lane_in_last < rest))
+                work = occupancy.cta_work(pairs, q_tiles, group, ctas, snake)
+                assert work.sum() == pairs * q_tiles * (q_tiles + 1) / 2
+    knobs = occupancy.PERSISTENT_FORWARD_HEAD_GROUP, occupancy.PERSISTENT_FORWARD_SNAKE
+    try:
+        occupancy.PERSISTENT_FORWARD_SNAKE = False
+        occupancy.PERSISTENT_FORWARD_HEAD_GROUP = None
+        assert occupancy.persistent_forward_group(512, 8, 2**30, 132) is None
+        occupancy.PERSISTENT_FORWARD_HEAD_GROUP = 6
+        assert occupancy.persistent_forward_group(512, 8, 0, 132) == 4  # the largest divisor up to 6
+        occupancy.PERSISTENT_FORWARD_HEAD_GROUP = "auto"
+        assert occupancy.persistent_forward_group(192, 8, occupancy.GROUP_ABOVE_KV_BYTES, 132) is None  # fits
+        for snake in (False, True):  # D=64 causal 1k, B=16, 32 heads: 128 MiB of K/V
+            occupancy.PERSISTENT_FORWARD_SNAKE = snake
+            group = occupancy.persistent_forward_group(512, 8, 128 * 2**20, 132)
+            assert group is not None and 512 % group == 0
+            peak = lambda g: occupancy.cta_work(512, 8, g, 132, snake).max()
+            assert peak(group) <= peak(None) * (1 + occupancy.AUTO_GROUP_SLACK)
+    finally:
+        occupancy.PERSISTENT_FORWARD_HEAD_GROUP, occupancy.PERSISTENT_FORWARD_SNAKE = knobs
 
 
 @pytest.mark.gpu
@@ -126,9 +176,10 @@ def test_the_forwards_groups_change_no_bit(monkeypatch, compute_wgs, persistent,
 @pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "fused"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_gpu_groups_against_float64(monkeypatch, head_dim, deterministic, group, persistent, seed):
-    """Compiled, in groups of 2 and 3 (batch row, head) pairs: the forward (12 pairs; one CTA per tile, or
-    persistent) and the backward's kernels (dK/dV 4 pairs, dQ 12), causal, GQA 3:1, Tq != Tk, ragged: values, lse
-    and gradients against float64 through the public API."""
+    """Compiled, in groups of 2 and 3 (batch row, head) pairs: the forward (one CTA per tile on 12 pairs; or
+    persistent on 24, 192 tiles for 132 CTAs, with the snake in groups of 3) and the backward's kernels (dK/dV 4 or
+    8 pairs, dQ 12 or 24), causal, GQA 3:1, Tq != Tk, ragged: values, lse and gradients against float64 through the
+    public API."""
     from pallas_flash.backends.mosaic_gpu.config import MosaicConfig
     from pallas_flash.sharding import partition
     from tests.test_mosaic_gpu import _check
@@ -140,8 +191,10 @@ def test_gpu_groups_against_float64(monkeypatch, head_dim, deterministic, group,
     monkeypatch.setattr(occupancy, "BACKWARD_HEAD_GROUP", group)
     monkeypatch.setattr(occupancy, "FORWARD_HEAD_GROUP", group)
     monkeypatch.setattr(occupancy, "PERSISTENT_FORWARD_HEAD_GROUP", group)
+    monkeypatch.setattr(occupancy, "PERSISTENT_FORWARD_SNAKE", group == 3)
     partition._trace.cache_clear()  # traces are cached by call, not by the order
     try:
-        _check(Shape("g", 2, 1000, 1100, 6, 2, head_dim), jnp.bfloat16, True, seed, config, grads=True)
+        _check(Shape("g", 4 if persistent else 2, 1000, 1100, 6, 2, head_dim), jnp.bfloat16, True, seed, config,
+               grads=True)
     finally:
         partition._trace.cache_clear()

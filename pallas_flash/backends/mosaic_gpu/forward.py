@@ -126,6 +126,7 @@ def _forward_kernel(
     num_tiles: int,
     num_programs: int,
     head_group: int | None,
+    snake: bool,
     block_q: int,
     block_kv: int,
     num_stages: int,
@@ -155,7 +156,12 @@ def _forward_kernel(
     num_whole_kv_blocks = seq_k // block_kv  # static: blocks with no key past Tk
     num_q_buffers = qo_smem.shape[0]  # 2: the next tile's Q loads during this one
     persistent = num_programs < num_tiles  # CTAs walk several tiles each
-    my_tiles = lax.div(jnp.int32(num_tiles - 1) - program, jnp.int32(num_programs)) + 1
+    if snake:  # odd rounds in reverse CTA order (``occupancy.PERSISTENT_FORWARD_SNAKE``)
+        full_rounds, last_round_tiles = divmod(num_tiles, num_programs)  # static
+        lane_in_last = program if full_rounds % 2 == 0 else num_programs - 1 - program
+        my_tiles = full_rounds + (lane_in_last < last_round_tiles).astype(jnp.int32)
+    else:
+        my_tiles = lax.div(jnp.int32(num_tiles - 1) - program, jnp.int32(num_programs)) + 1
     batch_heads = num_tiles // num_q_tiles
 
     def tile_coords(i):
@@ -167,11 +173,12 @@ def _forward_kernel(
         equal length at a time and finish together: striding over the first order, a CTA would keep the
         long tiles of each head whenever the stride is near a multiple of their number (0.75x cuDNN at
         D=128, N=16k on an H200). One CTA per tile keeps the first order: by length, 5-16% slower there.
-        With ``head_group`` (causal; ``occupancy.FORWARD_HEAD_GROUP`` or ``PERSISTENT_FORWARD_HEAD_GROUP``):
-        by length within groups of that many pairs, group after group, so that a head's tiles run close
-        together in time and its K/V stays in L2 between them.
+        With ``head_group`` (causal; ``occupancy.FORWARD_HEAD_GROUP`` or ``persistent_forward_group``): by
+        length within groups of that many pairs, group after group, so that a head's tiles run close together
+        in time and its K/V stays in L2 between them. With ``snake``, odd rounds go to the CTAs in reverse.
         """
-        t = program + i * num_programs
+        lane = jnp.where(lax.rem(i, jnp.int32(2)) == 1, num_programs - 1 - program, program) if snake else program
+        t = lane + i * num_programs
         if head_group is not None:  # by length within groups of head_group pairs
             group_tiles = jnp.int32(head_group * num_q_tiles)
             in_group = lax.rem(t, group_tiles)
@@ -413,10 +420,13 @@ def mosaic_forward(
         num_programs = num_tiles
 
     # Causal: by length within groups of (batch row, head) pairs, one knob per kind of grid (None: no groups)
-    group_target = occupancy.PERSISTENT_FORWARD_HEAD_GROUP if config.persistent else occupancy.FORWARD_HEAD_GROUP
-    head_group = None
-    if spec.causal and group_target is not None:
-        head_group = occupancy.group_size(batch * num_heads, group_target)
+    head_group, snake = None, False
+    if spec.causal and config.persistent:
+        kv_bytes = 2 * batch * num_kv_heads * seq_k * head_dim * k.dtype.itemsize
+        head_group = occupancy.persistent_forward_group(batch * num_heads, num_q_tiles, kv_bytes, num_programs)
+        snake = occupancy.PERSISTENT_FORWARD_SNAKE and num_programs < num_tiles
+    elif spec.causal and occupancy.FORWARD_HEAD_GROUP is not None:
+        head_group = occupancy.group_size(batch * num_heads, occupancy.FORWARD_HEAD_GROUP)
         head_group = None if head_group == 1 else head_group
     kernel = functools.partial(
         _forward_kernel,
@@ -428,6 +438,7 @@ def mosaic_forward(
         num_tiles=num_tiles,
         num_programs=num_programs,
         head_group=head_group,
+        snake=snake,
         block_q=block_q,
         block_kv=block_kv,
         num_stages=config.num_stages,

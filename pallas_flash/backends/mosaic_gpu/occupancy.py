@@ -17,10 +17,12 @@ from __future__ import annotations
 import functools
 
 import jax
+import numpy as np
 
 __all__ = ["sm_count", "forward_ctas_per_sm", "SMALL_GRID_CTAS_PER_SM", "SMALL_GRID_FORWARD",
            "backward_by_length", "SMALL_GRID_BACKWARD_CTAS_PER_SM", "BY_LENGTH_MAX_TILES", "BACKWARD_HEAD_GROUP",
-           "FORWARD_HEAD_GROUP", "PERSISTENT_FORWARD_HEAD_GROUP", "group_size"]
+           "FORWARD_HEAD_GROUP", "PERSISTENT_FORWARD_HEAD_GROUP", "PERSISTENT_FORWARD_SNAKE", "persistent_schedule",
+           "cta_work", "persistent_forward_group", "group_size"]
 
 # SMs of an H100 SXM / H200, for when no GPU is visible (interpret mode, a CPU tracing for a GPU).
 DEFAULT_SM_COUNT = 132
@@ -86,13 +88,62 @@ BACKWARD_HEAD_GROUP: int | None = 4
 # (same run, forward alone, heads outermost / groups of 4 / 8): D=128 16k 572 / 553 / 555, D=64 16k 435 / 432 / 427,
 # level elsewhere (D=64 4k 357 / 361 / 365, D=128 4k 488 / 486 / 487): so None. The knob stays for A/Bs.
 FORWARD_HEAD_GROUP: int | None = None
-# The persistent causal forward in such groups; None: by length over every pair (``forward.py``'s ``tile_coords``).
-# Not yet measured (NOTES 105). Over every pair, a head's tiles run about (pairs / SMs) rounds apart, and at D=64
-# causal 1k (512 pairs, 256 KiB of K/V each) its K/V is evicted from L2 between them: every tile reads its K/V
-# from HBM, about 700 MB per call against 256 MB read once. That would explain why this forward runs 15% slower on
-# an H100 (3.35 TB/s) than on an H200 (4.8 TB/s) while cuDNN's runs level (NOTES 105). The knob is for A/Bs
-# (``benchmarks/experiments/ab_persistent_groups.py``).
-PERSISTENT_FORWARD_HEAD_GROUP: int | None = None
+# The persistent causal forward's order (``forward.py``'s ``tile_coords``): A/B knobs, not yet measured (NOTES 105).
+# By length over every pair (the default), a head's tiles run about (pairs / SMs) rounds apart; at D=64 causal 1k
+# (512 pairs, 256 KiB of K/V each) its K/V leaves L2 between them and every tile reads its K/V from HBM, about
+# 700 MB per call against 256 MB read once: the likely reason this forward runs 15% slower on an H100 (3.35 TB/s)
+# than on an H200 (4.8 TB/s) while cuDNN's runs level. ``PERSISTENT_FORWARD_HEAD_GROUP``: by length within groups of
+# that many pairs instead; "auto": ``persistent_forward_group``'s pick. ``PERSISTENT_FORWARD_SNAKE``: every other
+# round hands its tiles to the CTAs in reverse, so that a CTA given the longest tile of one round gets the shortest
+# of the next (the CTAs stride over the order, so on small grids some get more work than others: GPT-2 124M at
+# T=1024, 7% above the mean for the busiest, by ``cta_work``). ``benchmarks/experiments/ab_persistent_groups.py``.
+PERSISTENT_FORWARD_HEAD_GROUP: int | str | None = None
+PERSISTENT_FORWARD_SNAKE: bool = False
+# "auto" groups only when the K/V of all pairs exceeds this (half the L2 of an H100/H200: it is two halves) ...
+GROUP_ABOVE_KV_BYTES = 25 * 2**20
+# ... and takes the smallest group (of at most this many pairs) whose busiest CTA is within this of the ungrouped's.
+AUTO_GROUP_MAX, AUTO_GROUP_SLACK = 64, 0.01
+
+
+def persistent_schedule(pairs: int, q_tiles: int, group: int | None, ctas: int, snake: bool):
+    """``(cta, round, pair, rank)`` per tile of a persistent causal forward, in ``tile_coords``'s order: by length over
+    every pair, or within groups of ``group`` pairs; ``rank`` 0 is a pair's longest tile (its last rows). CTA ``c``
+    takes position ``round * ctas + c`` (with ``snake``, ``ctas - 1 - c`` in odd rounds)."""
+    t = np.arange(pairs * q_tiles)
+    if group is None:
+        pair, rank = t % pairs, t // pairs
+    else:
+        in_group = t % (group * q_tiles)
+        pair, rank = t // (group * q_tiles) * group + in_group % group, in_group // group
+    rounds, lane = t // ctas, t % ctas
+    cta = np.where(rounds % 2 == 1, ctas - 1 - lane, lane) if snake else lane
+    return cta, rounds, pair, rank
+
+
+def cta_work(pairs: int, q_tiles: int, group: int | None, ctas: int, snake: bool) -> np.ndarray:
+    """Each CTA's share of a persistent causal forward's work (``persistent_schedule``; a tile of rank ``r`` counts
+    ``q_tiles - r``, its key blocks at Tq = Tk)."""
+    cta, _, _, rank = persistent_schedule(pairs, q_tiles, group, ctas, snake)
+    return np.bincount(cta, weights=q_tiles - rank, minlength=ctas)
+
+
+def persistent_forward_group(pairs: int, q_tiles: int, kv_bytes: int, ctas: int) -> int | None:
+    """The group of pairs the persistent causal forward takes its tiles by length within
+    (``PERSISTENT_FORWARD_HEAD_GROUP``; None: over every pair). "auto": none while the pairs' K/V (``kv_bytes``, all
+    of it) fits ``GROUP_ABOVE_KV_BYTES``; else the smallest divisor of ``pairs`` from 2 to ``AUTO_GROUP_MAX`` whose
+    busiest CTA (``cta_work``) is within ``AUTO_GROUP_SLACK`` of the order without groups."""
+    knob = PERSISTENT_FORWARD_HEAD_GROUP
+    if knob is None:
+        return None
+    if knob != "auto":
+        group = group_size(pairs, knob)
+        return None if group == 1 else group
+    if kv_bytes <= GROUP_ABOVE_KV_BYTES:
+        return None
+    peak = lambda group: cta_work(pairs, q_tiles, group, ctas, PERSISTENT_FORWARD_SNAKE).max()
+    limit = peak(None) * (1 + AUTO_GROUP_SLACK)
+    return next((g for g in range(2, min(AUTO_GROUP_MAX, pairs - 1) + 1) if pairs % g == 0 and peak(g) <= limit),
+                None)
 
 
 def group_size(batch_heads: int, target: int) -> int:
