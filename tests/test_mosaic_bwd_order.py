@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from pallas_flash.backends.mosaic_gpu import common, occupancy
+from pallas_flash.backends.mosaic_gpu import forward as forward_module
 from pallas_flash.backends.mosaic_gpu.backward import mosaic_backward
 from pallas_flash.backends.mosaic_gpu.config import MosaicBackwardConfig, MosaicForwardConfig
 from pallas_flash.backends.mosaic_gpu.forward import mosaic_forward
@@ -126,6 +127,14 @@ def test_the_persistent_forwards_orders_change_no_bit(monkeypatch, compute_wgs, 
     q, k, v, *_, spec = _residuals(Shape("p", 2, 600, 500, 5, 1, 64), jnp.bfloat16, True, seed)
     fwd = MosaicForwardConfig(block_q=64, block_kv=64, num_stages=2, overlap=compute_wgs == 3, persistent=True,
                               compute_wgs=compute_wgs)
+    orders = []  # the order each launch hands the kernel body
+
+    def kernel(*args, head_group, snake, **kw):
+        orders.append((head_group, snake))
+        return original(*args, head_group=head_group, snake=snake, **kw)
+
+    original = forward_module._forward_kernel
+    monkeypatch.setattr(forward_module, "_forward_kernel", kernel)
     run = lambda: jax.block_until_ready(mosaic_forward(q, k, v, AttentionInputs(), spec=spec, config=fwd,
                                                        interpret=True))
     want = run()
@@ -135,13 +144,14 @@ def test_the_persistent_forwards_orders_change_no_bit(monkeypatch, compute_wgs, 
         monkeypatch.setattr(occupancy, "PERSISTENT_FORWARD_SNAKE", snake)
         for got, ref in zip(run(), want):
             np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(ref.astype(jnp.float32)))
+    assert set(orders) == {(None, False), (2, False), (5, False), (None, True), (2, True)}
 
 
 def test_the_persistent_schedule_and_its_auto_group():
     """``occupancy.persistent_schedule`` hands every tile out once, each CTA as many as the kernel's ``my_tiles``
     gives it; "auto" groups only past the K/V bytes that fit, and never unbalances the CTAs beyond the slack."""
     for pairs, q_tiles, ctas in ((10, 5, 3), (512, 8, 132), (48, 32, 132), (7, 3, 4)):
-        for group in (None, occupancy.group_size(pairs, 4)):
+        for group in {None, occupancy.group_size(pairs, 4)} - {1}:  # 7 pairs: no group but all of them
             for snake in (False, True):
                 cta, rounds, pair, rank = occupancy.persistent_schedule(pairs, q_tiles, group, ctas, snake)
                 assert len(set(zip(pair.tolist(), rank.tolist()))) == pairs * q_tiles
@@ -158,6 +168,10 @@ def test_the_persistent_schedule_and_its_auto_group():
         assert occupancy.persistent_forward_group(512, 8, 2**30, 132) is None
         occupancy.PERSISTENT_FORWARD_HEAD_GROUP = 6
         assert occupancy.persistent_forward_group(512, 8, 0, 132) == 4  # the largest divisor up to 6
+        for bad in (0, -2, True, 2.0, "all"):
+            occupancy.PERSISTENT_FORWARD_HEAD_GROUP = bad
+            with pytest.raises(ValueError, match="PERSISTENT_FORWARD_HEAD_GROUP"):
+                occupancy.persistent_forward_group(512, 8, 0, 132)
         occupancy.PERSISTENT_FORWARD_HEAD_GROUP = "auto"
         assert occupancy.persistent_forward_group(192, 8, occupancy.GROUP_ABOVE_KV_BYTES, 132) is None  # fits
         for snake in (False, True):  # D=64 causal 1k, B=16, 32 heads: 128 MiB of K/V
@@ -177,9 +191,9 @@ def test_the_persistent_schedule_and_its_auto_group():
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_gpu_groups_against_float64(monkeypatch, head_dim, deterministic, group, persistent, seed):
     """Compiled, in groups of 2 and 3 (batch row, head) pairs: the forward (one CTA per tile on 12 pairs; or
-    persistent on 24, 192 tiles for 132 CTAs, with the snake in groups of 3) and the backward's kernels (dK/dV 4 or
-    8 pairs, dQ 12 or 24), causal, GQA 3:1, Tq != Tk, ragged: values, lse and gradients against float64 through the
-    public API."""
+    persistent on 24, 192 tiles for 132 CTAs: in groups of 2, and for 3 the snake without groups) and the
+    backward's kernels (dK/dV 4 or 8 pairs, dQ 12 or 24), causal, GQA 3:1, Tq != Tk, ragged: values, lse and
+    gradients against float64 through the public API."""
     from pallas_flash.backends.mosaic_gpu.config import MosaicConfig
     from pallas_flash.sharding import partition
     from tests.test_mosaic_gpu import _check
@@ -190,7 +204,7 @@ def test_gpu_groups_against_float64(monkeypatch, head_dim, deterministic, group,
                           bwd=bwd)
     monkeypatch.setattr(occupancy, "BACKWARD_HEAD_GROUP", group)
     monkeypatch.setattr(occupancy, "FORWARD_HEAD_GROUP", group)
-    monkeypatch.setattr(occupancy, "PERSISTENT_FORWARD_HEAD_GROUP", group)
+    monkeypatch.setattr(occupancy, "PERSISTENT_FORWARD_HEAD_GROUP", group if group == 2 else None)
     monkeypatch.setattr(occupancy, "PERSISTENT_FORWARD_SNAKE", group == 3)
     partition._trace.cache_clear()  # traces are cached by call, not by the order
     try:

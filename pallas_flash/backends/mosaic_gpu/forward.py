@@ -422,9 +422,10 @@ def mosaic_forward(
     # Causal: by length within groups of (batch row, head) pairs, one knob per kind of grid (None: no groups)
     head_group, snake = None, False
     if spec.causal and config.persistent:
-        kv_bytes = 2 * batch * num_kv_heads * seq_k * head_dim * k.dtype.itemsize
-        head_group = occupancy.persistent_forward_group(batch * num_heads, num_q_tiles, kv_bytes, num_programs)
-        snake = occupancy.PERSISTENT_FORWARD_SNAKE and num_programs < num_tiles
+        if num_programs < num_tiles:  # else one CTA per tile after all: heads outermost, as ever
+            kv_bytes = 2 * batch * num_kv_heads * seq_k * head_dim * k.dtype.itemsize
+            head_group = occupancy.persistent_forward_group(batch * num_heads, num_q_tiles, kv_bytes, num_programs)
+            snake = occupancy.PERSISTENT_FORWARD_SNAKE
     elif spec.causal and occupancy.FORWARD_HEAD_GROUP is not None:
         head_group = occupancy.group_size(batch * num_heads, occupancy.FORWARD_HEAD_GROUP)
         head_group = None if head_group == 1 else head_group

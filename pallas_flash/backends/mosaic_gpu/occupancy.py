@@ -135,6 +135,9 @@ def persistent_forward_group(pairs: int, q_tiles: int, kv_bytes: int, ctas: int)
     knob = PERSISTENT_FORWARD_HEAD_GROUP
     if knob is None:
         return None
+    if knob != "auto" and (isinstance(knob, bool) or not isinstance(knob, int) or knob < 1):
+        raise ValueError(f"occupancy.PERSISTENT_FORWARD_HEAD_GROUP must be None, 'auto' or a positive int, "
+                         f"got {knob!r}")
     if knob != "auto":
         group = group_size(pairs, knob)
         return None if group == 1 else group
