@@ -93,9 +93,8 @@ def backward_grid(batch: int, heads: int, tiles: int, *, causal: bool, head_name
     (batch row, head) pairs (the largest divisor of the pairs up to it); where that is 1 (no group, or no divisor),
     by length over every pair when the grid is small (``occupancy.backward_by_length``); else heads outermost."""
     pairs = batch * heads
-    target = occupancy.BACKWARD_HEAD_GROUP
-    group = occupancy.group_size(pairs, target) if causal and target is not None else 1
-    if group == 1:
+    group = occupancy.head_group(pairs, occupancy.BACKWARD_HEAD_GROUP if causal else None)
+    if group is None:
         group = pairs if occupancy.backward_by_length(pairs * tiles, tiles, causal=causal) else None
     return CtaOrder(batch, heads, tiles, group, head_name, tile_name)
 

@@ -426,9 +426,8 @@ def mosaic_forward(
             kv_bytes = 2 * batch * num_kv_heads * seq_k * head_dim * k.dtype.itemsize
             head_group = occupancy.persistent_forward_group(batch * num_heads, num_q_tiles, kv_bytes, num_programs)
             snake = occupancy.PERSISTENT_FORWARD_SNAKE
-    elif spec.causal and occupancy.FORWARD_HEAD_GROUP is not None:
-        head_group = occupancy.group_size(batch * num_heads, occupancy.FORWARD_HEAD_GROUP)
-        head_group = None if head_group == 1 else head_group
+    elif spec.causal:
+        head_group = occupancy.head_group(batch * num_heads, occupancy.FORWARD_HEAD_GROUP)
     kernel = functools.partial(
         _forward_kernel,
         seq_q=seq_q,

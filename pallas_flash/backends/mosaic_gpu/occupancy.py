@@ -22,7 +22,7 @@ import numpy as np
 __all__ = ["sm_count", "forward_ctas_per_sm", "SMALL_GRID_CTAS_PER_SM", "SMALL_GRID_FORWARD",
            "backward_by_length", "SMALL_GRID_BACKWARD_CTAS_PER_SM", "BY_LENGTH_MAX_TILES", "BACKWARD_HEAD_GROUP",
            "FORWARD_HEAD_GROUP", "PERSISTENT_FORWARD_HEAD_GROUP", "PERSISTENT_FORWARD_SNAKE", "persistent_schedule",
-           "cta_work", "persistent_forward_group", "group_size"]
+           "cta_work", "persistent_forward_group", "head_group", "group_size"]
 
 # SMs of an H100 SXM / H200, for when no GPU is visible (interpret mode, a CPU tracing for a GPU).
 DEFAULT_SM_COUNT = 132
@@ -139,14 +139,20 @@ def persistent_forward_group(pairs: int, q_tiles: int, kv_bytes: int, ctas: int)
         raise ValueError(f"occupancy.PERSISTENT_FORWARD_HEAD_GROUP must be None, 'auto' or a positive int, "
                          f"got {knob!r}")
     if knob != "auto":
-        group = group_size(pairs, knob)
-        return None if group == 1 else group
+        return head_group(pairs, knob)
     if kv_bytes <= GROUP_ABOVE_KV_BYTES:
         return None
     peak = lambda group: cta_work(pairs, q_tiles, group, ctas, PERSISTENT_FORWARD_SNAKE).max()
     limit = peak(None) * (1 + AUTO_GROUP_SLACK)
     return next((g for g in range(2, min(AUTO_GROUP_MAX, pairs - 1) + 1) if pairs % g == 0 and peak(g) <= limit),
                 None)
+
+
+def head_group(pairs: int, target: int | None) -> int | None:
+    """``group_size``'s group for a kernel's ``head_group`` argument: None for no groups (no target, or a group of
+    one pair, which is heads outermost)."""
+    group = 1 if target is None else group_size(pairs, target)
+    return None if group == 1 else group
 
 
 def group_size(batch_heads: int, target: int) -> int:
