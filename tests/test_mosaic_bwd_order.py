@@ -1,7 +1,8 @@
 """The order the one-CTA-per-tile kernels hand out their CTAs in: under causal the backward's by length within groups
 of (batch row, head) pairs (``occupancy.BACKWARD_HEAD_GROUP``), else by length over every pair when its grid is small
 (``occupancy.backward_by_length``); the forward in groups only when ``occupancy.FORWARD_HEAD_GROUP`` (one CTA per
-tile) or ``PERSISTENT_FORWARD_HEAD_GROUP`` (persistent) is set (A/B knobs).
+tile; an A/B knob) or, persistent, when ``PERSISTENT_FORWARD_HEAD_GROUP`` picks a group ("auto" by default: when
+the K/V of all pairs overflows L2), with odd rounds to the CTAs in reverse (``PERSISTENT_FORWARD_SNAKE``, on).
 
 Interpret mode on the CPU: the order of the CTAs changes, nothing they compute, so the deterministic gradients and
 the forward's output are bit-identical in every order, and the fused mode's (summed per CTA in interpret mode)
@@ -52,7 +53,7 @@ def test_the_backwards_groups(monkeypatch):
     kw = dict(head_name="head", tile_name="q_tile")
     assert occupancy.group_size(12, 8) == 6 and occupancy.group_size(128, 8) == 8 and occupancy.group_size(7, 4) == 1
     assert occupancy.BACKWARD_HEAD_GROUP == 4 and occupancy.FORWARD_HEAD_GROUP is None  # the defaults measured
-    assert occupancy.PERSISTENT_FORWARD_HEAD_GROUP is None and not occupancy.PERSISTENT_FORWARD_SNAKE  # NOTES 105
+    assert occupancy.PERSISTENT_FORWARD_HEAD_GROUP == "auto" and occupancy.PERSISTENT_FORWARD_SNAKE  # NOTES 107
     # 4 x 32 pairs in 32 groups of 4: (group, tile, pair in the group); not under causal: heads outermost
     assert _grid(common.backward_grid(4, 32, 32, causal=True, **kw)) == ((32, 32, 4), ("head_group", "q_tile",
                                                                                         "in_group"))
@@ -137,9 +138,11 @@ def test_the_persistent_forwards_orders_change_no_bit(monkeypatch, compute_wgs, 
     monkeypatch.setattr(forward_module, "_forward_kernel", kernel)
     run = lambda: jax.block_until_ready(mosaic_forward(q, k, v, AttentionInputs(), spec=spec, config=fwd,
                                                        interpret=True))
+    monkeypatch.setattr(occupancy, "PERSISTENT_FORWARD_HEAD_GROUP", None)  # by length over every pair ...
+    monkeypatch.setattr(occupancy, "PERSISTENT_FORWARD_SNAKE", False)
     want = run()
     assert bool(jnp.isfinite(want[0].astype(jnp.float32)).all())
-    for group, snake in ((2, False), (5, False), (None, True), (2, True)):
+    for group, snake in ((2, False), (5, False), (None, True), (2, True)):  # ... against groups and the snake
         monkeypatch.setattr(occupancy, "PERSISTENT_FORWARD_HEAD_GROUP", group)
         monkeypatch.setattr(occupancy, "PERSISTENT_FORWARD_SNAKE", snake)
         for got, ref in zip(run(), want):

@@ -1,7 +1,8 @@
-"""The persistent causal forward alone with its tiles by length over every (batch row, head) pair (the default)
+"""The persistent causal forward alone with its tiles by length over every (batch row, head) pair ("flat")
 against by length within groups of pairs (``occupancy.PERSISTENT_FORWARD_HEAD_GROUP``: ``"auto"``, or G from
 ``HEAD_GROUPS``), each with and without the snake (``PERSISTENT_FORWARD_SNAKE``: odd rounds to the CTAs in
-reverse); interleaved rounds, cuDNN in the same rounds; outputs compared with cuDNN's (NOTES 105).
+reverse; both the defaults since NOTES 107); interleaved rounds, cuDNN in the same rounds; outputs compared
+with cuDNN's (NOTES 105).
 ``benchmarks/experiments/model_cta_order.py`` predicts each variant's balance and K/V traffic.
 
 PROBS="D:N:B:H[:persistent],..." HEAD_GROUPS="4,16" PYTHONPATH=. python3 \
@@ -27,7 +28,7 @@ ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 5
 DEFAULT = "64:1024:16:32,64:1024:16:12,64:4096:4:12,64:2048:8:32,128:1024:16:16:1"
 # HEAD_GROUPS, not GROUPS: bash ignores assignments to GROUPS (its own array)
 GROUPS = ["auto"] + [int(g) for g in os.environ.get("HEAD_GROUPS", "").split(",") if g]
-VARIANTS = [("default", None, False), ("snake", None, True)] + [
+VARIANTS = [("flat", None, False), ("snake", None, True)] + [
     (f"G{g}" + ("+snake" if snake else ""), g, snake) for g in GROUPS for snake in (False, True)]
 KNOBS = occupancy.PERSISTENT_FORWARD_HEAD_GROUP, occupancy.PERSISTENT_FORWARD_SNAKE
 for prob in os.environ.get("PROBS", DEFAULT).split(","):

@@ -88,17 +88,19 @@ BACKWARD_HEAD_GROUP: int | None = 4
 # (same run, forward alone, heads outermost / groups of 4 / 8): D=128 16k 572 / 553 / 555, D=64 16k 435 / 432 / 427,
 # level elsewhere (D=64 4k 357 / 361 / 365, D=128 4k 488 / 486 / 487): so None. The knob stays for A/Bs.
 FORWARD_HEAD_GROUP: int | None = None
-# The persistent causal forward's order (``forward.py``'s ``tile_coords``): A/B knobs, not yet measured (NOTES 105).
-# By length over every pair (the default), a head's tiles run about (pairs / SMs) rounds apart; at D=64 causal 1k
-# (512 pairs, 256 KiB of K/V each) its K/V leaves L2 between them and every tile reads its K/V from HBM, about
-# 700 MB per call against 256 MB read once: the likely reason this forward runs 15% slower on an H100 (3.35 TB/s)
-# than on an H200 (4.8 TB/s) while cuDNN's runs level. ``PERSISTENT_FORWARD_HEAD_GROUP``: by length within groups of
-# that many pairs instead; "auto": ``persistent_forward_group``'s pick. ``PERSISTENT_FORWARD_SNAKE``: every other
-# round hands its tiles to the CTAs in reverse, so that a CTA given the longest tile of one round gets the shortest
-# of the next (the CTAs stride over the order, so on small grids some get more work than others: GPT-2 124M at
-# T=1024, 7% above the mean for the busiest, by ``cta_work``). ``benchmarks/experiments/ab_persistent_groups.py``.
-PERSISTENT_FORWARD_HEAD_GROUP: int | str | None = None
-PERSISTENT_FORWARD_SNAKE: bool = False
+# The persistent causal forward's order (``forward.py``'s ``tile_coords``; NOTES 105, 107). By length over every pair,
+# a head's tiles run about (pairs / SMs) rounds apart; at D=64 causal 1k (512 pairs, 256 KiB of K/V each) its K/V
+# leaves L2 between them and every tile reads its K/V from HBM, about 700 MB per call against 256 MB read once.
+# ``PERSISTENT_FORWARD_HEAD_GROUP``: by length within groups of that many pairs instead (None: over every pair;
+# "auto": ``persistent_forward_group``'s pick). ``PERSISTENT_FORWARD_SNAKE``: every other round hands its tiles to
+# the CTAs in reverse, so that a CTA given the longest tile of one round gets the shortest of the next (the CTAs
+# stride over the order, so on small grids some get more work than others: GPT-2 124M at T=1024, 7% above the mean
+# for the busiest, by ``cta_work``). Measured on an H100 (2026-12-06, forward alone, cuDNN in the same rounds,
+# ``benchmarks/experiments/ab_persistent_groups.py``; TFLOP/s over every pair / snake / "auto" / "auto" + snake):
+# D=64 causal 1k 258 / 258 / 312 / 305 (cuDNN 275), D=64 causal 2k 312 / 307 / 353 / 359 (341), D=128 causal 1k
+# 271 / 270 / 396 / 409 (333), GPT-2 T=1024 276 / 278 / 270 / 284 (253); so "auto" and the snake.
+PERSISTENT_FORWARD_HEAD_GROUP: int | str | None = "auto"
+PERSISTENT_FORWARD_SNAKE: bool = True
 # "auto" groups only when the K/V of all pairs exceeds this (half the L2 of an H100/H200: it is two halves) ...
 GROUP_ABOVE_KV_BYTES = 25 * 2**20
 # ... and takes the smallest group (of at most this many pairs) whose busiest CTA is within this of the ungrouped's.
