@@ -179,3 +179,27 @@ def test_backward_lowers_for_cuda(head_dim, config, kernels, causal, lengths, re
     digests = _lowered_kernels(backward, q, k, k, q, lse2, q)
     assert len(digests) == kernels, digests
     DIGESTS.check(request.node.name, digests)
+
+
+
+def test_persistent_causal_forward_orders_lower_for_cuda(monkeypatch, request):
+    """The persistent causal forward at the headline's D=64 causal 1k (512 pairs, 4096 tiles for 132 CTAs; 128 MiB
+    of K/V) in the default order, which "auto" groups there and snakes (``occupancy.PERSISTENT_FORWARD_*``), and
+    by length over every pair ("flat"): the two lower to different kernels. Traced from shapes alone: nothing of
+    this size is allocated."""
+    from pallas_flash.backends.mosaic_gpu import occupancy
+
+    monkeypatch.setattr(occupancy, "sm_count", lambda: 132)
+    assert occupancy.persistent_forward_group(512, 8, 128 * 2**20, 132) is not None  # the default groups here
+    q = jax.ShapeDtypeStruct((16, 1024, 32, 64), jnp.bfloat16)
+    spec, inputs = _spec_and_inputs(True, False)
+    config = MosaicForwardConfig(block_kv=128, num_stages=3, overlap=False, persistent=True)
+    lower = lambda: _lowered_kernels(lambda q, k, v: mosaic_forward(q, k, v, inputs, spec=spec, config=config),
+                                     q, q, q)
+    default = lower()
+    monkeypatch.setattr(occupancy, "PERSISTENT_FORWARD_HEAD_GROUP", None)
+    monkeypatch.setattr(occupancy, "PERSISTENT_FORWARD_SNAKE", False)
+    flat = lower()
+    assert len(default) == len(flat) == 1 and default != flat
+    DIGESTS.check(request.node.name + "[default]", default)
+    DIGESTS.check(request.node.name + "[flat]", flat)

@@ -362,14 +362,6 @@ def _forward_kernel(
         drain_kv_slots(k_consumed, v_consumed, steps, num_stages)
 
 
-def _num_sms() -> int:
-    """Streaming multiprocessors of the first GPU (132 on an H100 SXM/H200 when JAX cannot say)."""
-    try:
-        return int(jax.devices("gpu")[0].core_count)
-    except (RuntimeError, AttributeError, IndexError, TypeError, ValueError):
-        return 132
-
-
 def _pad_seq(x: jax.Array, length: int) -> jax.Array:
     if x.shape[1] == length:
         return x
@@ -415,7 +407,7 @@ def mosaic_forward(
     lse_len = num_q_tiles * rows_per_cta  # whole tiles: the lse rows are written by 1-D TMA copies
     num_tiles = batch * num_heads * num_q_tiles
     if config.persistent:
-        num_programs = min(num_tiles, _INTERPRET_PROGRAMS if interpret else _num_sms())
+        num_programs = min(num_tiles, _INTERPRET_PROGRAMS if interpret else occupancy.sm_count())
     else:
         num_programs = num_tiles
 
