@@ -28,7 +28,7 @@ from jax._src.interpreters import mlir as jax_mlir
 from jax._src.lib import mosaic_gpu_dialect
 from jax._src.lib.mlir import ir
 
-from pallas_flash.backends.mosaic_gpu import MosaicBackwardConfig, MosaicForwardConfig
+from pallas_flash.backends.mosaic_gpu import MosaicBackwardConfig, MosaicForwardConfig, occupancy
 from pallas_flash.backends.mosaic_gpu.backward import mosaic_backward
 from pallas_flash.backends.mosaic_gpu.forward import mosaic_forward
 from pallas_flash.spec import AttentionInputs, AttentionSpec
@@ -181,14 +181,11 @@ def test_backward_lowers_for_cuda(head_dim, config, kernels, causal, lengths, re
     DIGESTS.check(request.node.name, digests)
 
 
-
 def test_persistent_causal_forward_orders_lower_for_cuda(monkeypatch, request):
     """The persistent causal forward at the headline's D=64 causal 1k (512 pairs, 4096 tiles for 132 CTAs; 128 MiB
     of K/V) in the default order, which "auto" groups there and snakes (``occupancy.PERSISTENT_FORWARD_*``), and
     by length over every pair ("flat"): the two lower to different kernels. Traced from shapes alone: nothing of
     this size is allocated."""
-    from pallas_flash.backends.mosaic_gpu import occupancy
-
     monkeypatch.setattr(occupancy, "sm_count", lambda: 132)
     assert occupancy.persistent_forward_group(512, 8, 128 * 2**20, 132) is not None  # the default groups here
     q = jax.ShapeDtypeStruct((16, 1024, 32, 64), jnp.bfloat16)

@@ -137,10 +137,10 @@ def persistent_forward_group(pairs: int, q_tiles: int, kv_bytes: int, ctas: int)
     knob = PERSISTENT_FORWARD_HEAD_GROUP
     if knob is None:
         return None
-    if knob != "auto" and (isinstance(knob, bool) or not isinstance(knob, int) or knob < 1):
-        raise ValueError(f"occupancy.PERSISTENT_FORWARD_HEAD_GROUP must be None, 'auto' or a positive int, "
-                         f"got {knob!r}")
     if knob != "auto":
+        if isinstance(knob, bool) or not isinstance(knob, int) or knob < 1:
+            raise ValueError(f"occupancy.PERSISTENT_FORWARD_HEAD_GROUP must be None, 'auto' or a positive int, "
+                             f"got {knob!r}")
         return head_group(pairs, knob)
     if kv_bytes <= GROUP_ABOVE_KV_BYTES:
         return None
