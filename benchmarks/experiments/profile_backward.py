@@ -44,5 +44,5 @@ for D, N, causal in probs:
                 jax.block_until_ready(r)
             s = kernel_breakdown(run, steps)
             tot = s["kernel_ms_per_step"]
-            tops = "; ".join(f"{n[:40]} {ms*1e3:.0f}us" for n, ms in s["top"][:6])
+            tops = "; ".join(f"{n[:110]} {ms*1e3:.0f}us" for n, ms in s["top"][:6])
             print(f"D{D} N{N} B{B} H{H} c{int(causal)} {impl:6s} {name}: kernels {tot*1e3:.0f}us idle {s['idle_ms_per_step']*1e3:.0f}us | {tops}", flush=True)
