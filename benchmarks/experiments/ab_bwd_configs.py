@@ -6,7 +6,9 @@ PROBS="D:N:causal[:kv_heads[:heads]],..." VARIANTS="name=block_q:num_stages:dete
 B*N = 16k tokens, 2048 / D query heads unless ``heads`` says, as many K/V heads unless ``kv_heads`` says (GQA 32:8 at
 D=128, the headline's GQA point: ``128:8192:1:8:32``).
 A variant ``default`` (no fields) takes ``config.default_backward`` for the call; further ``field=value`` items set
-other ``MosaicBackwardConfig`` fields (strings as written, digits as ints), e.g. ``a3=64:3:0:dq_add=atomic_v2``.
+other ``MosaicBackwardConfig`` fields (strings as written, digits as ints, true/false as bools), e.g.
+``a3=64:3:0:dq_add=atomic_v2``; a variant starting with ``+`` changes only the fields it names in the default,
+e.g. ``one=+deterministic=true:one_launch=true``.
 """
 import dataclasses, os, sys
 import jax, jax.numpy as jnp, numpy as np
@@ -15,6 +17,13 @@ from pallas_flash.backends.mosaic_gpu import config as mc
 from pallas_flash.testing.errors import rel_err
 
 from benchmarks.experiments.pullbacks import pullback, tflops_rounds
+
+
+def _fields(items):
+    """``field=value`` items as config fields: digits as ints, true/false as bools, the rest as strings."""
+    parse = lambda value: int(value) if value.isdigit() else {"true": True, "false": False}.get(value, value)
+    return {key: parse(value) for key, value in (x.split("=") for x in items)}
+
 
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 3
 probs = [tuple(int(x) for x in p.split(":")) for p in os.environ.get("PROBS", "64:4096:0").split(",")]
@@ -29,10 +38,12 @@ for D, N, causal, *kv in probs:
     fns = {}
     for name, fields in variants.items():
         bwd = mc.default_backward(D, q.dtype, N, N, causal=causal, kv_groups=H // KVH)
-        if fields:
+        if fields.startswith("+"):  # the default with fields changed
+            bwd = dataclasses.replace(bwd, **_fields(fields[1:].split(":")))
+        elif fields:
             bq, st, det, *extra = fields.split(":")
-            extra = {key: int(value) if value.isdigit() else value for key, value in (x.split("=") for x in extra)}
-            bwd = dataclasses.replace(bwd, block_q=int(bq), num_stages=int(st), deterministic=bool(int(det)), **extra)
+            bwd = dataclasses.replace(bwd, block_q=int(bq), num_stages=int(st), deterministic=bool(int(det)),
+                                      **_fields(extra))
         cfg = dataclasses.replace(base, bwd=bwd)
         fns[name] = lambda q, k, v, cfg=cfg, causal=causal: pf.dot_product_attention(
             q, k, v, is_causal=causal, implementation="mosaic", config=cfg)
