@@ -168,15 +168,6 @@ BWD_INTERPRET_CASES = {
         Shape("b", 2, 100, 150, 2, 2, 128), False, jnp.float16,
         MosaicBackwardConfig(block_q=128, num_stages=2, dq_block_kv=64, dq_num_stages=3),
     ),
-    # Both deterministic kernels in one launch (launch.launch_together): ragged GQA, causal with Tq > Tk,
-    # 128-row steps.
-    "causal_tq>tk_gqa2_one_launch": (
-        Shape("b", 1, 333, 200, 2, 1, 64), True, jnp.bfloat16, MosaicBackwardConfig(one_launch=True),
-    ),
-    "full_ragged_rows128_d128_one_launch": (
-        Shape("b", 2, 100, 150, 2, 2, 128), False, jnp.float16,
-        MosaicBackwardConfig(block_q=128, num_stages=2, dq_block_kv=64, dq_num_stages=3, one_launch=True),
-    ),
     # D=256: backward_wide.py's role split (64-row CTAs, P handed over through shared memory).
     "d256_causal_tq<tk_gqa2": (Shape("b", 1, 150, 333, 2, 1, 256), True, jnp.bfloat16, DETERMINISTIC),
     "d256_causal_tq>tk_gqa4_1stage": (
@@ -319,15 +310,13 @@ def _gradients(shape: Shape, dtype, causal: bool, seed: int, bwd: MosaicBackward
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("one_launch", [False, True], ids=["two_launches", "one_launch"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("name", ["gqa4_tq1000_tk777_d64", "gqa4_tq777_tk1000_d128"])
-def test_gpu_deterministic_backward_is_bit_identical(name, causal, one_launch, seed):
-    """``deterministic=True`` (its two kernels launched apart or together): the float64 gradients, and
-    bit-identical dq, dk, dv on every rerun; the fused (atomic) mode agrees with it to rounding."""
+def test_gpu_deterministic_backward_is_bit_identical(name, causal, seed):
+    """``deterministic=True``: the float64 gradients, and bit-identical dq, dk, dv on every rerun; the fused
+    (atomic) mode agrees with it to rounding."""
     shape = GPU_SHAPES[name]
-    bwd = dataclasses.replace(FUSED, deterministic=True, one_launch=one_launch)
-    fn, args = _gradients(shape, jnp.bfloat16, causal, seed, bwd)
+    fn, args = _gradients(shape, jnp.bfloat16, causal, seed, dataclasses.replace(FUSED, deterministic=True))
     first = [np.asarray(g) for g in fn(*args)]
     for _ in range(3):
         for a, b in zip(first, fn(*args)):
@@ -349,9 +338,8 @@ def test_gpu_deterministic_backward_is_bit_identical(name, causal, one_launch, s
         MosaicBackwardConfig(num_stages=1, deterministic=False),
         MosaicBackwardConfig(num_stages=2, deterministic=False),
         MosaicBackwardConfig(block_q=128, num_stages=2, dq_block_kv=64, dq_num_stages=3),
-        MosaicBackwardConfig(num_stages=2, dq_num_stages=3, one_launch=True),
     ],
-    ids=["det_1x1", "det_3x2_dq128", "fused_1", "fused_2", "det_rows128", "one_launch"],
+    ids=["det_1x1", "det_3x2_dq128", "fused_1", "fused_2", "det_rows128"],
 )
 def test_gpu_every_backward_pipeline_shape(bwd, seed):
     """Each ring depth and dQ key block on a long ragged causal GQA problem: many refills of every slot."""

@@ -89,12 +89,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_flash.backends.base import Gradients, softmax_delta
-from pallas_flash.backends.mosaic_gpu.backward_dkdv import launch_dkdv, plan_dkdv
-from pallas_flash.backends.mosaic_gpu.backward_dq import launch_dq, plan_dq
+from pallas_flash.backends.mosaic_gpu.backward_dkdv import launch_dkdv
+from pallas_flash.backends.mosaic_gpu.backward_dq import launch_dq
 from pallas_flash.backends.mosaic_gpu.backward_wide import launch_wide
 from pallas_flash.backends.mosaic_gpu.common import clipped_lengths, straddling_operands
 from pallas_flash.backends.mosaic_gpu.config import TILE, WIDE_HEAD_DIMS, MosaicBackwardConfig
-from pallas_flash.backends.mosaic_gpu.launch import launch_together
 from pallas_flash.spec import AttentionInputs, AttentionSpec
 
 __all__ = ["mosaic_backward"]
@@ -162,12 +161,6 @@ def mosaic_backward(
     if head_dim in WIDE_HEAD_DIMS:  # the role split of ``backward_wide.py``
         dq, dk, dv = launch_wide(q_p, k_p, v_p, do_p, lse2, delta, kv_lengths, q_lengths, segments, seq_q=seq_q,
                                  seq_k=seq_k, **common)
-        return Gradients(dq[:, :seq_q], dk[:, :seq_k], dv[:, :seq_k])
-    if config.one_launch:  # deterministic: both kernels' CTAs in one launch (``launch.py``)
-        plans = (plan_dkdv(q_p, k_p, v_p, do_p, lse2, delta, kv_lengths, q_lengths, segments, seq_q=seq_q,
-                           seq_k=seq_k, **common),
-                 plan_dq(q_p, k_p, v_p, do_p, lse2, delta, kv_lengths, q_lengths, segments, seq_k=seq_k, **common))
-        (dk, dv), (dq,) = launch_together(plans, interpret, "pallas_flash_mosaic_bwd_dkdv_dq")
         return Gradients(dq[:, :seq_q], dk[:, :seq_k], dv[:, :seq_k])
     dq, dk, dv = launch_dkdv(q_p, k_p, v_p, do_p, lse2, delta, kv_lengths, q_lengths, segments, seq_q=seq_q,
                               seq_k=seq_k, **common)

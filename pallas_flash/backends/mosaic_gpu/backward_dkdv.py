@@ -27,6 +27,7 @@ from pallas_flash.backends.mosaic_gpu.common import (
     bcast,
     copy_block,
     i32,
+    launch_params,
     mma,
     pop_tails,
     segment_block_ranges,
@@ -34,10 +35,9 @@ from pallas_flash.backends.mosaic_gpu.common import (
     tiled_smem,
 )
 from pallas_flash.backends.mosaic_gpu.config import BLOCK_KV, TILE, spare_ds_fits
-from pallas_flash.backends.mosaic_gpu.launch import KernelPlan, launch
 from pallas_flash.spec import LOG2E
 
-__all__ = ["launch_dkdv", "plan_dkdv"]
+__all__ = ["launch_dkdv"]
 
 def _dkdv_kernel(
     q_ref,
@@ -299,22 +299,6 @@ def launch_dkdv(q, k, v, do, lse2, delta, kv_lengths, q_lengths, segments, *, sp
                 tails=()):
     """``(dq or None, dk, dv)`` on padded arrays; ``dq`` only when it is fused (non-deterministic). ``tails``:
     ``common.straddling_operands`` of the lengths given."""
-    plan = plan_dkdv(q, k, v, do, lse2, delta, kv_lengths, q_lengths, segments, spec=spec, config=config,
-                     interpret=interpret, seq_q=seq_q, seq_k=seq_k, tails=tails)
-    dk, dv = launch(plan, interpret)
-    dq = None
-    if not config.deterministic:  # the float32 dQ the kernel reduce-added into: its last operand
-        dq = jax.freeze(plan.operands[-1])
-        if interpret:
-            dq = dq.sum(axis=1)
-        dq = (dq * spec.scale).astype(q.dtype)
-    return dq, dk, dv
-
-
-def plan_dkdv(q, k, v, do, lse2, delta, kv_lengths, q_lengths, segments, *, spec, config, interpret, seq_q, seq_k,
-              tails=()) -> KernelPlan:
-    """The dK/dV kernel's ``KernelPlan`` (arguments as ``launch_dkdv``); with the fused dQ, its last operand is the
-    float32 dQ buffer (zeros; in interpret mode one slice per key tile) that the kernel reduce-adds into."""
     batch, tq_pad, num_heads, head_dim = q.shape
     _, tk_pad, num_kv_heads, _ = k.shape
     dtype = q.dtype
@@ -346,6 +330,7 @@ def plan_dkdv(q, k, v, do, lse2, delta, kv_lengths, q_lengths, segments, *, spec
         # per 128-key tile, the query blocks whose ids overlap its own
         operands += [q_seg, kv_seg, segment_block_ranges(kv_seg[:, :seq_k], q_seg[:, :seq_q], TILE, block_q,
                                                            num_tiles)]
+    dq_ref = None
     # The first step's dropped dQ product from a never-written third dS^T buffer where it fits (the schedule
     # measured and tested on the H200 since 2026-12-01), else under a condition. NOTES 58.
     spare_ds = fuse_dq and spare_ds_fits(config, head_dim, dtype)
@@ -357,12 +342,14 @@ def plan_dkdv(q, k, v, do, lse2, delta, kv_lengths, q_lengths, segments, *, spec
             ds_consumed=plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=2),
         )
         parts = (batch, num_tiles) if interpret else (batch,)
-        operands.append(jax.new_ref(jnp.zeros((*parts, tq_pad, num_heads, head_dim), jnp.float32)))
+        dq_ref = jax.new_ref(jnp.zeros((*parts, tq_pad, num_heads, head_dim), jnp.float32))
+        operands.append(dq_ref)
     if interpret:
         scratch["stage_smem"] = tiled((COMPUTE_WGS, BLOCK_KV, block_q), dtype)
     order = backward_grid(batch, num_kv_heads, num_tiles, causal=spec.causal, head_name="kv_head", tile_name="kv_tile")
     kernel = functools.partial(
         _dkdv_kernel,
+        order=order,
         seq_q=seq_q,
         seq_k=seq_k,
         group=num_heads // num_kv_heads,
@@ -381,4 +368,18 @@ def plan_dkdv(q, k, v, do, lse2, delta, kv_lengths, q_lengths, segments, *, spec
         interpret=bool(interpret),
     )
     kv_type = jax.ShapeDtypeStruct(k.shape, dtype)
-    return KernelPlan(kernel, tuple(operands), (kv_type, kv_type), scratch, order, "pallas_flash_mosaic_bwd_dkdv")
+    dk, dv = plgpu.kernel(
+        kernel,
+        out_type=(kv_type, kv_type),
+        scratch_types=scratch,
+        grid=order.grid,
+        grid_names=order.grid_names,
+        **launch_params(interpret, "pallas_flash_mosaic_bwd_dkdv"),
+    )(*operands)
+    dq = None
+    if fuse_dq:
+        dq = jax.freeze(dq_ref)
+        if interpret:
+            dq = dq.sum(axis=1)
+        dq = (dq * spec.scale).astype(dtype)
+    return dq, dk, dv

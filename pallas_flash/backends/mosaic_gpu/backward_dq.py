@@ -34,6 +34,7 @@ from pallas_flash.backends.mosaic_gpu.common import (
     backward_grid,
     bcast,
     copy_block,
+    launch_params,
     mma,
     pop_tails,
     segment_block_ranges,
@@ -41,10 +42,9 @@ from pallas_flash.backends.mosaic_gpu.common import (
     tiled_smem,
 )
 from pallas_flash.backends.mosaic_gpu.config import BLOCK_Q, TILE
-from pallas_flash.backends.mosaic_gpu.launch import KernelPlan, launch
 from pallas_flash.spec import LOG2E
 
-__all__ = ["launch_dq", "plan_dq"]
+__all__ = ["launch_dq"]
 
 
 def _dq_kernel(
@@ -247,14 +247,6 @@ def launch_dq(q, k, v, do, lse2, delta, kv_lengths=None, q_lengths=None, segment
               seq_k, tails=()):
     """``dQ`` (``q``'s padded shape and dtype) from padded ``q, k, v, dO`` and padded ``lse2``/``delta`` rows;
     ``tails``: ``common.straddling_operands`` of the lengths given."""
-    plan = plan_dq(q, k, v, do, lse2, delta, kv_lengths, q_lengths, segments, spec=spec, config=config,
-                   interpret=interpret, seq_k=seq_k, tails=tails)
-    return launch(plan, interpret)[0]
-
-
-def plan_dq(q, k, v, do, lse2, delta, kv_lengths=None, q_lengths=None, segments=None, *, spec, config, interpret,
-            seq_k, tails=()) -> KernelPlan:
-    """The dQ kernel's ``KernelPlan`` (arguments as ``launch_dq``)."""
     batch, tq_pad, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
     dtype = q.dtype
@@ -278,6 +270,7 @@ def plan_dq(q, k, v, do, lse2, delta, kv_lengths=None, q_lengths=None, segments=
     order = backward_grid(batch, num_heads, num_q_tiles, causal=spec.causal, head_name="head", tile_name="q_tile")
     kernel = functools.partial(
         _dq_kernel,
+        order=order,
         seq_k=seq_k,
         group=num_heads // num_kv_heads,
         num_q_tiles=num_q_tiles,
@@ -300,5 +293,11 @@ def plan_dq(q, k, v, do, lse2, delta, kv_lengths=None, q_lengths=None, segments=
         scratch["kvseg_smem"] = plgpu.SMEM((stages, block_kv), jnp.int32)
         operands += [q_seg, kv_seg, segment_block_ranges(q_seg[:, : q.shape[1]], kv_seg[:, :seq_k], BLOCK_Q, block_kv,
                                                            tq_pad // BLOCK_Q)]
-    return KernelPlan(kernel, (q, k, v, do, lse2, delta, *operands), (jax.ShapeDtypeStruct(q.shape, dtype),),
-                      scratch, order, "pallas_flash_mosaic_bwd_dq")
+    return plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+        scratch_types=scratch,
+        grid=order.grid,
+        grid_names=order.grid_names,
+        **launch_params(interpret, "pallas_flash_mosaic_bwd_dq"),
+    )(q, k, v, do, lse2, delta, *operands)

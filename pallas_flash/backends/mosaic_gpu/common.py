@@ -47,10 +47,6 @@ def tiled_smem(shape, dtype, swizzle: int = 128):
     return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, cols)), plgpu.SwizzleTransform(swizzle)))
 
 
-# The one grid axis of a launch that runs several kernels (``launch.launch_together``).
-SHARED_AXIS = "cta"
-
-
 @dataclasses.dataclass(frozen=True)
 class CtaOrder:
     """The grid of a backward kernel with one CTA per (batch row, head, tile), and the order the GPU hands its CTAs
@@ -64,9 +60,6 @@ class CtaOrder:
     group: int | None
     head_name: str
     tile_name: str
-    # Not None: the kernel shares a launch (``launch.launch_together``); its CTAs are ``offset`` to ``offset + ctas``
-    # of the launch's one grid axis ``SHARED_AXIS``, which ``coords`` unravels into the axes above.
-    offset: int | None = None
 
     @property
     def axes(self) -> tuple[tuple[int, str], tuple[int, str], tuple[int, str]]:
@@ -86,25 +79,13 @@ class CtaOrder:
     def grid_names(self) -> tuple[str, str, str]:
         return tuple(name for _, name in self.axes)
 
-    @property
-    def ctas(self) -> int:
-        return self.batch * self.heads * self.tiles
-
     def coords(self):
         """``(batch, head, tile)`` of this CTA (inside the kernel)."""
-        if self.offset is None:
-            index = lax.axis_index
-        else:  # the grid's axes from the shared axis, the last fastest as in a grid of their own
-            flat, sizes = lax.axis_index(SHARED_AXIS) - jnp.int32(self.offset), self.grid
-            position = {self.grid_names[0]: lax.div(flat, jnp.int32(sizes[1] * sizes[2])),
-                        self.grid_names[1]: lax.rem(lax.div(flat, jnp.int32(sizes[2])), jnp.int32(sizes[1])),
-                        self.grid_names[2]: lax.rem(flat, jnp.int32(sizes[2]))}
-            index = position.__getitem__
         if self.group is None or self.group == self.batch * self.heads:
-            return index("batch"), index(self.head_name), index(self.tile_name)
-        pair = index("head_group") * self.group + index("in_group")
+            return lax.axis_index("batch"), lax.axis_index(self.head_name), lax.axis_index(self.tile_name)
+        pair = lax.axis_index("head_group") * self.group + lax.axis_index("in_group")
         heads = jnp.int32(self.heads)
-        return lax.div(pair, heads), lax.rem(pair, heads), index(self.tile_name)
+        return lax.div(pair, heads), lax.rem(pair, heads), lax.axis_index(self.tile_name)
 
 
 def backward_grid(batch: int, heads: int, tiles: int, *, causal: bool, head_name: str, tile_name: str) -> CtaOrder:

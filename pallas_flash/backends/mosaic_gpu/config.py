@@ -161,11 +161,8 @@ class MosaicBackwardConfig:
     last bits of ``dQ``, may vary run to run). A config built by hand is
     deterministic unless it says otherwise; ``default_config`` picks the faster
     mode per call (``fused_dq_pays``) unless ``deterministic_requested()``.
-    ``one_launch`` (deterministic only): the dK/dV and dQ kernels run as one kernel launch, the dQ CTAs after the
-    dK/dV CTAs (``launch.launch_together``), instead of one launch after the other.
     At head dim 256 (``backward_wide.py``) both kernels are deterministic whatever
-    ``deterministic`` says, ``one_launch`` is not taken, and ``num_stages``/``dq_num_stages`` are at most 2
-    (shared memory).
+    ``deterministic`` says, and ``num_stages``/``dq_num_stages`` are at most 2 (shared memory).
     """
 
     block_q: int = BLOCK_Q
@@ -173,19 +170,14 @@ class MosaicBackwardConfig:
     dq_block_kv: int = 64
     dq_num_stages: int = 3
     deterministic: bool = True
-    one_launch: bool = False
 
     def __post_init__(self):
         for name in ("block_q", "num_stages", "dq_block_kv", "dq_num_stages"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise TypeError(f"MosaicBackwardConfig.{name}={value!r} must be an int")
-        for name in ("deterministic", "one_launch"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"MosaicBackwardConfig.{name}={getattr(self, name)!r} must be a bool")
-        if self.one_launch and not self.deterministic:
-            raise ValueError("MosaicBackwardConfig.one_launch=True needs deterministic=True (the fused dQ has no "
-                             "dQ kernel to launch with the dK/dV kernel)")
+        if not isinstance(self.deterministic, bool):
+            raise TypeError(f"MosaicBackwardConfig.deterministic={self.deterministic!r} must be a bool")
         if self.block_q not in BACKWARD_BLOCK_Q:
             raise ValueError(f"MosaicBackwardConfig.block_q={self.block_q} must be one of {BACKWARD_BLOCK_Q}")
         if self.dq_block_kv not in (64, 128):
