@@ -8,7 +8,7 @@ D=128, the headline's GQA point: ``128:8192:1:8:32``).
 A variant ``default`` (no fields) takes ``config.default_backward`` for the call; further ``field=value`` items set
 other ``MosaicBackwardConfig`` fields (strings as written, digits as ints, true/false as bools), e.g.
 ``a3=64:3:0:dq_add=atomic_v2``; a variant starting with ``+`` changes only the fields it names in the default,
-e.g. ``one=+deterministic=true:one_launch=true``.
+e.g. ``det=+deterministic=true`` (``one_launch=true`` too with ``one-launch.patch`` applied).
 """
 import dataclasses, os, sys
 import jax, jax.numpy as jnp, numpy as np
