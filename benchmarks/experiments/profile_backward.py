@@ -1,8 +1,10 @@
-"""Kernel-level breakdown of the backward (pullback alone) and forward: pallas mosaic (default, det) vs cuDNN.
+"""Kernel-level breakdown of the backward (pullback alone) and forward: pallas mosaic vs cuDNN.
 
 On main: PYTHONPATH=. python3 benchmarks/experiments/profile_backward.py [0,1,...] (problem indices).
+IMPLS (default "mosaic,det,cudnn"): ``mosaic`` the default config, ``det`` / ``fused`` the default config with the
+deterministic / fused backward forced. PASSES (default "fwd,bwd").
 """
-import sys, jax, jax.numpy as jnp
+import os, sys, jax, jax.numpy as jnp
 from benchmarks.profile import kernel_breakdown
 import pallas_flash as pf
 from pallas_flash.backends.mosaic_gpu import config as mc
@@ -10,13 +12,12 @@ from pallas_flash.backends.mosaic_gpu import config as mc
 def attn(impl, causal):
     if impl == "cudnn":
         return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
-    det = impl == "det"
     def f(q, k, v):
         D, N = q.shape[-1], q.shape[1]
         cfg = mc.default_config(head_dim=D, dtype=q.dtype, causal=causal, seq_q=N, seq_k=N)
-        if det:
+        if impl in ("det", "fused"):
             import dataclasses
-            cfg = dataclasses.replace(cfg, bwd=mc.default_backward(D, q.dtype, N, N, causal=causal, deterministic=True))
+            cfg = dataclasses.replace(cfg, bwd=dataclasses.replace(cfg.bwd, deterministic=impl == "det"))
         return pf.dot_product_attention(q, k, v, is_causal=causal, implementation="mosaic", config=cfg)
     return f
 
@@ -29,12 +30,14 @@ for D, N, causal in probs:
         B, H = 16384 // N, 12
     key = jax.random.split(jax.random.key(0), 4)
     q, k, v, do = (jax.random.normal(kk, (B, N, H, D), jnp.bfloat16) for kk in key)
-    for impl in ("mosaic", "det", "cudnn"):
+    for impl in os.environ.get("IMPLS", "mosaic,det,cudnn").split(","):
         f = attn(impl, causal)
         out, vjp = jax.vjp(f, q, k, v)
         bwd = jax.jit(lambda vjp, do: vjp(do))
         fwd = jax.jit(f)
-        for name, fn, args in (("fwd", fwd, (q, k, v)), ("bwd", bwd, (vjp, do))):
+        passes = {"fwd": (fwd, (q, k, v)), "bwd": (bwd, (vjp, do))}
+        for name in os.environ.get("PASSES", "fwd,bwd").split(","):
+            fn, args = passes[name]
             jax.block_until_ready(fn(*args)); jax.block_until_ready(fn(*args))
             steps = 20
             def run():
