@@ -1,8 +1,8 @@
 """Kernel-level breakdown of the backward (pullback alone) and forward: pallas mosaic vs cuDNN.
 
 On main: PYTHONPATH=. python3 benchmarks/experiments/profile_backward.py [0,1,...] (problem indices).
-IMPLS (default "mosaic,det,cudnn"): ``mosaic`` the default config, ``det`` / ``fused`` the default config with the
-deterministic / fused backward forced. PASSES (default "fwd,bwd").
+IMPLS (default "mosaic,det,cudnn"): ``mosaic`` the default config; ``det`` / ``fused`` its forward with the
+heuristics' deterministic / fused backward (``default_backward(..., deterministic=...)``). PASSES (default "fwd,bwd").
 """
 import os, sys, jax, jax.numpy as jnp
 from benchmarks.profile import kernel_breakdown
@@ -17,7 +17,8 @@ def attn(impl, causal):
         cfg = mc.default_config(head_dim=D, dtype=q.dtype, causal=causal, seq_q=N, seq_k=N)
         if impl in ("det", "fused"):
             import dataclasses
-            cfg = dataclasses.replace(cfg, bwd=dataclasses.replace(cfg.bwd, deterministic=impl == "det"))
+            cfg = dataclasses.replace(cfg, bwd=mc.default_backward(D, q.dtype, N, N, causal=causal,
+                                                                   deterministic=impl == "det"))
         return pf.dot_product_attention(q, k, v, is_causal=causal, implementation="mosaic", config=cfg)
     return f
 
