@@ -73,6 +73,18 @@ def test_lengths_past_int32_are_clipped_never_wrapped(lengths, impl):
     assert rel_err(out, want) < TOL
 
 
+@pytest.mark.parametrize("dtype", [jnp.int8, jnp.int16, jnp.uint8, np.int8])
+@pytest.mark.parametrize("impl", ["xla", "triton"])
+def test_lengths_narrower_than_int32_keep_their_values(dtype, impl):
+    # int32's bounds cast to int8 wrap to 0 and -1: clipping a JAX int8 array to them made every length -1
+    q, k, v = qkv()
+    lengths = (np if dtype is np.int8 else jnp).array([5, 3], dtype)
+    out = pf.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, query_seq_lengths=lengths,
+                                   implementation=impl)
+    want = reference(q, k, v, key_value_seq_lengths=np.array([5, 3]), query_seq_lengths=np.array([5, 3]))
+    assert rel_err(out, want) < TOL
+
+
 def test_segment_ids_past_int32_are_refused():
     q, k, v = qkv()
     ids = np.zeros((2, 6), np.int64)
