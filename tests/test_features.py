@@ -111,17 +111,22 @@ def test_xla_backend_gives_rows_that_see_no_key_zeros_as_the_kernels(seed):
     q_ids[:, :5] = 7  # no key has id 7
     mask = np.ones((B, 1, Tq, Tk), bool)
     mask[:, :, 5:9] = False
+    bias = np.random.default_rng(seed).standard_normal((Tq, Tk)).astype(np.float32)
+    bias[9:11] = -np.inf  # rows 9 and 10 see no key through the bias (jax.nn: NaN, and NaN gradients)
+    bias[11:, ::2] = -np.inf  # the others see every other key
     kw = dict(q_segment_ids=jnp.asarray(q_ids), kv_segment_ids=jnp.zeros((B, Tk), jnp.int32), mask=jnp.asarray(mask),
-              key_value_seq_lengths=jnp.asarray([Tk] * (B - 1) + [0], jnp.int32), local_window_size=(4, 4))
+              key_value_seq_lengths=jnp.asarray([Tk] * (B - 1) + [0], jnp.int32), local_window_size=(4, 4),
+              bias=jnp.asarray(bias))
     results = {}
     for impl in ("pallas", "xla"):
         fn = lambda q, k, v, impl=impl: pf.dot_product_attention(q, k, v, implementation=impl, **kw)  # noqa: E731
         out, vjp = jax.vjp(fn, q, k, v)
         results[impl] = (out, *vjp(ct))
     for ours, xla in zip(results["pallas"], results["xla"]):
+        assert bool(jnp.isfinite(xla).all())
         assert rel_err(xla, ours) < 1e-4
     out = np.asarray(results["xla"][0])
-    assert np.all(out[:, :9] == 0.0) and np.all(out[-1] == 0.0) and np.all(out[:, 9:, :][:-1].any(axis=-1))
+    assert np.all(out[:, :11] == 0.0) and np.all(out[-1] == 0.0) and np.all(out[:, 11:, :][:-1].any(axis=-1))
 
 
 def test_query_lengths_zero_padded_rows_like_jax_nn(seed):

@@ -5,7 +5,8 @@ or ALiBi, so these are expressed as a dense mask and bias (built here, of size
 ``Tq x Tk``); it has no soft-cap, dropout or position offsets, and refuses
 those with ``NotImplementedError``. A query row that sees no key gets zeros from
 ``"xla"``, as from the kernels (jax.nn itself averages every value there);
-``"cudnn"`` gives what cuDNN gives. They are differentiable through jax.nn's
+``"cudnn"`` gives what cuDNN gives. A key whose bias is ``-inf`` counts as
+masked for ``"xla"``, so a row with only such keys gets zeros too. They are differentiable through jax.nn's
 own autodiff; ``config`` and ``interpret`` do not apply.
 """
 
@@ -60,6 +61,12 @@ class JaxNnBackend(Backend):
         if spec.has_alibi:  # nor ALiBi: express it as a bias, in float32 as the kernels add it
             alibi = alibi_bias(inputs.alibi_slopes, q.shape[1], k.shape[1])
             bias = alibi if bias is None else bias.astype(jnp.float32) + alibi
+        if self.implementation == "xla" and inputs.bias is not None:
+            # A key whose bias is -inf is one the row does not see: as a mask, so that a row whose keys all have it
+            # gets zeros, as from the kernels (jax.nn's softmax over a row of -inf logits is NaN, as are its
+            # gradients: every dK and dV). A NaN in the bias is not -inf, so it still reaches the output.
+            finite = inputs.bias != -jnp.inf
+            mask = finite if mask is None else (mask & finite)
         # jax.nn adds the window to int32 positions, so a wide one (2**31 - 1 means "no limit") would wrap: its
         # bounds clamped to these lengths, as the kernels take them (no offsets here: ``supports`` refuses them).
         within = spec.within(q.shape[1], k.shape[1])
