@@ -123,6 +123,26 @@ def test_sequence_sharded_call_runs_the_ring(name, seed):
     _check(("out", "dq", "dk", "dv"), (out, *grads), (want_out, *want_grads), seed, name)
 
 
+def test_ring_over_two_axes_against_the_mesh_order_needs_no_set_mesh(seed):
+    """The sequence over ("seq", "data") of a ("data", "seq") mesh, jit with no ``jax.set_mesh``: the partition
+    callback then has no mesh in its context, and ``ppermute`` wants the mesh's order of the axes."""
+    mesh, spec = _mesh("seq_over_both_axes_against_mesh_order", explicit=False)
+    shape = (1, 4 * 8, 2, 1, 16)
+    q, k, v, ct = random_inputs(shape, jnp.float32, seed)
+    (pq, pk, pv, pct), _ = _place(mesh, spec, (q, k, v, ct), {})
+
+    def fwd_bwd(q, k, v, ct):
+        fn = lambda q, k, v: pf.dot_product_attention(q, k, v, is_causal=True, config=CONFIG)  # noqa: E731
+        out, vjp = jax.vjp(fn, q, k, v)
+        return out, vjp(ct)
+
+    compiled = jax.jit(fwd_bwd).lower(pq, pk, pv, pct).compile()
+    out, grads = compiled(pq, pk, pv, pct)
+    assert _gathers(compiled.as_text()) == [] and "collective-permute" in compiled.as_text()
+    want_out, want_grads = _reference(q, k, v, ct, is_causal=True)
+    _check(("out", "dq", "dk", "dv"), (out, *grads), (want_out, *want_grads), seed, "no set_mesh")
+
+
 def test_attention_with_lse_keeps_the_lse_sharded(seed):
     """``(out, lse)`` with equal position offsets (the causal mask unshifted): both sharded on the sequence, the
     lse's cotangent reaching dq, dk, dv."""

@@ -92,12 +92,13 @@ class Kernels:
     want_dbias: bool = False
     want_dslopes: bool = False
 
-    def __call__(self, args, shard=None, seq_axes=()):
+    def __call__(self, args, shard=None, seq_axes=(), mesh_axes=()):
         """The kernels on ``args``; ``shard`` (uint32 [3] or None) is the global offset of this shard for dropout;
-        ``seq_axes``: the mesh axes the sequence is sharded over (the ring runs over them), or ``()``."""
+        ``seq_axes``: the mesh axes the sequence is sharded over (the ring runs over them), or ``()``;
+        ``mesh_axes``: the mesh's axis names in its order (the ring's ``ppermute`` wants them so)."""
         inputs: AttentionInputs = args[-1]
         if seq_axes:
-            return self._ring(args, seq_axes[0] if len(seq_axes) == 1 else tuple(seq_axes))
+            return self._ring(args, seq_axes[0] if len(seq_axes) == 1 else tuple(seq_axes), tuple(mesh_axes))
         # The dense mask/bias shapes of the arrays as passed (a shard's, when partitioned).
         spec = dataclasses.replace(
             self.spec,
@@ -119,10 +120,11 @@ class Kernels:
             **common,
         )
 
-    def _ring(self, args, axis_name):
+    def _ring(self, args, axis_name, mesh_axes):
         """The ring's forward or backward over ``axis_name`` on this device's contiguous slice of the sequence."""
         config = None if isinstance(self.config, DefaultConfig) else self.config  # None: the ring's chunks' defaults
-        common = dict(axis_name=axis_name, backend=self.backend, config=config, interpret=self.interpret)
+        common = dict(axis_name=axis_name, backend=self.backend, config=config, interpret=self.interpret,
+                      mesh_axes=mesh_axes)
         if self.kind == "forward":
             q, k, v, inputs = args
             return ring.ring_forward(q, k, v, inputs, self.spec, **common)
@@ -150,11 +152,11 @@ class Call:
     levels: tuple = ()
     ring_limits: tuple = ()  # why the ring cannot run this call (``ring.ring_limits``); empty: the sequence may shard
 
-    def flat(self, shard=None, seq_axes=()):
+    def flat(self, shard=None, seq_axes=(), mesh_axes=()):
         """The kernels (the ring over ``seq_axes`` when given) on flat leaves, with every ``vmap`` level applied."""
 
         def run(*leaves):
-            out = self.kernels(jax.tree.unflatten(self.in_tree, leaves), shard, seq_axes)
+            out = self.kernels(jax.tree.unflatten(self.in_tree, leaves), shard, seq_axes, mesh_axes)
             return tuple(jax.tree.leaves(out))
 
         for axes in self.levels:
@@ -335,11 +337,11 @@ def _shard_offsets(call: Call, axes):
     return jnp.stack([first(b_axes, batch), first(h_axes, num_heads), jnp.uint32(num_heads)])
 
 
-def _per_shard(call: Call, axes):
+def _per_shard(call: Call, axes, mesh):
     """The function each device runs on its shards: the kernels, then the sums over shards of broadcast gradients."""
 
     def run(*leaves):
-        outs = call.flat(_shard_offsets(call, axes), axes.get(SEQ, ()))(*leaves)
+        outs = call.flat(_shard_offsets(call, axes), axes.get(SEQ, ()), mesh.axis_names)(*leaves)
         summed = []
         for out, factors in zip(outs, call.out_factors):
             names = {f[0] if isinstance(f, CompoundFactor) else f for f in factors}
@@ -355,7 +357,7 @@ def _partition(call: Call, mesh, arg_shapes, result_shape):
     axes = _sharded_factors(call, mesh, specs)
     arg_shardings = tuple(NamedSharding(mesh, _pspec(f, axes)) for f in call.in_factors)
     out_shardings = tuple(NamedSharding(mesh, _pspec(f, axes)) for f in call.out_factors)
-    return mesh, _per_shard(call, axes), out_shardings, arg_shardings
+    return mesh, _per_shard(call, axes, mesh), out_shardings, arg_shardings
 
 
 def _infer_sharding(call: Call, mesh, arg_shapes, result_shape):

@@ -92,6 +92,7 @@ class _Ring:
     config: Any
     interpret: bool
     with_lse: bool  # the lse is an output too
+    mesh_axes: tuple = ()  # the mesh's axis names in its order, where the caller knows them (else the context's)
 
     @property
     def parts(self) -> int:
@@ -231,7 +232,9 @@ def _pass_on(ring: _Ring, x):
     n, names = ring.size, ring.axis_name
     if not isinstance(names, tuple):
         return lax.ppermute(x, names, perm=[(d, (d + 1) % n) for d in range(n)])
-    mesh_order = tuple(a for a in jax.sharding.get_abstract_mesh().axis_names if a in names)
+    # A custom_partitioning callback runs with no mesh in the context unless the caller set one: it passes its own.
+    mesh_axes = ring.mesh_axes or jax.sharding.get_abstract_mesh().axis_names
+    mesh_order = tuple(a for a in mesh_axes if a in names)
     order = mesh_order if sorted(mesh_order) == sorted(names) else names
     sizes = {a: lax.axis_size(a) for a in names}
 
@@ -392,7 +395,8 @@ def ring_limits(spec: AttentionSpec, q_shape, k_shape) -> list[str]:
     return found
 
 
-def ring_of(spec: AttentionSpec, q, k, *, axis_name, backend, config, interpret, layout, with_lse=False) -> _Ring:
+def ring_of(spec: AttentionSpec, q, k, *, axis_name, backend, config, interpret, layout, with_lse=False,
+            mesh_axes=()) -> _Ring:
     """The static ring of one device's ``q``/``k`` over ``axis_name`` for the call ``spec`` (causal in it)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -406,11 +410,13 @@ def ring_of(spec: AttentionSpec, q, k, *, axis_name, backend, config, interpret,
     # Offsets equal on both sides shift nothing, and no kernel call of the plan needs one.
     base = dataclasses.replace(spec, causal=False, q_offset=0, k_offset=0, clip_to=None)
     size = lax.axis_size(axis_name)
-    return _Ring(axis_name, size, layout, spec.causal, q.shape[1], base, backend, config, bool(interpret), with_lse)
+    return _Ring(axis_name, size, layout, spec.causal, q.shape[1], base, backend, config, bool(interpret), with_lse,
+                 tuple(mesh_axes))
 
 
 def ring_forward(q, k, v, inputs: AttentionInputs, spec: AttentionSpec, *, axis_name: Hashable,
-                 backend: KernelBackend, config=None, interpret: bool = False, layout: str = "contiguous"):
+                 backend: KernelBackend, config=None, interpret: bool = False, layout: str = "contiguous",
+                 mesh_axes=()):
     """The ring's forward on this device's shards: ``(out [B, T_local, N, H], lse2 [B, N, T_local])``.
 
     ``lse2`` is the global log-sum-exp of each local row in the log2 domain,
@@ -418,16 +424,18 @@ def ring_forward(q, k, v, inputs: AttentionInputs, spec: AttentionSpec, *, axis_
     (``shard_map``, a ``custom_partitioning`` lower_fn). ``spec`` is the
     whole call's (``spec.causal`` included); ``inputs`` holds the global
     lengths and this device's segment ids. Not differentiable: pair it with
-    ``ring_backward`` in a ``custom_vjp``.
+    ``ring_backward`` in a ``custom_vjp``. ``mesh_axes``: the mesh's axis names
+    in its order, needed when ``axis_name`` is several axes and no mesh is set
+    in the context (a ``custom_partitioning`` callback outside ``jax.set_mesh``).
     """
     ring = ring_of(spec, q, k, axis_name=axis_name, backend=backend, config=config, interpret=interpret,
-                    layout=layout)
+                    layout=layout, mesh_axes=mesh_axes)
     return _ring_forward_rule(q, k, v, inputs, ring)
 
 
 def ring_backward(q, k, v, out, lse2, do, dlse, inputs: AttentionInputs, spec: AttentionSpec, *,
                   axis_name: Hashable, backend: KernelBackend, config=None, interpret: bool = False,
-                  layout: str = "contiguous"):
+                  layout: str = "contiguous", mesh_axes=()):
     """The ring's backward on this device's shards: ``(dq, dk, dv)`` in the inputs' dtypes.
 
     ``out``/``lse2`` are ``ring_forward``'s results on this device, ``do`` and
@@ -435,5 +443,5 @@ def ring_backward(q, k, v, out, lse2, do, dlse, inputs: AttentionInputs, spec: A
     accumulators travel the ring and end on their own device.
     """
     ring = ring_of(spec, q, k, axis_name=axis_name, backend=backend, config=config, interpret=interpret,
-                    layout=layout)
+                    layout=layout, mesh_axes=mesh_axes)
     return _ring_backward(q, k, v, inputs, out, lse2, do, dlse, ring)
