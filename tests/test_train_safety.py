@@ -19,6 +19,7 @@ import pytest
 from tests.conftest import ON_GPU
 from tests.test_train import REPO, TINY_ARGS, _records, _train_losses, tiny_run  # noqa: F401 - a fixture
 from train import data as data_lib
+from train.checkpoint import _one_line
 from train.config import TrainConfig, build_parser, validate_config
 from train.loop import cli, main
 from train.step import all_finite
@@ -105,6 +106,47 @@ def test_resume_falls_back_past_a_corrupt_checkpoint(tiny_run, tmp_path, capsys)
     assert f"no checkpoint in {out / 'checkpoints'} reads back: step 20 (" in err
     assert "; step 10 (OUT_OF_RANGE" in err
     assert _snapshot(out) == before and not (out / "checkpoints.corrupt").exists()
+
+
+def _write_nan_into_largest_array(step_dir):
+    """64 bytes of 0xff (NaN as float32) in the middle of the biggest array file, its size kept: it reads back."""
+    files = [p for p in (step_dir / "state").rglob("*") if p.is_file()]
+    biggest = max(files, key=lambda p: p.stat().st_size)
+    data = bytearray(biggest.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = b"\xff" * 64
+    biggest.write_bytes(bytes(data))
+
+
+def test_resume_falls_back_past_a_checkpoint_with_nan_written_into_it(tiny_run, tmp_path, capsys):
+    """A checkpoint damaged so that it still reads back, but holds NaN: every save is checked finite, so it is
+    damage; --resume takes the one before (not training from it and blaming the training), sets it aside."""
+    original, _ = tiny_run
+    out = _copy_run(tiny_run, tmp_path)
+    _write_nan_into_largest_array(out / "checkpoints" / "20")
+    summary = main(["--resume", "--out", str(out), "--sample-tokens", "0"])
+    err = capsys.readouterr().err
+    assert f"warning: checkpoint {out / 'checkpoints' / '20'} does not read back: it holds NaN" in err
+    assert summary["resumed_from"] == 10
+    assert (out / "checkpoints.corrupt" / "20" / "state").is_dir()
+    want, got = _train_losses(_records(original)), _train_losses(_records(out))
+    assert sorted(got) == sorted(want)
+    for step in want:
+        np.testing.assert_allclose(got[step], want[step], rtol=1e-5, err_msg=f"step {step}")
+
+
+def test_a_reason_is_the_innermost_cause_but_not_a_suppressed_context():
+    """An emptied meta file fails in json with "Expecting value", raised ``from None`` inside an ``except
+    StopIteration``: the reason given was that StopIteration's "0"."""
+    with pytest.raises(ValueError) as empty:
+        json.loads("")
+    assert _one_line(empty.value).startswith("Expecting value")
+    try:
+        try:
+            raise OSError("disk gone")
+        except OSError as e:
+            raise ValueError("cannot read") from e
+    except ValueError as e:
+        assert _one_line(e) == "disk gone"
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, capsys):

@@ -7,7 +7,7 @@ atomic: a run killed while writing leaves the previous checkpoint intact, and
 Orbax ignores the unfinished one.
 
 A checkpoint damaged afterwards (a truncated array file, an emptied step
-folder) does not read back: :meth:`Checkpointer.restore_newest_intact` then
+folder, or values the caller's ``intact`` check refuses) does not read back: :meth:`Checkpointer.restore_newest_intact` then
 falls back to the newest one that does, and :meth:`Checkpointer.set_aside`
 moves the damaged ones to ``checkpoints.corrupt/`` (kept, out of the way of
 the steps that will be saved again).
@@ -47,9 +47,15 @@ class NoIntactCheckpoint(ValueError):
 
 
 def _one_line(error: BaseException, limit: int = 300) -> str:
-    """The innermost cause of ``error``, as one short line."""
-    while error.__cause__ is not None or error.__context__ is not None:
-        error = error.__cause__ or error.__context__
+    """The innermost cause of ``error``, as one short line.
+
+    A context the raiser suppressed (``raise ... from None``) is not followed: json's "Expecting value" hides
+    the ``StopIteration('0')`` it was raised from, which says nothing."""
+    while True:
+        inner = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+        if inner is None:
+            break
+        error = inner
     text = " ".join(str(error).split()) or type(error).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -137,12 +143,15 @@ class Checkpointer:
         return out.state, dict(out.meta)
 
     def restore_newest_intact(
-        self, abstract_for: Callable[[dict[str, Any]], Any], *, warn: Callable[[str], None]
+        self, abstract_for: Callable[[dict[str, Any]], Any], *, warn: Callable[[str], None],
+        intact: Callable[[Any], str | None] = lambda state: None,
     ) -> tuple[Any, dict[str, Any], list[int]]:
         """``(state, meta, corrupt)`` of the newest checkpoint that reads back whole.
 
         ``abstract_for(meta)`` gives the abstract state (see :meth:`restore`)
-        of a checkpoint from its meta; its own errors pass through. The newer
+        of a checkpoint from its meta; its own errors pass through.
+        ``intact(state)``: why a state that did read back is damaged all the
+        same (e.g. a NaN where every save is checked finite), or None. The newer
         checkpoints that do not read are named through ``warn`` (once one
         does) and listed in ``corrupt``, newest first; nothing is moved or
         deleted here (see :meth:`set_aside`). When none reads, raises
@@ -152,6 +161,9 @@ class Checkpointer:
         for step in reversed(self.all_steps()):
             try:
                 state, meta = self.restore(abstract_for(self.restore_meta(step)), step)
+                damage = intact(state)
+                if damage is not None:
+                    raise CorruptCheckpoint(self.directory, step, damage)
             except CorruptCheckpoint as e:
                 failures.append(e)
                 continue

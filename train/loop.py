@@ -14,8 +14,9 @@ What protects a run:
   numbers, a GPU for cudnn), data (token ids below the vocabulary, a sequence's
   worth of tokens), ``metrics.jsonl``, and on ``--resume`` that there are
   steps left to train;
-* ``--resume`` restores the newest checkpoint that reads back; newer damaged
-  ones are named and moved to ``checkpoints.corrupt/``;
+* ``--resume`` restores the newest checkpoint that reads back, finite (as
+  every one is saved); newer damaged ones are named and moved to
+  ``checkpoints.corrupt/``;
 * every step's loss and gradient norm are read once the step is done anyway
   (:class:`LossWatch`); a non-finite one stops the run, naming the step, and
   a checkpoint is saved only of a finite state, so the last one stays good.
@@ -201,7 +202,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 replicated = Parallel.over_devices(cfg.context_parallel).replicated
                 return abstract_state(mcfg, make_optimizer(cfg)[0], replicated)
 
-            state, meta, corrupt = ckpt.restore_newest_intact(abstract_for, warn=_say(is_main, sys.stderr))
+            state, meta, corrupt = ckpt.restore_newest_intact(abstract_for, warn=_say(is_main, sys.stderr),
+                                                              intact=_finite_state)
             restored = Restored(int(meta["step"]), state, meta, corrupt)
             cfg = resumed_config(meta["train_config"], args)
             check_resumed_dtype(cfg.dtype, meta["model_config"].get("dtype"), platform)
@@ -267,6 +269,11 @@ def _say_schedule_change(saved: dict[str, Any], cfg: TrainConfig, step: int, say
     new = make_optimizer(cfg)[1](step)
     say(f"--steps {saved.get('steps')} -> {cfg.steps}: the learning-rate schedule now decays to step {cfg.steps}; "
         f"at step {step} the learning rate moves from {float(old):.3g} to {float(new):.3g}")
+
+
+def _finite_state(state) -> str | None:
+    """Every checkpoint is saved finite (``save`` checks): a NaN or an infinity read back means damage on disk."""
+    return None if bool(all_finite(state)) else "it holds NaN or infinite values, and every save is checked finite"
 
 
 def _nothing_to_train(cfg: TrainConfig, restored: Restored, ckpt: Checkpointer, say) -> dict[str, Any]:
