@@ -74,6 +74,10 @@ def test_data_formats(tmp_path):
     (texts / "a.txt").write_bytes(b"A" * 100)
     d = data_lib.load_data(texts)
     assert d.decode(d.train[:3]) == "AAA" and len(d.train) == 190
+    for source in (text, texts):  # bytes have 256: a vocabulary given for them would be ignored
+        with pytest.raises(ValueError, match=f"--vocab-size 10 applies to .bin token data; the byte data of {source}"):
+            data_lib.load_data(source, vocab_size=10)
+        assert data_lib.load_data(source, vocab_size=256).vocab_size == 256
 
     with pytest.raises(FileNotFoundError, match="does not exist"):
         data_lib.load_data(tmp_path / "missing")

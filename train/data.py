@@ -180,12 +180,18 @@ def load_data(
     Args:
       path: ``None`` for the standard-library default, else a file or folder.
       vocab_size: vocabulary of ``.bin`` token files (default 50304); byte
-        sources always have 256.
+        sources always have 256 (another one is refused with ``ValueError``).
       val_fraction: share of the stream held out when there is no ``val.bin``.
       max_stdlib_bytes: cap for the default source.
     """
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+    source = None if path is None else pathlib.Path(path)
+    is_tokens = source is not None and (source.suffix == ".bin" or source.is_dir() and any(source.glob("*.bin")))
+    # Byte data has 256 ids: a vocabulary given for it would be ignored.
+    if vocab_size not in (None, BYTE_VOCAB) and not is_tokens and (source is None or source.exists()):
+        raise ValueError(f"--vocab-size {vocab_size} applies to .bin token data; the byte data of "
+                         f"{'the default source' if path is None else path} has a vocabulary of {BYTE_VOCAB}")
     if path is None:
         data, n_files = stdlib_bytes(max_stdlib_bytes)
         train, val = _split(np.frombuffer(data, dtype=np.uint8), val_fraction)
