@@ -372,8 +372,13 @@ def _infer_sharding(call: Call, mesh, arg_shapes, result_shape):
 
 
 @functools.lru_cache(maxsize=256)
-def _trace(call: Call, avals: tuple):
-    """The kernels' closed jaxpr on global shapes: the primitive's ``jaxpr`` parameter (its results' avals)."""
+def _trace(call: Call, avals: tuple, context_mesh):
+    """The kernels' closed jaxpr on global shapes: the primitive's ``jaxpr`` parameter (its results' avals).
+
+    Keyed by the context's abstract mesh too (``context_mesh``, unused here): the jaxpr's values carry it, and
+    ``_lower`` runs the jaxpr, so one traced under another context (a shard_map manual over other axes) fails
+    to lower."""
+    del context_mesh
     return jax.make_jaxpr(call.flat())(*(jax.ShapeDtypeStruct(s, d) for s, d in avals))
 
 
@@ -384,7 +389,7 @@ def _out_tree(kernels: Kernels, in_tree, avals: tuple):
 
 
 def _bind(call: Call, leaves):
-    jaxpr = _trace(call, tuple((x.shape, x.dtype) for x in leaves))
+    jaxpr = _trace(call, tuple((x.shape, x.dtype) for x in leaves), jax.sharding.get_abstract_mesh())
     return partitioned_p.bind(*leaves, call=call, jaxpr=jaxpr)
 
 
