@@ -53,7 +53,7 @@ def implementation_order(implementation) -> tuple[str, ...]:
         return _AUTO
     if isinstance(implementation, str):
         return (implementation,)
-    if isinstance(implementation, Sequence) and implementation:
+    if isinstance(implementation, Sequence) and implementation and all(isinstance(x, str) for x in implementation):
         return tuple(implementation)
     raise TypeError(f"implementation must be None, a string or a non-empty sequence of strings, got {implementation!r}")
 
@@ -208,10 +208,17 @@ _FORWARD_MODE_ERROR = "can't apply forward-mode autodiff (jvp) to a custom_vjp f
 
 
 def _kernel_backend(implementation: str) -> KernelBackend:
+    if not isinstance(implementation, str):
+        raise TypeError(f"implementation must name one kernel backend (a string), got {implementation!r}")
     backend = backends.get(implementation)
     if not isinstance(backend, KernelBackend):
         raise ValueError(f"implementation must name a kernel backend (with an (out, lse) forward), got {implementation!r}")
     return backend
+
+
+# ``dot_product_attention``'s keywords that ``attention_with_lse`` takes as ``**features``.
+_LSE_FEATURES = frozenset({"bias", "mask", "query_seq_lengths", "key_value_seq_lengths", "q_segment_ids",
+                           "kv_segment_ids", "alibi_slopes", "logits_soft_cap", "dropout_rate", "dropout_rng"})
 
 
 def attention_with_lse(
@@ -243,6 +250,10 @@ def attention_with_lse(
     ``dot_product_attention`` (with a causal mask, only when
     ``q_offset == k_offset``).
     """
+    unknown = sorted(set(features) - _LSE_FEATURES)
+    if unknown:
+        raise TypeError(f"attention_with_lse got unexpected keyword arguments {unknown}; it takes "
+                        f"{sorted(_LSE_FEATURES)} besides its own")
     bias, mask = features.pop("bias", None), features.pop("mask", None)
     query, key, value, bias, mask = _as_arrays(query, key, value, bias, mask)
     spec, inputs = validate.attention_call(

@@ -57,6 +57,7 @@ def test_bad_input_raises_named_error(entry, make, error, words):
     [
         (dict(implementation="bogus"), ValueError, "implementation"),
         (dict(implementation=[]), TypeError, "implementation"),
+        (dict(implementation=[["xla"]]), TypeError, "implementation must be None, a string or a non-empty sequence"),
         (dict(local_window_size=(1, 2, 3)), TypeError, "local_window_size"),
         (dict(local_window_size=-1), ValueError, "local_window_size"),
         (dict(query_seq_lengths=jnp.array([1, 2])), ValueError, "query_seq_lengths"),
@@ -72,6 +73,14 @@ def test_bad_keyword_raises_named_error(kwargs, error, word):
     kwargs.setdefault("implementation", "pallas")
     with pytest.raises(error, match=word):
         pf.dot_product_attention(q, k, v, **kwargs)
+
+
+def test_attention_with_lse_names_what_it_does_not_take():
+    q, k, v = qkv()
+    with pytest.raises(TypeError, match=r"attention_with_lse got unexpected keyword arguments \['causal'\]"):
+        pf.attention_with_lse(q, k, v, causal=True)
+    with pytest.raises(TypeError, match="implementation must name one kernel backend"):
+        pf.attention_with_lse(q, k, v, implementation=None)
 
 
 def test_config_validation_names_the_field():
