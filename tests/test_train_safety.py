@@ -13,13 +13,14 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import numpy as np
 import pytest
 
 from tests.conftest import ON_GPU
 from tests.test_train import REPO, TINY_ARGS, _records, _train_losses, tiny_run  # noqa: F401 - a fixture
 from train import data as data_lib
-from train.checkpoint import _one_line
+from train.checkpoint import Checkpointer, _one_line
 from train.config import TrainConfig, build_parser, validate_config
 from train.loop import cli, main
 from train.step import all_finite
@@ -78,23 +79,29 @@ def test_a_second_run_on_a_locked_folder_stops_and_changes_nothing(tiny_run, tmp
             holder.wait()
 
 
-# Orbax leaves the reads of the failed restore as coroutines that complain when collected.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_resume_falls_back_past_a_corrupt_checkpoint(tiny_run, tmp_path, capsys):
-    """Item 2: the newest checkpoint does not read back (a truncated array file): --resume
-    warns, restores the one before, sets the bad one aside and re-trains the same steps."""
+def _resume_past_damage(tiny_run, tmp_path, capsys, damage, said: str):
+    """A copy of the run, ``damage`` done to its newest checkpoint (20): --resume warns ``said``, restores the one
+    before, sets the bad one aside and re-trains the same steps to the same losses. Returns the copy's folder."""
     original, _ = tiny_run
     out = _copy_run(tiny_run, tmp_path)
-    _truncate_largest_array(out / "checkpoints" / "20")
+    damage(out / "checkpoints" / "20")
     summary = main(["--resume", "--out", str(out), "--sample-tokens", "0"])
-    err = capsys.readouterr().err
-    assert f"warning: checkpoint {out / 'checkpoints' / '20'} does not read back" in err
+    assert f"warning: checkpoint {out / 'checkpoints' / '20'} {said}" in capsys.readouterr().err
     assert summary["resumed_from"] == 10
     assert (out / "checkpoints.corrupt" / "20" / "state").is_dir()  # kept, out of the way
     want, got = _train_losses(_records(original)), _train_losses(_records(out))
     assert sorted(got) == sorted(want)
     for step in want:
         np.testing.assert_allclose(got[step], want[step], rtol=1e-5, err_msg=f"step {step}")
+    return out
+
+
+# Orbax leaves the reads of the failed restore as coroutines that complain when collected.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_resume_falls_back_past_a_corrupt_checkpoint(tiny_run, tmp_path, capsys):
+    """Item 2: the newest checkpoint does not read back (a truncated array file): --resume
+    warns, restores the one before, sets the bad one aside and re-trains the same steps."""
+    out = _resume_past_damage(tiny_run, tmp_path, capsys, _truncate_largest_array, "does not read back")
 
     # None intact (an emptied step folder, a truncated one): one line, nothing moved.
     shutil.rmtree(out / "checkpoints.corrupt")
@@ -108,30 +115,27 @@ def test_resume_falls_back_past_a_corrupt_checkpoint(tiny_run, tmp_path, capsys)
     assert _snapshot(out) == before and not (out / "checkpoints.corrupt").exists()
 
 
-def _write_nan_into_largest_array(step_dir):
-    """64 bytes of 0xff (NaN as float32) in the middle of the biggest array file, its size kept: it reads back."""
-    files = [p for p in (step_dir / "state").rglob("*") if p.is_file()]
-    biggest = max(files, key=lambda p: p.stat().st_size)
-    data = bytearray(biggest.read_bytes())
-    data[len(data) // 2 : len(data) // 2 + 64] = b"\xff" * 64
-    biggest.write_bytes(bytes(data))
+def _rewrite_with_a_nan(step_dir):
+    """Checkpoint ``step_dir`` written again with one NaN in its first floating-point array: it reads back whole
+    (bytes overwritten on disk mostly decode to other finite values: the arrays are compressed)."""
+    folder, step = step_dir.parent, int(step_dir.name)
+    with Checkpointer(folder) as ckpt:
+        state, meta = ckpt.restore(None, step)
+    leaves, tree = jax.tree.flatten(state)
+    first = next(i for i, x in enumerate(leaves) if np.issubdtype(x.dtype, np.floating))
+    damaged = np.array(leaves[first])
+    damaged.flat[len(damaged.flat) // 2] = np.nan
+    leaves[first] = damaged
+    shutil.rmtree(step_dir)
+    with Checkpointer(folder) as ckpt:
+        ckpt.save(step, jax.tree.unflatten(tree, leaves), meta)
+        ckpt.wait()
 
 
 def test_resume_falls_back_past_a_checkpoint_with_nan_written_into_it(tiny_run, tmp_path, capsys):
     """A checkpoint damaged so that it still reads back, but holds NaN: every save is checked finite, so it is
     damage; --resume takes the one before (not training from it and blaming the training), sets it aside."""
-    original, _ = tiny_run
-    out = _copy_run(tiny_run, tmp_path)
-    _write_nan_into_largest_array(out / "checkpoints" / "20")
-    summary = main(["--resume", "--out", str(out), "--sample-tokens", "0"])
-    err = capsys.readouterr().err
-    assert f"warning: checkpoint {out / 'checkpoints' / '20'} does not read back: it holds NaN" in err
-    assert summary["resumed_from"] == 10
-    assert (out / "checkpoints.corrupt" / "20" / "state").is_dir()
-    want, got = _train_losses(_records(original)), _train_losses(_records(out))
-    assert sorted(got) == sorted(want)
-    for step in want:
-        np.testing.assert_allclose(got[step], want[step], rtol=1e-5, err_msg=f"step {step}")
+    _resume_past_damage(tiny_run, tmp_path, capsys, _rewrite_with_a_nan, "does not read back: it holds NaN")
 
 
 def test_a_reason_is_the_innermost_cause_but_not_a_suppressed_context():

@@ -7,10 +7,11 @@ atomic: a run killed while writing leaves the previous checkpoint intact, and
 Orbax ignores the unfinished one.
 
 A checkpoint damaged afterwards (a truncated array file, an emptied step
-folder, or values the caller's ``intact`` check refuses) does not read back: :meth:`Checkpointer.restore_newest_intact` then
-falls back to the newest one that does, and :meth:`Checkpointer.set_aside`
-moves the damaged ones to ``checkpoints.corrupt/`` (kept, out of the way of
-the steps that will be saved again).
+folder, or values the caller's ``intact`` check refuses) does not read back:
+:meth:`Checkpointer.restore_newest_intact` then falls back to the newest one
+that does, and :meth:`Checkpointer.set_aside` moves the damaged ones to
+``checkpoints.corrupt/`` (kept, out of the way of the steps that will be saved
+again).
 
 A folder lost mid-run (deleted, made read-only, a file in its place) fails the next save at once, naming it;
 the checkpoints saved before are not touched.

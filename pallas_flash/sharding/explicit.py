@@ -49,7 +49,8 @@ def _run(call, mesh, leaves):
         x if tuple(jax.typeof(x).sharding.spec) == tuple(s) else jax.sharding.reshard(x, s)
         for x, s in zip(leaves, in_specs)
     ]
-    run = jax.shard_map(p._per_shard(call, axes, mesh), mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    run = jax.shard_map(p._per_shard(call, axes, mesh), mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                        check_vma=False)
     return run(*leaves)
 
 
