@@ -120,10 +120,11 @@ def _lengths(name: str, lengths, batch: int):
         raise ValueError(f"{name} must have shape [batch] = ({batch},), got {lengths.shape}")
     if not jnp.issubdtype(lengths.dtype, jnp.integer):
         raise TypeError(f"{name} must be an integer array, got {lengths.dtype}")
+    # A length past the sequence is the whole sequence, below 0 none: clip, never wrap. Only a dtype wider than
+    # int32 needs it, and the bounds then fit its range (clipping an int8 array to int32's bounds would cast them
+    # to int8, where they wrap to 0 and -1).
     info = jnp.iinfo(lengths.dtype)
-    if info.min < -INT32_MAX - 1 or info.max > INT32_MAX:  # a length past the sequence is the whole sequence,
-        # below 0 none: clip, never wrap. Only a dtype wider than int32 needs it; the bounds then fit its range
-        # (clipping an int8 array to int32's bounds would cast them to int8, where they wrap to 0 and -1).
+    if info.min < -INT32_MAX - 1 or info.max > INT32_MAX:
         xp = np if isinstance(lengths, np.ndarray) else jnp
         lengths = xp.clip(lengths, max(info.min, -INT32_MAX - 1), INT32_MAX)
     return jnp.asarray(lengths).astype(jnp.int32)

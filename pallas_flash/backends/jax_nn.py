@@ -6,8 +6,9 @@ or ALiBi, so these are expressed as a dense mask and bias (built here, of size
 those with ``NotImplementedError``. A query row that sees no key gets zeros from
 ``"xla"``, as from the kernels (jax.nn itself averages every value there);
 ``"cudnn"`` gives what cuDNN gives. A key whose bias is ``-inf`` counts as
-masked for ``"xla"``, so a row with only such keys gets zeros too. They are differentiable through jax.nn's
-own autodiff; ``config`` and ``interpret`` do not apply.
+masked for ``"xla"``, so a row with only such keys gets zeros too. They are
+differentiable through jax.nn's own autodiff; ``config`` and ``interpret`` do
+not apply.
 """
 
 from __future__ import annotations
