@@ -167,7 +167,7 @@ class FlashMultiHeadAttention(KVCache, nnx.Module):
         out_features = in_features if out_features is None else out_features
         in_kv_features = in_features if in_kv_features is None else in_kv_features
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        if not isinstance(num_kv_heads, int) or num_kv_heads <= 0:
+        if not isinstance(num_kv_heads, int) or isinstance(num_kv_heads, bool) or num_kv_heads <= 0:
             raise ValueError(f"num_kv_heads must be a positive int, got {num_kv_heads!r}")
         if num_heads % num_kv_heads:
             raise ValueError(

@@ -33,6 +33,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 import pallas_flash
@@ -60,8 +61,9 @@ class KVCache:
         if getattr(self, "context_parallel", None) is not None:
             raise NotImplementedError("the KV cache under context parallelism")
         shape = tuple(input_shape)
-        if len(shape) != 3 or any(not isinstance(d, int) or isinstance(d, bool) or d <= 0 for d in shape):
+        if len(shape) != 3 or any(not isinstance(d, (int, np.integer)) or isinstance(d, bool) or d <= 0 for d in shape):
             raise ValueError(f"input_shape must be three positive ints (batch, max_length, features), got {input_shape!r}")
+        shape = tuple(int(d) for d in shape)  # NumPy integers too, as flax.nnx.MultiHeadAttention takes them
         dtype = jnp.dtype(next((d for d in (dtype, self.dtype) if d is not None), jnp.float32))
         if not jnp.issubdtype(dtype, jnp.floating):
             raise TypeError(f"the cache dtype must be a float dtype, got {dtype}")

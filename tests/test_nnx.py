@@ -147,6 +147,8 @@ def test_layer_passes_everything_to_the_kernel(monkeypatch):
 def test_layer_bad_arguments():
     with pytest.raises(ValueError, match="num_kv_heads"):
         FlashMultiHeadAttention(4, 64, num_kv_heads=3, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="num_kv_heads must be a positive int, got True"):  # not MQA by accident
+        FlashMultiHeadAttention(4, 64, num_kv_heads=True, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="qkv_features"):
         FlashMultiHeadAttention(4, 64, qkv_features=30, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="dropout_rate"):

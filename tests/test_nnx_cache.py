@@ -123,6 +123,10 @@ def test_cache_errors():
         layer.init_cache((B, 0, F))
     with pytest.raises(TypeError, match="dtype"):
         layer.init_cache((B, S, F), jnp.int32)
+    with pytest.raises(ValueError, match="input_shape"):
+        layer.init_cache((B, True, F))
+    layer.init_cache((np.int64(B), np.int64(6), np.int64(F)))  # NumPy integers, as flax's MultiHeadAttention takes
+    assert layer.cached_key[...].shape[:2] == (B, 6)
     layer.init_cache((B, 6, F))
     with pytest.raises(ValueError, match=r"\[batch, max_length\] = \(3, 6\)"):
         layer(jnp.ones((B, 7, F)), prefill=True)
