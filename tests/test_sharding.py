@@ -325,28 +325,6 @@ def test_the_same_call_under_another_mesh(seed):
         assert rel_err(out, want) <= TOLERANCE[jnp.dtype(jnp.float32)]
 
 
-def test_the_same_call_in_shard_maps_manual_over_other_axes(seed):
-    """The same call at the same local shapes in a shard_map manual over both axes, then over one (the other
-    Auto), then both again: the kernels' cached trace carries its context's mesh, so it is kept per context."""
-    mesh = jax.make_mesh((2, 2), ("pp", "seq"), axis_types=(AxisType.Auto,) * 2)
-    q, k, v, ct = random_qkv(Shape("manual", 2, 32, 32, 2, 2, 16), jnp.float32, seed)
-    with jax.enable_x64(True):
-        f64 = [jnp.asarray(np.asarray(x, np.float64)) for x in (q, k, v, ct)]
-        want, vjp = jax.vjp(lambda q, k, v: attention_reference(q, k, v, is_causal=True), *f64[:3])
-        want_grads = vjp(f64[3])
-
-    def fn(q, k, v):
-        return pf.dot_product_attention(q, k, v, is_causal=True, implementation="pallas", config=CONFIG)
-
-    for axis_names in ({"pp", "seq"}, {"pp"}, {"pp", "seq"}):
-        f = jax.shard_map(_fwd_bwd(fn), mesh=mesh, in_specs=P("pp"), out_specs=P("pp"), axis_names=axis_names,
-                          check_vma=False)
-        with jax.set_mesh(mesh):
-            out, grads = jax.jit(f)(q, k, v, ct)
-        for got, w in zip((out, *grads), (want, *want_grads)):
-            assert rel_err(got, np.asarray(w)) <= TOLERANCE[jnp.dtype(jnp.float32)], axis_names
-
-
 def test_explicit_gradients_take_the_primals_shardings(seed):
     """Under Explicit axes the kernels run on the rule's shardings (k/v follow a sequence-sharded q: the ring); the
     custom VJP's cotangents must come back in the primals' types (replicated k/v here), or jax.grad fails."""
