@@ -266,6 +266,39 @@ def test_sigterm_finishes_the_checkpoint_being_saved(tmp_path):
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+# Another process: a tiny run that is sent a signal during step 7, between its checkpoints (every 10 steps).
+_SIGNAL_AT_STEP_7 = textwrap.dedent("""
+    import os, signal, sys
+    from train import loop, metering
+    step = metering.ThroughputMeter.step
+    def step_then_signal(self, done, metrics, *, log):
+        if done == 7:
+            os.kill(os.getpid(), getattr(signal, os.environ["SIGNAL_AT_7"]))
+        return step(self, done, metrics, log=log)
+    metering.ThroughputMeter.step = step_then_signal
+    sys.exit(loop.cli(sys.argv[1:]))
+""")
+
+
+@pytest.mark.parametrize("sig, code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_between_checkpoints_saves_the_last_finished_step(tiny_run, tmp_path, sig, code):
+    """Ctrl-C or SIGTERM mid-run (a preemption) loses no work: the run saves its last finished step and exits
+    130 or 143 (not the abort of exiting under queued steps); --resume then gives the uninterrupted run's losses."""
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", _SIGNAL_AT_STEP_7, *TINY_ARGS, "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(REPO), SIGNAL_AT_7=sig))
+    assert proc.returncode == code, proc.stderr[-3000:]
+    assert f"--resume continues from step 7 (saved in {out / 'checkpoints'})" in proc.stderr
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["7"]
+    summary = main(["--resume", "--out", str(out), "--sample-tokens", "0"])
+    assert summary["resumed_from"] == 7 and summary["step"] == 20
+    want, got = _train_losses(_records(tiny_run[0])), _train_losses(_records(out))
+    assert sorted(got) == sorted(want)  # every logged step once
+    for step in want:
+        np.testing.assert_allclose(got[step], want[step], rtol=1e-5, err_msg=f"step {step}")
+
+
 def _edit_meta(step_dir, edit):
     """Rewrite the JSON meta of checkpoint ``step_dir`` through ``edit(meta)`` (as an older or other run's)."""
     path = pathlib.Path(step_dir) / "meta" / "metadata"

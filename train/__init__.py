@@ -31,7 +31,9 @@ damaged ones and moves them to ``checkpoints.corrupt/``. A loss or gradient
 that turns NaN or infinite stops the run with exit code 1, naming the step; no
 checkpoint of a non-finite state is ever saved, so the last one stays good.
 Ctrl-C (exit code 130) and SIGTERM (143; SLURM, Kubernetes, ``docker stop``)
-stop it once the checkpoint being written is on disk. The checkpoints folder
+stop it once the checkpoint being written is on disk; during training the
+first one also waits for the step in flight and saves the last finished step
+(one process; a second Ctrl-C stops at once). The checkpoints folder
 is probed for writing before training. Every checkpoint records its data (kind,
 split lengths, a hash of the tokens): ``--resume`` on other data, or where
 ``--dtype auto`` means another dtype, is refused; so is an ``--out`` inside a

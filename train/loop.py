@@ -4,7 +4,8 @@ What a run does and writes is described in :mod:`train` (``train/__init__.py``).
 :func:`cli` is ``python -m train``: a user error is one line on stderr and
 exit code 2, a loss that turns non-finite exit code 1; Ctrl-C (SIGINT) exit code
 130 and SIGTERM (SLURM, Kubernetes, ``docker stop``) 143, the shell's 128 + signal,
-once the checkpoint being saved is on disk.
+once the checkpoint being saved is on disk; during training, once the last
+finished step is saved too (:mod:`train.interrupts`).
 
 What protects a run:
 
@@ -31,9 +32,7 @@ import json
 import math
 import os
 import pathlib
-import signal
 import sys
-import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -48,6 +47,7 @@ from flax import nnx
 from models import gpt2
 from train import data as data_lib
 from train import run_folder
+from train.interrupts import StopAtStep, Terminated, drain, sigterm_interrupts
 from train.checkpoint import Checkpointer
 from train.config import (
     TrainConfig,
@@ -76,29 +76,6 @@ from train.step import (
 
 class Diverged(RuntimeError):
     """The loss, the gradient or the state turned non-finite (exit code 1)."""
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, stopping the run as Ctrl-C does (exit code 143)."""
-
-
-@contextlib.contextmanager
-def _sigterm_interrupts():
-    """SIGTERM raises :class:`Terminated` meanwhile, so the checkpoint being saved is finished (not lost) on the
-    way out; later ones are ignored until then. The previous handler is restored after."""
-    if threading.current_thread() is not threading.main_thread():  # only the main thread takes signals
-        yield
-        return
-
-    def handler(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the save short
-        raise Terminated()
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 class LossWatch:
@@ -367,7 +344,10 @@ def _train(cfg: TrainConfig, data: data_lib.TokenData, ckpt: Checkpointer, resto
         key_data = np.asarray(jax.random.key_data(jax.random.key(cfg.seed)))
     base_key = jax.random.wrap_key_data(parallel.replicate(key_data))  # on every device of every process
 
+    saved = start  # the step of the newest checkpoint of this state
+
     def save(step: int) -> None:
+        nonlocal saved
         if not all_finite((params, opt_state)):  # the losses were finite; the state must be too
             raise Diverged(f"non-finite parameters or optimizer state at step {step}")
         meta = {
@@ -380,6 +360,7 @@ def _train(cfg: TrainConfig, data: data_lib.TokenData, ckpt: Checkpointer, resto
             "data": data_print,
         }
         ckpt.save(step, (params, opt_state), meta)
+        saved = step
 
     # ---- the loop ----
     pbar = _progress(total=cfg.steps, initial=start, enabled=is_main)
@@ -388,30 +369,49 @@ def _train(cfg: TrainConfig, data: data_lib.TokenData, ckpt: Checkpointer, resto
         tokens_per_step, flops_per_token=gpt2.flops_per_token(mcfg, cfg.seq_len),
         peak_flops=peak_flops(devices[0]), n_devices=len(devices),
     )
-    try:
-        for step in range(start, cfg.steps):
-            x, y = (parallel.put(a, cfg.batch_size) for a in sampler.batch(sampler.position, rows))
-            sampler.position += 1
-            params, opt_state, m = train_step(params, opt_state, x, y, np.int32(step), base_key, train_positions)
-            done = step + 1
-            report.watch.add(done, m)
-            first = meter.compile_s is None
-            report.train(meter.step(done, m, log=done % cfg.log_every == 0 or done == cfg.steps))
-            if first:
-                say(f"compiled the train step in {meter.compile_s:.1f}s")
-            pbar.update(1)
-            evaluate_now = done == cfg.steps or (cfg.eval_every and done % cfg.eval_every == 0)
-            save_now = done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
-            if not (evaluate_now or save_now):
-                continue
-            report.train(meter.flush())  # both wait for this step anyway; report it before the pause
-            report.watch.check(done)
-            if evaluate_now:
-                report.val(done, evaluate(params))
-            if save_now:
-                save(done)
-            meter.restart()  # keep the pause out of tokens/s
+    stop = StopAtStep()
+
+    def stop_here(done: int) -> None:
+        """Ctrl-C or SIGTERM: between steps the state, the data position and the records agree at ``done``;
+        save it (if it is not saved yet and the losses were finite) and stop."""
         report.train(meter.flush())
+        report.watch.check(done)
+        if done != saved:
+            save(done)
+        ckpt.wait()
+        if ckpt.latest_step() is None:
+            stop.stop("no step was finished, so no checkpoint was saved: run again without --resume")
+        stop.stop(f"--resume continues from step {ckpt.latest_step()} (saved in {ckpt.directory})")
+
+    try:
+        with stop.installed():
+            for step in range(start, cfg.steps):
+                if stop.requested():
+                    stop_here(step)
+                x, y = (parallel.put(a, cfg.batch_size) for a in sampler.batch(sampler.position, rows))
+                sampler.position += 1
+                params, opt_state, m = train_step(params, opt_state, x, y, np.int32(step), base_key, train_positions)
+                done = step + 1
+                report.watch.add(done, m)
+                first = meter.compile_s is None
+                report.train(meter.step(done, m, log=done % cfg.log_every == 0 or done == cfg.steps))
+                if first:
+                    say(f"compiled the train step in {meter.compile_s:.1f}s")
+                pbar.update(1)
+                evaluate_now = done == cfg.steps or (cfg.eval_every and done % cfg.eval_every == 0)
+                save_now = done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
+                if not (evaluate_now or save_now):
+                    continue
+                report.train(meter.flush())  # both wait for this step anyway; report it before the pause
+                report.watch.check(done)
+                if evaluate_now:
+                    report.val(done, evaluate(params))
+                if save_now:
+                    save(done)
+                meter.restart()  # keep the pause out of tokens/s
+            report.train(meter.flush())
+            if stop.requested():  # during the last step: it is saved, the sample is skipped
+                stop_here(cfg.steps)
     except Diverged as e:
         ckpt.wait()
         latest = ckpt.latest_step()
@@ -451,7 +451,7 @@ def _progress(*, total: int, initial: int, enabled: bool):
 def cli(argv: list[str] | None = None) -> int:
     """``python -m train``: run :func:`main`; errors are one line on stderr. Returns the exit code."""
     try:
-        with _sigterm_interrupts():
+        with sigterm_interrupts():
             main(argv)
     except Diverged as e:
         print(f"error: {e}", file=sys.stderr)
@@ -460,7 +460,9 @@ def cli(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        print(f"interrupted{' (SIGTERM)' if isinstance(e, Terminated) else ''}; --resume continues from the last "
-              f"checkpoint in --out", file=sys.stderr)
+        how = e.args[0] if e.args else "--resume continues from the last checkpoint in --out, if one was saved"
+        print(f"interrupted{' (SIGTERM)' if isinstance(e, Terminated) else ''}; {how}", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
+    finally:
+        drain()  # the steps still queued: exiting under them can abort the process (not 130 or 143)
     return 0
