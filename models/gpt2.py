@@ -283,8 +283,15 @@ class GPT(nnx.Module):
         if prefill or decode:
             if positions is not None:
                 raise ValueError("positions are for calls without the KV cache: prefill/decode take them from it")
-            if self.blocks[0].attn.cache_index is None:
+            attn = self.blocks[0].attn
+            if attn.cache_index is None:
                 raise ValueError("the KV cache is not initialised: call init_cache(batch_size, max_length) first")
+            # As the attention layer checks it, but before the embedding: decode's positions come from the cache's
+            # index [cache batch], which would broadcast against another batch of tokens (or fail inside the add).
+            cache_batch, max_length = attn.cached_key.shape[:2]
+            if B != cache_batch or T > max_length:
+                raise ValueError(f"the new tokens [batch, length] = {(B, T)} do not fit the KV cache "
+                                 f"[batch, max_length] = {(cache_batch, max_length)}")
             cache = dict(prefill=prefill, decode=decode, decode_implementation=decode_implementation)
 
         if decode and not prefill:  # the new tokens continue each sequence: [B, T] positions

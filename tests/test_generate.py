@@ -123,6 +123,20 @@ def test_generate_errors():
         model.init_cache(2, 65)
 
 
+def test_decode_refuses_a_batch_that_is_not_the_caches():
+    """Decode's positions come from the cache's index: one sequence's token would broadcast over both (and advance
+    them), three would fail inside the embedding's add. As prefill, a ValueError naming both batch sizes."""
+    model = _model(0)
+    model.init_cache(2, 8)
+    model(jnp.array([[1, 2, 3], [4, 5, 6]]), prefill=True)
+    for bad in ([[7]], [[7], [8], [9]]):
+        with pytest.raises(ValueError, match=rf"the new tokens \[batch, length\] = \({len(bad)}, 1\) do not fit "
+                                             rf"the KV cache \[batch, max_length\] = \(2, 8\)"):
+            model(jnp.array(bad), decode=True)
+    np.testing.assert_array_equal(model.blocks[0].attn.cache_index[...], [3, 3])  # nothing advanced
+    assert model(jnp.array([[7], [8]]), decode=True).shape == (2, 1, model.config.vocab_size)
+
+
 # ---------------------------------------------------------------- the benchmark CLI
 
 
