@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from pallas_flash import validate
@@ -105,6 +106,31 @@ def _check_sampling(temperature, top_k) -> tuple[float, int | None]:
     return temperature, validate.optional_positive_int("top_k", top_k)
 
 
+def _check_prompt(prompt, vocab: int) -> jax.Array:
+    """Integer token ids in ``[0, vocab)`` as ``int32 [P]`` or ``[B, P]``.
+
+    The ids are checked at their own width, before the cast: ``int32`` would truncate floats and wrap an int64
+    ``2**32 + 1`` to ``1``. An id past the embedding table would embed as NaN, one below it as garbage.
+    """
+    if isinstance(prompt, jax.Array):  # a tracer too: its dtype and shape are known
+        ids = prompt
+    else:
+        try:
+            ids = np.asarray(prompt)  # NumPy keeps int64 wide (jnp.asarray would wrap it to int32 without x64)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"prompt must be integer token ids, got {type(prompt).__name__}: {e}") from None
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise TypeError(f"prompt must be integer token ids, got dtype {ids.dtype}")
+    if ids.ndim not in (1, 2) or ids.size == 0:
+        raise ValueError(f"prompt must be non-empty token ids of shape [P] or [batch, P], got {ids.shape}")
+    if not isinstance(ids, jax.core.Tracer):
+        outside = (ids < 0) | (ids >= vocab)
+        if bool(outside.any()):
+            raise ValueError(f"prompt (shape {ids.shape}) holds token ids outside [0, vocab_size={vocab}): "
+                             f"{ids[outside][:8].tolist()}")
+    return jnp.asarray(ids, jnp.int32)
+
+
 def generate(
     model: GPT,
     prompt: jax.Array,
@@ -118,6 +144,8 @@ def generate(
 ) -> jax.Array:
     """Sample ``max_new_tokens`` after ``prompt``: int ``[P]`` -> ``[P + new]``, ``[B, P]`` -> ``[B, P + new]``.
 
+    ``prompt``: integer token ids in ``[0, vocab_size)`` (else ``TypeError``
+    or ``ValueError``).
     ``temperature`` (a finite real ``>= 0``): ``0`` is greedy decoding;
     otherwise top-k sampling, ``top_k`` an int ``>= 1`` or ``None`` (the
     whole vocabulary). One jitted
@@ -148,15 +176,7 @@ def generate(
         raise ValueError(f"use_cache must be None, True or False, got {use_cache!r}")
     if decode_implementation not in ("pallas", "xla"):
         raise ValueError(f"decode_implementation must be 'pallas' or 'xla', got {decode_implementation!r}")
-    prompt = jnp.asarray(prompt, jnp.int32)
-    if prompt.ndim not in (1, 2) or prompt.size == 0:
-        raise ValueError(f"prompt must be non-empty token ids of shape [P] or [batch, P], got {prompt.shape}")
-    vocab = model.config.vocab_size
-    outside = (prompt < 0) | (prompt >= vocab)
-    if not isinstance(prompt, jax.core.Tracer) and bool(outside.any()):
-        bad = prompt[outside]
-        raise ValueError(f"prompt (shape {prompt.shape}) holds token ids outside [0, vocab_size={vocab}): "
-                         f"{bad[:8].tolist()}")  # else an id past the table embeds as NaN, one below as garbage
+    prompt = _check_prompt(prompt, model.config.vocab_size)
     batched = prompt.ndim == 2
     prompt = prompt if batched else prompt[None]  # [B, P]
     total, block = prompt.shape[1] + max_new_tokens, model.config.block_size

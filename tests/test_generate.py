@@ -137,6 +137,22 @@ def test_decode_refuses_a_batch_that_is_not_the_caches():
     assert model(jnp.array([[7], [8]]), decode=True).shape == (2, 1, model.config.vocab_size)
 
 
+def test_generate_refuses_prompts_that_are_not_token_ids():
+    """Checked before the int32 cast, which truncated floats and wrapped an int64 2**32 + 1 to 1."""
+    model = _model(0)
+    for bad, dtype in ((jnp.array([1.7, 2.9]), "float32"), (np.array([1.0, 2.0]), "float64"), ("hello", "<U5"),
+                       ([True, False], "bool")):
+        with pytest.raises(TypeError, match=f"prompt must be integer token ids, got dtype {dtype}"):
+            gpt2.generate(model, bad, 2, temperature=0.0)
+    for bad in (np.array([2**32 + 1, 5]), np.array([2**63, 5], np.uint64)):
+        with pytest.raises(ValueError, match=rf"prompt \(shape \(2,\)\) holds token ids outside \[0, vocab_size=256\): "
+                                             rf"\[{bad[0]}\]"):
+            gpt2.generate(model, bad, 2, temperature=0.0)
+    want = gpt2.generate(model, jnp.array([3, 4]), 2, temperature=0.0)  # integer ids of any width and container
+    for ok in (np.array([3, 4], np.int64), np.array([3, 4], np.uint8), [3, 4]):
+        np.testing.assert_array_equal(gpt2.generate(model, ok, 2, temperature=0.0), want)
+
+
 # ---------------------------------------------------------------- the benchmark CLI
 
 
