@@ -35,16 +35,27 @@ __all__ = ["generate"]
 
 @dataclasses.dataclass(frozen=True)
 class _Sampler:
-    """Next tokens ``[B]`` from logits ``[B, V]``: greedy (``temperature == 0``) or top-k sampling."""
+    """Next tokens ``[B]`` from logits ``[B, V]``: greedy (``temperature == 0``) or top-k sampling.
+
+    Well defined for every finite ``temperature >= 0``; one too small for float32 (below its smallest normal
+    number) is greedy, the limit of sampling as the temperature goes to 0.
+    """
 
     temperature: float
     top_k: int | None
 
     def __call__(self, logits: jax.Array, key: jax.Array) -> jax.Array:
         logits = logits.astype(jnp.float32)  # [B, V]
-        if self.temperature == 0:
+        if self.temperature < np.finfo(np.float32).tiny:
+            # 0, or 0 or subnormal in float32 (XLA flushes subnormals to zero): greedy, the limit as temperature -> 0.
             return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        logits = logits / self.temperature
+        scaled = logits / self.temperature  # [B, V]
+        # A small temperature can overflow logits / temperature to +inf for every positive logit, and the sampler
+        # then picks the first of them (often token 0), not the largest logit.
+        # With the row's max subtracted first every value is <= 0 and the max is 0, so nothing overflows upwards;
+        # rows that stayed finite keep the plain quotient, so ordinary temperatures sample the same tokens as before.
+        shifted = (logits - jnp.max(logits, axis=-1, keepdims=True)) / self.temperature  # [B, V]
+        logits = jnp.where(jnp.isfinite(scaled).all(axis=-1, keepdims=True), scaled, shifted)
         if self.top_k is not None:
             kth = jax.lax.top_k(logits, min(self.top_k, logits.shape[-1]))[0][:, -1:]  # [B, 1]
             logits = jnp.where(logits < kth, -jnp.inf, logits)

@@ -153,6 +153,29 @@ def test_generate_refuses_prompts_that_are_not_token_ids():
         np.testing.assert_array_equal(gpt2.generate(model, ok, 2, temperature=0.0), want)
 
 
+def test_a_tiny_temperature_samples_greedily(seed):
+    """logits / temperature overflowed float32 (or divided by a temperature that is 0 there): token 0 every step."""
+    model = _model(seed)
+    prompt = jax.random.randint(jax.random.key(seed), (2, 4), 0, 256)
+    greedy = gpt2.generate(model, prompt, 6, temperature=0.0)
+    for temperature, top_k in ((1e-300, 1), (1e-300, None), (1e-40, None), (1e-37, None), (1e-37, 5)):
+        got = gpt2.generate(model, prompt, 6, temperature=temperature, top_k=top_k, rng=jax.random.key(seed))
+        np.testing.assert_array_equal(got, greedy, err_msg=f"temperature={temperature}, top_k={top_k}")
+    # Logits large enough to overflow at an ordinary temperature: the largest, not the first overflowing one.
+    logits = jnp.array([[1e38, 3e38, -3e38, 2e38]] * 3)
+    for top_k in (None, 2):
+        np.testing.assert_array_equal(generate_lib._Sampler(0.1, top_k)(logits, jax.random.key(seed)), [1, 1, 1])
+    # Ordinary temperatures sample the tokens of the plain logits / temperature, bit for bit.
+    logits = 4 * jax.random.normal(jax.random.key(seed), (64, 256))
+    for temperature, top_k in ((0.8, 40), (1.0, None), (1e-3, 3)):
+        scaled = logits / temperature
+        if top_k is not None:
+            scaled = jnp.where(scaled < jax.lax.top_k(scaled, top_k)[0][:, -1:], -jnp.inf, scaled)
+        key = jax.random.key(seed + 1)
+        np.testing.assert_array_equal(generate_lib._Sampler(temperature, top_k)(logits, key),
+                                      jax.random.categorical(key, scaled, axis=-1))
+
+
 # ---------------------------------------------------------------- the benchmark CLI
 
 
