@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import math
 import numbers
+import operator
 from typing import TYPE_CHECKING
 
 import jax
@@ -117,6 +118,20 @@ def _check_sampling(temperature, top_k) -> tuple[float, int | None]:
     return temperature, validate.optional_positive_int("top_k", top_k)
 
 
+def _check_max_new_tokens(max_new_tokens) -> int:
+    """A Python or NumPy integer >= 0 (not a bool), as a Python int: it is static (the loop's length)."""
+    try:
+        if isinstance(max_new_tokens, bool):
+            raise TypeError
+        value = operator.index(max_new_tokens)
+    except TypeError:
+        raise TypeError(f"max_new_tokens must be an int >= 0, got {type(max_new_tokens).__name__} "
+                        f"{max_new_tokens!r}") from None
+    if value < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {value}")
+    return value
+
+
 def _check_prompt(prompt, vocab: int) -> jax.Array:
     """Integer token ids in ``[0, vocab)`` as ``int32 [P]`` or ``[B, P]``.
 
@@ -142,6 +157,22 @@ def _check_prompt(prompt, vocab: int) -> jax.Array:
     return jnp.asarray(ids, jnp.int32)
 
 
+def _check_rng(rng) -> jax.Array:
+    """One PRNG key: ``jax.random.key(seed)``, or a legacy ``jax.random.PRNGKey(seed)``; ``None``: ``key(0)``."""
+    if rng is None:
+        return jax.random.key(0)
+    dtype, shape = getattr(rng, "dtype", None), getattr(rng, "shape", None)
+    if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key):
+        ok = shape == ()
+    else:  # the raw uint32 key data of the default implementation
+        ok = dtype == np.uint32 and shape == jax.random.key_data(jax.random.key(0)).shape
+    if not ok:
+        what = type(rng).__name__ if dtype is None else f"{type(rng).__name__} of dtype {dtype} and shape {shape}"
+        raise TypeError(f"rng must be one PRNG key, jax.random.key(seed) (or a legacy jax.random.PRNGKey(seed)), "
+                        f"got {what}")
+    return rng
+
+
 def generate(
     model: GPT,
     prompt: jax.Array,
@@ -156,10 +187,11 @@ def generate(
     """Sample ``max_new_tokens`` after ``prompt``: int ``[P]`` -> ``[P + new]``, ``[B, P]`` -> ``[B, P + new]``.
 
     ``prompt``: integer token ids in ``[0, vocab_size)`` (else ``TypeError``
-    or ``ValueError``).
+    or ``ValueError``). ``max_new_tokens``: a Python or NumPy int ``>= 0``.
     ``temperature`` (a finite real ``>= 0``): ``0`` is greedy decoding;
     otherwise top-k sampling, ``top_k`` an int ``>= 1`` or ``None`` (the
-    whole vocabulary). One jitted
+    whole vocabulary). ``rng``: one PRNG key (``jax.random.key(seed)``),
+    default ``key(0)``. One jitted
     call per (model, shapes, options); repeated calls reuse the compiled loop.
 
     With the KV cache (``use_cache=True``): the prompt is prefilled with the
@@ -180,8 +212,7 @@ def generate(
         raise NotImplementedError(
             "generate under context parallelism: the KV cache and the sliding window run on whole sequences in "
             "order; build the model without context_parallel (same parameters: nnx.merge its graphdef with them)")
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    max_new_tokens = _check_max_new_tokens(max_new_tokens)
     temperature, top_k = _check_sampling(temperature, top_k)
     if use_cache not in (None, True, False):
         raise ValueError(f"use_cache must be None, True or False, got {use_cache!r}")
@@ -195,8 +226,7 @@ def generate(
         raise ValueError(
             f"prompt length {prompt.shape[1]} + max_new_tokens {max_new_tokens} = {total} exceeds block_size {block}: "
             "with the KV cache every position needs a learned position embedding (use_cache=False slides a window)")
-    if rng is None:
-        rng = jax.random.key(0)
+    rng = _check_rng(rng)
     if max_new_tokens == 0:
         out = prompt
     else:

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from collections.abc import Sequence
 
 import jax
@@ -319,13 +320,16 @@ class GPT(nnx.Module):
     def init_cache(self, batch_size: int, max_length: int, dtype=None) -> None:
         """An empty KV cache in every attention layer, for ``max_length <= block_size`` tokens.
 
-        ``dtype`` defaults to ``config.dtype``. GPT-2 has learned positions up
-        to ``block_size``, so a longer cache raises ``ValueError``. Not under
-        context parallelism (``NotImplementedError``).
+        ``batch_size`` and ``max_length`` are positive Python or NumPy
+        integers (not bools: ``TypeError``). ``dtype`` defaults to
+        ``config.dtype``. GPT-2 has learned positions up to ``block_size``, so
+        a longer cache raises ``ValueError``. Not under context parallelism
+        (``NotImplementedError``).
         """
-        if not isinstance(max_length, int) or max_length > self.config.block_size:
+        batch_size, max_length = _positive_int("batch_size", batch_size), _positive_int("max_length", max_length)
+        if max_length > self.config.block_size:
             raise ValueError(
-                f"max_length {max_length!r} exceeds block_size {self.config.block_size}: GPT-2 has learned "
+                f"max_length {max_length} exceeds block_size {self.config.block_size}: GPT-2 has learned "
                 "positions only up to block_size")
         for block in self.blocks:
             block.attn.init_cache((batch_size, max_length, self.config.n_embd),
@@ -423,6 +427,19 @@ def _bias_gelu_bwd(res, g):
 
 
 bias_gelu.defvjp(_bias_gelu_fwd, _bias_gelu_bwd)
+
+
+def _positive_int(name: str, value) -> int:
+    """``value`` (a Python or NumPy integer, not a bool, as ``operator.index`` takes it) as a positive int."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}") from None
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
 
 
 def _init(std: float):

@@ -176,6 +176,34 @@ def test_a_tiny_temperature_samples_greedily(seed):
                                       jax.random.categorical(key, scaled, axis=-1))
 
 
+def test_argument_types_of_generate_and_init_cache():
+    model = _model(0)  # block_size 64
+    prompt = jnp.array([[1, 2, 3]])
+    for bad in (0, 7, "key", jax.random.split(jax.random.key(0), 2), jnp.zeros((3,), jnp.uint32)):
+        with pytest.raises(TypeError, match=r"rng must be one PRNG key, jax.random.key\(seed\) \(or a legacy"):
+            gpt2.generate(model, prompt, 2, rng=bad)
+    np.testing.assert_array_equal(gpt2.generate(model, prompt, 3, rng=jax.random.PRNGKey(5)),
+                                  gpt2.generate(model, prompt, 3, rng=jax.random.key(5)))
+    # max_new_tokens: NumPy integers as temperature and top_k take NumPy scalars; not bools or floats.
+    np.testing.assert_array_equal(gpt2.generate(model, prompt, np.int64(2), temperature=0.0),
+                                  gpt2.generate(model, prompt, 2, temperature=0.0))
+    for bad in (True, 2.0, np.float32(2), "2"):
+        with pytest.raises(TypeError, match="max_new_tokens must be an int >= 0"):
+            gpt2.generate(model, prompt, bad)
+    # init_cache: NumPy integers, as the attention layer's init_cache takes them; not bools or floats.
+    model.init_cache(np.int32(3), np.int64(16))
+    assert model.blocks[1].attn.cached_key.shape[:2] == (3, 16)
+    for name, args in (("batch_size", (True, 8)), ("batch_size", (2.0, 8)), ("max_length", (2, 16.0)),
+                       ("max_length", (2, np.True_)), ("max_length", (2, "16"))):
+        with pytest.raises(TypeError, match=f"{name} must be an int"):
+            model.init_cache(*args)
+    for name, args in (("batch_size", (0, 8)), ("max_length", (2, -1))):
+        with pytest.raises(ValueError, match=f"{name} must be >= 1"):
+            model.init_cache(*args)
+    with pytest.raises(ValueError, match="max_length 65 exceeds block_size 64"):
+        model.init_cache(2, np.int64(65))
+
+
 # ---------------------------------------------------------------- the benchmark CLI
 
 
