@@ -50,7 +50,8 @@ _GRID = dict(head_dims=(64, 128, 256), seq_lens=(512, 1024, 2048, 4096, 8192, 16
 _MASKS = dict(_GRID, dtypes=("bf16",), passes=("fwd", "fwd_bwd"), impls=("pallas_flash", "cudnn", "xla", "cudnn_packed"),
               min_time=0.3, time_budget=420.0)
 _MEMORY = dict(_GRID, dtypes=("bf16",), seq_lens=MEMORY_SEQ_LENS, impls=("pallas_flash", "xla", "cudnn"))
-# Defaults by (suite, profile): "full", "quick", or "cpu" (--allow-cpu without a GPU: tiny shapes, interpret mode).
+# Defaults by (suite, profile): "full", "quick", or "cpu" (--allow-cpu without a GPU, --quick or not: tiny shapes,
+# interpret mode).
 DEFAULTS = {
     ("attention", "full"): _GRID,
     # The headline pair; a run is compile-bound, each impl adds ~5 s per shape.
@@ -113,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--suite", choices=SUITES, default="attention", help="attention: the paper grid; masks: window, "
                      "segment-id and soft-cap problems (16 heads, D 128, B*T 16k); memory: the peak-memory sweep")
     sel.add_argument("--quick", action="store_true", help="D 64,128; N 1k,4k; causal and not; bf16; fwd,fwd_bwd; "
-                     "pallas_flash and cudnn (aimed at under 2 min on an H100)")
+                     "pallas_flash and cudnn (aimed at under 2 min on an H100); on a CPU with --allow-cpu the tiny "
+                     "smoke shapes are used instead")
     sel.add_argument("--only", metavar="PASSES", help=f"passes, comma-separated from {','.join(PASSES)} (fwd+bwd is fwd_bwd)")
     sel.add_argument("--impls", help=f"implementations, comma-separated from {','.join(IMPLS)}")
     sel.add_argument("--problems", help="masks suite: problem names, run in that order (default: all: "
@@ -158,7 +160,9 @@ def parse_args(argv: Sequence[str], on_cpu: bool = False) -> argparse.Namespace:
     parser = build_parser()
     a = parser.parse_args(list(argv))
     suite = "memory" if a.memory else a.suite
-    profile = "cpu" if on_cpu and a.allow_cpu and not a.quick else "quick" if a.quick else "full"
+    # On a CPU, --allow-cpu's tiny shapes win over --quick's GPU shapes (interpret mode runs those for hours);
+    # shapes given by flag (--head-dims, --seq-lens, ...) are used as given.
+    profile = "cpu" if on_cpu and a.allow_cpu else "quick" if a.quick else "full"
     d = DEFAULTS[(suite, profile)]
     try:
         head_dims = _ints(a.head_dims, "--head-dims") if a.head_dims else d["head_dims"]
@@ -369,7 +373,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             pending.append(f"  {rec['impl']} {rec.get('pass', 'memory')} {report.where(rec)}: {rec['status']} {(rec.get('message') or '')[:160]}")
 
     if opts.profile == "cpu":
-        print(f"CPU smoke run (--allow-cpu): tiny shapes, interpret mode ({opts.suite} suite)")
+        print(f"CPU smoke run (--allow-cpu): tiny shapes, interpret mode ({opts.suite} suite"
+              f"{'; --quick is for a GPU, its shapes are not used' if opts.quick else ''})")
     print(f"{dev['device']}: {len(work)} {'points' if opts.memory else 'problems'} x {len(opts.impls)} impls"
           f"{'' if opts.memory else f' x {len(opts.passes)} passes'} -> {stem}.*", flush=True)
     status = "complete"
