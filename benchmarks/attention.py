@@ -266,14 +266,23 @@ def _out_stem(opts: argparse.Namespace, device_slug: str) -> pathlib.Path:
     return common.unique_stem(out_dir, datetime.date.today().isoformat() + (f"-{tag}" if tag else ""))
 
 
-def _load_runs(paths: Sequence[str]) -> tuple[list[dict], list[dict], list[dict]]:
+RECORD_KINDS = ("speed", "memory")  # what benchmarks.attention writes besides its meta lines
+
+
+def _load_runs(paths: Sequence[str], warn=None) -> tuple[list[dict], list[dict], list[dict]]:
     """(records, metas, runs) of the files: each record gets ``run``, its file's name (the path where two names
-    are alike; a record from an earlier merge keeps its own), and ``runs`` describes each run."""
+    are alike; a record from an earlier merge keeps its own), and ``runs`` describes each run. ``ValueError``
+    (naming the file) for a file that is not benchmarks.attention's records; a cut last line goes to ``warn``."""
     records, metas, runs = [], [], []
     names = [pathlib.Path(p).name for p in paths]
     for path, name in zip(paths, names):
         label = name if names.count(name) == 1 else str(path)
-        recs, ms = common.load_jsonl([path])
+        recs, ms = common.load_jsonl([path], warn=warn)
+        for r in recs:
+            if r.get("kind") not in RECORD_KINDS or not isinstance(r.get("impl"), str):
+                what = f"kind {r['kind']!r}" if "kind" in r else "no 'kind'"
+                raise ValueError(f"{path} is not a benchmarks.attention record file (a record with {what}"
+                                 f"{'' if 'impl' in r else ', no impl'}; expected kinds {', '.join(RECORD_KINDS)})")
         last = ms[-1] if ms else {}
         runs += last.get("runs") or [dict(run=label, commit=last.get("commit"), date=last.get("date"),
                                           status=last.get("status"))]
@@ -283,7 +292,17 @@ def _load_runs(paths: Sequence[str]) -> tuple[list[dict], list[dict], list[dict]
 
 
 def _report_from(opts: argparse.Namespace) -> int:
-    records, metas, runs = _load_runs(opts.report_from)
+    cut = []  # lines skipped (cut short): said on stderr and in the merged report's status
+
+    def warn(msg: str) -> None:
+        cut.append(pathlib.Path(msg.split(": ", 1)[0]).name)  # "<file>:<line>"
+        print(f"warning: --report-from: {msg}", file=sys.stderr)
+
+    try:
+        records, metas, runs = _load_runs(opts.report_from, warn=warn)
+    except (ValueError, OSError) as e:
+        print(f"--report-from: {e}", file=sys.stderr)
+        return 2
     if not records:
         print("no records in " + ", ".join(opts.report_from), file=sys.stderr)
         return 1
@@ -298,7 +317,8 @@ def _report_from(opts: argparse.Namespace) -> int:
         if len(values) > 1:  # runs with different settings: keep each one's
             meta[field] = join(values)
     meta["impls"] = report.impl_order((r["impl"] for r in records), [i for m in metas for i in m.get("impls", [])])
-    meta["status"] = "merged from " + ", ".join(pathlib.Path(p).name for p in opts.report_from)
+    meta["status"] = "merged from " + ", ".join(pathlib.Path(p).name for p in opts.report_from) + (
+        f" (skipped, cut short: {', '.join(cut)})" if cut else "")
     meta["runs"] = runs  # each record's ``run``: ratios only within one run, duplicates listed
     meta["commit"] = ", ".join(dict.fromkeys(r["commit"] or "unknown" for r in runs))
     meta["speedups"] = harness.WINDOW_SPEEDUPS

@@ -135,16 +135,34 @@ def append_jsonl(path: pathlib.Path, record: dict) -> None:
         f.write(json.dumps(record, default=_json_default) + "\n")
 
 
-def load_jsonl(paths: Iterable[pathlib.Path]) -> tuple[list[dict], list[dict]]:
-    """(records, metas) from one or more ``.jsonl`` files; ``kind == "meta"`` lines are metas."""
+def load_jsonl(paths: Iterable[pathlib.Path],
+               warn: Callable[[str], None] | None = None) -> tuple[list[dict], list[dict]]:
+    """(records, metas) from one or more ``.jsonl`` files; ``kind == "meta"`` lines are metas.
+
+    A last line cut short (not JSON and no newline after it: a run killed while writing it) is skipped and
+    ``warn`` (default: a warning on stderr) is told the file and line. Any other line that is not a JSON object,
+    or a file that is not text, raises ``ValueError`` naming the file (and line).
+    """
+    warn = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr))
     records, metas = [], []
     for p in paths:
-        for ln, line in enumerate(pathlib.Path(p).read_text().splitlines(), 1):
+        try:
+            text = pathlib.Path(p).read_text()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{p}: not a text file ({e})") from None
+        lines = text.splitlines()
+        for ln, line in enumerate(lines, 1):
             if line.strip():
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
+                    if ln == len(lines) and not text.endswith("\n"):
+                        warn(f"{p}:{ln}: the last line is cut short (a run killed while writing it?): skipped, "
+                             "its record is not in the result")
+                        continue
                     raise ValueError(f"{p}:{ln}: not JSON ({e})") from None
+                if not isinstance(obj, dict):
+                    raise ValueError(f"{p}:{ln}: not a JSON object (a record is one object per line)")
                 (metas if obj.get("kind") == "meta" else records).append(obj)
     return records, metas
 

@@ -1,11 +1,15 @@
 """benchmarks.attention's command line on a CPU, without running a benchmark: what ``--allow-cpu`` runs when
-``--quick`` is given too. The harness itself: test_benchmarks.py."""
+``--quick`` is given too, and ``--report-from`` on files that are cut short or are not attention records. The
+harness itself: test_benchmarks.py."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 
 from benchmarks import attention as bench
+from benchmarks import common
 
 SHAPES = ("head_dims", "seq_lens", "batch_tokens", "hidden")
 
@@ -33,3 +37,59 @@ def test_quick_with_allow_cpu_keeps_shapes_given_by_flag_and_gpu_quick():
     assert (o.seq_lens, o.head_dims, o.profile) == ((256,), (16,), "cpu")
     on_gpu = bench.parse_args(["--quick", "--allow-cpu"], on_cpu=False)  # a GPU: --allow-cpu changes nothing
     assert (on_gpu.profile, on_gpu.head_dims, on_gpu.seq_lens) == ("quick", (64, 128), (1024, 4096))
+
+
+# --- --report-from: a cut last line is skipped (and said), other bad files are a clean error ----------------
+
+
+def _speed(impl, tflops):
+    return dict(kind="speed", impl=impl, status="ok", tflops=tflops, time_s=1e-3, checked=True, err=1e-3, tol=2e-2,
+                dtype="bf16", gqa=1, batch=16, seq_q=1024, seq_k=1024, heads=16, kv_heads=16, head_dim=128,
+                causal=False, **{"pass": "fwd"})
+
+
+def _records_file(path, *, tail: str = ""):
+    for rec in (dict(kind="meta", device="H100", device_slug="h100", impls=["pallas_flash", "cudnn"]),
+                _speed("pallas_flash", 300.0), _speed("cudnn", 400.0)):
+        common.append_jsonl(path, rec)
+    with open(path, "a") as f:
+        f.write(tail)
+    return path
+
+
+def test_report_from_skips_a_cut_last_line_and_says_so(tmp_path, capsys):
+    """A run killed mid-write leaves a partial last line: the merge goes on without it, naming file and line."""
+    src = _records_file(tmp_path / "killed.jsonl", tail='{"kind": "speed", "impl": "xla", "pa')
+    assert bench.main(["--report-from", str(src), "--no-plots"]) == 0
+    err = capsys.readouterr().err
+    assert f"{src}:4: the last line is cut short" in err and "skipped" in err
+    merged = tmp_path / "killed-merged.md"
+    assert "(skipped, cut short: killed.jsonl:4)" in merged.read_text()
+    lines = [json.loads(ln) for ln in (tmp_path / "killed-merged.jsonl").read_text().splitlines()]
+    assert sorted(r["impl"] for r in lines if r["kind"] == "speed") == ["cudnn", "pallas_flash"]
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ('{"kind": "speed", "impl": "xla", "pa\n', "killed.jsonl:4: not JSON"),  # complete (newline): not a cut line
+    ('[1, 2]\n', "killed.jsonl:4: not a JSON object"),
+    ('{"spec": {"attention": "xla"}, "ok": true}\n', "killed.jsonl is not a benchmarks.attention record file"),
+    ('{"kind": "decode", "impl": "xla"}\n', "kind 'decode'"),
+], ids=["bad-line-with-newline", "not-an-object", "gpt2-record", "decode-record"])
+def test_report_from_a_bad_file_is_one_clean_line(tmp_path, capsys, content, fragment):
+    src = _records_file(tmp_path / "killed.jsonl", tail=content)
+    assert bench.main(["--report-from", str(src), "--no-plots"]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["killed.jsonl"]  # nothing written
+
+
+def test_load_jsonl_skips_only_a_cut_last_line(tmp_path):
+    path = _records_file(tmp_path / "a.jsonl", tail='{"kind": "sp')
+    said = []
+    records, metas = common.load_jsonl([path], warn=said.append)
+    assert len(records) == 2 and len(metas) == 1
+    assert said == [f"{path}:4: the last line is cut short (a run killed while writing it?): skipped, its record is "
+                    "not in the result"]
+    path.write_bytes(b"\xff\xfe\n")
+    with pytest.raises(ValueError, match="a.jsonl: not a text file"):
+        common.load_jsonl([path])
