@@ -136,7 +136,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         cut = argv.index("--")
         argv, bench_args = argv[:cut], argv[cut + 1:]
     p = argparse.ArgumentParser(prog="python -m benchmarks.ab", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=common.DefaultsHelpFormatter)
     p.add_argument("--sides", type=parse_sides, help="NAME=DIR,NAME=DIR[,...]: the checkouts, the first the baseline")
     p.add_argument("--rounds", type=int, default=3, help="runs per side, interleaved")
     p.add_argument("--out", type=pathlib.Path,

@@ -105,7 +105,7 @@ def _choices(text: str, choices: Sequence[str], what: str, aliases: dict | None 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m benchmarks.attention", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="python -m benchmarks.attention", formatter_class=common.DefaultsHelpFormatter,
         description="Benchmark pallas_flash attention against cuDNN, XLA and JAX's Pallas mha: check each configuration "
         "against a float32 reference, then time it. Default: the full attention sweep (D 64/128/256, N 512..32k with "
         "B*N = 16k tokens and heads = 2048/D, causal and not, MHA and GQA 4:1, bf16 and fp16, fwd/fwd_bwd/bwd, all "
@@ -116,31 +116,39 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--quick", action="store_true", help="D 64,128; N 1k,4k; causal and not; bf16; fwd,fwd_bwd; "
                      "pallas_flash and cudnn (aimed at under 2 min on an H100); on a CPU with --allow-cpu the tiny "
                      "smoke shapes are used instead")
-    sel.add_argument("--only", metavar="PASSES", help=f"passes, comma-separated from {','.join(PASSES)} (fwd+bwd is fwd_bwd)")
-    sel.add_argument("--impls", help=f"implementations, comma-separated from {','.join(IMPLS)}")
+    sel.add_argument("--only", metavar="PASSES", help=f"passes, comma-separated from {','.join(PASSES)} (fwd+bwd is "
+                     "fwd_bwd; default all three, --quick and masks fwd,fwd_bwd)")
+    sel.add_argument("--impls", help=f"implementations, comma-separated from {','.join(IMPLS)} (default all but "
+                     f"{' and '.join(_NOT_DEFAULT)}; --quick pallas_flash,cudnn; masks and memory: see --suite, "
+                     "--memory)")
     sel.add_argument("--problems", help="masks suite: problem names, run in that order (default: all: "
                      f"{','.join(harness.mask_problems())}; with --allow-cpu on a CPU: {','.join(harness.mask_problems(True))})")
-    sel.add_argument("--head-dims", help="head dims D, e.g. 64,128")
-    sel.add_argument("--seq-lens", help="sequence lengths N, e.g. 1k,4k,16k")
-    sel.add_argument("--dtypes", help="comma-separated from bf16,fp16,fp32")
-    sel.add_argument("--gqa", help="query heads per KV head, e.g. 1,4")
+    sel.add_argument("--head-dims", help="head dims D, e.g. 64,128 (default 64,128,256; --quick 64,128; "
+                     "--allow-cpu on a CPU 32)")
+    sel.add_argument("--seq-lens", help="sequence lengths N, e.g. 1k,4k,16k (default 512 to 32k; --quick 1k,4k; memory "
+                     "1k to 128k; --allow-cpu on a CPU 128, memory 128,256)")
+    sel.add_argument("--dtypes", help="comma-separated from bf16,fp16,fp32 (default bf16,fp16; --quick, masks, memory "
+                     "and --allow-cpu on a CPU bf16)")
+    sel.add_argument("--gqa", help="query heads per KV head, e.g. 1,4 (default 1,4; --quick and --allow-cpu on a "
+                     "CPU 1)")
     sel.add_argument("--causal", choices=("both", "yes", "no"), help="causal masking (default both)")
-    sel.add_argument("--batch-tokens", type=int, help="batch * N (default 16384)")
-    sel.add_argument("--hidden", type=int, help="heads * D (default 2048)")
+    sel.add_argument("--batch-tokens", type=int, help="batch * N (default 16384; --allow-cpu on a CPU 256)")
+    sel.add_argument("--hidden", type=int, help="heads * D (default 2048; --allow-cpu on a CPU 64)")
     sel.add_argument("--memory", action="store_true", help="the same as --suite memory: fwd+bwd, B=1, 16 heads, D=128, "
                      "causal, N 1k..128k (--seq-lens overrides), impls pallas_flash,xla,cudnn, first of --dtypes")
     sel.add_argument("--memory-method", choices=("measured", "analysis"), default="measured",
                      help="measured: each point in a fresh subprocess, reading peak_bytes_in_use (also records the "
                      "analysis); analysis: compile only, in-process, the executable's memory analysis")
     how = p.add_argument_group("how")
-    how.add_argument("--min-time", type=float, help="seconds of timed samples per function (default 0.5, --quick 0.2, masks 0.3)")
+    how.add_argument("--min-time", type=float, help="seconds of timed samples per function (default 0.5, --quick 0.2, "
+                     "masks 0.3; --allow-cpu on a CPU 0.02, masks 0)")
     how.add_argument("--warmup", type=int, default=1, help="extra warm-up calls after the checked (compiling) call")
     how.add_argument("--ref", choices=("f32", "cudnn", "none"), default="f32",
                      help="reference for the checks (f32 falls back to cudnn when it does not fit)")
     how.add_argument("--ref-budget-gb", type=float, default=8.0, help="GiB the chunked float32 reference may materialise at once")
     how.add_argument("--time-budget", type=float, metavar="SECONDS", help="start no new problem after this many seconds "
-                     "(masks default 420); write the report with what was measured")
-    how.add_argument("--seed", type=int, default=0)
+                     "(default: none; masks 420); write the report with what was measured")
+    how.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     how.add_argument("--jobs", type=int, default=4, help="XLA compilations run in parallel per problem")
     how.add_argument("--compile-cache", metavar="DIR", help="JAX persistent compilation cache directory (speeds up re-runs)")
     how.add_argument("--allow-cpu", action="store_true", help="run without a GPU (smoke test; tiny default shapes, interpret mode)")

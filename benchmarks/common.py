@@ -3,6 +3,7 @@ and the one way to run a measurement in a fresh process (peak-memory statistics 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -37,6 +38,18 @@ def device_info() -> dict:
     return dict(device=name, device_slug=slug(name), device_count=len(devices), platform=devices[0].platform,
                 memory_bytes=stats.get("bytes_limit"), jax_version=jax.__version__,
                 jaxlib_version=getattr(jaxlib, "__version__", "?"))
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """``--help`` that shows an option's default once: ``(default: X)`` is added where the help text does not
+    say its default itself and X says something (not ``None``, an empty list, or an on/off flag's own value)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (not action.option_strings or action.nargs == 0 or "default" in text.lower()
+                or action.default is None or action.default is argparse.SUPPRESS or action.default == []):
+            return text
+        return text + " (default: %(default)s)"
 
 
 # --- failures as table statuses ---------------------------------------------

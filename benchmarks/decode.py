@@ -236,7 +236,7 @@ def write_report(records, meta, stem, impls) -> str:
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.decode", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=common.DefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help="B 1,8 x tokens 8k,32k, 0.15 s of samples per cell")
     p.add_argument("--sweep", action="store_true", help="the split kernel's launch variants and cuDNN at its own "
                    "points (B 1,8 x 128k tokens): not with --batches, --tokens, --impls, --page-size")

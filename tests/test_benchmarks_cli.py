@@ -1,15 +1,16 @@
 """benchmarks.attention's command line on a CPU, without running a benchmark: what ``--allow-cpu`` runs when
-``--quick`` is given too, and ``--report-from`` on files that are cut short or are not attention records. The
-harness itself: test_benchmarks.py."""
+``--quick`` is given too, ``--report-from`` on files that are cut short or are not attention records, and
+``--help``'s defaults (each shown once, none wrong). The harness itself: test_benchmarks.py."""
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
 
+from benchmarks import ab, common, decode
 from benchmarks import attention as bench
-from benchmarks import common
 
 SHAPES = ("head_dims", "seq_lens", "batch_tokens", "hidden")
 
@@ -93,3 +94,40 @@ def test_load_jsonl_skips_only_a_cut_last_line(tmp_path):
     path.write_bytes(b"\xff\xfe\n")
     with pytest.raises(ValueError, match="a.jsonl: not a text file"):
         common.load_jsonl([path])
+
+
+# --- --help: each option's default once ----------------------------------------------------------------------
+
+
+class _Built(Exception):
+    """Raised in place of parsing: carries the parser a module's ``parse_args`` built."""
+
+
+def _parser_of(parse_args, monkeypatch) -> argparse.ArgumentParser:
+    def grab(self, *args, **kwargs):
+        raise _Built(self)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", grab)
+    with pytest.raises(_Built) as built:
+        parse_args([])
+    return built.value.args[0]
+
+
+@pytest.mark.parametrize("module", [bench, decode, ab], ids=["attention", "decode", "ab"])
+def test_help_shows_each_default_once(module, monkeypatch):
+    """ArgumentDefaultsHelpFormatter added "(default: None)" after hand-written defaults and "(default: True)" to
+    --no-plots (whose default is to plot): now each option says its default at most once, and never None/True."""
+    parser = _parser_of(module.parse_args, monkeypatch)
+    formatter = parser._get_formatter()
+    texts = {}
+    for action in parser._actions:
+        if action.help and action.help != argparse.SUPPRESS:
+            text = texts[action.option_strings[-1]] = formatter._expand_help(action)
+            assert text.lower().count("default") <= 1, text
+            assert not any(f"(default: {v})" in text for v in ("None", "True", "False", "[]")), text
+    if module is bench:
+        assert texts["--batch-tokens"] == "batch * N (default 16384; --allow-cpu on a CPU 256)"
+        assert texts["--no-plots"] == "skip the PNG plots" and texts["--jobs"].endswith("(default: 4)")
+        cpu, full = bench.DEFAULTS[("attention", "cpu")], bench.DEFAULTS[("attention", "full")]
+        assert f"default {full['hidden']}; --allow-cpu on a CPU {cpu['hidden']}" in texts["--hidden"]
+        assert f"default {','.join(map(str, full['head_dims']))};" in texts["--head-dims"]
