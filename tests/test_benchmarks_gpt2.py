@@ -173,6 +173,45 @@ def test_runs_keep_their_records(tmp_path, monkeypatch, capsys):
             .splitlines()[1:3]] == [1000.0, 2000.0]
 
 
+def _fake_workers(monkeypatch, platform: str, failures: dict[str, dict]) -> list[str]:
+    """No subprocess: the probe says ``platform``; a backend in ``failures`` gets that result, the others run."""
+    ran = []
+
+    def fake_worker(module, spec, timeout, env=None):
+        if spec.get("probe"):
+            return dict(ok=True, device=platform, device_slug=platform, platform=platform, jax_version="0")
+        ran.append(spec["attention"])
+        return failures.get(spec["attention"]) or dict(_ok(1000.0, [3.0, 2.9]), device=platform, platform=platform,
+                                                        jax_version="0", peak_flops=None)
+
+    monkeypatch.setattr(common, "run_worker", fake_worker)
+    return ran
+
+
+NO_GPU = {"ok": False, "status": "n/a", "error": "NotImplementedError: no implementation supports this call: cudnn: "
+          "implementation='cudnn' needs an NVIDIA GPU"}
+
+
+def test_backend_not_available_here_is_na_in_report_and_jsonl(tmp_path, monkeypatch, capsys):
+    """--quick --attention xla,cudnn on a CPU: cudnn is n/a in the .jsonl, so it is in the .md too (it said
+    "failed: ..."), and the run does not fail for it (it exited 1) since xla ran."""
+    import json
+
+    _fake_workers(monkeypatch, "cpu", {"cudnn": NO_GPU})
+    argv = ["--quick", "--attention", "xla,cudnn", "--loss-steps", "0", "--out-dir", str(tmp_path)]
+    assert bench.main(argv) == 0
+    (md,) = (tmp_path / "cpu").glob("*.md")
+    rows = [r for r in _rows(md.read_text()) if r[2] == "cudnn"]
+    assert len(rows) == 2 and all(r[3].startswith("n/a: NotImplementedError") for r in rows)
+    assert "failed" not in md.read_text() and "T=64 batch=2 cudnn: n/a: NotImplementedError" in capsys.readouterr().out
+    (jsonl,) = (tmp_path / "cpu").glob("*.jsonl")
+    assert {json.loads(ln).get("status") for ln in jsonl.read_text().splitlines() if '"cudnn"' in ln} == {"n/a"}
+    # Nothing ran, or a failure that is not n/a: the CPU smoke run fails.
+    assert bench.main(["--quick", "--attention", "cudnn", "--out-dir", str(tmp_path)]) == 1
+    _fake_workers(monkeypatch, "cpu", {"cudnn": NO_GPU, "xla": {"ok": False, "status": "ERR", "error": "boom"}})
+    assert bench.main(argv) == 1
+
+
 @pytest.mark.parametrize(
     "kernel, expected",
     [
