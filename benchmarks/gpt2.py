@@ -45,7 +45,8 @@ import pandas as pd
 
 from benchmarks import common
 
-IMPLEMENTATIONS = ("pallas", "triton", "mosaic", "xla", "cudnn")
+IMPLEMENTATIONS = ("pallas", "triton", "mosaic", "xla", "cudnn")  # what --attention takes
+DEFAULT_IMPLS = ("pallas", "xla", "cudnn")  # a GPU run's (triton and mosaic: one pallas_flash backend by name)
 TIMING_WINDOW = 10  # steps per timed window; tokens/s comes from the median window
 
 
@@ -299,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpt2", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a few steps only (CPU: tiny model, xla)")
-    p.add_argument("--attention", default=None, help="comma-separated backends (default: pallas,xla,cudnn; CPU --quick: xla)")
+    p.add_argument("--attention", default=None, help=f"comma-separated backends from {','.join(IMPLEMENTATIONS)} "
+                   f"(default: {','.join(DEFAULT_IMPLS)}; CPU --quick: xla)")
     p.add_argument("--out-dir", type=pathlib.Path, default=common.RESULTS_DIR,
                    help="results root; files go to <out-dir>/<device-slug>/ (default benchmarks/results)")
     p.add_argument("--timeout", type=float, default=420.0, help="seconds allowed per subprocess")
@@ -321,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     impls = tuple(a.strip() for a in (args.attention or "").split(",") if a.strip())
     if args.attention and (not impls or any(a not in IMPLEMENTATIONS for a in impls)):
         p.error(f"--attention takes a comma-separated subset of {IMPLEMENTATIONS}, got {args.attention!r}")
-    impls = impls or (IMPLEMENTATIONS if on_gpu else ("xla",))
+    impls = impls or (DEFAULT_IMPLS if on_gpu else ("xla",))
     if args.loss_steps is not None and args.loss_steps < 0 or args.profile < 0:
         p.error("--loss-steps and --profile take a number of steps >= 0")
     try:

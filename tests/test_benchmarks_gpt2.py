@@ -212,6 +212,14 @@ def test_backend_not_available_here_is_na_in_report_and_jsonl(tmp_path, monkeypa
     assert bench.main(argv) == 1
 
 
+def test_gpu_default_backends_are_the_docstrings(tmp_path, monkeypatch):
+    """The module docstring and --attention's help promise pallas, xla, cudnn by default on a GPU; the default had
+    grown to every name --attention takes (triton and mosaic too: 5 runs per shape, not 3)."""
+    ran = _fake_workers(monkeypatch, "gpu", {})
+    assert bench.main(["--loss-steps", "0", "--seq-lens", "1024", "--out-dir", str(tmp_path)]) == 0
+    assert ran == ["pallas", "xla", "cudnn"] and "(``pallas``, ``xla``, ``cudnn``)" in bench.__doc__
+
+
 @pytest.mark.parametrize(
     "kernel, expected",
     [
