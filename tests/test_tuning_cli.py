@@ -59,3 +59,13 @@ def test_retune_needs_out(capsys):
     with pytest.raises(SystemExit):
         tuning_cli.main(ARGS + ["--retune"])
     assert "--retune applies to --out" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value", [("--top", "0"), ("--rounds", "0"), ("--threads", "-1"), ("--margin", "1.5"),
+                                         ("--margin", "-0.1"), ("--margin", "nan")])
+def test_search_errors_name_the_flag(flag, value, capsys):
+    """A bad --top/--rounds/--threads/--margin was reported as Search.top=0, Search.margin=1.5 (an internal name)."""
+    with pytest.raises(SystemExit) as exc:
+        tuning_cli.main(ARGS + [flag, value])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and f"error: {flag} takes" in err and "Search" not in err

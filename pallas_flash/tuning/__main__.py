@@ -156,10 +156,12 @@ def main(argv=None) -> int:
         ap.error("--retune applies to --out (the user cache is always written over)")
     if args.deterministic_bwd and args.backend != "mosaic":
         ap.error("--deterministic-bwd applies to --backend mosaic only")
-    try:
-        search = Search(**search_args)
-    except ValueError as e:
-        ap.error(str(e))
+    for name in ("top", "rounds", "threads"):  # checked here too, so that the error names the flag, not Search's field
+        if search_args[name] < 1:
+            ap.error(f"--{name} takes an integer >= 1, got {search_args[name]}")
+    if not 0.0 <= args.margin < 1.0:
+        ap.error(f"--margin takes a fraction in [0, 1) (0.01: 1% faster), got {args.margin}")
+    search = Search(**search_args)
     if args.tokens <= 0 or args.hidden <= 0:
         ap.error(f"--tokens and --hidden take positive integers, got {args.tokens} and {args.hidden}")
     tune, config = TUNERS[args.backend]
