@@ -6,6 +6,10 @@ themselves are ``test_mosaic_gpu.py``'s.
 from __future__ import annotations
 
 import dataclasses
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -200,14 +204,15 @@ def test_falls_back_to_triton_for_what_it_refuses(seed):
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="interpret mode's host threads: CPU only")
 def test_interpret_mode_refuses_more_warpgroups_than_host_threads(monkeypatch):
-    """Mosaic GPU's interpreter runs each warpgroup on a host thread; one more than the host runs at once hangs
-    (2 CPUs, 1 CPU device: 4 warpgroups), so the launcher refuses it, naming the counts, and the backend's default
-    config on a host without a GPU keeps to two compute warpgroups where three would not fit."""
+    """Mosaic GPU's interpreter runs each warpgroup as a computation that the CPU client may put on its thread
+    pool; one more than the pool holds can hang (2 CPUs, 1 CPU device: 3 warpgroups, at times), so the launcher
+    refuses it, naming the counts, and the backend's default config on a host without a GPU keeps to two compute
+    warpgroups where three would not fit."""
     from pallas_flash.backends.mosaic_gpu import common
     from pallas_flash.spec import AttentionSpec
 
     monkeypatch.setattr(common.os, "sched_getaffinity", lambda pid: {0, 1})
-    assert common.interpret_warpgroups() == max(2, len(jax.devices("cpu"))) + 1
+    assert common.interpret_warpgroups() == max(2, len(jax.devices("cpu")))
     q, k, v = _qkv(Shape("w", 1, 4096, 4096, 2, 2, 64), jnp.bfloat16, 0)
     spec = AttentionSpec(scale=0.125, causal=False)
     three = MosaicForwardConfig(block_kv=128, num_stages=2, overlap=True, persistent=True, compute_wgs=3)
@@ -220,3 +225,44 @@ def test_interpret_mode_refuses_more_warpgroups_than_host_threads(monkeypatch):
     with pytest.raises(NotImplementedError, match="pallas_flash_mosaic_fwd runs 4 warpgroups.*only 3 at once"):
         pf.dot_product_attention(q[:, :200], k[:, :200], v[:, :200], implementation="mosaic",
                                  config=MosaicConfig(fwd=three), interpret=True)
+
+
+_ONE_DEVICE_BACKWARD = """
+import os, sys
+os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:2]))  # a 2-CPU host, as the runner that hung
+import jax, jax.numpy as jnp, numpy as np
+import pallas_flash as pf
+assert jax.device_count() == 1, jax.devices()
+rng = np.random.default_rng(0)
+q, k, v, ct = (jnp.asarray(rng.standard_normal(s), jnp.float16) for s in ((2, 24, 2, 64), (2, 36, 1, 64),
+                                                                         (2, 36, 1, 64), (2, 24, 2, 64)))
+seg_q = jnp.asarray(np.sort(rng.integers(0, 3, (2, 24)), axis=1), jnp.int32)
+seg_k = jnp.asarray(np.sort(rng.integers(0, 3, (2, 36)), axis=1), jnp.int32)
+f = lambda q, k, v: pf.dot_product_attention(q, k, v, q_segment_ids=seg_q, kv_segment_ids=seg_k,
+                                             implementation="mosaic")
+try:
+    out, vjp = jax.vjp(f, q, k, v)
+    jax.block_until_ready(vjp(ct))
+except NotImplementedError as e:
+    print("REFUSED", e)
+else:
+    print("RAN")
+"""
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="interpret mode's host threads: CPU only")
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="pins the subprocess to 2 CPUs")
+def test_interpret_mode_on_one_cpu_device_refuses_or_runs_never_hangs():
+    """With one CPU device on 2 CPUs (no ``--xla_force_host_platform_device_count``), the backward with segment
+    ids hung in the dQ kernel in 4 of 6 runs when 3 warpgroups were judged to fit: the interpreter put all three
+    on the CPU client's 2-thread pool. A subprocess with a timeout, so that a hang fails instead of stalling."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[1]))
+    try:
+        run = subprocess.run([sys.executable, "-c", _ONE_DEVICE_BACKWARD], env=env, capture_output=True, text=True,
+                             timeout=240)
+    except subprocess.TimeoutExpired:
+        pytest.fail("Mosaic interpret mode hung with one CPU device on 2 CPUs")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "REFUSED" in run.stdout and "runs 3 warpgroups" in run.stdout, run.stdout

@@ -100,13 +100,15 @@ def backward_grid(batch: int, heads: int, tiles: int, *, causal: bool, head_name
 
 
 def interpret_warpgroups() -> int:
-    """How many warpgroups of one CTA Mosaic GPU's interpreter can run on this host. It runs each warpgroup on a
-    host thread of its own, as an XLA computation on the CPU client, which runs as many at once as the larger of
-    the schedulable CPUs and the CPU devices, plus the calling thread's; a warpgroup beyond that waits for a
-    thread that the others, blocked on barriers only it would arrive at, never give back: a hang, not an error
-    (jax 0.11.2; measured: 2 CPUs and 1 device run 3 warpgroups and hang on 4, 1 CPU hangs on 3 unless
-    ``--xla_force_host_platform_device_count`` is 2 or more)."""
-    return max(_host_cpus(), len(jax.devices("cpu"))) + 1
+    """How many warpgroups of one CTA Mosaic GPU's interpreter can run on this host. It runs each warpgroup as an
+    XLA computation on the CPU client, dispatched from a host thread of its own; where that computation runs is
+    the CPU runtime's choice: inline on the dispatching thread, or on the client's thread pool, whose size is the
+    larger of the schedulable CPUs and the CPU devices. A warpgroup queued for a pool thread that the others hold,
+    blocked on barriers only it would arrive at, never gets one: a hang, not an error. Which warpgroups go to the
+    pool varies from run to run and kernel to kernel (jax 0.11.2, 2 CPUs, 1 device: the forward's three ran two on
+    the pool and one inline, the backward dQ kernel's at times all three on the pool and hung), so only the pool's
+    size is safe: the dispatching threads count for nothing."""
+    return max(_host_cpus(), len(jax.devices("cpu")))
 
 
 def interpret_fits(compute_wgs: int) -> bool:
@@ -131,8 +133,8 @@ def launch_params(interpret, name: str, compute_wgs: int = COMPUTE_WGS) -> dict:
     if interpret is not None and not interpret_fits(compute_wgs):
         raise NotImplementedError(
             f"{name} runs {compute_wgs + 1} warpgroups, and Mosaic GPU's interpret mode can run only "
-            f"{interpret_warpgroups()} at once on this host (one host thread each: the larger of its "
-            f"{_host_cpus()} CPUs and {len(jax.devices('cpu'))} CPU devices, plus one); more would hang. Use a "
+            f"{interpret_warpgroups()} at once on this host (one thread each of the CPU client's pool: the larger of "
+            f"its {_host_cpus()} CPUs and {len(jax.devices('cpu'))} CPU devices); more could hang. Use a "
             "config with fewer compute warpgroups, or more CPU devices (XLA_FLAGS="
             "--xla_force_host_platform_device_count=4, set before JAX starts)"
         )
