@@ -18,7 +18,6 @@ import dataclasses
 import functools
 import math
 import numbers
-import operator
 from typing import TYPE_CHECKING
 
 import jax
@@ -118,20 +117,6 @@ def _check_sampling(temperature, top_k) -> tuple[float, int | None]:
     return temperature, validate.optional_positive_int("top_k", top_k)
 
 
-def _check_max_new_tokens(max_new_tokens) -> int:
-    """A Python or NumPy integer >= 0 (not a bool), as a Python int: it is static (the loop's length)."""
-    try:
-        if isinstance(max_new_tokens, bool):
-            raise TypeError
-        value = operator.index(max_new_tokens)
-    except TypeError:
-        raise TypeError(f"max_new_tokens must be an int >= 0, got {type(max_new_tokens).__name__} "
-                        f"{max_new_tokens!r}") from None
-    if value < 0:
-        raise ValueError(f"max_new_tokens must be an int >= 0, got {value}")
-    return value
-
-
 def _check_prompt(prompt, vocab: int) -> jax.Array:
     """Integer token ids in ``[0, vocab)`` as ``int32 [P]`` or ``[B, P]``.
 
@@ -212,7 +197,7 @@ def generate(
         raise NotImplementedError(
             "generate under context parallelism: the KV cache and the sliding window run on whole sequences in "
             "order; build the model without context_parallel (same parameters: nnx.merge its graphdef with them)")
-    max_new_tokens = _check_max_new_tokens(max_new_tokens)
+    max_new_tokens = validate.int_at_least("max_new_tokens", max_new_tokens, 0)  # static: the loop's length
     temperature, top_k = _check_sampling(temperature, top_k)
     if use_cache not in (None, True, False):
         raise ValueError(f"use_cache must be None, True or False, got {use_cache!r}")

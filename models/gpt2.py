@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import operator
 from collections.abc import Sequence
 
 import jax
@@ -60,6 +59,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.generate import generate  # re-exported: models.gpt2.generate
+from pallas_flash import validate
 from pallas_flash.nnx import ContextParallel, FlashMultiHeadAttention
 
 __all__ = [
@@ -326,7 +326,8 @@ class GPT(nnx.Module):
         a longer cache raises ``ValueError``. Not under context parallelism
         (``NotImplementedError``).
         """
-        batch_size, max_length = _positive_int("batch_size", batch_size), _positive_int("max_length", max_length)
+        batch_size = validate.int_at_least("batch_size", batch_size, 1)
+        max_length = validate.int_at_least("max_length", max_length, 1)
         if max_length > self.config.block_size:
             raise ValueError(
                 f"max_length {max_length} exceeds block_size {self.config.block_size}: GPT-2 has learned "
@@ -427,19 +428,6 @@ def _bias_gelu_bwd(res, g):
 
 
 bias_gelu.defvjp(_bias_gelu_fwd, _bias_gelu_bwd)
-
-
-def _positive_int(name: str, value) -> int:
-    """``value`` (a Python or NumPy integer, not a bool, as ``operator.index`` takes it) as a positive int."""
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}") from None
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
 
 
 def _init(std: float):

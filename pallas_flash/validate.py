@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -74,6 +75,20 @@ def check_scale(scale, head_dim: int) -> float:
 def _is_int(x) -> bool:
     """A Python or NumPy integer, not a bool."""
     return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
+
+
+def int_at_least(name: str, value, minimum: int) -> int:
+    """``value`` (a Python or NumPy integer, not a bool: what ``operator.index`` takes) as a Python int >= ``minimum``;
+    ``TypeError``/``ValueError`` naming ``name`` otherwise."""
+    try:
+        if isinstance(value, (bool, np.bool_)):
+            raise TypeError
+        number = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r}") from None
+    if number < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {number}")
+    return number
 
 
 def optional_positive_int(name: str, value) -> int | None:

@@ -198,7 +198,7 @@ def test_argument_types_of_generate_and_init_cache():
         with pytest.raises(TypeError, match=f"{name} must be an int"):
             model.init_cache(*args)
     for name, args in (("batch_size", (0, 8)), ("max_length", (2, -1))):
-        with pytest.raises(ValueError, match=f"{name} must be >= 1"):
+        with pytest.raises(ValueError, match=f"{name} must be an int >= 1"):
             model.init_cache(*args)
     with pytest.raises(ValueError, match="max_length 65 exceeds block_size 64"):
         model.init_cache(2, np.int64(65))
