@@ -64,6 +64,7 @@ class Case:
     splits: int | None = None
     cap: float | None = None
     window: int | None = None
+    scale: float | None = None  # None: the default 1/sqrt(head_dim)
 
 
 def draw(case: Case, seed: int, lengths=None):
@@ -92,25 +93,27 @@ def draw(case: Case, seed: int, lengths=None):
 
 
 def run(case: Case, q, k, v, tables, lengths, implementation="pallas", **kw):
-    return decode_attention(q, k, v, lengths, block_tables=tables, logits_soft_cap=case.cap,
+    return decode_attention(q, k, v, lengths, block_tables=tables, scale=case.scale, logits_soft_cap=case.cap,
                             local_window_size=case.window, implementation=implementation,
                             num_splits=case.splits if implementation == "pallas" else None, **kw)
 
 
 def ref_of(case: Case, q, k, v, tables, lengths):
-    return reference(q, k, v, np.asarray(lengths), tables, cap=case.cap, left=case.window)
+    return reference(q, k, v, np.asarray(lengths), tables, scale=case.scale, cap=case.cap, left=case.window)
 
 
-# Every head dim, dtype, Tq, GQA ratio (4:2, 6:2, MQA, MHA), cache kind, split count and feature at least once.
+# Every head dim, dtype, Tq, GQA ratio (4:2, 6:2, MQA, MHA), cache kind, split count and feature (an explicit
+# scale included) at least once.
 CASES = {
     "contig_tq1_gqa42_d64_f32": Case(4, 1, 4, 2, 64, 70, jnp.float32, splits=3),
-    "contig_tq2_gqa62_d80_bf16": Case(3, 2, 6, 2, 80, 50, jnp.bfloat16),
+    "contig_tq2_gqa62_d80_bf16_scale": Case(3, 2, 6, 2, 80, 50, jnp.bfloat16, scale=0.3),
     "contig_tq4_mqa_d128_fp16_softcap": Case(2, 4, 4, 1, 128, 40, jnp.float16, splits=2, cap=2.0),
     "contig_tq2_mha_d64_f32_window": Case(3, 2, 2, 2, 64, 45, jnp.float32, splits=3, window=7),
     "paged16_tq1_gqa42_d256_bf16": Case(3, 1, 4, 2, 256, 64, jnp.bfloat16, page_size=16, splits=4),
     "paged32_tq4_gqa62_d64_f32_window": Case(3, 4, 6, 2, 64, 64, jnp.float32, page_size=32, splits=2, window=9),
     "paged16_tq2_mqa_d80_fp16_one_split": Case(3, 2, 4, 1, 80, 48, jnp.float16, page_size=16, splits=1),
-    "paged16_tq1_gqa42_d128_f32_softcap": Case(3, 1, 4, 2, 128, 48, jnp.float32, page_size=16, cap=3.0),
+    "paged16_tq1_gqa42_d128_f32_softcap_scale": Case(3, 1, 4, 2, 128, 48, jnp.float32, page_size=16, cap=3.0,
+                                                     scale=0.05),
 }
 
 
