@@ -193,9 +193,10 @@ def test_bias_and_slope_gradients_only_computed_when_differentiated():
 
 
 def test_features_under_jit_and_vmap(seed):
-    """Traced mask, bias, slopes and dropout key under jit; vmap over an extra batch axis."""
+    """Traced mask, bias, slopes and dropout key under jit; vmap over an extra batch axis (every element, values
+    and the VJP under a random cotangent, equal to the unbatched call on that element)."""
     shape = Shape("small", 1, 24, 24, 2, 1, 16)
-    q, k, v, _ = random_qkv(shape, jnp.float32, seed)
+    q, k, v, ct = random_qkv(shape, jnp.float32, seed)
     rng = np.random.default_rng(seed)
     bias = jnp.asarray(rng.standard_normal((1, 2, 24, 24)), jnp.float32)
     mask = jnp.asarray(rng.random((1, 1, 24, 24)) > 0.2)
@@ -212,8 +213,17 @@ def test_features_under_jit_and_vmap(seed):
     jitted = jax.jit(f)(q, k, v, bias, mask, slopes, key)
     assert rel_err(jitted, eager) < 1e-6
     xs = [jnp.stack([x, -x]) for x in (q, k, v)]
-    batched = jax.vmap(lambda q, k, v: f(q, k, v, bias, mask, slopes, key))(*xs)
-    assert rel_err(batched[0], eager) < 1e-6
+    cts = jnp.stack([ct, 2 * ct])
+
+    def fwd_bwd(q, k, v, ct):
+        out, vjp = jax.vjp(lambda q, k, v: f(q, k, v, bias, mask, slopes, key), q, k, v)
+        return (out, *vjp(ct))
+
+    batched = jax.vmap(fwd_bwd)(*xs, cts)
+    for i in range(2):  # each element, not only the first: a batching rule that broadcast one would pass that
+        alone = fwd_bwd(*(x[i] for x in xs), cts[i])
+        for label, got, want in zip(("out", "dq", "dk", "dv"), batched, alone):
+            assert rel_err(got[i], want) < 1e-6, f"vmap element {i}: {label}"
 
 
 def test_minus_inf_bias_entries_and_rows(seed):
