@@ -171,11 +171,23 @@ def test_windows_up_to_the_int32_limit(kw, seed):
 
 
 def test_offsets_up_to_the_int32_limit(seed):
+    """Offsets near 2**31 - 1: the output, the lse and dq, dk, dv (random cotangents on both) against float64."""
     q, k, v, ct = random_qkv(SHAPE, jnp.float32, seed)
+    ct_lse = jnp.asarray(np.random.default_rng(seed + 3).standard_normal((SHAPE.batch, SHAPE.num_heads, SHAPE.seq_q)),
+                         jnp.float32)
     top = 2**31 - 1 - SHAPE.seq_k
-    out, lse = pf.attention_with_lse(q, k, v, is_causal=True, q_offset=top, k_offset=top - 20, config=CONFIG)
-    want, want_lse = attention_reference(q, k, v, is_causal=True, return_lse=True, q_offset=top, k_offset=top - 20)
-    assert rel_err(out, want) < 1e-4
+    kw = dict(is_causal=True, q_offset=top, k_offset=top - 20)
+    (out, lse), vjp = jax.vjp(lambda q, k, v: pf.attention_with_lse(q, k, v, config=CONFIG, **kw), q, k, v)
+    grads = vjp((ct, ct_lse))
+    with jax.enable_x64(True):
+        f64 = [jnp.asarray(np.asarray(x, np.float64)) for x in (q, k, v)]
+        (want, want_lse), r_vjp = jax.vjp(lambda q, k, v: attention_reference(q, k, v, return_lse=True, **kw), *f64)
+        want_grads = r_vjp((jnp.asarray(np.asarray(ct, np.float64)), jnp.asarray(np.asarray(ct_lse, np.float64))))
+    assert np.isfinite(np.asarray(want_lse)).all()  # every row sees keys 0..20 at least: no -inf lse to skip
+    tol = TOLERANCE[jnp.dtype(jnp.float32)]
+    for label, got, ref in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), (want, want_lse, *want_grads)):
+        err = rel_err(got, np.asarray(ref))
+        assert err <= tol, f"{label}: relative error {err:.3e} > {tol:.0e} (seed={seed})"
     with pytest.raises(ValueError, match="q_offset"):
         pf.attention_with_lse(q, k, v, q_offset=2**31 - 1)
 
