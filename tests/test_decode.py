@@ -149,7 +149,7 @@ def test_split_counts_and_merges_agree(seed):
     spec = decode_spec(q, k, v, lengths, None, scale=None, logits_soft_cap=None, local_window_size=None)
     for splits, merge in ((1, "pallas"), (3, "pallas"), (3, "xla"), (9, "pallas")):
         out = triton_decode.decode(spec, q, k, v, lengths, None, num_splits=splits, interpret=True, merge=merge)
-        assert rel_err(out, ref) < 1e-5, (splits, merge)
+        assert rel_err(out, ref) <= TOLERANCE[jnp.dtype(jnp.float32)], (splits, merge)
 
 
 def test_merge_is_combine(seed):
@@ -190,7 +190,7 @@ def test_nan_within_length_propagates_and_garbage_past_it_does_not(implementatio
     for b, pos in ((1, 20), (1, 47), (2, 40)):
         kg, vg = poke(kg, b, pos, jnp.nan), poke(vg, b, pos, jnp.inf)
     out = run(case, q, kg, vg, tables, lengths, implementation)
-    assert rel_err(out, ref_of(case, q, k, v, tables, lengths)) < 1e-4
+    assert rel_err(out, ref_of(case, q, k, v, tables, lengths)) <= TOLERANCE[jnp.dtype(jnp.float32)]
     # Within sequence 1's length: its rows turn NaN, the other sequences' do not.
     out = np.asarray(run(case, q, k, poke(v, 1, 7, jnp.nan), tables, lengths, implementation))
     assert np.isnan(out[1]).all()
