@@ -276,6 +276,25 @@ def test_masks_markdown_rows_by_problem():
     assert lines == ["pallas_flash forward+backward, window256_16k vs causal_16k: 0.84 ms vs 9.61 ms = **11.4x faster** (target >= 8x)"]
 
 
+def test_window_speedups_only_within_one_run_and_one_dtype():
+    """The window speed-up divides two times of one run and one dtype: never run a's window by run b's causal time
+    (a merge), nor bf16's by fp16's (one run of two dtypes, where the later dtype silently replaced the first)."""
+    def rec(name, t, run=None, dtype="bf16"):
+        r = _speed_rec("pallas_flash", 1.0, pass_="fwd_bwd", suite="masks", name=name, time_s=t, dtype=dtype)
+        return r if run is None else dict(r, run=run)
+
+    pairs = (("window256_16k", "causal_16k"),)
+    merged = [rec("window256_16k", 1e-3, "a"), rec("causal_16k", 10e-3, "a"), rec("causal_16k", 20e-3, "b")]
+    assert report.window_speedups(merged, pairs) == [
+        "pallas_flash forward+backward (run `a`), window256_16k vs causal_16k: 1.00 ms vs 10.00 ms = "
+        "**10.0x faster** (target >= 8x)"]
+    two_dtypes = [rec("window256_16k", 1e-3), rec("causal_16k", 10e-3), rec("window256_16k", 2e-3, dtype="fp16"),
+                  rec("causal_16k", 30e-3, dtype="fp16")]
+    lines = report.window_speedups(two_dtypes, pairs)
+    assert len(lines) == 2 and "(bf16)" in lines[0] and "**10.0x faster**" in lines[0]
+    assert "(fp16)" in lines[1] and "**15.0x faster**" in lines[1]
+
+
 def test_unique_stem_and_jsonl(tmp_path):
     assert common.unique_stem(tmp_path, "2026-01-01").name == "2026-01-01"
     (tmp_path / "2026-01-01.md").write_text("x")
