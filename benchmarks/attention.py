@@ -293,7 +293,8 @@ def _load_runs(paths: Sequence[str], warn=None) -> tuple[list[dict], list[dict],
                                  f"{'' if 'impl' in r else ', no impl'}; expected kinds {', '.join(RECORD_KINDS)})")
         last = ms[-1] if ms else {}
         runs += last.get("runs") or [dict(run=label, commit=last.get("commit"), date=last.get("date"),
-                                          status=last.get("status"))]
+                                          status=last.get("status"), jax_version=last.get("jax_version"),
+                                          jaxlib_version=last.get("jaxlib_version"))]
         records += [dict(r, run=r.get("run") or label) for r in recs]
         metas += ms
     return records, metas, runs
@@ -329,6 +330,8 @@ def _report_from(opts: argparse.Namespace) -> int:
         f" (skipped, cut short: {', '.join(cut)})" if cut else "")
     meta["runs"] = runs  # each record's ``run``: ratios only within one run, duplicates listed
     meta["commit"] = ", ".join(dict.fromkeys(r["commit"] or "unknown" for r in runs))
+    for field in ("jax_version", "jaxlib_version"):  # each run's own; not the last file's for all of them
+        meta[field] = ", ".join(dict.fromkeys(r.get(field) or "?" for r in runs))
     meta["speedups"] = harness.WINDOW_SPEEDUPS
     if opts.out or opts.tag:
         stem = _out_stem(argparse.Namespace(**dict(vars(opts), suite="attention")), meta.get("device_slug", "unknown"))

@@ -294,8 +294,12 @@ def render_markdown(records: Sequence[dict], meta: dict) -> str:
              ("JAX", f"jax {meta.get('jax_version', '?')}, jaxlib {meta.get('jaxlib_version', '?')}"),
              ("Date", meta.get("date", "?")), ("Command", f"`{meta.get('command', '?')}`"),
              ("Commit", meta.get("commit") or "unknown")] + ([("Run", meta["status"])] if meta.get("status") else [])
-    facts += [("Runs", "".join(f"\n  - `{r['run']}`: commit {r.get('commit') or 'unknown'}, {r.get('date') or '?'}, "
-                               f"{r.get('status') or '?'}" for r in meta["runs"]))] if meta.get("runs") else []
+    def run_line(r: dict) -> str:
+        jax_text = f", jax {r['jax_version']}" if r.get("jax_version") else ""
+        return f"\n  - `{r['run']}`: commit {r.get('commit') or 'unknown'}, {r.get('date') or '?'}, " \
+               f"{r.get('status') or '?'}{jax_text}"
+
+    facts += [("Runs", "".join(map(run_line, meta["runs"])))] if meta.get("runs") else []
     out = [f"# Attention benchmark: {meta.get('device', '?')}\n", "\n".join(f"- **{k}**: {v}" for k, v in facts) + "\n"]
     if meta.get("method"):
         out.append("## Method\n\n" + meta["method"].strip() + "\n")

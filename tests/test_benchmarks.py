@@ -422,6 +422,23 @@ def test_report_from_ratios_only_within_one_run_and_lists_duplicates(tmp_path, c
     assert "`a.jsonl`: commit aaaa111" in again and "the tables show 300.0 TFLOP/s (run `b.jsonl`)" in again
 
 
+def test_report_from_keeps_each_runs_jax_version(tmp_path):
+    """A merge of runs made under two JAX versions says so: the header is not the last file's version alone."""
+    runs = (("a", "0.4.30", _speed_rec("cudnn", 100.0)), ("b", "0.7.0", _speed_rec("pallas_flash", 1.0)))
+    for name, version, rec in runs:
+        common.append_jsonl(tmp_path / f"{name}.jsonl", dict(kind="meta", device="H100", device_slug="h100",
+                                                             jax_version=version, jaxlib_version=version,
+                                                             commit=name * 7, impls=["pallas_flash", "cudnn"]))
+        common.append_jsonl(tmp_path / f"{name}.jsonl", rec)
+    assert bench.main(["--report-from", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--no-plots"]) == 0
+    text = (tmp_path / "a-merged.md").read_text()
+    assert "- **JAX**: jax 0.4.30, 0.7.0, jaxlib 0.4.30, 0.7.0" in text
+    assert "`a.jsonl`: commit aaaaaaa, ?, ?, jax 0.4.30" in text
+    assert "`b.jsonl`: commit bbbbbbb, ?, ?, jax 0.7.0" in text
+    merged_meta = common.load_jsonl([tmp_path / "a-merged.jsonl"])[1][0]
+    assert [r["jax_version"] for r in merged_meta["runs"]] == ["0.4.30", "0.7.0"]
+
+
 def test_main_dry_run_writes_report(tmp_path, capsys):
     rc = bench.main(TINY + ["--impls", "xla,cudnn", "--gqa", "1,2", "--out", str(tmp_path / "{device}"), "--tag", "smoke"])
     assert rc == 0
