@@ -204,6 +204,28 @@ def test_time_fn_rotates_sets_and_reports_median():
         time_fn(fn, [])
 
 
+def test_time_fn_one_slow_call_does_not_set_the_calls_per_sample(monkeypatch):
+    """One slow call among those that estimate a call's cost must not shrink ``inner``: with one call per sample
+    each sample's synchronisation (20 us here) stays in the per-call time (a 50 us call read as 70 us)."""
+    call_s, sync_s, now, calls = 50e-6, 20e-6, [0.0], [0]
+
+    def fn(x, slow_call):
+        calls[0] += 1
+        now[0] += call_s * (100 if calls[0] == slow_call else 1)
+        return x
+
+    def block_until_ready(x):  # the host's wait for the device: a fixed cost per synchronisation
+        now[0] += sync_s
+        return x
+
+    monkeypatch.setattr(jax, "block_until_ready", block_until_ready)
+    x = jnp.zeros(4)
+    for slow_call in (None, 2):  # call 1 is the warm-up, call 2 the first that estimates the cost
+        calls[0] = 0
+        t = time_fn(lambda x: fn(x, slow_call), [(x,)], clock=lambda: now[0])
+        assert t.inner > 50 and t.median_s == pytest.approx(call_s, rel=0.01), (slow_call, t)
+
+
 def test_rel_err():
     ref = np.array([3.0, 4.0])
     assert rel_err(ref, ref) == 0.0

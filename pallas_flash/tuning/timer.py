@@ -4,8 +4,11 @@ How one function is timed (``time_fn``):
 
 * The caller has already run it once (that call compiles it and is the one
   whose output is checked), and ``time_fn`` runs ``warmup`` more calls.
-* One call is timed alone to estimate its cost; from that, ``inner`` (how many
-  calls one sample dispatches back to back, so that a sample lasts at least
+* ``estimate_calls`` calls (3) are timed alone, each synchronised; their median
+  estimates one call's cost (one slow call, a GC pause, say, does not make it: a
+  too-high estimate would give too few calls per sample, whose synchronisation
+  cost would then stay in the per-call time). From it ``inner`` (how many calls
+  one sample dispatches back to back, so that a sample lasts at least
   ``target_sample_s``) and the number of samples are chosen.
 * Each sample dispatches ``inner`` calls asynchronously, rotating over the
   input sets, then waits with ``jax.block_until_ready`` and reads the host
@@ -83,6 +86,7 @@ def time_fn(
     max_samples: int = 100,
     target_sample_s: float = 5e-3,
     max_inner: int = 200,
+    estimate_calls: int = 3,
     clock: Callable[[], float] = time.perf_counter,
 ) -> Timing:
     """Median time of one call of ``fn(*args)``, rotating over ``arg_sets``.
@@ -96,9 +100,12 @@ def time_fn(
     for i in range(warmup):
         jax.block_until_ready(fn(*arg_sets[i % n]))
 
-    t0 = clock()
-    jax.block_until_ready(fn(*arg_sets[0]))
-    estimate = max(clock() - t0, 1e-7)
+    single = []
+    for i in range(max(1, estimate_calls)):
+        t0 = clock()
+        jax.block_until_ready(fn(*arg_sets[i % n]))
+        single.append(clock() - t0)
+    estimate = max(statistics.median(single), 1e-7)
 
     inner = max(1, min(max_inner, math.ceil(target_sample_s / estimate)))
     samples = max(min_samples, min(max_samples, math.ceil(min_time / (inner * estimate))))
