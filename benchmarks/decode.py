@@ -9,9 +9,11 @@ Run from the repository root on a GPU machine::
 One new token per sequence (Tq = 1), 32 query heads over 8 KV heads, D = 128,
 bf16, every sequence holding the whole cache. Each implementation is checked
 against the ``"xla"`` path's output on the same inputs (float32 accumulation;
-cuDNN's where that fails), then timed with ``pallas_flash.tuning.timer.time_fn``
+cuDNN's where that fails; the reference itself and a cell with no reference are
+marked ``*``, not checked), then timed with ``pallas_flash.tuning.timer.time_fn``
 (inputs rotated over enough sets that K/V are not L2-resident). Columns: ms,
-TB/s of K and V read (2·B·tokens·K·D·2 bytes over the time) and the ratio of
+TB/s of the bytes moved (K and V read, 2·B·tokens·K·D·2, plus q read and the
+output written, 2·B·N·D·2: ``point_bytes``) over the time, and the ratio of
 cuDNN's time to each one's. Results: ``benchmarks/results/<device>/<date>-decode[-tag].{md,jsonl}``.
 
 ``--layers L`` times one decode step of an L-layer model instead: one jitted
@@ -48,6 +50,16 @@ SWEEP_VARIANTS = (
 DEFAULT_IMPLS = ("pallas_flash", "pallas_flash_paged", "cudnn", "xla")
 BASELINE = "cudnn"
 LAYER_BYTES = 32 << 30  # --layers: at most this many bytes of K/V caches in one step
+
+
+def point_bytes(batch: int, tokens: int) -> tuple[int, int]:
+    """``(kv_bytes, bytes)`` of one decode call: the K and V caches read at their full length (every sequence
+    holds ``tokens``), and those plus the query read and the output written (the TB/s columns' bytes)."""
+    import jax.numpy as jnp
+
+    itemsize = jnp.dtype(DTYPE).itemsize
+    kv = 2 * batch * tokens * KV_HEADS * HEAD_DIM * itemsize
+    return kv, kv + 2 * batch * HEADS * HEAD_DIM * itemsize
 
 
 def _decode(**kw) -> Callable:
@@ -139,13 +151,14 @@ def bench_point(batch: int, tokens: int, impls: dict[str, Callable], opts, on_re
     from pallas_flash.testing.errors import rel_err
     from pallas_flash.tuning.timer import num_input_sets, time_fn
 
-    kv_bytes = 2 * batch * tokens * KV_HEADS * HEAD_DIM * 2
+    kv_bytes, io_bytes = point_bytes(batch, tokens)
     n_sets = num_input_sets(kv_bytes, max_sets=opts.max_sets)
     layers = 1
     if opts.layers > 1:  # one set per layer, within LAYER_BYTES of caches (at least 2 layers)
         layers = n_sets = max(2, min(opts.layers, LAYER_BYTES // max(kv_bytes, 1)))
     base = dict(kind="decode", batch=batch, tokens=tokens, heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM,
-                dtype="bf16", page_size=opts.page_size, kv_bytes=kv_bytes, input_sets=n_sets, layers=layers)
+                dtype="bf16", page_size=opts.page_size, kv_bytes=kv_bytes, bytes=io_bytes, input_sets=n_sets,
+                layers=layers)
     try:
         sets = make_sets(batch, tokens, opts.page_size, n_sets, opts.seed, paged=any("paged" in n for n in impls))
     except Exception as e:  # noqa: BLE001 - e.g. out of memory: every cell of the point says so
@@ -165,8 +178,12 @@ def bench_point(batch: int, tokens: int, impls: dict[str, Callable], opts, on_re
         rec = dict(base, impl=name)
         try:
             out = jax.block_until_ready(fn(*sets[0]))  # compiles
-            err = rel_err(out, ref) if ref is not None else None
-            rec.update(err=err, ref=ref_name)
+            if name == ref_name:  # its own output is the reference: not a check
+                err = None
+                rec.update(err=None, ref=None, reference=True)
+            else:
+                err = rel_err(out, ref) if ref is not None else None
+                rec.update(err=err, ref=ref_name if ref is not None else None)
             if err is not None and not err < TOLERANCE:
                 on_record(dict(rec, status="FAIL"))
                 continue
@@ -178,7 +195,8 @@ def bench_point(batch: int, tokens: int, impls: dict[str, Callable], opts, on_re
             else:
                 t = time_fn(fn, sets, min_time=opts.min_time)
                 per_layer = t.median_s
-            rec.update(status="ok", time_s=per_layer, iqr_rel=t.iqr_rel, kv_tbps=kv_bytes / per_layer / 1e12)
+            rec.update(status="ok", time_s=per_layer, iqr_rel=t.iqr_rel, kv_tbps=kv_bytes / per_layer / 1e12,
+                       tbps=io_bytes / per_layer / 1e12)
         except Exception as e:  # noqa: BLE001 - recorded as a status
             rec.update(status=common.classify_exception(e), message=common.short_message(e))
         on_record(rec)
@@ -191,7 +209,8 @@ def _tokens(n: int) -> str:
 
 
 def table(records: Sequence[dict], impls: Sequence[str]):
-    """One row per (B, tokens): ms and TB/s per implementation, and cuDNN's time over each one's."""
+    """One row per (B, tokens): ms and TB/s per implementation (``*``: not checked against a reference), and
+    cuDNN's time over each one's."""
     import pandas as pd
 
     rows = {}
@@ -199,7 +218,8 @@ def table(records: Sequence[dict], impls: Sequence[str]):
         row = rows.setdefault((r["batch"], r["tokens"]), {"B": r["batch"], "tokens": _tokens(r["tokens"])})
         ok = r["status"] == "ok"
         row[f"{r['impl']} ms"] = f"{r['time_s'] * 1e3:.4g}" if ok else r["status"]
-        row[f"{r['impl']} TB/s"] = f"{r['kv_tbps']:.2f}" if ok else r["status"]
+        tbps = r.get("tbps", r.get("kv_tbps"))  # records before ``tbps``: K/V bytes alone
+        row[f"{r['impl']} TB/s"] = f"{tbps:.2f}" + ("*" if r.get("err") is None else "") if ok else r["status"]
         row[f"_{r['impl']}"] = r["time_s"] if ok else np.nan
     frame = pd.DataFrame([rows[k] for k in sorted(rows)])
     columns = ["B", "tokens"] + [f"{i} {c}" for i in impls for c in ("ms", "TB/s") if f"{i} ms" in frame]
@@ -220,10 +240,11 @@ def write_report(records, meta, stem, impls) -> str:
             f"jax {meta['jax_version']}; {meta.get('status', 'complete')}.\n\n"
             f"Tq = 1 new token per sequence, {HEADS} query heads over {KV_HEADS} KV heads, D = {HEAD_DIM}, bf16, every "
             f"sequence holding `tokens` cached tokens (kv_lengths = tokens); paged: page_size {meta['page_size']}, "
-            "pages shuffled. Each cell checked against the 'xla' path's output (relative error below "
-            f"{TOLERANCE:g}), then timed (`pallas_flash.tuning.timer.time_fn`, median, inputs rotated so K/V are not "
-            "L2-resident). TB/s = bytes of K and V read (2·B·tokens·K·D·2) / time; `vs cuDNN` = cuDNN's time / "
-            "this one's (above 1: faster than cuDNN)."
+            "pages shuffled. Each cell checked against the 'xla' path's output (cuDNN's where that fails; relative "
+            f"error below {TOLERANCE:g}), then timed (`pallas_flash.tuning.timer.time_fn`, median, inputs rotated so "
+            "K/V are not L2-resident). TB/s = bytes moved (K and V read, 2·B·tokens·K·D·2, plus q read and the "
+            "output written, 2·B·N·D·2) / time; `*`: not checked (the reference itself, or no reference ran); "
+            "`vs cuDNN` = cuDNN's time / this one's (above 1: faster than cuDNN)."
             + (f" Timed as one decode step of up to {meta['layers']} layers (distinct caches) in one jitted call, per "
                "layer (column `layers` of the .jsonl: fewer where the caches would pass 32 GiB)." if meta.get("layers", 1) > 1 else "")
             + "\n\n" + notes + "\n\n"
@@ -313,7 +334,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     def on_record(rec):
         records.append(rec)
         common.append_jsonl(stem.with_suffix(".jsonl"), rec)
-        ms = f"{rec['time_s'] * 1e3:.4g} ms {rec['kv_tbps']:.2f} TB/s" if rec["status"] == "ok" else rec["status"]
+        tbps = rec.get("tbps", rec.get("kv_tbps"))
+        ms = f"{rec['time_s'] * 1e3:.4g} ms {tbps:.2f} TB/s" if rec["status"] == "ok" else rec["status"]
         print(f"B={rec['batch']:>3} tokens={rec['tokens']:>6} {rec['impl']:<28} {ms} err={rec.get('err')}", flush=True)
 
     skipped = []

@@ -86,3 +86,47 @@ def test_time_budget_records_the_points_it_skips(tmp_path, monkeypatch):
     assert "partial: time budget of 15 s reached, 2 of 3 points not run" in md
     assert "- B=8 tokens=1k: not run, the time budget of 15 s was reached" in md
     assert "- B=32 tokens=1k: not run" in md
+
+
+def _gqa_attention(q, k, v, lengths, kp, vp, tables):
+    """Plain GQA attention over the whole cache, for fake implementations on the CPU."""
+    import jax
+    import jax.numpy as jnp
+
+    g = q.shape[2] // k.shape[2]
+    kk, vv = (jnp.repeat(x, g, axis=2).astype(jnp.float32) for x in (k, v))
+    s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), kk) / q.shape[-1] ** 0.5
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, -1), vv).astype(q.dtype)
+
+
+def test_bench_point_bytes_and_checks(monkeypatch):
+    """TB/s counts every byte a decode call moves (K/V read, q read, the output written); the reference's own cell
+    and a cell with no reference are not recorded as checked, and the table marks them ``*``."""
+    import argparse
+
+    from pallas_flash.tuning import timer
+
+    def broken():
+        raise RuntimeError("this reference does not run")
+
+    monkeypatch.setattr(timer, "time_fn", lambda fn, sets, **kw: timer.Timing(1e-3, 1e-3, 0.0, 5, 1, len(sets)))
+    monkeypatch.setitem(bench.IMPLS, "cudnn", (lambda: broken, "fails"))
+    opts = argparse.Namespace(max_sets=1, layers=1, page_size=64, seed=0, min_time=0.0)
+    recs = []
+    bench.bench_point(1, 1024, {"pallas_flash": _gqa_attention, "xla": _gqa_attention}, opts, recs.append)
+    kv = 2 * 1024 * bench.KV_HEADS * bench.HEAD_DIM * 2
+    q_out = 2 * bench.HEADS * bench.HEAD_DIM * 2
+    mine, ref = recs
+    assert mine["status"] == ref["status"] == "ok"
+    assert ref["err"] is None and ref["ref"] is None and ref["reference"]  # not checked against itself
+    assert mine["tbps"] == pytest.approx((kv + q_out) / 1e-3 / 1e12) and mine["kv_tbps"] == pytest.approx(kv / 1e9)
+    assert mine["ref"] == "xla" and mine["err"] == 0.0  # the same function as the reference here
+    assert bench.point_bytes(1, 1024) == (kv, kv + q_out)
+    row = bench.table(recs, ["pallas_flash", "xla"]).iloc[0]
+    assert row["pallas_flash TB/s"] == f"{(kv + q_out) / 1e9:.2f}" and row["xla TB/s"].endswith("*")
+
+    monkeypatch.setitem(bench.IMPLS, "xla", (lambda: broken, "fails"))  # no reference runs at all
+    recs = []
+    bench.bench_point(1, 1024, {"pallas_flash": _gqa_attention}, opts, recs.append)
+    assert recs[0]["status"] == "ok" and recs[0]["err"] is None and recs[0]["ref"] is None
+    assert bench.table(recs, ["pallas_flash"]).iloc[0]["pallas_flash TB/s"].endswith("*")
