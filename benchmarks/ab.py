@@ -59,17 +59,30 @@ def order(names: list[str], round_index: int) -> list[str]:
     return names if round_index % 2 == 0 else names[::-1]
 
 
+def _round_cell(r: dict) -> str:
+    """A round's TFLOP/s, or its status where it was not timed (a missing value is NaN in a frame's records)."""
+    tflops = r.get("tflops")
+    if tflops is not None and tflops == tflops:
+        return f"{tflops:.4g}"
+    status = r.get("status")
+    return status if isinstance(status, str) and status else "not timed"
+
+
 def summarise(records: list[dict], sides: list[str]) -> pd.DataFrame:
-    """One row per point: each side's TFLOP/s per round (``"a / b / c"``), its median, and the change of each
-    later side's median against the first side's, in percent."""
-    df = pd.DataFrame([r for r in records if r.get("tflops") is not None])
-    if df.empty:
+    """One row per point that was timed at least once: each side's TFLOP/s per round (``"a / b / c"``; a round
+    whose record was not timed shows its status, ``FAIL`` say), its median over the timed rounds, and the change of
+    each later side's median against the first side's, in percent."""
+    timed = pd.DataFrame([r for r in records if r.get("tflops") is not None])
+    if timed.empty:
         raise ValueError("no timed records to compare (did every run fail? see the runs' logs)")
-    keys = [c for c in POINT if c in df.columns and df[c].notna().any()]
-    df = df.sort_values("round")
-    runs = df.groupby([*keys, "side"], dropna=False).tflops
-    rounds = runs.agg(lambda x: " / ".join(f"{v:.4g}" for v in x)).unstack("side")
-    medians = runs.median().unstack("side")
+    keys = [c for c in POINT if c in timed.columns and timed[c].notna().any()]
+    points = set(map(tuple, timed[keys].astype(str).itertuples(index=False)))
+    df = pd.DataFrame([r for r in records if r.get("impl") is not None and "pass" in r])
+    df = df[[tuple(x) in points for x in df[keys].astype(str).itertuples(index=False)]].sort_values("round")
+    df = df.assign(cell=[_round_cell(r) for r in df.to_dict("records")])
+    groups = df.groupby([*keys, "side"], dropna=False)
+    rounds = groups.cell.agg(" / ".join).unstack("side")
+    medians = groups.tflops.median().unstack("side")
     table = pd.DataFrame(index=medians.index)
     for side in sides:
         table[f"{side} (rounds)"] = rounds.get(side)

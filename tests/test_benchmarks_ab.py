@@ -179,3 +179,12 @@ def test_invocation_name_skips_every_name_in_use(tmp_path):
     (tmp_path / "runs" / "a-0" / "2026-01-01-ab-2.jsonl").write_text("")  # from before: tag ab, name taken
     (tmp_path / "runs" / "a-0" / "2026-01-01-ab.jsonl").write_text("")
     assert ab.invocation_name(tmp_path) == "ab-3"
+
+
+def test_summarise_shows_a_round_that_was_not_timed():
+    """A side's FAIL in one round is in its rounds (not a silent two-round median that reads as a speed-up)."""
+    records = [_rec("old", 0, 100.0), dict(_rec("new", 0, None), status="FAIL"), _rec("new", 1, 110.0),
+               _rec("old", 1, 104.0), _rec("old", 2, 102.0), _rec("new", 2, 99.0)]
+    row = ab.summarise(records, ["old", "new"]).iloc[0]
+    assert row["new (rounds)"] == "FAIL / 110 / 99" and row["old (rounds)"] == "100 / 104 / 102"
+    assert row["new median"] == 104.5  # the median of the timed rounds
