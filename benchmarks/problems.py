@@ -46,14 +46,23 @@ class Problem:
         return None if self.window is None else (self.window, 0)
 
     def visible_pairs(self) -> float:
-        """Exact count of visible (query, key) pairs per (batch, head) (a padded batch: the mean over its rows)."""
+        """Exact count of visible (query, key) pairs per (batch, head) (a padded batch: the mean over its rows); the
+        window applies within each document and each padded row."""
         s = self.shape
         if self.seq_lens is not None:
-            return sum(n * (n + 1) // 2 if s.causal else n * n for n in self.seq_lens) / len(self.seq_lens)
+            return sum(self._pairs(n, n) for n in self.seq_lens) / len(self.seq_lens)
         if self.doc_lens is not None:
-            return sum(n * (n + 1) // 2 if s.causal else n * n for n in self.doc_lens)
-        seen = np.minimum(np.arange(s.seq_q) + 1, s.seq_k) if s.causal else np.full(s.seq_q, s.seq_k)
-        return int(np.minimum(seen, self.window + 1).sum() if self.window is not None else seen.sum())
+            return sum(self._pairs(n, n) for n in self.doc_lens)
+        return self._pairs(s.seq_q, s.seq_k)
+
+    def _pairs(self, seq_q: int, seq_k: int) -> int:
+        """Visible pairs of ``seq_q`` queries over ``seq_k`` keys, top-left aligned: query ``i`` sees keys up to
+        ``i`` (causal, or a window ``(w, 0)``) and from ``i - w`` (a window)."""
+        i = np.arange(seq_q)
+        causal = self.shape.causal or self.window is not None  # a window (w, 0) sees no key right of the query
+        hi = np.minimum(i + 1, seq_k) if causal else np.full(seq_q, seq_k)
+        lo = np.maximum(i - self.window, 0) if self.window is not None else 0
+        return int(np.maximum(hi - lo, 0).sum())
 
     def flops(self, pass_: str) -> float:
         """``Shape.flops`` (the standard count) for the grid; the visible pairs counted exactly for masks."""

@@ -49,6 +49,29 @@ def test_flops_standard_count():
     assert harness.Problem(s).flops("fwd_bwd") == 3.5 * fwd  # the grid uses the standard count
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("layout", ["plain", "docs", "padded"])
+def test_visible_pairs_match_a_brute_force_mask(causal, window, layout):
+    """Every combination the masks suite could build, counted from an explicit [Tq, Tk] mask: the window applies
+    within each document and each padded row (it used to be dropped there), and a window (w, 0) sees nothing to
+    the right of the query even without the causal flag."""
+    t = 24
+    docs, lens = {"docs": ((7, 11, 6), None), "padded": (None, (24, 9, 1)), "plain": (None, None)}[layout]
+    prob = harness.Problem(Shape("x", 1, t, t, 1, 1, 8, causal), window=window, doc_lens=docs, seq_lens=lens)
+    i, j = np.arange(t)[:, None], np.arange(t)[None, :]
+    base = np.ones((t, t), bool)
+    if causal or window is not None:
+        base &= j <= i
+    if window is not None:
+        base &= i - j <= window
+    if docs is not None:
+        doc = np.repeat(np.arange(len(docs)), docs)
+        base &= doc[:, None] == doc[None, :]
+    rows = [base] if lens is None else [base & (i < n) & (j < n) for n in lens]
+    assert prob.visible_pairs() == sum(int(m.sum()) for m in rows) / len(rows)
+
+
 def test_mask_problems_count_visible_pairs():
     probs = harness.mask_problems()
     packed = probs["packed_docs_16k"]
