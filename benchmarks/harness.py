@@ -397,15 +397,22 @@ def bench_impl(prep: Prepared, p: Problem, sets: list, ref, opts) -> list[dict]:
 
 
 def bench_problem(p: Problem, impls: Sequence[str], opts, key, on_record: Callable[[dict], None]) -> None:
-    """Every implementation that applies to ``p``, on shared inputs and one reference."""
+    """Every implementation that applies to ``p``, on shared inputs and one reference.
+
+    Where the inputs or the reference cannot be made (out of memory, say), every implementation's cells of ``p``
+    say so and the run goes on to the next problem."""
     import jax
 
     from pallas_flash.testing.chunked_reference import compute_reference
     from pallas_flash.tuning.timer import num_input_sets
 
-    inputs = make_inputs(p, key)
-    n_sets = num_input_sets(tree_nbytes(inputs))
-    sets = [inputs] + [make_inputs(p, k) for k in jax.random.split(jax.random.fold_in(key, 1), n_sets - 1)]
+    try:
+        inputs = make_inputs(p, key)
+        n_sets = num_input_sets(tree_nbytes(inputs))
+        sets = [inputs] + [make_inputs(p, k) for k in jax.random.split(jax.random.fold_in(key, 1), n_sets - 1)]
+    except Exception as e:  # noqa: BLE001 - every cell of the problem says why
+        _record_setup_failure(p, [n for n in impls if IMPLS[n].applies(p)], opts, "the inputs", e, on_record)
+        return
     prepared = [prepare(IMPLS[name], p) for name in impls if IMPLS[name].applies(p)]
     compile_s = precompile(prepared, inputs, opts.passes, opts.jobs)
 
@@ -416,17 +423,30 @@ def bench_problem(p: Problem, impls: Sequence[str], opts, key, on_record: Callab
         return c.fwd_bwd(q, k, v, g, c.extras) if grads else (c.fwd(q, k, v, c.extras), None)
 
     seg = p.segment_ids()
-    ref = compute_reference(
-        *inputs, causal=p.shape.causal, grads=any(x != "fwd" for x in opts.passes),
-        budget_bytes=int(opts.ref_budget_gb * 2**30), mode={"cudnn": "fallback"}.get(opts.ref, opts.ref),
-        fallback=fallback, local_window_size=p.window_arg, logits_soft_cap=p.soft_cap,
-        q_segment_ids=seg, kv_segment_ids=seg, **_length_extras(p))
+    try:
+        ref = compute_reference(
+            *inputs, causal=p.shape.causal, grads=any(x != "fwd" for x in opts.passes),
+            budget_bytes=int(opts.ref_budget_gb * 2**30), mode={"cudnn": "fallback"}.get(opts.ref, opts.ref),
+            fallback=fallback, local_window_size=p.window_arg, logits_soft_cap=p.soft_cap,
+            q_segment_ids=seg, kv_segment_ids=seg, **_length_extras(p))
+    except Exception as e:  # noqa: BLE001 - every cell of the problem says why
+        _record_setup_failure(p, [prep.impl.name for prep in prepared], opts, "the reference", e, on_record)
+        return
     for prep in prepared:
         for rec in bench_impl(prep, p, sets, ref, opts):
             rec["shape_compile_s"] = round(compile_s, 2)
             on_record(rec)
         gc.collect()
     del sets, inputs, ref, prepared
+    gc.collect()
+
+
+def _record_setup_failure(p: Problem, names, opts, what: str, error: Exception, on_record) -> None:
+    """One record per implementation and pass of ``p``: its ``what`` could not be made."""
+    status, message = classify_exception(error), f"{what}: {short_message(error)}"
+    for name in names:
+        for pass_ in opts.passes:
+            on_record(dict(kind="speed", impl=name, **p.fields(), **{"pass": pass_}, status=status, message=message))
     gc.collect()
 
 

@@ -298,6 +298,25 @@ def test_harness_statuses_with_fake_impls(monkeypatch):
         assert word in problems
 
 
+@pytest.mark.parametrize("where", ["inputs", "reference"])
+def test_a_problem_whose_setup_fails_records_every_cell_and_the_run_goes_on(where, monkeypatch):
+    """Inputs or a reference that cannot be made (out of memory) used to end the whole run with no report: now each
+    applicable implementation and pass of that problem is recorded with the cause."""
+    from pallas_flash.testing import chunked_reference
+
+    def oom(*args, **kwargs):
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.0TiB")
+
+    monkeypatch.setattr(*((harness, "make_inputs") if where == "inputs" else (chunked_reference, "compute_reference")), oom)
+    monkeypatch.setitem(harness.IMPLS, "never", harness.Impl("never", lambda p: None, applies=lambda p: False))
+    opts = with_(opts_for(*TINY, "--causal", "yes"), impls=("xla", "never"))
+    (problem,) = bench.plan(opts)
+    recs = []
+    harness.bench_problem(problem, opts.impls, opts, jax.random.key(0), recs.append)
+    assert sorted(r["pass"] for r in recs) == sorted(opts.passes) and {r["impl"] for r in recs} == {"xla"}
+    assert all(r["status"] == "OOM" and r["message"].startswith(f"the {where}: ") for r in recs)
+
+
 def test_memory_report_keeps_each_problem_apart(tmp_path, capsys):
     """Runs merged by ``--report-from`` may differ in dtype: each problem gets its own table, none is dropped or
     labelled with another's dtype. Runs of different devices are not merged into one report."""
