@@ -307,7 +307,8 @@ def test_a_problem_whose_setup_fails_records_every_cell_and_the_run_goes_on(wher
     def oom(*args, **kwargs):
         raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.0TiB")
 
-    monkeypatch.setattr(*((harness, "make_inputs") if where == "inputs" else (chunked_reference, "compute_reference")), oom)
+    target = (harness, "make_inputs") if where == "inputs" else (chunked_reference, "compute_reference")
+    monkeypatch.setattr(*target, oom)
     monkeypatch.setitem(harness.IMPLS, "never", harness.Impl("never", lambda p: None, applies=lambda p: False))
     opts = with_(opts_for(*TINY, "--causal", "yes"), impls=("xla", "never"))
     (problem,) = bench.plan(opts)
