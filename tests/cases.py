@@ -229,9 +229,13 @@ def check(case: Case, shape: Shape, dtype, seed: int, **extra):
                                                                        f64[:3], ct, ref_out, np.shape(want)))
             err = np.linalg.norm(np.asarray(got, np.float64) - want) / (denom if denom > 0 else 1.0)
         elif label == "dalibi_slopes":
-            err = np.linalg.norm(np.asarray(got, np.float64) - want) / _slope_grad_scale(
-                shape, ref_kw, dict(zip(names, f64[3:])), f64[:3], ct
-            )
+            # In 16 bits (and where the reference's dS vanishes: every row sees one key) d slopes is measured
+            # against the terms P dP and P delta whose difference is dS, as dbias is (``_slope_grad_scale``).
+            scale = _slope_grad_scale(shape, ref_kw, dict(zip(names, f64[3:])), f64[:3], ct,
+                                      out64=ref_out if half else None)
+            if scale == 0 and not half:
+                scale = _slope_grad_scale(shape, ref_kw, dict(zip(names, f64[3:])), f64[:3], ct, out64=ref_out)
+            err = np.linalg.norm(np.asarray(got, np.float64) - want) / (scale if scale > 0 else 1.0)
         elif label != "out" and not np.any(want) and grad_scale > 0:
             err = rel_err(got, want) / grad_scale  # rel_err is the absolute norm for an all-zero reference
         else:
@@ -266,6 +270,14 @@ def _bias_grad_scale(shape: Shape, ref_kw, diff64, qkv64, ct, out64, bias_shape)
     denominator (as ``_slope_grad_scale`` argues for ALiBi). From the float64 reference: dS as the gradient of a
     zero bias added to the logits under the cotangent, P as the gradient of the rows' summed log-sum-exp.
     """
+    terms = _reference_ds_terms(shape, ref_kw, diff64, qkv64, ct, out64)
+    axes = tuple(i for i, n in enumerate(bias_shape) if n == 1 and terms.shape[i] != 1)
+    return float(np.linalg.norm(terms.sum(axis=axes, keepdims=True)))
+
+
+def _reference_ds_terms(shape: Shape, ref_kw, diff64, qkv64, ct, out64):
+    """``|P dP| + |P delta|`` ``[B, N, Tq, Tk]`` of the float64 reference: the magnitudes of the two terms whose
+    difference is dS. dS as in ``_reference_ds``, P as the gradient of the rows' summed log-sum-exp."""
     ds, with_probe, zero = _reference_ds(shape, ref_kw, diff64, qkv64, ct)
     with jax.enable_x64(True):
 
@@ -275,12 +287,10 @@ def _bias_grad_scale(shape: Shape, ref_kw, diff64, qkv64, ct, out64, bias_shape)
 
         p = np.nan_to_num(np.asarray(jax.grad(summed_lse)(zero)))
     delta = np.einsum("bind,bind->bni", np.asarray(ct, np.float64), np.asarray(out64))[..., None]  # [B, N, Tq, 1]
-    terms = np.abs(ds + p * delta) + np.abs(p * delta)  # |P dP| + |P delta|
-    axes = tuple(i for i, n in enumerate(bias_shape) if n == 1 and terms.shape[i] != 1)
-    return float(np.linalg.norm(terms.sum(axis=axes, keepdims=True)))
+    return np.abs(ds + p * delta) + np.abs(p * delta)
 
 
-def _slope_grad_scale(shape: Shape, ref_kw, diff64, qkv64, ct) -> float:
+def _slope_grad_scale(shape: Shape, ref_kw, diff64, qkv64, ct, out64=None) -> float:
     """The norm of sum |dS[b, n, i, j] * (j - i)|: the terms whose signed sum is d slope.
 
     The slope gradient adds up every logit gradient dS times its distance;
@@ -289,9 +299,15 @@ def _slope_grad_scale(shape: Shape, ref_kw, diff64, qkv64, ct) -> float:
     kernel. A sum of terms each accurate to a relative ``tol`` is accurate to
     ``tol`` times the sum of their magnitudes, so that is the denominator.
     dS comes from the float64 reference, as the gradient of a zero bias added
-    to the logits.
+    to the logits. Given the reference output ``out64``, |dS| is replaced by
+    |P dP| + |P delta| (``_reference_ds_terms``): dS itself is a difference that
+    cancels (to exactly 0 where a row sees one key), and in 16 bits delta
+    carries the rounding of O, as for dbias.
     """
-    ds = _reference_ds(shape, ref_kw, diff64, qkv64, ct)[0]
+    if out64 is None:
+        ds = _reference_ds(shape, ref_kw, diff64, qkv64, ct)[0]
+    else:
+        ds = _reference_ds_terms(shape, ref_kw, diff64, qkv64, ct, out64)
     Tq, Tk = shape.seq_q, shape.seq_k
     dist = np.abs(np.arange(Tk)[None, :] - np.arange(Tq)[:, None])  # [Tq, Tk]
     terms = (np.abs(np.asarray(ds)) * dist).sum(axis=(2, 3))  # [B, N]
