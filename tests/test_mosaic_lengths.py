@@ -38,9 +38,10 @@ ROWS128 = MosaicBackwardConfig(block_q=128, num_stages=2, dq_block_kv=64, dq_num
 
 
 def _lengths(shape: Shape):
-    """Per batch row (3 rows): query lengths ``[0 or 1/3, ragged, past the end]``, key lengths ``[ragged, all, 0]``."""
-    q_len = np.array([shape.seq_q // 3, shape.seq_q - 37, shape.seq_q + 100], np.int32)
-    kv_len = np.array([shape.seq_k // 2 + 5, shape.seq_k, 0], np.int32)
+    """Per batch row (3 rows): query lengths ``[0, ragged, past the end]``, key lengths ``[all, ragged, 0]``: a row
+    with no query (its keys' dK, dV are 0), both lengths ragged, and queries that see no key (O = 0, lse = -inf)."""
+    q_len = np.array([0, shape.seq_q - 37, shape.seq_q + 100], np.int32)
+    kv_len = np.array([shape.seq_k, shape.seq_k // 2 + 5, 0], np.int32)
     return jnp.asarray(q_len), jnp.asarray(kv_len)
 
 
