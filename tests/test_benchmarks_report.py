@@ -66,7 +66,8 @@ def test_masks_markdown_rows_by_problem():
     assert ["window256_16k", kw["setup"], "1.57%", "143.0", "140.0", "1.02×"] in rows
     assert ["causal_16k", "B=1", "50.00%", "401.0", "—", "—"] in rows
     lines = report.window_speedups(recs, harness.WINDOW_SPEEDUPS)
-    assert lines == ["pallas_flash forward+backward, window256_16k vs causal_16k: 0.84 ms vs 9.61 ms = **11.4x faster** (target >= 8x)"]
+    assert lines == ["pallas_flash forward+backward, window256_16k vs causal_16k: 0.84 ms vs 9.61 ms = **11.4x faster** "
+                     "(target >= 8x)"]
 
 
 def test_window_speedups_only_within_one_run_and_one_dtype():
@@ -94,7 +95,8 @@ def test_unique_stem_and_jsonl(tmp_path):
     assert common.unique_stem(tmp_path, "2026-01-01").name == "2026-01-01-2"
     common.append_jsonl(tmp_path / "a.jsonl", {"kind": "meta", "x": jnp.dtype("bfloat16")})
     common.append_jsonl(tmp_path / "a.jsonl", {"kind": "speed", "y": np.float32(2.0)})
-    assert common.load_jsonl([tmp_path / "a.jsonl"]) == ([{"kind": "speed", "y": 2.0}], [{"kind": "meta", "x": "bfloat16"}])
+    want = ([{"kind": "speed", "y": 2.0}], [{"kind": "meta", "x": "bfloat16"}])
+    assert common.load_jsonl([tmp_path / "a.jsonl"]) == want
 
 
 def test_git_commit_marks_code_changes_only(tmp_path, monkeypatch):
