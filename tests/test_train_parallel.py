@@ -249,3 +249,25 @@ def test_rows_and_put_lay_out_a_batch():
         np.testing.assert_array_equal(np.asarray(shard.data), x[:, order][rows, cols])
         assert shard.data.shape == (B // 2, T // 2)
 
+
+
+def test_a_validation_split_too_short_for_the_layout_is_refused_before_anything_is_written(tmp_path, capsys):
+    """The zigzag layout needs 2N validation tokens (+1 target): a shorter val.bin is a user error found with the
+    other checks, before the run folder (config.json) is written, fresh or resumed."""
+    data = tmp_path / "tokens"
+    data.mkdir()
+    np.random.default_rng(0).integers(0, 256, 5000).astype(np.uint16).tofile(data / "train.bin")
+    np.arange(3, dtype=np.uint16).tofile(data / "val.bin")
+    out = tmp_path / "o"
+    argv = TRAIN_ARGS + ["--data", str(data), "--vocab-size", "256", "--context-parallel", "2", "--out", str(out)]
+    error = _cli_error(capsys, argv)
+    assert "the validation split (3 tokens) is shorter than one zigzag layout of 2 x --context-parallel = 4" in error
+    assert not out.exists()
+    # A run without context parallelism trains on it; resuming it with --context-parallel 2 changes nothing there.
+    assert cli(argv[:-4] + ["--attention", "xla", "--steps", "2", "--out", str(out)]) == 0
+    capsys.readouterr()  # its progress bar
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    error = _cli_error(capsys, ["--resume", "--out", str(out), "--context-parallel", "2", "--attention", "pallas",
+                                  "--steps", "4"])
+    assert "is shorter than one zigzag layout" in error
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == before

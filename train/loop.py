@@ -188,13 +188,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if restored.step >= cfg.steps:
                 return _nothing_to_train(cfg, restored, ckpt, say)
             _say_schedule_change(meta["train_config"], cfg, restored.step, say)
-            data = _load_data(cfg)
+            data = _load_data(cfg, parallel)
             data_lib.check_fingerprint(meta.get("data"), data, f"the checkpoint at step {restored.step}")
             return _train(cfg, data, ckpt, restored, parallel=parallel, platform=platform, say=say)
 
     cfg = make_config(args, has_gpu=has_gpu)
     parallel = _check_run(cfg, platform)
-    data = _load_data(cfg)
+    data = _load_data(cfg, parallel)
     with run_folder.lock(out, enabled=is_main), Checkpointer(out / "checkpoints") as ckpt:
         steps = ckpt.all_steps()
         if steps:
@@ -227,13 +227,16 @@ def _check_run(cfg: TrainConfig, platform: str) -> Parallel:
     check_attention(cfg.attention, platform)
     parallel = Parallel.over_devices(cfg.context_parallel)
     parallel.check(batch_size=cfg.batch_size, seq_len=cfg.seq_len)
+    parallel.rows(cfg.batch_size)  # this process's rows are one block (else an error now, not after writing)
     return parallel
 
 
-def _load_data(cfg: TrainConfig) -> data_lib.TokenData:
+def _load_data(cfg: TrainConfig, parallel: Parallel) -> data_lib.TokenData:
+    """The run's data, checked (with the validation length the layout needs) before the run folder is written."""
     data_lib.check_out_outside(cfg.data, cfg.out)
     data = data_lib.load_data(cfg.data, vocab_size=cfg.vocab_size)
     data_lib.check_length(data, cfg.seq_len)
+    parallel.eval_len(cfg.seq_len, len(data.val))
     return data
 
 
