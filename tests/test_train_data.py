@@ -49,6 +49,26 @@ def test_sampler_bad_arguments():
         data_lib.BatchSampler(np.zeros(10, np.uint8), seq_len=16, batch_size=1)
 
 
+def test_sampler_refuses_a_seed_past_32_bits_and_a_negative_step():
+    """(seed, step) goes to numpy's SeedSequence as 32-bit words: a seed of 2**32 is the words [0, 1], so its
+    batch 0 was seed 0's batch 1. Such a seed (a bool, a negative step or position) is refused, naming it."""
+    tokens = np.arange(10_000, dtype=np.uint16)
+    kw = dict(seq_len=8, batch_size=4)
+    for seed in (2**32, 2**32 + 1, -1, True, 1.0):
+        with pytest.raises(ValueError, match="seed must be an int in"):
+            data_lib.BatchSampler(tokens, seed=seed, **kw)
+    for position in (-1, True, 1.5):
+        with pytest.raises(ValueError, match="position must be a non-negative int"):
+            data_lib.BatchSampler(tokens, position=position, **kw)
+    sampler = data_lib.BatchSampler(tokens, seed=2**32 - 1, **kw)
+    for step in (-1, False, 2.0):
+        with pytest.raises(ValueError, match="step must be a non-negative int"):
+            sampler.batch(step)
+    sampler.position = -2  # the loop sets it from a checkpoint
+    with pytest.raises(ValueError, match="step must be a non-negative int, got -2"):
+        next(sampler)
+
+
 def test_data_formats(tmp_path):
     text = tmp_path / "input.txt"
     text.write_bytes(b"hello world\n" * 1000)

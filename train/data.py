@@ -57,6 +57,7 @@ DEFAULT_STDLIB_BYTES = 4 * 2**20
 VAL_FRACTION = 0.05
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
 _VAL_SEED = 0x5EED  # validation windows do not depend on the training seed
+SEED_LIMIT = 2**32  # a sampler's seed is one 32-bit word (BatchSampler.batch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,8 +281,9 @@ class BatchSampler:
         for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("grad_accum", grad_accum)):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        if not _is_int(seed) or not 0 <= seed < SEED_LIMIT:  # one 32-bit word: see batch()
+            raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
+        _check_step("position", position)
         if len(tokens) < seq_len + 1:
             raise ValueError(
                 f"the token stream ({len(tokens)} tokens) is shorter than seq_len + 1 "
@@ -295,7 +297,12 @@ class BatchSampler:
         self.position = position
 
     def batch(self, step: int, rows: slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
-        """The batch of ``step``; ``rows`` selects part of the batch axis (one host's share)."""
+        """The batch of ``step``; ``rows`` selects part of the batch axis (one host's share).
+
+        ``(seed, step)`` reach ``SeedSequence`` as 32-bit words (an int past 2**32 takes two), so the seed
+        must be one word: a seed of 2**32, the words [0, 1], would give seed 0's batch 1 at its step 0.
+        """
+        _check_step("step", step)
         rng = np.random.default_rng([self.seed, step])
         n = self.grad_accum * self.batch_size
         starts = rng.integers(0, len(self.tokens) - self.seq_len, size=n)
@@ -311,6 +318,15 @@ class BatchSampler:
         out = self.batch(self.position)
         self.position += 1
         return out
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _check_step(name: str, value) -> None:
+    if not _is_int(value) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
 
 
 def eval_batches(
