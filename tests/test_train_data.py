@@ -85,8 +85,12 @@ def test_data_formats(tmp_path):
     assert d.kind == "tokens" and d.vocab_size == 50304
     assert len(d.train) == 5000 and len(d.val) == 300 and int(d.train[4999]) == 4999
     assert data_lib.load_data(folder, vocab_size=5000).vocab_size == 5000  # ids 0..4999 fit
+    assert d.description == f"{folder}/train.bin (5,000 uint16 tokens), val.bin (300)"
     d = data_lib.load_data(folder / "train.bin")
     assert len(d.train) == 4750 and len(d.val) == 250
+    (folder / "val.bin").unlink()  # the last 5% of train.bin is the validation split; the file holds 5,000
+    d = data_lib.load_data(folder)
+    assert (len(d.train), len(d.val)) == (4750, 250) and d.description == f"{folder}/train.bin (5,000 uint16 tokens)"
 
     texts = tmp_path / "texts"
     texts.mkdir()

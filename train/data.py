@@ -215,13 +215,13 @@ def load_data(
             "folder needs train.bin (uint16 ids; val.bin is optional)")
     if path.is_dir() and (path / "train.bin").is_file():
         train = _tokens_memmap(path / "train.bin", vocab)
+        desc = f"{path}/train.bin ({len(train):,} uint16 tokens)"  # the file's, before any split
         if (path / "val.bin").is_file():
             val = _tokens_memmap(path / "val.bin", vocab)
+            desc += f", val.bin ({len(val):,})"
         else:
             train, val = _split(train, val_fraction)
-        return TokenData(
-            train, val, vocab, "tokens", f"{path}/train.bin ({len(train):,} uint16 tokens)", str(path),
-        )
+        return TokenData(train, val, vocab, "tokens", desc, str(path))
     if path.is_file() and path.suffix == ".bin":
         train, val = _split(_tokens_memmap(path, vocab), val_fraction)
         return TokenData(
