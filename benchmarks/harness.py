@@ -406,14 +406,15 @@ def bench_problem(p: Problem, impls: Sequence[str], opts, key, on_record: Callab
     from pallas_flash.testing.chunked_reference import compute_reference
     from pallas_flash.tuning.timer import num_input_sets
 
+    names = [name for name in impls if IMPLS[name].applies(p)]
     try:
         inputs = make_inputs(p, key)
         n_sets = num_input_sets(tree_nbytes(inputs))
         sets = [inputs] + [make_inputs(p, k) for k in jax.random.split(jax.random.fold_in(key, 1), n_sets - 1)]
     except Exception as e:  # noqa: BLE001 - every cell of the problem says why
-        _record_setup_failure(p, [n for n in impls if IMPLS[n].applies(p)], opts, "the inputs", e, on_record)
+        _record_setup_failure(p, names, opts, "the inputs", e, on_record)
         return
-    prepared = [prepare(IMPLS[name], p) for name in impls if IMPLS[name].applies(p)]
+    prepared = [prepare(IMPLS[name], p) for name in names]
     compile_s = precompile(prepared, inputs, opts.passes, opts.jobs)
 
     def fallback(q, k, v, g, grads):  # cuDNN's result, where the float32 reference does not fit
@@ -430,7 +431,7 @@ def bench_problem(p: Problem, impls: Sequence[str], opts, key, on_record: Callab
             fallback=fallback, local_window_size=p.window_arg, logits_soft_cap=p.soft_cap,
             q_segment_ids=seg, kv_segment_ids=seg, **_length_extras(p))
     except Exception as e:  # noqa: BLE001 - every cell of the problem says why
-        _record_setup_failure(p, [prep.impl.name for prep in prepared], opts, "the reference", e, on_record)
+        _record_setup_failure(p, names, opts, "the reference", e, on_record)
         return
     for prep in prepared:
         for rec in bench_impl(prep, p, sets, ref, opts):
