@@ -72,7 +72,7 @@ def check_scale(scale, head_dim: int) -> float:
     return scale
 
 
-def _is_int(x) -> bool:
+def is_int(x) -> bool:
     """A Python or NumPy integer, not a bool."""
     return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
 
@@ -96,7 +96,7 @@ def optional_positive_int(name: str, value) -> int | None:
     naming ``name`` otherwise."""
     if value is None:
         return None
-    if not _is_int(value):
+    if not is_int(value):
         raise TypeError(f"{name} must be None or a positive int, got {type(value).__name__} {value!r}")
     if value < 1:
         raise ValueError(f"{name} must be None or a positive int, got {value}")
@@ -106,12 +106,12 @@ def optional_positive_int(name: str, value) -> int | None:
 def window(local_window_size) -> tuple[int, int] | None:
     if local_window_size is None:
         return None
-    if _is_int(local_window_size):
+    if is_int(local_window_size):
         left = right = local_window_size
     elif (
         isinstance(local_window_size, (tuple, list))
         and len(local_window_size) == 2
-        and all(_is_int(w) for w in local_window_size)
+        and all(is_int(w) for w in local_window_size)
     ):
         left, right = local_window_size
     else:

@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from pallas_flash.validate import is_int
+
 __all__ = [
     "BYTE_VOCAB",
     "BatchSampler",
@@ -279,9 +281,9 @@ class BatchSampler:
         position: int = 0,
     ):
         for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("grad_accum", grad_accum)):
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not is_int(value) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not _is_int(seed) or not 0 <= seed < SEED_LIMIT:  # one 32-bit word: see batch()
+        if not is_int(seed) or not 0 <= seed < SEED_LIMIT:  # one 32-bit word: see batch()
             raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
         _check_step("position", position)
         if len(tokens) < seq_len + 1:
@@ -320,12 +322,8 @@ class BatchSampler:
         return out
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
 def _check_step(name: str, value) -> None:
-    if not _is_int(value) or value < 0:
+    if not is_int(value) or value < 0:
         raise ValueError(f"{name} must be a non-negative int, got {value!r}")
 
 
