@@ -4,7 +4,8 @@ A kernel change that moves speed by 1-3% is inside one run's spread (NOTES 33, 3
 pair of single runs cannot resolve it. This runs ``python -m benchmarks.attention`` once per side per round,
 each side in a fresh process from its own checkout, the sides alternating (the order reversed every other
 round, so neither side always runs first), and reports each point's TFLOP/s per round, the median per side
-and the change of each side's median against the first side's.
+and the change of each side's median against the first side's; a point no round of any side timed (a FAIL on
+both sides) is listed under the table with its statuses.
 
 Sides are directories (checkouts). ``--checkout NAME=REV`` makes one with ``git worktree add`` (locally: the
 device machine has no git history), e.g. before a device call::
@@ -91,6 +92,33 @@ def summarise(records: list[dict], sides: list[str]) -> pd.DataFrame:
         if side in medians and sides[0] in medians:
             table[f"{side} vs {sides[0]} %"] = (medians[side] / medians[sides[0]] - 1) * 100
     return table.reset_index()
+
+
+def never_timed(records: list[dict], sides: list[str]) -> list[str]:
+    """A line per point that no round of any side timed (the table has no row for it), with each side's statuses
+    per round: a point that fails on every side is still reported. Points that are ``n/a`` everywhere (an
+    implementation without the feature) are counted, not listed."""
+    rows = [r for r in records if r.get("impl") is not None and "pass" in r]
+    if not rows:
+        return []
+    df = pd.DataFrame(rows)
+    keys = [c for c in POINT if c in df.columns and df[c].notna().any()]
+    df = df.assign(cell=[_round_cell(r) for r in df.to_dict("records")], timed=df.get("tflops", pd.Series(
+        dtype=float, index=df.index)).notna()).sort_values("round")
+    lines, not_applicable = [], 0
+    for point, group in df.groupby(keys, dropna=False, sort=True):
+        if group.timed.any():
+            continue
+        if set(group.cell) == {"n/a"}:
+            not_applicable += 1
+            continue
+        label = " ".join(f"{k}={v}" for k, v in zip(keys, point) if k in ("impl", "pass", "name", "dtype"))
+        cells = "; ".join(f"{side}: " + " / ".join(group[group.side == side].cell) for side in sides
+                          if (group.side == side).any())
+        lines.append(f"- {label}: {cells}")
+    if not_applicable:
+        lines.append(f"- and {not_applicable} point(s) n/a on every side and round")
+    return lines
 
 
 def invocation_name(out: pathlib.Path) -> str:
@@ -200,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
         text += "\n"
     except ValueError as e:  # every run failed: the report says so
         text += f"No table: {e}\n"
+    untimed = never_timed(records, names)
+    if untimed:
+        text += "\n**Never timed** (no row above):\n\n" + "\n".join(untimed) + "\n"
     (args.out / f"{name}.md").write_text(text)
     print(text)
     print(f"wrote {args.out / f'{name}.md'}, {jsonl}")

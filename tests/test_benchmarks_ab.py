@@ -181,6 +181,18 @@ def test_invocation_name_skips_every_name_in_use(tmp_path):
     assert ab.invocation_name(tmp_path) == "ab-3"
 
 
+def test_points_never_timed_are_listed_with_their_statuses():
+    """A point that fails on every side in every round has no row in the table: the report lists it."""
+    records = [_rec("old", 0, 100.0), _rec("new", 0, 90.0),
+               dict(_rec("old", 0, None, seq=8192), status="FAIL"), dict(_rec("new", 0, None, seq=8192), status="OOM"),
+               dict(_rec("old", 0, None, impl="cudnn"), status="n/a"),
+               dict(_rec("new", 0, None, impl="cudnn"), status="n/a")]
+    lines = ab.never_timed(records, ["old", "new"])
+    assert lines == ["- name=n8192 pass=fwd impl=mosaic dtype=bf16: old: FAIL; new: OOM",
+                     "- and 1 point(s) n/a on every side and round"]
+    assert ab.never_timed(records[:2], ["old", "new"]) == []
+
+
 def test_summarise_shows_a_round_that_was_not_timed():
     """A side's FAIL in one round is in its rounds (not a silent two-round median that reads as a speed-up)."""
     records = [_rec("old", 0, 100.0), dict(_rec("new", 0, None), status="FAIL"), _rec("new", 1, 110.0),
