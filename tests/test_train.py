@@ -171,7 +171,9 @@ def test_resume_after_a_kill_is_exact(tiny_run, tmp_path, capsys):
     for step in want:
         np.testing.assert_allclose(got[step], want[step], rtol=1e-5, err_msg=f"step {step}")
 
-    assert "learning-rate schedule" not in capsys.readouterr().out  # same --steps: the same schedule, no word
+    said = capsys.readouterr().out
+    assert "learning-rate schedule" not in said  # same --steps: the same schedule, no word
+    assert "validation:" not in said  # and the same validation tokens
     # Train longer: continues at step 20 and appends; the stretched schedule's jump is said.
     summary = main(["--resume", "--out", str(out), "--steps", "24", "--sample-tokens", "0"])
     said = capsys.readouterr().out

@@ -18,6 +18,7 @@ Pallas kernels in interpret mode:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -37,6 +38,8 @@ from benchmarks.sharding import count_collectives
 from models import gpt2
 from pallas_flash.sharding.layout import zigzag
 from tests.conftest import TOLERANCE, rel_err
+from train import loop
+from train.config import TrainConfig
 from train.loop import cli, main
 from train.parallel import Parallel
 from train.step import make_train_step
@@ -166,6 +169,22 @@ def test_context_parallel_training_runs_and_resumes(cp_run, tmp_path):
         got = _train_losses(again)
         for step in (6, 8):
             np.testing.assert_allclose(got[step], losses[step], rtol=rtol, err_msg=f"N={n}, step {step}")
+
+
+def test_a_resume_that_validates_on_other_tokens_says_so():
+    """Where the validation split is shorter than --seq-len, its length is cut to the zigzag layout, so a resume
+    with another --context-parallel (or another --eval-batches) validates on other tokens: said, with the step."""
+    saved = dataclasses.asdict(TrainConfig(seq_len=64, context_parallel=1, eval_batches=2))
+    said = []
+    for cp, val_tokens, batches, expected in (
+        (4, 50, 2, "validation: 2 batches of 48 tokens, was 2 of 49: val_loss after step 7 is measured on other"),
+        (4, 1000, 2, None),  # both 64 tokens: the same set
+        (1, 50, 3, "validation: 3 batches of 49 tokens, was 2 of 49"),
+    ):
+        said.clear()
+        cfg = TrainConfig(seq_len=64, context_parallel=cp, eval_batches=batches)
+        loop._say_validation_change(saved, cfg, val_tokens, 7, said.append)
+        assert (said == []) if expected is None else (len(said) == 1 and said[0].startswith(expected)), said
 
 
 # One process of a two-process run on the CPU: 2 host devices each, gloo for the cross-process collectives.

@@ -62,7 +62,7 @@ from train.config import (
     resumed_config,
 )
 from train.metering import ThroughputMeter, format_rate
-from train.parallel import Parallel
+from train.parallel import Parallel, eval_length
 from train.run_folder import MetricsLog
 from train.step import (
     abstract_state,
@@ -190,6 +190,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             _say_schedule_change(meta["train_config"], cfg, restored.step, say)
             data = _load_data(cfg, parallel)
             data_lib.check_fingerprint(meta.get("data"), data, f"the checkpoint at step {restored.step}")
+            _say_validation_change(meta["train_config"], cfg, len(data.val), restored.step, say)
             return _train(cfg, data, ckpt, restored, parallel=parallel, platform=platform, say=say)
 
     cfg = make_config(args, has_gpu=has_gpu)
@@ -249,6 +250,20 @@ def _say_schedule_change(saved: dict[str, Any], cfg: TrainConfig, step: int, say
     new = make_optimizer(cfg)[1](step)
     say(f"--steps {saved.get('steps')} -> {cfg.steps}: the learning-rate schedule now decays to step {cfg.steps}; "
         f"at step {step} the learning rate moves from {float(old):.3g} to {float(new):.3g}")
+
+
+def _say_validation_change(saved: dict[str, Any], cfg: TrainConfig, val_tokens: int, step: int, say) -> None:
+    """A resume with another ``--eval-batches``, or another ``--context-parallel`` where the validation split is
+    shorter than ``--seq-len`` (its length is cut to the layout), validates on other tokens: say so, since the
+    val_loss records before and after ``step`` then measure different sets."""
+    def measured(c: dict[str, Any]) -> tuple[int, int]:
+        length = eval_length(c["seq_len"], val_tokens, c.get("context_parallel") or 1)
+        return c.get("eval_batches", cfg.eval_batches), length
+
+    (old_batches, old_len), (new_batches, new_len) = measured(saved), measured(dataclasses.asdict(cfg))
+    if (old_batches, old_len) != (new_batches, new_len):
+        say(f"validation: {new_batches} batches of {new_len} tokens, was {old_batches} of {old_len}: val_loss "
+            f"after step {step} is measured on other tokens than before it")
 
 
 def _finite_state(state) -> str | None:

@@ -33,7 +33,7 @@ from jax.sharding import PartitionSpec as P
 
 from pallas_flash.nnx import ContextParallel
 
-__all__ = ["Parallel"]
+__all__ = ["Parallel", "eval_length"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,14 +86,7 @@ class Parallel:
 
     def eval_len(self, seq_len: int, val_tokens: int) -> int:
         """The validation sequence length: ``seq_len``, or what the validation split holds, cut to the layout."""
-        length = min(seq_len, val_tokens - 1)
-        if self.seq_size > 1:
-            length -= length % (2 * self.seq_size)
-            if length == 0:
-                raise ValueError(
-                    f"the validation split ({val_tokens} tokens) is shorter than one zigzag layout of "
-                    f"2 x --context-parallel = {2 * self.seq_size} tokens (+1 target)")
-        return length
+        return eval_length(seq_len, val_tokens, self.seq_size)
 
     def positions(self, seq_len: int) -> np.ndarray:
         """int32 ``[seq_len]``: the original position of each column of a batch as the devices hold it."""
@@ -133,3 +126,16 @@ class Parallel:
         rows = rows[..., self.positions(rows.shape[-1])] if self.seq_size > 1 else rows
         global_shape = rows.shape[:-2] + (batch_size, rows.shape[-1])
         return jax.make_array_from_process_local_data(self.batch_sharding(rows.ndim), rows, global_shape)
+
+
+def eval_length(seq_len: int, val_tokens: int, seq_size: int) -> int:
+    """The validation sequence length on ``seq_size`` sequence shards: ``seq_len``, or what the validation split
+    holds, cut to a multiple of the zigzag layout's ``2 x seq_size``."""
+    length = min(seq_len, val_tokens - 1)
+    if seq_size > 1:
+        length -= length % (2 * seq_size)
+        if length == 0:
+            raise ValueError(
+                f"the validation split ({val_tokens} tokens) is shorter than one zigzag layout of "
+                f"2 x --context-parallel = {2 * seq_size} tokens (+1 target)")
+    return length
