@@ -127,6 +127,25 @@ def test_a_backend_config_runs_that_backend_for_both_passes():
         a.adopt(pf.ForwardConfig())
 
 
+@pytest.mark.parametrize(
+    "config, error, match",
+    [
+        (auto.AutoConfig("xla", None, "xla", None), ValueError, r"AutoConfig.forward must name .* got 'xla'"),
+        (auto.AutoConfig("triton", SMALL_BLOCKS, "nope", SMALL_BLOCKS), ValueError, "AutoConfig.backward .* 'nope'"),
+        (auto.AutoConfig("mosaic", SMALL_BLOCKS, "triton", SMALL_BLOCKS), TypeError,
+         "AutoConfig.forward_config must be a MosaicConfig .* got FlashConfig"),
+        (auto.AutoConfig("triton", SMALL_BLOCKS, "triton", None), TypeError,
+         "AutoConfig.backward_config must be a FlashConfig .* got NoneType"),
+    ],
+)
+def test_a_malformed_auto_config_is_a_user_error(config, error, match):
+    """A hand-built ``AutoConfig`` naming no kernel backend, or with another backend's config: a ``ValueError`` or
+    ``TypeError`` naming the field before any work (an ``AttributeError`` from deep in a backend before)."""
+    q = jnp.ones((1, 16, 2, 64), jnp.bfloat16)
+    with pytest.raises(error, match=match):
+        pf.dot_product_attention(q, q, q, implementation="auto", config=config)
+
+
 def test_auto_with_a_mosaic_config_in_interpret_mode(seed):
     """``"auto"`` handed a Mosaic config runs the Mosaic interpreter, whose ordered host callbacks
     ``custom_partitioning`` cannot lower: it must run unpartitioned, as ``"mosaic"`` does (a KeyError before).

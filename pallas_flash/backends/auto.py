@@ -126,8 +126,19 @@ class AutoBackend(KernelBackend):
         return self.plan(q, k, k, AttentionInputs(), spec)
 
     def adopt(self, config) -> AutoConfig:
-        """A config of one backend's own type (a Triton ``FlashConfig``, a ``MosaicConfig``) runs that backend for both passes."""
+        """A config of one backend's own type (a Triton ``FlashConfig``, a ``MosaicConfig``) runs that backend for both
+        passes. An ``AutoConfig`` must name a kernel backend per pass and hold a config of that backend's type
+        (``ValueError``/``TypeError`` naming the field otherwise)."""
         if isinstance(config, AutoConfig):
+            for pass_ in ("forward", "backward"):
+                name, cfg = getattr(config, pass_), getattr(config, f"{pass_}_config")
+                if name not in (FALLBACK, "mosaic"):
+                    raise ValueError(f"AutoConfig.{pass_} must name a kernel backend, 'triton' or 'mosaic', "
+                                     f"got {name!r}")
+                backend = self._backend(name)
+                if not isinstance(cfg, backend.config_type):
+                    raise TypeError(f"AutoConfig.{pass_}_config must be a {backend.config_type.__name__} for the "
+                                    f"{name!r} backend, got {type(cfg).__name__}")
             return config
         for name in (FALLBACK, "mosaic"):
             if isinstance(config, self._backend(name).config_type):
