@@ -27,6 +27,12 @@ def test_registry_names_and_aliases():
         backends.get("bogus")
     with pytest.raises(TypeError, match="Backend"):
         backends.register("mine", object())
+    # an alias is no name to register under (get("pallas") would still be "auto"), nor is a non-string
+    with pytest.raises(ValueError, match="'pallas' is an alias of 'auto'"):
+        backends.register("pallas", backends.get("xla"))
+    with pytest.raises(TypeError, match="non-empty string, got 3"):
+        backends.register(3, backends.get("xla"))
+    assert backends.get("pallas") is backends.get("auto") and len(set(backends.names())) == len(backends.names())
 
 
 def test_triton_is_a_name_of_the_pallas_kernels(seed):

@@ -24,7 +24,12 @@ _ALIASES = {"pallas": "auto"}
 
 
 def register(name: str, backend: Backend) -> None:
-    """Make ``backend`` reachable as ``implementation=name``."""
+    """Make ``backend`` reachable as ``implementation=name`` (a string that is not an alias: ``ValueError`` for
+    ``"pallas"``, which ``get`` would never resolve to it)."""
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"a backend's name must be a non-empty string, got {name!r}")
+    if name in _ALIASES:
+        raise ValueError(f"{name!r} is an alias of {_ALIASES[name]!r}: register the backend under another name")
     if not isinstance(backend, Backend):
         raise TypeError(f"backend must be a pallas_flash.backends.Backend, got {type(backend).__name__}")
     _REGISTRY[name] = backend
