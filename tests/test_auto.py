@@ -103,6 +103,18 @@ def test_forward_choice_on_an_h200(monkeypatch, dtype, head_dim, spec, want):
     assert backends.get("auto").choose("bwd", q, q, q, AttentionInputs(), spec) == want  # D 64/128
 
 
+def test_no_heads_on_an_h200_gives_empty_results(monkeypatch):
+    """Zero query and K/V heads (as jax.nn takes): ``"auto"`` plans the call before the kernel backends' shortcut for
+    empty calls, and the Mosaic default config divided the query heads by the K/V heads (a ZeroDivisionError, with no
+    fallback, on an H100/H200). Empty values and gradients, as the other backends give."""
+    monkeypatch.setattr(auto, "gpu_name", lambda: H200)
+    q = jnp.ones((1, 16, 0, 64), jnp.bfloat16)
+    for impl in (None, "pallas", "mosaic"):
+        f = lambda q: pf.dot_product_attention(q, q, q, implementation=impl)  # noqa: E731
+        assert f(q).shape == q.shape
+        assert jax.grad(lambda q: f(q).astype(jnp.float32).sum())(q).shape == q.shape
+
+
 def test_off_a_table_gpu_auto_is_the_triton_kernels(seed):
     """On this machine (no table entry, or a CPU in interpret mode) auto runs exactly the Triton kernels."""
     if jax.default_backend() == "gpu" and auto.table_order("fwd", 16, False, 20) != ("triton",):

@@ -97,7 +97,7 @@ class MosaicBackend(KernelBackend):
     def default_config(self, q, k, spec: AttentionSpec) -> MosaicConfig:
         config = default_config(
             head_dim=q.shape[-1], dtype=q.dtype, causal=spec.causal, seq_q=q.shape[1], seq_k=k.shape[1],
-            features=frozenset(spec.features()), kv_groups=q.shape[2] // k.shape[2],
+            features=frozenset(spec.features()), kv_groups=q.shape[2] // max(k.shape[2], 1),  # no heads: 0 // 1
             batch_heads=q.shape[0] * q.shape[2],
         )
         if jax.default_backend() != "gpu" and not common.interpret_fits(config.fwd.compute_wgs):
