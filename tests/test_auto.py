@@ -74,8 +74,30 @@ def test_every_table_names_registered_kernel_backends():
         assert (table.get("gpu") or table.get("compute_capability")) and table["rules"] and table["source"]
         for rule in table["rules"]:
             assert rule["pass"] in ("fwd", "bwd")
+            assert set(rule) <= RULE_KEYS, f"keys table_order does not read (ignored): {set(rule) - RULE_KEYS}"
+            assert all(isinstance(d, int) for d in rule.get("head_dims", [])) and rule["order"]
+            assert isinstance(rule.get("causal", False), bool)
             for name in rule["order"]:
                 assert isinstance(backends.get(name), backends.KernelBackend)
+
+
+# What a rule may hold: the keys ``table_order`` matches on, the order, and where it was measured.
+RULE_KEYS = {"pass", "head_dims", "causal", "min_seq", "max_seq", "order", "source"}
+
+
+def test_rules_match_causal_and_the_query_length_range(monkeypatch):
+    """``causal`` and ``min_seq``/``max_seq`` (the query length, both bounds included), which no shipped rule uses
+    yet: a rule that does not match gives way to the next."""
+    rules = [
+        {"pass": "fwd", "causal": True, "max_seq": 2048, "order": ["mosaic"]},
+        {"pass": "fwd", "min_seq": 1024, "max_seq": 4096, "order": ["triton", "mosaic"]},
+        {"pass": "fwd", "order": ["mosaic", "triton"]},
+    ]
+    monkeypatch.setattr(auto, "_tables", lambda: ({"gpu": "H200", "rules": rules},))
+    order = lambda causal, seq: auto.table_order("fwd", 128, causal, seq, gpu=H200)  # noqa: E731
+    assert order(True, 2048) == ("mosaic",)
+    assert order(True, 2049) == order(False, 2048) == order(False, 1024) == order(False, 4096) == ("triton", "mosaic")
+    assert order(False, 1023) == order(False, 4097) == order(True, 4097) == ("mosaic", "triton")
 
 
 def _spec(**kw) -> AttentionSpec:
