@@ -48,6 +48,18 @@ def test_every_gpu_named_has_its_table():
         assert path.read_text() == json.dumps(TABLES[gpu], indent=1, sort_keys=True) + "\n"  # as --out writes it
 
 
+@pytest.mark.parametrize(
+    "device_kind, file",
+    [("NVIDIA H200", "h200.json"), ("NVIDIA H200 NVL", "h200.json"), ("NVIDIA H100 80GB HBM3", "h100.json"),
+     ("NVIDIA H100 PCIe", "h100.json"), ("NVIDIA A100-SXM4-80GB", None), ("NVIDIA H800", None)],
+)
+def test_each_gpu_reads_the_table_tuned_on_it(device_kind, file):
+    """The device kinds of real GPUs against the file tuned on that GPU (a swapped mapping passed every other
+    test: each reads the table through the mapping)."""
+    want = json.loads((mosaic_config.TABLES_DIR / file).read_text()) if file else {}
+    assert mosaic_config.shipped_table(device_kind) == want
+
+
 @pytest.mark.parametrize("gpu, key", ENTRIES)
 def test_each_entry_is_a_fitting_config_of_the_tuners_spaces(gpu, key):
     head_dim, dtype, causal, n = _parse(key)
