@@ -196,7 +196,9 @@ def test_refuses_a_scale_that_is_not_positive_and_the_default_falls_back(scale, 
 def test_falls_back_to_triton_for_what_it_refuses(seed):
     shape = Shape("f", 1, 40, 40, 2, 1, 64)
     q, k, v = _qkv(shape, jnp.bfloat16, seed)
-    kw = dict(is_causal=True, local_window_size=(8, 0))
+    kw = dict(is_causal=True, local_window_size=(8, 0), logits_soft_cap=5.0)  # Mosaic has no soft-cap (a window it has)
+    with pytest.raises(NotImplementedError):
+        pf.dot_product_attention(q, k, v, implementation="mosaic", **kw)
     ours = pf.dot_product_attention(q, k, v, implementation=("mosaic", "triton"), **kw)
     triton = pf.dot_product_attention(q, k, v, implementation="triton", **kw)
     assert np.array_equal(np.asarray(ours), np.asarray(triton))

@@ -60,6 +60,16 @@ def test_each_gpu_reads_the_table_tuned_on_it(device_kind, file):
     assert mosaic_config.shipped_table(device_kind) == want
 
 
+@pytest.mark.parametrize("gpu", ["NVIDIA H200", "NVIDIA H100 80GB HBM3"])
+def test_an_entry_sets_the_backward_mode_for_its_whole_bucket(gpu):
+    """The README's statement: the D=64 non-causal 1k entries fuse dQ from 513 keys (their bucket), where the
+    heuristic starts at 1k; 512 keys is the 512 bucket's, untuned: the heuristic's deterministic dQ."""
+    kw = dict(head_dim=64, dtype=jnp.bfloat16, causal=False)
+    for n, deterministic in ((512, True), (513, False), (1000, False), (1024, False)):
+        assert mosaic_config.default_config(**kw, seq_q=n, seq_k=n, gpu=gpu).bwd.deterministic is deterministic, n
+    assert mosaic_config.default_config(**kw, seq_q=513, seq_k=513, gpu="").bwd.deterministic  # no table
+
+
 @pytest.mark.parametrize("gpu, key", ENTRIES)
 def test_each_entry_is_a_fitting_config_of_the_tuners_spaces(gpu, key):
     head_dim, dtype, causal, n = _parse(key)

@@ -122,10 +122,10 @@ def mosaic_backward(
     interpret: bool = False,
 ) -> Gradients:
     """``Gradients(dq, dk, dv)`` of plain, causal or windowed attention (GQA allowed) from the forward's residuals, with
-    per-batch sequence lengths (``inputs.q_lengths``/``kv_lengths``).
+    per-batch sequence lengths (``inputs.q_lengths``/``kv_lengths``) and segment ids.
 
-    The caller (``MosaicBackend``) has checked the call: no masks, bias,
-    segments, ALiBi, soft-cap, dropout or offsets; bf16/fp16;
+    The caller (``MosaicBackend``) has checked the call: no dense masks, bias,
+    ALiBi, soft-cap, dropout or offsets; bf16/fp16;
     head dim 64 or 128 (the kernels above), or 256 (``backward_wide.py``).
     """
     seq_q, head_dim = q.shape[1], q.shape[-1]

@@ -379,8 +379,9 @@ def _checked(entry: dict, head_dim: int, dtype: Any, what: str, hint: str = "") 
 def _bucket_entry(table: dict, head_dim: int, dtype: Any, causal: bool, seq_q: int, seq_k: int):
     """``(key, entry)`` of a tuned table for this call, or None: only at a tuned bucket, and only when both lengths
     fall in it (tables are timed at Tq = Tk = the bucket); fp16 takes bf16's entries (the same tile bytes). Other
-    lengths take the heuristics, whose thresholds (three warpgroups, the fused dQ) sit between the tuned buckets: a
-    16k entry's fused dQ at 512 keys would change the backward's mode, not only its speed."""
+    lengths take the heuristics: a 16k entry's fused dQ at 512 keys would change the backward's mode, not only its
+    speed. An entry holds for its whole bucket (N/2 < length <= N), so its mode does too: the H200's and H100's
+    D=64 non-causal 1k entries fuse dQ from 513 keys, where the heuristic (``FUSED_DQ_MIN_SEQ``) starts at 1k."""
     if seq_bucket(seq_q) != seq_bucket(seq_k):
         return None
     return triton_config.lookup(table, head_dim, dtype, causal, seq_q, nearest=False)

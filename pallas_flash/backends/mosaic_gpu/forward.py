@@ -384,12 +384,11 @@ def mosaic_forward(
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """``(out [B, Tq, N, H], lse2 [B, N, Tq] float32)`` of plain, causal or windowed attention, GQA allowed, with
-    per-batch sequence lengths (``inputs.q_lengths``/``kv_lengths``; rows that see no key: O = 0,
-    lse2 = -inf).
+    per-batch sequence lengths (``inputs.q_lengths``/``kv_lengths``) and segment ids (``inputs.q_segment_ids``/
+    ``kv_segment_ids``); rows that see no key: O = 0, lse2 = -inf.
 
-    The caller (``MosaicBackend.supports``) has checked the call: no masks,
-    bias, segments, ALiBi, soft-cap, dropout or offsets; bf16/fp16;
-    head dim 64, 128 or 256.
+    The caller (``MosaicBackend.supports``) has checked the call: no dense masks,
+    bias, ALiBi, soft-cap, dropout or offsets; bf16/fp16; head dim 64, 128 or 256.
     """
     batch, seq_q, num_heads, head_dim = q.shape
     _, seq_k, num_kv_heads, _ = k.shape
