@@ -2,9 +2,9 @@
 
 ``dot_product_attention`` has jax.nn's signature, layout ``[B, T, N, H]`` and
 semantics, plus an ``implementation`` that names a backend
-(``pallas_flash.backends``: ``"pallas"``/``"triton"`` for the Pallas kernels,
-``"xla"`` and ``"cudnn"`` for jax.nn) or lists several to try in order: the
-first whose ``supports`` does not raise ``NotImplementedError`` wins.
+(``pallas_flash.backends``: ``"pallas"`` (= ``"auto"``), ``"triton"`` and
+``"mosaic"`` for the Pallas kernels, ``"xla"`` and ``"cudnn"`` for jax.nn) or
+lists several to try in order: the first whose ``supports`` does not raise ``NotImplementedError`` wins.
 
 Beyond jax.nn's arguments the Pallas kernels take packed-document segment
 ids, ALiBi slopes, a logits soft-cap and attention dropout, all computed inside
@@ -24,8 +24,10 @@ query sharded on the sequence runs ring attention over those mesh axes
 and gradients stay sharded on the sequence; k/v follow the query's sequence
 sharding). The ring implements causal masks, lengths, segment ids and GQA;
 for a window, mask, bias, ALiBi, soft-cap, dropout or ``Tq != Tk`` the
-sequence is gathered under ``Auto`` mesh axes and ``NotImplementedError`` is
-raised under ``Explicit`` ones. For the zigzag layout, use
+sequence is gathered under ``Auto`` mesh axes and the kernels raise
+``NotImplementedError`` under ``Explicit`` ones (``implementation=None`` then
+falls back to jax.nn's XLA attention, which may refuse the sharding itself).
+For the zigzag layout, use
 ``pallas_flash.sequence_parallel_attention``.
 """
 
@@ -98,9 +100,9 @@ def dot_product_attention(
         ``i - left <= j <= i + right``.
       implementation: ``None`` (the Pallas kernels, in interpret mode where
         there is no GPU, falling back to ``"xla"`` with a warning for what the
-        kernels do not implement), a backend name (``"pallas"``, ``"triton"``,
-        ``"xla"``, ``"cudnn"``), or a sequence of these tried in order: the
-        first that does not raise ``NotImplementedError`` is used.
+        kernels do not implement), a backend name (``"pallas"`` = ``"auto"``,
+        ``"triton"``, ``"mosaic"``, ``"xla"``, ``"cudnn"``), or a sequence of
+        these tried in order: the first that does not raise ``NotImplementedError`` is used.
       q_segment_ids, kv_segment_ids: ``int [B, Tq]``, ``int [B, Tk]``: a query
         sees only keys with the same id (packed documents).
       alibi_slopes: float ``[N]`` or ``[B, N]``: adds ``slope * (j - i)`` to the
