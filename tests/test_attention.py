@@ -185,3 +185,17 @@ def test_under_enable_x64(seed):
             return pf.flash_attention(q, k, v, causal=True, config=CONFIG)
 
         check_fn_against_reference(fn, shape, jnp.float32, seed, is_causal=True)
+
+
+def test_enable_x64_on_and_off_in_one_process(seed):
+    """Calls of the same shapes with jax_enable_x64 on, then off, then on again (as a test computing its float64
+    reference next to the kernels does): each setting gets its own trace of the kernels (a cached one of the other
+    setting holds int64 or int32 indices the lowering rejects)."""
+    shape = Shape("x64_toggle", 1, 38, 29, 2, 1, 16)
+
+    def fn(q, k, v):
+        return pf.flash_attention(q, k, v, causal=True, config=CONFIG)
+
+    for x64 in (True, False, True):
+        with jax.enable_x64(x64):
+            check_fn_against_reference(fn, shape, jnp.float32, seed, is_causal=True)

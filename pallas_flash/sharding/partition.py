@@ -372,13 +372,14 @@ def _infer_sharding(call: Call, mesh, arg_shapes, result_shape):
 
 
 @functools.lru_cache(maxsize=256)
-def _trace(call: Call, avals: tuple, context_mesh):
+def _trace(call: Call, avals: tuple, context_mesh, x64: bool):
     """The kernels' closed jaxpr on global shapes: the primitive's ``jaxpr`` parameter (its results' avals).
 
     Keyed by the context's abstract mesh too (``context_mesh``, unused here): the jaxpr's values carry it, and
     ``_lower`` runs the jaxpr, so one traced under another context (a shard_map manual over other axes) fails
-    to lower."""
-    del context_mesh
+    to lower. Likewise by ``jax_enable_x64`` (``x64``): a jaxpr traced with it holds int64 indices, one traced
+    without it int32 ones, and either fails to lower under the other setting."""
+    del context_mesh, x64
     return jax.make_jaxpr(call.flat())(*(jax.ShapeDtypeStruct(s, d) for s, d in avals))
 
 
@@ -389,7 +390,8 @@ def _out_tree(kernels: Kernels, in_tree, avals: tuple):
 
 
 def _bind(call: Call, leaves):
-    jaxpr = _trace(call, tuple((x.shape, x.dtype) for x in leaves), jax.sharding.get_abstract_mesh())
+    jaxpr = _trace(call, tuple((x.shape, x.dtype) for x in leaves), jax.sharding.get_abstract_mesh(),
+                   bool(jax.config.jax_enable_x64))
     return partitioned_p.bind(*leaves, call=call, jaxpr=jaxpr)
 
 
