@@ -83,6 +83,20 @@ def test_split_and_merge_equals_the_whole(name, dtype, seed):
         assert err <= tol, f"{label}: relative error {err:.3e} > {tol:.0e} ({name}, seed={seed})"
 
 
+def test_split_and_merge_keeps_the_dropout_mask_of_the_whole(seed):
+    """Dropout bits hash global positions: parts at their offsets, merged, give the whole call's dropped attention
+    (values and gradients), not that of masks hashed from each part's own rows."""
+    q, k, v, ct = random_qkv(SHAPE, jnp.float32, seed)
+    features = dict(is_causal=True, dropout_rate=0.3, dropout_rng=jax.random.key(seed))
+    q_cuts, k_cuts = (0, SHAPE.seq_q // 3, SHAPE.seq_q), (0, SHAPE.seq_k // 2 - 3, SHAPE.seq_k)
+    split = lambda q, k, v: _split_attention(q, k, v, q_cuts, k_cuts, **features)[0]  # noqa: E731
+    whole = lambda q, k, v: pf.attention_with_lse(q, k, v, config=CONFIG, **features)[0]  # noqa: E731
+    (got, got_vjp), (want, want_vjp) = jax.vjp(split, q, k, v), jax.vjp(whole, q, k, v)
+    tol = TOLERANCE[jnp.dtype(jnp.float32)]
+    for label, a, b in zip(("out", "dq", "dk", "dv"), (got, *got_vjp(ct)), (want, *want_vjp(ct))):
+        assert rel_err(a, b) <= tol, f"{label}: relative error {rel_err(a, b):.3e} > {tol:.0e} (seed={seed})"
+
+
 def test_offsets_alone_match_the_reference(seed):
     """One block whose keys start after its queries (causal): rows before the first key see nothing."""
     q, k, v, ct = random_qkv(SHAPE, jnp.float32, seed)
