@@ -154,6 +154,21 @@ def test_an_invalid_triton_cache_entry_raises_naming_the_file(cache_dir, monkeyp
     assert seen[0].bwd == triton_config.heuristic_config(64, jnp.bfloat16).bwd
 
 
+def test_the_triton_tuner_keeps_each_stage_winner(monkeypatch):
+    """The Triton tuner's coordinate search composes its winners: the forward's, then the dK/dV kernel's, then the
+    dQ kernel's on top of both; none is dropped for the heuristic on the way. (Here the last candidate of each
+    stage wins: no kernel runs.)"""
+    from pallas_flash.backends.triton import tune as triton_tune
+
+    monkeypatch.setattr(triton_tune, "fastest", lambda candidates, timer, log: (list(candidates)[-1], 1e-3))
+    best, _ = triton_tune.tune_problem(triton_tune.Problem(64, "bfloat16", True, 1024, 1, 1), log=lambda s: None)
+    fwd_space, dkdv_space, dq_space = triton_tune.spaces(64)
+    fwd, bwd = best.fwd, best.bwd
+    assert (fwd.block_q, fwd.block_k, fwd.num_warps, fwd.num_stages) == fwd_space[-1]
+    assert (bwd.block_q_dkv, bwd.block_k_dkv, bwd.num_warps_dkv, bwd.num_stages_dkv) == dkdv_space[-1]
+    assert (bwd.block_q_dq, bwd.block_k_dq, bwd.num_warps_dq, bwd.num_stages_dq) == dq_space[-1]
+
+
 @pytest.mark.parametrize("text, match", [
     ("{not json", "is not readable JSON"),
     (json.dumps({GPU: [1, 2]}), "is not a JSON object of"),
