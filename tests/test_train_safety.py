@@ -407,6 +407,23 @@ def test_a_checkpoints_folder_lost_mid_run_stops_the_run_at_once(tmp_path):
         state, meta = ckpt.restore(None, 10)
         assert meta["step"] == 10 and all_finite(state)
 
+    # Written, but the old checkpoint past max_to_keep could not be deleted: said as such, at wait() or at the
+    # next save(), and both checkpoints read back.
+    def cannot_delete(steps):
+        raise PermissionError(13, "Permission denied", str(steps))
+
+    for surfaces in ("wait", "next save"):
+        with Checkpointer(tmp_path / surfaces, max_to_keep=1) as ckpt:
+            ckpt.save(1, {"w": jnp.ones(4)}, {"step": 1})
+            ckpt.wait()
+            ckpt._manager._checkpoint_deleter.delete_steps = cannot_delete
+            ckpt.save(2, {"w": jnp.full(4, 2.0)}, {"step": 2})
+            message = (f"checkpoint 2 was written to {ckpt.directory}, but removing older checkpoints failed "
+                       "(Permission denied); they are kept")
+            with pytest.raises(OSError, match=f"^{re.escape(message)}$"):
+                ckpt.wait() if surfaces == "wait" else ckpt.save(3, {"w": jnp.ones(4)}, {"step": 3})
+            assert ckpt.all_steps() == [1, 2] and ckpt.restore(None, 2)[1] == {"step": 2}
+
     # Deleted, or a file in its place: said as such (Orbax made a new folder, or failed in the background).
     with Checkpointer(tmp_path / "small") as ckpt:
         ckpt.save(1, {"w": jnp.ones(4)}, {"step": 1})

@@ -14,7 +14,8 @@ that does, and :meth:`Checkpointer.set_aside` moves the damaged ones to
 again).
 
 A folder lost mid-run (deleted, made read-only, a file in its place) fails the next save at once, naming it;
-the checkpoints saved before are not touched.
+the checkpoints saved before are not touched. Where a checkpoint was written but Orbax could not then delete the
+ones past ``max_to_keep``, the error says that, and they are kept.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ class Checkpointer:
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, async_options=sync_folders),
         )
+        self._saving: int | None = None  # the step of the last save() started
 
     def check_writable(self) -> None:
         """Make the folder and a probe folder and file in it, then remove them: a folder that cannot take a
@@ -102,6 +104,9 @@ class Checkpointer:
         are left as they are (Orbax deletes old ones only once a newer one is written).
         """
         self._check_folder()
+        with self._write_errors():  # the previous save's failure is its own (Orbax's save() waits for it anyway)
+            self._manager.wait_until_finished()
+        self._saving = step
         with self._write_errors():
             self._manager.save(
                 step,
@@ -211,6 +216,10 @@ class Checkpointer:
         except (OSError, ValueError) as e:
             self._check_folder()  # the likeliest cause, said plainly
             why = e.strerror if isinstance(e, OSError) and e.strerror else _one_line(e)
+            if self._saving is not None and self._saving in self.all_steps():
+                # Orbax finalizes a checkpoint, then deletes the old ones past max_to_keep: what failed came after
+                raise OSError(f"checkpoint {self._saving} was written to {self.directory}, but removing older "
+                              f"checkpoints failed ({why}); they are kept") from e
             raise OSError(f"cannot write checkpoints to {self.directory} any more ({why})") from e
 
     def close(self) -> None:
