@@ -7,6 +7,8 @@ random output cotangent.
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -199,3 +201,21 @@ def test_enable_x64_on_and_off_in_one_process(seed):
     for x64 in (True, False, True):
         with jax.enable_x64(x64):
             check_fn_against_reference(fn, shape, jnp.float32, seed, is_causal=True)
+
+
+def test_default_matmul_precision_changed_in_one_process():
+    """The same call under two jax_default_matmul_precision settings, one after the other: each compiles its own
+    dots' precision (a dot given none, the backward's float32 ``delta``, takes the setting at trace time; the
+    kernels' cached trace of the first setting handed the second its DEFAULT dots)."""
+    q, k, v, ct = random_qkv(Shape("precision_toggle", 1, 37, 31, 2, 1, 16), jnp.float32, 0)
+
+    def loss(q, k, v):
+        return (pf.flash_attention(q, k, v, causal=True, config=CONFIG) * ct).sum()
+
+    for precision, want in (("bfloat16", "DEFAULT"), ("highest", "HIGHEST"), ("bfloat16", "DEFAULT")):
+        with jax.default_matmul_precision(precision):
+            hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).as_text()
+        found = set(re.findall(r"precision = \[(\w+), \w+\]", hlo))
+        assert want in found, (precision, found)
+        if precision == "highest":
+            assert found == {"HIGHEST"}, found

@@ -372,14 +372,17 @@ def _infer_sharding(call: Call, mesh, arg_shapes, result_shape):
 
 
 @functools.lru_cache(maxsize=256)
-def _trace(call: Call, avals: tuple, context_mesh, x64: bool):
+def _trace(call: Call, avals: tuple, context_mesh, x64: bool, matmul_precision):
     """The kernels' closed jaxpr on global shapes: the primitive's ``jaxpr`` parameter (its results' avals).
 
     Keyed by the context's abstract mesh too (``context_mesh``, unused here): the jaxpr's values carry it, and
     ``_lower`` runs the jaxpr, so one traced under another context (a shard_map manual over other axes) fails
     to lower. Likewise by ``jax_enable_x64`` (``x64``): a jaxpr traced with it holds int64 indices, one traced
-    without it int32 ones, and either fails to lower under the other setting."""
-    del context_mesh, x64
+    without it int32 ones, and either fails to lower under the other setting. And by
+    ``jax_default_matmul_precision`` (``matmul_precision``): a dot given no precision (the backward's float32
+    ``delta``, a 16-bit tile product) takes the setting's at trace time, so a jaxpr traced under another one
+    would run its dots at that precision."""
+    del context_mesh, x64, matmul_precision
     return jax.make_jaxpr(call.flat())(*(jax.ShapeDtypeStruct(s, d) for s, d in avals))
 
 
@@ -391,7 +394,7 @@ def _out_tree(kernels: Kernels, in_tree, avals: tuple):
 
 def _bind(call: Call, leaves):
     jaxpr = _trace(call, tuple((x.shape, x.dtype) for x in leaves), jax.sharding.get_abstract_mesh(),
-                   bool(jax.config.jax_enable_x64))
+                   bool(jax.config.jax_enable_x64), jax.config.jax_default_matmul_precision)
     return partitioned_p.bind(*leaves, call=call, jaxpr=jaxpr)
 
 
