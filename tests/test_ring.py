@@ -80,7 +80,7 @@ def expected_work(n: int, seq: int, causal: bool, layout: str) -> int:
     return chunks * (chunks + 1) // 2 * (seq // chunks) ** 2
 
 
-def ring_fn(n: int, layout: str, side: dict, **options):
+def ring_fn(n: int, layout: str, side: dict, check_vma: bool = False, **options):
     """Global ``(q, k, v) -> out`` through the ring: zigzag order in, sequence order out."""
     mesh = mesh_of(n)
     order = (lambda x: pf.zigzag(x, n)) if layout == "zigzag" else (lambda x: x)
@@ -93,7 +93,7 @@ def ring_fn(n: int, layout: str, side: dict, **options):
                               **side, **options)
 
     sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(None, "seq"),) * 3 + (seq_specs,), out_specs=P(None, "seq"),
-                            check_vma=False)
+                            check_vma=check_vma)
     return jax.jit(lambda q, k, v: back(sharded(order(q), order(k), order(v), placed)))
 
 
@@ -126,12 +126,18 @@ CASES = {  # name: (devices, layout, causal, [B, T, N, K, H], dtype, features)
 }
 
 
-@pytest.mark.parametrize("name", CASES)
-def test_ring_matches_the_reference_and_skips_hidden_pairs(name, seed):
+# Under check_vma=True (JAX's default) too: the lengths replicated, the rest varying over the sequence axis;
+# the contiguous causal ring's lax.cond has a branch that skips its kernels.
+VMA_CASES = ["contiguous_causal_gqa", "zigzag_causal_gqa_segments_lengths"]
+
+
+@pytest.mark.parametrize("name, check_vma", [(name, False) for name in CASES] + [(name, True) for name in VMA_CASES],
+                         ids=list(CASES) + [f"{name}-check_vma" for name in VMA_CASES])
+def test_ring_matches_the_reference_and_skips_hidden_pairs(name, check_vma, seed):
     n, layout, causal, shape, dtype, features = CASES[name]
     q, k, v, ct = random_inputs(shape, dtype, seed)
     side = side_inputs(features, shape[0], shape[1], seed)
-    fn = ring_fn(n, layout, side, is_causal=causal)
+    fn = ring_fn(n, layout, side, check_vma, is_causal=causal)
     WORK.update(forward=0, backward=0)
     out, vjp = jax.vjp(fn, q, k, v)
     grads = jax.block_until_ready(vjp(ct))
@@ -268,8 +274,7 @@ def test_errors():
         _trace_ring(shape_q=(1, 15, 2, 16), layout="zigzag")
     with pytest.raises(ValueError, match="sharded alike"):
         _trace_ring(shape_k=(1, 8, 2, 16))
-    with pytest.raises(ValueError, match="check_vma=False"):
-        _trace_ring(check_vma=True)
+    assert _trace_ring(check_vma=True).shape == (1, 64, 2, 16)  # refused before ("needs check_vma=False")
     with pytest.raises(ValueError, match="kernel backend"):
         _trace_ring(implementation="xla")
     with pytest.raises(ValueError, match="number of key/value heads"):

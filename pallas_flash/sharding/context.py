@@ -126,12 +126,6 @@ def ring_attention(
         raise ValueError(
             f"ring_attention runs inside jax.shard_map over the sequence axis; axis_name={axis_name!r} is not bound here"
         ) from None
-    varying = getattr(getattr(jax.typeof(q), "manual_axis_type", None), "varying", None)
-    if varying:
-        raise ValueError(
-            "ring_attention needs jax.shard_map(..., check_vma=False): the Pallas kernels do not declare how their "
-            f"outputs vary over mesh axes (the query varies over {sorted(map(str, varying))})"
-        )
     spec, inputs = validate.attention_call(
         q, k, v, scale=scale, query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
         q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,

@@ -50,7 +50,9 @@ axes are ``Explicit`` the same per-shard function runs in ``jax.shard_map``
 (``explicit.py``, with the same batching rule). A backend whose interpret mode
 has ordered effects (Mosaic GPU's) runs interpreted calls unpartitioned. On a
 mesh mixing ``Explicit`` and ``Auto`` axes only the explicit ones partition the
-kernels; inputs sharded on its auto axes are gathered.
+kernels; inputs sharded on its auto axes are gathered. Inside a ``jax.shard_map``
+with ``check_vma=True`` the results vary over every manual axis an input varies
+over, and gradients are summed down to their primals' types (``vma.py``).
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ from jax.interpreters import batching, mlir
 from jax.sharding import NamedSharding, PartitionSpec
 
 from pallas_flash import dropout
-from pallas_flash.sharding import explicit, ring  # explicit reads this module at call time only
+from pallas_flash.sharding import explicit, ring, vma  # explicit reads this module at call time only
 from pallas_flash.spec import AttentionInputs, AttentionSpec, DefaultConfig
 
 __all__ = ["forward", "backward"]
@@ -383,13 +385,15 @@ def _trace(call: Call, avals: tuple, context_mesh, x64: bool, matmul_precision):
     ``delta``, a 16-bit tile product) takes the setting's at trace time, so a jaxpr traced under another one
     would run its dots at that precision."""
     del context_mesh, x64, matmul_precision
-    return jax.make_jaxpr(call.flat())(*(jax.ShapeDtypeStruct(s, d) for s, d in avals))
+    with vma.kernels_untyped():  # in a check_vma=True shard_map: typed by ``_abstract_eval``
+        return jax.make_jaxpr(call.flat())(*(jax.ShapeDtypeStruct(s, d) for s, d in avals))
 
 
 @functools.lru_cache(maxsize=256)
 def _out_tree(kernels: Kernels, in_tree, avals: tuple):
     args = jax.tree.unflatten(in_tree, [jax.ShapeDtypeStruct(s, d) for s, d in avals])
-    return jax.tree.structure(jax.eval_shape(kernels, args))
+    with vma.kernels_untyped():
+        return jax.tree.structure(jax.eval_shape(kernels, args))
 
 
 def _bind(call: Call, leaves):
@@ -401,8 +405,10 @@ def _bind(call: Call, leaves):
 def _abstract_eval(*avals, call: Call, jaxpr):
     # Shapes and dtypes alone: ``_trace``'s cached jaxpr may come from a trace under another mesh context, whose
     # abstract mesh its avals carry (a later call of the same shapes under ``jax.set_mesh`` of another mesh
-    # would get that mesh's output shardings, or fail to compile).
-    return [jax.core.ShapedArray(a.shape, a.dtype, weak_type=a.weak_type) for a in jaxpr.out_avals]
+    # would get that mesh's output shardings, or fail to compile). In a check_vma=True shard_map they vary over
+    # every manual axis an input varies over (``vma``).
+    return vma.typed_like([jax.core.ShapedArray(a.shape, a.dtype, weak_type=a.weak_type) for a in jaxpr.out_avals],
+                          avals)
 
 
 def _vmapped(call: Call, args, dims) -> tuple[Call, list]:
@@ -433,7 +439,11 @@ def _lower(ctx, *values, call: Call, jaxpr):
         infer_sharding_from_operands=functools.partial(_infer_sharding, call),
         sharding_rule=functools.partial(_sharding_rule, call),
     )
-    return mlir.lower_fun(lambda *leaves: fn(*leaves), multiple_results=True)(ctx, *values)
+    # In a check_vma=True shard_map the jaxpr was traced untyped (``_trace``): it is lowered so too.
+    if vma.varying(*ctx.avals_in):
+        ctx = ctx.replace(avals_in=vma.untyped(ctx.avals_in), avals_out=vma.untyped(ctx.avals_out))
+    with vma.kernels_untyped():
+        return mlir.lower_fun(lambda *leaves: fn(*leaves), multiple_results=True)(ctx, *values)
 
 
 partitioned_p = jax.extend.core.Primitive("pallas_flash_partitioned")
@@ -456,7 +466,7 @@ def _apply(kernels: Kernels, args):
         # axes, whose sharded types the interpreter cannot index, replicated first).
         if explicit.mesh_of(jax.tree.leaves(args)) is not None:
             args = jax.tree.map(lambda x: jax.sharding.reshard(x, PartitionSpec()), args)
-        return kernels(args)
+        return vma.run_kernels(kernels, args)
     leaves, in_tree = jax.tree.flatten(args)
     in_factors, out_factors, group, limits = _factors(kernels, args)
     q, k = args[0], args[1]
@@ -481,7 +491,9 @@ def backward(backend, q, k, v, out, lse2, do, dlse, inputs: AttentionInputs, spe
     kernels = Kernels("backward", backend, spec, config, interpret, want_dbias, want_dslopes)
     grads = _apply(kernels, (q, k, v, out, lse2, do, dlse, inputs))
     if explicit.mesh_of([q]) is None:
-        return grads
+        # In a check_vma=True shard_map a cotangent has its primal's type (``vma.sum_to``).
+        return grads._replace(**{g: vma.sum_to(getattr(grads, g), x) for g, x in (
+            ("dq", q), ("dk", k), ("dv", v), ("dbias", inputs.bias), ("dslopes", inputs.alibi_slopes))})
     # Under Explicit axes the kernels ran on the rule's shardings; a custom_vjp's cotangents must have the
     # primals' types (q, k and v may be sharded differently: tensor-parallel MQA, a sequence-sharded q).
     like = lambda g, x: g if g is None or x is None else jax.sharding.reshard(g, jax.typeof(x).sharding.spec)  # noqa: E731

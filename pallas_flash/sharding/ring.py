@@ -55,6 +55,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_flash.sharding import vma
 from pallas_flash.spec import AttentionInputs, AttentionSpec
 
 if TYPE_CHECKING:  # pallas_flash.backends imports op, which imports this package (sharding.partition)
@@ -171,7 +172,8 @@ def _kernel(backend, kind: str, spec: AttentionSpec, config, interpret: bool):
         def run(q, k, v, out, lse2, do, dlse, inputs):
             return backend.backward(q, k, v, out, lse2, do, dlse, inputs, spec, config=config, interpret=interpret,
                                     want_dbias=False, want_dslopes=False)
-    return jax.jit(run)
+    # In a check_vma=True shard_map the results vary over the inputs' mesh axes (``vma``).
+    return jax.jit(functools.partial(vma.run_kernels, run))
 
 
 # --- forward --------------------------------------------------------------------------------
@@ -247,10 +249,11 @@ def _pass_on(ring: _Ring, x):
     return lax.ppermute(x, order, perm=[(position(d), position((d + 1) % n)) for d in range(n)])
 
 
-def _run_step(ring: _Ring, step, s: int, me, shard, carry):
+def _run_step(ring: _Ring, step, s: int, me, shard, carry, axes=frozenset()):
     """Step ``s`` of the ring on the shard in hand: ``step(calls, shard, kv_chunks, carry, home)`` with the calls of
     the home step (``s == 0``, the device's own shard), or of an earlier / a later device's shard (chosen with
-    ``lax.cond`` on the device index when they differ)."""
+    ``lax.cond`` on the device index when they differ). ``axes``: the mesh axes the step's arrays vary over in a
+    check_vma=True shard_map (``vma``); both branches' results are typed so (one may skip its kernels)."""
     home, earlier, later = ring.plan()
     if s == 0:
         return step(home, shard, ring.chunks(me), carry, True)
@@ -258,11 +261,12 @@ def _run_step(ring: _Ring, step, s: int, me, shard, carry):
     chunks = ring.chunks(source)
     if earlier == later:
         return step(earlier, shard, chunks, carry, False)
+    axes = axes | vma.varying(me, carry)
     return lax.cond(
         source < me,
-        lambda c: step(earlier, shard, chunks, c, False),
-        lambda c: step(later, shard, chunks, c, False),
-        carry,
+        lambda c: vma.to_varying(step(earlier, shard, chunks, c, False), axes),
+        lambda c: vma.to_varying(step(later, shard, chunks, c, False), axes),
+        vma.to_varying(carry, axes),
     )
 
 
@@ -279,7 +283,7 @@ def _ring_forward(q, k, v, inputs: AttentionInputs, ring: _Ring):
     for s in range(ring.size):  # n steps, n - 1 sends of the K/V shard
         if s + 1 < ring.size:
             arriving = _pass_on(ring, shard)  # issued before this step's kernels, which it overlaps
-        acc = _run_step(ring, step, s, me, shard, acc)
+        acc = _run_step(ring, step, s, me, shard, acc, vma.varying(q, k, v, inputs))
         if s + 1 < ring.size:
             shard = arriving
     out, lse2 = acc
@@ -328,7 +332,7 @@ def _ring_backward(q, k, v, inputs, out, lse2, do, dlse, ring: _Ring):
     for s in range(ring.size):
         if s + 1 < ring.size:
             arriving = _pass_on(ring, shard)
-        dq, dk, dv = _run_step(ring, step, s, me, shard, (dq, zeros(k), zeros(v)))
+        dq, dk, dv = _run_step(ring, step, s, me, shard, (dq, zeros(k), zeros(v)), vma.varying(q, k, v, inputs, do))
         if travelling is not None:
             dk, dv = travelling[0] + dk, travelling[1] + dv
         travelling = _pass_on(ring, (dk, dv))
@@ -372,7 +376,8 @@ def ring_op_bwd(ring, residuals, cotangents):
     q, k, v, inputs, out, lse2 = residuals
     do, dlse = cotangents if ring.with_lse else (cotangents, None)
     dq, dk, dv = _ring_backward(q, k, v, inputs, out, lse2, do, dlse, ring)
-    return dq, dk, dv, jax.tree.map(lambda _: None, inputs)
+    # check_vma=True: an input varying over fewer axes than the ring's results gets the devices' sum (``vma``).
+    return vma.sum_to(dq, q), vma.sum_to(dk, k), vma.sum_to(dv, v), jax.tree.map(lambda _: None, inputs)
 
 
 ring_op.defvjp(ring_op_fwd, ring_op_bwd)
