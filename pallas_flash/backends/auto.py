@@ -42,6 +42,7 @@ __all__ = ["AutoBackend", "AutoConfig", "table_order"]
 
 TABLES = pathlib.Path(__file__).parent / "auto_tables"
 FALLBACK = "triton"
+KERNEL_BACKENDS = (FALLBACK, "mosaic")  # what an AutoConfig may name, and whose configs ``adopt`` takes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +133,7 @@ class AutoBackend(KernelBackend):
         if isinstance(config, AutoConfig):
             for pass_ in ("forward", "backward"):
                 name, cfg = getattr(config, pass_), getattr(config, f"{pass_}_config")
-                if name not in (FALLBACK, "mosaic"):
+                if name not in KERNEL_BACKENDS:
                     raise ValueError(f"AutoConfig.{pass_} must name a kernel backend, 'triton' or 'mosaic', "
                                      f"got {name!r}")
                 backend = self._backend(name)
@@ -140,7 +141,7 @@ class AutoBackend(KernelBackend):
                     raise TypeError(f"AutoConfig.{pass_}_config must be a {backend.config_type.__name__} for the "
                                     f"{name!r} backend, got {type(cfg).__name__}")
             return config
-        for name in (FALLBACK, "mosaic"):
+        for name in KERNEL_BACKENDS:
             if isinstance(config, self._backend(name).config_type):
                 return AutoConfig(name, config, name, config)
         raise TypeError(

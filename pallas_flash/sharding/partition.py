@@ -377,13 +377,11 @@ def _infer_sharding(call: Call, mesh, arg_shapes, result_shape):
 def _trace(call: Call, avals: tuple, context_mesh, x64: bool, matmul_precision):
     """The kernels' closed jaxpr on global shapes: the primitive's ``jaxpr`` parameter (its results' avals).
 
-    Keyed by the context's abstract mesh too (``context_mesh``, unused here): the jaxpr's values carry it, and
-    ``_lower`` runs the jaxpr, so one traced under another context (a shard_map manual over other axes) fails
-    to lower. Likewise by ``jax_enable_x64`` (``x64``): a jaxpr traced with it holds int64 indices, one traced
-    without it int32 ones, and either fails to lower under the other setting. And by
-    ``jax_default_matmul_precision`` (``matmul_precision``): a dot given no precision (the backward's float32
-    ``delta``, a 16-bit tile product) takes the setting's at trace time, so a jaxpr traced under another one
-    would run its dots at that precision."""
+    Keyed (the extra arguments, unused here) by what the trace depends on beyond shapes and dtypes: the context's
+    abstract mesh (the jaxpr's values carry it: one traced under a shard_map manual over other axes fails to
+    lower), ``jax_enable_x64`` (int64 or int32 indices: either fails to lower under the other setting) and
+    ``jax_default_matmul_precision`` (a dot given no precision, the backward's float32 ``delta`` or a 16-bit
+    tile product, takes the setting's at trace time)."""
     del context_mesh, x64, matmul_precision
     with vma.kernels_untyped():  # in a check_vma=True shard_map: typed by ``_abstract_eval``
         return jax.make_jaxpr(call.flat())(*(jax.ShapeDtypeStruct(s, d) for s, d in avals))
