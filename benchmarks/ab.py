@@ -69,6 +69,16 @@ def _round_cell(r: dict) -> str:
     return status if isinstance(status, str) and status else "not timed"
 
 
+def _point_keys(df: pd.DataFrame) -> list[str]:
+    """The ``POINT`` columns that name a point in these records (present and set somewhere)."""
+    return [c for c in POINT if c in df.columns and df[c].notna().any()]
+
+
+def _cell_records(records: list[dict]) -> list[dict]:
+    """The records of timed (or failed) cells: an implementation and a pass, not a run's summary line."""
+    return [r for r in records if r.get("impl") is not None and "pass" in r]
+
+
 def summarise(records: list[dict], sides: list[str]) -> pd.DataFrame:
     """One row per point that was timed at least once: each side's TFLOP/s per round (``"a / b / c"``; a round
     whose record was not timed shows its status, ``FAIL`` say), its median over the timed rounds, and the change of
@@ -76,9 +86,9 @@ def summarise(records: list[dict], sides: list[str]) -> pd.DataFrame:
     timed = pd.DataFrame([r for r in records if r.get("tflops") is not None])
     if timed.empty:
         raise ValueError("no timed records to compare (did every run fail? see the runs' logs)")
-    keys = [c for c in POINT if c in timed.columns and timed[c].notna().any()]
+    keys = _point_keys(timed)
     points = set(map(tuple, timed[keys].astype(str).itertuples(index=False)))
-    df = pd.DataFrame([r for r in records if r.get("impl") is not None and "pass" in r])
+    df = pd.DataFrame(_cell_records(records))
     df = df[[tuple(x) in points for x in df[keys].astype(str).itertuples(index=False)]].sort_values("round")
     df = df.assign(cell=[_round_cell(r) for r in df.to_dict("records")])
     groups = df.groupby([*keys, "side"], dropna=False)
@@ -98,11 +108,11 @@ def never_timed(records: list[dict], sides: list[str]) -> list[str]:
     """A line per point that no round of any side timed (the table has no row for it), with each side's statuses
     per round: a point that fails on every side is still reported. Points that are ``n/a`` everywhere (an
     implementation without the feature) are counted, not listed."""
-    rows = [r for r in records if r.get("impl") is not None and "pass" in r]
+    rows = _cell_records(records)
     if not rows:
         return []
     df = pd.DataFrame(rows)
-    keys = [c for c in POINT if c in df.columns and df[c].notna().any()]
+    keys = _point_keys(df)
     df = df.assign(cell=[_round_cell(r) for r in df.to_dict("records")], timed=df.get("tflops", pd.Series(
         dtype=float, index=df.index)).notna()).sort_values("round")
     lines, not_applicable = [], 0
