@@ -219,3 +219,54 @@ def test_default_matmul_precision_changed_in_one_process():
         assert want in found, (precision, found)
         if precision == "highest":
             assert found == {"HIGHEST"}, found
+
+
+def _dots(hlo: str, pattern: str) -> tuple[int, int]:
+    """``(dots, dots matching pattern)``: the interpreted kernels' ``dot_general`` ops and those carrying
+    ``pattern`` in their attributes."""
+    dots = [line for line in hlo.splitlines() if "dot_general" in line]
+    return len(dots), sum(bool(re.search(pattern, line)) for line in dots)
+
+
+def _grad_hlo(loss, q, k, v) -> str:
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).as_text()
+
+
+def test_xla_metadata_changed_in_one_process():
+    """The same call under ``set_xla_metadata`` of one value, then none, then another: each lowers its kernels'
+    ops with its own attributes (a trace of the kernels cached under the first value lent them to the later
+    calls: the equations carry the context's metadata)."""
+    from jax.experimental.xla_metadata import set_xla_metadata
+
+    q, k, v, ct = random_qkv(Shape("xla_metadata", 1, 35, 35, 2, 1, 16), jnp.float32, 0)
+
+    def loss(q, k, v):
+        return (pf.flash_attention(q, k, v, causal=True, config=CONFIG, interpret=True) * ct).sum()
+
+    for tag in ("one", None, "two"):
+        if tag is None:
+            hlo = _grad_hlo(loss, q, k, v)
+        else:
+            with set_xla_metadata(pallas_flash_probe=tag):
+                hlo = _grad_hlo(loss, q, k, v)
+        dots, tagged = _dots(hlo, r"pallas_flash_probe")
+        assert dots and tagged == (0 if tag is None else dots), (tag, dots, tagged)
+        if tag is not None:
+            assert _dots(hlo, f'pallas_flash_probe = "{tag}"')[1] == dots, tag
+
+
+def test_compute_on_then_not_in_one_process():
+    """The same call outside ``compute_on("device_host")``, inside it, then outside again: only the call inside
+    puts the kernels on the host (a trace of the kernels cached outside it kept them off the host inside it, and
+    one cached inside put a later call's kernels on the host: the equations carry the compute type)."""
+    from jax.experimental.compute_on import compute_on
+
+    q, k, v, ct = random_qkv(Shape("compute_on", 1, 33, 33, 2, 1, 16), jnp.float32, 0)
+
+    def loss(q, k, v):
+        return (pf.flash_attention(q, k, v, causal=True, config=CONFIG, interpret=True) * ct).sum()
+
+    on_host = compute_on(compute_type="device_host", out_memory_spaces=jax.memory.Space.Device)(loss)
+    for host in (False, True, False):
+        dots, marked = _dots(_grad_hlo(on_host if host else loss, q, k, v), r"_xla_compute_type")
+        assert dots and marked == (dots if host else 0), (host, dots, marked)

@@ -374,17 +374,19 @@ def _infer_sharding(call: Call, mesh, arg_shapes, result_shape):
 
 
 @functools.lru_cache(maxsize=256)
-def _trace(call: Call, avals: tuple, context_mesh, x64: bool, matmul_precision):
+def _trace(call: Call):
+    """``call.flat()`` under ``jax.jit``: its cache holds the kernels' traces (``cache_clear`` drops them)."""
+    return jax.jit(call.flat())
+
+
+def _jaxpr(call: Call, avals: tuple):
     """The kernels' closed jaxpr on global shapes: the primitive's ``jaxpr`` parameter (its results' avals).
 
-    Keyed (the extra arguments, unused here) by what the trace depends on beyond shapes and dtypes: the context's
-    abstract mesh (the jaxpr's values carry it: one traced under a shard_map manual over other axes fails to
-    lower), ``jax_enable_x64`` (int64 or int32 indices: either fails to lower under the other setting) and
-    ``jax_default_matmul_precision`` (a dot given no precision, the backward's float32 ``delta`` or a 16-bit
-    tile product, takes the setting's at trace time)."""
-    del context_mesh, x64, matmul_precision
+    Traced by ``_trace``'s ``jax.jit``, whose cache keys a trace on JAX's whole trace context: the abstract mesh
+    (the values carry it), ``jax_enable_x64`` (index dtypes), ``jax_default_matmul_precision``, ``compute_on``'s
+    compute type and ``set_xla_metadata``'s attributes (the equations carry both into the lowering), and the rest."""
     with vma.kernels_untyped():  # in a check_vma=True shard_map: typed by ``_abstract_eval``
-        return jax.make_jaxpr(call.flat())(*(jax.ShapeDtypeStruct(s, d) for s, d in avals))
+        return _trace(call).trace(*(jax.ShapeDtypeStruct(s, d) for s, d in avals)).jaxpr
 
 
 @functools.lru_cache(maxsize=256)
@@ -395,16 +397,14 @@ def _out_tree(kernels: Kernels, in_tree, avals: tuple):
 
 
 def _bind(call: Call, leaves):
-    jaxpr = _trace(call, tuple((x.shape, x.dtype) for x in leaves), jax.sharding.get_abstract_mesh(),
-                   bool(jax.config.jax_enable_x64), jax.config.jax_default_matmul_precision)
+    jaxpr = _jaxpr(call, tuple((x.shape, x.dtype) for x in leaves))
     return partitioned_p.bind(*leaves, call=call, jaxpr=jaxpr)
 
 
 def _abstract_eval(*avals, call: Call, jaxpr):
-    # Shapes and dtypes alone: ``_trace``'s cached jaxpr may come from a trace under another mesh context, whose
-    # abstract mesh its avals carry (a later call of the same shapes under ``jax.set_mesh`` of another mesh
-    # would get that mesh's output shardings, or fail to compile). In a check_vma=True shard_map they vary over
-    # every manual axis an input varies over (``vma``).
+    # Shapes and dtypes alone: the jaxpr's avals carry the abstract mesh of its trace, which need not be this
+    # bind's (another mesh's under ``jax.set_mesh``: wrong output shardings, or no compile). In a check_vma=True
+    # shard_map they vary over every manual axis an input varies over (``vma``).
     return vma.typed_like([jax.core.ShapedArray(a.shape, a.dtype, weak_type=a.weak_type) for a in jaxpr.out_avals],
                           avals)
 
@@ -437,7 +437,7 @@ def _lower(ctx, *values, call: Call, jaxpr):
         infer_sharding_from_operands=functools.partial(_infer_sharding, call),
         sharding_rule=functools.partial(_sharding_rule, call),
     )
-    # In a check_vma=True shard_map the jaxpr was traced untyped (``_trace``): it is lowered so too.
+    # In a check_vma=True shard_map the jaxpr was traced untyped (``_jaxpr``): it is lowered so too.
     if vma.varying(*ctx.avals_in):
         ctx = ctx.replace(avals_in=vma.untyped(ctx.avals_in), avals_out=vma.untyped(ctx.avals_out))
     with vma.kernels_untyped():
