@@ -2,8 +2,8 @@
 
 What exports: a call on one device, under a mesh of ``Explicit`` axes, and inside the caller's ``jax.shard_map``.
 What does not: a call partitioned by ``custom_partitioning`` (inputs sharded on ``Auto`` axes), whose partitioner is a
-Python callback; JAX refuses to export it ("serialization of host_callbacks"), as it does cuDNN's attention, which
-partitions the same way. On a GPU, JAX's export keeps a list of custom calls whose compatibility it guarantees:
+Python callback; JAX refuses to export it ("serialization of host_callbacks"). (jax.nn's cuDNN attention partitions
+the same way; not tried here.) On a GPU, JAX's export keeps a list of custom calls whose compatibility it guarantees:
 the Mosaic GPU kernels' (``mosaic_gpu_v2``) is on it, Pallas's Triton call is not (its export needs
 ``disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]``).
 
