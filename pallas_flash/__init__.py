@@ -29,6 +29,7 @@ from pallas_flash.combine import combine  # noqa: E402
 from pallas_flash.decode import decode_attention  # noqa: E402
 from pallas_flash.reference import attention_reference  # noqa: E402
 from pallas_flash.sharding import ring_attention, sequence_parallel_attention, unzigzag, zigzag  # noqa: E402
+from pallas_flash.spec import CHECKPOINT_NAMES  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -48,4 +49,5 @@ __all__ = [
     "BackwardConfig",
     "default_config",
     "attention_reference",
+    "CHECKPOINT_NAMES",
 ]

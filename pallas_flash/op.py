@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero, custom_vjp_primal_tree_values
 
 from pallas_flash.sharding import partition
-from pallas_flash.spec import AttentionInputs, AttentionSpec
+from pallas_flash.spec import AttentionInputs, AttentionSpec, named_residuals
 
 __all__ = ["attention_op"]
 
@@ -58,7 +58,7 @@ def _attention_fwd(q, k, v, inputs, spec, backend, config, interpret):
     want_dbias = inputs.bias is not None and bool(inputs.bias.perturbed)
     want_dslopes = inputs.alibi_slopes is not None and bool(inputs.alibi_slopes.perturbed)
     q, k, v, inputs = custom_vjp_primal_tree_values((q, k, v, inputs))
-    out, lse2 = _first_order_forward(q, k, v, inputs, spec, backend, config, interpret)
+    out, lse2 = named_residuals(*_first_order_forward(q, k, v, inputs, spec, backend, config, interpret))
     # The residual is the kernels' own log2-domain lse: no round trip through the natural log.
     return (out, lse2 * LN2), (q, k, v, inputs, out, lse2, _Static((want_dbias, want_dslopes)))
 

@@ -21,8 +21,21 @@ import math
 from typing import Any, NamedTuple
 
 import jax
+from jax.ad_checkpoint import checkpoint_name
 
 LOG2E = math.log2(math.e)
+
+#: The names the kernels' residuals carry (``jax.ad_checkpoint.checkpoint_name``): the forward's output and its
+#: log-sum-exp, all the backward needs beyond q, k and v. Under ``jax.checkpoint`` with
+#: ``jax.checkpoint_policies.save_only_these_names(*CHECKPOINT_NAMES)`` (or a policy naming them among others)
+#: they are saved, and the backward does not run the forward kernels again; any policy that saves neither reruns
+#: them. Both are needed: saving the output alone still reruns the forward for the log-sum-exp.
+CHECKPOINT_NAMES = ("pallas_flash_attention_out", "pallas_flash_attention_lse")
+
+
+def named_residuals(out, lse2):
+    """``(out, lse2)`` under ``CHECKPOINT_NAMES`` (the identity outside ``jax.checkpoint``)."""
+    return checkpoint_name(out, CHECKPOINT_NAMES[0]), checkpoint_name(lse2, CHECKPOINT_NAMES[1])
 
 
 @dataclasses.dataclass(frozen=True)

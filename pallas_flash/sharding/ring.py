@@ -56,7 +56,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_flash.sharding import vma
-from pallas_flash.spec import AttentionInputs, AttentionSpec
+from pallas_flash.spec import AttentionInputs, AttentionSpec, named_residuals
 
 if TYPE_CHECKING:  # pallas_flash.backends imports op, which imports this package (sharding.partition)
     from pallas_flash.backends.base import KernelBackend
@@ -368,7 +368,7 @@ def ring_op(q, k, v, inputs: AttentionInputs, ring: _Ring):
 
 
 def ring_op_fwd(q, k, v, inputs, ring):
-    out, lse2 = _ring_forward_rule(q, k, v, inputs, ring)
+    out, lse2 = named_residuals(*_ring_forward_rule(q, k, v, inputs, ring))
     return ((out, lse2 * LN2) if ring.with_lse else out), (q, k, v, inputs, out, lse2)
 
 
