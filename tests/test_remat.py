@@ -19,7 +19,7 @@ import pallas_flash as pf
 from pallas_flash.testing.shapes import Shape
 from tests.cases import CONFIG, random_qkv
 from tests.conftest import ON_GPU
-from tests.test_sharding import _check_against_reference
+from tests.test_sharding import _check_against_reference, _fwd_bwd
 
 POLICIES = {
     "none": None,  # no jax.checkpoint
@@ -49,14 +49,7 @@ def _count(jaxpr, primitive: str, kind: str | None = None) -> int:
 
 def _grad_fn(attention, policy: str):
     """``(q, k, v, ct) -> (out, (dq, dk, dv))`` with ``attention`` under the policy's ``jax.checkpoint``."""
-    if policy != "none":
-        attention = jax.checkpoint(attention, policy=POLICIES[policy])
-
-    def run(q, k, v, ct):
-        out, vjp = jax.vjp(attention, q, k, v)
-        return out, vjp(ct)
-
-    return run
+    return _fwd_bwd(attention if policy == "none" else jax.checkpoint(attention, policy=POLICIES[policy]))
 
 
 @pytest.mark.parametrize("policy", list(POLICIES))
@@ -88,8 +81,8 @@ def test_ring_attention_saved_names_skip_the_forward_ring(policy, seed):
 
     ring = jax.shard_map(local, mesh=mesh, in_specs=P(None, "seq"), out_specs=P(None, "seq"), check_vma=False)
     fn = _grad_fn(ring, policy)
-    steps = {name: _count(jax.make_jaxpr(_grad_fn(ring, name))(q, k, v, ct).jaxpr, "ppermute")
-             for name in ("none", policy)}
+    steps = {name: _count(jax.make_jaxpr(f)(q, k, v, ct).jaxpr, "ppermute")
+             for name, f in (("none", _grad_fn(ring, "none")), (policy, fn))}
     assert (steps[policy] > steps["none"]) == (policy == "nothing_saveable"), steps
     out, grads = jax.jit(fn)(q, k, v, ct)
     _check_against_reference("remat_ring", out, grads, *(np.asarray(x) for x in (q, k, v, ct)), dict(is_causal=True),
